@@ -1,0 +1,100 @@
+"""``hsm plan``: fold pending events and write the plan for one epoch."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from hsm.cli.common import console, fail, hsm_dir_of
+
+__all__ = ["plan"]
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+
+
+def plan(
+    run_dir: Path = typer.Option(..., "--run-dir", help="The run's output directory (holds hsm/)."),
+    epoch: int = typer.Option(..., "--epoch", min=1, help="Epoch the plan is for; built from epochs < N."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Config YAML (default: RUN_DIR/hsm/config.yaml)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="polars or duckdb (default: the config's)."),
+    num_epochs: Optional[float] = typer.Option(None, "--num-epochs", help="Planned epochs, for activate_after_pct."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Compute and print; write nothing."),
+    skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Skip unreadable event parts with a warning."),
+) -> None:
+    """Update the state from events of epochs < N not yet folded, and write the plan for epoch N."""
+    from hsm.config import ConfigError, load_config
+    from hsm.events import CorruptEventFile
+    from hsm.plan import DatasetInfo, PlanError
+    from hsm.planner import plan_epoch
+    from hsm.schemas import SchemaError
+    from hsm.state import StateMismatch
+
+    hsm_dir = hsm_dir_of(run_dir)
+    config_path = config or hsm_dir / "config.yaml"
+    if engine is not None and engine not in ("polars", "duckdb"):
+        raise fail("plan", f"--engine must be polars or duckdb, got {engine!r}")
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as e:
+        raise fail("plan", str(e)) from e
+    mining = cfg.custom.hard_sample_mining
+    if mining is None or not mining.enabled:
+        raise fail("plan", f"{config_path}: custom.hard_sample_mining.enabled is not true; nothing to plan")
+    if cfg.target_name is None:
+        raise fail("plan", f"{config_path}: custom.fusion_config.target.name is required (the dataset to mine)")
+    dataset = None
+    dataset_file = hsm_dir / "dataset.json"
+    if dataset_file.is_file():
+        target = json.loads(dataset_file.read_text())["target"]
+        dataset = DatasetInfo(target["name"], int(target["size"]), target.get("fingerprint"))
+    if num_epochs is None and "num_train_epochs" in cfg.training:
+        num_epochs = float(cfg.training["num_train_epochs"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = plan_epoch(
+                hsm_dir, epoch, mining, cfg.target_name, engine=engine, num_train_epochs=num_epochs,
+                dataset=dataset, skip_corrupt=skip_corrupt, write=not dry_run, dump_dir=run_dir,
+            )
+        except (CorruptEventFile, PlanError, SchemaError, StateMismatch, ValueError) as e:
+            raise fail("plan", str(e)) from e
+    for warning in caught:
+        console.print(f"[yellow]warning:[/] {warning.message}")
+    _print_summary(result, hsm_dir)
+
+
+def _print_summary(result, hsm_dir: Path) -> None:
+    m = result.manifest
+    head = "[bold]dry run[/] (nothing written)" if not result.written else f"wrote {hsm_dir / 'plans' / f'epoch={result.epoch}'}"
+    console.print(f"hsm plan epoch {result.epoch}: {head}")
+    folded = ", ".join(map(str, result.folded_epochs)) or "none (state up to date)"
+    console.print(f"  folded epochs: {folded}; state after epoch {m['state_epoch']}; engine {m['engine']}")
+    if result.skipped_files:
+        console.print(f"  [yellow]skipped {len(result.skipped_files)} corrupt part(s)[/]")
+    trigger = "[green]applies[/]" if m["triggered"] else "[yellow]not applied[/]"
+    console.print(f"  mode {m['mode']} on {m['metric']}: {trigger} ({m['trigger_reason']})")
+    counts = m["counts"]
+    table = Table(title=None, show_edge=False)
+    for column in ("pool", "samples", "mean", "p50", "p90"):
+        table.add_column(column, justify="right" if column != "pool" else "left")
+    regular = counts["eligible"] - counts["hard"]
+    table.add_row("hard", str(counts["hard"]), *(_fmt(m["scores"]["hard"][k]) for k in ("mean", "p50", "p90")))
+    table.add_row("regular", str(regular), *(_fmt(m["scores"]["regular"][k]) for k in ("mean", "p50", "p90")))
+    console.print(table)
+    extra = f", regular drawn {counts['regular_drawn']}" if m["mode"] == "fixed_set" else ""
+    console.print(f"  weights {_fmt(m['weights']['min'])}..{_fmt(m['weights']['max'])}, default {m['default_weight']}{extra}")
+    if result.churn is not None:
+        c = result.churn
+        console.print(
+            f"  churn vs epoch {result.epoch - 1}: kept {c['kept']}, added {c['added']}, removed {c['removed']}, "
+            f"jaccard {c['jaccard']:.3f}"
+        )
+    if result.written:
+        console.print(f"  checksum {m['checksum'][:16]}")

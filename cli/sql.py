@@ -1,0 +1,75 @@
+"""``hsm sql``: DuckDB over a run's events, state and plans."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from hsm.cli.common import console, fail
+
+__all__ = ["sql"]
+
+
+def sql(
+    name: Optional[str] = typer.Argument(None, help="A shipped query (see --list)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="The run's output directory (holds hsm/)."),
+    execute: Optional[str] = typer.Option(None, "-e", "--execute", help="SQL to run against the views."),
+    list_queries: bool = typer.Option(False, "--list", help="List the shipped queries and exit."),
+    fmt: str = typer.Option("table", "--format", help="table, csv or json."),
+    limit: int = typer.Option(200, "--limit", min=1, help="Rows printed in table format."),
+) -> None:
+    """Run a shipped query or your own SQL over the views events, events_raw, state, plans, manifests."""
+    from hsm.queries import connect, query_text, shipped_queries
+
+    if list_queries:
+        for query, description in shipped_queries().items():
+            console.print(f"[bold]{query:<20}[/] {description}")
+        return
+    if fmt not in ("table", "csv", "json"):
+        raise fail("sql", f"--format must be table, csv or json, got {fmt!r}")
+    if (name is None) == (execute is None):
+        raise fail("sql", "give exactly one of a query NAME or -e SQL (hsm sql --list shows the names)")
+    if run_dir is None:
+        raise fail("sql", "--run-dir is required")
+    if not (run_dir / "hsm").is_dir():
+        raise fail("sql", f"{run_dir}: no hsm/ directory; is this a run's output_dir?")
+    try:
+        text = execute if execute is not None else query_text(name)
+    except KeyError as e:
+        raise fail("sql", e.args[0]) from e
+    import duckdb
+
+    try:
+        con = connect(run_dir)
+        result = con.sql(text)
+        if result is None:
+            return
+        columns = result.columns
+        rows = result.fetchall()
+    except duckdb.Error as e:
+        raise fail("sql", f"{name or 'query'}: {e}") from e
+    _print(columns, rows, fmt, limit)
+
+
+def _print(columns: list[str], rows: list[tuple], fmt: str, limit: int) -> None:
+    if fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    elif fmt == "json":
+        sys.stdout.write(json.dumps([dict(zip(columns, row)) for row in rows], default=str, indent=1) + "\n")
+    else:
+        table = Table(show_edge=False)
+        for column in columns:
+            table.add_column(column)
+        for row in rows[:limit]:
+            table.add_row(*("NULL" if v is None else (f"{v:.5g}" if isinstance(v, float) else str(v)) for v in row))
+        console.print(table)
+        if len(rows) > limit:
+            console.print(f"({len(rows)} rows, {limit} shown; --limit to see more)")

@@ -1,0 +1,382 @@
+"""The one validated configuration tree, loaded from YAML plus ``KEY=VALUE`` overrides.
+
+Everything lives under ``custom`` as in the seeds: ``custom.hard_sample_mining``
+(SPEC section 4) and ``custom.fusion_config`` (SPEC section 5). ``model`` and
+``training`` belong to ``hsm train``. Every model forbids unknown keys, and
+:func:`load_config` reports every problem at once with its dotted key path, the
+bad value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ConfigError",
+    "SelectorConfig",
+    "MiningConfig",
+    "PromptConfig",
+    "AugmentationConfig",
+    "TargetConfig",
+    "SourceConfig",
+    "FusionConfig",
+    "CustomConfig",
+    "ModelConfig",
+    "HsmConfig",
+    "load_config",
+    "parse_config",
+    "apply_overrides",
+    "mining_config_hash",
+    "LEGACY_LOADER_NAMES",
+]
+
+LEGACY_LOADER_NAMES = ("MultiSourceFusionDataset", "multi_source_fusion", "multi_source")
+_LEGACY_MESSAGE = (
+    "the legacy multi-source loader ({name}) was removed; custom.fusion_config always "
+    "uses the unified fusion loader (hsm.fusion.FusionDataset): delete this key"
+)
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; ``problems`` holds one line per bad key."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: invalid configuration ({len(problems)} problem(s)):\n{lines}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class SelectorConfig(_Strict):
+    """How the hard set is chosen in ``reweight`` mode (SPEC section 8)."""
+
+    mode: Literal["top_k", "percentile", "threshold"] = Field(
+        "top_k", description="top_k: the k hardest; percentile: the hardest ceil(value*N); "
+        "threshold: every sample with score >= threshold."
+    )
+    k: int = Field(500, ge=1, description="Number of hard samples for mode top_k.")
+    value: float = Field(0.1, gt=0.0, le=1.0, description="Fraction of eligible samples for mode percentile.")
+    threshold: float | None = Field(None, description="Absolute score cut for mode threshold.")
+
+    @model_validator(mode="after")
+    def _threshold_needs_value(self) -> "SelectorConfig":
+        if self.mode == "threshold" and self.threshold is None:
+            raise ValueError("threshold: selector.mode 'threshold' needs selector.threshold (a number)")
+        return self
+
+
+class MiningConfig(_Strict):
+    """``custom.hard_sample_mining``: all three mining strategies as modes of one system."""
+
+    enabled: bool = Field(False, description="Master switch; false means no hsm object at all.")
+    mode: Literal["reweight", "fixed_set", "dynamic"] = Field(
+        "reweight", description="reweight (seeds 001/002), fixed_set (seed 003), dynamic (seed 000)."
+    )
+    metric: Literal["loss", "token_acc"] | None = Field(
+        None, description="Difficulty signal: loss, or 1 - token_acc. Default: token_acc for dynamic, else loss."
+    )
+    aggregate: Literal["ema", "mean"] = Field("ema", description="Score: EMA (after 3 observations) or mean.")
+    ema_decay: float = Field(0.9, ge=0.0, lt=1.0, description="ema = decay * ema + (1 - decay) * x.")
+    start_epoch: int = Field(1, ge=0, description="First epoch (0-based) that may use a plan.")
+    plateau_delta: float | None = Field(
+        None, ge=0.0, description="Also wait until the epoch mean train loss improves by less than this fraction."
+    )
+    activate_after_pct: float = Field(
+        0.0, ge=0.0, le=1.0, description="Plans apply only from epoch >= activate_after_pct * num_train_epochs."
+    )
+    selector: SelectorConfig = Field(default_factory=SelectorConfig, description="Hard-set selector (reweight).")
+    hard_weight: float = Field(3.0, gt=0.0, description="reweight: weight of a hard sample (others 1).")
+    hard_sample_size: int = Field(500, ge=0, description="fixed_set: number of hardest samples kept.")
+    regular_sample_size: int = Field(150, ge=0, description="fixed_set: number of other samples drawn.")
+    target_epoch_size: int | None = Field(
+        None, ge=1, description="fixed_set: draws of the target per epoch (default: the base target size)."
+    )
+    hard_pool_frac: float = Field(0.30, gt=0.0, le=1.0, description="dynamic: hard pool = ceil(frac * N) and per-batch hard share.")
+    hard_pool_k: int | None = Field(None, ge=1, description="dynamic: fixed hard pool size, overrides hard_pool_frac for the pool.")
+    mine_clean: bool = Field(False, description="Show samples drawn as hard without augmentation.")
+    dump: bool = Field(False, description="Also write output_dir/hard_samples_epoch_{n}.json.")
+    log_prefix: str = Field("hsm/", description="Prefix of every logged scalar.")
+    engine: Literal["polars", "duckdb"] = Field("polars", description="Planner engine; both give identical plans.")
+    seed: int = Field(42, ge=0, description="Seed of every plan-time and schedule-time random draw.")
+
+    @model_validator(mode="after")
+    def _resolve_metric(self) -> "MiningConfig":
+        if self.metric is None:
+            self.metric = "token_acc" if self.mode == "dynamic" else "loss"
+        if self.mode == "fixed_set" and self.hard_sample_size + self.regular_sample_size == 0:
+            raise ValueError("hard_sample_size: fixed_set needs hard_sample_size + regular_sample_size >= 1")
+        return self
+
+    def n_hard(self, n_eligible: int) -> int | None:
+        """Size of the hard set for ``n_eligible`` samples, or None for threshold selection."""
+        if self.mode == "fixed_set":
+            return min(self.hard_sample_size, n_eligible)
+        if self.mode == "dynamic":
+            if self.hard_pool_k is not None:
+                return min(self.hard_pool_k, n_eligible)
+            return min(math.ceil(self.hard_pool_frac * n_eligible), n_eligible)
+        if self.selector.mode == "top_k":
+            return min(self.selector.k, n_eligible)
+        if self.selector.mode == "percentile":
+            return min(math.ceil(self.selector.value * n_eligible), n_eligible)
+        return None
+
+
+class PromptConfig(_Strict):
+    """A system and a user prompt; either may be left to a lower priority level."""
+
+    system: str | None = Field(None, description="System prompt.")
+    user: str | None = Field(None, description="User prompt (the instruction shown with the image).")
+
+
+class AugmentationConfig(_Strict):
+    """Box-aware augmentation; strength may follow a curriculum over training progress."""
+
+    enabled: bool = Field(True, description="Run augmentation ops.")
+    hflip_p: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip.")
+    scale: tuple[float, float] = Field((0.8, 1.0), description="Random resized crop scale range (area fraction).")
+    color_jitter: float = Field(0.2, ge=0.0, le=1.0, description="Brightness/contrast jitter strength.")
+    curriculum: bool = Field(False, description="Scale strength linearly from curriculum_start to 1 over training.")
+    curriculum_start: float = Field(0.25, ge=0.0, le=1.0, description="Strength at progress 0 when curriculum is on.")
+
+
+class _DatasetBase(_Strict):
+    name: str = Field(..., min_length=1, description="Dataset name, used in events and plans.")
+    train_jsonl: Path | None = Field(None, description="Detection JSONL (needed by hsm train, not by hsm plan).")
+    val_jsonl: Path | None = Field(None, description="Optional evaluation split, never shuffled.")
+    prompts: PromptConfig = Field(default_factory=PromptConfig, description="Dataset-specific prompts (highest priority).")
+    max_objects_per_image: int | None = Field(None, ge=1, description="Seeded cap on objects per image before encoding.")
+
+
+class TargetConfig(_DatasetBase):
+    """The fusion target: the only dataset that mining touches."""
+
+    augmentation: AugmentationConfig | None = Field(None, description="Override; default inherits the global policy.")
+    domain: str = Field("target", description="Prompt domain of the target.")
+
+
+class SourceConfig(_DatasetBase):
+    """An auxiliary source: drawn with replacement round(ratio * N_target) times per epoch."""
+
+    ratio: float = Field(..., ge=0.0, description="Draws per epoch as a fraction of the base target size.")
+    augmentation: AugmentationConfig | None = Field(None, description="Sources are clean unless this enables it.")
+    domain: str = Field("source", description="Prompt domain of this source.")
+
+
+class FusionConfig(_Strict):
+    """``custom.fusion_config``: the unified fusion loader (seed 004)."""
+
+    target: TargetConfig = Field(..., description="The target dataset.")
+    sources: list[SourceConfig] = Field(default_factory=list, description="Auxiliary datasets.")
+    domain_prompts: dict[str, PromptConfig] = Field(
+        default_factory=dict, description="Prompts per domain (e.g. target, source): middle priority."
+    )
+    default_prompts: PromptConfig = Field(default_factory=PromptConfig, description="Lowest-priority prompts.")
+    augmentation: AugmentationConfig = Field(
+        default_factory=lambda: AugmentationConfig(enabled=False), description="Global policy, inherited by the target."
+    )
+    max_image_side: int = Field(1024, ge=16, description="Largest accepted image side; larger raises (no smart-resize).")
+    eval_sources: bool = Field(False, description="Also evaluate on sources that have a val_jsonl.")
+    seed: int = Field(0, ge=0, description="Seed of source draws, shuffles, caps and augmentation.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "FusionConfig":
+        names = [self.target.name] + [s.name for s in self.sources]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"sources: dataset names must be unique, repeated: {duplicated}")
+        return self
+
+
+class CustomConfig(_Strict):
+    """``custom``: hsm's own sections."""
+
+    hard_sample_mining: MiningConfig | None = Field(None, description="Hard-sample mining (absent = disabled).")
+    fusion_config: FusionConfig | None = Field(None, description="The unified fusion loader.")
+
+
+class ModelConfig(_Strict):
+    """The model: the embedded tiny Qwen3-VL or a local directory."""
+
+    name_or_path: str = Field("tiny-qwen3-vl", description="'tiny-qwen3-vl' (built in code) or a local directory.")
+    coord_format: Literal["rel1000", "abs"] = Field(
+        "rel1000", description="Box coordinates in answers: 0-1000 relative (Qwen2/3-VL) or absolute pixels (Qwen2.5-VL)."
+    )
+    image_min_pixels: int = Field(32 * 32, ge=1, description="Processor min_pixels.")
+    image_max_pixels: int = Field(128 * 128, ge=1, description="Processor max_pixels.")
+    hidden_size: int = Field(64, ge=8, description="Tiny model only: text hidden size.")
+    num_layers: int = Field(2, ge=1, description="Tiny model only: text layers.")
+    vision_depth: int = Field(1, ge=1, description="Tiny model only: vision blocks.")
+
+
+class HsmConfig(_Strict):
+    """The whole file given to ``hsm train`` (or ``hsm plan``)."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model.")
+    training: dict[str, Any] = Field(default_factory=dict, description="transformers.TrainingArguments fields.")
+    deepspeed: str | dict[str, Any] | None = Field(None, description="DeepSpeed config (path or mapping).")
+    custom: CustomConfig = Field(default_factory=CustomConfig, description="hsm sections.")
+
+    @property
+    def mining(self) -> MiningConfig | None:
+        """The mining config when enabled, else None (the caller branches on this)."""
+        mining = self.custom.hard_sample_mining
+        return mining if mining is not None and mining.enabled else None
+
+    @property
+    def target_name(self) -> str | None:
+        fusion = self.custom.fusion_config
+        return fusion.target.name if fusion is not None else None
+
+
+def _describe_error(error: dict[str, Any], model: type[BaseModel]) -> str:
+    path = ".".join(str(part) for part in error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent = _model_at(model, error["loc"][:-1])
+        accepted = ", ".join(sorted(parent.model_fields)) if parent is not None else "?"
+        return f"{path}: unknown key (accepted here: {accepted})"
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    message = error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+        # A model validator names its own key as "key: text".
+        key, sep, rest = message.partition(": ")
+        if sep and " " not in key:
+            path = f"{path}.{key}" if path else key
+            message = rest
+    return f"{path}: {message} (got {error.get('input')!r})" if kind != "value_error" else f"{path}: {message}"
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part)
+        if field is None:
+            return None
+        current = _unwrap_model(field.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _unwrap_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _legacy_problems(raw: dict[str, Any]) -> list[str]:
+    problems = []
+    custom = raw.get("custom") if isinstance(raw.get("custom"), dict) else {}
+    for key in LEGACY_LOADER_NAMES:
+        if key in custom:
+            problems.append(f"custom.{key}: " + _LEGACY_MESSAGE.format(name=key))
+    fusion = custom.get("fusion_config")
+    if isinstance(fusion, dict):
+        for key in ("loader", "dataset_class", "legacy", "use_legacy_loader"):
+            if key in fusion:
+                problems.append(
+                    f"custom.fusion_config.{key}: " + _LEGACY_MESSAGE.format(name=f"{key}={fusion[key]!r}")
+                )
+    return problems
+
+
+def parse_config(raw: Any, source: str = "<config>") -> HsmConfig:
+    """Validate a mapping into :class:`HsmConfig`, raising :class:`ConfigError` with all problems."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [f"<root>: expected a mapping, got {type(raw).__name__}"])
+    problems = _legacy_problems(raw)
+    if problems:
+        raise ConfigError(source, problems)
+    try:
+        return HsmConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(source, [_describe_error(err, HsmConfig) for err in e.errors()]) from e
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=VALUE`` overrides (VALUE parsed as YAML) to a nested mapping, in place.
+
+    A numeric path part indexes a list (``custom.fusion_config.sources.0.ratio=0.5``).
+    """
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError("<overrides>", [f"{item!r}: expected KEY=VALUE with a dotted KEY"])
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError("<overrides>", [f"{key}: value {text!r} is not valid YAML ({e})"]) from e
+        parts = key.split(".")
+        node: Any = raw
+        for depth, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                node = node[_list_index(node, part, parts[: depth + 1])]
+                continue
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, (dict, list)):
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError("<overrides>", [f"{key}: {where} is a value ({child!r}), not a mapping"])
+            node = child
+        if isinstance(node, list):
+            node[_list_index(node, parts[-1], parts)] = value
+        else:
+            node[parts[-1]] = value
+    return raw
+
+
+def _list_index(node: list, part: str, parts: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError("<overrides>", [f"{'.'.join(parts)}: no list element {part!r} (length {len(node)})"])
+    return int(part)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> HsmConfig:
+    """Read a YAML file, apply overrides, validate. Relative dataset paths resolve against the file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(str(path), ["file not found"]) from e
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), [f"not valid YAML: {e}"]) from e
+    raw = apply_overrides(raw if isinstance(raw, dict) else ({} if raw is None else raw), overrides or [])
+    config = parse_config(raw, str(path))
+    fusion = config.custom.fusion_config
+    if fusion is not None:
+        for dataset in [fusion.target, *fusion.sources]:
+            for field in ("train_jsonl", "val_jsonl"):
+                value = getattr(dataset, field)
+                if value is not None and not value.is_absolute():
+                    setattr(dataset, field, (path.parent / value).resolve())
+    return config
+
+
+def mining_config_hash(mining: MiningConfig, target_name: str | None) -> str:
+    """sha256 over what changes a plan: the mining config less its cosmetic keys, plus the target name."""
+    payload = mining.model_dump(mode="json", exclude={"dump", "log_prefix", "engine"})
+    payload["target"] = target_name
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

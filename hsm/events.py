@@ -1,0 +1,340 @@
+"""The per-sample event log: Hive-partitioned Parquet written by every rank.
+
+Layout: ``<hsm_dir>/events/epoch=E/rank=R/part-NNNNN.parquet``. Each part is
+written to a hidden temporary name and renamed, so a reader never sees half a
+file; readers ignore anything not named ``part-NNNNN.parquet``.
+
+Resume rule: when a run resumes from a checkpoint, the new ``attempt`` re-logs
+the steps after the checkpoint; for every ``(epoch, global_step, rank)`` only
+the events of the highest attempt count (:func:`supersede_attempts`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from hsm.schemas import EVENT_SCHEMA, SchemaError, conform
+
+__all__ = [
+    "EventWriter",
+    "CorruptEventFile",
+    "EventRead",
+    "event_dir",
+    "list_event_files",
+    "events_digest",
+    "read_epoch_events",
+    "supersede_attempts",
+    "write_parquet_atomic",
+]
+
+PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+_STRING_COLUMNS = ("run_id", "dataset", "sample_id")
+# run_id and dataset repeat on every row; sample_id is unique per part, where a
+# dictionary would only add a page.
+_DICTIONARY_COLUMNS = ["run_id", "dataset"]
+
+
+class CorruptEventFile(RuntimeError):
+    """An event part that cannot be read as data (truncated, corrupt or off-schema)."""
+
+
+def event_dir(hsm_dir: str | Path, epoch: int, rank: int | None = None) -> Path:
+    """``<hsm_dir>/events/epoch=E[/rank=R]``."""
+    path = Path(hsm_dir) / "events" / f"epoch={epoch}"
+    return path if rank is None else path / f"rank={rank}"
+
+
+def write_parquet_atomic(table: pa.Table, path: str | Path, **options: Any) -> None:
+    """Write ``table`` to a hidden temporary file beside ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        pq.write_table(table, tmp, **options)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class EventWriter:
+    """Per-rank, background-flushed writer of the event log.
+
+    ``append`` runs on the training thread and only keeps references to the
+    step's columns; every ``flush_rows`` rows the buffer is handed to one
+    background thread that builds the Arrow table and writes a part. Errors of
+    the background thread are raised by the next ``append``, ``flush`` or
+    ``close``.
+    """
+
+    def __init__(
+        self,
+        hsm_dir: str | Path,
+        *,
+        run_id: str,
+        rank: int,
+        attempt: int = 0,
+        flush_rows: int = 65536,
+        compression_level: int = 3,
+    ):
+        self.hsm_dir = Path(hsm_dir)
+        self.run_id = run_id
+        self.rank = rank
+        self.attempt = attempt
+        self.flush_rows = flush_rows
+        self.compression_level = compression_level
+        self._buffers: dict[int, list[dict[str, Any]]] = {}
+        self._buffered_rows: dict[int, int] = {}
+        self._next_part: dict[int, int] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hsm-events-r{rank}")
+        self._pending: list[Future] = []
+        self.rows_written = 0
+        self.parts_written = 0
+
+    def append(
+        self,
+        *,
+        epoch: int,
+        global_step: int,
+        dataset: Sequence[str],
+        base_idx: Any,
+        sample_id: Sequence[str],
+        loss: Any,
+        token_acc: Any,
+        n_tokens: Any,
+        aug_seed: Any,
+        drawn_as_hard: Any,
+    ) -> None:
+        """Buffer one micro-batch; ``position`` is the index in the batch.
+
+        Array arguments may be numpy arrays or lists; strings stay as given
+        until the background thread encodes them.
+        """
+        self._raise_background_error()
+        n = len(sample_id)
+        if n == 0:
+            return
+        self._buffers.setdefault(epoch, []).append(
+            {
+                "global_step": global_step,
+                "dataset": dataset,
+                "base_idx": base_idx,
+                "sample_id": sample_id,
+                "loss": loss,
+                "token_acc": token_acc,
+                "n_tokens": n_tokens,
+                "aug_seed": aug_seed,
+                "drawn_as_hard": drawn_as_hard,
+                "n": n,
+            }
+        )
+        rows = self._buffered_rows.get(epoch, 0) + n
+        self._buffered_rows[epoch] = rows
+        if rows >= self.flush_rows:
+            self._submit(epoch)
+
+    def _submit(self, epoch: int) -> None:
+        batches = self._buffers.pop(epoch, [])
+        self._buffered_rows.pop(epoch, None)
+        if not batches:
+            return
+        part = self._claim_part(epoch)
+        self._pending.append(self._pool.submit(self._write_part, epoch, part, batches))
+
+    def _claim_part(self, epoch: int) -> int:
+        if epoch not in self._next_part:
+            existing = list_event_files(self.hsm_dir, epoch, rank=self.rank)
+            numbers = [int(PART_RE.match(p.name).group(1)) for p in existing]
+            self._next_part[epoch] = max(numbers, default=-1) + 1
+        part = self._next_part[epoch]
+        self._next_part[epoch] = part + 1
+        return part
+
+    def _write_part(self, epoch: int, part: int, batches: list[dict[str, Any]]) -> None:
+        table = self._to_table(epoch, batches)
+        path = event_dir(self.hsm_dir, epoch, self.rank) / f"part-{part:05d}.parquet"
+        write_parquet_atomic(
+            table,
+            path,
+            compression="zstd",
+            compression_level=self.compression_level,
+            use_dictionary=_DICTIONARY_COLUMNS,
+            write_statistics=["epoch", "global_step", "rank", "attempt"],
+        )
+        self.rows_written += table.num_rows
+        self.parts_written += 1
+
+    def _to_table(self, epoch: int, batches: list[dict[str, Any]]) -> pa.Table:
+        n_total = sum(b["n"] for b in batches)
+        steps = np.concatenate([np.full(b["n"], b["global_step"], dtype=np.int64) for b in batches])
+        positions = np.concatenate([np.arange(b["n"], dtype=np.int32) for b in batches])
+
+        def column(name: str, dtype: Any) -> np.ndarray:
+            return np.concatenate([np.asarray(b[name], dtype=dtype).reshape(-1) for b in batches])
+
+        def strings(name: str) -> pa.Array:
+            values: list[str] = []
+            for b in batches:
+                values.extend(b[name])
+            return pa.array(values, type=pa.string())
+
+        arrays = {
+            "run_id": pa.DictionaryArray.from_arrays(
+                pa.array(np.zeros(n_total, dtype=np.int32)), pa.array([self.run_id])
+            ).cast(pa.string()),
+            "attempt": pa.array(np.full(n_total, self.attempt, dtype=np.int32)),
+            "epoch": pa.array(np.full(n_total, epoch, dtype=np.int32)),
+            "global_step": pa.array(steps),
+            "rank": pa.array(np.full(n_total, self.rank, dtype=np.int32)),
+            "position": pa.array(positions),
+            "dataset": strings("dataset"),
+            "base_idx": pa.array(column("base_idx", np.int64)),
+            "sample_id": strings("sample_id"),
+            "loss": pa.array(column("loss", np.float32)),
+            "token_acc": pa.array(column("token_acc", np.float32)),
+            "n_tokens": pa.array(column("n_tokens", np.int32)),
+            "aug_seed": pa.array(column("aug_seed", np.int64)),
+            "drawn_as_hard": pa.array(column("drawn_as_hard", np.bool_)),
+        }
+        return pa.Table.from_arrays([arrays[f.name] for f in EVENT_SCHEMA], schema=EVENT_SCHEMA)
+
+    def flush(self) -> None:
+        """Write every buffered row and wait for all parts; raises a background error."""
+        for epoch in list(self._buffers):
+            self._submit(epoch)
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        """Flush and stop the background thread."""
+        try:
+            self.flush()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def _raise_background_error(self) -> None:
+        if not any(f.done() for f in self._pending):
+            return
+        still = []
+        for future in self._pending:
+            if future.done():
+                future.result()
+            else:
+                still.append(future)
+        self._pending = still
+
+    def __enter__(self) -> "EventWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def list_event_files(hsm_dir: str | Path, epoch: int, rank: int | None = None) -> list[Path]:
+    """Committed part files of one epoch (all ranks unless ``rank``), sorted by rank then part."""
+    root = event_dir(hsm_dir, epoch)
+    if not root.is_dir():
+        return []
+    rank_dirs = [root / f"rank={rank}"] if rank is not None else sorted(
+        (p for p in root.iterdir() if p.is_dir() and p.name.startswith("rank=")),
+        key=lambda p: int(p.name.split("=", 1)[1]) if p.name.split("=", 1)[1].isdigit() else -1,
+    )
+    files = []
+    for rank_dir in rank_dirs:
+        if rank_dir.is_dir():
+            files.extend(sorted(p for p in rank_dir.iterdir() if PART_RE.match(p.name)))
+    return files
+
+
+def events_digest(files: Sequence[Path], root: Path) -> str:
+    """Digest of which parts exist and their sizes: a changed digest means the epoch must be refolded."""
+    h = hashlib.sha256()
+    for path in sorted(files):
+        h.update(f"{path.relative_to(root)}\0{path.stat().st_size}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class EventRead:
+    """The events of one epoch and what reading them found."""
+
+    table: pa.Table
+    files: list[Path]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    superseded_rows: int = 0
+
+
+def _read_part(path: Path, epoch: int) -> pa.Table:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise CorruptEventFile(f"{path}: not a readable Parquet file ({e})") from e
+    try:
+        table = conform(table, EVENT_SCHEMA, str(path))
+    except SchemaError as e:
+        raise CorruptEventFile(str(e)) from e
+    epochs = table.column("epoch")
+    if table.num_rows and (pc.min(epochs).as_py() != epoch or pc.max(epochs).as_py() != epoch):
+        raise CorruptEventFile(f"{path}: holds events of another epoch than its partition epoch={epoch}")
+    return table
+
+
+def read_epoch_events(hsm_dir: str | Path, epoch: int, *, skip_corrupt: bool = False) -> EventRead:
+    """Read, validate and de-duplicate (by attempt) all events of one epoch.
+
+    A corrupt or truncated part raises :class:`CorruptEventFile` naming it; with
+    ``skip_corrupt`` it is skipped with a warning and reported in ``skipped``.
+    """
+    files = list_event_files(hsm_dir, epoch)
+    tables, skipped = [], []
+    for path in files:
+        try:
+            tables.append(_read_part(path, epoch))
+        except CorruptEventFile as e:
+            if not skip_corrupt:
+                raise CorruptEventFile(f"{e}; re-run with --skip-corrupt to skip it") from e
+            warnings.warn(f"hsm: skipping corrupt event file {e}", stacklevel=2)
+            skipped.append((path, str(e)))
+    table = pa.concat_tables(tables) if tables else EVENT_SCHEMA.empty_table()
+    kept = supersede_attempts(table)
+    return EventRead(table=kept, files=files, skipped=skipped, superseded_rows=table.num_rows - kept.num_rows)
+
+
+def supersede_attempts(events: pa.Table) -> pa.Table:
+    """Keep, for every ``(epoch, global_step, rank)``, only the rows of its highest ``attempt``.
+
+    Naive equivalent: ``[r for r in rows if r.attempt == max(a.attempt for a in rows
+    if (a.epoch, a.global_step, a.rank) == (r.epoch, r.global_step, r.rank))]``.
+    """
+    if events.num_rows == 0:
+        return events
+    attempt = events.column("attempt").to_numpy()
+    if attempt.min() == attempt.max():
+        return events
+    keys = np.stack(
+        [
+            events.column("epoch").to_numpy().astype(np.int64),
+            events.column("global_step").to_numpy(),
+            events.column("rank").to_numpy().astype(np.int64),
+        ],
+        axis=1,
+    )
+    _, inverse = np.unique(keys, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    best = np.full(inverse.max() + 1, np.iinfo(np.int64).min)
+    np.maximum.at(best, inverse, attempt.astype(np.int64))
+    return events.filter(pa.array(attempt == best[inverse]))

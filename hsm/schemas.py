@@ -1,0 +1,107 @@
+"""Arrow schemas of the three on-disk artefacts: events, state and plans.
+
+The column names and types are a public contract (SPEC section 9): users query
+these files with DuckDB and Polars. Writers cast to these schemas; readers check
+against them with :func:`check_schema`, which names the file and the column.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+__all__ = [
+    "EVENT_SCHEMA",
+    "STATE_SCHEMA",
+    "PLAN_SCHEMA",
+    "SchemaError",
+    "check_schema",
+    "conform",
+]
+
+EVENT_SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("attempt", pa.int32(), nullable=False),
+        pa.field("epoch", pa.int32(), nullable=False),
+        pa.field("global_step", pa.int64(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("position", pa.int32(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("base_idx", pa.int64(), nullable=False),
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("loss", pa.float32(), nullable=False),
+        pa.field("token_acc", pa.float32(), nullable=False),
+        pa.field("n_tokens", pa.int32(), nullable=False),
+        pa.field("aug_seed", pa.int64(), nullable=False),
+        pa.field("drawn_as_hard", pa.bool_(), nullable=False),
+    ]
+)
+
+STATE_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("base_idx", pa.int64(), nullable=False),
+        pa.field("n_obs", pa.int64(), nullable=False),
+        pa.field("mean", pa.float64(), nullable=False),
+        pa.field("ema", pa.float64(), nullable=False),
+        pa.field("last", pa.float64(), nullable=False),
+        pa.field("last_epoch", pa.int32(), nullable=False),
+        pa.field("score", pa.float64(), nullable=False),
+    ]
+)
+
+PLAN_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("base_idx", pa.int64(), nullable=False),
+        pa.field("score", pa.float64(), nullable=False),
+        pa.field("n_obs", pa.int64(), nullable=False),
+        pa.field("is_hard", pa.bool_(), nullable=False),
+        pa.field("weight", pa.float64(), nullable=False),
+    ]
+)
+
+
+class SchemaError(ValueError):
+    """A table does not have the columns or types of its contract."""
+
+
+def check_schema(table_schema: pa.Schema, expected: pa.Schema, where: str) -> None:
+    """Raise :class:`SchemaError` naming ``where`` if a column is missing or mistyped.
+
+    Extra columns are allowed (forward compatibility); nullability is not checked
+    here because Parquet readers may relax it.
+    """
+    problems = []
+    for field in expected:
+        idx = table_schema.get_field_index(field.name)
+        if idx < 0:
+            problems.append(f"missing column '{field.name}' ({field.type})")
+            continue
+        actual = table_schema.field(idx).type
+        if actual != field.type and not (
+            pa.types.is_dictionary(actual) and actual.value_type == field.type
+        ):
+            problems.append(f"column '{field.name}' is {actual}, expected {field.type}")
+    if problems:
+        raise SchemaError(f"{where}: " + "; ".join(problems))
+
+
+def conform(table: pa.Table, expected: pa.Schema, where: str) -> pa.Table:
+    """Check ``table`` against ``expected`` and return it cast to exactly that schema.
+
+    Columns are reordered to the contract and extra columns dropped; dictionary
+    encoded strings are decoded.
+    """
+    check_schema(table.schema, expected, where)
+    columns = []
+    for field in expected:
+        column = table.column(field.name)
+        if column.type != field.type:
+            column = column.cast(field.type)
+        if column.null_count:
+            raise SchemaError(f"{where}: column '{field.name}' has {column.null_count} nulls")
+        columns.append(column)
+    return pa.Table.from_arrays(columns, schema=expected)

@@ -1,0 +1,110 @@
+"""Choosing the hard set and the plan weights from the per-sample state (SPEC section 8).
+
+Pure functions over numpy/Arrow arrays; the planner calls them with the target
+rows of the state, sorted by ``base_idx``. Rank order everywhere: score
+descending, then ``sample_id`` ascending; a NaN score ranks last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from hsm.config import MiningConfig
+
+__all__ = ["Selection", "hardest_mask", "rank_order", "draw_regular", "select_plan", "REGULAR_DRAW_STREAM"]
+
+# Domain separation of the plan-time RNG from the schedule-time RNGs.
+REGULAR_DRAW_STREAM = 1
+
+
+def _ranked_scores(scores: np.ndarray) -> np.ndarray:
+    return np.where(np.isnan(scores), -np.inf, scores)
+
+
+def hardest_mask(scores: np.ndarray, sample_ids: pa.Array, n: int) -> np.ndarray:
+    """Mask of the ``n`` first samples in rank order.
+
+    Naive equivalent: ``sorted(range(N), key=lambda i: (-scores[i], sample_ids[i]))[:n]``.
+    Runs in O(N) plus a sort of the samples tied at the boundary score.
+    """
+    total = len(scores)
+    n = max(0, min(n, total))
+    if n == total:
+        return np.ones(total, dtype=bool)
+    if n == 0:
+        return np.zeros(total, dtype=bool)
+    s = _ranked_scores(scores)
+    boundary = np.partition(s, total - n)[total - n]
+    mask = s > boundary
+    need = n - int(mask.sum())
+    ties = np.flatnonzero(s == boundary)
+    if need:
+        order = pc.sort_indices(sample_ids.take(pa.array(ties))).to_numpy()
+        mask[ties[order[:need]]] = True
+    return mask
+
+
+def rank_order(scores: np.ndarray, sample_ids: pa.Array, subset: np.ndarray) -> np.ndarray:
+    """Indices ``subset`` sorted into rank order (score desc, sample_id asc)."""
+    table = pa.table(
+        {"score": _ranked_scores(scores[subset]), "sample_id": sample_ids.take(pa.array(subset))}
+    )
+    order = pc.sort_indices(table, sort_keys=[("score", "descending"), ("sample_id", "ascending")])
+    return subset[order.to_numpy()]
+
+
+def draw_regular(candidates: np.ndarray, n: int, *, seed: int, epoch: int) -> np.ndarray:
+    """Draw ``min(n, len(candidates))`` of ``candidates`` without replacement, sorted.
+
+    ``candidates`` must be in a canonical order (the planner passes them by
+    ascending ``base_idx``); the RNG is ``default_rng([seed, epoch, REGULAR_DRAW_STREAM])``.
+    """
+    n = min(n, len(candidates))
+    rng = np.random.default_rng([seed, epoch, REGULAR_DRAW_STREAM])
+    return np.sort(candidates[rng.choice(len(candidates), size=n, replace=False)])
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The plan's per-row decisions over the eligible target samples."""
+
+    is_hard: np.ndarray
+    weight: np.ndarray
+    default_weight: float
+    n_regular: int
+    target_epoch_size: int | None
+
+
+def select_plan(
+    scores: np.ndarray, sample_ids: pa.Array, *, mining: MiningConfig, epoch: int
+) -> Selection:
+    """Hard set and weights for one epoch.
+
+    - reweight: hard per ``selector`` (``top_k``: first ``min(k, N)``;
+      ``percentile``: first ``ceil(value * N)``; ``threshold``: ``score >= t``);
+      weight ``hard_weight`` for hard samples, 1 otherwise and for unobserved ones.
+    - fixed_set: the first ``hard_sample_size`` are hard, ``regular_sample_size``
+      others drawn by :func:`draw_regular`; those weigh 1, every other sample 0.
+    - dynamic: the hard pool is the first ``hard_pool_k`` or ``ceil(hard_pool_frac * N)``;
+      every weight is 1 (the schedule mixes per batch).
+    """
+    total = len(scores)
+    n_hard = mining.n_hard(total)
+    if n_hard is None:
+        is_hard = _ranked_scores(scores) >= mining.selector.threshold
+    else:
+        is_hard = hardest_mask(scores, sample_ids, n_hard)
+    if mining.mode == "reweight":
+        weight = np.where(is_hard, mining.hard_weight, 1.0)
+        return Selection(is_hard, weight, 1.0, 0, None)
+    if mining.mode == "fixed_set":
+        regular = draw_regular(np.flatnonzero(~is_hard), mining.regular_sample_size, seed=mining.seed, epoch=epoch)
+        weight = is_hard.astype(np.float64)
+        weight[regular] = 1.0
+        return Selection(is_hard, weight, 0.0, len(regular), mining.target_epoch_size)
+    return Selection(is_hard, np.ones(total, dtype=np.float64), 1.0, 0, None)
+

@@ -1,0 +1,1 @@
+"""Shipped DuckDB queries (``*.sql``) and the planner's SQL (``planner/``); data, not code."""
