@@ -38,13 +38,17 @@ __all__ = [
     "read_epoch_events",
     "supersede_attempts",
     "write_parquet_atomic",
+    "PART_WRITE_OPTIONS",
 ]
 
 PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
-_STRING_COLUMNS = ("run_id", "dataset", "sample_id")
 # run_id and dataset repeat on every row; sample_id is unique per part, where a
-# dictionary would only add a page.
-_DICTIONARY_COLUMNS = ["run_id", "dataset"]
+# dictionary would only add a page. Statistics only where readers prune on them.
+PART_WRITE_OPTIONS = {
+    "compression": "zstd",
+    "use_dictionary": ["run_id", "dataset"],
+    "write_statistics": ["epoch", "global_step", "rank", "attempt"],
+}
 
 
 class CorruptEventFile(RuntimeError):
@@ -166,14 +170,7 @@ class EventWriter:
     def _write_part(self, epoch: int, part: int, batches: list[dict[str, Any]]) -> None:
         table = self._to_table(epoch, batches)
         path = event_dir(self.hsm_dir, epoch, self.rank) / f"part-{part:05d}.parquet"
-        write_parquet_atomic(
-            table,
-            path,
-            compression="zstd",
-            compression_level=self.compression_level,
-            use_dictionary=_DICTIONARY_COLUMNS,
-            write_statistics=["epoch", "global_step", "rank", "attempt"],
-        )
+        write_parquet_atomic(table, path, compression_level=self.compression_level, **PART_WRITE_OPTIONS)
         self.rows_written += table.num_rows
         self.parts_written += 1
 
@@ -280,11 +277,11 @@ class EventRead:
 
 def _read_part(path: Path, epoch: int) -> pa.Table:
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(path, read_dictionary=["run_id", "dataset"])
     except (pa.ArrowException, OSError) as e:
         raise CorruptEventFile(f"{path}: not a readable Parquet file ({e})") from e
     try:
-        table = conform(table, EVENT_SCHEMA, str(path))
+        table = conform(table, EVENT_SCHEMA, str(path), keep_dictionary=True)
     except SchemaError as e:
         raise CorruptEventFile(str(e)) from e
     epochs = table.column("epoch")
@@ -309,7 +306,7 @@ def read_epoch_events(hsm_dir: str | Path, epoch: int, *, skip_corrupt: bool = F
                 raise CorruptEventFile(f"{e}; re-run with --skip-corrupt to skip it") from e
             warnings.warn(f"hsm: skipping corrupt event file {e}", stacklevel=2)
             skipped.append((path, str(e)))
-    table = pa.concat_tables(tables) if tables else EVENT_SCHEMA.empty_table()
+    table = pa.concat_tables(tables, promote_options="permissive") if tables else EVENT_SCHEMA.empty_table()
     kept = supersede_attempts(table)
     return EventRead(table=kept, files=files, skipped=skipped, superseded_rows=table.num_rows - kept.num_rows)
 

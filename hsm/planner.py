@@ -103,8 +103,11 @@ def fold_pending(
 
 def build_plan_table(state: pa.Table, target: str, mining: MiningConfig, epoch: int):
     """Plan rows (every observed target sample, by ``base_idx``) and the selection behind them."""
-    rows = state.filter(pc.equal(state.column("dataset"), target))
-    rows = rows.take(pc.sort_indices(rows.column("base_idx")))
+    # The state is sorted by (dataset, base_idx): the target is one contiguous, sorted slice.
+    where = np.flatnonzero(pc.equal(state.column("dataset"), target).to_numpy(zero_copy_only=False))
+    rows = state.slice(int(where[0]), len(where)) if len(where) else state.slice(0, 0)
+    if len(where) and (where[-1] - where[0] + 1 != len(where) or np.any(np.diff(rows.column("base_idx").to_numpy()) <= 0)):
+        raise ValueError("state is not sorted by (dataset, base_idx); it was not written by hsm")
     scores = rows.column("score").to_numpy()
     selection = select_plan(scores, rows.column("sample_id").combine_chunks(), mining=mining, epoch=epoch)
     table = pa.Table.from_arrays(

@@ -16,6 +16,7 @@ __all__ = [
     "SchemaError",
     "check_schema",
     "conform",
+    "decode_dictionaries",
 ]
 
 EVENT_SCHEMA = pa.schema(
@@ -89,19 +90,30 @@ def check_schema(table_schema: pa.Schema, expected: pa.Schema, where: str) -> No
         raise SchemaError(f"{where}: " + "; ".join(problems))
 
 
-def conform(table: pa.Table, expected: pa.Schema, where: str) -> pa.Table:
-    """Check ``table`` against ``expected`` and return it cast to exactly that schema.
+def conform(table: pa.Table, expected: pa.Schema, where: str, *, keep_dictionary: bool = False) -> pa.Table:
+    """Check ``table`` against ``expected`` and return it cast to that schema.
 
     Columns are reordered to the contract and extra columns dropped; dictionary
-    encoded strings are decoded.
+    encoded strings are decoded unless ``keep_dictionary`` (readers keep them,
+    which saves decoding repeated names).
     """
     check_schema(table.schema, expected, where)
     columns = []
     for field in expected:
         column = table.column(field.name)
-        if column.type != field.type:
+        if keep_dictionary and pa.types.is_dictionary(column.type) and column.type.value_type == field.type:
+            pass
+        elif column.type != field.type:
             column = column.cast(field.type)
         if column.null_count:
             raise SchemaError(f"{where}: column '{field.name}' has {column.null_count} nulls")
         columns.append(column)
-    return pa.Table.from_arrays(columns, schema=expected)
+    return pa.Table.from_arrays(columns, names=expected.names)
+
+
+def decode_dictionaries(table: pa.Table) -> pa.Table:
+    """``table`` with every dictionary-encoded column decoded to its value type."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_dictionary(field.type):
+            table = table.set_column(i, field.name, table.column(i).cast(field.type.value_type))
+    return table

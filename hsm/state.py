@@ -100,14 +100,14 @@ def read_state(hsm_dir: str | Path, epoch: int) -> tuple[pa.Table, StateInfo]:
     """Read and check the state after ``epoch``."""
     path = state_path(hsm_dir, epoch)
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(path, read_dictionary=["dataset"])
     except (pa.ArrowException, OSError) as e:
         raise SchemaError(f"{path}: not a readable state file ({e}); delete it to refold") from e
     meta = table.schema.metadata or {}
     if _META_KEY not in meta:
         raise SchemaError(f"{path}: no hsm.state metadata; not written by hsm")
     info = StateInfo.from_json(meta[_META_KEY].decode())
-    return conform(table, STATE_SCHEMA, str(path)), info
+    return conform(table, STATE_SCHEMA, str(path), keep_dictionary=True), info
 
 
 def write_state(hsm_dir: str | Path, state: pa.Table, info: StateInfo) -> Path:

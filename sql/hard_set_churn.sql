@@ -27,5 +27,5 @@ SELECT p.epoch,
             ELSE round(count(x.now_id) FILTER (WHERE x.before_id IS NOT NULL) / count(x.epoch), 4) END AS jaccard
 FROM plan_epochs p
 LEFT JOIN paired x ON x.epoch = p.epoch
-GROUP BY ALL
+GROUP BY p.epoch, p.previous_epoch
 ORDER BY p.epoch;

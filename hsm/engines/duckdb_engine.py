@@ -7,7 +7,7 @@ from importlib import resources
 import duckdb
 import pyarrow as pa
 
-from hsm.schemas import STATE_SCHEMA
+from hsm.schemas import STATE_SCHEMA, decode_dictionaries
 
 __all__ = ["fold_epoch", "planner_sql"]
 
@@ -32,8 +32,8 @@ def fold_epoch(
     con = duckdb.connect()
     try:
         con.execute("SET threads TO 2")
-        con.register("events", events)
-        con.register("state", state if state is not None else STATE_SCHEMA.empty_table())
+        con.register("events", decode_dictionaries(events))
+        con.register("state", decode_dictionaries(state) if state is not None else STATE_SCHEMA.empty_table())
         params = {"decay": float(ema_decay), "epoch": int(epoch), "metric": metric, "use_ema": aggregate == "ema"}
         result = con.sql(planner_sql("fold_epoch"), params=params).to_arrow_table()
     finally:

@@ -57,6 +57,22 @@ def sequential_fold(
     return n, mean, ema, last
 
 
+def _keys(table: pa.Table, names: list[str]) -> np.ndarray:
+    """``code(dataset) << 40 | base_idx`` for every row; codes follow the sorted dataset names."""
+    base_idx = table.column("base_idx").to_numpy()
+    if len(base_idx) and (base_idx.min() < 0 or base_idx.max() > _IDX_MASK):
+        raise ValueError(f"base_idx must be in [0, 2^{_IDX_BITS}); got {base_idx.min()}..{base_idx.max()}")
+    column = table.column("dataset")
+    if not pa.types.is_dictionary(column.type):
+        column = pc.dictionary_encode(column)
+    codes = []
+    for chunk in column.chunks:
+        lookup = np.array([names.index(v) for v in chunk.dictionary.to_pylist()] or [0], dtype=np.int64)
+        codes.append(lookup[chunk.indices.to_numpy(zero_copy_only=False)])
+    codes = np.concatenate(codes) if codes else np.zeros(0, dtype=np.int64)
+    return (codes << _IDX_BITS) | base_idx
+
+
 def _codes(state: pa.Table | None, events: pa.Table) -> list[str]:
     names = set(pc.unique(events.column("dataset")).to_pylist())
     if state is not None and state.num_rows:
@@ -88,28 +104,18 @@ def fold_epoch(
     """
     d = float(ema_decay)
     names = _codes(state, events)
-    code_of = pl.DataFrame({"dataset": names, "code": np.arange(len(names), dtype=np.int64)})
     x_expr = pl.col("loss").cast(pl.Float64) if metric == "loss" else 1.0 - pl.col("token_acc").cast(pl.Float64)
 
-    def keyed(frame: pl.DataFrame) -> pl.DataFrame:
-        if frame.height and (frame["base_idx"].min() < 0 or frame["base_idx"].max() > _IDX_MASK):
-            raise ValueError(f"base_idx must be in [0, 2^{_IDX_BITS}); got {frame['base_idx'].min()}..{frame['base_idx'].max()}")
-        frame = frame.with_columns(pl.col("dataset").cast(pl.String))
-        return frame.join(code_of, on="dataset", how="left").with_columns(
-            key=pl.col("code") * (1 << _IDX_BITS) + pl.col("base_idx")
-        ).drop("code")
-
-    ev = keyed(
-        pl.from_arrow(events.select(["dataset", "base_idx", "sample_id", "loss", "token_acc", *_ORDER]))
-    ).with_columns(x=x_expr).drop("loss", "token_acc", "dataset", "base_idx")
-    prev = (
-        keyed(pl.from_arrow(state)).drop("dataset", "base_idx")
-        if state is not None and state.num_rows
-        else pl.DataFrame(
+    ev = pl.from_arrow(
+        events.select(["sample_id", "loss", "token_acc", *_ORDER])
+    ).with_columns(key=_keys(events, names), x=x_expr).drop("loss", "token_acc")
+    if state is not None and state.num_rows:
+        prev = pl.from_arrow(state.drop_columns(["dataset", "base_idx"])).with_columns(key=_keys(state, names))
+    else:
+        prev = pl.DataFrame(
             schema={"sample_id": pl.String, "n_obs": pl.Int64, "mean": pl.Float64, "ema": pl.Float64,
                     "last": pl.Float64, "last_epoch": pl.Int32, "score": pl.Float64, "key": pl.Int64}
         )
-    )
 
     repeated = ev["key"].is_duplicated()
     singles = ev.filter(~repeated).select("key", "sample_id", "x")

@@ -1,0 +1,81 @@
+"""Slow, obvious reimplementation of SPEC section 8, the oracle for both engines."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def effective_events(rows: list[dict]) -> list[dict]:
+    """Keep, per (epoch, global_step, rank), only the rows of the highest attempt."""
+    best: dict[tuple, int] = {}
+    for r in rows:
+        key = (r["epoch"], r["global_step"], r["rank"])
+        best[key] = max(best.get(key, r["attempt"]), r["attempt"])
+    return [r for r in rows if r["attempt"] == best[(r["epoch"], r["global_step"], r["rank"])]]
+
+
+def full_state(rows: list[dict], *, metric: str, decay: float, aggregate: str) -> dict[tuple, dict]:
+    """Per (dataset, base_idx): the state recomputed from every observation at once."""
+    by_sample: dict[tuple, list[dict]] = {}
+    for r in effective_events(rows):
+        by_sample.setdefault((r["dataset"], r["base_idx"]), []).append(r)
+    state = {}
+    for key, obs in by_sample.items():
+        obs.sort(key=lambda r: (r["epoch"], r["global_step"], r["rank"], r["position"]))
+        xs = [float(r["loss"]) if metric == "loss" else 1.0 - float(r["token_acc"]) for r in obs]
+        ema = xs[0]
+        for x in xs[1:]:
+            ema = decay * ema + (1 - decay) * x
+        mean = sum(xs) / len(xs)
+        n = len(xs)
+        state[key] = {
+            "sample_id": obs[0]["sample_id"],
+            "n_obs": n,
+            "mean": mean,
+            "ema": ema,
+            "last": xs[-1],
+            "last_epoch": obs[-1]["epoch"],
+            "score": ema if aggregate == "ema" and n >= 3 else mean,
+        }
+    return state
+
+
+def rank(state: dict[tuple, dict], target: str) -> list[tuple]:
+    """Eligible target keys in rank order: score descending, then sample_id."""
+    keys = [k for k in state if k[0] == target]
+    return sorted(keys, key=lambda k: (-state[k]["score"], state[k]["sample_id"]))
+
+
+def plan(state: dict[tuple, dict], target: str, mining, epoch: int) -> dict[int, tuple[bool, float]]:
+    """base_idx -> (is_hard, weight) for every eligible target sample."""
+    ranked = rank(state, target)
+    n = len(ranked)
+    if mining.mode == "fixed_set":
+        hard = ranked[: min(mining.hard_sample_size, n)]
+    elif mining.mode == "dynamic":
+        size = mining.hard_pool_k if mining.hard_pool_k is not None else math.ceil(mining.hard_pool_frac * n)
+        hard = ranked[: min(size, n)]
+    elif mining.selector.mode == "top_k":
+        hard = ranked[: min(mining.selector.k, n)]
+    elif mining.selector.mode == "percentile":
+        hard = ranked[: math.ceil(mining.selector.value * n)]
+    else:
+        hard = [k for k in ranked if state[k]["score"] >= mining.selector.threshold]
+    hard_idx = {k[1] for k in hard}
+    out = {}
+    if mining.mode == "fixed_set":
+        rest = sorted(k[1] for k in ranked if k[1] not in hard_idx)
+        m = min(mining.regular_sample_size, len(rest))
+        rng = np.random.default_rng([mining.seed, epoch, 1])
+        chosen = {rest[i] for i in rng.choice(len(rest), size=m, replace=False)}
+        for k in ranked:
+            out[k[1]] = (k[1] in hard_idx, 1.0 if (k[1] in hard_idx or k[1] in chosen) else 0.0)
+    elif mining.mode == "reweight":
+        for k in ranked:
+            out[k[1]] = (k[1] in hard_idx, mining.hard_weight if k[1] in hard_idx else 1.0)
+    else:
+        for k in ranked:
+            out[k[1]] = (k[1] in hard_idx, 1.0)
+    return out

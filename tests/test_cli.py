@@ -1,0 +1,99 @@
+"""The CLI through typer's CliRunner, and once as the installed console script."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from eventlog import TARGET, random_rows, write_rows
+from hsm.cli.app import app
+from hsm.queries import shipped_queries
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    rows = random_rows(np.random.default_rng(1), n_target=20, n_epochs=3, n_ranks=2, max_obs=2)
+    write_rows(tmp_path / "hsm", rows)
+    config = {"custom": {"hard_sample_mining": {"enabled": True, "selector": {"k": 5}}, "fusion_config": {"target": {"name": TARGET}}}}
+    (tmp_path / "hsm" / "config.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path
+
+
+def test_plan_then_sql(run_dir):
+    result = runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", "2"])
+    assert result.exit_code == 0, result.output
+    assert "folded epochs: 0, 1" in result.output
+    result = runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", "3", "--engine", "duckdb"])
+    assert result.exit_code == 0, result.output
+    assert "churn vs epoch 2" in result.output
+    result = runner.invoke(app, ["sql", "--run-dir", str(run_dir), "-e", "SELECT epoch, count(*) FILTER (WHERE is_hard) AS h FROM plans GROUP BY 1 ORDER BY 1", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == [{"epoch": 2, "h": 5}, {"epoch": 3, "h": 5}]
+
+
+def test_every_shipped_query_runs_and_lists(run_dir):
+    for epoch in (2, 3):
+        assert runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", str(epoch)]).exit_code == 0
+    listing = runner.invoke(app, ["sql", "--list"]).output
+    for name in shipped_queries():
+        assert name in listing
+        result = runner.invoke(app, ["sql", "--run-dir", str(run_dir), name, "--format", "csv"])
+        assert result.exit_code == 0, (name, result.output)
+        assert len(result.output.strip().splitlines()) >= 2, name  # header + at least one row
+
+
+def test_churn_query_agrees_with_the_planner(run_dir):
+    runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", "2"])
+    out = runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", "3"]).output
+    churn = json.loads(runner.invoke(app, ["sql", "--run-dir", str(run_dir), "hard_set_churn", "--format", "json"]).output)
+    last = churn[-1]
+    assert f"kept {last['kept']}, added {last['added']}, removed {last['removed']}" in out
+
+
+def test_dry_run_does_not_write(run_dir):
+    result = runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", "2", "--dry-run"])
+    assert result.exit_code == 0 and "dry run" in result.output
+    assert not (run_dir / "hsm" / "plans").exists() and not (run_dir / "hsm" / "state").exists()
+
+
+def test_bad_inputs_exit_nonzero_with_a_message(run_dir, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("custom:\n  hard_sample_mining:\n    enabled: true\n    selector: {k: -1}\n")
+    result = runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", "2", "--config", str(bad)])
+    assert result.exit_code == 2 and "custom.hard_sample_mining.selector.k" in result.output
+    result = runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", "2", "--engine", "spark"])
+    assert result.exit_code == 2 and "--engine" in result.output
+    part = next((run_dir / "hsm" / "events" / "epoch=0").rglob("part-*.parquet"))
+    part.write_bytes(b"PAR1 broken")
+    result = runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", "2"])
+    assert result.exit_code == 2 and part.name in result.output and "--skip-corrupt" in result.output
+    result = runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", "2", "--skip-corrupt"])
+    assert result.exit_code == 0 and "skipped 1 corrupt" in result.output
+    result = runner.invoke(app, ["sql", "--run-dir", str(run_dir), "no_such_query"])
+    assert result.exit_code == 2 and "known:" in result.output
+    result = runner.invoke(app, ["sql", "--run-dir", str(run_dir), "-e", "SELECT nope FROM plans"])
+    assert result.exit_code == 2 and "nope" in result.output
+
+
+def test_installed_console_script(run_dir):
+    exe = Path(sys.executable).parent / "hsm"
+    script = str(exe) if exe.exists() else shutil.which("hsm")
+    assert script, "the hsm console script is not installed"
+    done = subprocess.run([script, "plan", "--run-dir", str(run_dir), "--epoch", "1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (run_dir / "hsm" / "plans" / "epoch=1" / "manifest.json").is_file()
+    done = subprocess.run([script, "plan", "--run-dir", str(run_dir / "nowhere"), "--epoch", "1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "config.yaml" in done.stderr
+    # hsm plan must not pay for torch or transformers at start-up.
+    probe = "import sys, hsm.cli.app; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.split() == ["False", "False"]

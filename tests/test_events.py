@@ -1,0 +1,121 @@
+"""The event log on disk: exact schema, atomic parts, corrupt parts, attempts."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eventlog import random_rows, write_rows
+from hsm.events import CorruptEventFile, EventWriter, list_event_files, read_epoch_events, supersede_attempts
+from hsm.schemas import EVENT_SCHEMA
+from oracle import effective_events
+
+
+def _append(writer, epoch, step, n, offset=0):
+    writer.append(
+        epoch=epoch, global_step=step, dataset=["tgt"] * n, base_idx=np.arange(offset, offset + n),
+        sample_id=[f"tgt:{i}" for i in range(offset, offset + n)], loss=np.linspace(0, 1, n),
+        token_acc=np.full(n, 0.5), n_tokens=np.full(n, 12), aug_seed=np.arange(n), drawn_as_hard=np.zeros(n, bool),
+    )
+
+
+def test_parts_have_the_exact_schema_and_values(tmp_path):
+    with EventWriter(tmp_path, run_id="r", rank=3, attempt=2, flush_rows=10) as writer:
+        for step in range(5):
+            _append(writer, epoch=1, step=step, n=4, offset=4 * step)
+    files = list_event_files(tmp_path, 1)
+    assert [f.name for f in files] == ["part-00000.parquet", "part-00001.parquet"]
+    assert all(f.parent.name == "rank=3" for f in files)
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    assert table.schema.equals(EVENT_SCHEMA, check_metadata=False)
+    assert table.num_rows == 20
+    assert table.column("position").to_pylist() == [0, 1, 2, 3] * 5
+    assert table.column("global_step").to_pylist() == [s for s in range(5) for _ in range(4)]
+    assert set(table.column("attempt").to_pylist()) == {2} and set(table.column("rank").to_pylist()) == {3}
+    assert pq.ParquetFile(files[0]).metadata.row_group(0).column(0).compression == "ZSTD"
+
+
+def test_part_numbers_continue_after_a_restart(tmp_path):
+    for attempt in range(2):
+        with EventWriter(tmp_path, run_id="r", rank=0, attempt=attempt, flush_rows=100) as writer:
+            _append(writer, epoch=0, step=0, n=3)
+    assert [f.name for f in list_event_files(tmp_path, 0)] == ["part-00000.parquet", "part-00001.parquet"]
+
+
+def test_background_error_is_raised(tmp_path):
+    target = tmp_path / "events" / "epoch=0"
+    target.parent.mkdir(parents=True)
+    target.write_text("a file where a directory must go")
+    writer = EventWriter(tmp_path, run_id="r", rank=0, flush_rows=1)
+    _append(writer, epoch=0, step=0, n=2)
+    with pytest.raises(OSError):
+        writer.close()
+
+
+def test_temporary_files_are_ignored(tmp_path):
+    with EventWriter(tmp_path, run_id="r", rank=0) as writer:
+        _append(writer, epoch=0, step=0, n=3)
+    (tmp_path / "events/epoch=0/rank=0/.part-00007.parquet.123.tmp").write_bytes(b"half a file")
+    assert read_epoch_events(tmp_path, 0).table.num_rows == 3
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong_schema"])
+def test_corrupt_part_is_refused_or_skipped(tmp_path, damage):
+    with EventWriter(tmp_path, run_id="r", rank=0, flush_rows=3) as writer:
+        _append(writer, epoch=0, step=0, n=3)
+        _append(writer, epoch=0, step=1, n=3, offset=3)
+    bad = list_event_files(tmp_path, 0)[1]
+    if damage == "truncate":
+        data = bad.read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        bad.write_bytes(os.urandom(300))
+    else:
+        pq.write_table(pa.table({"loss": [1.0]}), bad)
+    with pytest.raises(CorruptEventFile, match="part-00001.parquet"):
+        read_epoch_events(tmp_path, 0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read = read_epoch_events(tmp_path, 0, skip_corrupt=True)
+    assert read.table.num_rows == 3
+    assert [p.name for p, _ in read.skipped] == ["part-00001.parquet"]
+    assert any("part-00001.parquet" in str(w.message) for w in caught)
+
+
+def test_part_in_the_wrong_epoch_partition_is_refused(tmp_path):
+    with EventWriter(tmp_path, run_id="r", rank=0) as writer:
+        _append(writer, epoch=0, step=0, n=3)
+    src = list_event_files(tmp_path, 0)[0]
+    dst = tmp_path / "events/epoch=1/rank=0/part-00000.parquet"
+    dst.parent.mkdir(parents=True)
+    dst.write_bytes(src.read_bytes())
+    with pytest.raises(CorruptEventFile, match="another epoch"):
+        read_epoch_events(tmp_path, 1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_supersede_attempts_equals_naive(seed):
+    rows = random_rows(np.random.default_rng(seed), n_target=6, n_epochs=2, n_ranks=2, max_obs=2, resume=True)
+    if not rows:
+        return
+    table = pa.Table.from_pylist([dict(r, run_id="r") for r in rows], schema=EVENT_SCHEMA)
+    kept = supersede_attempts(table).to_pylist()
+    expected = effective_events(rows)
+    strip = lambda r: tuple(sorted((k, v) for k, v in r.items() if k != "run_id"))  # noqa: E731
+    assert sorted(map(strip, kept)) == sorted(map(strip, expected))
+
+
+def test_resumed_attempt_replaces_earlier_rows_on_disk(tmp_path):
+    rows = random_rows(np.random.default_rng(3), n_target=10, n_epochs=1, n_ranks=2, max_obs=2, resume=True)
+    write_rows(tmp_path, rows)
+    read = read_epoch_events(tmp_path, 0)
+    assert read.table.num_rows == len(effective_events(rows))
+    assert read.superseded_rows == len(rows) - len(effective_events(rows)) > 0

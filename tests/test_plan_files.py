@@ -1,0 +1,106 @@
+"""Plan files: checksums, dataset checks, manifests, dumps, state provenance."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from eventlog import TARGET, random_rows, write_rows
+from hsm.config import MiningConfig
+from hsm.plan import DatasetInfo, PlanError, load_plan, plan_dir
+from hsm.planner import plan_epoch
+from hsm.state import StateMismatch
+
+
+@pytest.fixture
+def run(tmp_path):
+    rows = random_rows(np.random.default_rng(11), n_target=12, n_epochs=2, n_ranks=2, max_obs=2)
+    hsm_dir = tmp_path / "hsm"
+    write_rows(hsm_dir, rows)
+    mining = MiningConfig(enabled=True, selector={"k": 3}, dump=True)
+    result = plan_epoch(hsm_dir, 2, mining, TARGET, dataset=DatasetInfo(TARGET, 12, "fp-1"), dump_dir=tmp_path)
+    return hsm_dir, mining, result
+
+
+def test_plan_loads_and_matches_manifest(run):
+    hsm_dir, _, result = run
+    plan = load_plan(hsm_dir, 2, dataset=DatasetInfo(TARGET, 12, "fp-1"), expected_checksum=result.manifest["checksum"])
+    assert plan.is_hard.sum() == 3 == result.manifest["counts"]["hard"]
+    weights = plan.target_weights(12)
+    assert set(weights[plan.base_idx[plan.is_hard]]) == {3.0}
+    assert plan.triggered and plan.mode == "reweight"
+    manifest = json.loads((plan_dir(hsm_dir, 2) / "manifest.json").read_text())
+    for key in ("plan_version", "epoch", "mode", "metric", "selector", "config_hash", "target", "counts", "checksum", "engine", "created_at"):
+        assert key in manifest
+
+
+def test_dump_lists_hard_samples_in_rank_order(run, tmp_path):
+    _, _, result = run
+    dump = json.loads((tmp_path / "hard_samples_epoch_2.json").read_text())
+    plan = result.plan.to_pylist()
+    hard = sorted((r for r in plan if r["is_hard"]), key=lambda r: (-r["score"], r["sample_id"]))
+    assert [d["sample_id"] for d in dump["samples"]] == [r["sample_id"] for r in hard]
+    assert set(dump["samples"][0]) == {"sample_id", "dataset", "base_idx", "score"}
+
+
+def test_tampered_plan_is_refused(run):
+    hsm_dir, _, _ = run
+    path = plan_dir(hsm_dir, 2) / "plan.parquet"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(PlanError, match="sha256 .* does not match"):
+        load_plan(hsm_dir, 2)
+
+
+def test_broadcast_checksum_must_match(run):
+    hsm_dir, _, _ = run
+    with pytest.raises(PlanError, match="rank 0"):
+        load_plan(hsm_dir, 2, expected_checksum="0" * 64)
+
+
+@pytest.mark.parametrize(
+    "dataset, message",
+    [
+        (DatasetInfo("other", 12, "fp-1"), "is for dataset 'tgt'"),
+        (DatasetInfo(TARGET, 13, "fp-1"), "n=12, the dataset has n=13"),
+        (DatasetInfo(TARGET, 12, "fp-2"), "fingerprint"),
+    ],
+)
+def test_plan_for_another_dataset_is_refused(run, dataset, message):
+    hsm_dir, _, _ = run
+    with pytest.raises(PlanError, match=message):
+        load_plan(hsm_dir, 2, dataset=dataset)
+
+
+def test_out_of_range_index_is_refused(tmp_path):
+    rows = random_rows(np.random.default_rng(5), n_target=12, n_epochs=1, n_ranks=1, max_obs=2)
+    write_rows(tmp_path / "hsm", rows)
+    plan_epoch(tmp_path / "hsm", 1, MiningConfig(enabled=True), TARGET)  # size unknown offline
+    with pytest.raises(PlanError, match=r"base_idx 1\d out of range for dataset 'tgt' \(n=10\)"):
+        load_plan(tmp_path / "hsm", 1, dataset=DatasetInfo(TARGET, 10))
+
+
+def test_missing_plan_is_none_and_manifest_without_plan_fails(run):
+    hsm_dir, _, _ = run
+    assert load_plan(hsm_dir, 5) is None
+    (plan_dir(hsm_dir, 2) / "plan.parquet").unlink()
+    with pytest.raises(PlanError, match="missing although its manifest exists"):
+        load_plan(hsm_dir, 2)
+
+
+def test_state_built_with_other_parameters_is_refused(run):
+    hsm_dir, _, _ = run
+    with pytest.raises(StateMismatch, match="metric"):
+        plan_epoch(hsm_dir, 2, MiningConfig(enabled=True, metric="token_acc"), TARGET)
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    rows = random_rows(np.random.default_rng(2), n_target=5, n_epochs=1, n_ranks=1, max_obs=1)
+    write_rows(tmp_path / "hsm", rows)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = plan_epoch(tmp_path / "hsm", 1, MiningConfig(enabled=True), TARGET, write=False)
+    assert result.plan.num_rows > 0
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

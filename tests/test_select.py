@@ -1,0 +1,100 @@
+"""Selection rules as properties, against the naive sorted() equivalent."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hsm.config import MiningConfig
+from hsm.select import draw_regular, hardest_mask, select_plan
+from hsm.trigger import plateau_epoch, should_apply
+
+scores_st = st.lists(st.sampled_from([0.0, 0.5, 1.0, 1.5, 2.0, 3.25, float("nan")]), min_size=0, max_size=40)
+
+
+def ids_for(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [f"s{v:03d}" for v in rng.permutation(n)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(scores=scores_st, n=st.integers(0, 45), seed=st.integers(0, 1000))
+def test_hardest_mask_equals_sorted(scores, n, seed):
+    ids = ids_for(len(scores), seed)
+    s = np.array(scores, dtype=np.float64)
+    mask = hardest_mask(s, pa.array(ids), n)
+    ranked = sorted(range(len(s)), key=lambda i: (-(s[i] if not math.isnan(s[i]) else -math.inf), ids[i]))
+    assert set(np.flatnonzero(mask)) == set(ranked[: min(n, len(s))])
+    assert mask.sum() == min(n, len(s))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    n=st.integers(1, 300), k=st.integers(1, 400), value=st.floats(0.001, 1.0), frac=st.floats(0.001, 1.0),
+    pool_k=st.one_of(st.none(), st.integers(1, 400)), hard_weight=st.floats(1.0, 10.0), seed=st.integers(0, 99),
+)
+def test_selection_sizes_and_weights(n, k, value, frac, pool_k, hard_weight, seed):
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 20, n).astype(np.float64)
+    ids = pa.array(ids_for(n, seed))
+    top = select_plan(scores, ids, mining=MiningConfig(enabled=True, selector={"k": k}, hard_weight=hard_weight), epoch=1)
+    assert top.is_hard.sum() == min(k, n)
+    assert set(np.unique(top.weight)) <= {1.0, hard_weight}
+    assert np.array_equal(top.weight == hard_weight, top.is_hard) or hard_weight == 1.0
+    pct = select_plan(scores, ids, mining=MiningConfig(enabled=True, selector={"mode": "percentile", "value": value}), epoch=1)
+    assert pct.is_hard.sum() == math.ceil(value * n)
+    dyn = select_plan(scores, ids, mining=MiningConfig(enabled=True, mode="dynamic", hard_pool_frac=frac, hard_pool_k=pool_k), epoch=1)
+    assert dyn.is_hard.sum() == (min(pool_k, n) if pool_k is not None else math.ceil(frac * n))
+    # Every hard sample scores at least as much as every other one.
+    for sel in (top, pct, dyn):
+        if sel.is_hard.any() and (~sel.is_hard).any():
+            assert scores[sel.is_hard].min() >= scores[~sel.is_hard].max()
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(1, 200), hard=st.integers(0, 50), regular=st.integers(0, 80), epoch=st.integers(0, 5), seed=st.integers(0, 9))
+def test_fixed_set_weights(n, hard, regular, epoch, seed):
+    if hard + regular == 0:
+        return
+    scores = np.random.default_rng(seed).random(n)
+    mining = MiningConfig(enabled=True, mode="fixed_set", hard_sample_size=hard, regular_sample_size=regular, seed=seed)
+    sel = select_plan(scores, pa.array(ids_for(n, seed)), mining=mining, epoch=epoch)
+    assert sel.is_hard.sum() == min(hard, n)
+    assert sel.n_regular == min(regular, n - min(hard, n))
+    assert sel.weight.sum() == sel.is_hard.sum() + sel.n_regular
+    assert sel.default_weight == 0.0
+    again = select_plan(scores, pa.array(ids_for(n, seed)), mining=mining, epoch=epoch)
+    assert np.array_equal(sel.weight, again.weight)
+
+
+def test_regular_draw_depends_on_epoch_and_seed():
+    candidates = np.arange(1000)
+    a = draw_regular(candidates, 50, seed=1, epoch=2)
+    assert np.array_equal(a, draw_regular(candidates, 50, seed=1, epoch=2))
+    assert not np.array_equal(a, draw_regular(candidates, 50, seed=1, epoch=3))
+    assert not np.array_equal(a, draw_regular(candidates, 50, seed=2, epoch=2))
+    assert len(set(a)) == 50
+
+
+def test_triggers():
+    mining = MiningConfig(enabled=True, start_epoch=2)
+    assert not should_apply(1, mining, {}, None)[0]
+    assert should_apply(2, mining, {}, None)[0]
+    plateau = MiningConfig(enabled=True, start_epoch=1, plateau_delta=0.05)
+    losses = {0: 2.0, 1: 1.5, 2: 1.45, 3: 1.44}
+    assert plateau_epoch(losses, 0.05) == 2  # 1.5 -> 1.45 is a 3.3% improvement
+    assert not should_apply(2, plateau, losses, None)[0]  # plan for 2 sees epochs 0, 1 only
+    assert should_apply(3, plateau, losses, None)[0]
+    late = MiningConfig(enabled=True, start_epoch=0, activate_after_pct=0.7)
+    assert not should_apply(6, late, {}, 10)[0]
+    assert should_apply(7, late, {}, 10)[0]
+    try:
+        should_apply(7, late, {}, None)
+    except ValueError as e:
+        assert "num_train_epochs" in str(e)
+    else:
+        raise AssertionError("activate_after_pct without the epoch count must fail")
