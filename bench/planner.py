@@ -151,6 +151,10 @@ def measure(kind: str, hsm_dir: Path, sample: int) -> dict:
 
 
 def _rss_mb() -> float:
+    # VmHWM is this process image's own peak; ru_maxrss would include the parent's peak at fork.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -1,0 +1,57 @@
+"""The one module that touches ``torch.distributed``. In a single process every
+collective here is a no-op, so callers never branch on the topology.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hsm.schedule import World
+
+__all__ = ["current_world", "is_initialized", "barrier", "broadcast_bytes", "on_main"]
+
+
+def is_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def current_world() -> World:
+    """This process's rank and world size (from the process group, else the launcher's env, else 0/1)."""
+    if is_initialized():
+        import torch.distributed as dist
+
+        return World(dist.get_rank(), dist.get_world_size())
+    return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def barrier() -> None:
+    if is_initialized():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def broadcast_bytes(payload: bytes | None, src: int = 0) -> bytes:
+    """Send ``payload`` from rank ``src`` to every rank, as a uint8 tensor (no pickle)."""
+    if not is_initialized():
+        return payload or b""
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    size = torch.tensor([len(payload) if payload is not None else 0], dtype=torch.long, device=device)
+    dist.broadcast(size, src=src)
+    buffer = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    if dist.get_rank() == src:
+        buffer.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+    dist.broadcast(buffer, src=src)
+    return bytes(buffer.cpu().numpy().tobytes())
+
+
+def on_main(world: World) -> bool:
+    """The guard for rank-0-only side effects."""
+    return world.rank == 0

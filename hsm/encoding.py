@@ -1,0 +1,97 @@
+"""Image + prompt -> the model's chat format, with labels only on the answer.
+
+One :class:`Template` instance is shared by every dataset of a fusion (seed 004):
+prompts resolve by priority default < domain < dataset-specific, and the
+template's system prompt is restored after every encode, so no sample's system
+prompt leaks into the next.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from hsm.config import FusionConfig, PromptConfig
+
+__all__ = ["IGNORE_INDEX", "Prompts", "resolve_prompts", "format_answer", "Template"]
+
+IGNORE_INDEX = -100
+_FALLBACK = PromptConfig(system="You are a helpful assistant.", user="Detect all objects in the image.")
+
+
+@dataclass(frozen=True)
+class Prompts:
+    system: str
+    user: str
+
+
+def resolve_prompts(fusion: FusionConfig, dataset_name: str) -> Prompts:
+    """Priority per field: dataset-specific > domain > default (> built-in fallback)."""
+    datasets = {fusion.target.name: fusion.target, **{s.name: s for s in fusion.sources}}
+    dataset = datasets[dataset_name]
+    levels = [dataset.prompts, fusion.domain_prompts.get(dataset.domain, PromptConfig()), fusion.default_prompts, _FALLBACK]
+    system = next(level.system for level in levels if level.system is not None)
+    user = next(level.user for level in levels if level.user is not None)
+    return Prompts(system, user)
+
+
+def format_answer(boxes, labels, width: int, height: int, coord_format: str, resized: tuple[int, int] | None = None) -> str:
+    """JSON list of ``{"bbox_2d": [...], "label": ...}``; 0-1000 relative, or absolute pixels
+    in the processor's resized image (``resized=(w, h)``, Qwen2.5-VL convention)."""
+    items = []
+    for (x1, y1, x2, y2), label in zip(boxes, labels):
+        if coord_format == "rel1000":
+            coords = [round(x1 / width * 1000), round(y1 / height * 1000), round(x2 / width * 1000), round(y2 / height * 1000)]
+        else:
+            rw, rh = resized or (width, height)
+            sx, sy = rw / width, rh / height
+            coords = [round(x1 * sx), round(y1 * sy), round(x2 * sx), round(y2 * sy)]
+        items.append({"bbox_2d": coords, "label": label})
+    return json.dumps(items, ensure_ascii=False)
+
+
+class Template:
+    """The single shared encoder: chat template + processor + label masking."""
+
+    def __init__(self, processor, default_system: str = _FALLBACK.system):
+        self.processor = processor
+        self.system = default_system
+        tokenizer = processor.tokenizer
+        self._im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+        self._assistant_header = tokenizer("assistant\n", add_special_tokens=False)["input_ids"]
+
+    @contextmanager
+    def system_prompt(self, system: str):
+        """Use ``system`` for one encode; the previous system prompt is always restored."""
+        previous = self.system
+        self.system = system
+        try:
+            yield
+        finally:
+            self.system = previous
+
+    def encode(self, image, user: str, answer: str, system: str | None = None) -> dict:
+        """Tokenise one sample; ``labels`` are -100 everywhere except the answer and its ``<|im_end|>``."""
+        with self.system_prompt(system if system is not None else self.system):
+            messages = [
+                {"role": "system", "content": self.system},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user}]},
+            ]
+            prompt = self.processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = prompt + answer + "<|im_end|>\n"
+        batch = self.processor(images=[image], text=[text], return_tensors="np")
+        input_ids = batch["input_ids"][0]
+        starts = np.flatnonzero(input_ids == self._im_start)
+        answer_start = int(starts[-1]) + 1 + len(self._assistant_header)
+        labels = np.full_like(input_ids, IGNORE_INDEX)
+        labels[answer_start:-1] = input_ids[answer_start:-1]  # the trailing "\n" after <|im_end|> is not trained
+        return {
+            "input_ids": input_ids,
+            "attention_mask": batch["attention_mask"][0],
+            "labels": labels,
+            "pixel_values": batch["pixel_values"],
+            "image_grid_thw": batch["image_grid_thw"],
+        }

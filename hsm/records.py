@@ -1,0 +1,173 @@
+"""Detection records: one image per JSONL line, validated with file and line in every error.
+
+Format (one JSON object per line)::
+
+    {"id": "bbu-000123",                 # optional; the sample_id when present
+     "image": "images/000123.png",       # relative to the JSONL file (or absolute)
+     "width": 640, "height": 480,        # must agree with the image file
+     "objects": [{"label": "bolt", "bbox": [x1, y1, x2, y2]}, ...]}   # pixels, x2 > x1, y2 > y1
+
+A record's ``sample_id`` is its ``id`` if it has one, else ``dataset:line_index``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DetectionObject", "Record", "RecordError", "read_jsonl", "file_fingerprint", "import_coco", "check_image_size"]
+
+
+class RecordError(ValueError):
+    """A bad record; the message starts with ``file:line``."""
+
+
+@dataclass(frozen=True)
+class DetectionObject:
+    label: str
+    bbox: tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Record:
+    image: Path
+    width: int
+    height: int
+    objects: tuple[DetectionObject, ...]
+    id: str | None
+    where: str  # "file:line", for errors raised later (missing image, size mismatch)
+
+
+def _fail(where: str, message: str) -> RecordError:
+    return RecordError(f"{where}: {message}")
+
+
+def _parse(obj: object, where: str, root: Path) -> Record:
+    if not isinstance(obj, dict):
+        raise _fail(where, f"expected a JSON object, got {type(obj).__name__}")
+    unknown = set(obj) - {"id", "image", "width", "height", "objects"}
+    if unknown:
+        raise _fail(where, f"unknown keys {sorted(unknown)} (accepted: id, image, width, height, objects)")
+    for key in ("image", "width", "height", "objects"):
+        if key not in obj:
+            raise _fail(where, f"missing key '{key}'")
+    width, height = obj["width"], obj["height"]
+    if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
+        raise _fail(where, f"width/height must be positive integers, got {width!r}x{height!r}")
+    if not isinstance(obj["image"], str) or not obj["image"]:
+        raise _fail(where, "'image' must be a non-empty path string")
+    if obj.get("id") is not None and not isinstance(obj["id"], str):
+        raise _fail(where, f"'id' must be a string, got {obj['id']!r}")
+    if not isinstance(obj["objects"], list):
+        raise _fail(where, "'objects' must be a list")
+    objects = []
+    for j, item in enumerate(obj["objects"]):
+        if not isinstance(item, dict) or not isinstance(item.get("label"), str) or not isinstance(item.get("bbox"), list):
+            raise _fail(where, f"objects[{j}] must be {{'label': str, 'bbox': [x1, y1, x2, y2]}}")
+        box = item["bbox"]
+        if len(box) != 4 or not all(isinstance(v, (int, float)) for v in box):
+            raise _fail(where, f"objects[{j}].bbox must be 4 numbers, got {box!r}")
+        x1, y1, x2, y2 = (float(v) for v in box)
+        if not (x2 > x1 and y2 > y1):
+            raise _fail(where, f"objects[{j}].bbox {box} is degenerate (need x2 > x1 and y2 > y1)")
+        if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+            raise _fail(where, f"objects[{j}].bbox {box} lies outside the {width}x{height} image")
+        objects.append(DetectionObject(item["label"], (x1, y1, x2, y2)))
+    image = Path(obj["image"])
+    return Record(image if image.is_absolute() else root / image, width, height, tuple(objects), obj.get("id"), where)
+
+
+def read_jsonl(path: str | Path, *, check_images: bool = True) -> list[Record]:
+    """Parse and validate every line; ``check_images`` also requires each image file to exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecordError(f"{path}: file not found")
+    records, seen_ids = [], {}
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise _fail(where, f"malformed JSON ({e.msg} at column {e.colno})") from e
+            record = _parse(obj, where, path.parent)
+            if record.id is not None:
+                if record.id in seen_ids:
+                    raise _fail(where, f"duplicate id {record.id!r} (first at line {seen_ids[record.id]})")
+                seen_ids[record.id] = number
+            if check_images and not record.image.is_file():
+                raise _fail(where, f"image {record.image} not found")
+            records.append(record)
+    if not records:
+        raise RecordError(f"{path}: no records")
+    return records
+
+
+def check_image_size(record: Record, actual: tuple[int, int], max_side: int) -> None:
+    """Raise if the file's size disagrees with the record or exceeds ``max_side`` (no smart-resize)."""
+    if actual != (record.width, record.height):
+        raise _fail(record.where, f"image {record.image} is {actual[0]}x{actual[1]}, the record says {record.width}x{record.height}")
+    if max(actual) > max_side:
+        raise _fail(
+            record.where,
+            f"image {record.image} is {actual[0]}x{actual[1]}, over fusion_config.max_image_side={max_side}; "
+            "hsm does not resize online: pre-scale the image or add an explicit resize augmentation",
+        )
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """sha256 of the JSONL bytes: a plan built for other data is refused."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def import_coco(coco_json: str | Path, images_dir: str | Path, out: str | Path) -> int:
+    """Convert COCO detection annotations (xywh) to hsm JSONL; returns the number of records.
+
+    Crowd annotations are skipped; boxes are clipped to the image; image paths are
+    written relative to ``out``'s folder when possible.
+    """
+    import os
+
+    coco_json, images_dir, out = Path(coco_json), Path(images_dir), Path(out)
+    try:
+        data = json.loads(coco_json.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise RecordError(f"{coco_json}: not a readable COCO JSON ({e})") from e
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise RecordError(f"{coco_json}: missing '{key}'; not a COCO detection file")
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    by_image: dict[int, list] = {}
+    for k, ann in enumerate(data["annotations"]):
+        if ann.get("iscrowd"):
+            continue
+        if ann.get("category_id") not in names:
+            raise RecordError(f"{coco_json}: annotations[{k}] has unknown category_id {ann.get('category_id')}")
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    count = 0
+    with tmp.open("w", encoding="utf-8") as f:
+        for image in sorted(data["images"], key=lambda i: i["id"]):
+            width, height = int(image["width"]), int(image["height"])
+            objects = []
+            for ann in by_image.get(image["id"], []):
+                x, y, w, h = ann["bbox"]
+                x1, y1 = max(0.0, x), max(0.0, y)
+                x2, y2 = min(float(width), x + w), min(float(height), y + h)
+                if x2 > x1 and y2 > y1:
+                    objects.append({"label": names[ann["category_id"]], "bbox": [round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2)]})
+            path = images_dir / image["file_name"]
+            relative = os.path.relpath(path.resolve(), out.parent.resolve())
+            f.write(json.dumps({"id": f"coco-{image['id']}", "image": relative, "width": width, "height": height, "objects": objects}) + "\n")
+            count += 1
+    tmp.replace(out)
+    return count

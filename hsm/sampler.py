@@ -1,0 +1,77 @@
+"""The epoch sampler: loads the plan for the epoch at ``set_epoch``, builds the schedule, yields slots.
+
+Built and iterated in the main process (accelerate calls the sampler's
+``set_epoch``; a dataset's may never be called, and DataLoader workers hold
+copies of the dataset). It yields the global schedule as slot tuples
+``(dataset_code, base_idx, is_hard, epoch, position)``; under the HF Trainer,
+accelerate deals whole batches of it to the ranks. With an explicit ``world``
+it yields this rank's batches itself (:func:`hsm.schedule.shard_positions`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from hsm.plan import DatasetInfo, Plan, load_plan
+from hsm.schedule import Schedule, World, build_schedule, shard_positions
+
+__all__ = ["HsmSampler"]
+
+
+class HsmSampler(torch.utils.data.Sampler):
+    """Plan-driven, epoch-seeded sampler over a fusion of target and sources."""
+
+    def __init__(self, *, sizes: list[int], ratios: list[float], target: DatasetInfo, seed: int, batch_size: int,
+                 hsm_dir: str | Path | None = None, world: World | None = None):
+        self.sizes = sizes
+        self.ratios = ratios
+        self.target = target
+        self.seed = seed
+        self.batch_size = batch_size
+        self.hsm_dir = Path(hsm_dir) if hsm_dir is not None else None
+        self.world = world
+        self.epoch = 0
+        self.plan: Plan | None = None
+        self._expected: dict[int, str] = {}
+        self._schedule: Schedule | None = None
+
+    def expect_plan(self, epoch: int, checksum: str) -> None:
+        """The checksum rank 0 broadcast for ``epoch``'s plan; loading verifies against it."""
+        self._expected[epoch] = checksum
+        if epoch == self.epoch:
+            self._schedule = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._schedule = None
+        self.epoch = epoch
+
+    @property
+    def schedule(self) -> Schedule:
+        """This epoch's global schedule (built once per epoch)."""
+        if self._schedule is None:
+            plan = None
+            if self.hsm_dir is not None:
+                plan = load_plan(self.hsm_dir, self.epoch, dataset=self.target, expected_checksum=self._expected.get(self.epoch))
+            self.plan = plan
+            self._schedule = build_schedule(
+                plan if plan is not None and plan.triggered else None,
+                n_target=self.sizes[0], source_sizes=self.sizes[1:], source_ratios=self.ratios,
+                seed=self.seed, epoch=self.epoch, batch_size=self.batch_size,
+            )
+        return self._schedule
+
+    def _positions(self):
+        return shard_positions(len(self.schedule), self.batch_size, self.world or World())
+
+    def __iter__(self) -> Iterator[tuple[int, int, bool, int, int]]:
+        schedule = self.schedule
+        codes, idx, hard = schedule.dataset.tolist(), schedule.base_idx.tolist(), schedule.is_hard.tolist()
+        for p in self._positions().tolist():
+            yield (codes[p], idx[p], hard[p], self.epoch, p)
+
+    def __len__(self) -> int:
+        return len(self._positions())
