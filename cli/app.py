@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import typer
 
+from hsm.cli.data import data_app
+from hsm.cli.demo import demo
 from hsm.cli.plan import plan
 from hsm.cli.sql import sql
+from hsm.cli.train import train
 
 __all__ = ["app", "main"]
 
@@ -16,8 +19,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.command("train")(train)
 app.command("plan")(plan)
 app.command("sql")(sql)
+app.command("demo")(demo)
+app.add_typer(data_app, name="data")
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import os
 
 from hsm.schedule import World
 
-__all__ = ["current_world", "is_initialized", "barrier", "broadcast_bytes", "on_main"]
+__all__ = ["current_world", "is_initialized", "barrier", "broadcast_bytes", "all_reduce_sum", "on_main"]
 
 
 def is_initialized() -> bool:
@@ -50,6 +50,20 @@ def broadcast_bytes(payload: bytes | None, src: int = 0) -> bytes:
         buffer.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
     dist.broadcast(buffer, src=src)
     return bytes(buffer.cpu().numpy().tobytes())
+
+
+def all_reduce_sum(values):
+    """Element-wise sum of a float numpy array over ranks (the array itself in one process)."""
+    if not is_initialized():
+        return values
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.as_tensor(np.asarray(values, dtype=np.float64), device=device)
+    dist.all_reduce(tensor)
+    return tensor.cpu().numpy()
 
 
 def on_main(world: World) -> bool:

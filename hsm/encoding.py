@@ -91,6 +91,7 @@ class Template:
         return {
             "input_ids": input_ids,
             "attention_mask": batch["attention_mask"][0],
+            "mm_token_type_ids": batch["mm_token_type_ids"][0],
             "labels": labels,
             "pixel_values": batch["pixel_values"],
             "image_grid_thw": batch["image_grid_thw"],

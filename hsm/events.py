@@ -121,8 +121,9 @@ class EventWriter:
         n_tokens: Any,
         aug_seed: Any,
         drawn_as_hard: Any,
+        position_offset: int = 0,
     ) -> None:
-        """Buffer one micro-batch; ``position`` is the index in the batch.
+        """Buffer one micro-batch; ``position`` is ``position_offset`` + the index in the batch.
 
         Array arguments may be numpy arrays or lists; strings stay as given
         until the background thread encodes them.
@@ -142,6 +143,7 @@ class EventWriter:
                 "n_tokens": n_tokens,
                 "aug_seed": aug_seed,
                 "drawn_as_hard": drawn_as_hard,
+                "position_offset": position_offset,
                 "n": n,
             }
         )
@@ -177,7 +179,7 @@ class EventWriter:
     def _to_table(self, epoch: int, batches: list[dict[str, Any]]) -> pa.Table:
         n_total = sum(b["n"] for b in batches)
         steps = np.concatenate([np.full(b["n"], b["global_step"], dtype=np.int64) for b in batches])
-        positions = np.concatenate([np.arange(b["n"], dtype=np.int32) for b in batches])
+        positions = np.concatenate([np.arange(b["n"], dtype=np.int32) + b["position_offset"] for b in batches])
 
         def column(name: str, dtype: Any) -> np.ndarray:
             return np.concatenate([np.asarray(b[name], dtype=dtype).reshape(-1) for b in batches])

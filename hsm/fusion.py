@@ -175,15 +175,18 @@ class DetectionCollator:
         input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
         attention = torch.zeros((n, length), dtype=torch.long)
         labels = torch.full((n, length), -100, dtype=torch.long)
+        token_types = torch.zeros((n, length), dtype=torch.long)
         for i, it in enumerate(items):
             k = len(it["input_ids"])
             input_ids[i, :k] = torch.as_tensor(it["input_ids"])
             attention[i, :k] = torch.as_tensor(it["attention_mask"])
             labels[i, :k] = torch.as_tensor(it["labels"])
+            token_types[i, :k] = torch.as_tensor(it["mm_token_type_ids"])
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention,
             "labels": labels,
+            "mm_token_type_ids": token_types,
             "pixel_values": torch.as_tensor(np.concatenate([it["pixel_values"] for it in items])),
             "image_grid_thw": torch.as_tensor(np.concatenate([it["image_grid_thw"] for it in items])),
         }

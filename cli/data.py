@@ -1,0 +1,62 @@
+"""``hsm data``: import COCO, generate the synthetic corpus, validate JSONL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from hsm.cli.common import console, fail
+
+__all__ = ["data_app"]
+
+data_app = typer.Typer(help="Detection data: import, synthesize, validate.", no_args_is_help=True)
+
+
+@data_app.command("import-coco")
+def import_coco(
+    coco_json: Path = typer.Argument(..., help="COCO detection annotations (instances_*.json)."),
+    images: Path = typer.Option(..., "--images", help="Folder holding the COCO images."),
+    out: Path = typer.Option(..., "--out", help="JSONL to write."),
+) -> None:
+    """Convert COCO detection annotations to hsm's JSONL record format."""
+    from hsm.records import RecordError
+    from hsm.records import import_coco as convert
+
+    try:
+        count = convert(coco_json, images, out)
+    except RecordError as e:
+        raise fail("data import-coco", str(e)) from e
+    console.print(f"wrote {count} records to {out}")
+
+
+@data_app.command("synth")
+def synth(
+    out: Path = typer.Option(..., "--out", help="Folder for the corpus."),
+    n_target: int = typer.Option(96, help="Target training images."),
+    n_source: int = typer.Option(48, help="Training images per source."),
+    seed: int = typer.Option(0, help="Seed."),
+) -> None:
+    """Generate the synthetic demo corpus (target 'bbu', sources 'lvis' and 'coco')."""
+    from hsm.synth import synthesize
+
+    paths = synthesize(out, n_target=n_target, n_source=n_source, seed=seed)
+    for name, path in paths.items():
+        console.print(f"{name:<6} {path}")
+
+
+@data_app.command("validate")
+def validate(jsonl: Path = typer.Argument(..., help="JSONL to check, images included.")) -> None:
+    """Check every record and every image (existence, size)."""
+    from PIL import Image
+
+    from hsm.records import RecordError, check_image_size, read_jsonl
+
+    try:
+        records = read_jsonl(jsonl)
+        for record in records:
+            with Image.open(record.image) as img:
+                check_image_size(record, img.size, max_side=1 << 30)
+    except RecordError as e:
+        raise fail("data validate", str(e)) from e
+    console.print(f"{jsonl}: {len(records)} records OK")

@@ -1,0 +1,32 @@
+"""``hsm demo``: the embedded demo, end to end on a CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from hsm.cli.common import console
+
+__all__ = ["demo"]
+
+
+def demo(
+    out: Path = typer.Option(Path("demo_run"), "--out", help="Where the corpus and the run go."),
+    config: Path = typer.Option(Path("configs/demo.yaml"), "--config", help="Demo config."),
+) -> None:
+    """Synthesize the corpus, train with mining on, and show the difficulty trend with hsm sql."""
+    from hsm.cli.sql import sql
+    from hsm.cli.train import train
+    from hsm.synth import synthesize
+
+    synthesize(out / "data")
+    console.print(f"corpus written to {out / 'data'}")
+    train(config, [f"custom.fusion_config.target.train_jsonl={(out / 'data/bbu/train.jsonl').resolve()}",
+                   f"custom.fusion_config.target.val_jsonl={(out / 'data/bbu/val.jsonl').resolve()}",
+                   f"custom.fusion_config.sources.0.train_jsonl={(out / 'data/lvis/train.jsonl').resolve()}",
+                   f"custom.fusion_config.sources.1.train_jsonl={(out / 'data/coco/train.jsonl').resolve()}",
+                   f"training.output_dir={(out / 'run').resolve()}"])
+    for query in ("plan_summary", "difficulty_trend", "hard_set_churn"):
+        console.print(f"\n[bold]$ hsm sql --run-dir {out / 'run'} {query}[/]")
+        sql(name=query, run_dir=out / "run", execute=None, list_queries=False, fmt="table", limit=30)

@@ -1,0 +1,49 @@
+"""``hsm train``: train from one YAML, with ``KEY=VALUE`` overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from hsm.cli.common import console, fail
+
+__all__ = ["train"]
+
+
+def train(
+    config: Path = typer.Argument(..., help="Training config YAML."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VALUE overrides with dotted keys."),
+) -> None:
+    """Fine-tune with hard-sample mining (or plain fusion training when mining is off)."""
+    from hsm.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, overrides or [])
+    except ConfigError as e:
+        raise fail("train", str(e)) from e
+    from hsm.records import RecordError
+    from hsm.run import train as run_training
+
+    try:
+        summary = run_training(cfg)
+    except (ConfigError, RecordError, FileNotFoundError) as e:
+        raise fail("train", str(e)) from e
+    trainer = summary["trainer"]
+    if not trainer.is_world_process_zero():
+        return
+    run_dir = summary["output_dir"]
+    console.print(f"\n[bold]hsm train done[/]: {summary['global_step']} steps, train loss {summary['train_loss']:.4f}")
+    console.print(f"  output:      {run_dir}")
+    if summary["mining"]:
+        console.print(f"  events:      {summary['hsm_dir']}/events/epoch=E/rank=R/part-*.parquet")
+        console.print(f"  plans:       {summary['hsm_dir']}/plans/epoch=E/(plan.parquet, manifest.json)")
+        console.print(f"  look into it: hsm sql --run-dir {run_dir} difficulty_trend   (hsm sql --list for more)")
+    console.print(f"  tensorboard: tensorboard --logdir {run_dir}")
+    from hsm import distributed
+
+    if distributed.is_initialized():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()

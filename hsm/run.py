@@ -1,0 +1,78 @@
+"""``hsm train`` as a function: config in, finished training run out."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hsm.config import ConfigError, HsmConfig
+
+__all__ = ["training_arguments", "train"]
+
+_DEFAULTS = {"remove_unused_columns": False, "report_to": ["tensorboard"]}
+
+
+def training_arguments(cfg: HsmConfig):
+    """``cfg.training`` as ``TrainingArguments``; unknown keys are rejected with their path."""
+    from transformers import TrainingArguments
+
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    unknown = sorted(set(cfg.training) - known)
+    problems = [f"training.{k}: unknown TrainingArguments field" for k in unknown]
+    if "output_dir" not in cfg.training:
+        problems.append("training.output_dir: required key is missing")
+    if problems:
+        raise ConfigError("<config>", problems)
+    kwargs: dict[str, Any] = {**_DEFAULTS, **cfg.training}
+    if cfg.deepspeed is not None:
+        kwargs["deepspeed"] = cfg.deepspeed
+    try:
+        return TrainingArguments(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError("<config>", [f"training: {e}"]) from e
+
+
+def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
+    """Build model, data and Trainer from ``cfg`` and train. Returns a summary."""
+    from transformers import Trainer
+
+    from hsm.fusion import DetectionCollator, EvalDataset, FusionDataset
+    from hsm.model import load_model_and_processor
+    from hsm.trainer import fusion_sampler, make_trainer_class, new_run_id, resume_attempt, write_dataset_info
+
+    if cfg.custom.fusion_config is None:
+        raise ConfigError("<config>", ["custom.fusion_config: required by hsm train (the datasets to train on)"])
+    args = training_arguments(cfg)
+    output_dir = Path(args.output_dir)
+    hsm_dir = output_dir / "hsm"
+    mining = cfg.mining
+    fusion = cfg.custom.fusion_config
+    model, processor = load_model_and_processor(cfg.model, seed=args.seed)
+    dataset = FusionDataset(fusion, processor, cfg.model, mining=mining, num_train_epochs=args.num_train_epochs)
+    eval_dataset = EvalDataset(dataset)
+    collator = DetectionCollator(processor.tokenizer.pad_token_id)
+    trainer_class = make_trainer_class(base_trainer or Trainer, mining=mining is not None)
+    trainer = trainer_class(
+        model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset if len(eval_dataset) else None,
+        data_collator=collator, processing_class=processor.tokenizer,
+    )
+    seed = mining.seed if mining is not None else fusion.seed
+    trainer.hsm_sampler = fusion_sampler(dataset, seed=seed, batch_size=args.per_device_train_batch_size,
+                                         hsm_dir=hsm_dir if mining is not None else None)
+    if trainer.is_world_process_zero():
+        hsm_dir.mkdir(parents=True, exist_ok=True)
+        (hsm_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
+        write_dataset_info(hsm_dir, dataset)
+    if mining is not None:
+        trainer.setup_hsm(mining=mining, fusion=fusion, hsm_dir=hsm_dir, sampler=trainer.hsm_sampler,
+                          num_train_epochs=args.num_train_epochs, attempt=resume_attempt(hsm_dir),
+                          run_id=output_dir.name)
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    from hsm import distributed
+
+    distributed.barrier()
+    return {"output_dir": str(output_dir), "hsm_dir": str(hsm_dir), "train_loss": result.training_loss,
+            "global_step": result.global_step, "mining": mining is not None, "trainer": trainer}

@@ -1,0 +1,257 @@
+"""Trainer integration: the mixin, the mining callback and the trainer factory.
+
+:class:`HsmTrainerMixin` composes with any ``transformers.Trainer`` subclass. It
+plugs its loss in through the Trainer's own ``compute_loss_func`` hook, so the
+Trainer keeps applying its own gradient-accumulation and cross-device token
+averaging to it: the training loss is the one the plain Trainer computes, and the
+per-sample statistics come from the same cross-entropy pass.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback
+
+from hsm import distributed
+from hsm.config import FusionConfig, MiningConfig
+from hsm.events import EventWriter
+from hsm.fusion import FusionDataset
+from hsm.plan import file_sha256, plan_dir, write_json_atomic
+from hsm.planner import plan_epoch
+from hsm.sampler import HsmSampler
+from hsm.stats import per_sample_stats, token_losses
+
+__all__ = ["HsmTrainerMixin", "MiningCallback", "make_trainer_class", "FusionSamplerMixin"]
+
+_FLUSH_EVERY_STEPS = 32
+_TELEMETRY = ("augmented", "object_capped", "oversize", "aug_dropped", "input_len")
+
+
+class FusionSamplerMixin:
+    """Trains on the fusion schedule (no mining): the only change when mining is off."""
+
+    hsm_sampler: HsmSampler
+
+    def _get_train_sampler(self, train_dataset=None):
+        return self.hsm_sampler
+
+
+class HsmTrainerMixin(FusionSamplerMixin):
+    """Logs per-sample loss/token accuracy while training on the plan-driven schedule."""
+
+    def setup_hsm(self, *, mining: MiningConfig, fusion: FusionConfig, hsm_dir: Path, sampler: HsmSampler,
+                  num_train_epochs: float, attempt: int, run_id: str) -> None:
+        if self.compute_loss_func is not None:
+            raise ValueError("hsm computes the training loss itself; this Trainer already has a compute_loss_func")
+        self.compute_loss_func = self._hsm_loss
+        self.hsm_mining, self.hsm_fusion, self.hsm_dir, self.hsm_sampler = mining, fusion, hsm_dir, sampler
+        self.hsm_num_epochs = num_train_epochs
+        self.hsm_world = distributed.current_world()
+        self.hsm_writer = EventWriter(hsm_dir, run_id=run_id, rank=self.hsm_world.rank, attempt=attempt)
+        self._hsm_pending: list[tuple[dict, torch.Tensor, int, int]] = []
+        self._hsm_meta: dict | None = None
+        self._hsm_micro = (-1, 0)
+        self.hsm_telemetry: dict[str, np.ndarray] = {}
+        self.hsm_plan_seconds: list[float] = []
+        self.add_callback(MiningCallback(self))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._hsm_meta = inputs.pop("hsm_meta", None)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def _hsm_loss(self, outputs, labels, num_items_in_batch=None):
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        losses, rows, correct = token_losses(logits, labels)
+        total = losses.sum()
+        if num_items_in_batch is not None:
+            loss = total / num_items_in_batch
+        else:
+            loss = total / max(int(losses.numel()), 1) / self.current_gradient_accumulation_steps
+        if self.model.training and self._hsm_meta is not None:
+            stats = per_sample_stats(losses, rows, correct, labels.shape[0])
+            self._hsm_pending.append((self._hsm_meta, stats, self.state.global_step, self._position_offset(labels.shape[0])))
+            self._hsm_meta = None
+            if len(self._hsm_pending) >= _FLUSH_EVERY_STEPS:
+                self.hsm_drain()
+        return loss
+
+    def _position_offset(self, batch_size: int) -> int:
+        # Under gradient accumulation several micro-batches share a global_step;
+        # positions continue across them so (epoch, global_step, rank, position) stays unique.
+        step, offset = self._hsm_micro
+        if step != self.state.global_step:
+            step, offset = self.state.global_step, 0
+        self._hsm_micro = (step, offset + batch_size)
+        return offset
+
+    def hsm_drain(self) -> None:
+        """Move pending per-sample stats to the host in one transfer and hand them to the writer."""
+        if not self._hsm_pending:
+            return
+        pending, self._hsm_pending = self._hsm_pending, []
+        stats = torch.cat([s for _, s, _, _ in pending], dim=1).cpu().numpy()
+        start = 0
+        for meta, s, step, offset in pending:
+            n = s.shape[1]
+            loss, acc, n_tokens = stats[0, start:start + n], stats[1, start:start + n], stats[2, start:start + n]
+            start += n
+            self.hsm_writer.append(
+                epoch=int(meta["epoch"][0]), global_step=step,
+                dataset=meta["dataset"], base_idx=meta["base_idx"], sample_id=meta["sample_id"], loss=loss,
+                token_acc=acc, n_tokens=n_tokens.astype(np.int32), aug_seed=meta["aug_seed"],
+                drawn_as_hard=meta["drawn_as_hard"], position_offset=offset,
+            )
+            self._count_telemetry(meta)
+
+    def _count_telemetry(self, meta: dict) -> None:
+        for i, name in enumerate(meta["dataset"]):
+            row = self.hsm_telemetry.setdefault(name, np.zeros(len(_TELEMETRY) + 1))
+            row[0] += 1
+            for j, key in enumerate(_TELEMETRY, start=1):
+                row[j] += float(meta[key][i])
+
+
+class MiningCallback(TrainerCallback):
+    """Epoch end: flush events, barrier, plan on rank 0, broadcast the plan, log telemetry."""
+
+    def __init__(self, trainer: HsmTrainerMixin):
+        self.trainer = trainer
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        t = self.trainer
+        epoch = t.hsm_sampler.epoch
+        t.hsm_drain()
+        t.hsm_writer.flush()
+        distributed.barrier()
+        world = t.hsm_world
+        logs: dict[str, float] = {}
+        manifest_bytes = plan_bytes = b""
+        started = time.perf_counter()
+        if distributed.on_main(world):
+            result = plan_epoch(
+                t.hsm_dir, epoch + 1, t.hsm_mining, t.hsm_fusion.target.name, num_train_epochs=t.hsm_num_epochs,
+                dataset=t.hsm_sampler.target, dump_dir=Path(args.output_dir),
+            )
+            directory = plan_dir(t.hsm_dir, epoch + 1)
+            manifest_bytes = (directory / "manifest.json").read_bytes()
+            plan_bytes = (directory / "plan.parquet").read_bytes()
+            logs = epoch_telemetry(t, epoch, result)
+        # The plan travels by broadcast, so ranks need no shared file system.
+        manifest_bytes = distributed.broadcast_bytes(manifest_bytes)
+        plan_bytes = distributed.broadcast_bytes(plan_bytes)
+        manifest = json.loads(manifest_bytes)
+        directory = plan_dir(t.hsm_dir, epoch + 1)
+        if not (directory / "plan.parquet").is_file() or file_sha256(directory / "plan.parquet") != manifest["checksum"]:
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp = directory / f".plan.parquet.{world.rank}.tmp"
+            tmp.write_bytes(plan_bytes)
+            tmp.replace(directory / "plan.parquet")
+            write_json_atomic(manifest, directory / "manifest.json")
+        t.hsm_sampler.expect_plan(epoch + 1, manifest["checksum"])
+        t.hsm_plan_seconds.append(time.perf_counter() - started)
+        logs.update(fusion_telemetry(t))
+        if distributed.on_main(world):
+            prefix = t.hsm_mining.log_prefix
+            t.log({f"{prefix}{k}": float(v) for k, v in logs.items()})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.hsm_drain()
+        self.trainer.hsm_writer.close()
+
+
+def fusion_telemetry(trainer: HsmTrainerMixin) -> dict[str, float]:
+    """Per-dataset aggregates of the epoch's items, summed over ranks; resets the counters."""
+    names = [trainer.hsm_fusion.target.name] + [s.name for s in trainer.hsm_fusion.sources]
+    table = np.stack([trainer.hsm_telemetry.get(n, np.zeros(len(_TELEMETRY) + 1)) for n in names])
+    table = distributed.all_reduce_sum(table)
+    trainer.hsm_telemetry = {}
+    out = {}
+    for name, row in zip(names, table):
+        items = max(row[0], 1.0)
+        out[f"fusion/{name}/items"] = row[0]
+        out[f"fusion/{name}/augmented_frac"] = row[1] / items
+        out[f"fusion/{name}/object_capped"] = row[2]
+        out[f"fusion/{name}/oversize"] = row[3]
+        out[f"fusion/{name}/aug_dropped_boxes"] = row[4]
+        out[f"fusion/{name}/input_len_mean"] = row[5] / items
+    return out
+
+
+def epoch_telemetry(trainer: HsmTrainerMixin, epoch: int, result) -> dict[str, float]:
+    """Mining scalars for the epoch that just ended and the plan just built (rank 0)."""
+    import pyarrow.compute as pc
+
+    from hsm.events import read_epoch_events
+
+    events = read_epoch_events(trainer.hsm_dir, epoch).table
+    target = events.filter(pc.equal(events.column("dataset"), trainer.hsm_fusion.target.name))
+    acc = target.column("token_acc").to_numpy()
+    hard = target.column("drawn_as_hard").to_numpy(zero_copy_only=False)
+    used = trainer.hsm_sampler.plan
+    logs: dict[str, float] = {
+        "epoch": epoch,
+        "triggered": float(result.manifest["triggered"]),
+        "num_hard": result.manifest["counts"]["hard"],
+        "hard_pool_size": result.manifest["counts"]["hard"],
+        "top_loss_mean": result.manifest["scores"]["hard"]["mean"] or 0.0,
+        "weights/max": result.manifest["weights"]["max"] or 0.0,
+        "weights/min": result.manifest["weights"]["min"] or 0.0,
+        f"mode/{result.manifest['mode']}": 1.0,
+        "seen_hard": float(hard.sum()),
+        "seen_regular": float((~hard).sum()),
+        "hard_hit_rate": float(hard.mean()) if len(hard) else 0.0,
+        "shortfall": float(trainer.hsm_sampler.schedule.shortfall),
+        "plan_seconds": 0.0,
+    }
+    if used is not None and used.triggered and used.is_hard.any():
+        pool = set(used.base_idx[used.is_hard].tolist())
+        seen = set(target.filter(pc.field("drawn_as_hard")).column("base_idx").to_pylist())
+        logs["hard_pool_coverage"] = len(pool & seen) / len(pool)
+    else:
+        logs["hard_pool_coverage"] = 0.0
+    for name, values in (("hard", acc[hard]), ("regular", acc[~hard])):
+        logs[f"train_acc_{name}_mean"] = float(values.mean()) if len(values) else 0.0
+        logs[f"train_acc_{name}_p90"] = float(np.quantile(values, 0.9)) if len(values) else 0.0
+    return logs
+
+
+def make_trainer_class(base: type[Trainer] = Trainer, *, mining: bool) -> type[Trainer]:
+    """``base`` with the hsm mixin (mining on) or only the fusion sampler (mining off)."""
+    mixin = HsmTrainerMixin if mining else FusionSamplerMixin
+    return type(f"Hsm{base.__name__}" if mining else f"Fusion{base.__name__}", (mixin, base), {})
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def fusion_sampler(dataset: FusionDataset, *, seed: int, batch_size: int, hsm_dir: Path | None) -> HsmSampler:
+    """The sampler for a fusion dataset; ``hsm_dir`` None means no plans (mining off)."""
+    return HsmSampler(sizes=dataset.sizes, ratios=dataset.ratios, target=dataset.target_info, seed=seed,
+                      batch_size=batch_size, hsm_dir=hsm_dir)
+
+
+def resume_attempt(hsm_dir: Path) -> int:
+    """One more than the highest attempt seen in the event log (0 for a fresh run)."""
+    import pyarrow.parquet as pq
+
+    best = -1
+    for part in (hsm_dir / "events").glob("epoch=*/rank=*/part-*.parquet"):
+        try:
+            column = pq.read_table(part, columns=["attempt"]).column("attempt")
+            best = max(best, max(column.to_pylist(), default=-1))
+        except Exception:  # a corrupt part must not stop a resume; the planner reports it
+            continue
+    return best + 1
+
+
+def write_dataset_info(hsm_dir: Path, dataset: FusionDataset) -> None:
+    write_json_atomic({"target": dataset.target_info.to_dict(), "sizes": dict(zip(dataset.names, dataset.sizes))},
+                      hsm_dir / "dataset.json")
+
