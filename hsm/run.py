@@ -59,8 +59,8 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
         model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset if len(eval_dataset) else None,
         data_collator=collator, processing_class=processor.tokenizer,
     )
-    seed = mining.seed if mining is not None else fusion.seed
-    trainer.hsm_sampler = fusion_sampler(dataset, seed=seed, batch_size=args.per_device_train_batch_size,
+    # The schedule seed is the fusion's: switching mining on must not reshuffle epoch 0.
+    trainer.hsm_sampler = fusion_sampler(dataset, seed=fusion.seed, batch_size=args.per_device_train_batch_size,
                                          hsm_dir=hsm_dir if mining is not None else None)
     if trainer.is_world_process_zero():
         hsm_dir.mkdir(parents=True, exist_ok=True)

@@ -69,10 +69,14 @@ class HsmTrainerMixin(FusionSamplerMixin):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         losses, rows, correct = token_losses(logits, labels)
         total = losses.sum()
-        if num_items_in_batch is not None:
+        # Normalise exactly as the model's own loss would, and tell training_step
+        # whether that is already scaled for gradient accumulation (as it infers for the plain model).
+        if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
             loss = total / num_items_in_batch
+            self.loss_is_scaled_for_ga = True
         else:
-            loss = total / max(int(losses.numel()), 1) / self.current_gradient_accumulation_steps
+            loss = total / max(int(losses.numel()), 1)
+            self.loss_is_scaled_for_ga = False
         if self.model.training and self._hsm_meta is not None:
             stats = per_sample_stats(losses, rows, correct, labels.shape[0])
             self._hsm_pending.append((self._hsm_meta, stats, self.state.global_step, self._position_offset(labels.shape[0])))

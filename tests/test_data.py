@@ -1,0 +1,155 @@
+"""Records, COCO import, encoding through the real tiny processor, augmentation, object caps."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hsm.augment import augment, derive_aug_seed
+from hsm.config import AugmentationConfig, ModelConfig, parse_config
+from hsm.encoding import IGNORE_INDEX, Template, format_answer, resolve_prompts
+from hsm.fusion import FusionDataset, Slot
+from hsm.model import build_processor
+from hsm.records import RecordError, import_coco, read_jsonl
+from hsm.synth import synthesize
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor(ModelConfig())
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return synthesize(tmp_path_factory.mktemp("corpus"), n_target=12, n_source=6, n_val=3)
+
+
+def write_lines(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+GOOD = {"image": "a.png", "width": 10, "height": 8, "objects": [{"label": "x", "bbox": [1, 1, 5, 5]}]}
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", "malformed JSON"),
+        ({**GOOD, "image": "missing.png"}, "missing.png not found"),
+        ({**GOOD, "objects": [{"label": "x", "bbox": [1, 1, 11, 5]}]}, "outside the 10x8 image"),
+        ({**GOOD, "objects": [{"label": "x", "bbox": [5, 1, 5, 5]}]}, "degenerate"),
+        ({k: v for k, v in GOOD.items() if k != "width"}, "missing key 'width'"),
+        ({**GOOD, "extra": 1}, "unknown keys"),
+    ],
+)
+def test_bad_record_names_file_and_line(tmp_path, line, message):
+    Image.new("RGB", (10, 8)).save(tmp_path / "a.png")
+    path = write_lines(tmp_path / "d.jsonl", [GOOD, line])
+    with pytest.raises(RecordError, match=rf"d\.jsonl:2: .*{message}"):
+        read_jsonl(path)
+
+
+def test_image_size_disagreeing_with_record_and_oversize_raise(tmp_path, processor):
+    Image.new("RGB", (10, 9)).save(tmp_path / "a.png")
+    path = write_lines(tmp_path / "t.jsonl", [GOOD])
+    cfg = parse_config({"custom": {"fusion_config": {"target": {"name": "t", "train_jsonl": str(path)}, "max_image_side": 16}}})
+    dataset = FusionDataset(cfg.custom.fusion_config, processor, cfg.model)
+    with pytest.raises(RecordError, match=r"t\.jsonl:1: .*10x9, the record says 10x8"):
+        dataset[(0, 0, False, 0, 0)]
+    Image.new("RGB", (40, 40)).save(tmp_path / "a.png")
+    write_lines(path, [{**GOOD, "width": 40, "height": 40}])
+    dataset = FusionDataset(cfg.custom.fusion_config, processor, cfg.model)
+    with pytest.raises(RecordError, match="over fusion_config.max_image_side=16"):
+        dataset[(0, 0, False, 0, 0)]
+
+
+def test_coco_import(tmp_path):
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (20, 10)).save(tmp_path / "img" / "1.jpg")
+    coco = {"images": [{"id": 1, "file_name": "1.jpg", "width": 20, "height": 10}],
+            "categories": [{"id": 3, "name": "cat"}],
+            "annotations": [{"image_id": 1, "category_id": 3, "bbox": [2, 1, 5, 4]},
+                            {"image_id": 1, "category_id": 3, "bbox": [15, 5, 10, 10]},
+                            {"image_id": 1, "category_id": 3, "bbox": [0, 0, 3, 3], "iscrowd": 1}]}
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    assert import_coco(tmp_path / "c.json", tmp_path / "img", tmp_path / "out" / "c.jsonl") == 1
+    [record] = read_jsonl(tmp_path / "out" / "c.jsonl")
+    assert record.id == "coco-1" and record.image.resolve() == (tmp_path / "img" / "1.jpg").resolve()
+    assert [o.bbox for o in record.objects] == [(2.0, 1.0, 7.0, 5.0), (15.0, 5.0, 20.0, 10.0)]  # clipped
+
+
+def test_only_answer_tokens_are_trained(processor):
+    template = Template(processor)
+    answer = format_answer([(8, 16, 32, 48)], ["bolt"], 64, 64, "rel1000")
+    encoded = template.encode(Image.new("RGB", (64, 64)), "Detect.", answer, system="S")
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    trained = ids[labels != IGNORE_INDEX]
+    assert processor.tokenizer.decode(trained) == answer + "<|im_end|>"
+    assert json.loads(answer) == [{"bbox_2d": [125, 250, 500, 750], "label": "bolt"}]
+    # labels are a suffix: nothing before the answer is trained
+    first = int(np.flatnonzero(labels != IGNORE_INDEX)[0])
+    assert (labels[:first] == IGNORE_INDEX).all() and (labels[first:-1] != IGNORE_INDEX).all()
+
+
+def test_coordinates_round_trip():
+    boxes = [(10.0, 20.0, 30.0, 40.0)]
+    rel = json.loads(format_answer(boxes, ["a"], 100, 80, "rel1000"))[0]["bbox_2d"]
+    assert [rel[0] / 1000 * 100, rel[1] / 1000 * 80, rel[2] / 1000 * 100, rel[3] / 1000 * 80] == pytest.approx(list(boxes[0]), abs=0.1)
+    absolute = json.loads(format_answer(boxes, ["a"], 100, 80, "abs", resized=(200, 160)))[0]["bbox_2d"]
+    assert absolute == [20, 40, 60, 80]
+
+
+def test_prompt_priority_and_no_system_leak(processor, corpus):
+    cfg = parse_config({"custom": {"fusion_config": {
+        "target": {"name": "bbu", "train_jsonl": str(corpus["bbu"]), "prompts": {"system": "TARGET-SPECIFIC"}},
+        "sources": [{"name": "lvis", "train_jsonl": str(corpus["lvis"]), "ratio": 0.5},
+                    {"name": "coco", "train_jsonl": str(corpus["coco"]), "ratio": 0.5, "domain": "other"}],
+        "domain_prompts": {"source": {"system": "SOURCE-DOMAIN", "user": "source user"}},
+        "default_prompts": {"system": "DEFAULT", "user": "default user"}}}})
+    fusion = cfg.custom.fusion_config
+    assert resolve_prompts(fusion, "bbu").system == "TARGET-SPECIFIC" and resolve_prompts(fusion, "bbu").user == "default user"
+    assert resolve_prompts(fusion, "lvis").system == "SOURCE-DOMAIN" and resolve_prompts(fusion, "lvis").user == "source user"
+    assert resolve_prompts(fusion, "coco").system == "DEFAULT"
+    dataset = FusionDataset(fusion, processor, cfg.model)
+    decode = processor.tokenizer.decode
+    first = decode(dataset[(0, 0, False, 0, 0)]["input_ids"])
+    second = decode(dataset[(2, 0, False, 0, 1)]["input_ids"])
+    assert "TARGET-SPECIFIC" in first and "TARGET-SPECIFIC" not in second and "DEFAULT" in second
+    assert dataset.template.system == "You are a helpful assistant."  # restored after every encode
+
+
+def test_augmentation_moves_boxes_with_the_pixels():
+    image = np.zeros((64, 64, 3), dtype=np.uint8)
+    image[10:30, 5:25] = 255
+    cfg = AugmentationConfig(hflip_p=1.0, scale=(0.6, 1.0), color_jitter=0.0)
+    for seed in range(5):
+        out, boxes, labels, dropped = augment(image, [(5, 10, 25, 30)], ["sq"], cfg, seed=seed, strength=1.0)
+        if dropped:
+            continue
+        x1, y1, x2, y2 = boxes[0]
+        bright = np.argwhere(out[..., 0] > 128)
+        assert abs(bright[:, 1].min() - x1) <= 2 and abs(bright[:, 1].max() + 1 - x2) <= 2
+        assert abs(bright[:, 0].min() - y1) <= 2 and abs(bright[:, 0].max() + 1 - y2) <= 2
+    a = augment(image, [(5, 10, 25, 30)], ["sq"], cfg, seed=3, strength=1.0)
+    b = augment(image, [(5, 10, 25, 30)], ["sq"], cfg, seed=3, strength=1.0)
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1]
+    assert derive_aug_seed(1, 2, 0, 5, 9) == derive_aug_seed(1, 2, 0, 5, 9) != derive_aug_seed(1, 3, 0, 5, 9)
+
+
+def test_object_cap_is_deterministic_and_sources_stay_clean(processor, corpus):
+    cfg = parse_config({"custom": {"fusion_config": {
+        "target": {"name": "bbu", "train_jsonl": str(corpus["bbu"]), "max_objects_per_image": 1},
+        "sources": [{"name": "lvis", "train_jsonl": str(corpus["lvis"]), "ratio": 0.5}],
+        "augmentation": {"enabled": True}}}})
+    dataset = FusionDataset(cfg.custom.fusion_config, processor, cfg.model)
+    many = next(i for i, r in enumerate(dataset.records[0]) if len(r.objects) > 1)
+    a, b = dataset[Slot(0, many, False, 0, 0)], dataset[Slot(0, many, False, 1, 5)]
+    assert a["meta"]["object_capped"] and a["meta"]["augmented"]
+    assert not dataset[Slot(1, 0, False, 0, 1)]["meta"]["augmented"]  # sources clean unless enabled
+    decode = processor.tokenizer.decode
+    labels = [json.loads(decode(x["input_ids"][x["labels"] != -100]).removesuffix("<|im_end|>"))[0]["label"] for x in (a, b)]
+    assert labels[0] == labels[1]  # the same object kept in every epoch

@@ -1,0 +1,134 @@
+"""The real transformers.Trainer with the tiny Qwen3-VL: loss equality, disabled = unchanged, end to end."""
+
+from __future__ import annotations
+
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainingArguments
+
+from hsm.config import MiningConfig, load_config
+from hsm.fusion import DetectionCollator, FusionDataset
+from hsm.model import build_model, build_processor
+from hsm.planner import plan_epoch
+from hsm.run import train
+from hsm.schemas import EVENT_SCHEMA
+from hsm.synth import synthesize
+from hsm.trainer import HsmTrainerMixin, make_trainer_class
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return synthesize(tmp_path_factory.mktemp("corpus"), n_target=24, n_source=8, n_val=4)
+
+
+def demo_config(corpus, out, *, mining: bool, epochs: int = 3, extra=()):
+    overrides = [
+        f"custom.fusion_config.target.train_jsonl={corpus['bbu']}",
+        f"custom.fusion_config.target.val_jsonl=null",
+        f"custom.fusion_config.sources.0.train_jsonl={corpus['lvis']}",
+        f"custom.fusion_config.sources.1.train_jsonl={corpus['coco']}",
+        f"training.output_dir={out}", f"training.num_train_epochs={epochs}", "training.per_device_train_batch_size=4",
+        "training.report_to=[tensorboard]", "training.save_strategy='no'", "training.logging_steps=1",
+        f"custom.hard_sample_mining.enabled={'true' if mining else 'false'}", *extra,
+    ]
+    return load_config("configs/demo.yaml", overrides)
+
+
+def batch_and_model(corpus):
+    cfg = load_config("configs/demo.yaml", [f"custom.fusion_config.target.train_jsonl={corpus['bbu']}",
+                                            f"custom.fusion_config.sources.0.train_jsonl={corpus['lvis']}",
+                                            f"custom.fusion_config.sources.1.train_jsonl={corpus['coco']}"])
+    processor = build_processor(cfg.model)
+    dataset = FusionDataset(cfg.custom.fusion_config, processor, cfg.model)
+    items = [dataset[(0, i, False, 0, i)] for i in range(3)] + [dataset[(1, 0, False, 0, 3)]]
+    return DetectionCollator(processor.tokenizer.pad_token_id)(items), build_model(cfg.model, processor.tokenizer)
+
+
+@pytest.mark.parametrize("num_items", [None, 37])
+def test_mixin_loss_equals_plain_trainer_and_recombines(tmp_path, corpus, num_items):
+    batch, model = batch_and_model(corpus)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], gradient_accumulation_steps=2)
+    plain = Trainer(model=model, args=args)
+    hsm_trainer = make_trainer_class(Trainer, mining=True)(model=model, args=args)
+    hsm_trainer.compute_loss_func = hsm_trainer._hsm_loss
+    hsm_trainer._hsm_meta = None
+    inputs = {k: v for k, v in batch.items() if k != "hsm_meta"}
+    model.train()
+    with torch.no_grad():
+        expected = plain.compute_loss(model, dict(inputs), num_items_in_batch=num_items)
+        got = hsm_trainer.compute_loss(model, dict(inputs), num_items_in_batch=num_items)
+        logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    # Per-sample values against an independent per-sample computation from the logits.
+    from hsm.stats import per_sample_stats, token_losses
+
+    losses, rows, correct = token_losses(logits, inputs["labels"])
+    stats = per_sample_stats(losses, rows, correct, 4)
+    for i in range(4):
+        labels = inputs["labels"][i, 1:]
+        mask = labels != -100
+        row_logits = logits[i, :-1][mask].float()
+        assert stats[0, i].item() == pytest.approx(F.cross_entropy(row_logits, labels[mask]).item(), rel=1e-5)
+        assert stats[1, i].item() == pytest.approx((row_logits.argmax(-1) == labels[mask]).float().mean().item())
+        assert stats[2, i].item() == mask.sum().item()
+    # The model normalises by num_items_in_batch only when it accepts loss kwargs; the mixin mirrors that.
+    scaled = num_items is not None and hsm_trainer.model_accepts_loss_kwargs
+    recombined = (stats[0] * stats[2]).sum() / (num_items if scaled else stats[2].sum())
+    assert recombined.item() == pytest.approx(got.item(), rel=1e-5)
+
+
+def test_disabled_mining_leaves_training_unchanged(tmp_path, corpus):
+    off = train(demo_config(corpus, tmp_path / "off", mining=False, epochs=1))
+    on = train(demo_config(corpus, tmp_path / "on", mining=True, epochs=1))
+    assert not isinstance(off["trainer"], HsmTrainerMixin)
+    assert off["trainer"].compute_loss_func is None
+    assert not (tmp_path / "off" / "hsm" / "events").exists()
+    losses_off = [h["loss"] for h in off["trainer"].state.log_history if "loss" in h]
+    losses_on = [h["loss"] for h in on["trainer"].state.log_history if "loss" in h]
+    assert losses_off == pytest.approx(losses_on, rel=1e-5)
+    for a, b in zip(off["trainer"].model.parameters(), on["trainer"].model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_end_to_end_mining(tmp_path, corpus):
+    out = tmp_path / "run"
+    summary = train(demo_config(corpus, out, mining=True, epochs=3))
+    hsm_dir = out / "hsm"
+    parts = sorted(hsm_dir.glob("events/epoch=*/rank=0/part-*.parquet"))
+    assert parts and pq.read_schema(parts[0]).equals(EVENT_SCHEMA, check_metadata=False)
+    events = pa.concat_tables([pq.read_table(p) for p in parts])
+    n_steps_per_epoch = summary["global_step"] // 3
+    assert events.num_rows == 3 * 4 * n_steps_per_epoch  # every slot logged exactly once
+    # The in-training plan equals hsm plan run offline on the same events.
+    offline = tmp_path / "offline" / "hsm"
+    shutil.copytree(hsm_dir / "events", offline / "events")
+    cfg = demo_config(corpus, out, mining=True)
+    result = plan_epoch(offline, 2, cfg.mining, "bbu")
+    assert result.plan.to_pylist() == pq.read_table(hsm_dir / "plans" / "epoch=2" / "plan.parquet").to_pylist()
+    assert set(result.plan.column("dataset").to_pylist()) == {"bbu"}
+    # The sampler used the plan: in epoch 2 each hard sample was drawn ~hard_weight times.
+    epoch2 = events.filter(pa.compute.equal(events.column("epoch"), 2)).to_pylist()
+    plan = {r["base_idx"]: r["is_hard"] for r in result.plan.to_pylist()}
+    counts: dict[int, int] = {}
+    for e in epoch2:
+        if e["dataset"] == "bbu":
+            counts[e["base_idx"]] = counts.get(e["base_idx"], 0) + 1
+            assert e["drawn_as_hard"] == plan.get(e["base_idx"], False)
+        else:
+            assert not e["drawn_as_hard"]
+    hard = [counts.get(i, 0) for i, h in plan.items() if h]
+    regular = [counts.get(i, 0) for i, h in plan.items() if not h]
+    assert min(hard) >= 2 and max(regular) <= 1
+    logged = {k for h in summary["trainer"].state.log_history for k in h}
+    for key in ("hard_pool_size", "hard_hit_rate", "hard_pool_coverage", "train_acc_hard_mean", "train_acc_hard_p90",
+                "train_acc_regular_mean", "train_acc_regular_p90", "seen_hard", "seen_regular", "triggered",
+                "top_loss_mean", "num_hard", "weights/max", "weights/min", "shortfall", "fusion/bbu/items"):
+        assert f"hsm/{key}" in logged, key
+    assert list(out.glob("runs/*/events.out.tfevents.*"))
