@@ -12,7 +12,6 @@ A record's ``sample_id`` is its ``id`` if it has one, else ``dataset:line_index`
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,11 +120,9 @@ def check_image_size(record: Record, actual: tuple[int, int], max_side: int) -> 
 
 def file_fingerprint(path: str | Path) -> str:
     """sha256 of the JSONL bytes: a plan built for other data is refused."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from hsm.plan import file_sha256
+
+    return file_sha256(path)
 
 
 def import_coco(coco_json: str | Path, images_dir: str | Path, out: str | Path) -> int:
