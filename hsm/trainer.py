@@ -256,6 +256,6 @@ def resume_attempt(hsm_dir: Path) -> int:
 
 
 def write_dataset_info(hsm_dir: Path, dataset: FusionDataset) -> None:
-    write_json_atomic({"target": dataset.target_info.to_dict(), "sizes": dict(zip(dataset.names, dataset.sizes))},
-                      hsm_dir / "dataset.json")
+    datasets = [{"name": n, "size": s} for n, s in zip(dataset.names, dataset.sizes)]  # target first, fusion order
+    write_json_atomic({"target": dataset.target_info.to_dict(), "datasets": datasets}, hsm_dir / "dataset.json")
 
