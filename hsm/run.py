@@ -41,7 +41,7 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
 
     from hsm.fusion import DetectionCollator, EvalDataset, FusionDataset
     from hsm.model import load_model_and_processor
-    from hsm.trainer import fusion_sampler, make_trainer_class, new_run_id, resume_attempt, write_dataset_info
+    from hsm.trainer import fusion_sampler, make_trainer_class, resume_attempt, write_dataset_info
 
     if cfg.custom.fusion_config is None:
         raise ConfigError("<config>", ["custom.fusion_config: required by hsm train (the datasets to train on)"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -211,7 +210,6 @@ def epoch_telemetry(trainer: HsmTrainerMixin, epoch: int, result) -> dict[str, f
         "seen_regular": float((~hard).sum()),
         "hard_hit_rate": float(hard.mean()) if len(hard) else 0.0,
         "shortfall": float(trainer.hsm_sampler.schedule.shortfall),
-        "plan_seconds": 0.0,
     }
     if used is not None and used.triggered and used.is_hard.any():
         pool = set(used.base_idx[used.is_hard].tolist())
@@ -229,10 +227,6 @@ def make_trainer_class(base: type[Trainer] = Trainer, *, mining: bool) -> type[T
     """``base`` with the hsm mixin (mining on) or only the fusion sampler (mining off)."""
     mixin = HsmTrainerMixin if mining else FusionSamplerMixin
     return type(f"Hsm{base.__name__}" if mining else f"Fusion{base.__name__}", (mixin, base), {})
-
-
-def new_run_id() -> str:
-    return uuid.uuid4().hex[:12]
 
 
 def fusion_sampler(dataset: FusionDataset, *, seed: int, batch_size: int, hsm_dir: Path | None) -> HsmSampler:
