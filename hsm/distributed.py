@@ -26,6 +26,16 @@ def current_world() -> World:
     return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
 
 
+def _device():
+    """Where collectives run: the current GPU under NCCL, else the CPU."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier() -> None:
     if is_initialized():
         import torch.distributed as dist
@@ -40,9 +50,7 @@ def broadcast_bytes(payload: bytes | None, src: int = 0) -> bytes:
     import torch
     import torch.distributed as dist
 
-    device = torch.device("cpu")
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _device()
     size = torch.tensor([len(payload) if payload is not None else 0], dtype=torch.long, device=device)
     dist.broadcast(size, src=src)
     buffer = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
@@ -60,8 +68,7 @@ def all_reduce_sum(values):
     import torch
     import torch.distributed as dist
 
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    tensor = torch.as_tensor(np.asarray(values, dtype=np.float64), device=device)
+    tensor = torch.as_tensor(np.asarray(values, dtype=np.float64), device=_device())
     dist.all_reduce(tensor)
     return tensor.cpu().numpy()
 

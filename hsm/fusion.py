@@ -142,12 +142,12 @@ class EvalDataset:
         specs = [train.fusion.target, *train.fusion.sources]
         self.train = train
         self.slots: list[Slot] = []
-        self.records = []
+        self.records: dict[int, list[Record]] = {}
         for code, spec in enumerate(specs):
             if spec.val_jsonl is None or (code > 0 and not train.fusion.eval_sources):
                 continue
             records = read_jsonl(spec.val_jsonl)
-            self.records.append((code, records))
+            self.records[code] = records
             self.slots += [Slot(code, i, False, 0, i) for i in range(len(records))]
 
     def __len__(self) -> int:
@@ -155,7 +155,7 @@ class EvalDataset:
 
     def __getitem__(self, i: int) -> dict:
         slot = self.slots[i]
-        return self.train.load(slot, train=False, records=dict(self.records)[slot.dataset_code])
+        return self.train.load(slot, train=False, records=self.records[slot.dataset_code])
 
 
 class DetectionCollator:

@@ -33,6 +33,7 @@ __all__ = [
     "load_plan",
     "file_sha256",
     "write_json_atomic",
+    "write_bytes_atomic",
 ]
 
 PLAN_VERSION = 1
@@ -67,17 +68,22 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(payload: Any, path: str | Path) -> None:
-    """Write JSON to a hidden temporary file and rename it into place."""
+def write_bytes_atomic(data: bytes, path: str | Path) -> None:
+    """Write ``data`` to a hidden temporary file beside ``path`` and rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(payload: Any, path: str | Path) -> None:
+    """Write JSON atomically (see :func:`write_bytes_atomic`)."""
+    write_bytes_atomic((json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8"), path)
 
 
 def write_plan(hsm_dir: str | Path, epoch: int, table: pa.Table, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from hsm.events import events_digest, list_event_files, read_epoch_events
 from hsm.plan import DatasetInfo, plan_dir, read_manifest, write_json_atomic, write_plan
 from hsm.schemas import PLAN_SCHEMA
 from hsm.select import rank_order, select_plan
-from hsm.state import StateInfo, find_states, read_state, state_path, write_state
+from hsm.state import StateInfo, find_states, read_state, read_state_info, state_path, write_state
 from hsm.trigger import should_apply
 
 __all__ = ["PlanResult", "plan_epoch", "fold_pending", "build_plan_table", "hard_set"]
@@ -41,6 +41,7 @@ class PlanResult:
     skipped_files: list[str] = field(default_factory=list)
     churn: dict[str, Any] | None = None
     written: bool = True
+    last_events: pa.Table | None = None  # events of the last epoch folded by this call, if any
 
 
 def _events_root(hsm_dir: Path) -> Path:
@@ -55,11 +56,12 @@ def fold_pending(
     engine: str | None = None,
     skip_corrupt: bool = False,
     write: bool = True,
-) -> tuple[pa.Table | None, StateInfo | None, list[int], list[str]]:
+) -> tuple[pa.Table | None, StateInfo | None, list[int], list[str], pa.Table | None]:
     """Bring the state up to date with every epoch ``<= up_to_epoch``.
 
-    Returns ``(state, info, folded_epochs, skipped_files)``; ``state`` is None
-    when there is nothing to fold yet.
+    Returns ``(state, info, folded_epochs, skipped_files, last_events)``; ``state``
+    is None when there is nothing to fold yet; ``last_events`` are the events of
+    ``up_to_epoch`` when this call folded it.
     """
     hsm_dir = Path(hsm_dir)
     fold = ENGINES[engine or mining.engine]
@@ -70,16 +72,17 @@ def fold_pending(
     for epoch in range(0, up_to_epoch + 1):
         if epoch not in stored:
             break
-        info = StateInfo.from_json(pq.read_schema(state_path(hsm_dir, epoch)).metadata[b"hsm.state"].decode())
+        info = read_state_info(hsm_dir, epoch)
         info.check_params(*params, where=str(state_path(hsm_dir, epoch)))
         digest = events_digest(list_event_files(hsm_dir, epoch), _events_root(hsm_dir))
         if info.events_digest != digest:
             break
         valid = epoch
     state, info = read_state(hsm_dir, valid) if valid >= 0 else (None, None)
-    folded, skipped = [], []
+    folded, skipped, last_events = [], [], None
     for epoch in range(valid + 1, up_to_epoch + 1):
         read = read_epoch_events(hsm_dir, epoch, skip_corrupt=skip_corrupt)
+        last_events = read.table if epoch == up_to_epoch else None
         skipped += [str(path) for path, _ in read.skipped]
         if state is None and read.table.num_rows == 0:
             continue  # nothing logged yet (mining switched on later): no state to carry
@@ -98,7 +101,7 @@ def fold_pending(
         if write:
             write_state(hsm_dir, state, info)
         folded.append(epoch)
-    return state, info, folded, skipped
+    return state, info, folded, skipped, last_events
 
 
 def build_plan_table(state: pa.Table, target: str, mining: MiningConfig, epoch: int):
@@ -167,7 +170,7 @@ def plan_epoch(
         raise ValueError(f"a plan for epoch {epoch} needs events of earlier epochs; plan epoch 1 or later")
     hsm_dir = Path(hsm_dir)
     engine = engine or mining.engine
-    state, info, folded, skipped = fold_pending(
+    state, info, folded, skipped, last_events = fold_pending(
         hsm_dir, epoch - 1, mining, engine=engine, skip_corrupt=skip_corrupt, write=write
     )
     if state is None:
@@ -220,7 +223,7 @@ def plan_epoch(
         if mining.dump and dump_dir is not None:
             _dump_hard(Path(dump_dir), epoch, table, selection.is_hard, mining.metric)
     return PlanResult(epoch=epoch, manifest=manifest, plan=table, folded_epochs=folded,
-                      skipped_files=skipped, churn=churn, written=write)
+                      skipped_files=skipped, churn=churn, written=write, last_events=last_events)
 
 
 def _dump_hard(output_dir: Path, epoch: int, table: pa.Table, is_hard: np.ndarray, metric: str) -> None:

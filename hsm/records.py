@@ -16,6 +16,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from hsm.plan import file_sha256
+
 __all__ = ["DetectionObject", "Record", "RecordError", "read_jsonl", "file_fingerprint", "import_coco", "check_image_size"]
 
 
@@ -120,8 +122,6 @@ def check_image_size(record: Record, actual: tuple[int, int], max_side: int) -> 
 
 def file_fingerprint(path: str | Path) -> str:
     """sha256 of the JSONL bytes: a plan built for other data is refused."""
-    from hsm.plan import file_sha256
-
     return file_sha256(path)
 
 

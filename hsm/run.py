@@ -41,7 +41,8 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
 
     from hsm.fusion import DetectionCollator, EvalDataset, FusionDataset
     from hsm.model import load_model_and_processor
-    from hsm.trainer import fusion_sampler, make_trainer_class, resume_attempt, write_dataset_info
+    from hsm.sampler import HsmSampler
+    from hsm.trainer import make_trainer_class, resume_attempt, write_dataset_info
 
     if cfg.custom.fusion_config is None:
         raise ConfigError("<config>", ["custom.fusion_config: required by hsm train (the datasets to train on)"])
@@ -60,8 +61,10 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
         data_collator=collator, processing_class=processor.tokenizer,
     )
     # The schedule seed is the fusion's: switching mining on must not reshuffle epoch 0.
-    trainer.hsm_sampler = fusion_sampler(dataset, seed=fusion.seed, batch_size=args.per_device_train_batch_size,
-                                         hsm_dir=hsm_dir if mining is not None else None)
+    trainer.hsm_sampler = HsmSampler(
+        sizes=dataset.sizes, ratios=dataset.ratios, target=dataset.target_info, seed=fusion.seed,
+        batch_size=args.per_device_train_batch_size, hsm_dir=hsm_dir if mining is not None else None,
+    )
     if trainer.is_world_process_zero():
         hsm_dir.mkdir(parents=True, exist_ok=True)
         (hsm_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True))

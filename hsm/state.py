@@ -35,6 +35,7 @@ __all__ = [
     "state_path",
     "find_states",
     "read_state",
+    "read_state_info",
     "write_state",
 ]
 
@@ -96,6 +97,21 @@ def find_states(hsm_dir: str | Path) -> list[int]:
     return sorted(epochs)
 
 
+def _info_from(meta: dict | None, path: Path) -> StateInfo:
+    if not meta or _META_KEY not in meta:
+        raise SchemaError(f"{path}: no hsm.state metadata; not written by hsm")
+    return StateInfo.from_json(meta[_META_KEY].decode())
+
+
+def read_state_info(hsm_dir: str | Path, epoch: int) -> StateInfo:
+    """The provenance of the state after ``epoch``, from the file footer only."""
+    path = state_path(hsm_dir, epoch)
+    try:
+        return _info_from(pq.read_schema(path).metadata, path)
+    except (pa.ArrowException, OSError) as e:
+        raise SchemaError(f"{path}: not a readable state file ({e}); delete it to refold") from e
+
+
 def read_state(hsm_dir: str | Path, epoch: int) -> tuple[pa.Table, StateInfo]:
     """Read and check the state after ``epoch``."""
     path = state_path(hsm_dir, epoch)
@@ -103,10 +119,7 @@ def read_state(hsm_dir: str | Path, epoch: int) -> tuple[pa.Table, StateInfo]:
         table = pq.read_table(path, read_dictionary=["dataset"])
     except (pa.ArrowException, OSError) as e:
         raise SchemaError(f"{path}: not a readable state file ({e}); delete it to refold") from e
-    meta = table.schema.metadata or {}
-    if _META_KEY not in meta:
-        raise SchemaError(f"{path}: no hsm.state metadata; not written by hsm")
-    info = StateInfo.from_json(meta[_META_KEY].decode())
+    info = _info_from(table.schema.metadata, path)
     return conform(table, STATE_SCHEMA, str(path), keep_dictionary=True), info
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["IGNORE_INDEX", "token_losses", "per_sample_stats"]
+from hsm.encoding import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+__all__ = ["token_losses", "per_sample_stats"]
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor):

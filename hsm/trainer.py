@@ -21,7 +21,7 @@ from hsm import distributed
 from hsm.config import FusionConfig, MiningConfig
 from hsm.events import EventWriter
 from hsm.fusion import FusionDataset
-from hsm.plan import file_sha256, plan_dir, write_json_atomic
+from hsm.plan import file_sha256, plan_dir, write_bytes_atomic, write_json_atomic
 from hsm.planner import plan_epoch
 from hsm.sampler import HsmSampler
 from hsm.stats import per_sample_stats, token_losses
@@ -57,7 +57,6 @@ class HsmTrainerMixin(FusionSamplerMixin):
         self._hsm_meta: dict | None = None
         self._hsm_micro = (-1, 0)
         self.hsm_telemetry: dict[str, np.ndarray] = {}
-        self.hsm_plan_seconds: list[float] = []
         self.add_callback(MiningCallback(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -151,13 +150,10 @@ class MiningCallback(TrainerCallback):
         manifest = json.loads(manifest_bytes)
         directory = plan_dir(t.hsm_dir, epoch + 1)
         if not (directory / "plan.parquet").is_file() or file_sha256(directory / "plan.parquet") != manifest["checksum"]:
-            directory.mkdir(parents=True, exist_ok=True)
-            tmp = directory / f".plan.parquet.{world.rank}.tmp"
-            tmp.write_bytes(plan_bytes)
-            tmp.replace(directory / "plan.parquet")
-            write_json_atomic(manifest, directory / "manifest.json")
+            write_bytes_atomic(plan_bytes, directory / "plan.parquet")
+            write_bytes_atomic(manifest_bytes, directory / "manifest.json")  # the manifest is the commit point
         t.hsm_sampler.expect_plan(epoch + 1, manifest["checksum"])
-        t.hsm_plan_seconds.append(time.perf_counter() - started)
+        logs["plan_seconds"] = time.perf_counter() - started
         logs.update(fusion_telemetry(t))
         if distributed.on_main(world):
             prefix = t.hsm_mining.log_prefix
@@ -192,7 +188,8 @@ def epoch_telemetry(trainer: HsmTrainerMixin, epoch: int, result) -> dict[str, f
 
     from hsm.events import read_epoch_events
 
-    events = read_epoch_events(trainer.hsm_dir, epoch).table
+    # The planner has just read this epoch's events to fold them; reuse them.
+    events = result.last_events if result.last_events is not None else read_epoch_events(trainer.hsm_dir, epoch).table
     target = events.filter(pc.equal(events.column("dataset"), trainer.hsm_fusion.target.name))
     acc = target.column("token_acc").to_numpy()
     hard = target.column("drawn_as_hard").to_numpy(zero_copy_only=False)
@@ -227,12 +224,6 @@ def make_trainer_class(base: type[Trainer] = Trainer, *, mining: bool) -> type[T
     """``base`` with the hsm mixin (mining on) or only the fusion sampler (mining off)."""
     mixin = HsmTrainerMixin if mining else FusionSamplerMixin
     return type(f"Hsm{base.__name__}" if mining else f"Fusion{base.__name__}", (mixin, base), {})
-
-
-def fusion_sampler(dataset: FusionDataset, *, seed: int, batch_size: int, hsm_dir: Path | None) -> HsmSampler:
-    """The sampler for a fusion dataset; ``hsm_dir`` None means no plans (mining off)."""
-    return HsmSampler(sizes=dataset.sizes, ratios=dataset.ratios, target=dataset.target_info, seed=seed,
-                      batch_size=batch_size, hsm_dir=hsm_dir)
 
 
 def resume_attempt(hsm_dir: Path) -> int:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
-from hsm.config import MiningConfig, load_config
+from hsm.config import load_config
 from hsm.fusion import DetectionCollator, FusionDataset
 from hsm.model import build_model, build_processor
 from hsm.planner import plan_epoch
@@ -31,7 +31,7 @@ def corpus(tmp_path_factory):
 def demo_config(corpus, out, *, mining: bool, epochs: int = 3, extra=()):
     overrides = [
         f"custom.fusion_config.target.train_jsonl={corpus['bbu']}",
-        f"custom.fusion_config.target.val_jsonl=null",
+        "custom.fusion_config.target.val_jsonl=null",
         f"custom.fusion_config.sources.0.train_jsonl={corpus['lvis']}",
         f"custom.fusion_config.sources.1.train_jsonl={corpus['coco']}",
         f"training.output_dir={out}", f"training.num_train_epochs={epochs}", "training.per_device_train_batch_size=4",
