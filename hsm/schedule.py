@@ -74,9 +74,12 @@ def systematic_counts(weights: np.ndarray, total: int, rng: np.random.Generator)
     Naive equivalent (higher variance): ``rng.multinomial(total, w / w.sum())``.
     """
     weights = np.asarray(weights, dtype=np.float64)
+    if not np.isfinite(weights).all() or (weights < 0).any():
+        raise ValueError("plan weights must be finite and non-negative")
     if total == 0 or weights.sum() <= 0:
         return np.zeros(len(weights), dtype=np.int64)
-    cumulative = np.cumsum(weights * (total / weights.sum()))
+    # Normalise before scaling: total / sum(w) overflows for tiny weights.
+    cumulative = np.cumsum(weights / weights.sum()) * total
     cumulative[-1] = total
     u = rng.random()
     edges = np.ceil(cumulative - u).astype(np.int64)
