@@ -125,6 +125,13 @@ class MiningCallback(TrainerCallback):
     def __init__(self, trainer: HsmTrainerMixin):
         self.trainer = trainer
 
+    def on_step_end(self, args, state, control, **kwargs):
+        # Events up to a checkpoint must be on disk before the checkpoint is: a run
+        # resumed from it re-logs only the steps after it.
+        if control.should_save:
+            self.trainer.hsm_drain()
+            self.trainer.hsm_writer.flush()
+
     def on_epoch_end(self, args, state, control, **kwargs):
         t = self.trainer
         epoch = t.hsm_sampler.epoch

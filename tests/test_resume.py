@@ -1,0 +1,68 @@
+"""Crash and resume: SIGKILL mid-epoch, resume from the last checkpoint, same plans as an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from hsm.synth import synthesize
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parent.parent
+STEPS_PER_EPOCH = 9  # 24 target + 2 x 6 source slots, batches of 4
+
+
+def command(corpus: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "hsm.cli.app", "train", "configs/demo.yaml",
+        f"custom.fusion_config.target.train_jsonl={corpus}/bbu/train.jsonl", "custom.fusion_config.target.val_jsonl=null",
+        f"custom.fusion_config.sources.0.train_jsonl={corpus}/lvis/train.jsonl",
+        f"custom.fusion_config.sources.1.train_jsonl={corpus}/coco/train.jsonl",
+        f"training.output_dir={out}", "training.num_train_epochs=3", "training.per_device_train_batch_size=4",
+        "training.save_strategy=steps", "training.save_steps=3", "training.save_total_limit=null",
+        "training.report_to=[]", *extra,
+    ]
+
+
+def plans(run: Path) -> dict[int, list[dict]]:
+    return {e: pq.read_table(run / "hsm" / "plans" / f"epoch={e}" / "plan.parquet").to_pylist() for e in (1, 2, 3)}
+
+
+def test_sigkill_and_resume_gives_the_uninterrupted_plans(tmp_path):
+    corpus = tmp_path / "corpus"
+    synthesize(corpus, n_target=24, n_source=8, n_val=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    straight = tmp_path / "straight"
+    subprocess.run(command(corpus, straight), cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+
+    crashed = tmp_path / "crashed"
+    process = subprocess.Popen(command(corpus, crashed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = crashed / f"checkpoint-{STEPS_PER_EPOCH + 3}" / "trainer_state.json"  # mid-epoch 1
+    deadline = time.time() + 240
+    while not target.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert target.exists(), "training ended before the mid-epoch checkpoint"
+    assert not (crashed / "hsm" / "plans" / "epoch=2").exists(), "killed too late: epoch 1 had finished"
+    checkpoints = sorted(crashed.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    last = checkpoints[-1].parent
+    done = subprocess.run(command(corpus, crashed, f"training.resume_from_checkpoint={last}"), cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    attempts = {a for p in (crashed / "hsm" / "events").rglob("part-*.parquet") for a in pq.read_table(p, columns=["attempt"]).column("attempt").to_pylist()}
+    assert attempts == {0, 1}
+    expected, got = plans(straight), plans(crashed)
+    for epoch in (1, 2, 3):
+        assert [(r["sample_id"], r["is_hard"], r["weight"], r["n_obs"]) for r in got[epoch]] == \
+               [(r["sample_id"], r["is_hard"], r["weight"], r["n_obs"]) for r in expected[epoch]], epoch
+        for a, b in zip(got[epoch], expected[epoch]):
+            assert a["score"] == pytest.approx(b["score"], rel=1e-5), (epoch, a["sample_id"])
