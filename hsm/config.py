@@ -365,6 +365,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> HsmConf
         raise ConfigError(str(path), [f"not valid YAML: {e}"]) from e
     raw = apply_overrides(raw if isinstance(raw, dict) else ({} if raw is None else raw), overrides or [])
     config = parse_config(raw, str(path))
+    # A relative DeepSpeed path is looked up beside the YAML first, then from the working directory.
+    if isinstance(config.deepspeed, str) and not Path(config.deepspeed).is_absolute():
+        beside = path.parent / config.deepspeed
+        config.deepspeed = str(beside.resolve() if beside.is_file() else Path(config.deepspeed).resolve())
     fusion = config.custom.fusion_config
     if fusion is not None:
         for dataset in [fusion.target, *fusion.sources]:

@@ -6,18 +6,23 @@ import sys
 from hsm.config import load_config
 from hsm.run import train
 
-corpus, out = sys.argv[1], sys.argv[2]
+corpus, out, extra = sys.argv[1], sys.argv[2], sys.argv[3:]
 cfg = load_config("configs/demo.yaml", [
     f"custom.fusion_config.target.train_jsonl={corpus}/bbu/train.jsonl", "custom.fusion_config.target.val_jsonl=null",
     f"custom.fusion_config.sources.0.train_jsonl={corpus}/lvis/train.jsonl",
     f"custom.fusion_config.sources.1.train_jsonl={corpus}/coco/train.jsonl",
     f"training.output_dir={out}", "training.num_train_epochs=3", "training.per_device_train_batch_size=4",
-    "training.save_strategy='no'", "training.report_to=[]",
+    "training.save_strategy='no'", "training.report_to=[]", *extra,
 ])
 summary = train(cfg)
-sampler = summary["trainer"].hsm_sampler
+trainer = summary["trainer"]
+sampler = trainer.hsm_sampler
+engine = getattr(trainer, "model_wrapped", None)
+zero_stage = engine.zero_optimization_stage() if trainer.is_deepspeed_enabled else None
 with open(f"{out}/rank{summary['trainer'].args.process_index}.json", "w") as f:
-    json.dump({"expected": {str(k): v for k, v in sampler._expected.items()}, "steps": summary["global_step"]}, f)
+    json.dump({"expected": {str(k): v for k, v in sampler._expected.items()}, "steps": summary["global_step"],
+               "deepspeed": trainer.is_deepspeed_enabled, "zero_stage": zero_stage,
+               "backend": __import__("torch").distributed.get_backend()}, f)
 import torch.distributed as dist  # noqa: E402
 
 if dist.is_initialized():

@@ -153,3 +153,47 @@ def test_object_cap_is_deterministic_and_sources_stay_clean(processor, corpus):
     decode = processor.tokenizer.decode
     labels = [json.loads(decode(x["input_ids"][x["labels"] != -100]).removesuffix("<|im_end|>"))[0]["label"] for x in (a, b)]
     assert labels[0] == labels[1]  # the same object kept in every epoch
+
+
+def test_sampler_drives_workers_without_dataset_set_epoch(processor, corpus, tmp_path):
+    import torch
+
+    from eventlog import write_rows  # noqa: F401  (tests dir on sys.path)
+    from hsm.config import MiningConfig
+    from hsm.fusion import DetectionCollator, EvalDataset
+    from hsm.plan import DatasetInfo
+    from hsm.planner import plan_epoch
+    from hsm.sampler import HsmSampler
+
+    cfg = parse_config({"custom": {"fusion_config": {
+        "target": {"name": "bbu", "train_jsonl": str(corpus["bbu"]), "val_jsonl": str(corpus["bbu"].parent / "val.jsonl")},
+        "sources": [{"name": "lvis", "train_jsonl": str(corpus["lvis"]), "ratio": 0.5,
+                     "val_jsonl": str(corpus["lvis"].parent / "val.jsonl")}]}}})
+    dataset = FusionDataset(cfg.custom.fusion_config, processor, cfg.model)
+    # A plan for epoch 1 that makes sample 0 hard (x3), from a real event log.
+    rows = [{"attempt": 0, "epoch": 0, "global_step": i, "rank": 0, "position": 0, "dataset": "bbu", "base_idx": i,
+             "sample_id": f"bbu-train-{i:05d}", "loss": 9.0 if i == 0 else 1.0, "token_acc": 0.5, "n_tokens": 5,
+             "aug_seed": 0, "drawn_as_hard": False} for i in range(12)]
+    write_rows(tmp_path / "hsm", rows)
+    plan_epoch(tmp_path / "hsm", 1, MiningConfig(enabled=True, selector={"k": 1}), "bbu",
+               dataset=DatasetInfo("bbu", 12, dataset.target_info.fingerprint))
+    sampler = HsmSampler(sizes=dataset.sizes, ratios=dataset.ratios, target=dataset.target_info, seed=0,
+                         batch_size=3, hsm_dir=tmp_path / "hsm")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, sampler=sampler, num_workers=2,
+                                         collate_fn=DetectionCollator(processor.tokenizer.pad_token_id))
+    sampler.set_epoch(1)  # only the sampler hears about the epoch, as under accelerate
+    seen = [(d, i, h, e) for batch in loader for d, i, h, e in zip(batch["hsm_meta"]["dataset"], batch["hsm_meta"]["base_idx"],
+                                                                    batch["hsm_meta"]["drawn_as_hard"], batch["hsm_meta"]["epoch"])]
+    schedule = sampler.schedule
+    names = dataset.names
+    assert seen == [(names[c], int(i), bool(h), 1) for c, i, h in zip(schedule.dataset, schedule.base_idx, schedule.is_hard)]
+    # The plan's weight reached the workers: 12 draws, weights 3 + 11 x 1, so floor/ceil of 12 * 3 / 14.
+    assert sum(1 for d, i, _, _ in seen if d == "bbu" and i == 0) in (2, 3)
+    assert all(h == (d == "bbu" and i == 0) for d, i, h, _ in seen)
+    # Evaluation: target only by default, in file order, never augmented.
+    evaluation = EvalDataset(dataset)
+    assert [s.dataset_code for s in evaluation.slots] == [0, 0, 0]
+    assert [evaluation[i]["meta"]["base_idx"] for i in range(3)] == [0, 1, 2]
+    assert not any(evaluation[i]["meta"]["augmented"] for i in range(3))
+    with_sources = EvalDataset(FusionDataset(cfg.custom.fusion_config.model_copy(update={"eval_sources": True}), processor, cfg.model))
+    assert [s.dataset_code for s in with_sources.slots] == [0, 0, 0, 1, 1, 1]

@@ -21,17 +21,23 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
 
 
-def test_two_rank_ddp_same_plans_and_every_slot_logged_once(tmp_path):
+@pytest.mark.parametrize("launch", ["ddp", "zero2"])
+def test_two_ranks_same_plans_and_every_slot_logged_once(tmp_path, launch):
     corpus = tmp_path / "corpus"
     synthesize(corpus, n_target=24, n_source=8, n_val=2)
     out = tmp_path / "run"
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "tests/dist_train.py", str(corpus), str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    extra = ["deepspeed=configs/deepspeed_zero2.json"] if launch == "zero2" else []
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))  # DeepSpeed's JIT op, built once
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "tests/dist_train.py", str(corpus), str(out), *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=480, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["expected"] == ranks[1]["expected"] and len(ranks[0]["expected"]) == 3  # one checksum per plan on both ranks
+    assert all(r["backend"] == "gloo" for r in ranks)
+    if launch == "zero2":
+        assert all(r["deepspeed"] and r["zero_stage"] == 2 for r in ranks)
     info = json.loads((out / "hsm" / "dataset.json").read_text())
     target = DatasetInfo(info["target"]["name"], info["target"]["size"], info["target"]["fingerprint"])
     sizes = [d["size"] for d in info["datasets"]]
