@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hsm.schemas import EVENT_SCHEMA, SchemaError, conform
+from hsm.schemas import EVENT_SCHEMA, SchemaError, check_schema, conform
 
 __all__ = [
     "EventWriter",
@@ -39,6 +39,7 @@ __all__ = [
     "supersede_attempts",
     "write_parquet_atomic",
     "PART_WRITE_OPTIONS",
+    "PLANNER_COLUMNS",
 ]
 
 PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
@@ -277,13 +278,19 @@ class EventRead:
     superseded_rows: int = 0
 
 
-def _read_part(path: Path, epoch: int) -> pa.Table:
+def _read_part(path: Path, epoch: int, columns: Sequence[str] | None) -> pa.Table:
     try:
-        table = pq.read_table(path, read_dictionary=["run_id", "dataset"])
+        part = pq.ParquetFile(path)
+        check_schema(part.schema_arrow, EVENT_SCHEMA, str(path))  # the whole contract, from the footer
+        table = part.read(columns=list(columns) if columns is not None else None,
+                          use_threads=True)
+    except SchemaError as e:
+        raise CorruptEventFile(str(e)) from e
     except (pa.ArrowException, OSError) as e:
         raise CorruptEventFile(f"{path}: not a readable Parquet file ({e})") from e
+    schema = EVENT_SCHEMA if columns is None else pa.schema([EVENT_SCHEMA.field(c) for c in columns])
     try:
-        table = conform(table, EVENT_SCHEMA, str(path), keep_dictionary=True)
+        table = conform(table, schema, str(path), keep_dictionary=True)
     except SchemaError as e:
         raise CorruptEventFile(str(e)) from e
     epochs = table.column("epoch")
@@ -292,23 +299,33 @@ def _read_part(path: Path, epoch: int) -> pa.Table:
     return table
 
 
-def read_epoch_events(hsm_dir: str | Path, epoch: int, *, skip_corrupt: bool = False) -> EventRead:
+# What planning and epoch telemetry read; the rest of the contract is checked, not loaded.
+PLANNER_COLUMNS = ("attempt", "epoch", "global_step", "rank", "position", "dataset", "base_idx", "sample_id",
+                   "loss", "token_acc", "drawn_as_hard")
+
+
+def read_epoch_events(
+    hsm_dir: str | Path, epoch: int, *, skip_corrupt: bool = False, columns: Sequence[str] | None = None
+) -> EventRead:
     """Read, validate and de-duplicate (by attempt) all events of one epoch.
 
     A corrupt or truncated part raises :class:`CorruptEventFile` naming it; with
     ``skip_corrupt`` it is skipped with a warning and reported in ``skipped``.
+    ``columns`` loads a subset (it must include attempt, epoch, global_step and
+    rank); every part's schema is still checked against the whole contract.
     """
     files = list_event_files(hsm_dir, epoch)
     tables, skipped = [], []
     for path in files:
         try:
-            tables.append(_read_part(path, epoch))
+            tables.append(_read_part(path, epoch, columns))
         except CorruptEventFile as e:
             if not skip_corrupt:
                 raise CorruptEventFile(f"{e}; re-run with --skip-corrupt to skip it") from e
             warnings.warn(f"hsm: skipping corrupt event file {e}", stacklevel=2)
             skipped.append((path, str(e)))
-    table = pa.concat_tables(tables, promote_options="permissive") if tables else EVENT_SCHEMA.empty_table()
+    empty = EVENT_SCHEMA if columns is None else pa.schema([EVENT_SCHEMA.field(c) for c in columns])
+    table = pa.concat_tables(tables, promote_options="permissive") if tables else empty.empty_table()
     kept = supersede_attempts(table)
     return EventRead(table=kept, files=files, skipped=skipped, superseded_rows=table.num_rows - kept.num_rows)
 

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from hsm.config import MiningConfig, mining_config_hash
 from hsm.engines import ENGINES
-from hsm.events import events_digest, list_event_files, read_epoch_events
+from hsm.events import PLANNER_COLUMNS, events_digest, list_event_files, read_epoch_events
 from hsm.plan import DatasetInfo, plan_dir, read_manifest, write_json_atomic, write_plan
 from hsm.schemas import PLAN_SCHEMA
 from hsm.select import rank_order, select_plan
@@ -81,7 +81,7 @@ def fold_pending(
     state, info = read_state(hsm_dir, valid) if valid >= 0 else (None, None)
     folded, skipped, last_events = [], [], None
     for epoch in range(valid + 1, up_to_epoch + 1):
-        read = read_epoch_events(hsm_dir, epoch, skip_corrupt=skip_corrupt)
+        read = read_epoch_events(hsm_dir, epoch, skip_corrupt=skip_corrupt, columns=PLANNER_COLUMNS)
         last_events = read.table if epoch == up_to_epoch else None
         skipped += [str(path) for path, _ in read.skipped]
         if state is None and read.table.num_rows == 0:
