@@ -65,7 +65,7 @@ class HsmTrainerMixin(FusionSamplerMixin):
 
     def _hsm_loss(self, outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        losses, rows, correct = token_losses(logits, labels)
+        losses, mask, correct = token_losses(logits, labels)
         total = losses.sum()
         # Normalise exactly as the model's own loss would, and tell training_step
         # whether that is already scaled for gradient accumulation (as it infers for the plain model).
@@ -73,10 +73,10 @@ class HsmTrainerMixin(FusionSamplerMixin):
             loss = total / num_items_in_batch
             self.loss_is_scaled_for_ga = True
         else:
-            loss = total / max(int(losses.numel()), 1)
+            loss = total / mask.sum().clamp(min=1)  # a tensor: no host sync on the training path
             self.loss_is_scaled_for_ga = False
         if self.model.training and self._hsm_meta is not None:
-            stats = per_sample_stats(losses, rows, correct, labels.shape[0])
+            stats = per_sample_stats(losses, mask, correct)
             self._hsm_pending.append((self._hsm_meta, stats, self.state.global_step, self._position_offset(labels.shape[0])))
             self._hsm_meta = None
             if len(self._hsm_pending) >= _FLUSH_EVERY_STEPS:

@@ -69,8 +69,7 @@ def test_mixin_loss_equals_plain_trainer_and_recombines(tmp_path, corpus, num_it
     # Per-sample values against an independent per-sample computation from the logits.
     from hsm.stats import per_sample_stats, token_losses
 
-    losses, rows, correct = token_losses(logits, inputs["labels"])
-    stats = per_sample_stats(losses, rows, correct, 4)
+    stats = per_sample_stats(*token_losses(logits, inputs["labels"]))
     for i in range(4):
         labels = inputs["labels"][i, 1:]
         mask = labels != -100

@@ -3,14 +3,27 @@
 Every engine is a function with the signature of
 :func:`hsm.engines.polars_engine.fold_epoch`; they compute the rules documented
 in :mod:`hsm.state` with the same operations in the same order, so their states
-agree bit for bit. ``ENGINES`` maps the config's ``engine`` value to the function.
+agree bit for bit. ``ENGINES`` maps the config's ``engine`` value to the function;
+each engine's library is imported on first use only.
 """
 
 from __future__ import annotations
 
-from hsm.engines.duckdb_engine import fold_epoch as fold_epoch_duckdb
-from hsm.engines.polars_engine import fold_epoch as fold_epoch_polars
-
 __all__ = ["ENGINES", "fold_epoch_duckdb", "fold_epoch_polars"]
+
+
+def fold_epoch_polars(*args, **kwargs):
+    """:func:`hsm.engines.polars_engine.fold_epoch`."""
+    from hsm.engines.polars_engine import fold_epoch
+
+    return fold_epoch(*args, **kwargs)
+
+
+def fold_epoch_duckdb(*args, **kwargs):
+    """:func:`hsm.engines.duckdb_engine.fold_epoch`."""
+    from hsm.engines.duckdb_engine import fold_epoch
+
+    return fold_epoch(*args, **kwargs)
+
 
 ENGINES = {"polars": fold_epoch_polars, "duckdb": fold_epoch_duckdb}
