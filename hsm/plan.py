@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hsm.events import write_parquet_atomic
-from hsm.schemas import PLAN_SCHEMA, SchemaError, conform
+from hsm.schemas import PLAN_SCHEMA, SchemaError, check_schema, conform
 
 __all__ = [
     "PLAN_VERSION",
@@ -37,6 +37,8 @@ __all__ = [
 ]
 
 PLAN_VERSION = 1
+# What the schedule needs; sample_id and score are for people and SQL.
+_LOADED = ("dataset", "base_idx", "is_hard", "weight")
 
 
 class PlanError(ValueError):
@@ -176,7 +178,10 @@ def load_plan(
     if expected_checksum is not None and actual != expected_checksum:
         raise PlanError(f"{path}: sha256 {actual[:12]} differs from rank 0's {expected_checksum[:12]}")
     try:
-        table = conform(pq.read_table(path), PLAN_SCHEMA, str(path))
+        part = pq.ParquetFile(path, read_dictionary=["dataset"])
+        check_schema(part.schema_arrow, PLAN_SCHEMA, str(path))  # the whole contract, from the footer
+        table = part.read(columns=list(_LOADED), use_threads=True)
+        table = conform(table, pa.schema([PLAN_SCHEMA.field(c) for c in _LOADED]), str(path), keep_dictionary=True)
     except (pa.ArrowException, OSError, SchemaError) as e:
         raise PlanError(f"{path}: unreadable plan ({e}); {fix}") from e
     if dataset is not None:

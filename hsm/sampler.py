@@ -13,12 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from hsm.plan import DatasetInfo, Plan, load_plan
 from hsm.schedule import Schedule, World, build_schedule, shard_positions
 
 __all__ = ["HsmSampler"]
+
+_CHUNK = 8192
 
 
 class HsmSampler(torch.utils.data.Sampler):
@@ -64,14 +67,27 @@ class HsmSampler(torch.utils.data.Sampler):
             )
         return self._schedule
 
-    def _positions(self):
-        return shard_positions(len(self.schedule), self.batch_size, self.world or World())
+    def _positions(self) -> np.ndarray | None:
+        """This rank's slot positions, or None for a single rank (all slots in order)."""
+        if self.world is None or self.world.world_size == 1:
+            return None
+        return shard_positions(len(self.schedule), self.batch_size, self.world)
 
     def __iter__(self) -> Iterator[tuple[int, int, bool, int, int]]:
         schedule = self.schedule
-        codes, idx, hard = schedule.dataset.tolist(), schedule.base_idx.tolist(), schedule.is_hard.tolist()
-        for p in self._positions().tolist():
-            yield (codes[p], idx[p], hard[p], self.epoch, p)
+        positions = self._positions()
+        total = len(schedule) if positions is None else len(positions)
+        for start in range(0, total, _CHUNK):  # decode in chunks: never a Python list of the whole epoch
+            stop = min(start + _CHUNK, total)
+            if positions is None:
+                where = range(start, stop)
+                codes, idx, hard = schedule.decode(start, stop)
+            else:
+                where = positions[start:stop].tolist()
+                picked = Schedule(slots=schedule.slots[positions[start:stop]], epoch=self.epoch)
+                codes, idx, hard = picked.decode(0, stop - start)
+            yield from zip(codes, idx, hard, [self.epoch] * (stop - start), where)
 
     def __len__(self) -> int:
-        return len(self._positions())
+        positions = self._positions()
+        return len(self.schedule) if positions is None else len(positions)

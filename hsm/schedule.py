@@ -43,22 +43,48 @@ class World:
             raise ValueError(f"rank {self.rank} outside world of size {self.world_size}")
 
 
+_IDX_BITS = 40
+_IDX_MASK = (1 << _IDX_BITS) - 1
+_HARD_BIT = 1 << _IDX_BITS
+_CODE_SHIFT = _IDX_BITS + 1
+
+
 @dataclass(frozen=True)
 class Schedule:
-    """One epoch's global schedule; ``len(schedule)`` slots."""
+    """One epoch's global schedule; ``len(schedule)`` slots.
 
-    dataset: np.ndarray  # int16 code per slot
-    base_idx: np.ndarray  # int64
-    is_hard: np.ndarray  # bool
+    Slots are packed into one int64 each, ``code << 41 | is_hard << 40 | base_idx``,
+    so a 20M-slot epoch is one 160 MB array; the views below decode it.
+    """
+
+    slots: np.ndarray
     epoch: int
     shortfall: int = 0
 
     def __len__(self) -> int:
-        return len(self.base_idx)
+        return len(self.slots)
+
+    @property
+    def dataset(self) -> np.ndarray:
+        """Dataset code per slot (0 = target)."""
+        return (self.slots >> _CODE_SHIFT).astype(np.int16)
+
+    @property
+    def base_idx(self) -> np.ndarray:
+        return self.slots & _IDX_MASK
+
+    @property
+    def is_hard(self) -> np.ndarray:
+        return (self.slots & _HARD_BIT) != 0
 
     def counts(self) -> np.ndarray:
         """Slots per dataset code."""
         return np.bincount(self.dataset, minlength=int(self.dataset.max(initial=0)) + 1)
+
+    def decode(self, start: int, stop: int) -> tuple[list[int], list[int], list[bool]]:
+        """``(codes, base_idx, is_hard)`` of slots ``start:stop`` as Python lists."""
+        chunk = self.slots[start:stop]
+        return ((chunk >> _CODE_SHIFT).tolist(), (chunk & _IDX_MASK).tolist(), ((chunk & _HARD_BIT) != 0).tolist())
 
 
 def source_quota(ratio: float, n_target: int) -> int:
@@ -78,11 +104,15 @@ def systematic_counts(weights: np.ndarray, total: int, rng: np.random.Generator)
         raise ValueError("plan weights must be finite and non-negative")
     if total == 0 or weights.sum() <= 0:
         return np.zeros(len(weights), dtype=np.int64)
-    # Normalise before scaling: total / sum(w) overflows for tiny weights.
-    cumulative = np.cumsum(weights / weights.sum()) * total
+    # Normalise before scaling: total / sum(w) overflows for tiny weights. One buffer, in place.
+    cumulative = weights / weights.sum()
+    np.cumsum(cumulative, out=cumulative)
+    cumulative *= total
     cumulative[-1] = total
-    u = rng.random()
-    edges = np.ceil(cumulative - u).astype(np.int64)
+    cumulative -= rng.random()
+    np.ceil(cumulative, out=cumulative)
+    edges = cumulative.astype(np.int64)
+    del cumulative
     return np.diff(edges, prepend=0)
 
 
@@ -107,42 +137,38 @@ def build_schedule(
     if len(source_sizes) != len(source_ratios):
         raise ValueError("one ratio per source")
     src_rng = np.random.default_rng([seed, epoch, _SOURCE_STREAM])
-    codes, indices = [], []
+    pieces = []
     for s, (size, ratio) in enumerate(zip(source_sizes, source_ratios)):
         quota = source_quota(ratio, n_target)
         if quota and size == 0:
             raise ValueError(f"source {s} is empty but its ratio asks for {quota} draws")
-        indices.append(src_rng.integers(0, max(size, 1), quota, dtype=np.int64))
-        codes.append(np.full(quota, s + 1, dtype=np.int16))
+        drawn = src_rng.integers(0, max(size, 1), quota, dtype=np.int64)
+        drawn |= np.int64(s + 1) << _CODE_SHIFT
+        pieces.append(drawn)
     mode = plan.mode if plan is not None else None
-    dynamic = mode == "dynamic"
     hard_mask = plan.hard_mask(n_target) if plan is not None else None
     if mode in ("reweight", "fixed_set"):
         total = plan.manifest.get("target_epoch_size") or n_target
         counts = systematic_counts(plan.target_weights(n_target), total, np.random.default_rng([seed, epoch, _TARGET_STREAM]))
         target = np.repeat(np.arange(n_target, dtype=np.int64), counts)
+        del counts
+        target[hard_mask[target]] |= _HARD_BIT
     else:
         target = np.arange(n_target, dtype=np.int64)
-    codes.insert(0, np.zeros(len(target), dtype=np.int16))
-    indices.insert(0, target)
-    dataset = np.concatenate(codes)
-    base_idx = np.concatenate(indices)
-    order = np.random.default_rng([seed, epoch, _SHUFFLE_STREAM]).permutation(len(base_idx))
-    dataset, base_idx = dataset[order], base_idx[order]
+    slots = np.concatenate([target, *pieces])
+    del target, pieces
+    np.random.default_rng([seed, epoch, _SHUFFLE_STREAM]).shuffle(slots)  # in place
     shortfall = 0
-    if dynamic:
-        base_idx, is_hard, shortfall = _mix_batches(dataset, hard_mask, float(plan.manifest["hard_pool_frac"]), batch_size, seed, epoch)
-    elif hard_mask is not None:
-        is_hard = (dataset == 0) & hard_mask[np.where(dataset == 0, base_idx, 0)]
-    else:
-        is_hard = np.zeros(len(base_idx), dtype=bool)
-    return Schedule(dataset=dataset, base_idx=base_idx, is_hard=is_hard, epoch=epoch, shortfall=shortfall)
+    if mode == "dynamic":
+        shortfall = _mix_batches(slots, hard_mask, float(plan.manifest["hard_pool_frac"]), batch_size, seed, epoch)
+    return Schedule(slots=slots, epoch=epoch, shortfall=shortfall)
 
 
-def _mix_batches(dataset, hard_mask, frac, batch_size, seed, epoch):
-    target_slots = np.flatnonzero(dataset == 0)
+def _mix_batches(slots: np.ndarray, hard_mask: np.ndarray, frac: float, batch_size: int, seed: int, epoch: int) -> int:
+    """Fill the target slots of every batch in place: hard first, then regular; returns the shortfall."""
+    target_slots = np.flatnonzero((slots >> _CODE_SHIFT) == 0)
     batch_of = target_slots // batch_size
-    # rank of each target slot inside its batch's target slots
+    # rank of each target slot among its batch's target slots
     first_in_batch = np.r_[0, np.flatnonzero(np.diff(batch_of)) + 1]
     starts = np.repeat(first_in_batch, np.diff(np.r_[first_in_batch, len(target_slots)]))
     rank_in_batch = np.arange(len(target_slots)) - starts
@@ -156,12 +182,10 @@ def _mix_batches(dataset, hard_mask, frac, batch_size, seed, epoch):
     if len(regular_pool) == 0:
         wants_hard[:] = True
     n_hard = int(wants_hard.sum())
-    base_idx = np.zeros(len(dataset), dtype=np.int64)
-    is_hard = np.zeros(len(dataset), dtype=bool)
-    base_idx[target_slots[wants_hard]] = _cycled(hard_pool, n_hard, np.random.default_rng([seed, epoch, _HARD_STREAM]))
-    base_idx[target_slots[~wants_hard]] = _cycled(regular_pool, len(target_slots) - n_hard, np.random.default_rng([seed, epoch, _REGULAR_STREAM]))
-    is_hard[target_slots[wants_hard]] = True
-    return base_idx, is_hard, max(0, n_hard - len(hard_pool))
+    slots[target_slots[wants_hard]] = _cycled(hard_pool, n_hard, np.random.default_rng([seed, epoch, _HARD_STREAM])) | _HARD_BIT
+    slots[target_slots[~wants_hard]] = _cycled(regular_pool, len(target_slots) - n_hard,
+                                               np.random.default_rng([seed, epoch, _REGULAR_STREAM]))
+    return max(0, n_hard - len(hard_pool))
 
 
 def shard_positions(n_slots: int, batch_size: int, world: World) -> np.ndarray:

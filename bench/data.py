@@ -1,0 +1,134 @@
+"""Data-side benchmark: plan load + schedule build at 10M target samples, and loader throughput.
+
+    python bench/data.py [--n-target 10000000] [--repeats 3] [--items 120]
+
+(a) For a 10M-sample target with 4 sources (1M each, ratios 0.1-0.4): load and
+verify a reweight plan of every target sample (sha256, dataset checks) and build
+the epoch's schedule; also the same without a plan, as the baseline. Each run is a
+fresh process; peak memory is its VmHWM minus the RSS after imports.
+(b) Items per second through FusionDataset on the synthetic corpus, with and
+without augmentation, in the main process and with 2 DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+SOURCES = [1_000_000] * 4
+RATIOS = [0.1, 0.2, 0.3, 0.4]
+
+
+def _mem_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_plan(hsm_dir: Path, n: int, mode: str) -> None:
+    from hsm.plan import write_plan
+    from hsm.schemas import PLAN_SCHEMA
+
+    rng = np.random.default_rng(0)
+    idx = np.arange(n, dtype=np.int64)
+    is_hard = rng.random(n) < 0.1
+    table = pa.Table.from_arrays(
+        [pa.compute.binary_join_element_wise("target", pa.compute.cast(pa.array(idx), pa.string()), ":"),
+         pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array(["target"])).cast(pa.string()),
+         pa.array(idx), pa.array(rng.random(n)), pa.array(np.ones(n, np.int64)), pa.array(is_hard),
+         pa.array(np.where(is_hard, 3.0, 1.0))],
+        schema=PLAN_SCHEMA,
+    )
+    write_plan(hsm_dir, 1, table, {"mode": mode, "triggered": True, "default_weight": 1.0, "hard_pool_frac": 0.3,
+                                   "target": {"name": "target", "size": n, "fingerprint": None}})
+
+
+def child(hsm_dir: Path, n: int, with_plan: bool) -> dict:
+    from hsm.plan import DatasetInfo, load_plan
+    from hsm.schedule import build_schedule
+
+    base_rss = _mem_mb("VmRSS:")
+    start = time.perf_counter()
+    plan = load_plan(hsm_dir, 1, dataset=DatasetInfo("target", n)) if with_plan else None
+    loaded = time.perf_counter()
+    schedule = build_schedule(plan, n_target=n, source_sizes=SOURCES, source_ratios=RATIOS, seed=0, epoch=1, batch_size=8)
+    done = time.perf_counter()
+    return {"load_s": loaded - start, "schedule_s": done - loaded, "total_s": done - start, "slots": len(schedule),
+            "peak_mb": _mem_mb("VmHWM:") - base_rss}
+
+
+def loader_throughput(items: int) -> list[tuple[str, float]]:
+    import torch
+
+    from hsm.config import parse_config
+    from hsm.fusion import DetectionCollator, FusionDataset
+    from hsm.model import build_processor
+    from hsm.sampler import HsmSampler
+    from hsm.synth import synthesize
+
+    corpus = synthesize(Path(tempfile.mkdtemp()) / "data", n_target=96, n_source=48, n_val=2)
+    rows = []
+    for aug in (False, True):
+        cfg = parse_config({"custom": {"fusion_config": {
+            "target": {"name": "bbu", "train_jsonl": str(corpus["bbu"])},
+            "sources": [{"name": "coco", "train_jsonl": str(corpus["coco"]), "ratio": 0.25, "augmentation": {"enabled": aug}}],
+            "augmentation": {"enabled": aug}}}})
+        processor = build_processor(cfg.model)
+        dataset = FusionDataset(cfg.custom.fusion_config, processor, cfg.model)
+        sampler = HsmSampler(sizes=dataset.sizes, ratios=dataset.ratios, target=dataset.target_info, seed=0, batch_size=8)
+        slots = (list(sampler) * (items // len(sampler) + 1))[:items]
+        start = time.perf_counter()
+        for slot in slots:
+            dataset[slot]
+        rows.append((f"main process, augmentation {'on' if aug else 'off'}", items / (time.perf_counter() - start)))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=8, sampler=sampler, num_workers=2,
+                                             collate_fn=DetectionCollator(processor.tokenizer.pad_token_id))
+        start = time.perf_counter()
+        seen = sum(len(batch["hsm_meta"]["sample_id"]) for batch in loader)
+        rows.append((f"2 workers + collate, augmentation {'on' if aug else 'off'}", seen / (time.perf_counter() - start)))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-target", type=int, default=10_000_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--items", type=int, default=120)
+    parser.add_argument("--child", choices=["plan", "none"])
+    parser.add_argument("--hsm-dir", type=Path)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.hsm_dir, args.n_target, args.child == "plan")))
+        return
+    work = Path(tempfile.mkdtemp(prefix="hsm-bench-data-"))
+    print(f"\n(a) plan load + schedule build, target {args.n_target:,}, 4 sources x 1M, median of {args.repeats}")
+    print(f"{'mode':<10} {'plan':<6} {'load s':>8} {'schedule s':>11} {'total s':>8} {'slots':>11} {'peak MB':>8}")
+    for mode in ("reweight", "dynamic"):
+        hsm_dir = work / mode / "hsm"
+        make_plan(hsm_dir, args.n_target, mode)
+        for kind in ("none", "plan"):
+            if kind == "none" and mode != "reweight":
+                continue
+            runs = [json.loads(subprocess.run([sys.executable, __file__, "--child", kind, "--hsm-dir", str(hsm_dir),
+                                               "--n-target", str(args.n_target)], capture_output=True, text=True,
+                                              check=True).stdout.splitlines()[-1]) for _ in range(args.repeats)]
+            med = {k: statistics.median(r[k] for r in runs) for k in ("load_s", "schedule_s", "total_s", "peak_mb")}
+            print(f"{mode if kind == 'plan' else '-':<10} {kind:<6} {med['load_s']:8.2f} {med['schedule_s']:11.2f} "
+                  f"{med['total_s']:8.2f} {runs[0]['slots']:>11,} {med['peak_mb']:8.0f}")
+    print(f"\n(b) loader throughput on the synthetic corpus (64x64 target images), {args.items} items")
+    for name, rate in loader_throughput(args.items):
+        print(f"  {name:<40} {rate:8.1f} items/s")
+
+
+if __name__ == "__main__":
+    main()
