@@ -9,6 +9,7 @@ a fold reads just that epoch's events plus the previous state.
 from __future__ import annotations
 
 import datetime as dt
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,40 @@ from hsm.select import rank_order, select_plan
 from hsm.state import StateInfo, find_states, read_state, read_state_info, state_path, write_state
 from hsm.trigger import should_apply
 
-__all__ = ["PlanResult", "plan_epoch", "fold_pending", "build_plan_table", "hard_set"]
+__all__ = [
+    "PlanResult",
+    "PlanConflict",
+    "OutputError",
+    "EmptyEpochs",
+    "plan_epoch",
+    "fold_pending",
+    "build_plan_table",
+    "hard_set",
+    "plan_differences",
+    "empty_epochs",
+]
+
+
+class PlanConflict(ValueError):
+    """The plan asked for differs from the run's dataset or from the plan it would overwrite."""
+
+
+class EmptyEpochs(ValueError):
+    """Epochs to fold that have no events although earlier epochs do (a plan asked for too far ahead)."""
+
+
+class OutputError(RuntimeError):
+    """A state, plan or dump file could not be written (read-only directory, a file in the way, disk full)."""
+
+
+def _writing(path: Path, write, *args, **kwargs):
+    """Run ``write(*args, **kwargs)``; an ``OSError`` becomes :class:`OutputError` naming ``path``."""
+    try:
+        return write(*args, **kwargs)
+    except OSError as e:
+        raise OutputError(
+            f"{path}: cannot write ({e.strerror or e}); make {path.parent} writable or choose another run directory"
+        ) from e
 
 
 @dataclass
@@ -99,7 +133,7 @@ def fold_pending(
             events_digest=events_digest(read.files, _events_root(hsm_dir)), epoch_stats=stats,
         )
         if write:
-            write_state(hsm_dir, state, info)
+            _writing(state_path(hsm_dir, epoch), write_state, hsm_dir, state, info)
         folded.append(epoch)
     return state, info, folded, skipped, last_events
 
@@ -133,6 +167,40 @@ def hard_set(plan: pa.Table) -> set[int]:
     return set(plan.filter(plan.column("is_hard")).column("base_idx").to_pylist())
 
 
+def plan_differences(manifest: dict[str, Any], mining: MiningConfig, target: str) -> list[str]:
+    """What differs between an existing plan's manifest and a plan for ``(mining, target)``.
+
+    One line per differing setting (target, mode, metric, aggregate, selector), then,
+    if those agree but the config hash does not, one line saying other mining settings
+    differ. An empty list means the new plan is built the same way.
+    """
+    asked = {
+        "target": target,
+        "mode": mining.mode,
+        "metric": mining.metric,
+        "aggregate": mining.aggregate,
+        "selector": mining.selector.model_dump(mode="json") if mining.mode == "reweight" else None,
+    }
+    stored = dict(manifest, target=(manifest.get("target") or {}).get("name"))
+    lines = [f"{key}: existing plan {stored.get(key)!r}, asked {value!r}" for key, value in asked.items()
+             if key in stored and stored.get(key) != value]
+    config_hash = mining_config_hash(mining, target)
+    if not lines and manifest.get("config_hash") not in (None, config_hash):
+        lines.append(f"other mining settings (config_hash {manifest['config_hash'][:12]} vs {config_hash[:12]})")
+    return lines
+
+
+def empty_epochs(hsm_dir: str | Path, up_to_epoch: int) -> list[int]:
+    """Epochs ``<= up_to_epoch`` without any event part, after the first epoch that has one.
+
+    Leading epochs without events are normal (mining switched on later) and not listed.
+    """
+    logged = [e for e in range(up_to_epoch + 1) if list_event_files(hsm_dir, e)]
+    if not logged:
+        return []
+    return [e for e in range(logged[0], up_to_epoch + 1) if e not in logged]
+
+
 def _stats(values: np.ndarray) -> dict[str, float | None]:
     if len(values) == 0:
         return {"mean": None, "p50": None, "p90": None}
@@ -151,6 +219,8 @@ def plan_epoch(
     skip_corrupt: bool = False,
     write: bool = True,
     dump_dir: str | Path | None = None,
+    force: bool = True,
+    allow_empty: bool = True,
 ) -> PlanResult:
     """Fold the events of epochs ``< epoch`` not yet folded and write the plan for ``epoch``.
 
@@ -165,10 +235,38 @@ def plan_epoch(
         skip_corrupt: skip unreadable event parts with a warning instead of failing.
         write: False computes and returns the plan without writing anything.
         dump_dir: where ``hard_samples_epoch_{n}.json`` goes when ``mining.dump``.
+        force: False refuses (:class:`PlanConflict`) a target other than ``dataset``'s, and
+            overwriting an existing plan for ``epoch`` built with other settings.
+        allow_empty: True folds epochs without events with a warning naming them; False
+            refuses them (:class:`EmptyEpochs`).
+
+    Raises:
+        PlanConflict, EmptyEpochs, OutputError: see ``force``, ``allow_empty``; a file that
+            cannot be written.
     """
     if epoch < 1:
         raise ValueError(f"a plan for epoch {epoch} needs events of earlier epochs; plan epoch 1 or later")
     hsm_dir = Path(hsm_dir)
+    if not force:
+        problems = []
+        if dataset is not None and dataset.name != target:
+            problems.append(f"target: the run's hsm/dataset.json names '{dataset.name}', the config names '{target}'")
+        existing = read_manifest(hsm_dir, epoch)
+        if existing is not None and write:
+            problems += plan_differences(existing, mining, target)
+        if problems:
+            where = plan_dir(hsm_dir, epoch) if existing is not None else hsm_dir / "dataset.json"
+            raise PlanConflict(
+                f"{where}: refusing to plan epoch {epoch} with a different config:\n  - " + "\n  - ".join(problems)
+                + "\nuse the run's own config, or pass --force to overwrite"
+            )
+    missing = empty_epochs(hsm_dir, epoch - 1)
+    if missing:
+        message = (f"{hsm_dir / 'events'}: epochs {', '.join(map(str, missing))} have no events "
+                   f"(planning epoch {epoch} folds epochs 0..{epoch - 1})")
+        if not allow_empty:
+            raise EmptyEpochs(f"{message}; plan an epoch right after the last logged one, or pass --allow-empty")
+        warnings.warn(f"hsm: {message}; folding them as empty", stacklevel=2)
     engine = engine or mining.engine
     state, info, folded, skipped, last_events = fold_pending(
         hsm_dir, epoch - 1, mining, engine=engine, skip_corrupt=skip_corrupt, write=write
@@ -188,7 +286,8 @@ def plan_epoch(
         "aggregate": mining.aggregate,
         "selector": mining.selector.model_dump(mode="json") if mining.mode == "reweight" else None,
         "config_hash": mining_config_hash(mining, target),
-        "target": (dataset.to_dict() if dataset is not None else {"name": target, "size": None, "fingerprint": None}),
+        "target": (dataset.to_dict() if dataset is not None and dataset.name == target
+                   else {"name": target, "size": None, "fingerprint": None}),
         "triggered": triggered,
         "trigger_reason": reason,
         "default_weight": selection.default_weight,
@@ -219,9 +318,10 @@ def plan_epoch(
             "removed": len(before - after), "jaccard": (len(before & after) / len(union)) if union else 1.0,
         }
     if write:
-        manifest = write_plan(hsm_dir, epoch, table, manifest)
+        manifest = _writing(plan_dir(hsm_dir, epoch) / "plan.parquet", write_plan, hsm_dir, epoch, table, manifest)
         if mining.dump and dump_dir is not None:
-            _dump_hard(Path(dump_dir), epoch, table, selection.is_hard, mining.metric)
+            dump_path = Path(dump_dir) / f"hard_samples_epoch_{epoch}.json"
+            _writing(dump_path, _dump_hard, Path(dump_dir), epoch, table, selection.is_hard, mining.metric)
     return PlanResult(epoch=epoch, manifest=manifest, plan=table, folded_epochs=folded,
                       skipped_files=skipped, churn=churn, written=write, last_events=last_events)
 
