@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,30 @@ import pyarrow.parquet as pq
 
 from hsm.config import MiningConfig, mining_config_hash
 from hsm.engines import ENGINES
-from hsm.events import PLANNER_COLUMNS, events_digest, list_event_files, read_epoch_events
+from hsm.events import events_digest, list_event_files, read_epoch_events
 from hsm.plan import DatasetInfo, plan_dir, read_manifest, write_json_atomic, write_plan
-from hsm.schemas import PLAN_SCHEMA
+from hsm.schemas import PLAN_SCHEMA, SAMPLE_ID_SCHEMA, SchemaError
 from hsm.select import rank_order, select_plan
-from hsm.state import StateInfo, find_states, read_state, read_state_info, state_path, write_state
+from hsm.state import (
+    FOLD_COLUMNS,
+    STATE_VERSION,
+    IDX_BITS,
+    IDX_MASK,
+    StateInfo,
+    dataset_codes,
+    disk_table,
+    encode_keys,
+    find_states,
+    fold_table,
+    read_sample_ids,
+    read_state,
+    read_state_info,
+    sample_ids_path,
+    score_of,
+    state_path,
+    write_sample_ids,
+    write_state,
+)
 from hsm.trigger import should_apply
 
 __all__ = [
@@ -39,6 +59,11 @@ __all__ = [
     "hard_set",
     "plan_differences",
     "empty_epochs",
+    "Folded",
+    "event_columns",
+    "metric_values",
+    "target_rows",
+    "id_lookup",
 ]
 
 
@@ -52,6 +77,9 @@ class EmptyEpochs(ValueError):
 
 class OutputError(RuntimeError):
     """A state, plan or dump file could not be written (read-only directory, a file in the way, disk full)."""
+
+
+_BACKGROUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hsm-state-writer")
 
 
 def _writing(path: Path, write, *args, **kwargs):
@@ -82,6 +110,40 @@ def _events_root(hsm_dir: Path) -> Path:
     return hsm_dir / "events"
 
 
+def event_columns(metric: str) -> tuple[str, ...]:
+    """The event columns a fold with ``metric`` reads (the rest of the contract is checked, not loaded)."""
+    value = "loss" if metric == "loss" else "token_acc"
+    return tuple(dict.fromkeys(("attempt", "epoch", "global_step", "rank", "position", "dataset", "base_idx",
+                                "sample_id", "loss", value)))
+
+
+def metric_values(events: pa.Table, metric: str) -> np.ndarray:
+    """The difficulty ``x`` of every event as float64: ``loss`` or ``1 - token_acc``."""
+    if metric == "loss":
+        return events.column("loss").to_numpy().astype(np.float64)
+    return 1.0 - events.column("token_acc").to_numpy().astype(np.float64)
+
+
+@dataclass
+class Folded:
+    """The state after :func:`fold_pending`: the keyed fold table and what produced it."""
+
+    state: pa.Table | None  # FOLD_COLUMNS, sorted by key; None when nothing was logged yet
+    info: StateInfo | None
+    folded_epochs: list[int] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)
+    last_events: pa.Table | None = None
+    reused_epoch: int = -1  # the last epoch whose stored state (and id table) was reused
+    new_ids: list[pa.Table] = field(default_factory=list)  # ids of folded epochs, when not written
+    pending: Future | None = None  # the last state's write, still running; call wait()
+
+    def wait(self) -> None:
+        """Wait for the background write of the last state; raises its error."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+
 def fold_pending(
     hsm_dir: str | Path,
     up_to_epoch: int,
@@ -90,12 +152,13 @@ def fold_pending(
     engine: str | None = None,
     skip_corrupt: bool = False,
     write: bool = True,
-) -> tuple[pa.Table | None, StateInfo | None, list[int], list[str], pa.Table | None]:
+) -> Folded:
     """Bring the state up to date with every epoch ``<= up_to_epoch``.
 
-    Returns ``(state, info, folded_epochs, skipped_files, last_events)``; ``state``
-    is None when there is nothing to fold yet; ``last_events`` are the events of
-    ``up_to_epoch`` when this call folded it.
+    Reuses the longest prefix of stored states whose events are unchanged, then folds
+    each later epoch from its own events only; each fold also appends the epoch's newly
+    seen samples to the id table. ``last_events`` are the events of ``up_to_epoch`` when
+    this call folded it (the columns planning reads).
     """
     hsm_dir = Path(hsm_dir)
     fold = ENGINES[engine or mining.engine]
@@ -107,59 +170,136 @@ def fold_pending(
         if epoch not in stored:
             break
         info = read_state_info(hsm_dir, epoch)
+        if info.version != STATE_VERSION:
+            break  # written before the id table: refold from the event log
         info.check_params(*params, where=str(state_path(hsm_dir, epoch)))
         digest = events_digest(list_event_files(hsm_dir, epoch), _events_root(hsm_dir))
         if info.events_digest != digest:
             break
         valid = epoch
-    state, info = read_state(hsm_dir, valid) if valid >= 0 else (None, None)
-    folded, skipped, last_events = [], [], None
+    state, info, names = None, None, []
+    if valid >= 0:
+        disk, info = read_state(hsm_dir, valid)
+        names = list(info.datasets)
+        state = fold_table(disk, names)
+    result = Folded(state=None, info=None)
     for epoch in range(valid + 1, up_to_epoch + 1):
-        read = read_epoch_events(hsm_dir, epoch, skip_corrupt=skip_corrupt, columns=PLANNER_COLUMNS)
-        last_events = read.table if epoch == up_to_epoch else None
-        skipped += [str(path) for path, _ in read.skipped]
-        if state is None and read.table.num_rows == 0:
+        read = read_epoch_events(hsm_dir, epoch, skip_corrupt=skip_corrupt, columns=event_columns(mining.metric))
+        events = read.table
+        result.last_events = events if epoch == up_to_epoch else None
+        result.skipped_files += [str(path) for path, _ in read.skipped]
+        if state is None and events.num_rows == 0:
             continue  # nothing logged yet (mining switched on later): no state to carry
-        state = fold(state, read.table, epoch=epoch, metric=mining.metric, ema_decay=mining.ema_decay,
-                     aggregate=mining.aggregate)
+        codes, names = dataset_codes(events.column("dataset"), names)
+        keyed = pa.table({
+            "key": encode_keys(codes, events.column("base_idx").to_numpy()),
+            "x": metric_values(events, mining.metric),
+            **{c: events.column(c) for c in ("global_step", "rank", "position")},
+        })
+        out = fold(state, keyed, epoch=epoch, ema_decay=mining.ema_decay)
+        state = out.select(list(FOLD_COLUMNS))
         stats = dict(info.epoch_stats) if info is not None else {}
-        if read.table.num_rows:
+        if events.num_rows:
             stats[epoch] = {
-                "mean_loss": float(pc.mean(read.table.column("loss").cast(pa.float64())).as_py()),
-                "n_events": read.table.num_rows,
+                "mean_loss": float(pc.mean(events.column("loss").cast(pa.float64())).as_py()),
+                "n_events": events.num_rows,
             }
         info = StateInfo(
             epoch=epoch, metric=mining.metric, ema_decay=mining.ema_decay, aggregate=mining.aggregate,
-            events_digest=events_digest(read.files, _events_root(hsm_dir)), epoch_stats=stats,
+            events_digest=events_digest(read.files, _events_root(hsm_dir)), epoch_stats=stats, datasets=names,
+            version=STATE_VERSION,
         )
-        if write:
-            _writing(state_path(hsm_dir, epoch), write_state, hsm_dir, state, info)
-        folded.append(epoch)
-    return state, info, folded, skipped, last_events
+        k, n_obs = out.column("k").to_numpy(), out.column("n_obs").to_numpy()
+        new = np.flatnonzero((k > 0) & (k == n_obs))
+        first = out.column("first_row").to_numpy()[new]
+        keys = out.column("key").to_numpy()[new]
+        ids = pa.table({
+            "dataset": pa.DictionaryArray.from_arrays(pa.array((keys >> IDX_BITS).astype(np.int32)), pa.array(names, pa.string())),
+            "base_idx": pa.array(keys & IDX_MASK),
+            "sample_id": events.column("sample_id").take(pa.array(first)),
+        })
+        del out, k, n_obs
+        if not write:
+            result.new_ids.append(ids)
+        else:
+            _writing(sample_ids_path(hsm_dir, epoch), write_sample_ids, hsm_dir, epoch, ids)
+            disk = disk_table(state, names, mining.aggregate)
+            if epoch == up_to_epoch:
+                # The last state is written while the caller selects and writes the plan (2 cores).
+                result.pending = _BACKGROUND.submit(_writing, state_path(hsm_dir, epoch), write_state, hsm_dir, disk, info)
+            else:
+                _writing(state_path(hsm_dir, epoch), write_state, hsm_dir, disk, info)
+            del disk
+        result.folded_epochs.append(epoch)
+    result.state, result.info, result.reused_epoch = state, info, valid
+    if result.last_events is not None and not {"token_acc", "drawn_as_hard"} <= set(result.last_events.column_names):
+        result.last_events = None  # epoch telemetry needs columns planning did not read
+    return result
 
 
-def build_plan_table(state: pa.Table, target: str, mining: MiningConfig, epoch: int):
-    """Plan rows (every observed target sample, by ``base_idx``) and the selection behind them."""
-    # The state is sorted by (dataset, base_idx): the target is one contiguous, sorted slice.
-    where = np.flatnonzero(pc.equal(state.column("dataset"), target).to_numpy(zero_copy_only=False))
-    rows = state.slice(int(where[0]), len(where)) if len(where) else state.slice(0, 0)
-    if len(where) and (where[-1] - where[0] + 1 != len(where) or np.any(np.diff(rows.column("base_idx").to_numpy()) <= 0)):
-        raise ValueError("state is not sorted by (dataset, base_idx); it was not written by hsm")
-    scores = rows.column("score").to_numpy()
-    selection = select_plan(scores, rows.column("sample_id").combine_chunks(), mining=mining, epoch=epoch)
+def target_rows(state: pa.Table, names: list[str], target: str) -> tuple[np.ndarray, int, int]:
+    """The target's slice of the key-sorted state: ``(base_idx, start_row, stop_row)``."""
+    if target not in names:
+        return np.zeros(0, dtype=np.int64), 0, 0
+    code = names.index(target)
+    keys = state.column("key").to_numpy()
+    start, stop = np.searchsorted(keys, [code << IDX_BITS, (code + 1) << IDX_BITS])
+    return keys[start:stop] & IDX_MASK, int(start), int(stop)
+
+
+def build_plan_table(
+    state: pa.Table, names: list[str], target: str, mining: MiningConfig, epoch: int, sample_ids=None
+):
+    """Plan rows (every observed target sample, by ``base_idx``) and the selection behind them.
+
+    ``sample_ids(base_idx) -> pa.Array`` gives the ids of target samples; it is called only
+    to break ties at the selection boundary.
+    """
+    base_idx, start, stop = target_rows(state, names, target)
+    rows = state.slice(start, stop - start)
+    scores = score_of(rows, mining.aggregate)
+    ids_of = (lambda subset: sample_ids(base_idx[subset])) if sample_ids is not None else None
+    selection = select_plan(scores, ids_of, mining=mining, epoch=epoch)
+    dataset = pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(base_idx), dtype=np.int32)), pa.array([target]))
     table = pa.Table.from_arrays(
-        [
-            rows.column("sample_id"),
-            rows.column("dataset"),
-            rows.column("base_idx"),
-            rows.column("score"),
-            rows.column("n_obs"),
-            pa.array(selection.is_hard),
-            pa.array(selection.weight),
-        ],
-        schema=PLAN_SCHEMA,
+        [dataset, pa.array(base_idx), pa.array(scores), rows.column("n_obs"),
+         pa.array(selection.is_hard), pa.array(selection.weight)],
+        names=PLAN_SCHEMA.names,
     )
     return table, selection
+
+
+def id_lookup(hsm_dir: Path, folded: Folded, target: str):
+    """``base_idx -> sample_id`` for ``target``'s samples, loaded from the id table on first use.
+
+    Reads the stored id table of the reused epochs (or, once written, of all folded
+    epochs) plus the ids of epochs folded without writing.
+    """
+    loaded: dict[str, Any] = {}
+    on_disk = folded.reused_epoch if folded.new_ids else folded.info.epoch
+
+    def load(subset: np.ndarray | None) -> tuple[np.ndarray, pa.Array]:
+        ids = pa.concat_tables([read_sample_ids(hsm_dir, on_disk, dataset=target, base_idx=subset)]
+                               + [t.filter(pc.equal(t.column("dataset"), target)).cast(SAMPLE_ID_SCHEMA)
+                                  for t in folded.new_ids])
+        index = ids.column("base_idx").to_numpy()
+        order = np.argsort(index, kind="stable")
+        return index[order], ids.column("sample_id").combine_chunks().take(pa.array(order))
+
+    def sample_ids(base_idx: np.ndarray) -> pa.Array:
+        if "table" in loaded:
+            index, values = loaded["table"]
+        elif len(base_idx) <= 1024 and not folded.new_ids:
+            index, values = load(np.unique(base_idx))  # a few ties: read only their row groups
+        else:
+            index, values = loaded["table"] = load(None)
+        at = np.minimum(np.searchsorted(index, base_idx), max(len(index) - 1, 0))
+        if len(base_idx) and (len(index) == 0 or not np.array_equal(index[at], base_idx)):
+            raise SchemaError(f"{hsm_dir / 'sample_ids'}: no sample_id for some '{target}' samples; "
+                              f"delete the state and sample_ids directories to refold")
+        return values.take(pa.array(at))
+
+    return sample_ids
 
 
 def hard_set(plan: pa.Table) -> set[int]:
@@ -262,18 +402,28 @@ def plan_epoch(
             )
     missing = empty_epochs(hsm_dir, epoch - 1)
     if missing:
-        message = (f"{hsm_dir / 'events'}: epochs {', '.join(map(str, missing))} have no events "
+        message = (f"{hsm_dir / 'events'}: no events in epochs {', '.join(map(str, missing))} "
                    f"(planning epoch {epoch} folds epochs 0..{epoch - 1})")
         if not allow_empty:
             raise EmptyEpochs(f"{message}; plan an epoch right after the last logged one, or pass --allow-empty")
         warnings.warn(f"hsm: {message}; folding them as empty", stacklevel=2)
     engine = engine or mining.engine
-    state, info, folded, skipped, last_events = fold_pending(
-        hsm_dir, epoch - 1, mining, engine=engine, skip_corrupt=skip_corrupt, write=write
-    )
+    folded = fold_pending(hsm_dir, epoch - 1, mining, engine=engine, skip_corrupt=skip_corrupt, write=write)
+    try:
+        return _plan_from(hsm_dir, epoch, mining, target, folded, engine=engine, num_train_epochs=num_train_epochs,
+                          dataset=dataset, write=write, dump_dir=dump_dir)
+    finally:
+        folded.wait()
+
+
+def _plan_from(hsm_dir: Path, epoch: int, mining: MiningConfig, target: str, folded: Folded, *, engine: str,
+               num_train_epochs: float | None, dataset: DatasetInfo | None, write: bool,
+               dump_dir: str | Path | None) -> PlanResult:
+    state, info = folded.state, folded.info
     if state is None:
         raise ValueError(f"{hsm_dir / 'events'}: no events for epochs < {epoch}; nothing to plan from")
-    table, selection = build_plan_table(state, target, mining, epoch)
+    sample_ids = id_lookup(hsm_dir, folded, target)
+    table, selection = build_plan_table(state, info.datasets, target, mining, epoch, sample_ids)
     epoch_losses = {e: s["mean_loss"] for e, s in info.epoch_stats.items()}
     triggered, reason = should_apply(epoch, mining, epoch_losses, num_train_epochs)
     scores = table.column("score").to_numpy()
@@ -321,13 +471,16 @@ def plan_epoch(
         manifest = _writing(plan_dir(hsm_dir, epoch) / "plan.parquet", write_plan, hsm_dir, epoch, table, manifest)
         if mining.dump and dump_dir is not None:
             dump_path = Path(dump_dir) / f"hard_samples_epoch_{epoch}.json"
-            _writing(dump_path, _dump_hard, Path(dump_dir), epoch, table, selection.is_hard, mining.metric)
-    return PlanResult(epoch=epoch, manifest=manifest, plan=table, folded_epochs=folded,
-                      skipped_files=skipped, churn=churn, written=write, last_events=last_events)
+            _writing(dump_path, _dump_hard, Path(dump_dir), epoch, table, selection.is_hard, mining.metric, sample_ids)
+    return PlanResult(epoch=epoch, manifest=manifest, plan=table, folded_epochs=folded.folded_epochs,
+                      skipped_files=folded.skipped_files, churn=churn, written=write, last_events=folded.last_events)
 
 
-def _dump_hard(output_dir: Path, epoch: int, table: pa.Table, is_hard: np.ndarray, metric: str) -> None:
+def _dump_hard(output_dir: Path, epoch: int, table: pa.Table, is_hard: np.ndarray, metric: str, sample_ids) -> None:
     scores = table.column("score").to_numpy()
-    order = rank_order(scores, table.column("sample_id").combine_chunks(), np.flatnonzero(is_hard))
-    rows = table.take(pa.array(order)).select(["sample_id", "dataset", "base_idx", "score"]).to_pylist()
-    write_json_atomic({"epoch": epoch, "metric": metric, "samples": rows}, output_dir / f"hard_samples_epoch_{epoch}.json")
+    hard = np.flatnonzero(is_hard)
+    base_idx = table.column("base_idx").to_numpy()
+    order = rank_order(scores, lambda subset: sample_ids(base_idx[subset]), hard)
+    rows = table.take(pa.array(order)).select(["dataset", "base_idx", "score"])
+    rows = rows.append_column("sample_id", sample_ids(base_idx[order])).select(["sample_id", "dataset", "base_idx", "score"])
+    write_json_atomic({"epoch": epoch, "metric": metric, "samples": rows.to_pylist()}, output_dir / f"hard_samples_epoch_{epoch}.json")

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from eventlog import TARGET, random_rows, write_rows
 from hsm.config import MiningConfig
 from hsm.planner import plan_epoch
-from hsm.state import find_states, read_state
+from hsm.state import find_states, read_sample_ids, read_state
 from oracle import full_state
 from oracle import plan as oracle_plan
 
@@ -34,8 +34,17 @@ def mining_config(mode: dict, aggregate: str, metric: str | None, decay: float) 
     return MiningConfig.model_validate(fields)
 
 
-def assert_state_matches(state, expected: dict, where: str) -> None:
+def state_rows(hsm_dir, epoch: int) -> dict:
+    """The state after ``epoch`` with each sample's id joined from the id table, by (dataset, base_idx)."""
+    state, _ = read_state(hsm_dir, epoch)
+    ids = {(r["dataset"], r["base_idx"]): r["sample_id"] for r in read_sample_ids(hsm_dir, epoch).to_pylist()}
     rows = {(r["dataset"], r["base_idx"]): r for r in state.to_pylist()}
+    assert len(ids) == read_sample_ids(hsm_dir, epoch).num_rows, "a sample appears twice in the id table"
+    assert ids.keys() == rows.keys()
+    return {key: dict(row, sample_id=ids[key]) for key, row in rows.items()}
+
+
+def assert_state_matches(rows: dict, expected: dict, where: str) -> None:
     assert rows.keys() == expected.keys(), where
     for key, want in expected.items():
         got = rows[key]
@@ -81,18 +90,19 @@ def test_engines_equal_oracle(tmp_path_factory, seed, n_target, n_epochs, n_rank
         return
     scores = {k[1]: v["score"] for k, v in expected_state.items() if k[0] == TARGET}
     expected_plan = oracle_plan(expected_state, TARGET, mining, n_epochs)
-    plans = {}
+    plans, states = {}, {}
     for engine in ("polars", "duckdb"):
         hsm_dir = tmp_path_factory.mktemp(engine) / "hsm"
         write_rows(hsm_dir, rows, flush_rows=int(rng.integers(1, 9)))
         result = plan_epoch(hsm_dir, n_epochs, mining, TARGET, engine=engine)
         last = find_states(hsm_dir)[-1]
-        state, _ = read_state(hsm_dir, last)
-        assert_state_matches(state, expected_state, engine)
+        assert_state_matches(state_rows(hsm_dir, last), expected_state, engine)
         assert_plan_matches(result.plan, expected_plan, scores)
         assert set(result.plan.column("dataset").to_pylist()) <= {TARGET}
         plans[engine] = pq.read_table(hsm_dir / "plans" / f"epoch={n_epochs}" / "plan.parquet")
+        states[engine] = pq.read_table(hsm_dir / "state" / f"epoch={last}" / "state.parquet")
     assert plans["polars"].equals(plans["duckdb"]), "engines disagree"
+    assert states["polars"].equals(states["duckdb"]), "engine states disagree"
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -109,9 +119,9 @@ def test_incremental_fold_equals_full_recomputation(tmp_path_factory, seed, n_ep
     scratch = tmp_path_factory.mktemp("full") / "hsm"
     shutil.copytree(incremental / "events", scratch / "events")
     plan_epoch(scratch, n_epochs, mining, TARGET, engine=engine)
-    a, _ = read_state(incremental, n_epochs - 1)
-    b, _ = read_state(scratch, n_epochs - 1)
-    assert_state_matches(a, {(r["dataset"], r["base_idx"]): r for r in b.to_pylist()}, "incremental")
+    a = state_rows(incremental, n_epochs - 1)
+    b = state_rows(scratch, n_epochs - 1)
+    assert_state_matches(a, b, "incremental")
     expected = full_state(rows, metric="loss", decay=0.9, aggregate="ema")
     assert_state_matches(a, expected, "oracle")
 
@@ -128,5 +138,4 @@ def test_changed_events_are_refolded(tmp_path):
     write_rows(hsm_dir, extra + [r for r in rows if r["epoch"] == 1])
     result = plan_epoch(hsm_dir, 2, mining, TARGET)
     assert result.folded_epochs == [0, 1]
-    state, _ = read_state(hsm_dir, 1)
-    assert_state_matches(state, full_state(rows + extra, metric="loss", decay=0.9, aggregate="mean"), "refold")
+    assert_state_matches(state_rows(hsm_dir, 1), full_state(rows + extra, metric="loss", decay=0.9, aggregate="mean"), "refold")
