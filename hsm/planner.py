@@ -27,7 +27,7 @@ from hsm.plan import DatasetInfo, plan_dir, read_manifest, write_json_atomic, wr
 from hsm.schemas import PLAN_SCHEMA, SAMPLE_ID_SCHEMA, SchemaError
 from hsm.select import rank_order, select_plan
 from hsm.state import (
-    FOLD_COLUMNS,
+    PER_EPOCH_AGGREGATES,
     STATE_VERSION,
     IDX_BITS,
     IDX_MASK,
@@ -36,6 +36,7 @@ from hsm.state import (
     disk_table,
     encode_keys,
     find_states,
+    fold_columns,
     fold_table,
     read_sample_ids,
     read_state,
@@ -64,6 +65,9 @@ __all__ = [
     "metric_values",
     "target_rows",
     "id_lookup",
+    "metric_column",
+    "stale_mask",
+    "stale_scores",
 ]
 
 
@@ -112,16 +116,21 @@ def _events_root(hsm_dir: Path) -> Path:
 
 def event_columns(metric: str) -> tuple[str, ...]:
     """The event columns a fold with ``metric`` reads (the rest of the contract is checked, not loaded)."""
-    value = "loss" if metric == "loss" else "token_acc"
+    value = {"loss": "loss", "token_acc": "token_acc"}.get(metric, metric)
     return tuple(dict.fromkeys(("attempt", "epoch", "global_step", "rank", "position", "dataset", "base_idx",
                                 "sample_id", "loss", value)))
 
 
+def metric_column(metric: str) -> str:
+    """The event column ``metric`` reads."""
+    return "token_acc" if metric == "token_acc" else metric
+
+
 def metric_values(events: pa.Table, metric: str) -> np.ndarray:
-    """The difficulty ``x`` of every event as float64: ``loss`` or ``1 - token_acc``."""
-    if metric == "loss":
-        return events.column("loss").to_numpy().astype(np.float64)
-    return 1.0 - events.column("token_acc").to_numpy().astype(np.float64)
+    """The difficulty ``x`` of every event as float64: ``loss``, ``1 - token_acc`` or the named column."""
+    if metric == "token_acc":
+        return 1.0 - events.column("token_acc").to_numpy().astype(np.float64)
+    return events.column(metric).to_numpy(zero_copy_only=False).astype(np.float64)
 
 
 @dataclass
@@ -162,6 +171,7 @@ def fold_pending(
     """
     hsm_dir = Path(hsm_dir)
     fold = ENGINES[engine or mining.engine]
+    per_epoch = mining.aggregate in PER_EPOCH_AGGREGATES
     params = (mining.metric, mining.ema_decay, mining.aggregate)
     # The longest prefix of epochs whose state is stored and whose events are unchanged.
     valid = -1
@@ -181,7 +191,7 @@ def fold_pending(
     if valid >= 0:
         disk, info = read_state(hsm_dir, valid)
         names = list(info.datasets)
-        state = fold_table(disk, names)
+        state = fold_table(disk, names, mining.aggregate)
     result = Folded(state=None, info=None)
     for epoch in range(valid + 1, up_to_epoch + 1):
         read = read_epoch_events(hsm_dir, epoch, skip_corrupt=skip_corrupt, columns=event_columns(mining.metric))
@@ -190,14 +200,19 @@ def fold_pending(
         result.skipped_files += [str(path) for path, _ in read.skipped]
         if state is None and events.num_rows == 0:
             continue  # nothing logged yet (mining switched on later): no state to carry
-        codes, names = dataset_codes(events.column("dataset"), names)
+        observed = events
+        column = events.column(metric_column(mining.metric))
+        if column.null_count:
+            observed = events.filter(pc.is_valid(column))  # no such tokens: not an observation of this metric
+        codes, names = dataset_codes(observed.column("dataset"), names)
         keyed = pa.table({
-            "key": encode_keys(codes, events.column("base_idx").to_numpy()),
-            "x": metric_values(events, mining.metric),
-            **{c: events.column(c) for c in ("global_step", "rank", "position")},
+            "key": encode_keys(codes, observed.column("base_idx").to_numpy()),
+            "x": metric_values(observed, mining.metric),
+            **{c: observed.column(c) for c in ("global_step", "rank", "position")},
         })
-        out = fold(state, keyed, epoch=epoch, ema_decay=mining.ema_decay)
-        state = out.select(list(FOLD_COLUMNS))
+        out = fold(state, keyed, epoch=epoch, ema_decay=mining.ema_decay, per_epoch=per_epoch)
+        del keyed
+        state = out.select(list(fold_columns(mining.aggregate)))
         stats = dict(info.epoch_stats) if info is not None else {}
         if events.num_rows:
             stats[epoch] = {
@@ -216,14 +231,14 @@ def fold_pending(
         ids = pa.table({
             "dataset": pa.DictionaryArray.from_arrays(pa.array((keys >> IDX_BITS).astype(np.int32)), pa.array(names, pa.string())),
             "base_idx": pa.array(keys & IDX_MASK),
-            "sample_id": events.column("sample_id").take(pa.array(first)),
+            "sample_id": observed.column("sample_id").take(pa.array(first)),
         })
         del out, k, n_obs
         if not write:
             result.new_ids.append(ids)
         else:
             _writing(sample_ids_path(hsm_dir, epoch), write_sample_ids, hsm_dir, epoch, ids)
-            disk = disk_table(state, names, mining.aggregate)
+            disk = disk_table(state, names, mining.aggregate, mining.ema_decay)
             if epoch == up_to_epoch:
                 # The last state is written while the caller selects and writes the plan (2 cores).
                 result.pending = _BACKGROUND.submit(_writing, state_path(hsm_dir, epoch), write_state, hsm_dir, disk, info)
@@ -247,19 +262,48 @@ def target_rows(state: pa.Table, names: list[str], target: str) -> tuple[np.ndar
     return keys[start:stop] & IDX_MASK, int(start), int(stop)
 
 
+def stale_mask(last_epoch: np.ndarray, epoch: int, mining: MiningConfig) -> np.ndarray | None:
+    """Samples not seen in the last ``stale_after`` folded epochs (``0..epoch-1``), or None when off."""
+    if mining.stale_after is None:
+        return None
+    return (epoch - 1) - last_epoch >= mining.stale_after
+
+
+def stale_scores(scores: np.ndarray, last_epoch: np.ndarray, epoch: int, mining: MiningConfig) -> np.ndarray:
+    """``stale_policy: decay``: a stale score moves toward the mean target score.
+
+    ``unseen = (epoch - 1) - last_epoch``; for ``unseen >= stale_after``:
+    ``score = mu + (score - mu) * ema_decay ** (unseen - stale_after + 1)``, with ``mu`` the
+    mean score of all eligible target samples (NaN scores left out).
+    """
+    stale = stale_mask(last_epoch, epoch, mining)
+    if stale is None or mining.stale_policy != "decay" or not stale.any():
+        return scores
+    mu = float(np.nanmean(scores))
+    steps = ((epoch - 1) - last_epoch - mining.stale_after + 1).astype(np.float64)
+    return np.where(stale, mu + (scores - mu) * np.power(mining.ema_decay, steps), scores)
+
+
 def build_plan_table(
     state: pa.Table, names: list[str], target: str, mining: MiningConfig, epoch: int, sample_ids=None
 ):
     """Plan rows (every observed target sample, by ``base_idx``) and the selection behind them.
 
     ``sample_ids(base_idx) -> pa.Array`` gives the ids of target samples; it is called only
-    to break ties at the selection boundary.
+    to break ties at the selection boundary. ``stale_after`` adjusts the scores
+    (:func:`stale_scores`) or excludes stale samples from the hard set (``flag``).
     """
     base_idx, start, stop = target_rows(state, names, target)
     rows = state.slice(start, stop - start)
-    scores = score_of(rows, mining.aggregate)
+    scores = score_of(rows, mining.aggregate, mining.ema_decay)
+    excluded = None
+    if mining.stale_after is not None:
+        last_epoch = rows.column("last_epoch").to_numpy()
+        scores = stale_scores(scores, last_epoch, epoch, mining)
+        if mining.stale_policy == "flag":
+            excluded = stale_mask(last_epoch, epoch, mining)
     ids_of = (lambda subset: sample_ids(base_idx[subset])) if sample_ids is not None else None
-    selection = select_plan(scores, ids_of, mining=mining, epoch=epoch)
+    selection = select_plan(scores, ids_of, mining=mining, epoch=epoch, excluded=excluded)
     dataset = pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(base_idx), dtype=np.int32)), pa.array([target]))
     table = pa.Table.from_arrays(
         [dataset, pa.array(base_idx), pa.array(scores), rows.column("n_obs"),

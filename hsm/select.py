@@ -81,6 +81,13 @@ def draw_regular(candidates: np.ndarray, n: int, *, seed: int, epoch: int) -> np
     return np.sort(candidates[rng.choice(len(candidates), size=n, replace=False)])
 
 
+def _hard_mask(scores: np.ndarray, sample_ids: SampleIds, mining: MiningConfig) -> np.ndarray:
+    n_hard = mining.n_hard(len(scores))
+    if n_hard is None:
+        return _ranked_scores(scores) >= mining.selector.threshold
+    return hardest_mask(scores, sample_ids, n_hard)
+
+
 @dataclass(frozen=True)
 class Selection:
     """The plan's per-row decisions over the eligible target samples."""
@@ -93,7 +100,8 @@ class Selection:
 
 
 def select_plan(
-    scores: np.ndarray, sample_ids: SampleIds, *, mining: MiningConfig, epoch: int
+    scores: np.ndarray, sample_ids: SampleIds, *, mining: MiningConfig, epoch: int,
+    excluded: np.ndarray | None = None,
 ) -> Selection:
     """Hard set and weights for one epoch.
 
@@ -104,13 +112,17 @@ def select_plan(
       others drawn by :func:`draw_regular`; those weigh 1, every other sample 0.
     - dynamic: the hard pool is the first ``hard_pool_k`` or ``ceil(hard_pool_frac * N)``;
       every weight is 1 (the schedule mixes per batch).
+
+    ``excluded`` rows (``stale_policy: flag``) are never hard; sizes count the others.
     """
     total = len(scores)
-    n_hard = mining.n_hard(total)
-    if n_hard is None:
-        is_hard = _ranked_scores(scores) >= mining.selector.threshold
+    if excluded is not None and excluded.any():
+        # Flagged (stale) samples are never hard; the hard set is chosen among the others.
+        eligible = np.flatnonzero(~excluded)
+        is_hard = np.zeros(total, dtype=bool)
+        is_hard[eligible] = _hard_mask(scores[eligible], lambda rows: _ids_at(sample_ids, eligible[rows]), mining)
     else:
-        is_hard = hardest_mask(scores, sample_ids, n_hard)
+        is_hard = _hard_mask(scores, sample_ids, mining)
     if mining.mode == "reweight":
         weight = np.where(is_hard, mining.hard_weight, 1.0)
         return Selection(is_hard, weight, 1.0, 0, None)

@@ -9,7 +9,15 @@ values ``x_1..x_k`` in observation order ``(epoch, global_step, rank, position)`
     mean = (mean * n + s) / (n + k);  n = n + k;  last = x_k
     score = ema if aggregate == "ema" and n >= 3 else mean
 
-with ``x = loss`` or ``x = 1 - token_acc``. Both engines in :mod:`hsm.engines`
+Per-epoch aggregates (``aggregate: epoch_ema | last``), from the same ``s`` and ``k``:
+
+    epoch_mean = s / k;  n_epochs = n_epochs + 1
+    epoch_ema  = decay * epoch_ema + (1 - decay) * epoch_mean     (starts at 0)
+    score = epoch_ema / (1 - decay ** n_epochs)    for epoch_ema (bias-corrected)
+    score = epoch_mean                              for last (the latest epoch's mean)
+
+with ``x = loss``, ``1 - token_acc``, or a box-aware column (``coord_loss``,
+``label_loss``, ``loss_sum``; events where it is null are skipped). Both engines in :mod:`hsm.engines`
 implement exactly these operations in this order, so they agree bit for bit;
 ``tests/oracle.py`` holds them to a naive full recomputation. The score is
 derived from the state by :func:`score_of`, shared by both engines.
@@ -43,6 +51,9 @@ __all__ = [
     "IDX_BITS",
     "STATE_VERSION",
     "FOLD_COLUMNS",
+    "EPOCH_COLUMNS",
+    "PER_EPOCH_AGGREGATES",
+    "fold_columns",
     "StateInfo",
     "StateMismatch",
     "state_path",
@@ -65,6 +76,8 @@ IDX_BITS = 40
 IDX_MASK = (1 << IDX_BITS) - 1
 # The running state an engine folds; ``key`` sorted ascending and unique.
 FOLD_COLUMNS = ("key", "n_obs", "mean", "ema", "last", "last_epoch")
+EPOCH_COLUMNS = ("n_epochs", "epoch_mean", "epoch_ema")  # folded only for the per-epoch aggregates
+PER_EPOCH_AGGREGATES = ("epoch_ema", "last")
 STATE_VERSION = 2
 _STATE_WRITE = {"compression": "lz4", "use_dictionary": ["dataset"], "write_statistics": ["dataset", "base_idx"]}
 
@@ -234,21 +247,39 @@ def encode_keys(codes: np.ndarray, base_idx: np.ndarray) -> np.ndarray:
     return (codes.astype(np.int64) << IDX_BITS) | base_idx
 
 
-def score_of(state: pa.Table, aggregate: str) -> np.ndarray:
-    """``ema`` where ``aggregate == "ema"`` and ``n_obs >= 3``, else ``mean`` (SPEC section 8)."""
+def fold_columns(aggregate: str) -> tuple[str, ...]:
+    """The state columns a fold carries for ``aggregate``."""
+    return FOLD_COLUMNS + (EPOCH_COLUMNS if aggregate in PER_EPOCH_AGGREGATES else ())
+
+
+def score_of(state: pa.Table, aggregate: str, decay: float = 0.9) -> np.ndarray:
+    """The score of every state row (SPEC section 8; the per-epoch rules above).
+
+    ``ema``: ``ema`` where ``n_obs >= 3``, else ``mean``; ``mean``: ``mean``;
+    ``epoch_ema``: ``epoch_ema / (1 - decay ** n_epochs)``; ``last``: ``epoch_mean``.
+    """
+    if aggregate == "last":
+        return state.column("epoch_mean").to_numpy()
+    if aggregate == "epoch_ema":
+        n_epochs = state.column("n_epochs").to_numpy().astype(np.float64)
+        return state.column("epoch_ema").to_numpy() / (1.0 - np.power(float(decay), n_epochs))
     mean = state.column("mean").to_numpy()
     if aggregate != "ema":
         return mean
     return np.where(state.column("n_obs").to_numpy() >= 3, state.column("ema").to_numpy(), mean)
 
 
-def fold_table(state: pa.Table, names: list[str]) -> pa.Table:
-    """A state file's table as the engines' keyed fold table (``FOLD_COLUMNS``), sorted by key."""
+def fold_table(state: pa.Table, names: list[str], aggregate: str = "ema") -> pa.Table:
+    """A state file's table as the engines' keyed fold table (:func:`fold_columns`), sorted by key."""
     codes, known = dataset_codes(state.column("dataset"), names)
     if known != names:
         raise SchemaError(f"state rows name datasets {known[len(names):]} missing from its metadata")
     keys = encode_keys(codes, state.column("base_idx").to_numpy())
-    table = pa.table({"key": keys, **{c: state.column(c) for c in FOLD_COLUMNS[1:]}})
+    columns = fold_columns(aggregate)[1:]
+    for name in columns:
+        if state.column(name).null_count:
+            raise SchemaError(f"state column '{name}' has nulls; it was folded for another aggregate")
+    table = pa.table({"key": keys, **{c: state.column(c) for c in columns}})
     if len(keys) > 1 and not (np.diff(keys) > 0).all():
         order = np.argsort(keys, kind="stable")  # not written by hsm: sort once
         table = table.take(pa.array(order))
@@ -257,12 +288,18 @@ def fold_table(state: pa.Table, names: list[str]) -> pa.Table:
     return table
 
 
-def disk_table(fold: pa.Table, names: list[str], aggregate: str) -> pa.Table:
+def disk_table(fold: pa.Table, names: list[str], aggregate: str, decay: float = 0.9) -> pa.Table:
     """The engines' fold table as a state file's table (``STATE_SCHEMA``), with its score."""
     keys = fold.column("key").to_numpy()
     dataset = pa.DictionaryArray.from_arrays(pa.array((keys >> IDX_BITS).astype(np.int32)), pa.array(names, pa.string()))
-    columns = {"dataset": dataset, "base_idx": pa.array(keys & IDX_MASK), "score": pa.array(score_of(fold, aggregate))}
-    return pa.Table.from_arrays(
-        [columns[f.name] if f.name in columns else fold.column(f.name).cast(f.type) for f in STATE_SCHEMA],
-        names=STATE_SCHEMA.names,
-    )
+    columns = {"dataset": dataset, "base_idx": pa.array(keys & IDX_MASK),
+               "score": pa.array(score_of(fold, aggregate, decay))}
+
+    def column(f: pa.Field):
+        if f.name in columns:
+            return columns[f.name]
+        if f.name not in fold.column_names:
+            return pa.nulls(fold.num_rows, f.type)
+        return fold.column(f.name).cast(f.type)
+
+    return pa.Table.from_arrays([column(f) for f in STATE_SCHEMA], names=STATE_SCHEMA.names)

@@ -8,13 +8,15 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from hsm.engines.polars_engine import OUTPUT_COLUMNS
-from hsm.state import FOLD_COLUMNS
+from hsm.engines.polars_engine import output_columns
+from hsm.state import EPOCH_COLUMNS, FOLD_COLUMNS
 
 __all__ = ["fold_epoch", "planner_sql"]
 
 _EMPTY_STATE = pa.schema([("key", pa.int64()), ("n_obs", pa.int64()), ("mean", pa.float64()), ("ema", pa.float64()),
                           ("last", pa.float64()), ("last_epoch", pa.int32())])
+_EMPTY_EPOCHS = pa.schema([("key", pa.int64()), ("n_epochs", pa.int32()), ("epoch_mean", pa.float64()),
+                           ("epoch_ema", pa.float64())])
 
 
 def planner_sql(name: str) -> str:
@@ -28,6 +30,7 @@ def fold_epoch(
     *,
     epoch: int,
     ema_decay: float,
+    per_epoch: bool = False,
     memory_limit: str | None = None,
     temp_directory: str | None = None,
 ) -> pa.Table:
@@ -45,7 +48,9 @@ def fold_epoch(
             con.execute(f"SET temp_directory = '{temp_directory}'")
         con.register("events", events.append_column("row", pa.array(np.arange(events.num_rows, dtype=np.int64))))
         con.register("state", state.select(list(FOLD_COLUMNS)) if state is not None else _EMPTY_STATE.empty_table())
+        epochs = state is not None and per_epoch
+        con.register("state_epochs", state.select(["key", *EPOCH_COLUMNS]) if epochs else _EMPTY_EPOCHS.empty_table())
         result = con.sql(planner_sql("fold_epoch"), params={"decay": float(ema_decay), "epoch": int(epoch)}).to_arrow_table()
     finally:
         con.close()
-    return result.select(list(OUTPUT_COLUMNS)).combine_chunks()
+    return result.select(list(output_columns(per_epoch))).combine_chunks()

@@ -14,13 +14,19 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from hsm.state import FOLD_COLUMNS, IDX_BITS, IDX_MASK
+from hsm.state import EPOCH_COLUMNS, FOLD_COLUMNS, IDX_BITS, IDX_MASK
 
-__all__ = ["fold_epoch", "sequential_fold", "assign_slots", "OUTPUT_COLUMNS"]
+__all__ = ["fold_epoch", "sequential_fold", "assign_slots", "output_columns", "OUTPUT_COLUMNS", "EPOCH_OUTPUT_COLUMNS"]
+
+
+def output_columns(per_epoch: bool) -> tuple[str, ...]:
+    """What a fold returns, with or without the per-epoch aggregates."""
+    return EPOCH_OUTPUT_COLUMNS if per_epoch else OUTPUT_COLUMNS
 
 # What a fold returns: the new state, plus this epoch's observation count ``k`` and the
 # event row of each sample's first observation this epoch (``first_row``, -1 if none).
 OUTPUT_COLUMNS = (*FOLD_COLUMNS, "k", "first_row")
+EPOCH_OUTPUT_COLUMNS = (*FOLD_COLUMNS, *EPOCH_COLUMNS, "k", "first_row")
 
 
 def sequential_fold(
@@ -41,7 +47,7 @@ def sequential_fold(
         s = x[0]; for v in x[1:]: s = s + v
         mean = (mean * n + s) / (n + k)
 
-    Returns ``(n, mean, ema, last)``.
+    Returns ``(n, mean, ema, last, s)``.
     """
     first = x[starts]
     ema = np.where(n_prev == 0, first, decay * ema_prev + (1.0 - decay) * first)
@@ -54,7 +60,7 @@ def sequential_fold(
     n = n_prev + lengths
     mean = (mean_prev * n_prev + total) / n
     last = x[starts + lengths - 1]
-    return n, mean, ema, last
+    return n, mean, ema, last, total
 
 
 def assign_slots(prev_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +119,9 @@ def assign_slots(prev_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, n
     return slots, new_keys
 
 
-def fold_epoch(state: pa.Table | None, events: pa.Table, *, epoch: int, ema_decay: float) -> pa.Table:
+def fold_epoch(
+    state: pa.Table | None, events: pa.Table, *, epoch: int, ema_decay: float, per_epoch: bool = False
+) -> pa.Table:
     """Fold one epoch of (deduplicated) events into ``state``.
 
     Args:
@@ -122,9 +130,10 @@ def fold_epoch(state: pa.Table | None, events: pa.Table, *, epoch: int, ema_deca
             ``rank``, ``position``.
         epoch: the epoch being folded; written to ``last_epoch``.
         ema_decay: ``decay`` of :mod:`hsm.state`.
+        per_epoch: also fold ``n_epochs``, ``epoch_mean`` and ``epoch_ema`` (``state`` has them).
 
     Returns:
-        ``OUTPUT_COLUMNS``, sorted by ``key``: every previous and every new sample.
+        :func:`output_columns`, sorted by ``key``: every previous and every new sample.
     """
     d = float(ema_decay)
     prev_keys = state.column("key").to_numpy() if state is not None else np.zeros(0, dtype=np.int64)
@@ -154,6 +163,8 @@ def fold_epoch(state: pa.Table | None, events: pa.Table, *, epoch: int, ema_deca
 
     n_obs, mean, ema, last = carried("n_obs", np.int64), carried("mean", np.float64), carried("ema", np.float64), carried("last", np.float64)
     last_epoch = carried("last_epoch", np.int32)
+    if per_epoch:
+        n_epochs, epoch_mean, epoch_ema = carried("n_epochs", np.int32), carried("epoch_mean", np.float64), carried("epoch_ema", np.float64)
     k = np.bincount(slot, minlength=total)
     first_row = np.full(total, -1, dtype=np.int64)
 
@@ -168,6 +179,7 @@ def fold_epoch(state: pa.Table | None, events: pa.Table, *, epoch: int, ema_deca
     np.copyto(mean, (mean * n_obs + x_at) / (n_obs + 1), where=single)
     np.copyto(last, x_at, where=single)
     n_obs += single
+    epoch_sum = x_at if per_epoch else None
     del x_at, single, once_rows
 
     # Samples observed several times: order their events, fold sequentially.
@@ -180,11 +192,20 @@ def fold_epoch(state: pa.Table | None, events: pa.Table, *, epoch: int, ema_deca
         starts = np.flatnonzero(np.r_[True, slot_sorted[1:] != slot_sorted[:-1]])
         lengths = np.diff(np.r_[starts, len(order)])
         group = slot_sorted[starts]
-        g_n, g_mean, g_ema, g_last = sequential_fold(
+        g_n, g_mean, g_ema, g_last, g_sum = sequential_fold(
             starts, lengths, x[order], n_obs[group], mean[group], ema[group], d
         )
         n_obs[group], mean[group], ema[group], last[group] = g_n, g_mean, g_ema, g_last
         first_row[group] = order[starts]
-    last_epoch[k > 0] = epoch
-    return pa.table({"key": keys, "n_obs": n_obs, "mean": mean, "ema": ema, "last": last, "last_epoch": last_epoch,
-                     "k": k.astype(np.int64), "first_row": first_row})
+        if per_epoch:
+            epoch_sum[group] = g_sum
+    seen = k > 0
+    last_epoch[seen] = epoch
+    out = {"key": keys, "n_obs": n_obs, "mean": mean, "ema": ema, "last": last, "last_epoch": last_epoch,
+           "k": k.astype(np.int64), "first_row": first_row}
+    if per_epoch:
+        np.copyto(epoch_mean, epoch_sum / np.maximum(k, 1), where=seen)
+        np.copyto(epoch_ema, d * epoch_ema + (1.0 - d) * epoch_mean, where=seen)
+        n_epochs += seen
+        out.update(n_epochs=n_epochs, epoch_mean=epoch_mean, epoch_ema=epoch_ema)
+    return pa.table({name: out[name] for name in output_columns(per_epoch)})

@@ -1,7 +1,9 @@
 -- Fold one epoch of events into the per-sample state (SPEC section 8, hsm/state.py).
 -- Inputs: view `events` (key, x, global_step, rank, position, row: one epoch, attempts and
 -- duplicates already resolved) and view `state` (key, n_obs, mean, ema, last, last_epoch:
--- the previous state, possibly empty). Parameters: $decay DOUBLE, $epoch INTEGER.
+-- the previous state, possibly empty), and view `state_epochs` (key, n_epochs, epoch_mean,
+-- epoch_ema: the per-epoch aggregates, empty unless aggregate is epoch_ema or last).
+-- Parameters: $decay DOUBLE, $epoch INTEGER.
 -- Operations and their order match hsm.engines.polars_engine exactly, so both engines
 -- agree bit for bit: the EMA and the sum run sequentially in observation order.
 WITH observed AS (
@@ -20,6 +22,11 @@ joined AS (
     FROM state AS s
     FULL OUTER JOIN observed AS o ON s.key = o.key
 ),
+with_epochs AS (
+    SELECT j.*, e.n_epochs AS n_epochs_prev, e.epoch_mean AS epoch_mean_prev, e.epoch_ema AS epoch_ema_prev
+    FROM joined AS j
+    LEFT JOIN state_epochs AS e ON e.key = j.key
+),
 folded AS (
     SELECT *,
            list_reduce(
@@ -30,7 +37,11 @@ folded AS (
            ) AS ema_new,
            list_reduce(xs[2:], lambda acc, v: acc + v, xs[1]) AS total,
            xs[-1] AS last_new
-    FROM joined
+    FROM with_epochs
+),
+per_epoch AS (
+    SELECT *, total / k AS epoch_mean_new
+    FROM folded
 )
 SELECT key,
        CAST(CASE WHEN k IS NULL THEN n_prev ELSE n_prev + k END AS BIGINT) AS n_obs,
@@ -40,6 +51,11 @@ SELECT key,
        CASE WHEN k IS NULL THEN last_prev ELSE last_new END AS last,
        CAST(CASE WHEN k IS NULL THEN last_epoch_prev ELSE $epoch END AS INTEGER) AS last_epoch,
        CAST(coalesce(k, 0) AS BIGINT) AS k,
-       CAST(coalesce(first_row, -1) AS BIGINT) AS first_row
-FROM folded
+       CAST(coalesce(first_row, -1) AS BIGINT) AS first_row,
+       CAST(CASE WHEN k IS NULL THEN n_epochs_prev ELSE coalesce(n_epochs_prev, 0) + 1 END AS INTEGER) AS n_epochs,
+       CASE WHEN k IS NULL THEN epoch_mean_prev ELSE epoch_mean_new END AS epoch_mean,
+       CASE WHEN k IS NULL THEN epoch_ema_prev
+            ELSE CAST($decay AS DOUBLE) * coalesce(epoch_ema_prev, CAST(0.0 AS DOUBLE))
+                 + (CAST(1.0 AS DOUBLE) - CAST($decay AS DOUBLE)) * epoch_mean_new END AS epoch_ema
+FROM per_epoch
 ORDER BY key
