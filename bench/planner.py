@@ -96,6 +96,40 @@ def generate(workdir: Path, n_events: int) -> Path:
     return hsm_dir
 
 
+def generate_wide(workdir: Path, n_events: int, n_samples: int) -> Path:
+    """One epoch of ``n_events`` over ``n_samples`` distinct samples (85% target), written part by part."""
+    hsm_dir = workdir / f"wide-{n_events}-{n_samples}" / "hsm"
+    if (hsm_dir / "ready").exists():
+        return hsm_dir
+    shutil.rmtree(hsm_dir.parent, ignore_errors=True)
+    rng = np.random.default_rng(1)
+    names = pa.array([TARGET, *SOURCES])
+    step = 0
+    for part in range(-(-n_events // PART_ROWS)):
+        n = min(PART_ROWS, n_events - part * PART_ROWS)
+        rank = part % 2
+        code = rng.choice(3, size=n, p=[0.85, 0.075, 0.075]).astype(np.int32)
+        idx = np.where(code == 0, rng.integers(0, int(n_samples * 0.85), n), rng.integers(0, int(n_samples * 0.075), n))
+        dataset = pa.DictionaryArray.from_arrays(pa.array(code), names).cast(pa.string())
+        loss = rng.gamma(2.0, 0.4, n).astype(np.float32)
+        table = pa.table({
+            "run_id": pa.array(["bench-run"]).take(pa.array(np.zeros(n, dtype=np.int32))),
+            "attempt": np.zeros(n, np.int32), "epoch": np.zeros(n, np.int32),
+            "global_step": (np.arange(n) // 8 + step).astype(np.int64), "rank": np.full(n, rank, np.int32),
+            "position": (np.arange(n) % 8).astype(np.int32), "dataset": dataset, "base_idx": idx.astype(np.int64),
+            "sample_id": pc.binary_join_element_wise(dataset, pc.cast(pa.array(idx), pa.string()), ":"),
+            "loss": loss, "token_acc": np.full(n, 0.5, np.float32), "n_tokens": np.full(n, 100, np.int32),
+            "aug_seed": np.zeros(n, np.int64), "drawn_as_hard": np.zeros(n, bool),
+        }, schema=pa.schema([f for f in EVENT_SCHEMA if not f.nullable]))
+        if rank == 1:
+            step += -(-n // 8)
+        out = hsm_dir / "events" / "epoch=0" / f"rank={rank}"
+        out.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, out / f"part-{part // 2:05d}.parquet", compression_level=3, **PART_WRITE_OPTIONS)
+    (hsm_dir / "ready").touch()
+    return hsm_dir
+
+
 def _mining(engine: str):
     from hsm.config import MiningConfig
 
@@ -111,6 +145,23 @@ def measure(kind: str, hsm_dir: Path, sample: int) -> dict:
 
         if not (hsm_dir / "state" / "epoch=0" / "state.parquet").exists():
             fold_pending(hsm_dir, 0, _mining("polars"))
+    elif kind.startswith("hsm1-"):
+        from hsm.events import list_event_files as files_of
+        from hsm.planner import DEFAULT_MEMORY_LIMIT, buckets_for, plan_epoch
+
+        buckets = buckets_for(files_of(hsm_dir, 0), None, DEFAULT_MEMORY_LIMIT)
+        result = plan_epoch(hsm_dir, 1, _mining(kind[5:]), TARGET)
+        extra = {"hard": result.manifest["counts"]["hard"], "buckets": buckets}
+    elif kind == "duckdb-scan-0":
+        import duckdb
+
+        con = duckdb.connect()
+        con.execute("SET threads TO 2")
+        rows = con.execute(
+            "SELECT count(*) FROM (SELECT sample_id, sum(loss), count(*) FROM read_parquet($f) GROUP BY sample_id)",
+            {"f": [str(p) for p in list_event_files(hsm_dir, 0)]},
+        ).fetchone()[0]
+        extra = {"groups": rows}
     elif kind.startswith("hsm-"):
         from hsm.planner import plan_epoch
 
@@ -171,9 +222,9 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def stage_impl(tree: Path, workdir: Path) -> Path:
+def stage_impl(tree: Path, workdir: Path, name: str = "before-impl") -> Path:
     """``tree``'s hsm, sql/ and cli/ laid out as one importable ``hsm`` package under ``workdir``."""
-    staged = workdir / "before-impl"
+    staged = workdir / name
     shutil.rmtree(staged, ignore_errors=True)
     shutil.copytree(tree / "hsm", staged / "hsm")
     shutil.copytree(tree / "sql", staged / "hsm" / "sql", dirs_exist_ok=True)
@@ -212,6 +263,23 @@ def ensure_previous_state(hsm_dir: Path, impl: Path | None = None) -> None:
     fold_pending(hsm_dir, 0, _mining("polars")).wait()  # reuses a stored, current state
 
 
+def wide(args) -> None:
+    """The out-of-core case: a fresh state from one epoch of many events, with the default fold budget."""
+    n_events, n_samples = args.wide
+    hsm_dir = generate_wide(args.workdir, n_events, n_samples)
+    after = stage_impl(args.impl, args.workdir, "after-impl") if args.impl else None
+    rows = [("duckdb-scan", run_child("duckdb-scan-0", hsm_dir, 0))]
+    for engine in args.wide_engines:
+        shutil.rmtree(hsm_dir / "state", ignore_errors=True)
+        shutil.rmtree(hsm_dir / "sample_ids", ignore_errors=True)
+        rows.append((f"hsm-{engine}", run_child(f"hsm1-{engine}", hsm_dir, 0, after)))
+    floor = rows[0][1]["seconds"]
+    print(f"\n{n_events:,} events, {n_samples:,} samples, one epoch, folded from scratch")
+    print(f"{'measure':<16} {'seconds':>9} {'x floor':>8} {'peak RSS MB':>12} {'buckets':>8}")
+    for name, r in rows:
+        print(f"{name:<16} {r['seconds']:>9.1f} {r['seconds'] / floor:>8.2f} {r['rss_mb']:>12.0f} {r.get('buckets', '-'):>8}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
@@ -222,15 +290,22 @@ def main() -> None:
     parser.add_argument("--hsm-dir", type=Path)
     parser.add_argument("--sample", type=int, default=0)
     parser.add_argument("--before", type=Path, help="A checkout of an earlier hsm to time on the same files.")
+    parser.add_argument("--impl", type=Path, help="Time this checkout as 'after' (default: the installed hsm).")
+    parser.add_argument("--wide", type=int, nargs=2, metavar=("EVENTS", "SAMPLES"),
+                        help="Instead: one epoch of EVENTS events over SAMPLES samples, folded out of core.")
+    parser.add_argument("--wide-engines", nargs="+", default=["polars"])
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.hsm_dir, args.sample)))
         return
+    if args.wide:
+        return wide(args)
     rows = []
     impl = stage_impl(args.before, args.workdir) if args.before else None
+    after = stage_impl(args.impl, args.workdir, "after-impl") if args.impl else None
     for size in args.sizes:
         hsm_dir = generate(args.workdir, size)
-        ensure_previous_state(hsm_dir)
+        ensure_previous_state(hsm_dir, after)
         if impl is not None:
             ensure_previous_state(before_dir(hsm_dir), impl)
         files = list_event_files(hsm_dir, 1)
@@ -240,7 +315,7 @@ def main() -> None:
         kinds = [("duckdb-scan", "duckdb-scan", hsm_dir, None)]
         if impl is not None:
             kinds += [(f"before: {k}", k, before_dir(hsm_dir), impl) for k in ("hsm-polars", "hsm-duckdb")]
-        kinds += [(k, k, hsm_dir, None) for k in ("hsm-polars", "hsm-duckdb")]
+        kinds += [(k, k, hsm_dir, after) for k in ("hsm-polars", "hsm-duckdb")]
         # Interleave the repeats so machine load drifts hit every measurement alike.
         runs: dict[str, list] = {label: [] for label, *_ in kinds}
         for _ in range(args.repeats):

@@ -9,6 +9,9 @@ a fold reads just that epoch's events plus the previous state.
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import math
+import tempfile
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,9 +25,16 @@ import pyarrow.parquet as pq
 
 from hsm.config import MiningConfig, mining_config_hash
 from hsm.engines import ENGINES
-from hsm.events import events_digest, list_event_files, read_epoch_events
+from hsm.events import (
+    CorruptEventFile,
+    drop_duplicate_events,
+    events_digest,
+    list_event_files,
+    read_epoch_events,
+    supersede_attempts,
+)
 from hsm.plan import DatasetInfo, plan_dir, read_manifest, write_json_atomic, write_plan
-from hsm.schemas import PLAN_SCHEMA, SAMPLE_ID_SCHEMA, SchemaError
+from hsm.schemas import EVENT_SCHEMA, PLAN_SCHEMA, SAMPLE_ID_SCHEMA, SchemaError, check_schema, conform
 from hsm.select import rank_order, select_plan
 from hsm.state import (
     PER_EPOCH_AGGREGATES,
@@ -66,6 +76,9 @@ __all__ = [
     "target_rows",
     "id_lookup",
     "metric_column",
+    "fold_out_of_core",
+    "buckets_for",
+    "DEFAULT_MEMORY_LIMIT",
     "stale_mask",
     "stale_scores",
 ]
@@ -153,6 +166,209 @@ class Folded:
             pending.result()
 
 
+# Bytes a fold needs in memory per event and per state row (measured at 10M: events
+# columns + sample_id strings + the fold's temporaries; state columns in and out).
+_BYTES_PER_EVENT, _BYTES_PER_STATE_ROW = 160, 200
+DEFAULT_MEMORY_LIMIT = 3 << 30
+"""Fold budget in bytes above which an epoch is folded out of core (``hsm plan --memory-limit``)."""
+
+
+@dataclass
+class EpochFold:
+    """One folded epoch: the new state, the ids of its new samples, and its event statistics."""
+
+    state: pa.Table
+    ids: pa.Table
+    names: list[str]
+    n_events: int
+    mean_loss: float | None
+    skipped: list[str] = field(default_factory=list)
+
+
+def buckets_for(files: list[Path], state: pa.Table | None, budget: int) -> int:
+    """How many key-range buckets an epoch's fold needs to stay within ``budget`` bytes (1: in memory)."""
+    rows = sum(_footer_rows(path) for path in files)
+    state_bytes = (state.num_rows if state is not None else rows) * _BYTES_PER_STATE_ROW
+    need = rows * _BYTES_PER_EVENT + state_bytes
+    if need <= budget:
+        return 1
+    room = max(budget - state_bytes, budget // 4, 1)
+    return max(2, min(math.ceil(rows * _BYTES_PER_EVENT / room), 4096))
+
+
+def _footer_rows(path: Path) -> int:
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (pa.ArrowException, OSError):
+        return 0  # unreadable: the reader reports it
+
+
+def _new_ids(out: pa.Table, names: list[str], sample_id: pa.ChunkedArray | pa.Array) -> pa.Table:
+    """Id rows of the samples a fold saw for the first time (``k == n_obs``), from their first event."""
+    k, n_obs = out.column("k").to_numpy(), out.column("n_obs").to_numpy()
+    new = np.flatnonzero((k > 0) & (k == n_obs))
+    keys = out.column("key").to_numpy()[new]
+    return pa.table({
+        "dataset": pa.DictionaryArray.from_arrays(pa.array((keys >> IDX_BITS).astype(np.int32)), pa.array(names, pa.string())),
+        "base_idx": pa.array(keys & IDX_MASK),
+        "sample_id": sample_id.take(pa.array(out.column("first_row").to_numpy()[new])),
+    })
+
+
+def _keyed(events: pa.Table, codes: np.ndarray, metric: str) -> pa.Table:
+    return pa.table({
+        "key": encode_keys(codes, events.column("base_idx").to_numpy()),
+        "x": metric_values(events, metric),
+        **{c: events.column(c) for c in ("global_step", "rank", "position")},
+    })
+
+
+def _fold_in_memory(read, epoch: int, state, names: list[str], mining: MiningConfig, fold, *, per_epoch: bool) -> EpochFold:
+    events = read.table
+    observed = events
+    column = events.column(metric_column(mining.metric))
+    if column.null_count:
+        observed = events.filter(pc.is_valid(column))  # no such tokens: not an observation of this metric
+    codes, names = dataset_codes(observed.column("dataset"), names)
+    out = fold(state, _keyed(observed, codes, mining.metric), epoch=epoch, ema_decay=mining.ema_decay, per_epoch=per_epoch)
+    mean_loss = float(pc.mean(events.column("loss").cast(pa.float64())).as_py()) if events.num_rows else None
+    return EpochFold(state=out.select(list(fold_columns(mining.aggregate))), ids=_new_ids(out, names, observed.column("sample_id")),
+                     names=names, n_events=events.num_rows, mean_loss=mean_loss,
+                     skipped=[str(path) for path, _ in read.skipped])
+
+
+def fold_out_of_core(
+    files: list[Path], epoch: int, state: pa.Table | None, names: list[str], mining: MiningConfig, fold, *,
+    n_buckets: int, spill_dir: Path, skip_corrupt: bool = False, per_epoch: bool = False,
+) -> EpochFold:
+    """Fold one epoch in ``n_buckets`` key ranges, spilling the events to ``spill_dir``.
+
+    Pass 0 reads every part's footer and its dataset, rank, attempt and step columns
+    (one part at a time) for the dataset codes, the attempt rule, duplicate parts and the
+    bucket bounds; pass 1 streams the parts in record batches and appends each event to
+    its key range's Arrow IPC file; pass 2 folds one range at a time with the engine,
+    against the matching slice of the key-sorted state. A sample's events all fall in one
+    range, so the state equals the in-memory fold's, byte for byte.
+    """
+    columns = event_columns(mining.metric)
+    metric = metric_column(mining.metric)
+    parts, skipped, spans, sample, new_names = [], [], [], [], set()
+    for path in files:
+        try:
+            part = pq.ParquetFile(path, read_dictionary=["dataset"])
+            check_schema(part.schema_arrow, EVENT_SCHEMA, str(path))
+            head = part.read(columns=["dataset", "base_idx", "attempt", "rank", "global_step", "position", "epoch"])
+        except (SchemaError, pa.ArrowException, OSError) as e:
+            if not skip_corrupt:
+                raise CorruptEventFile(f"{path}: not readable as events ({e}); re-run with --skip-corrupt to skip it") from e
+            warnings.warn(f"hsm: skipping corrupt event file {path}: {e}", stacklevel=2)
+            skipped.append(str(path))
+            continue
+        if head.num_rows and pc.min_max(head.column("epoch")).as_py() != {"min": epoch, "max": epoch}:
+            raise CorruptEventFile(f"{path}: holds events of another epoch than its partition epoch={epoch}")
+        new_names |= {v for c in head.column("dataset").chunks for v in c.dictionary.to_pylist()}
+        if head.num_rows:
+            bounds_of = {c: pc.min_max(head.column(c)).as_py() for c in ("attempt", "rank", "global_step")}
+            spans.append((bounds_of, len(parts)))
+        sample.append(head.select(["dataset", "base_idx"]).take(pa.array(np.arange(0, head.num_rows, 101))))
+        parts.append((path, part))
+        del head
+    names = list(names) + sorted(new_names - set(names))
+    identity = ["attempt", "global_step", "rank", "position"]
+    # Parts that could repeat each other's events (same attempt and rank, overlapping steps): compare rows.
+    def group(span: dict) -> tuple | None:
+        single = span["attempt"]["min"] == span["attempt"]["max"] and span["rank"]["min"] == span["rank"]["max"]
+        return (span["attempt"]["min"], span["rank"]["min"]) if single else None
+
+    for i, (a, a_index) in enumerate(spans):
+        for b, b_index in spans[:i]:
+            overlap = a["global_step"]["min"] <= b["global_step"]["max"] and b["global_step"]["min"] <= a["global_step"]["max"]
+            if overlap and (group(a) is None or group(b) is None or group(a) == group(b)):
+                pair = [parts[b_index], parts[a_index]]
+                drop_duplicate_events([part.read(columns=identity) for _, part in pair], [p for p, _ in pair], skip=False)
+    best = None
+    if len({(s_["attempt"]["min"], s_["attempt"]["max"]) for s_, _ in spans}) > 1 or any(
+            s_["attempt"]["min"] != s_["attempt"]["max"] for s_, _ in spans):
+        # Several attempts (a resumed run): per (global_step, rank), only the highest attempt counts.
+        rows = pa.concat_tables([part.read(columns=["attempt", "global_step", "rank"]) for _, part in parts])
+        kept = supersede_attempts(rows.append_column("epoch", pa.array(np.zeros(rows.num_rows, np.int32))))
+        best = np.unique((kept.column("global_step").to_numpy() * 65536 + kept.column("rank").to_numpy()) * 1024
+                         + kept.column("attempt").to_numpy())
+        del rows, kept
+    del spans
+
+    # Bucket bounds: key quantiles of the state and of a strided sample of the events.
+    sampled = pa.concat_tables(sample) if sample else None
+    keys = []
+    if sampled is not None and sampled.num_rows:
+        codes, _ = dataset_codes(sampled.column("dataset"), names)
+        keys.append(encode_keys(codes, sampled.column("base_idx").to_numpy()))
+    if state is not None and state.num_rows:
+        keys.append(state.column("key").to_numpy()[:: max(1, state.num_rows // 100_000)])
+    pool = np.sort(np.concatenate(keys)) if keys else np.zeros(1, dtype=np.int64)
+    bounds = np.unique(pool[(np.arange(1, n_buckets) * len(pool)) // n_buckets]) if n_buckets > 1 else np.zeros(0, np.int64)
+    del sample, sampled, keys, pool
+
+    n_events, loss_sum = 0, 0.0
+    paths = [spill_dir / f"bucket-{b:04d}.arrow" for b in range(len(bounds) + 1)]
+    writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
+    spill_schema = pa.schema([("key", pa.int64()), ("x", pa.float64()), ("global_step", pa.int64()), ("rank", pa.int32()),
+                              ("position", pa.int32()), ("sample_id", pa.string())])
+    try:
+        for path, part in parts:
+            present = [c for c in columns if c in part.schema_arrow.names]
+            for batch in part.iter_batches(batch_size=1 << 20, columns=present):
+                events = conform(pa.Table.from_batches([batch]), pa.schema([EVENT_SCHEMA.field(c) for c in columns]),
+                                 str(path), keep_dictionary=True)
+                if best is not None:
+                    tagged = (events.column("global_step").to_numpy() * 65536 + events.column("rank").to_numpy()) * 1024 \
+                        + events.column("attempt").to_numpy()
+                    events = events.filter(pa.array(np.isin(tagged, best)))
+                n_events += events.num_rows
+                loss_sum += float(np.sum(events.column("loss").to_numpy().astype(np.float64)))
+                column = events.column(metric)
+                if column.null_count:
+                    events = events.filter(pc.is_valid(column))
+                codes, known = dataset_codes(events.column("dataset"), names)
+                keyed = _keyed(events, codes, mining.metric).append_column("sample_id", events.column("sample_id"))
+                bucket = np.searchsorted(bounds, keyed.column("key").to_numpy(), side="right")
+                order = np.argsort(bucket, kind="stable")
+                edges = np.searchsorted(bucket[order], np.arange(len(paths) + 1))
+                ordered = keyed.take(pa.array(order))
+                for b in range(len(paths)):
+                    if edges[b + 1] > edges[b]:
+                        if b not in writers:
+                            writers[b] = pa.ipc.new_file(paths[b], spill_schema)
+                        writers[b].write_table(ordered.slice(edges[b], edges[b + 1] - edges[b]).cast(spill_schema))
+                del events, keyed, ordered
+    finally:
+        for writer in writers.values():
+            writer.close()
+
+    states, ids = [], []
+    state_keys = state.column("key").to_numpy() if state is not None else np.zeros(0, dtype=np.int64)
+    cut = np.searchsorted(state_keys, bounds)
+    starts, stops = np.r_[0, cut], np.r_[cut, len(state_keys)]
+    for b, path in enumerate(paths):
+        piece = state.slice(int(starts[b]), int(stops[b] - starts[b])) if state is not None else None
+        if b not in writers:
+            if piece is not None and piece.num_rows:
+                states.append(piece.select(list(fold_columns(mining.aggregate))))
+            continue
+        with pa.memory_map(str(path)) as source:
+            events = pa.ipc.open_file(source).read_all()
+        out = fold(piece if piece is not None and piece.num_rows else None, events.drop_columns(["sample_id"]),
+                   epoch=epoch, ema_decay=mining.ema_decay, per_epoch=per_epoch)
+        states.append(out.select(list(fold_columns(mining.aggregate))))
+        ids.append(_new_ids(out, names, events.column("sample_id")))
+        del events, out
+        path.unlink()
+    new_state = pa.concat_tables(states).combine_chunks()
+    new_ids = pa.concat_tables(ids) if ids else SAMPLE_ID_SCHEMA.empty_table()
+    return EpochFold(state=new_state, ids=new_ids, names=names, n_events=n_events,
+                     mean_loss=loss_sum / n_events if n_events else None, skipped=skipped)
+
+
 def fold_pending(
     hsm_dir: str | Path,
     up_to_epoch: int,
@@ -161,13 +377,19 @@ def fold_pending(
     engine: str | None = None,
     skip_corrupt: bool = False,
     write: bool = True,
+    memory_limit: int | None = None,
+    temp_directory: str | Path | None = None,
 ) -> Folded:
     """Bring the state up to date with every epoch ``<= up_to_epoch``.
 
     Reuses the longest prefix of stored states whose events are unchanged, then folds
     each later epoch from its own events only; each fold also appends the epoch's newly
     seen samples to the id table. ``last_events`` are the events of ``up_to_epoch`` when
-    this call folded it (the columns planning reads).
+    this call folded it in memory (the columns planning reads).
+
+    An epoch whose fold would need more than ``memory_limit`` bytes (default
+    :data:`DEFAULT_MEMORY_LIMIT`) is folded out of core (:func:`fold_out_of_core`),
+    spilling to ``temp_directory``; the result is the same, byte for byte.
     """
     hsm_dir = Path(hsm_dir)
     fold = ENGINES[engine or mining.engine]
@@ -193,47 +415,39 @@ def fold_pending(
         names = list(info.datasets)
         state = fold_table(disk, names, mining.aggregate)
     result = Folded(state=None, info=None)
+    budget = memory_limit if memory_limit is not None else DEFAULT_MEMORY_LIMIT
     for epoch in range(valid + 1, up_to_epoch + 1):
-        read = read_epoch_events(hsm_dir, epoch, skip_corrupt=skip_corrupt, columns=event_columns(mining.metric))
-        events = read.table
-        result.last_events = events if epoch == up_to_epoch else None
-        result.skipped_files += [str(path) for path, _ in read.skipped]
-        if state is None and events.num_rows == 0:
-            continue  # nothing logged yet (mining switched on later): no state to carry
-        observed = events
-        column = events.column(metric_column(mining.metric))
-        if column.null_count:
-            observed = events.filter(pc.is_valid(column))  # no such tokens: not an observation of this metric
-        codes, names = dataset_codes(observed.column("dataset"), names)
-        keyed = pa.table({
-            "key": encode_keys(codes, observed.column("base_idx").to_numpy()),
-            "x": metric_values(observed, mining.metric),
-            **{c: observed.column(c) for c in ("global_step", "rank", "position")},
-        })
-        out = fold(state, keyed, epoch=epoch, ema_decay=mining.ema_decay, per_epoch=per_epoch)
-        del keyed
-        state = out.select(list(fold_columns(mining.aggregate)))
+        files = list_event_files(hsm_dir, epoch)
+        n_buckets = buckets_for(files, state, budget)
+        if n_buckets > 1:
+            if state is None and not files:
+                continue
+            with tempfile.TemporaryDirectory(prefix=f"hsm-fold-e{epoch}-", dir=temp_directory) as spill:
+                folder = fold
+                if (engine or mining.engine) == "duckdb":  # DuckDB may spill inside a range too
+                    folder = functools.partial(fold, memory_limit=f"{max(budget >> 21, 64)}MB", temp_directory=spill)
+                epoch_fold = fold_out_of_core(
+                    files, epoch, state, names, mining, folder, n_buckets=n_buckets, spill_dir=Path(spill),
+                    skip_corrupt=skip_corrupt, per_epoch=per_epoch,
+                )
+            result.last_events = None
+        else:
+            read = read_epoch_events(hsm_dir, epoch, skip_corrupt=skip_corrupt, columns=event_columns(mining.metric))
+            result.last_events = read.table if epoch == up_to_epoch else None
+            if state is None and read.table.num_rows == 0:
+                continue  # nothing logged yet (mining switched on later): no state to carry
+            epoch_fold = _fold_in_memory(read, epoch, state, names, mining, fold, per_epoch=per_epoch)
+        state, ids, names = epoch_fold.state, epoch_fold.ids, epoch_fold.names
+        result.skipped_files += epoch_fold.skipped
         stats = dict(info.epoch_stats) if info is not None else {}
-        if events.num_rows:
-            stats[epoch] = {
-                "mean_loss": float(pc.mean(events.column("loss").cast(pa.float64())).as_py()),
-                "n_events": events.num_rows,
-            }
+        if epoch_fold.n_events:
+            stats[epoch] = {"mean_loss": epoch_fold.mean_loss, "n_events": epoch_fold.n_events}
         info = StateInfo(
             epoch=epoch, metric=mining.metric, ema_decay=mining.ema_decay, aggregate=mining.aggregate,
-            events_digest=events_digest(read.files, _events_root(hsm_dir)), epoch_stats=stats, datasets=names,
+            events_digest=events_digest(files, _events_root(hsm_dir)), epoch_stats=stats, datasets=names,
             version=STATE_VERSION,
         )
-        k, n_obs = out.column("k").to_numpy(), out.column("n_obs").to_numpy()
-        new = np.flatnonzero((k > 0) & (k == n_obs))
-        first = out.column("first_row").to_numpy()[new]
-        keys = out.column("key").to_numpy()[new]
-        ids = pa.table({
-            "dataset": pa.DictionaryArray.from_arrays(pa.array((keys >> IDX_BITS).astype(np.int32)), pa.array(names, pa.string())),
-            "base_idx": pa.array(keys & IDX_MASK),
-            "sample_id": observed.column("sample_id").take(pa.array(first)),
-        })
-        del out, k, n_obs
+        del epoch_fold
         if not write:
             result.new_ids.append(ids)
         else:
@@ -405,6 +619,8 @@ def plan_epoch(
     dump_dir: str | Path | None = None,
     force: bool = True,
     allow_empty: bool = True,
+    memory_limit: int | None = None,
+    temp_directory: str | Path | None = None,
 ) -> PlanResult:
     """Fold the events of epochs ``< epoch`` not yet folded and write the plan for ``epoch``.
 
@@ -423,6 +639,8 @@ def plan_epoch(
             overwriting an existing plan for ``epoch`` built with other settings.
         allow_empty: True folds epochs without events with a warning naming them; False
             refuses them (:class:`EmptyEpochs`).
+        memory_limit: fold budget in bytes (default :data:`DEFAULT_MEMORY_LIMIT`); a larger
+            epoch is folded out of core, spilling to ``temp_directory`` (default: the system's).
 
     Raises:
         PlanConflict, EmptyEpochs, OutputError: see ``force``, ``allow_empty``; a file that
@@ -452,7 +670,8 @@ def plan_epoch(
             raise EmptyEpochs(f"{message}; plan an epoch right after the last logged one, or pass --allow-empty")
         warnings.warn(f"hsm: {message}; folding them as empty", stacklevel=2)
     engine = engine or mining.engine
-    folded = fold_pending(hsm_dir, epoch - 1, mining, engine=engine, skip_corrupt=skip_corrupt, write=write)
+    folded = fold_pending(hsm_dir, epoch - 1, mining, engine=engine, skip_corrupt=skip_corrupt, write=write,
+                          memory_limit=memory_limit, temp_directory=temp_directory)
     try:
         return _plan_from(hsm_dir, epoch, mining, target, folded, engine=engine, num_train_epochs=num_train_epochs,
                           dataset=dataset, write=write, dump_dir=dump_dir)

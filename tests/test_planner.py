@@ -231,3 +231,27 @@ def test_epoch_ema_is_not_dominated_by_the_first_epoch(tmp_path):
         plan = plan_epoch(hsm_dir, 3, MiningConfig(enabled=True, aggregate=aggregate, start_epoch=0), TARGET).plan
         assert plan.column("score").to_pylist() == [pytest.approx(value, rel=1e-12)], aggregate
     assert want["last"] < want["epoch_ema"] < 3.3 < 4.5 < want["ema"]
+
+
+@pytest.mark.parametrize("engine", ["polars", "duckdb"])
+@pytest.mark.parametrize("aggregate", ["ema", "epoch_ema"])
+def test_out_of_core_fold_is_byte_identical(tmp_path, engine, aggregate):
+    rng = np.random.default_rng(17)
+    rows = random_rows(rng, n_target=40, n_epochs=3, n_ranks=2, max_obs=3, resume=True)
+    mining = mining_config(MODES[1], aggregate, "loss", decay=0.75)
+    files = {}
+    for how, limit in (("memory", None), ("spilled", 1)):  # a 1-byte budget: one bucket per sample range
+        hsm_dir = tmp_path / how / "hsm"
+        write_rows(hsm_dir, rows)
+        from hsm.planner import fold_pending
+
+        folded = fold_pending(hsm_dir, 2, mining, engine=engine, memory_limit=limit, temp_directory=tmp_path)
+        folded.wait()
+        plan_epoch(hsm_dir, 3, mining, TARGET, engine=engine)
+        files[how] = [pq.read_table(hsm_dir / "plans" / "epoch=3" / "plan.parquet"),
+                      *(pq.read_table(hsm_dir / "state" / f"epoch={e}" / "state.parquet") for e in range(3)),
+                      *(pq.read_table(hsm_dir / "sample_ids" / f"epoch={e}" / "sample_ids.parquet") for e in range(3))]
+    assert all(a.equals(b) for a, b in zip(files["memory"], files["spilled"]))
+    assert_state_matches(state_rows(tmp_path / "spilled" / "hsm", 2),
+                         full_state(rows, metric="loss", decay=0.75, aggregate=aggregate), "spilled")
+    assert not list(tmp_path.glob("hsm-fold-*")), "spill files left behind"
