@@ -112,31 +112,27 @@ def _skip_ws(text: str, pos: int) -> int:
     return pos
 
 
-def _decode_list(text: str, pos: int) -> tuple[list, bool] | None:
-    """Elements of the list opened just before ``pos``: ``(items, complete)``, or None when
-    this bracket does not open a list of objects (the caller looks further on)."""
+def _decode_list(text: str, pos: int) -> tuple[list, str]:
+    """Elements of the list opened just before ``pos`` and how it ended: ``complete`` (``]``),
+    ``end`` (the text ran out), ``object`` (an element ``{...`` that does not decode: cut) or
+    ``other`` (something that is not JSON)."""
     items: list = []
-    pos = _skip_ws(text, pos)
-    if pos < len(text) and text[pos] == "]":
-        return items, True
-    if pos < len(text) and text[pos] != "{":
-        return None
     while True:
         pos = _skip_ws(text, pos)
         if pos >= len(text):
-            return items, False
+            return items, "end"
+        if text[pos] == "]":  # also forgives a trailing comma
+            return items, "complete"
         try:
             value, pos = _DECODER.raw_decode(text, pos)
         except json.JSONDecodeError:
-            return items, False  # cut inside an element: keep the complete ones
+            return items, "object" if text[pos] == "{" else "other"
         items.append(value)
         pos = _skip_ws(text, pos)
         if pos < len(text) and text[pos] == ",":
             pos += 1
-        elif pos < len(text) and text[pos] == "]":
-            return items, True
-        elif pos >= len(text) or text[pos] != "{":  # a missing comma between objects is forgiven
-            return items, False
+        elif pos < len(text) and text[pos] not in "]{":  # a missing comma between objects is forgiven
+            return items, "other"
 
 
 def _decode_objects(text: str, pos: int) -> tuple[list, bool] | None:
@@ -162,9 +158,10 @@ def _find_objects(text: str) -> tuple[list, str]:
     for start in _START.finditer(text):
         pos = start.start()
         if text[pos] == "[":
-            found = _decode_list(text, pos + 1)
-            if found is not None:
-                return found[0], "ok" if found[1] else "truncated"
+            items, ending = _decode_list(text, pos + 1)
+            # A complete list with no object in it ("[1]", "[see below]") is prose: look further on.
+            if any(isinstance(item, dict) for item in items) or ending in ("end", "object") or (ending == "complete" and not items):
+                return items, "ok" if ending == "complete" else "truncated"
         else:
             found = _decode_objects(text, pos)
             if found is not None:
@@ -227,6 +224,17 @@ def _image_processor(processor):
     return getattr(processor, "image_processor", processor)
 
 
+def _smart_resize():
+    """transformers' own ``smart_resize``: transformers 5 keeps a torchvision-free copy in the
+    PIL image processor module (the torchvision module needs torchvision to import)."""
+    import importlib
+    import importlib.util
+
+    pil = "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl"
+    name = pil if importlib.util.find_spec(pil) is not None else "transformers.models.qwen2_vl.image_processing_qwen2_vl"
+    return importlib.import_module(name).smart_resize
+
+
 def resize_factor(processor) -> int:
     """``patch_size * merge_size`` of the processor (or image processor): the side multiple
     of every resized image (28 for Qwen2.5-VL, 32 for Qwen3-VL)."""
@@ -238,8 +246,7 @@ def resized_size(processor, width: int, height: int) -> tuple[int, int]:
     """``(w, h)`` of the image as the processor resizes it: its ``smart_resize`` with its own
     factor (:func:`resize_factor`) and ``size`` (``shortest_edge`` = min pixels,
     ``longest_edge`` = max pixels)."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
+    smart_resize = _smart_resize()
     image_processor = _image_processor(processor)
     size = image_processor.size
     rh, rw = smart_resize(height, width, factor=resize_factor(image_processor),

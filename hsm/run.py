@@ -73,6 +73,10 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
         trainer.setup_hsm(mining=mining, fusion=fusion, hsm_dir=hsm_dir, sampler=trainer.hsm_sampler,
                           num_train_epochs=args.num_train_epochs, attempt=resume_attempt(hsm_dir),
                           run_id=output_dir.name)
+    if cfg.custom.detection_eval is not None and cfg.custom.detection_eval.enabled:
+        from hsm.eval.callback import DetectionEvalCallback
+
+        trainer.add_callback(DetectionEvalCallback(trainer, cfg.custom.detection_eval, fusion, processor, cfg.model.coord_format))
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     from hsm import distributed
 
