@@ -160,7 +160,8 @@ def _find_objects(text: str) -> tuple[list, str]:
         if text[pos] == "[":
             items, ending = _decode_list(text, pos + 1)
             # A complete list with no object in it ("[1]", "[see below]") is prose: look further on.
-            if any(isinstance(item, dict) for item in items) or ending in ("end", "object") or (ending == "complete" and not items):
+            has_object = any(isinstance(item, dict) for item in items)
+            if has_object or ending in ("end", "object") or (ending == "complete" and not items):
                 return items, "ok" if ending == "complete" else "truncated"
         else:
             found = _decode_objects(text, pos)

@@ -11,10 +11,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from hsm.answer import parse_answer
 from hsm.cli.app import app
+from hsm.eval.evaluate import merge_shards, shard
 
 runner = CliRunner()
 
@@ -229,3 +232,54 @@ def test_eval_run_rejects_a_dataset_without_val_split(trained):
                                  "--datasets", "lvis"])
     assert result.exit_code == 2
     assert "custom.fusion_config.sources.0.val_jsonl: not set" in " ".join(result.output.split())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(), max_size=30), st.integers(1, 8))
+def test_merge_shards_undoes_shard(items, world_size):
+    assert merge_shards([shard(items, rank, world_size) for rank in range(world_size)]) == items
+
+
+@pytest.mark.slow
+def test_two_ranks_split_generation_and_rank0_scores_all(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hsm.synth import synthesize
+
+    root = Path(__file__).parent.parent
+    synthesize(tmp_path / "corpus", n_target=2, n_source=1, n_val=3)
+    out = tmp_path / "out"
+    out.mkdir()
+    torchrun = Path(sys.executable).parent / "torchrun"
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "tests/dist_eval.py", str(tmp_path / "corpus"), str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [json.loads((out / f"rank{r}.json").read_text())["datasets"] for r in (0, 1)] == [["bbu"], []]
+    val = (tmp_path / "corpus" / "bbu" / "val.jsonl").read_text().splitlines()
+    answers = [json.loads(line) for line in (out / "bbu" / "answers.jsonl").read_text().splitlines()]
+    assert [a["id"] for a in answers] == [json.loads(line)["id"] for line in val]  # 3 records over 2 ranks, in order
+    assert json.loads((out / "metrics.json").read_text())["bbu"]["n_images"] == 3
+
+
+def test_evaluation_schedule():
+    from hsm.eval.callback import should_evaluate
+
+    assert [s for s in range(1, 10) if should_evaluate(3, s, epoch_end=False)] == [3, 6, 9]
+    assert not should_evaluate(3, 6, epoch_end=True)  # step mode never fires on the epoch hook
+    assert should_evaluate("epoch", 7, epoch_end=True) and not should_evaluate("epoch", 7, epoch_end=False)
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"every": 0}, "custom.detection_eval.every: must be 'epoch' or a number of optimizer steps >= 1"),
+    ({"datasets": ["bbu", "nope"]}, "custom.detection_eval.datasets: ['nope'] not in the fusion"),
+    ({"max_samples": 0}, "custom.detection_eval.max_samples"),
+])
+def test_detection_eval_config_errors_name_the_key(section, message):
+    from hsm.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as error:
+        parse_config({"custom": {"fusion_config": {"target": {"name": "bbu"}}, "detection_eval": {"enabled": True, **section}}})
+    assert message in str(error.value)

@@ -21,7 +21,7 @@ from hsm.eval.generation import generate_answers
 from hsm.eval.scoring import record_keys, score_records_file, write_answers, write_dataset, write_metrics
 from hsm.records import read_jsonl
 
-__all__ = ["EvalSplit", "select_datasets", "evaluate_model", "scalar_logs"]
+__all__ = ["EvalSplit", "select_datasets", "shard", "merge_shards", "evaluate_model", "scalar_logs"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,20 @@ def select_datasets(fusion: FusionConfig, selection: list[str]) -> list[EvalSpli
     return chosen
 
 
+def shard(items: list, rank: int, world_size: int) -> list:
+    """This rank's share: ``items[rank::world_size]``."""
+    return items[rank::world_size]
+
+
+def merge_shards(shards: list[list]) -> list:
+    """Undo :func:`shard`: item ``i`` is ``shards[i % world_size][i // world_size]``."""
+    world_size = len(shards)
+    merged: list = [None] * sum(len(s) for s in shards)
+    for rank, values in enumerate(shards):
+        merged[rank::world_size] = values
+    return merged
+
+
 def _gather(values: list[str], world) -> list[list[str]]:
     """Every rank's list, on every rank (JSON bytes by broadcast; no pickle)."""
     if world.world_size == 1:
@@ -79,7 +93,7 @@ def evaluate_model(model, processor, fusion: FusionConfig, datasets: list[EvalSp
         records = read_jsonl(dataset.val_jsonl)
         if max_samples is not None:
             records = records[:max_samples]
-        mine = records[world.rank::world.world_size]
+        mine = shard(records, world.rank, world.world_size)
         done = 0
 
         def progress(n: int, name: str = dataset.name, total: int = len(mine)) -> None:
@@ -94,12 +108,10 @@ def evaluate_model(model, processor, fusion: FusionConfig, datasets: list[EvalSp
         shards = _gather(answers, world)
         if not distributed.on_main(world):
             continue
-        ordered: list[str] = [""] * len(records)
-        for rank, shard in enumerate(shards):
-            ordered[rank::world.world_size] = shard
+        ordered = merge_shards(shards)
         directory = out_dir / dataset.name
         write_answers(directory / "answers.jsonl", record_keys(records), ordered)
-        score = score_records_file(dataset.val_jsonl, list(ordered), coord_format, processor=processor, records=records)
+        score = score_records_file(dataset.val_jsonl, ordered, coord_format, processor=processor, records=records)
         write_dataset(score, directory, dataset.name)
         results[dataset.name] = score.metrics
     if distributed.on_main(world) and results:
