@@ -16,16 +16,22 @@ eval_app = typer.Typer(help="Detection metrics (COCO mAP/AR, parse failures, dup
 
 
 def _processor(spec: str):
-    if spec == "tiny-qwen3-vl":
-        from hsm.config import ModelConfig
+    """The processor behind ``--processor``: a training config's model, the tiny one, or a local directory."""
+    from hsm.config import ModelConfig, load_config
+
+    if spec.endswith((".yaml", ".yml")):
+        model_cfg = load_config(spec).model
+    else:
+        model_cfg = ModelConfig(name_or_path=spec)
+    if model_cfg.name_or_path == "tiny-qwen3-vl":
         from hsm.model import build_processor
 
-        return build_processor(ModelConfig())
+        return build_processor(model_cfg)
     from transformers import AutoProcessor
 
-    if not Path(spec).is_dir():
-        raise FileNotFoundError(f"--processor {spec}: not a local directory (no downloads at run time)")
-    return AutoProcessor.from_pretrained(spec, local_files_only=True)
+    if not Path(model_cfg.name_or_path).is_dir():
+        raise FileNotFoundError(f"--processor {spec}: {model_cfg.name_or_path} is not a local directory (no downloads at run time)")
+    return AutoProcessor.from_pretrained(model_cfg.name_or_path, local_files_only=True)
 
 
 @eval_app.command("score")
@@ -34,13 +40,16 @@ def score(
     answers: Path = typer.Option(..., "--answers", help='JSONL of {"id": <record id>, "answer": "<raw text>"}.'),
     coord_format: str = typer.Option("rel1000", "--coord-format", help="rel1000 (0-1000 relative) or abs (resized pixels)."),
     processor: Optional[str] = typer.Option(
-        None, "--processor", help="For abs: a local processor directory, or tiny-qwen3-vl (its resize gives the pixels)."
+        None, "--processor",
+        help="For abs, the processor whose resize gave the answer's pixels: a training config YAML (its model), "
+        "a local processor directory, or tiny-qwen3-vl.",
     ),
     name: Optional[str] = typer.Option(None, "--name", help="Dataset name in the outputs (default: the records file's stem)."),
     out: Path = typer.Option(Path("eval_out"), "--out", help="Output folder (one subfolder per dataset)."),
 ) -> None:
     """Score answers produced by any engine against the records."""
     from hsm.answer import COORD_FORMATS
+    from hsm.config import ConfigError
     from hsm.eval.scoring import AnswerError, read_answers, record_keys, score_records_file, summary_table, write_dataset, write_metrics
     from hsm.records import RecordError, read_jsonl
 
@@ -54,7 +63,7 @@ def score(
         aligned = read_answers(answers, record_keys(rows))
         result = score_records_file(records, aligned, coord_format, records=rows,
                                     processor=_processor(processor) if processor else None)
-    except (RecordError, AnswerError, FileNotFoundError) as e:
+    except (RecordError, AnswerError, ConfigError, FileNotFoundError) as e:
         raise fail("eval score", str(e)) from e
     write_dataset(result, out / name, name)
     write_metrics({name: result.metrics}, out / "metrics.json")

@@ -283,3 +283,26 @@ def test_detection_eval_config_errors_name_the_key(section, message):
     with pytest.raises(ConfigError) as error:
         parse_config({"custom": {"fusion_config": {"target": {"name": "bbu"}}, "detection_eval": {"enabled": True, **section}}})
     assert message in str(error.value)
+
+
+def test_abs_answers_score_through_the_processors_resize(tmp_path):
+    from hsm.answer import format_answer, resized_size
+    from hsm.config import ModelConfig
+    from hsm.model import build_processor
+
+    records, _ = write_case(tmp_path)
+    processor = build_processor(ModelConfig())
+    answers = tmp_path / "abs.jsonl"
+    lines = []
+    for i, (rid, _, w, h, objects) in enumerate(RECORDS):
+        text = format_answer([b for _, b in objects], [lab for lab, _ in objects], w, h, "abs", resized_size(processor, w, h))
+        lines.append(json.dumps({"id": rid if rid is not None else i, "answer": text}))
+    answers.write_text("\n".join(lines) + "\n")
+    scored = {}
+    for coord_format in ("abs", "rel1000"):
+        result = runner.invoke(app, ["eval", "score", "--records", str(records), "--answers", str(answers), "--coord-format",
+                                     coord_format, "--processor", "tiny-qwen3-vl", "--out", str(tmp_path / coord_format)])
+        assert result.exit_code == 0, result.output
+        scored[coord_format] = json.loads((tmp_path / coord_format / "metrics.json").read_text())["val"]
+    assert scored["abs"]["AP50"] == 1.0 and scored["abs"]["tp50"] == sum(len(r[4]) for r in RECORDS)
+    assert scored["rel1000"]["AP50"] < 0.5  # the same text read in the wrong format misses
