@@ -171,15 +171,14 @@ def coco_summary(ground_truth: dict, detections: list[dict]) -> dict:
 
     A value COCO leaves undefined (no ground truth) is ``None``.
     """
-    import copy
-
     from faster_coco_eval import COCO, COCOeval_faster
 
     if not ground_truth["annotations"]:
         return {"mAP": None, "AP50": None, "AP75": None, "AR100": None, "per_class": {}}
     quiet = lambda *args, **kwargs: None  # noqa: E731
-    gt = COCO(copy.deepcopy(ground_truth), print_function=quiet)
-    dt = gt.loadRes(copy.deepcopy(detections))
+    # COCO adds keys to annotation dicts (ignore, area, id, segmentation): hand it copies of ours.
+    gt = COCO({**ground_truth, "annotations": [dict(a) for a in ground_truth["annotations"]]}, print_function=quiet)
+    dt = gt.loadRes([dict(d) for d in detections])
     evaluator = COCOeval_faster(gt, dt, "bbox", print_function=quiet)
     evaluator.evaluate()
     evaluator.accumulate()
