@@ -108,6 +108,10 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
                           run_id=_agreed_run_id(output_dir.name))
     else:
         trainer.use_sampler(sampler, fusion)
+    if cfg.custom.detection_eval is not None and cfg.custom.detection_eval.enabled:
+        from hsm.eval.callback import DetectionEvalCallback
+
+        trainer.add_callback(DetectionEvalCallback(trainer, cfg.custom.detection_eval, fusion, processor, cfg.model.coord_format))
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     from hsm import distributed
 
