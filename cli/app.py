@@ -7,6 +7,7 @@ import typer
 from hsm.cli.data import data_app
 from hsm.cli.demo import demo
 from hsm.cli.plan import plan
+from hsm.cli.report import report
 from hsm.cli.sql import sql
 from hsm.cli.train import train
 
@@ -23,6 +24,7 @@ app.command("train")(train)
 app.command("plan")(plan)
 app.command("sql")(sql)
 app.command("demo")(demo)
+app.command("report")(report)
 app.add_typer(data_app, name="data")
 
 
