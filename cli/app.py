@@ -19,6 +19,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: typer's rich panels label every flag <bool> as if it took a value.
+    rich_markup_mode=None,
 )
 app.command("train")(train)
 app.command("plan")(plan)

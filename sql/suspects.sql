@@ -17,7 +17,7 @@ per_sample AS (
     SELECT p.base_idx, min(p.sample_id) AS sample_id, count(*) AS n_epochs,
            avg(p.value) AS mean, stddev_pop(p.value) AS variability,
            bool_and(p.value >= c.cut) AS always_top,
-           list(round(p.value, 4) ORDER BY p.epoch) AS value_by_epoch
+           map(list(p.epoch ORDER BY p.epoch), list(round(p.value, 4) ORDER BY p.epoch)) AS value_by_epoch
     FROM per_epoch p JOIN epoch_cut c USING (epoch)
     GROUP BY p.base_idx
 ),
