@@ -97,7 +97,9 @@ def write_suspects_csv(rows: list[dict[str, Any]], path: Path) -> None:
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    path.write_text(buffer.getvalue(), encoding="utf-8")
+    from hsm.plan import write_bytes_atomic
+
+    write_bytes_atomic(buffer.getvalue().encode("utf-8"), path)
 
 
 def _facts(run: RunData) -> dict[str, Any]:
