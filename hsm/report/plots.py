@@ -113,6 +113,7 @@ def weights_figure(run: RunData) -> bytes:
     ax_hist.set_title(f"weights, plan epoch {run.epoch}")
     # Expected draws of sample i in epoch e: weight_i / sum(weight) * target draws in e (a triggered plan).
     lim = 0.0
+    labelled: set[float] = set()
     for e in sorted(run.plans):
         manifest = run.manifests[e]
         if not manifest.get("triggered") or e not in run.draws:
@@ -131,7 +132,9 @@ def weights_figure(run: RunData) -> bytes:
         ys = [actual[weight == w].mean() for w in groups]
         ax_draws.scatter(xs, ys, s=60, label=f"epoch {e}")
         for x, y, w in zip(xs, ys, groups):
-            ax_draws.annotate(f"w={w:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            if w not in labelled:  # one label per weight; later epochs sit at the same place
+                labelled.add(w)
+                ax_draws.annotate(f"w={w:g}", (x, y), textcoords="offset points", xytext=(6, -10), fontsize=8)
         lim = max(lim, max(xs), max(ys))
     if lim > 0:
         ax_draws.plot([0, lim * 1.1], [0, lim * 1.1], color="gray", linestyle="--", linewidth=1, label="draws = plan")
@@ -149,8 +152,9 @@ def data_map_figure(run: RunData) -> bytes:
     """Dataset Cartography: mean vs variability of the per-epoch metric, regions and suspects marked."""
     fig, (ax,) = _figure(1, width=7.0, height=5.0)
     dm = run.data_map
+    # Samples drawn in fewer than min_epochs epochs have no meaningful variability: not plotted.
     regions = np.array([r or "unmapped" for r in dm.region])
-    for region, color in (*REGION_COLORS.items(), ("unmapped", "#d9d9d9")):
+    for region, color in REGION_COLORS.items():
         mask = regions == region
         if mask.any():
             ax.scatter(dm.variability[mask], dm.mean[mask], s=10, alpha=0.7, color=color,
@@ -164,6 +168,8 @@ def data_map_figure(run: RunData) -> bytes:
         ax.axhline(t["mean_low"], color="#2a9d8f", linestyle="--", linewidth=1)
         ax.axvline(t["variability_high"], color="#e9c46a", linestyle="--", linewidth=1)
         ax.axvline(t["variability_median"], color="#c1121f", linestyle=":", linewidth=1)
+    if not (regions != "unmapped").any():
+        ax.text(0.5, 0.5, "no sample drawn in 3+ epochs yet", ha="center", va="center", transform=ax.transAxes)
     metric = "loss" if run.metric == "loss" else "1 - token_acc"
     ax.set_xlabel(f"variability (std of per-epoch {metric})")
     ax.set_ylabel(f"mean per-epoch {metric}")
