@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
-
-from hsm.cli.common import console, fail, hsm_dir_of
+from hsm.cli.common import console, fail, hsm_dir_of, print_table
 
 __all__ = ["plan"]
 
@@ -64,10 +63,16 @@ def plan(
                 dataset=dataset, skip_corrupt=skip_corrupt, write=not dry_run, dump_dir=run_dir,
             )
         except (CorruptEventFile, PlanError, SchemaError, StateMismatch, ValueError) as e:
-            raise fail("plan", str(e)) from e
+            raise fail("plan", _without_delete_advice(str(e)) if dry_run else str(e)) from e
     for warning in caught:
         console.print(f"[yellow]warning:[/] {warning.message}")
     _print_summary(result, hsm_dir)
+
+
+def _without_delete_advice(message: str) -> str:
+    """A dry run must not advise deleting hsm/state: drop the "; delete ..." advice, say what a dry run did."""
+    kept = re.split(r";\s*delete\b", message, maxsplit=1)[0]
+    return f"{kept} (--dry-run: nothing was changed; a dry run plans from the stored state as it is)"
 
 
 def _print_summary(result, hsm_dir: Path) -> None:
@@ -81,13 +86,13 @@ def _print_summary(result, hsm_dir: Path) -> None:
     trigger = "[green]applies[/]" if m["triggered"] else "[yellow]not applied[/]"
     console.print(f"  mode {m['mode']} on {m['metric']}: {trigger} ({m['trigger_reason']})")
     counts = m["counts"]
-    table = Table(title=None, show_edge=False)
-    for column in ("pool", "samples", "mean", "p50", "p90"):
-        table.add_column(column, justify="right" if column != "pool" else "left")
     regular = counts["eligible"] - counts["hard"]
-    table.add_row("hard", str(counts["hard"]), *(_fmt(m["scores"]["hard"][k]) for k in ("mean", "p50", "p90")))
-    table.add_row("regular", str(regular), *(_fmt(m["scores"]["regular"][k]) for k in ("mean", "p50", "p90")))
-    console.print(table)
+    print_table(
+        ["pool", "samples", "mean", "p50", "p90"],
+        [["hard", str(counts["hard"]), *(_fmt(m["scores"]["hard"][k]) for k in ("mean", "p50", "p90"))],
+         ["regular", str(regular), *(_fmt(m["scores"]["regular"][k]) for k in ("mean", "p50", "p90"))]],
+        right={"samples", "mean", "p50", "p90"},
+    )
     extra = f", regular drawn {counts['regular_drawn']}" if m["mode"] == "fixed_set" else ""
     console.print(f"  weights {_fmt(m['weights']['min'])}..{_fmt(m['weights']['max'])}, default {m['default_weight']}{extra}")
     if result.churn is not None:
@@ -96,5 +101,10 @@ def _print_summary(result, hsm_dir: Path) -> None:
             f"  churn vs epoch {result.epoch - 1}: kept {c['kept']}, added {c['added']}, removed {c['removed']}, "
             f"jaccard {c['jaccard']:.3f}"
         )
+    suspects = m.get("suspects")
+    if suspects is not None:
+        listed = ", ".join(suspects["sample_ids"][:10]) + (", ..." if suspects["count"] > 10 else "")
+        console.print(f"  label-noise suspects kept out of the hard set: {suspects['count']}"
+                      + (f" ({listed})" if listed else ""), soft_wrap=True)
     if result.written:
         console.print(f"  checksum {m['checksum'][:16]}")

@@ -34,10 +34,12 @@ __all__ = [
     "ModelConfig",
     "HsmConfig",
     "load_config",
+    "resolve_paths",
     "parse_config",
     "apply_overrides",
     "mining_config_hash",
     "LEGACY_LOADER_NAMES",
+    "small_target_warning",
     "decimal_fraction",
     "ceil_share",
 ]
@@ -140,6 +142,10 @@ class MiningConfig(_Strict):
     log_prefix: str = Field("hsm/", description="Prefix of every logged scalar.")
     engine: Literal["polars", "duckdb"] = Field("polars", description="Planner engine; both give identical plans.")
     seed: int = Field(42, ge=0, description="Seed of every plan-time and schedule-time random draw.")
+    exclude_suspects: bool = Field(
+        False, description="Keep label-noise suspects (hard in the top 10% of every epoch, >= 3 epochs, low "
+        "variability; see hsm.suspects) out of the hard set: weight 1, never upweighted; listed in the manifest."
+    )
 
     @model_validator(mode="after")
     def _resolve_metric(self) -> "MiningConfig":
@@ -434,8 +440,55 @@ def _list_index(node: list, part: str, parts: list[str]) -> int:
     return int(part)
 
 
+_TRAINING_PATH_KEYS = ("output_dir", "logging_dir", "resume_from_checkpoint")
+
+
+def _absolute(value: Any, base: Path) -> Any:
+    if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+        return str((base / value).resolve())
+    return value
+
+
+def resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make every relative path in a raw config absolute against ``base``, in place.
+
+    The paths: ``training.output_dir``, ``training.logging_dir``,
+    ``training.resume_from_checkpoint`` (when a string), ``deepspeed`` (when a string),
+    ``model.name_or_path`` (only when ``base / value`` exists: it may be a hub id),
+    and every dataset's ``train_jsonl`` and ``val_jsonl``. Other values are left
+    for validation to judge.
+    """
+    training = raw.get("training")
+    if isinstance(training, dict):
+        for key in _TRAINING_PATH_KEYS:
+            if key in training:
+                training[key] = _absolute(training[key], base)
+    if isinstance(raw.get("deepspeed"), str):
+        raw["deepspeed"] = _absolute(raw["deepspeed"], base)
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("name_or_path"), str):
+        name = model["name_or_path"]
+        if name and not Path(name).is_absolute() and (base / name).exists():
+            model["name_or_path"] = str((base / name).resolve())
+    custom = raw.get("custom")
+    fusion = custom.get("fusion_config") if isinstance(custom, dict) else None
+    if isinstance(fusion, dict):
+        sources = fusion.get("sources")
+        for dataset in [fusion.get("target"), *(sources if isinstance(sources, list) else [])]:
+            if isinstance(dataset, dict):
+                for key in ("train_jsonl", "val_jsonl"):
+                    if key in dataset:
+                        dataset[key] = _absolute(dataset[key], base)
+    return raw
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> HsmConfig:
-    """Read a YAML file, apply overrides, validate. Relative dataset paths resolve against the file."""
+    """Read a YAML file, apply overrides, validate.
+
+    Relative paths written in the file resolve against the file's directory;
+    relative paths given as ``KEY=VALUE`` overrides resolve against the working
+    directory (where the command was typed). See :func:`resolve_paths` for the keys.
+    """
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -443,20 +496,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> HsmConf
         raise ConfigError(str(path), ["file not found"]) from e
     except yaml.YAMLError as e:
         raise ConfigError(str(path), [f"not valid YAML: {e}"]) from e
-    raw = apply_overrides(raw if isinstance(raw, dict) else ({} if raw is None else raw), overrides or [])
+    raw = raw if isinstance(raw, dict) else ({} if raw is None else raw)
+    if isinstance(raw, dict):
+        resolve_paths(raw, path.resolve().parent)
+    raw = apply_overrides(raw, overrides or [])
+    if isinstance(raw, dict):
+        resolve_paths(raw, Path.cwd())
     config = parse_config(raw, str(path))
     config._source = str(path)
-    # A relative DeepSpeed path is looked up beside the YAML first, then from the working directory.
-    if isinstance(config.deepspeed, str) and not Path(config.deepspeed).is_absolute():
-        beside = path.parent / config.deepspeed
-        config.deepspeed = str(beside.resolve() if beside.is_file() else Path(config.deepspeed).resolve())
-    fusion = config.custom.fusion_config
-    if fusion is not None:
-        for dataset in [fusion.target, *fusion.sources]:
-            for field in ("train_jsonl", "val_jsonl"):
-                value = getattr(dataset, field)
-                if value is not None and not value.is_absolute():
-                    setattr(dataset, field, (path.parent / value).resolve())
     return config
 
 
@@ -465,3 +512,21 @@ def mining_config_hash(mining: MiningConfig, target_name: str | None) -> str:
     payload = mining.model_dump(mode="json", exclude={"dump", "log_prefix", "engine"})
     payload["target"] = target_name
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def small_target_warning(mode: str, n_hard: int, n_regular: int, n_target: int) -> str | None:
+    """What fixed_set does when ``n_hard + n_regular`` cover a target of ``n_target`` samples, else None.
+
+    With the defaults (500 + 150) every sample of a target smaller than 650 is drawn once per
+    epoch: mining changes nothing.
+    """
+    if mode != "fixed_set" or n_target <= 0 or n_hard + n_regular < n_target:
+        return None
+    if n_hard >= n_target:
+        what = f"hard_sample_size={n_hard} >= the {n_target} target samples: every sample is hard (weight 1)"
+    else:
+        what = (f"hard_sample_size + regular_sample_size = {n_hard} + {n_regular} >= the {n_target} target "
+                f"samples: every sample is drawn once per epoch")
+    example = f" (e.g. {n_target // 5} + {n_target // 10})" if n_target >= 10 else ""
+    return (f"fixed_set: {what}, so mining changes nothing; set hard_sample_size and regular_sample_size "
+            f"so that they add up to less than {n_target}{example}")

@@ -24,6 +24,7 @@ from hsm.events import PLANNER_COLUMNS, events_digest, list_event_files, read_ep
 from hsm.plan import DatasetInfo, plan_dir, read_manifest, write_json_atomic, write_plan
 from hsm.schemas import PLAN_SCHEMA
 from hsm.select import rank_order, select_plan
+from hsm.suspects import data_map, exclude_suspects, read_epoch_metrics
 from hsm.state import StateInfo, find_states, read_state, read_state_info, state_path, write_state
 from hsm.trigger import should_apply
 
@@ -104,15 +105,24 @@ def fold_pending(
     return state, info, folded, skipped, last_events
 
 
-def build_plan_table(state: pa.Table, target: str, mining: MiningConfig, epoch: int):
-    """Plan rows (every observed target sample, by ``base_idx``) and the selection behind them."""
+def build_plan_table(state: pa.Table, target: str, mining: MiningConfig, epoch: int,
+                     suspects: np.ndarray | None = None):
+    """Plan rows (every observed target sample, by ``base_idx``) and the selection behind them.
+
+    ``suspects``: ``base_idx`` of label-noise suspects kept out of the hard set (weight 1).
+    """
     # The state is sorted by (dataset, base_idx): the target is one contiguous, sorted slice.
     where = np.flatnonzero(pc.equal(state.column("dataset"), target).to_numpy(zero_copy_only=False))
     rows = state.slice(int(where[0]), len(where)) if len(where) else state.slice(0, 0)
     if len(where) and (where[-1] - where[0] + 1 != len(where) or np.any(np.diff(rows.column("base_idx").to_numpy()) <= 0)):
         raise ValueError("state is not sorted by (dataset, base_idx); it was not written by hsm")
     scores = rows.column("score").to_numpy()
-    selection = select_plan(scores, rows.column("sample_id").combine_chunks(), mining=mining, epoch=epoch)
+    is_suspect = np.isin(rows.column("base_idx").to_numpy(), suspects) if suspects is not None else None
+    selection = select_plan(scores if is_suspect is None else exclude_suspects(scores, is_suspect),
+                            rows.column("sample_id").combine_chunks(), mining=mining, epoch=epoch)
+    if is_suspect is not None:
+        selection.is_hard[is_suspect] = False
+        selection.weight[is_suspect] = 1.0
     table = pa.Table.from_arrays(
         [
             rows.column("sample_id"),
@@ -175,7 +185,11 @@ def plan_epoch(
     )
     if state is None:
         raise ValueError(f"{hsm_dir / 'events'}: no events for epochs < {epoch}; nothing to plan from")
-    table, selection = build_plan_table(state, target, mining, epoch)
+    suspects = None
+    if mining.exclude_suspects:
+        dm = data_map(read_epoch_metrics(hsm_dir, range(epoch), target, mining.metric, skip_corrupt=skip_corrupt))
+        suspects = dm.base_idx[dm.is_suspect]
+    table, selection = build_plan_table(state, target, mining, epoch, suspects)
     epoch_losses = {e: s["mean_loss"] for e, s in info.epoch_stats.items()}
     triggered, reason = should_apply(epoch, mining, epoch_losses, num_train_epochs)
     scores = table.column("score").to_numpy()
@@ -204,6 +218,10 @@ def plan_epoch(
         },
         "weights": {"min": float(weights.min()) if len(weights) else None, "max": float(weights.max()) if len(weights) else None},
         "scores": {"hard": _stats(hard_scores), "regular": _stats(regular_scores)},
+        "suspects": None if suspects is None else {
+            "count": len(suspects), "base_idx": suspects.tolist(),
+            "sample_ids": [dm.sample_id[k] for k in np.flatnonzero(dm.is_suspect)],
+        },
         "state_epoch": info.epoch,
         "engine": engine,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from hsm.config import ConfigError, HsmConfig
+from hsm.config import ConfigError, HsmConfig, small_target_warning
 
 __all__ = ["check_training_values", "training_arguments", "train"]
 
@@ -84,6 +85,11 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
     fusion = cfg.custom.fusion_config
     model, processor = load_model_and_processor(cfg.model, seed=args.seed)
     dataset = FusionDataset(fusion, processor, cfg.model, mining=mining, num_train_epochs=args.num_train_epochs)
+    if mining is not None:
+        note = small_target_warning(mining.mode, mining.hard_sample_size, mining.regular_sample_size,
+                                    dataset.target_info.size)
+        if note:
+            warnings.warn(f"hsm: {note}", stacklevel=2)
     eval_dataset = EvalDataset(dataset)
     collator = DetectionCollator(processor.tokenizer.pad_token_id)
     trainer_class = make_trainer_class(base_trainer or Trainer, mining=mining is not None)
