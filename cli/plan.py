@@ -14,6 +14,22 @@ from hsm.cli.common import console, fail, hsm_dir_of, print_table
 __all__ = ["plan"]
 
 
+_UNITS = {"": 1, "B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40,
+          "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+
+
+def _parse_bytes(text: str) -> int | None:
+    """``"4GB"`` -> bytes (binary units); None when it is not a size."""
+    number = text.strip().upper().rstrip()
+    unit = number.lstrip("0123456789.")
+    try:
+        value = float(number[: len(number) - len(unit)])
+    except ValueError:
+        return None
+    factor = _UNITS.get(unit.strip())
+    return int(value * factor) if factor is not None and value > 0 else None
+
+
 def _fmt(value) -> str:
     return "-" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
 
@@ -25,17 +41,35 @@ def plan(
     engine: Optional[str] = typer.Option(None, "--engine", help="polars or duckdb (default: the config's)."),
     num_epochs: Optional[float] = typer.Option(None, "--num-epochs", help="Planned epochs, for activate_after_pct."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Compute and print; write nothing."),
-    skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Skip unreadable event parts with a warning."),
+    skip_corrupt: bool = typer.Option(
+        False, "--skip-corrupt", help="Skip unreadable event parts, and drop duplicated events, with a warning."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Overwrite a plan built with other settings, or plan a target the run does not have."
+    ),
+    allow_empty: bool = typer.Option(
+        False, "--allow-empty", help="Fold epochs that have no events (normally refused: --epoch too far ahead?)."
+    ),
+    memory_limit: Optional[str] = typer.Option(
+        None, "--memory-limit", help="Fold budget, e.g. 4GB or 512MB; a bigger epoch is folded out of core "
+        "(spilling to --temp-dir). Default 3GB."
+    ),
+    temp_dir: Optional[Path] = typer.Option(None, "--temp-dir", help="Where an out-of-core fold spills (default: TMPDIR)."),
 ) -> None:
     """Update the state from events of epochs < N not yet folded, and write the plan for epoch N."""
     from hsm.config import ConfigError, load_config
     from hsm.events import CorruptEventFile
     from hsm.plan import DatasetInfo, PlanError
-    from hsm.planner import plan_epoch
+    from hsm.planner import EmptyEpochs, OutputError, PlanConflict, plan_epoch
     from hsm.schemas import SchemaError
     from hsm.state import StateMismatch
 
     hsm_dir = hsm_dir_of(run_dir)
+    limit_bytes = None
+    if memory_limit is not None:
+        limit_bytes = _parse_bytes(memory_limit)
+        if limit_bytes is None:
+            raise fail("plan", f"--memory-limit must be a size such as 4GB or 512MB, got {memory_limit!r}")
     config_path = config or hsm_dir / "config.yaml"
     if engine is not None and engine not in ("polars", "duckdb"):
         raise fail("plan", f"--engine must be polars or duckdb, got {engine!r}")
@@ -61,8 +95,10 @@ def plan(
             result = plan_epoch(
                 hsm_dir, epoch, mining, cfg.target_name, engine=engine, num_train_epochs=num_epochs,
                 dataset=dataset, skip_corrupt=skip_corrupt, write=not dry_run, dump_dir=run_dir,
+                force=force, allow_empty=allow_empty, memory_limit=limit_bytes, temp_directory=temp_dir,
             )
-        except (CorruptEventFile, PlanError, SchemaError, StateMismatch, ValueError) as e:
+        except (CorruptEventFile, PlanError, SchemaError, StateMismatch, PlanConflict, EmptyEpochs, OutputError,
+                ValueError) as e:
             raise fail("plan", _without_delete_advice(str(e)) if dry_run else str(e)) from e
     for warning in caught:
         console.print(f"[yellow]warning:[/] {warning.message}")
