@@ -79,6 +79,19 @@ def _manifests(hsm_dir: Path) -> dict[int, dict[str, Any]]:
     return out
 
 
+def _with_sample_ids(hsm_dir: Path, epoch: int, plan: pa.Table) -> pa.Table:
+    """The plan with its ``sample_id`` column, joined from the append-only id table (plans are keyed by base_idx)."""
+    if "sample_id" in plan.column_names:
+        return plan
+    from hsm.state import read_sample_ids
+
+    ids = read_sample_ids(hsm_dir, epoch - 1, dataset=None).select(["dataset", "base_idx", "sample_id"])
+    plan = plan.cast(pa.schema([f.with_type(pa.string()) if f.name == "dataset" else f for f in plan.schema]))
+    ids = ids.cast(pa.schema([f.with_type(pa.string()) if f.name == "dataset" else f for f in ids.schema]))
+    joined = plan.join(ids, keys=["dataset", "base_idx"], join_type="left outer")
+    return joined.sort_by([("base_idx", "ascending")])
+
+
 def load_run(run_dir: str | Path, *, epoch: int | None = None) -> RunData:
     """Read a run for the report; ``epoch`` picks the plan shown (default: the latest)."""
     import duckdb
@@ -97,7 +110,8 @@ def load_run(run_dir: str | Path, *, epoch: int | None = None) -> RunData:
         epoch = max(manifests)
     elif epoch not in manifests:
         raise ReportError(f"--epoch {epoch}: no plan for it; plans exist for epochs {sorted(manifests)}")
-    plans = {e: pq.read_table(hsm_dir / "plans" / f"epoch={e}" / "plan.parquet") for e in manifests}
+    plans = {e: _with_sample_ids(hsm_dir, e, pq.read_table(hsm_dir / "plans" / f"epoch={e}" / "plan.parquet"))
+             for e in manifests}
     latest = manifests[max(manifests)]
     target = latest["target"]["name"]
     metric = latest.get("metric") or "loss"
