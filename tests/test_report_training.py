@@ -1,35 +1,41 @@
-"""Oracle by construction: a target sample with a wrong label, trained with the real Trainer, becomes a suspect."""
+"""Oracle by construction: a target sample whose box is off its object, trained with the real Trainer, becomes a suspect."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hsm.config import load_config
 from hsm.run import train
 from hsm.suspects import data_map, read_epoch_metrics
-from hsm.synth import synthesize
+from hsm.synth import DOMAINS, render_image
 
 pytestmark = pytest.mark.slow
 
 WRONG = 5
 EPOCHS = 5
+OBJECT = (16, 16, 48, 48)
+OFF_OBJECT = (44, 44, 62, 62)
 
 
-def inject_wrong_label(train_jsonl, index: int) -> str:
-    """Shift every box of one record off its object (into the opposite corner) and give it a foreign class."""
-    lines = train_jsonl.read_text().splitlines()
-    record = json.loads(lines[index])
-    width, height = record["width"], record["height"]
-    objects = []
-    for k in range(6):  # six boxes where there is nothing, labelled with a class the target never uses
-        x1, y1 = (k * 9) % (width - 8), (k * 13) % (height - 8)
-        objects.append({"label": "lamp", "bbox": [x1, y1, x1 + 7, y1 + 7]})
-    record["objects"] = objects
-    lines[index] = json.dumps(record)
-    train_jsonl.write_text("\n".join(lines) + "\n")
-    return record["id"]
+def regular_corpus(root: Path, n: int = 40) -> dict[str, Path]:
+    """Target images with one object, always at OBJECT: the box is learnable. Record WRONG
+    points its box off the object (OFF_OBJECT): a label wrong by construction."""
+    classes, tint = DOMAINS["bbu"]
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    lines = []
+    for i in range(n):
+        label = classes[i % 4]
+        render_image(rng, 64, 64, tint, [(label, OBJECT)]).save(root / "images" / f"{i:03d}.png")
+        box = OFF_OBJECT if i == WRONG else OBJECT
+        lines.append(json.dumps({"id": f"t-{i:03d}", "image": f"images/{i:03d}.png", "width": 64, "height": 64,
+                                 "objects": [{"label": label, "bbox": list(box)}]}))
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return {"bbu": root / "train.jsonl"}
 
 
 def config(corpus, out, *extra):
@@ -43,8 +49,8 @@ def config(corpus, out, *extra):
 
 
 def test_wrong_label_becomes_a_suspect_and_is_kept_out(tmp_path):
-    corpus = synthesize(tmp_path / "corpus", n_target=40, n_source=2, n_val=2, hard_fraction=0.0)
-    wrong_id = inject_wrong_label(corpus["bbu"], WRONG)
+    corpus = regular_corpus(tmp_path / "corpus")
+    wrong_id = f"t-{WRONG:03d}"
     out = tmp_path / "run"
     train(config(corpus, out, "custom.hard_sample_mining.exclude_suspects=true"))
     hsm_dir = out / "hsm"
