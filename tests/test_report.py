@@ -144,3 +144,27 @@ def test_report_in_headless_chromium(run_dir, tmp_path):
         assert shot.size == (1280, 1000)
         # Not a blank page: the screenshot has many distinct colours (plots, thumbnails).
         assert len(shot.convert("RGB").getcolors(maxcolors=1 << 20)) > 100
+
+
+def test_predictions_beside_the_ground_truth(run_dir, tmp_path):
+    first = build_report(run_dir, tmp_path / "a.html", top_k=TOP_K)
+    hardest_id = first.html.read_text().split('data-sample-id="')[1].split('"')[0]
+    config = yaml.safe_load((run_dir / "hsm" / "config.yaml").read_text())
+    records = {r.id: r for r in read_jsonl(config["custom"]["fusion_config"]["target"]["train_jsonl"], check_images=False)}
+    record = records[hardest_id]
+    gt = record.objects[0]
+    # One exact hit on the first object, one box of a label that is nowhere: TP 1, FP 1, FN = the rest.
+    prediction = {"sample_id": hardest_id, "objects": [{"label": gt.label, "bbox": list(gt.bbox)},
+                                                       {"label": "no-such-label", "bbox": [0, 0, 5, 5]}]}
+    eval_dir = run_dir / "eval" / "epoch-4"
+    eval_dir.mkdir(parents=True)
+    try:
+        (eval_dir / "predictions.jsonl").write_text(json.dumps(prediction) + "\n")
+        html = build_report(run_dir, tmp_path / "b.html", top_k=TOP_K).html.read_text()
+    finally:
+        (eval_dir / "predictions.jsonl").unlink()
+        eval_dir.rmdir()
+        eval_dir.parent.rmdir()
+    card = html.split(f'data-sample-id="{hardest_id}"')[1].split('class="card"')[0]
+    assert card.count("<img ") == 2 and "predicted boxes" in card
+    assert f"<dd>1/1/{len(record.objects) - 1}</dd>" in card
