@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from hsm.config import load_config
+from hsm.planner import plan_epoch
 from hsm.run import train
 from hsm.suspects import data_map, read_epoch_metrics
 from hsm.synth import DOMAINS, render_image
@@ -43,7 +44,7 @@ def config(corpus, out, *extra):
         f"custom.fusion_config.target.train_jsonl={corpus['bbu']}", "custom.fusion_config.target.val_jsonl=null",
         "custom.fusion_config.sources=[]", "custom.fusion_config.augmentation.enabled=false",
         "custom.hard_sample_mining.dump=false", "custom.hard_sample_mining.selector={mode: top_k, k: 4}",
-        f"training.output_dir={out}", f"training.num_train_epochs={EPOCHS}", "training.per_device_train_batch_size=8",
+        f"training.output_dir={out}", f"training.num_train_epochs={EPOCHS}", "training.per_device_train_batch_size=4",
         "training.save_strategy='no'", "training.report_to=[]", "training.logging_steps=50", *extra,
     ])
 
@@ -64,5 +65,7 @@ def test_wrong_label_becomes_a_suspect_and_is_kept_out(tmp_path):
     plan = pq.read_table(hsm_dir / "plans" / f"epoch={EPOCHS}" / "plan.parquet").to_pydict()
     row = plan["base_idx"].index(WRONG)
     assert not plan["is_hard"][row] and plan["weight"][row] == 1.0
-    # Its score is still the highest: without the option it would be the first hard sample.
-    assert plan["score"][row] == max(plan["score"])
+    # Without the option the same state would put it in the hard set.
+    cfg = load_config(hsm_dir / "config.yaml", ["custom.hard_sample_mining.exclude_suspects=false"])
+    plain = plan_epoch(hsm_dir, EPOCHS, cfg.mining, "bbu", write=False).plan.to_pydict()
+    assert plain["is_hard"][plain["base_idx"].index(WRONG)]
