@@ -6,6 +6,7 @@ import typer
 
 from hsm.cli.data import data_app
 from hsm.cli.demo import demo
+from hsm.cli.eval import eval_app
 from hsm.cli.plan import plan
 from hsm.cli.report import report
 from hsm.cli.sql import sql
@@ -28,6 +29,7 @@ app.command("sql")(sql)
 app.command("demo")(demo)
 app.command("report")(report)
 app.add_typer(data_app, name="data")
+app.add_typer(eval_app, name="eval")
 
 
 def main() -> None:

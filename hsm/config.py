@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 __all__ = [
     "ConfigError",
@@ -29,6 +29,7 @@ __all__ = [
     "TargetConfig",
     "SourceConfig",
     "FusionConfig",
+    "DetectionEvalConfig",
     "CustomConfig",
     "ModelConfig",
     "HsmConfig",
@@ -148,7 +149,9 @@ class MiningConfig(_Strict):
 
     @model_validator(mode="after")
     def _resolve_metric(self) -> "MiningConfig":
-        ignored = sorted(k for k in self.model_fields_set if _MODE_KEYS.get(k, self.mode) != self.mode)
+        # Only keys changed from their default: a resolved config (hsm/config.yaml) holds every key.
+        ignored = sorted(k for k in self.model_fields_set if _MODE_KEYS.get(k, self.mode) != self.mode
+                         and getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True))
         if ignored and self.enabled:
             warnings.warn(
                 f"custom.hard_sample_mining: {', '.join(ignored)} do(es) not apply to mode '{self.mode}' and "
@@ -242,11 +245,45 @@ class FusionConfig(_Strict):
         return self
 
 
+class DetectionEvalConfig(_Strict):
+    """``custom.detection_eval``: ``hsm eval`` during training (greedy answers, COCO metrics)."""
+
+    enabled: bool = Field(False, description="Run detection evaluation during training.")
+    every: Literal["epoch"] | int = Field("epoch", description="'epoch': after every epoch; N: every N optimizer steps.")
+    datasets: list[str] = Field(
+        default_factory=lambda: ["target"],
+        description="'target', 'all' (the target and every source with a val_jsonl) or dataset names; "
+        "each is evaluated on its val_jsonl.",
+    )
+    max_new_tokens: int = Field(512, ge=1, description="Generation length limit per answer.")
+    max_samples: int | None = Field(None, ge=1, description="Evaluate the first N records of each val_jsonl (None: all).")
+    batch_size: int = Field(8, ge=1, description="Generation batch size per rank.")
+
+    @field_validator("every", mode="before")
+    @classmethod
+    def _every(cls, value: Any) -> Any:
+        if value == "epoch" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"must be 'epoch' or a number of optimizer steps >= 1, got {value!r}")
+
+
 class CustomConfig(_Strict):
     """``custom``: hsm's own sections."""
 
     hard_sample_mining: MiningConfig | None = Field(None, description="Hard-sample mining (absent = disabled).")
     fusion_config: FusionConfig | None = Field(None, description="The unified fusion loader.")
+    detection_eval: DetectionEvalConfig | None = Field(None, description="Detection metrics during training (absent = off).")
+
+    @model_validator(mode="after")
+    def _detection_eval_datasets(self) -> "CustomConfig":
+        evaluation, fusion = self.detection_eval, self.fusion_config
+        if evaluation is None or not evaluation.enabled or fusion is None:
+            return self
+        names = [fusion.target.name] + [s.name for s in fusion.sources]
+        unknown = [n for n in evaluation.datasets if n not in ("target", "all", *names)]
+        if unknown:
+            raise ValueError(f"detection_eval.datasets: {unknown} not in the fusion (accepted: target, all, {', '.join(names)})")
+        return self
 
 
 class ModelConfig(_Strict):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hsm.answer import resized_size
 from hsm.augment import augment, curriculum_strength, derive_aug_seed
 from hsm.config import AugmentationConfig, FusionConfig, MiningConfig, ModelConfig
 from hsm.encoding import Template, format_answer, resolve_prompts
@@ -118,11 +119,7 @@ class FusionDataset:
         height, width = image.shape[:2]
         resized = None
         if self.model_cfg.coord_format == "abs":
-            from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
-            rh, rw = smart_resize(height, width, factor=32, min_pixels=self.model_cfg.image_min_pixels,
-                                  max_pixels=self.model_cfg.image_max_pixels)
-            resized = (rw, rh)
+            resized = resized_size(self.template.processor, width, height)  # the processor's own factor and limits
         answer = format_answer(boxes, labels, width, height, self.model_cfg.coord_format, resized)
         prompts = self.prompts[code]
         encoded = self.template.encode(Image.fromarray(image), prompts.user, answer, system=prompts.system)
