@@ -177,7 +177,8 @@ def test_dry_run_never_advises_deleting_the_state(run_dir, tmp_path):
 
 
 def test_help_shows_no_bool_metavar():
-    for command in (["plan"], ["sql"], ["report"], ["train"], ["demo"], ["data", "import-coco"], ["data", "synth"], []):
+    for command in (["plan"], ["sql"], ["report"], ["train"], ["demo"], ["data", "import-coco"], ["data", "synth"],
+                    ["eval", "run"], ["eval", "score"], []):
         result = runner.invoke(app, [*command, "--help"])
         assert result.exit_code == 0, command
         assert "<bool>" not in result.output, command
