@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -10,24 +11,32 @@ from hsm.cli.common import console, fail
 
 __all__ = ["data_app"]
 
-data_app = typer.Typer(help="Detection data: import, synthesize, validate.", no_args_is_help=True)
+data_app = typer.Typer(help="Detection data: import, synthesize, validate.", no_args_is_help=True, rich_markup_mode=None)
 
 
 @data_app.command("import-coco")
 def import_coco(
     coco_json: Path = typer.Argument(..., help="COCO detection annotations (instances_*.json)."),
     images: Path = typer.Option(..., "--images", help="Folder holding the COCO images."),
-    out: Path = typer.Option(..., "--out", help="JSONL to write."),
+    out: Path = typer.Option(..., "--out", help="JSONL to write (the train split when --val-fraction > 0)."),
+    val_fraction: float = typer.Option(0.0, "--val-fraction", min=0.0, max=0.99,
+                                       help="Share of images written to OUT_STEM_val.jsonl as a val split."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the train/val draw."),
+    id_prefix: Optional[str] = typer.Option(None, "--id-prefix", help="Record ids are PREFIX-IMAGE_ID (default: OUT's stem)."),
 ) -> None:
     """Convert COCO detection annotations to hsm's JSONL record format."""
     from hsm.records import RecordError
     from hsm.records import import_coco as convert
 
     try:
-        count = convert(coco_json, images, out)
+        result = convert(coco_json, images, out, id_prefix=id_prefix, val_fraction=val_fraction, seed=seed)
     except RecordError as e:
         raise fail("data import-coco", str(e)) from e
-    console.print(f"wrote {count} records to {out}")
+    for line in result.warnings():
+        console.print(f"[yellow]warning:[/] {line}", soft_wrap=True)
+    console.print(f"wrote {result.n_train} records to {result.train_path.resolve()}", soft_wrap=True)
+    if result.val_path is not None:
+        console.print(f"wrote {result.n_val} records to {result.val_path.resolve()}", soft_wrap=True)
 
 
 @data_app.command("synth")
@@ -46,17 +55,18 @@ def synth(
 
 
 @data_app.command("validate")
-def validate(jsonl: Path = typer.Argument(..., help="JSONL to check, images included.")) -> None:
-    """Check every record and every image (existence, size)."""
-    from PIL import Image
+def validate(
+    jsonl: Path = typer.Argument(..., help="JSONL to check, images included."),
+    max_image_side: Optional[int] = typer.Option(
+        None, "--max-image-side", min=1, help="Also report images whose longer side exceeds this (fusion_config.max_image_side)."
+    ),
+) -> None:
+    """Check every record and every decoded image (existence, size); report every bad line."""
+    from hsm.records import validate_jsonl
 
-    from hsm.records import RecordError, check_image_size, read_jsonl
-
-    try:
-        records = read_jsonl(jsonl)
-        for record in records:
-            with Image.open(record.image) as img:
-                check_image_size(record, img.size, max_side=1 << 30)
-    except RecordError as e:
-        raise fail("data validate", str(e)) from e
-    console.print(f"{jsonl}: {len(records)} records OK")
+    count, problems = validate_jsonl(jsonl, max_side=max_image_side)
+    if problems:
+        shown = "\n".join(f"  {p}" for p in problems[:200])
+        more = f"\n  ... and {len(problems) - 200} more" if len(problems) > 200 else ""
+        raise fail("data validate", f"{jsonl}: {len(problems)} problem(s) in {count} readable record(s):\n{shown}{more}")
+    console.print(f"{jsonl}: {count} records OK")

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
-
-from hsm.cli.common import console, fail, hsm_dir_of
+from hsm.cli.common import console, fail, hsm_dir_of, print_table
 
 __all__ = ["plan"]
 
@@ -88,6 +87,9 @@ def plan(
     if dataset_file.is_file():
         target = json.loads(dataset_file.read_text())["target"]
         dataset = DatasetInfo(target["name"], int(target["size"]), target.get("fingerprint"))
+    run_info = hsm_dir / "run.json"  # the epochs training really ran (max_steps may drive them)
+    if num_epochs is None and run_info.is_file():
+        num_epochs = float(json.loads(run_info.read_text())["num_train_epochs"])
     if num_epochs is None and "num_train_epochs" in cfg.training:
         num_epochs = float(cfg.training["num_train_epochs"])
     with warnings.catch_warnings(record=True) as caught:
@@ -100,10 +102,16 @@ def plan(
             )
         except (CorruptEventFile, PlanError, SchemaError, StateMismatch, PlanConflict, EmptyEpochs, OutputError,
                 ValueError) as e:
-            raise fail("plan", str(e)) from e
+            raise fail("plan", _without_delete_advice(str(e)) if dry_run else str(e)) from e
     for warning in caught:
         console.print(f"[yellow]warning:[/] {warning.message}")
     _print_summary(result, hsm_dir)
+
+
+def _without_delete_advice(message: str) -> str:
+    """A dry run must not advise deleting hsm/state: drop the "; delete ..." advice, say what a dry run did."""
+    kept = re.split(r";\s*delete\b", message, maxsplit=1)[0]
+    return f"{kept} (--dry-run: nothing was changed; a dry run plans from the stored state as it is)"
 
 
 def _print_summary(result, hsm_dir: Path) -> None:
@@ -117,13 +125,13 @@ def _print_summary(result, hsm_dir: Path) -> None:
     trigger = "[green]applies[/]" if m["triggered"] else "[yellow]not applied[/]"
     console.print(f"  mode {m['mode']} on {m['metric']}: {trigger} ({m['trigger_reason']})")
     counts = m["counts"]
-    table = Table(title=None, show_edge=False)
-    for column in ("pool", "samples", "mean", "p50", "p90"):
-        table.add_column(column, justify="right" if column != "pool" else "left")
     regular = counts["eligible"] - counts["hard"]
-    table.add_row("hard", str(counts["hard"]), *(_fmt(m["scores"]["hard"][k]) for k in ("mean", "p50", "p90")))
-    table.add_row("regular", str(regular), *(_fmt(m["scores"]["regular"][k]) for k in ("mean", "p50", "p90")))
-    console.print(table)
+    print_table(
+        ["pool", "samples", "mean", "p50", "p90"],
+        [["hard", str(counts["hard"]), *(_fmt(m["scores"]["hard"][k]) for k in ("mean", "p50", "p90"))],
+         ["regular", str(regular), *(_fmt(m["scores"]["regular"][k]) for k in ("mean", "p50", "p90"))]],
+        right={"samples", "mean", "p50", "p90"},
+    )
     extra = f", regular drawn {counts['regular_drawn']}" if m["mode"] == "fixed_set" else ""
     console.print(f"  weights {_fmt(m['weights']['min'])}..{_fmt(m['weights']['max'])}, default {m['default_weight']}{extra}")
     if result.churn is not None:
@@ -132,5 +140,10 @@ def _print_summary(result, hsm_dir: Path) -> None:
             f"  churn vs epoch {result.epoch - 1}: kept {c['kept']}, added {c['added']}, removed {c['removed']}, "
             f"jaccard {c['jaccard']:.3f}"
         )
+    suspects = m.get("suspects")
+    if suspects is not None:
+        listed = ", ".join(suspects["sample_ids"][:10]) + (", ..." if suspects["count"] > 10 else "")
+        console.print(f"  label-noise suspects kept out of the hard set: {suspects['count']}"
+                      + (f" ({listed})" if listed else ""), soft_wrap=True)
     if result.written:
         console.print(f"  checksum {m['checksum'][:16]}")

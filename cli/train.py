@@ -19,28 +19,40 @@ def train(
     """Fine-tune with hard-sample mining (or plain fusion training when mining is off)."""
     from hsm.config import ConfigError, load_config
 
-    try:
-        cfg = load_config(config, overrides or [])
-    except ConfigError as e:
-        raise fail("train", str(e)) from e
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            cfg = load_config(config, overrides or [])
+        except ConfigError as e:
+            raise fail("train", str(e)) from e
+    for warning in caught:
+        console.print(f"[yellow]warning:[/] {warning.message}", soft_wrap=True)
+    from hsm.plan import PlanError
     from hsm.records import RecordError
     from hsm.run import train as run_training
 
     try:
         summary = run_training(cfg)
-    except (ConfigError, RecordError, FileNotFoundError) as e:
+    except (ConfigError, RecordError, PlanError, FileNotFoundError) as e:
         raise fail("train", str(e)) from e
+    except OSError as e:  # read-only directory, a file where a directory must go, disk full
+        raise fail("train", f"{e.filename or cfg.training.get('output_dir')}: cannot write ({e.strerror or e}); "
+                            "choose another training.output_dir or fix the permissions") from e
     trainer = summary["trainer"]
     if not trainer.is_world_process_zero():
         return
-    run_dir = summary["output_dir"]
-    console.print(f"\n[bold]hsm train done[/]: {summary['global_step']} steps, train loss {summary['train_loss']:.4f}")
-    console.print(f"  output:      {run_dir}")
+    run_dir = Path(summary["output_dir"]).resolve()
+    summary = dict(summary, hsm_dir=str(Path(summary["hsm_dir"]).resolve()))
+    console.print(f"\n[bold]hsm train done[/]: {summary['global_step']} steps, train loss {summary['train_loss']:.4f}", soft_wrap=True)
+    console.print(f"  output:      {run_dir}", soft_wrap=True)
     if summary["mining"]:
-        console.print(f"  events:      {summary['hsm_dir']}/events/epoch=E/rank=R/part-*.parquet")
-        console.print(f"  plans:       {summary['hsm_dir']}/plans/epoch=E/(plan.parquet, manifest.json)")
-        console.print(f"  look into it: hsm sql --run-dir {run_dir} difficulty_trend   (hsm sql --list for more)")
-    console.print(f"  tensorboard: tensorboard --logdir {run_dir}")
+        console.print(f"  events:      {summary['hsm_dir']}/events/epoch=E/rank=R/part-*.parquet", soft_wrap=True)
+        console.print(f"  plans:       {summary['hsm_dir']}/plans/epoch=E/(plan.parquet, manifest.json)", soft_wrap=True)
+        console.print(f"  look into it: hsm sql --run-dir {run_dir} difficulty_trend   (hsm sql --list for more)", soft_wrap=True)
+        console.print(f"  report:      hsm report --run-dir {run_dir}", soft_wrap=True)
+    console.print(f"  tensorboard: tensorboard --logdir {run_dir}", soft_wrap=True)
     from hsm import distributed
 
     if distributed.is_initialized():

@@ -12,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 __all__ = [
     "ConfigError",
@@ -27,14 +29,19 @@ __all__ = [
     "TargetConfig",
     "SourceConfig",
     "FusionConfig",
+    "DetectionEvalConfig",
     "CustomConfig",
     "ModelConfig",
     "HsmConfig",
     "load_config",
+    "resolve_paths",
     "parse_config",
     "apply_overrides",
     "mining_config_hash",
     "LEGACY_LOADER_NAMES",
+    "small_target_warning",
+    "decimal_fraction",
+    "ceil_share",
 ]
 
 LEGACY_LOADER_NAMES = ("MultiSourceFusionDataset", "multi_source_fusion", "multi_source")
@@ -42,6 +49,24 @@ _LEGACY_MESSAGE = (
     "the legacy multi-source loader ({name}) was removed; custom.fusion_config always "
     "uses the unified fusion loader (hsm.fusion.FusionDataset): delete this key"
 )
+
+
+def decimal_fraction(value: float) -> Fraction:
+    """``value`` as the decimal the user wrote: ``Fraction(str(0.07))`` is exactly 7/100.
+
+    ``str`` of a float is its shortest round-tripping decimal, which is what YAML
+    (or a ``KEY=VALUE`` override) held.
+    """
+    return Fraction(str(value))
+
+
+def ceil_share(value: float, n: int) -> int:
+    """``ceil(value * n)`` computed exactly on the decimal ``value``.
+
+    Naive (wrong) equivalent: ``math.ceil(value * n)``, which gives 106 for
+    ``0.07 * 1500`` because the float product is 105.00000000000001.
+    """
+    return math.ceil(decimal_fraction(value) * n)
 
 
 class ConfigError(ValueError):
@@ -74,6 +99,14 @@ class SelectorConfig(_Strict):
         if self.mode == "threshold" and self.threshold is None:
             raise ValueError("threshold: selector.mode 'threshold' needs selector.threshold (a number)")
         return self
+
+
+# Keys that only one mode reads; setting one under another mode is warned about.
+_MODE_KEYS = {
+    "selector": "reweight", "hard_weight": "reweight",
+    "hard_sample_size": "fixed_set", "regular_sample_size": "fixed_set", "target_epoch_size": "fixed_set",
+    "hard_pool_frac": "dynamic", "hard_pool_k": "dynamic",
+}
 
 
 class MiningConfig(_Strict):
@@ -126,9 +159,22 @@ class MiningConfig(_Strict):
     )
     engine: Literal["polars", "duckdb"] = Field("polars", description="Planner engine; both give identical plans.")
     seed: int = Field(42, ge=0, description="Seed of every plan-time and schedule-time random draw.")
+    exclude_suspects: bool = Field(
+        False, description="Keep label-noise suspects (>= 3 epochs, top 10% by mean per-epoch metric, "
+        "variability <= median; see hsm.suspects) out of the hard set: weight 1, never upweighted; listed in the manifest."
+    )
 
     @model_validator(mode="after")
     def _resolve_metric(self) -> "MiningConfig":
+        # Only keys changed from their default: a resolved config (hsm/config.yaml) holds every key.
+        ignored = sorted(k for k in self.model_fields_set if _MODE_KEYS.get(k, self.mode) != self.mode
+                         and getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True))
+        if ignored and self.enabled:
+            warnings.warn(
+                f"custom.hard_sample_mining: {', '.join(ignored)} do(es) not apply to mode '{self.mode}' and "
+                f"is ignored ({'; '.join(f'{k} is for {_MODE_KEYS[k]}' for k in ignored)})",
+                UserWarning, stacklevel=2,
+            )
         if self.metric is None:
             self.metric = "token_acc" if self.mode == "dynamic" else "loss"
         if self.mode == "fixed_set" and self.hard_sample_size + self.regular_sample_size == 0:
@@ -142,11 +188,11 @@ class MiningConfig(_Strict):
         if self.mode == "dynamic":
             if self.hard_pool_k is not None:
                 return min(self.hard_pool_k, n_eligible)
-            return min(math.ceil(self.hard_pool_frac * n_eligible), n_eligible)
+            return min(ceil_share(self.hard_pool_frac, n_eligible), n_eligible)
         if self.selector.mode == "top_k":
             return min(self.selector.k, n_eligible)
         if self.selector.mode == "percentile":
-            return min(math.ceil(self.selector.value * n_eligible), n_eligible)
+            return min(ceil_share(self.selector.value, n_eligible), n_eligible)
         return None
 
 
@@ -216,11 +262,45 @@ class FusionConfig(_Strict):
         return self
 
 
+class DetectionEvalConfig(_Strict):
+    """``custom.detection_eval``: ``hsm eval`` during training (greedy answers, COCO metrics)."""
+
+    enabled: bool = Field(False, description="Run detection evaluation during training.")
+    every: Literal["epoch"] | int = Field("epoch", description="'epoch': after every epoch; N: every N optimizer steps.")
+    datasets: list[str] = Field(
+        default_factory=lambda: ["target"],
+        description="'target', 'all' (the target and every source with a val_jsonl) or dataset names; "
+        "each is evaluated on its val_jsonl.",
+    )
+    max_new_tokens: int = Field(512, ge=1, description="Generation length limit per answer.")
+    max_samples: int | None = Field(None, ge=1, description="Evaluate the first N records of each val_jsonl (None: all).")
+    batch_size: int = Field(8, ge=1, description="Generation batch size per rank.")
+
+    @field_validator("every", mode="before")
+    @classmethod
+    def _every(cls, value: Any) -> Any:
+        if value == "epoch" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"must be 'epoch' or a number of optimizer steps >= 1, got {value!r}")
+
+
 class CustomConfig(_Strict):
     """``custom``: hsm's own sections."""
 
     hard_sample_mining: MiningConfig | None = Field(None, description="Hard-sample mining (absent = disabled).")
     fusion_config: FusionConfig | None = Field(None, description="The unified fusion loader.")
+    detection_eval: DetectionEvalConfig | None = Field(None, description="Detection metrics during training (absent = off).")
+
+    @model_validator(mode="after")
+    def _detection_eval_datasets(self) -> "CustomConfig":
+        evaluation, fusion = self.detection_eval, self.fusion_config
+        if evaluation is None or not evaluation.enabled or fusion is None:
+            return self
+        names = [fusion.target.name] + [s.name for s in fusion.sources]
+        unknown = [n for n in evaluation.datasets if n not in ("target", "all", *names)]
+        if unknown:
+            raise ValueError(f"detection_eval.datasets: {unknown} not in the fusion (accepted: target, all, {', '.join(names)})")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -244,6 +324,12 @@ class HsmConfig(_Strict):
     training: dict[str, Any] = Field(default_factory=dict, description="transformers.TrainingArguments fields.")
     deepspeed: str | dict[str, Any] | None = Field(None, description="DeepSpeed config (path or mapping).")
     custom: CustomConfig = Field(default_factory=CustomConfig, description="hsm sections.")
+    _source: str = PrivateAttr("<config>")
+
+    @property
+    def source(self) -> str:
+        """The file this config was read from (for error messages)."""
+        return self._source
 
     @property
     def mining(self) -> MiningConfig | None:
@@ -371,8 +457,55 @@ def _list_index(node: list, part: str, parts: list[str]) -> int:
     return int(part)
 
 
+_TRAINING_PATH_KEYS = ("output_dir", "logging_dir", "resume_from_checkpoint")
+
+
+def _absolute(value: Any, base: Path) -> Any:
+    if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+        return str((base / value).resolve())
+    return value
+
+
+def resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make every relative path in a raw config absolute against ``base``, in place.
+
+    The paths: ``training.output_dir``, ``training.logging_dir``,
+    ``training.resume_from_checkpoint`` (when a string), ``deepspeed`` (when a string),
+    ``model.name_or_path`` (only when ``base / value`` exists: it may be a hub id),
+    and every dataset's ``train_jsonl`` and ``val_jsonl``. Other values are left
+    for validation to judge.
+    """
+    training = raw.get("training")
+    if isinstance(training, dict):
+        for key in _TRAINING_PATH_KEYS:
+            if key in training:
+                training[key] = _absolute(training[key], base)
+    if isinstance(raw.get("deepspeed"), str):
+        raw["deepspeed"] = _absolute(raw["deepspeed"], base)
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("name_or_path"), str):
+        name = model["name_or_path"]
+        if name and not Path(name).is_absolute() and (base / name).exists():
+            model["name_or_path"] = str((base / name).resolve())
+    custom = raw.get("custom")
+    fusion = custom.get("fusion_config") if isinstance(custom, dict) else None
+    if isinstance(fusion, dict):
+        sources = fusion.get("sources")
+        for dataset in [fusion.get("target"), *(sources if isinstance(sources, list) else [])]:
+            if isinstance(dataset, dict):
+                for key in ("train_jsonl", "val_jsonl"):
+                    if key in dataset:
+                        dataset[key] = _absolute(dataset[key], base)
+    return raw
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> HsmConfig:
-    """Read a YAML file, apply overrides, validate. Relative dataset paths resolve against the file."""
+    """Read a YAML file, apply overrides, validate.
+
+    Relative paths written in the file resolve against the file's directory;
+    relative paths given as ``KEY=VALUE`` overrides resolve against the working
+    directory (where the command was typed). See :func:`resolve_paths` for the keys.
+    """
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -380,19 +513,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> HsmConf
         raise ConfigError(str(path), ["file not found"]) from e
     except yaml.YAMLError as e:
         raise ConfigError(str(path), [f"not valid YAML: {e}"]) from e
-    raw = apply_overrides(raw if isinstance(raw, dict) else ({} if raw is None else raw), overrides or [])
+    raw = raw if isinstance(raw, dict) else ({} if raw is None else raw)
+    if isinstance(raw, dict):
+        resolve_paths(raw, path.resolve().parent)
+    raw = apply_overrides(raw, overrides or [])
+    if isinstance(raw, dict):
+        resolve_paths(raw, Path.cwd())
     config = parse_config(raw, str(path))
-    # A relative DeepSpeed path is looked up beside the YAML first, then from the working directory.
-    if isinstance(config.deepspeed, str) and not Path(config.deepspeed).is_absolute():
-        beside = path.parent / config.deepspeed
-        config.deepspeed = str(beside.resolve() if beside.is_file() else Path(config.deepspeed).resolve())
-    fusion = config.custom.fusion_config
-    if fusion is not None:
-        for dataset in [fusion.target, *fusion.sources]:
-            for field in ("train_jsonl", "val_jsonl"):
-                value = getattr(dataset, field)
-                if value is not None and not value.is_absolute():
-                    setattr(dataset, field, (path.parent / value).resolve())
+    config._source = str(path)
     return config
 
 
@@ -401,3 +529,21 @@ def mining_config_hash(mining: MiningConfig, target_name: str | None) -> str:
     payload = mining.model_dump(mode="json", exclude={"dump", "log_prefix", "engine"})
     payload["target"] = target_name
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def small_target_warning(mode: str, n_hard: int, n_regular: int, n_target: int) -> str | None:
+    """What fixed_set does when ``n_hard + n_regular`` cover a target of ``n_target`` samples, else None.
+
+    With the defaults (500 + 150) every sample of a target smaller than 650 is drawn once per
+    epoch: mining changes nothing.
+    """
+    if mode != "fixed_set" or n_target <= 0 or n_hard + n_regular < n_target:
+        return None
+    if n_hard >= n_target:
+        what = f"hard_sample_size={n_hard} >= the {n_target} target samples: every sample is hard (weight 1)"
+    else:
+        what = (f"hard_sample_size + regular_sample_size = {n_hard} + {n_regular} >= the {n_target} target "
+                f"samples: every sample is drawn once per epoch")
+    example = f" (e.g. {n_target // 5} + {n_target // 10})" if n_target >= 10 else ""
+    return (f"fixed_set: {what}, so mining changes nothing; set hard_sample_size and regular_sample_size "
+            f"so that they add up to less than {n_target}{example}")

@@ -36,6 +36,7 @@ from hsm.events import (
 from hsm.plan import DatasetInfo, plan_dir, read_manifest, write_json_atomic, write_plan
 from hsm.schemas import EVENT_SCHEMA, PLAN_SCHEMA, SAMPLE_ID_SCHEMA, SchemaError, check_schema, conform
 from hsm.select import rank_order, select_plan
+from hsm.suspects import data_map, read_epoch_metrics
 from hsm.state import (
     PER_EPOCH_AGGREGATES,
     STATE_VERSION,
@@ -501,13 +502,15 @@ def stale_scores(scores: np.ndarray, last_epoch: np.ndarray, epoch: int, mining:
 
 
 def build_plan_table(
-    state: pa.Table, names: list[str], target: str, mining: MiningConfig, epoch: int, sample_ids=None
+    state: pa.Table, names: list[str], target: str, mining: MiningConfig, epoch: int, sample_ids=None,
+    suspects: np.ndarray | None = None,
 ):
     """Plan rows (every observed target sample, by ``base_idx``) and the selection behind them.
 
     ``sample_ids(base_idx) -> pa.Array`` gives the ids of target samples; it is called only
     to break ties at the selection boundary. ``stale_after`` adjusts the scores
     (:func:`stale_scores`) or excludes stale samples from the hard set (``flag``).
+    ``suspects``: ``base_idx`` of label-noise suspects, never hard and weight 1.
     """
     base_idx, start, stop = target_rows(state, names, target)
     rows = state.slice(start, stop - start)
@@ -518,8 +521,13 @@ def build_plan_table(
         scores = stale_scores(scores, last_epoch, epoch, mining)
         if mining.stale_policy == "flag":
             excluded = stale_mask(last_epoch, epoch, mining)
+    is_suspect = np.isin(base_idx, suspects) if suspects is not None else None
+    if is_suspect is not None:
+        excluded = is_suspect if excluded is None else (excluded | is_suspect)
     ids_of = (lambda subset: sample_ids(base_idx[subset])) if sample_ids is not None else None
     selection = select_plan(scores, ids_of, mining=mining, epoch=epoch, excluded=excluded)
+    if is_suspect is not None:
+        selection.weight[is_suspect] = 1.0  # suspects keep the regular weight, never upweighted
     dataset = pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(base_idx), dtype=np.int32)), pa.array([target]))
     table = pa.Table.from_arrays(
         [dataset, pa.array(base_idx), pa.array(scores), rows.column("n_obs"),
@@ -688,7 +696,11 @@ def _plan_from(hsm_dir: Path, epoch: int, mining: MiningConfig, target: str, fol
     if state is None:
         raise ValueError(f"{hsm_dir / 'events'}: no events for epochs < {epoch}; nothing to plan from")
     sample_ids = id_lookup(hsm_dir, folded, target)
-    table, selection = build_plan_table(state, info.datasets, target, mining, epoch, sample_ids)
+    suspects = dm = None
+    if mining.exclude_suspects:
+        dm = data_map(read_epoch_metrics(hsm_dir, range(epoch), target, mining.metric))
+        suspects = dm.base_idx[dm.is_suspect]
+    table, selection = build_plan_table(state, info.datasets, target, mining, epoch, sample_ids, suspects)
     epoch_losses = {e: s["mean_loss"] for e, s in info.epoch_stats.items()}
     triggered, reason = should_apply(epoch, mining, epoch_losses, num_train_epochs)
     scores = table.column("score").to_numpy()
@@ -718,6 +730,10 @@ def _plan_from(hsm_dir: Path, epoch: int, mining: MiningConfig, target: str, fol
         },
         "weights": {"min": float(weights.min()) if len(weights) else None, "max": float(weights.max()) if len(weights) else None},
         "scores": {"hard": _stats(hard_scores), "regular": _stats(regular_scores)},
+        "suspects": None if suspects is None else {
+            "count": len(suspects), "base_idx": suspects.tolist(),
+            "sample_ids": [dm.sample_id[k] for k in np.flatnonzero(dm.is_suspect)],
+        },
         "state_epoch": info.epoch,
         "engine": engine,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

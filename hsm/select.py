@@ -11,6 +11,7 @@ when ties at the selection boundary need the strings.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Union
 
@@ -18,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hsm.config import MiningConfig
+from hsm.config import MiningConfig, small_target_warning
 
 __all__ = ["SampleIds", "Selection", "hardest_mask", "rank_order", "draw_regular", "select_plan", "REGULAR_DRAW_STREAM"]
 
@@ -127,6 +128,9 @@ def select_plan(
         weight = np.where(is_hard, mining.hard_weight, 1.0)
         return Selection(is_hard, weight, 1.0, 0, None)
     if mining.mode == "fixed_set":
+        note = small_target_warning(mining.mode, mining.hard_sample_size, mining.regular_sample_size, total)
+        if note:
+            warnings.warn(f"hsm: {note}", stacklevel=2)
         regular = draw_regular(np.flatnonzero(~is_hard), mining.regular_sample_size, seed=mining.seed, epoch=epoch)
         weight = is_hard.astype(np.float64)
         weight[regular] = 1.0

@@ -1,0 +1,186 @@
+"""What the report shows, gathered from a run directory into plain values.
+
+Reads the run's ``hsm/`` artefacts (manifests, plans, events, the saved config)
+once; everything after this module is a pure function of :class:`RunData`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hsm.suspects import DataMap, data_map, read_epoch_metrics
+
+__all__ = ["ReportError", "SampleStats", "RunData", "load_run", "read_predictions", "order_by_score"]
+
+
+class ReportError(ValueError):
+    """The run directory cannot be reported on; the message says what is missing."""
+
+
+@dataclass
+class SampleStats:
+    """Per target sample aggregates over the whole event log, keyed by ``base_idx``."""
+
+    loss_by_epoch: dict[int, dict[int, float]]
+    token_acc: dict[int, float]  # mean over the run
+    times_drawn: dict[int, int]
+
+
+@dataclass
+class RunData:
+    """Everything the report needs from one run."""
+
+    run_dir: Path
+    config_text: str
+    config: dict[str, Any]
+    target: str
+    metric: str
+    manifests: dict[int, dict[str, Any]]  # plan epoch -> manifest
+    plans: dict[int, pa.Table]  # plan epoch -> plan rows
+    epoch: int  # the plan epoch shown in galleries and the weight histogram
+    dataset_loss: dict[str, dict[int, float]]  # dataset -> epoch -> mean train loss
+    draws: dict[int, dict[int, int]]  # event epoch -> base_idx -> times drawn (target)
+    stats: SampleStats
+    data_map: DataMap
+    dataset_info: dict[str, Any] | None
+    predictions: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _config(hsm_dir: Path) -> tuple[str, dict[str, Any]]:
+    import yaml
+
+    path = hsm_dir / "config.yaml"
+    if not path.is_file():
+        raise ReportError(f"{path}: not found; is {hsm_dir.parent} the output_dir of an hsm train run?")
+    text = path.read_text(encoding="utf-8")
+    try:
+        return text, yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ReportError(f"{path}: not valid YAML ({e})") from e
+
+
+def _manifests(hsm_dir: Path) -> dict[int, dict[str, Any]]:
+    out = {}
+    for path in sorted((hsm_dir / "plans").glob("epoch=*/manifest.json")):
+        epoch = path.parent.name.partition("=")[2]
+        if not epoch.isdigit():
+            continue
+        try:
+            out[int(epoch)] = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ReportError(f"{path}: not valid JSON ({e}); re-run hsm plan --epoch {epoch}") from e
+    return out
+
+
+def _with_sample_ids(hsm_dir: Path, epoch: int, plan: pa.Table) -> pa.Table:
+    """The plan with its ``sample_id`` column, joined from the append-only id table (plans are keyed by base_idx)."""
+    if "sample_id" in plan.column_names:
+        return plan
+    from hsm.state import read_sample_ids
+
+    ids = read_sample_ids(hsm_dir, epoch - 1, dataset=None).select(["dataset", "base_idx", "sample_id"])
+    plan = plan.cast(pa.schema([f.with_type(pa.string()) if f.name == "dataset" else f for f in plan.schema]))
+    ids = ids.cast(pa.schema([f.with_type(pa.string()) if f.name == "dataset" else f for f in ids.schema]))
+    joined = plan.join(ids, keys=["dataset", "base_idx"], join_type="left outer")
+    return joined.sort_by([("base_idx", "ascending")])
+
+
+def load_run(run_dir: str | Path, *, epoch: int | None = None) -> RunData:
+    """Read a run for the report; ``epoch`` picks the plan shown (default: the latest)."""
+    import duckdb
+
+    from hsm.queries import connect
+
+    run_dir = Path(run_dir)
+    hsm_dir = run_dir / "hsm"
+    if not hsm_dir.is_dir():
+        raise ReportError(f"{run_dir}: no hsm/ directory; is this a run's output_dir?")
+    config_text, config = _config(hsm_dir)
+    manifests = _manifests(hsm_dir)
+    if not manifests:
+        raise ReportError(f"{hsm_dir / 'plans'}: no plans yet; train for 2+ epochs or run hsm plan --epoch 1")
+    if epoch is None:
+        epoch = max(manifests)
+    elif epoch not in manifests:
+        raise ReportError(f"--epoch {epoch}: no plan for it; plans exist for epochs {sorted(manifests)}")
+    plans = {e: _with_sample_ids(hsm_dir, e, pq.read_table(hsm_dir / "plans" / f"epoch={e}" / "plan.parquet"))
+             for e in manifests}
+    latest = manifests[max(manifests)]
+    target = latest["target"]["name"]
+    metric = latest.get("metric") or "loss"
+    con = connect(run_dir)
+    try:
+        per_dataset = con.sql(
+            "SELECT dataset, epoch, avg(loss) FROM events GROUP BY ALL ORDER BY dataset, epoch").fetchall()
+        per_sample = con.execute(
+            "SELECT base_idx, epoch, avg(loss), sum(token_acc), count(*) FROM events WHERE dataset = ? "
+            "GROUP BY ALL ORDER BY base_idx, epoch", [target]).fetchall()
+    except duckdb.Error as e:
+        raise ReportError(f"{hsm_dir / 'events'}: cannot read the event log ({e})") from e
+    dataset_loss: dict[str, dict[int, float]] = {}
+    for dataset, e, loss in per_dataset:
+        dataset_loss.setdefault(str(dataset), {})[int(e)] = float(loss)
+    loss_by_epoch: dict[int, dict[int, float]] = {}
+    acc_sum: dict[int, float] = {}
+    drawn: dict[int, int] = {}
+    draws: dict[int, dict[int, int]] = {}
+    for idx, e, loss, acc, count in per_sample:
+        loss_by_epoch.setdefault(idx, {})[int(e)] = float(loss)
+        acc_sum[idx] = acc_sum.get(idx, 0.0) + float(acc)
+        drawn[idx] = drawn.get(idx, 0) + int(count)
+        draws.setdefault(int(e), {})[idx] = int(count)
+    stats = SampleStats(loss_by_epoch, {i: acc_sum[i] / drawn[i] for i in drawn}, drawn)
+    epochs = sorted(draws)
+    dm = data_map(read_epoch_metrics(hsm_dir, epochs, target, metric, skip_corrupt=True))
+    info_path = hsm_dir / "dataset.json"
+    dataset_info = json.loads(info_path.read_text()) if info_path.is_file() else None
+    return RunData(run_dir=run_dir, config_text=config_text, config=config, target=target, metric=metric,
+                   manifests=manifests, plans=plans, epoch=epoch, dataset_loss=dataset_loss, draws=draws,
+                   stats=stats, data_map=dm, dataset_info=dataset_info,
+                   predictions=read_predictions(run_dir, target))
+
+
+def read_predictions(run_dir: Path, target: str) -> dict[str, dict[str, Any]]:
+    """What ``hsm eval`` wrote for the target under the run, per record id, or ``{}``.
+
+    Reads the newest ``RUN_DIR/**/eval/**/<target>/per_sample.parquet`` (``tp``, ``fp``,
+    ``fn`` at IoU 0.5, from hsm.eval's matching) and, beside it, ``answers.jsonl``
+    (``hsm eval run``: the raw answers, whose boxes the gallery draws).
+    """
+    found = [p for p in Path(run_dir).glob("**/eval/**/per_sample.parquet") if p.parent.name == target]
+    if not found:
+        return {}
+    path = max(found, key=lambda p: p.stat().st_mtime)
+    try:
+        rows = pq.read_table(path, columns=["id", "tp", "fp", "fn"]).to_pylist()
+    except (pa.ArrowException, OSError, KeyError) as e:
+        raise ReportError(f"{path}: not a readable hsm eval per_sample table ({e})") from e
+    out = {str(r["id"]): {"tp": r["tp"], "fp": r["fp"], "fn": r["fn"], "answer": None} for r in rows}
+    answers = path.with_name("answers.jsonl")
+    if answers.is_file():
+        with answers.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    if str(row["id"]) in out:
+                        out[str(row["id"])]["answer"] = row["answer"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ReportError(f"{answers}:{number}: not an answer line ({e})") from e
+    return out
+
+
+def order_by_score(plan: pa.Table, *, hardest: bool) -> np.ndarray:
+    """Row indices in rank order: score desc (or asc for the easiest), then sample_id asc."""
+    import pyarrow.compute as pc
+
+    direction = "descending" if hardest else "ascending"
+    return pc.sort_indices(plan, sort_keys=[("score", direction), ("sample_id", "ascending")]).to_numpy()

@@ -1,0 +1,27 @@
+-- Label-noise suspects (Dataset Cartography): target samples drawn in >= 3 epochs, in the top 10% by mean per-epoch metric, with variability <= the median.
+WITH metric AS (
+    SELECT coalesce((SELECT metric FROM manifests ORDER BY epoch DESC LIMIT 1), 'loss') AS name
+),
+per_epoch AS (
+    SELECT base_idx, min(sample_id) AS sample_id, epoch,
+           avg(CASE WHEN (SELECT name FROM metric) = 'token_acc' THEN 1.0 - CAST(token_acc AS DOUBLE)
+                    ELSE CAST(loss AS DOUBLE) END) AS value
+    FROM events
+    WHERE dataset IN (SELECT DISTINCT dataset FROM plans)
+    GROUP BY base_idx, epoch
+),
+mapped AS (
+    SELECT base_idx, min(sample_id) AS sample_id, count(*) AS n_epochs,
+           avg(value) AS mean, stddev_pop(value) AS variability,
+           map(list(epoch ORDER BY epoch), list(round(value, 4) ORDER BY epoch)) AS value_by_epoch
+    FROM per_epoch
+    GROUP BY base_idx
+    HAVING count(*) >= 3
+)
+SELECT (SELECT DISTINCT dataset FROM plans LIMIT 1) AS dataset, base_idx, sample_id, n_epochs,
+       round(mean, 5) AS mean, round(variability, 5) AS variability, value_by_epoch,
+       (SELECT name FROM metric) AS metric
+FROM mapped
+WHERE mean >= (SELECT quantile_cont(mean, 0.9) FROM mapped)
+  AND variability <= (SELECT quantile_cont(variability, 0.5) FROM mapped)
+ORDER BY mean DESC, sample_id;
