@@ -366,8 +366,9 @@ def fold_out_of_core(
         ids.append(_new_ids(out, names, events.column("sample_id")))
         del events, out
         path.unlink()
-    new_state = pa.concat_tables(states).combine_chunks()
+    new_state = pa.concat_tables(states)  # one chunk per range: no second copy of the state
     new_ids = pa.concat_tables(ids) if ids else SAMPLE_ID_SCHEMA.empty_table()
+    del states, ids
     return EpochFold(state=new_state, ids=new_ids, names=names, n_events=n_events,
                      mean_loss=loss_sum / n_events if n_events else None, skipped=skipped)
 
@@ -417,6 +418,7 @@ def fold_pending(
         disk, info = read_state(hsm_dir, valid)
         names = list(info.datasets)
         state = fold_table(disk, names, mining.aggregate)
+        del disk  # base_idx, dataset and score are not carried: free them before folding
     result = Folded(state=None, info=None)
     budget = memory_limit if memory_limit is not None else DEFAULT_MEMORY_LIMIT
     for epoch in range(valid + 1, up_to_epoch + 1):
