@@ -42,6 +42,7 @@ __all__ = [
     "PLANNER_COLUMNS",
 ]
 
+_NULLABLE_STATS = ("coord_loss", "label_loss", "loss_sum")
 PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 # run_id and dataset repeat on every row; sample_id is unique per part, where a
 # dictionary would only add a page. Statistics only where readers prune on them.
@@ -123,11 +124,16 @@ class EventWriter:
         aug_seed: Any,
         drawn_as_hard: Any,
         position_offset: int = 0,
+        coord_loss: Any = None,
+        label_loss: Any = None,
+        loss_sum: Any = None,
     ) -> None:
         """Buffer one micro-batch; ``position`` is ``position_offset`` + the index in the batch.
 
         Array arguments may be numpy arrays or lists; strings stay as given
-        until the background thread encodes them.
+        until the background thread encodes them. The nullable statistics
+        (``coord_loss``, ``label_loss``, ``loss_sum``) are written as null where
+        they are None or NaN.
         """
         self._raise_background_error()
         n = len(sample_id)
@@ -144,6 +150,9 @@ class EventWriter:
                 "n_tokens": n_tokens,
                 "aug_seed": aug_seed,
                 "drawn_as_hard": drawn_as_hard,
+                "coord_loss": coord_loss,
+                "label_loss": label_loss,
+                "loss_sum": loss_sum,
                 "position_offset": position_offset,
                 "n": n,
             }
@@ -209,6 +218,10 @@ class EventWriter:
             "aug_seed": pa.array(column("aug_seed", np.int64)),
             "drawn_as_hard": pa.array(column("drawn_as_hard", np.bool_)),
         }
+        for name in _NULLABLE_STATS:
+            values = np.concatenate([np.full(b["n"], np.nan, np.float32) if b[name] is None
+                                     else np.asarray(b[name], dtype=np.float32).reshape(-1) for b in batches])
+            arrays[name] = pa.array(values, type=pa.float32(), from_pandas=True)  # NaN -> null
         return pa.Table.from_arrays([arrays[f.name] for f in EVENT_SCHEMA], schema=EVENT_SCHEMA)
 
     def flush(self) -> None:
@@ -282,8 +295,9 @@ def _read_part(path: Path, epoch: int, columns: Sequence[str] | None) -> pa.Tabl
     try:
         part = pq.ParquetFile(path)
         check_schema(part.schema_arrow, EVENT_SCHEMA, str(path))  # the whole contract, from the footer
-        table = part.read(columns=list(columns) if columns is not None else None,
-                          use_threads=True)
+        # Columns added to the contract later (nullable) may be absent from older parts; conform fills them.
+        present = None if columns is None else [c for c in columns if c in part.schema_arrow.names]
+        table = part.read(columns=present, use_threads=True)
     except SchemaError as e:
         raise CorruptEventFile(str(e)) from e
     except (pa.ArrowException, OSError) as e:

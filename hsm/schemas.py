@@ -35,6 +35,12 @@ EVENT_SCHEMA = pa.schema(
         pa.field("n_tokens", pa.int32(), nullable=False),
         pa.field("aug_seed", pa.int64(), nullable=False),
         pa.field("drawn_as_hard", pa.bool_(), nullable=False),
+        # Added by issue 8 (box-aware difficulty). Nullable columns are optional:
+        # logs written before them still read, with nulls. Null also means the
+        # sample had no such tokens (e.g. an empty answer has no coordinates).
+        pa.field("coord_loss", pa.float32(), nullable=True),
+        pa.field("label_loss", pa.float32(), nullable=True),
+        pa.field("loss_sum", pa.float32(), nullable=True),
     ]
 )
 
@@ -72,12 +78,16 @@ class SchemaError(ValueError):
 def check_schema(table_schema: pa.Schema, expected: pa.Schema, where: str) -> None:
     """Raise :class:`SchemaError` naming ``where`` if a column is missing or mistyped.
 
-    Extra columns are allowed (forward compatibility); nullability is not checked
-    here because Parquet readers may relax it.
+    Extra columns are allowed (forward compatibility); a missing nullable column
+    is allowed too (it was added to the contract later, and :func:`conform`
+    fills it with nulls). Nullability itself is not checked here because Parquet
+    readers may relax it.
     """
     problems = []
     for field in expected:
         idx = table_schema.get_field_index(field.name)
+        if idx < 0 and field.nullable:
+            continue
         if idx < 0:
             problems.append(f"missing column '{field.name}' ({field.type})")
             continue
@@ -95,17 +105,21 @@ def conform(table: pa.Table, expected: pa.Schema, where: str, *, keep_dictionary
 
     Columns are reordered to the contract and extra columns dropped; dictionary
     encoded strings are decoded unless ``keep_dictionary`` (readers keep them,
-    which saves decoding repeated names).
+    which saves decoding repeated names). A missing nullable column becomes nulls;
+    only non-nullable columns must be free of nulls.
     """
     check_schema(table.schema, expected, where)
     columns = []
     for field in expected:
+        if field.nullable and table.schema.get_field_index(field.name) < 0:
+            columns.append(pa.nulls(table.num_rows, field.type))
+            continue
         column = table.column(field.name)
         if keep_dictionary and pa.types.is_dictionary(column.type) and column.type.value_type == field.type:
             pass
         elif column.type != field.type:
             column = column.cast(field.type)
-        if column.null_count:
+        if column.null_count and not field.nullable:
             raise SchemaError(f"{where}: column '{field.name}' has {column.null_count} nulls")
         columns.append(column)
     return pa.Table.from_arrays(columns, names=expected.names)
