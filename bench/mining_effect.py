@@ -1,0 +1,344 @@
+"""Does mining help? Every arm at equal optimizer steps, over seeds, on a corpus with known hard slices.
+
+    python bench/mining_effect.py [--seeds 0 1 2] [--arms uniform reweight ...] [--epochs 6]
+        [--hidden 64] [--layers 2] [--out DIR] [--doc docs/mining_effect.md]
+
+One invocation: for every seed, synthesize the slice corpus (``hsm.synth.synthesize_slices``:
+rare class 5%, small objects, crowded scenes, clean majority; a balanced val split; one
+source), train every arm with ``hsm.run.train`` (same corpus, init, schedule seed and number
+of optimizer steps), then score the final model on val with one forward pass: token
+accuracy, mean token loss, coord_loss and label_loss per sample, grouped by slice.
+``--detection`` also generates answers and scores them with ``hsm eval`` (when available).
+Prints a table (mean ± std over seeds, and the paired difference to uniform) and writes
+JSON results, the markdown table and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Mining arms: name -> custom.hard_sample_mining (None: mining off, uniform sampling).
+BASE = {"enabled": True, "start_epoch": 1}
+ARMS: dict[str, dict | None] = {
+    "uniform": None,
+    "reweight": {**BASE, "mode": "reweight", "metric": "loss", "selector": {"mode": "percentile", "value": 0.2},
+                 "hard_weight": 3.0},
+    "reweight_w5": {**BASE, "mode": "reweight", "metric": "loss", "selector": {"mode": "percentile", "value": 0.2},
+                    "hard_weight": 5.0},
+    "reweight_acc": {**BASE, "mode": "reweight", "metric": "token_acc",
+                     "selector": {"mode": "percentile", "value": 0.2}, "hard_weight": 3.0},
+    "reweight_coord": {**BASE, "mode": "reweight", "metric": "coord_loss",
+                       "selector": {"mode": "percentile", "value": 0.2}, "hard_weight": 3.0},
+    "reweight_label": {**BASE, "mode": "reweight", "metric": "label_loss",
+                       "selector": {"mode": "percentile", "value": 0.2}, "hard_weight": 3.0},
+    "reweight_sum": {**BASE, "mode": "reweight", "metric": "loss_sum",
+                     "selector": {"mode": "percentile", "value": 0.2}, "hard_weight": 3.0},
+    "reweight_epoch_ema": {**BASE, "mode": "reweight", "metric": "loss", "aggregate": "epoch_ema", "ema_decay": 0.5,
+                           "selector": {"mode": "percentile", "value": 0.2}, "hard_weight": 3.0},
+    "reweight_last": {**BASE, "mode": "reweight", "metric": "loss", "aggregate": "last",
+                      "selector": {"mode": "percentile", "value": 0.2}, "hard_weight": 3.0},
+    "fixed_set": {**BASE, "mode": "fixed_set", "metric": "loss", "hard_sample_size": 32, "regular_sample_size": 64},
+    "dynamic": {**BASE, "mode": "dynamic", "hard_pool_frac": 0.3},
+}
+DEFAULT_ARMS = ["uniform", "reweight", "reweight_w5", "reweight_coord", "reweight_sum", "reweight_epoch_ema",
+                "fixed_set", "dynamic"]
+STATS = ("token_acc", "loss", "coord_loss", "label_loss")
+
+
+def available_arms() -> list[str]:
+    """Arms whose mining config this checkout accepts (new metrics/aggregates may not have landed)."""
+    from hsm.config import MiningConfig
+
+    ok = []
+    for name, mining in ARMS.items():
+        try:
+            if mining is not None:
+                MiningConfig.model_validate(mining)
+            ok.append(name)
+        except ValueError:
+            pass
+    return ok
+
+
+def run_config(corpus: dict, out: Path, mining: dict | None, args, seed: int) -> dict:
+    fusion = {
+        "seed": seed,
+        "target": {"name": "bbu", "train_jsonl": str(corpus["bbu"]), "domain": "target"},
+        "sources": [{"name": "coco", "train_jsonl": str(corpus["coco"]), "ratio": args.source_ratio}],
+        "domain_prompts": {"target": {"system": "You are a detection assistant.", "user": "Detect all objects."},
+                           "source": {"system": "You are a detection assistant.", "user": "Detect every object."}},
+    }
+    training = {
+        "output_dir": str(out), "num_train_epochs": args.epochs, "per_device_train_batch_size": args.batch,
+        "learning_rate": args.lr, "lr_scheduler_type": "cosine", "warmup_steps": args.warmup, "weight_decay": 0.0,
+        "logging_steps": 10_000, "save_strategy": "no", "report_to": [], "seed": seed, "data_seed": seed,
+        "dataloader_num_workers": 0, "disable_tqdm": True, "use_cpu": not args.cuda, "bf16": args.cuda,
+    }
+    custom = {"fusion_config": fusion}
+    if mining is not None:
+        custom["hard_sample_mining"] = {**mining, "seed": seed}
+    return {"model": {"hidden_size": args.hidden, "num_layers": args.layers, "vision_depth": args.vision_depth},
+            "training": training, "custom": custom}
+
+
+def evaluate(trainer, corpus: dict, slices: dict[str, str], batch_size: int) -> dict[str, dict[str, float]]:
+    """Per-slice means of the per-sample val statistics, one forward pass per batch."""
+    import torch
+
+    from hsm.fusion import DetectionCollator, Slot
+    from hsm.records import read_jsonl
+    from hsm.stats import STAT_ROWS, per_sample_stats, token_losses
+
+    dataset = trainer.train_dataset
+    records = read_jsonl(corpus["bbu_val"])
+    collate = DetectionCollator(trainer.processing_class.pad_token_id)
+    model = trainer.model
+    model.eval()
+    device = next(model.parameters()).device
+    rows: list[tuple[str, np.ndarray]] = []
+    with torch.no_grad():
+        for start in range(0, len(records), batch_size):
+            items = [dataset.load(Slot(0, i, False, 0, i), train=False, records=records)
+                     for i in range(start, min(start + batch_size, len(records)))]
+            batch = collate(items)
+            meta = batch.pop("hsm_meta")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(**batch).logits
+            stats = per_sample_stats(*token_losses(logits, labels), meta["token_roles"]).float().cpu().numpy()
+            for j, sample_id in enumerate(meta["sample_id"]):
+                rows.append((slices[sample_id], stats[:, j]))
+    out: dict[str, dict[str, float]] = {}
+    names = sorted({s for s, _ in rows})
+    for name in names:
+        values = np.stack([v for s, v in rows if s == name])
+        out[name] = {stat: float(np.nanmean(values[:, STAT_ROWS.index(stat)])) for stat in STATS}
+    return out
+
+
+def overall(per_slice: dict[str, dict[str, float]], shares: dict[str, float]) -> dict[str, float]:
+    """Slice means weighted by the slices' train shares: the target distribution, not the balanced val."""
+    return {stat: sum(shares[s] * per_slice[s][stat] for s in per_slice) / sum(shares[s] for s in per_slice)
+            for stat in STATS}
+
+
+def run_all(args) -> dict:
+    from hsm.config import parse_config
+    from hsm.run import train
+    from hsm.synth import synthesize_slices
+
+    work = Path(args.out or tempfile.mkdtemp(prefix="hsm-mining-effect-"))
+    results: dict = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "runs": []}
+    for seed in args.seeds:
+        corpus = synthesize_slices(work / f"data-{seed}", n_train=args.n_train, n_val_per_slice=args.n_val,
+                                   n_source=args.n_source, size=args.size, seed=seed)
+        slice_info = json.loads(Path(corpus["slices"]).read_text())
+        for arm in args.arms:
+            started = time.perf_counter()
+            cfg = parse_config(run_config(corpus, work / f"run-{seed}-{arm}", ARMS[arm], args, seed), f"arm {arm}")
+            summary = train(cfg)
+            trained = time.perf_counter() - started
+            per_slice = evaluate(summary["trainer"], corpus, slice_info["val"], args.eval_batch)
+            per_slice["overall"] = overall(per_slice, slice_info["shares"])
+            run = {"seed": seed, "arm": arm, "global_step": summary["global_step"], "train_loss": summary["train_loss"],
+                   "seconds": time.perf_counter() - started, "train_seconds": trained, "val": per_slice}
+            results["runs"].append(run)
+            print(f"seed {seed} {arm:20s} steps {run['global_step']:4d}  {run['seconds']:6.1f}s  "
+                  + "  ".join(f"{s} acc {v['token_acc']:.3f} loss {v['loss']:.3f}" for s, v in per_slice.items()),
+                  flush=True)
+            del summary
+    return results
+
+
+def run_parallel(args) -> dict:
+    """One worker process per seed (``--jobs`` at a time, ``--threads`` torch threads each); results merged."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    work = Path(args.out or tempfile.mkdtemp(prefix="hsm-mining-effect-"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    def one(seed: int) -> dict:
+        out = work / f"seed-{seed}.json"
+        command = [sys.executable, __file__, "--seeds", str(seed), "--jobs", "1", "--out", str(work), "--json", str(out),
+                   "--arms", *args.arms]
+        for key in ("epochs", "n_train", "n_val", "n_source", "source_ratio", "size", "hidden", "layers", "vision_depth",
+                    "batch", "eval_batch", "lr", "warmup", "threads"):
+            command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+        with open(work / f"seed-{seed}.log", "w") as log:  # warnings and tracebacks of the worker
+            subprocess.run(command, check=True, stdout=sys.stdout, stderr=log)
+        return json.loads(out.read_text())
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        parts = list(pool.map(one, args.seeds))
+    runs = [run for part in parts for run in part["runs"]]
+    return {"args": {k: v for k, v in vars(args).items() if k != "func"}, "runs": runs}
+
+
+def summarize(results: dict) -> dict:
+    """mean/std over seeds per arm, slice and statistic, plus the paired difference to uniform."""
+    runs = results["runs"]
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    slices = list(runs[0]["val"])
+    table: dict = {}
+    for arm in arms:
+        mine = {r["seed"]: r for r in runs if r["arm"] == arm}
+        base = {r["seed"]: r for r in runs if r["arm"] == "uniform"}
+        for name in slices:
+            for stat in STATS:
+                values = [mine[s]["val"][name][stat] for s in mine]
+                diffs = [mine[s]["val"][name][stat] - base[s]["val"][name][stat] for s in mine if s in base]
+                table[(arm, name, stat)] = {
+                    "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else float("nan"),
+                    "diff": statistics.fmean(diffs) if diffs else float("nan"),
+                    "diff_std": statistics.stdev(diffs) if len(diffs) > 1 else float("nan"),
+                }
+    return {"arms": arms, "slices": slices, "table": table}
+
+
+def verdicts(summary: dict) -> dict[str, str]:
+    """The issue's goal per arm: a hard slice better than uniform by > 2 std (paired), overall no worse than 1 std."""
+    out = {}
+    table = summary["table"]
+    for arm in summary["arms"]:
+        if arm == "uniform":
+            continue
+        wins = []
+        for name in summary["slices"]:
+            if name in ("overall", "clean"):
+                continue
+            cell = table[(arm, name, "token_acc")]
+            if cell["diff"] > 2 * cell["diff_std"] and cell["diff"] > 0:
+                wins.append(name)
+        base = table[("uniform", "overall", "token_acc")]
+        cell = table[(arm, "overall", "token_acc")]
+        overall_ok = cell["diff"] >= -max(base["std"], 1e-12)
+        out[arm] = ("WIN on " + ", ".join(wins) if wins and overall_ok
+                    else ("wins on " + ", ".join(wins) + " but overall worse" if wins else "no effect"))
+    return out
+
+
+def markdown(results: dict, summary: dict) -> str:
+    table = summary["table"]
+    lines = []
+    for stat, better in (("token_acc", "higher"), ("loss", "lower"), ("coord_loss", "lower"), ("label_loss", "lower")):
+        lines += [f"**val {stat}** ({better} is better): mean ± std over seeds; Δ = paired difference to uniform "
+                  "(mean ± std over seeds)", "",
+                  "| arm | " + " | ".join(summary["slices"]) + " |", "|---" * (len(summary["slices"]) + 1) + "|"]
+        for arm in summary["arms"]:
+            cells = []
+            for name in summary["slices"]:
+                c = table[(arm, name, stat)]
+                cell = f"{c['mean']:.3f} ± {c['std']:.3f}"
+                if arm != "uniform":
+                    cell += f"<br>Δ {c['diff']:+.3f} ± {c['diff_std']:.3f}"
+                cells.append(cell)
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines.append("")
+    steps = {r["arm"]: r["global_step"] for r in results["runs"]}
+    seconds = {}
+    for r in results["runs"]:
+        seconds.setdefault(r["arm"], []).append(r["seconds"])
+    lines += ["| arm | optimizer steps | seconds per run (train + eval) | verdict (token_acc) |", "|---|---|---|---|"]
+    found = verdicts(summary)
+    for arm in summary["arms"]:
+        lines.append(f"| {arm} | {steps[arm]} | {statistics.fmean(seconds[arm]):.0f} | {found.get(arm, 'baseline')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = summary["table"]
+    arms, slices = summary["arms"], summary["slices"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    width = 0.8 / len(arms)
+    for ax, stat in zip(axes, ("token_acc", "loss")):
+        for k, arm in enumerate(arms):
+            means = [table[(arm, s, stat)]["mean"] for s in slices]
+            stds = [table[(arm, s, stat)]["std"] for s in slices]
+            ax.bar(np.arange(len(slices)) + k * width, means, width, yerr=stds, label=arm, capsize=2)
+        ax.set_xticks(np.arange(len(slices)) + 0.4 - width / 2, slices)
+        ax.set_title(f"val {stat} (mean ± std over seeds)")
+        if stat == "token_acc":
+            low = min(table[(a, s, stat)]["mean"] for a in arms for s in slices)
+            ax.set_ylim(max(0.0, low - 0.1), None)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_ARMS)} (those available)")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--n-train", type=int, default=160)
+    parser.add_argument("--n-val", type=int, default=24, help="val images per slice")
+    parser.add_argument("--n-source", type=int, default=32)
+    parser.add_argument("--source-ratio", type=float, default=0.25)
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vision-depth", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--eval-batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--jobs", type=int, default=3, help="seeds trained in parallel worker processes")
+    parser.add_argument("--out", type=Path, default=None, help="work directory (default: a temporary one)")
+    parser.add_argument("--json", type=Path, default=None, help="write the raw results here")
+    parser.add_argument("--doc", type=Path, default=None, help="write the markdown table here (and the PNG beside it)")
+    parser.add_argument("--label", default="CPU", help="name of this configuration in the doc/plot")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    args.cuda = torch.cuda.is_available()
+    ok = available_arms()
+    if args.arms is None:
+        args.arms = [a for a in DEFAULT_ARMS if a in ok]
+    missing = [a for a in args.arms if a not in ok]
+    if missing:
+        parser.error(f"arms not supported by this checkout's MiningConfig: {missing}")
+    if "uniform" not in args.arms:
+        args.arms = ["uniform", *args.arms]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    started = time.perf_counter()
+    results = run_parallel(args) if args.jobs > 1 and len(args.seeds) > 1 else run_all(args)
+    results["total_seconds"] = time.perf_counter() - started
+    summary = summarize(results)
+    text = markdown(results, summary)
+    print(text)
+    print(f"total {results['total_seconds']:.0f} s for {len(results['runs'])} runs")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+    if args.doc:
+        args.doc.parent.mkdir(parents=True, exist_ok=True)
+        args.doc.write_text(text)
+        plot(summary, args.doc.with_suffix(".png"), f"{args.label}: hidden {args.hidden}, {args.layers} layers, "
+             f"{results['runs'][0]['global_step']} steps, seeds {args.seeds}")
+
+
+if __name__ == "__main__":
+    main()
