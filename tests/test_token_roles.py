@@ -237,3 +237,24 @@ def test_training_writes_box_statistics(tmp_path):
     np.testing.assert_allclose(np.asarray(events.column("loss_sum")), loss * n_tokens, rtol=1e-4)
     coord, label = np.asarray(events.column("coord_loss")), np.asarray(events.column("label_loss"))
     assert (coord > 0).all() and (label > 0).all() and not np.allclose(coord, loss)
+
+
+def test_slice_corpus_is_what_its_slices_say(tmp_path):
+    from hsm.records import read_jsonl
+    from hsm.synth import RARE_CLASS, SLICES, synthesize_slices
+
+    paths = synthesize_slices(tmp_path, n_train=100, n_val_per_slice=3, n_source=4, size=64, seed=3)
+    info = json.loads(paths["slices"].read_text())
+    train, val = read_jsonl(paths["bbu"]), read_jsonl(paths["bbu_val"])
+    assert len(train) == 100 and len(val) == 3 * len(SLICES) and len(read_jsonl(paths["coco"])) == 4
+    counts = {name: list(info["train"].values()).count(name) for name in SLICES}
+    assert counts == {"rare": 5, "small": 12, "crowded": 12, "clean": 71}
+    assert sorted(info["val"].values()) == sorted(SLICES * 3)
+    for records, split in ((train, "train"), (val, "val")):
+        for record in records:
+            name = info[split][record.id]
+            labels = [o.label for o in record.objects]
+            sides = [max(o.bbox[2] - o.bbox[0], o.bbox[3] - o.bbox[1]) for o in record.objects]
+            assert (RARE_CLASS in labels) == (name == "rare")
+            assert (len(labels) >= 6) == (name == "crowded")
+            assert (max(sides) <= 8) == (name == "small")
