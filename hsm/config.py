@@ -143,7 +143,9 @@ class MiningConfig(_Strict):
 
     @model_validator(mode="after")
     def _resolve_metric(self) -> "MiningConfig":
-        ignored = sorted(k for k in self.model_fields_set if _MODE_KEYS.get(k, self.mode) != self.mode)
+        # Only keys changed from their default: a resolved config (hsm/config.yaml) holds every key.
+        ignored = sorted(k for k in self.model_fields_set if _MODE_KEYS.get(k, self.mode) != self.mode
+                         and getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True))
         if ignored and self.enabled:
             warnings.warn(
                 f"custom.hard_sample_mining: {', '.join(ignored)} do(es) not apply to mode '{self.mode}' and "

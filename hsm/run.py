@@ -33,14 +33,23 @@ def check_training_values(training: dict[str, Any], source: str = "<config>") ->
         problems.append("training.output_dir: required key is missing")
     values = dict(training)
     for key in sorted(set(training) & known):
+        value = training[key]
+        if isinstance(value, bool) and not _accepts_bool(hints[key]):
+            value = "no" if value is False else "yes"  # YAML 1.1 reads a bare `no` (save_strategy: no) as false
         try:
-            values[key] = TypeAdapter(hints[key]).validate_python(training[key])
+            values[key] = TypeAdapter(hints[key]).validate_python(value)
         except ValidationError as e:
             accepted = getattr(hints[key], "__name__", None) or str(hints[key])
             problems.append(f"training.{key}: {training[key]!r} is not a valid {accepted} ({e.errors()[0]['msg']})")
     if problems:
         raise ConfigError(source, problems)
     return values
+
+
+def _accepts_bool(annotation: Any) -> bool:
+    import typing
+
+    return annotation is bool or bool in typing.get_args(annotation)
 
 
 def training_arguments(cfg: HsmConfig):
