@@ -6,6 +6,7 @@ import typer
 
 from hsm.cli.data import data_app
 from hsm.cli.demo import demo
+from hsm.cli.eval import eval_app
 from hsm.cli.plan import plan
 from hsm.cli.sql import sql
 from hsm.cli.train import train
@@ -24,6 +25,7 @@ app.command("plan")(plan)
 app.command("sql")(sql)
 app.command("demo")(demo)
 app.add_typer(data_app, name="data")
+app.add_typer(eval_app, name="eval")
 
 
 def main() -> None:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 __all__ = [
     "ConfigError",
@@ -27,6 +29,7 @@ __all__ = [
     "TargetConfig",
     "SourceConfig",
     "FusionConfig",
+    "DetectionEvalConfig",
     "CustomConfig",
     "ModelConfig",
     "HsmConfig",
@@ -35,6 +38,8 @@ __all__ = [
     "apply_overrides",
     "mining_config_hash",
     "LEGACY_LOADER_NAMES",
+    "decimal_fraction",
+    "ceil_share",
 ]
 
 LEGACY_LOADER_NAMES = ("MultiSourceFusionDataset", "multi_source_fusion", "multi_source")
@@ -42,6 +47,24 @@ _LEGACY_MESSAGE = (
     "the legacy multi-source loader ({name}) was removed; custom.fusion_config always "
     "uses the unified fusion loader (hsm.fusion.FusionDataset): delete this key"
 )
+
+
+def decimal_fraction(value: float) -> Fraction:
+    """``value`` as the decimal the user wrote: ``Fraction(str(0.07))`` is exactly 7/100.
+
+    ``str`` of a float is its shortest round-tripping decimal, which is what YAML
+    (or a ``KEY=VALUE`` override) held.
+    """
+    return Fraction(str(value))
+
+
+def ceil_share(value: float, n: int) -> int:
+    """``ceil(value * n)`` computed exactly on the decimal ``value``.
+
+    Naive (wrong) equivalent: ``math.ceil(value * n)``, which gives 106 for
+    ``0.07 * 1500`` because the float product is 105.00000000000001.
+    """
+    return math.ceil(decimal_fraction(value) * n)
 
 
 class ConfigError(ValueError):
@@ -74,6 +97,14 @@ class SelectorConfig(_Strict):
         if self.mode == "threshold" and self.threshold is None:
             raise ValueError("threshold: selector.mode 'threshold' needs selector.threshold (a number)")
         return self
+
+
+# Keys that only one mode reads; setting one under another mode is warned about.
+_MODE_KEYS = {
+    "selector": "reweight", "hard_weight": "reweight",
+    "hard_sample_size": "fixed_set", "regular_sample_size": "fixed_set", "target_epoch_size": "fixed_set",
+    "hard_pool_frac": "dynamic", "hard_pool_k": "dynamic",
+}
 
 
 class MiningConfig(_Strict):
@@ -112,6 +143,15 @@ class MiningConfig(_Strict):
 
     @model_validator(mode="after")
     def _resolve_metric(self) -> "MiningConfig":
+        # Only keys changed from their default: a resolved config (hsm/config.yaml) holds every key.
+        ignored = sorted(k for k in self.model_fields_set if _MODE_KEYS.get(k, self.mode) != self.mode
+                         and getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True))
+        if ignored and self.enabled:
+            warnings.warn(
+                f"custom.hard_sample_mining: {', '.join(ignored)} do(es) not apply to mode '{self.mode}' and "
+                f"is ignored ({'; '.join(f'{k} is for {_MODE_KEYS[k]}' for k in ignored)})",
+                UserWarning, stacklevel=2,
+            )
         if self.metric is None:
             self.metric = "token_acc" if self.mode == "dynamic" else "loss"
         if self.mode == "fixed_set" and self.hard_sample_size + self.regular_sample_size == 0:
@@ -125,11 +165,11 @@ class MiningConfig(_Strict):
         if self.mode == "dynamic":
             if self.hard_pool_k is not None:
                 return min(self.hard_pool_k, n_eligible)
-            return min(math.ceil(self.hard_pool_frac * n_eligible), n_eligible)
+            return min(ceil_share(self.hard_pool_frac, n_eligible), n_eligible)
         if self.selector.mode == "top_k":
             return min(self.selector.k, n_eligible)
         if self.selector.mode == "percentile":
-            return min(math.ceil(self.selector.value * n_eligible), n_eligible)
+            return min(ceil_share(self.selector.value, n_eligible), n_eligible)
         return None
 
 
@@ -199,11 +239,45 @@ class FusionConfig(_Strict):
         return self
 
 
+class DetectionEvalConfig(_Strict):
+    """``custom.detection_eval``: ``hsm eval`` during training (greedy answers, COCO metrics)."""
+
+    enabled: bool = Field(False, description="Run detection evaluation during training.")
+    every: Literal["epoch"] | int = Field("epoch", description="'epoch': after every epoch; N: every N optimizer steps.")
+    datasets: list[str] = Field(
+        default_factory=lambda: ["target"],
+        description="'target', 'all' (the target and every source with a val_jsonl) or dataset names; "
+        "each is evaluated on its val_jsonl.",
+    )
+    max_new_tokens: int = Field(512, ge=1, description="Generation length limit per answer.")
+    max_samples: int | None = Field(None, ge=1, description="Evaluate the first N records of each val_jsonl (None: all).")
+    batch_size: int = Field(8, ge=1, description="Generation batch size per rank.")
+
+    @field_validator("every", mode="before")
+    @classmethod
+    def _every(cls, value: Any) -> Any:
+        if value == "epoch" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"must be 'epoch' or a number of optimizer steps >= 1, got {value!r}")
+
+
 class CustomConfig(_Strict):
     """``custom``: hsm's own sections."""
 
     hard_sample_mining: MiningConfig | None = Field(None, description="Hard-sample mining (absent = disabled).")
     fusion_config: FusionConfig | None = Field(None, description="The unified fusion loader.")
+    detection_eval: DetectionEvalConfig | None = Field(None, description="Detection metrics during training (absent = off).")
+
+    @model_validator(mode="after")
+    def _detection_eval_datasets(self) -> "CustomConfig":
+        evaluation, fusion = self.detection_eval, self.fusion_config
+        if evaluation is None or not evaluation.enabled or fusion is None:
+            return self
+        names = [fusion.target.name] + [s.name for s in fusion.sources]
+        unknown = [n for n in evaluation.datasets if n not in ("target", "all", *names)]
+        if unknown:
+            raise ValueError(f"detection_eval.datasets: {unknown} not in the fusion (accepted: target, all, {', '.join(names)})")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -227,6 +301,12 @@ class HsmConfig(_Strict):
     training: dict[str, Any] = Field(default_factory=dict, description="transformers.TrainingArguments fields.")
     deepspeed: str | dict[str, Any] | None = Field(None, description="DeepSpeed config (path or mapping).")
     custom: CustomConfig = Field(default_factory=CustomConfig, description="hsm sections.")
+    _source: str = PrivateAttr("<config>")
+
+    @property
+    def source(self) -> str:
+        """The file this config was read from (for error messages)."""
+        return self._source
 
     @property
     def mining(self) -> MiningConfig | None:
@@ -365,6 +445,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> HsmConf
         raise ConfigError(str(path), [f"not valid YAML: {e}"]) from e
     raw = apply_overrides(raw if isinstance(raw, dict) else ({} if raw is None else raw), overrides or [])
     config = parse_config(raw, str(path))
+    config._source = str(path)
     # A relative DeepSpeed path is looked up beside the YAML first, then from the working directory.
     if isinstance(config.deepspeed, str) and not Path(config.deepspeed).is_absolute():
         beside = path.parent / config.deepspeed

@@ -8,12 +8,13 @@ prompt leaks into the next.
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
+# Re-exported: the answer text (and its character roles) lives in hsm.answer.
+from hsm.answer import ROLE_COORD, ROLE_LABEL, ROLE_OTHER, answer_char_roles, format_answer
 from hsm.config import FusionConfig, PromptConfig
 
 __all__ = [
@@ -30,10 +31,6 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
-# What an answer token is: JSON structure (and <|im_end|>), a box coordinate, or a label.
-ROLE_OTHER, ROLE_COORD, ROLE_LABEL = 0, 1, 2
-_BOX_KEYS = ("bbox_2d", "bbox")
-_NUMBER_CHARS = frozenset("+-.0123456789eE")
 _FALLBACK = PromptConfig(system="You are a helpful assistant.", user="Detect all objects in the image.")
 
 
@@ -51,75 +48,6 @@ def resolve_prompts(fusion: FusionConfig, dataset_name: str) -> Prompts:
     system = next(level.system for level in levels if level.system is not None)
     user = next(level.user for level in levels if level.user is not None)
     return Prompts(system, user)
-
-
-def format_answer(boxes, labels, width: int, height: int, coord_format: str, resized: tuple[int, int] | None = None) -> str:
-    """JSON list of ``{"bbox_2d": [...], "label": ...}``; 0-1000 relative, or absolute pixels
-    in the processor's resized image (``resized=(w, h)``, Qwen2.5-VL convention)."""
-    items = []
-    for (x1, y1, x2, y2), label in zip(boxes, labels):
-        if coord_format == "rel1000":
-            coords = [round(x1 / width * 1000), round(y1 / height * 1000), round(x2 / width * 1000), round(y2 / height * 1000)]
-        else:
-            rw, rh = resized or (width, height)
-            sx, sy = rw / width, rh / height
-            coords = [round(x1 * sx), round(y1 * sy), round(x2 * sx), round(y2 * sy)]
-        items.append({"bbox_2d": coords, "label": label})
-    return json.dumps(items, ensure_ascii=False)
-
-
-def answer_char_roles(answer: str) -> np.ndarray:
-    """Role of every character of an answer (``int8``, ``len(answer)``): a scan of the JSON text.
-
-    Characters of the numbers inside a ``bbox_2d`` (or ``bbox``) list are
-    :data:`ROLE_COORD`; the characters between the quotes of a ``label`` string
-    value (escapes included) are :data:`ROLE_LABEL`; everything else (brackets,
-    keys, quotes, commas, spaces) is :data:`ROLE_OTHER`. Text that is not JSON
-    is scanned the same way and simply finds fewer roles.
-    Naive equivalent for an answer from :func:`format_answer`: mark
-    ``str(c)`` for every coordinate and ``json.dumps(label)[1:-1]`` for every
-    label, in writing order.
-    """
-    roles = np.zeros(len(answer), dtype=np.int8)
-    key: str | None = None  # the key whose value comes next
-    in_box = False
-    i, n = 0, len(answer)
-    while i < n:
-        c = answer[i]
-        if c == '"':
-            j = i + 1
-            while j < n and answer[j] != '"':
-                j += 2 if answer[j] == "\\" else 1
-            k = j + 1
-            while k < n and answer[k] in " \t\r\n":
-                k += 1
-            if k < n and answer[k] == ":" and not in_box:
-                try:
-                    key = json.loads(answer[i:j + 1])
-                except ValueError:
-                    key = None
-            else:
-                if key == "label" and not in_box:
-                    roles[i + 1:min(j, n)] = ROLE_LABEL
-                key = None
-            i = j + 1
-        elif c == "[" and key in _BOX_KEYS:
-            in_box, key = True, None
-            i += 1
-        elif c == "]" and in_box:
-            in_box = False
-            i += 1
-        elif in_box and c in _NUMBER_CHARS:
-            j = i
-            while j < n and answer[j] in _NUMBER_CHARS:
-                j += 1
-            roles[i:j] = ROLE_COORD
-            i = j
-        else:
-            if c in ",{}" and not in_box:
-                key = None
-            i += 1
-    return roles
 
 
 def token_roles_from_offsets(offsets: np.ndarray, char_roles: np.ndarray) -> np.ndarray:
@@ -162,14 +90,18 @@ class Template:
         finally:
             self.system = previous
 
-    def encode(self, image, user: str, answer: str, system: str | None = None) -> dict:
-        """Tokenise one sample; ``labels`` are -100 everywhere except the answer and its ``<|im_end|>``."""
+    def prompt(self, user: str, system: str | None = None) -> str:
+        """The chat text up to the assistant's answer (what generation continues from)."""
         with self.system_prompt(system if system is not None else self.system):
             messages = [
                 {"role": "system", "content": self.system},
                 {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user}]},
             ]
-            prompt = self.processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def encode(self, image, user: str, answer: str, system: str | None = None) -> dict:
+        """Tokenise one sample; ``labels`` are -100 everywhere except the answer and its ``<|im_end|>``."""
+        prompt = self.prompt(user, system)
         text = prompt + answer + "<|im_end|>\n"
         batch = self.processor(images=[image], text=[text], return_tensors="np")
         input_ids = batch["input_ids"][0]

@@ -15,16 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hsm.config import ModelConfig
-from hsm.encoding import (
-    IGNORE_INDEX,
-    ROLE_COORD,
-    ROLE_LABEL,
-    ROLE_OTHER,
-    Template,
-    answer_char_roles,
-    format_answer,
-    token_roles_from_offsets,
-)
+from hsm.answer import ROLE_COORD, ROLE_LABEL, ROLE_OTHER, answer_char_roles, format_answer
+from hsm.encoding import IGNORE_INDEX, Template, token_roles_from_offsets
 from hsm.events import EventWriter, read_epoch_events
 from hsm.schemas import EVENT_SCHEMA
 from hsm.stats import STAT_ROWS, per_sample_stats, token_losses
