@@ -26,13 +26,21 @@ def plan(
     engine: Optional[str] = typer.Option(None, "--engine", help="polars or duckdb (default: the config's)."),
     num_epochs: Optional[float] = typer.Option(None, "--num-epochs", help="Planned epochs, for activate_after_pct."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Compute and print; write nothing."),
-    skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Skip unreadable event parts with a warning."),
+    skip_corrupt: bool = typer.Option(
+        False, "--skip-corrupt", help="Skip unreadable event parts, and drop duplicated events, with a warning."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Overwrite a plan built with other settings, or plan a target the run does not have."
+    ),
+    allow_empty: bool = typer.Option(
+        False, "--allow-empty", help="Fold epochs that have no events (normally refused: --epoch too far ahead?)."
+    ),
 ) -> None:
     """Update the state from events of epochs < N not yet folded, and write the plan for epoch N."""
     from hsm.config import ConfigError, load_config
     from hsm.events import CorruptEventFile
     from hsm.plan import DatasetInfo, PlanError
-    from hsm.planner import plan_epoch
+    from hsm.planner import EmptyEpochs, OutputError, PlanConflict, plan_epoch
     from hsm.schemas import SchemaError
     from hsm.state import StateMismatch
 
@@ -62,8 +70,10 @@ def plan(
             result = plan_epoch(
                 hsm_dir, epoch, mining, cfg.target_name, engine=engine, num_train_epochs=num_epochs,
                 dataset=dataset, skip_corrupt=skip_corrupt, write=not dry_run, dump_dir=run_dir,
+                force=force, allow_empty=allow_empty,
             )
-        except (CorruptEventFile, PlanError, SchemaError, StateMismatch, ValueError) as e:
+        except (CorruptEventFile, PlanError, SchemaError, StateMismatch, PlanConflict, EmptyEpochs, OutputError,
+                ValueError) as e:
             raise fail("plan", str(e)) from e
     for warning in caught:
         console.print(f"[yellow]warning:[/] {warning.message}")

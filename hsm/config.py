@@ -114,11 +114,20 @@ class MiningConfig(_Strict):
     mode: Literal["reweight", "fixed_set", "dynamic"] = Field(
         "reweight", description="reweight (seeds 001/002), fixed_set (seed 003), dynamic (seed 000)."
     )
-    metric: Literal["loss", "token_acc"] | None = Field(
-        None, description="Difficulty signal: loss, or 1 - token_acc. Default: token_acc for dynamic, else loss."
+    metric: Literal["loss", "token_acc", "coord_loss", "label_loss", "loss_sum"] | None = Field(
+        None, description="Difficulty signal: loss, or 1 - token_acc, or the box-aware event columns coord_loss "
+        "(CE over coordinate tokens), label_loss (over label tokens), loss_sum (summed over answer tokens; "
+        "events where it is null are not observations). Default: token_acc for dynamic, else loss."
     )
-    aggregate: Literal["ema", "mean"] = Field("ema", description="Score: EMA (after 3 observations) or mean.")
-    ema_decay: float = Field(0.9, ge=0.0, lt=1.0, description="ema = decay * ema + (1 - decay) * x.")
+    aggregate: Literal["ema", "mean", "epoch_ema", "last"] = Field(
+        "ema", description="Score: ema (per observation, after 3 observations; else mean), mean, epoch_ema "
+        "(mean per epoch, then a bias-corrected EMA across the epochs the sample was seen in, decay "
+        "ema_decay per epoch) or last (the mean of the latest epoch the sample was seen in)."
+    )
+    ema_decay: float = Field(
+        0.9, ge=0.0, lt=1.0,
+        description="ema = decay * ema + (1 - decay) * x; per observation for ema, per epoch for epoch_ema.",
+    )
     start_epoch: int = Field(1, ge=0, description="First epoch (0-based) that may use a plan.")
     plateau_delta: float | None = Field(
         None, ge=0.0, description="Also wait until the epoch mean train loss improves by less than this fraction."
@@ -138,6 +147,14 @@ class MiningConfig(_Strict):
     mine_clean: bool = Field(False, description="Show samples drawn as hard without augmentation.")
     dump: bool = Field(False, description="Also write output_dir/hard_samples_epoch_{n}.json.")
     log_prefix: str = Field("hsm/", description="Prefix of every logged scalar.")
+    stale_after: int | None = Field(
+        None, ge=1, description="Samples not seen in the last stale_after epochs are stale (see stale_policy); "
+        "null: scores never go stale."
+    )
+    stale_policy: Literal["decay", "flag"] = Field(
+        "decay", description="decay: a stale score moves toward the mean target score by a factor ema_decay per "
+        "epoch from the stale_after-th unseen epoch on; flag: stale samples are never hard."
+    )
     engine: Literal["polars", "duckdb"] = Field("polars", description="Planner engine; both give identical plans.")
     seed: int = Field(42, ge=0, description="Seed of every plan-time and schedule-time random draw.")
 

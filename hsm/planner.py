@@ -9,6 +9,8 @@ a fold reads just that epoch's events plus the previous state.
 from __future__ import annotations
 
 import datetime as dt
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,14 +22,78 @@ import pyarrow.parquet as pq
 
 from hsm.config import MiningConfig, mining_config_hash
 from hsm.engines import ENGINES
-from hsm.events import PLANNER_COLUMNS, events_digest, list_event_files, read_epoch_events
+from hsm.events import events_digest, list_event_files, read_epoch_events
 from hsm.plan import DatasetInfo, plan_dir, read_manifest, write_json_atomic, write_plan
-from hsm.schemas import PLAN_SCHEMA
+from hsm.schemas import PLAN_SCHEMA, SAMPLE_ID_SCHEMA, SchemaError
 from hsm.select import rank_order, select_plan
-from hsm.state import StateInfo, find_states, read_state, read_state_info, state_path, write_state
+from hsm.state import (
+    PER_EPOCH_AGGREGATES,
+    STATE_VERSION,
+    IDX_BITS,
+    IDX_MASK,
+    StateInfo,
+    dataset_codes,
+    disk_table,
+    encode_keys,
+    find_states,
+    fold_columns,
+    fold_table,
+    read_sample_ids,
+    read_state,
+    read_state_info,
+    sample_ids_path,
+    score_of,
+    state_path,
+    write_sample_ids,
+    write_state,
+)
 from hsm.trigger import should_apply
 
-__all__ = ["PlanResult", "plan_epoch", "fold_pending", "build_plan_table", "hard_set"]
+__all__ = [
+    "PlanResult",
+    "PlanConflict",
+    "OutputError",
+    "EmptyEpochs",
+    "plan_epoch",
+    "fold_pending",
+    "build_plan_table",
+    "hard_set",
+    "plan_differences",
+    "empty_epochs",
+    "Folded",
+    "event_columns",
+    "metric_values",
+    "target_rows",
+    "id_lookup",
+    "metric_column",
+    "stale_mask",
+    "stale_scores",
+]
+
+
+class PlanConflict(ValueError):
+    """The plan asked for differs from the run's dataset or from the plan it would overwrite."""
+
+
+class EmptyEpochs(ValueError):
+    """Epochs to fold that have no events although earlier epochs do (a plan asked for too far ahead)."""
+
+
+class OutputError(RuntimeError):
+    """A state, plan or dump file could not be written (read-only directory, a file in the way, disk full)."""
+
+
+_BACKGROUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hsm-state-writer")
+
+
+def _writing(path: Path, write, *args, **kwargs):
+    """Run ``write(*args, **kwargs)``; an ``OSError`` becomes :class:`OutputError` naming ``path``."""
+    try:
+        return write(*args, **kwargs)
+    except OSError as e:
+        raise OutputError(
+            f"{path}: cannot write ({e.strerror or e}); make {path.parent} writable or choose another run directory"
+        ) from e
 
 
 @dataclass
@@ -48,6 +114,45 @@ def _events_root(hsm_dir: Path) -> Path:
     return hsm_dir / "events"
 
 
+def event_columns(metric: str) -> tuple[str, ...]:
+    """The event columns a fold with ``metric`` reads (the rest of the contract is checked, not loaded)."""
+    value = {"loss": "loss", "token_acc": "token_acc"}.get(metric, metric)
+    return tuple(dict.fromkeys(("attempt", "epoch", "global_step", "rank", "position", "dataset", "base_idx",
+                                "sample_id", "loss", value)))
+
+
+def metric_column(metric: str) -> str:
+    """The event column ``metric`` reads."""
+    return "token_acc" if metric == "token_acc" else metric
+
+
+def metric_values(events: pa.Table, metric: str) -> np.ndarray:
+    """The difficulty ``x`` of every event as float64: ``loss``, ``1 - token_acc`` or the named column."""
+    if metric == "token_acc":
+        return 1.0 - events.column("token_acc").to_numpy().astype(np.float64)
+    return events.column(metric).to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+@dataclass
+class Folded:
+    """The state after :func:`fold_pending`: the keyed fold table and what produced it."""
+
+    state: pa.Table | None  # FOLD_COLUMNS, sorted by key; None when nothing was logged yet
+    info: StateInfo | None
+    folded_epochs: list[int] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)
+    last_events: pa.Table | None = None
+    reused_epoch: int = -1  # the last epoch whose stored state (and id table) was reused
+    new_ids: list[pa.Table] = field(default_factory=list)  # ids of folded epochs, when not written
+    pending: Future | None = None  # the last state's write, still running; call wait()
+
+    def wait(self) -> None:
+        """Wait for the background write of the last state; raises its error."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+
 def fold_pending(
     hsm_dir: str | Path,
     up_to_epoch: int,
@@ -56,15 +161,17 @@ def fold_pending(
     engine: str | None = None,
     skip_corrupt: bool = False,
     write: bool = True,
-) -> tuple[pa.Table | None, StateInfo | None, list[int], list[str], pa.Table | None]:
+) -> Folded:
     """Bring the state up to date with every epoch ``<= up_to_epoch``.
 
-    Returns ``(state, info, folded_epochs, skipped_files, last_events)``; ``state``
-    is None when there is nothing to fold yet; ``last_events`` are the events of
-    ``up_to_epoch`` when this call folded it.
+    Reuses the longest prefix of stored states whose events are unchanged, then folds
+    each later epoch from its own events only; each fold also appends the epoch's newly
+    seen samples to the id table. ``last_events`` are the events of ``up_to_epoch`` when
+    this call folded it (the columns planning reads).
     """
     hsm_dir = Path(hsm_dir)
     fold = ENGINES[engine or mining.engine]
+    per_epoch = mining.aggregate in PER_EPOCH_AGGREGATES
     params = (mining.metric, mining.ema_decay, mining.aggregate)
     # The longest prefix of epochs whose state is stored and whose events are unchanged.
     valid = -1
@@ -73,64 +180,209 @@ def fold_pending(
         if epoch not in stored:
             break
         info = read_state_info(hsm_dir, epoch)
+        if info.version != STATE_VERSION:
+            break  # written before the id table: refold from the event log
         info.check_params(*params, where=str(state_path(hsm_dir, epoch)))
         digest = events_digest(list_event_files(hsm_dir, epoch), _events_root(hsm_dir))
         if info.events_digest != digest:
             break
         valid = epoch
-    state, info = read_state(hsm_dir, valid) if valid >= 0 else (None, None)
-    folded, skipped, last_events = [], [], None
+    state, info, names = None, None, []
+    if valid >= 0:
+        disk, info = read_state(hsm_dir, valid)
+        names = list(info.datasets)
+        state = fold_table(disk, names, mining.aggregate)
+    result = Folded(state=None, info=None)
     for epoch in range(valid + 1, up_to_epoch + 1):
-        read = read_epoch_events(hsm_dir, epoch, skip_corrupt=skip_corrupt, columns=PLANNER_COLUMNS)
-        last_events = read.table if epoch == up_to_epoch else None
-        skipped += [str(path) for path, _ in read.skipped]
-        if state is None and read.table.num_rows == 0:
+        read = read_epoch_events(hsm_dir, epoch, skip_corrupt=skip_corrupt, columns=event_columns(mining.metric))
+        events = read.table
+        result.last_events = events if epoch == up_to_epoch else None
+        result.skipped_files += [str(path) for path, _ in read.skipped]
+        if state is None and events.num_rows == 0:
             continue  # nothing logged yet (mining switched on later): no state to carry
-        state = fold(state, read.table, epoch=epoch, metric=mining.metric, ema_decay=mining.ema_decay,
-                     aggregate=mining.aggregate)
+        observed = events
+        column = events.column(metric_column(mining.metric))
+        if column.null_count:
+            observed = events.filter(pc.is_valid(column))  # no such tokens: not an observation of this metric
+        codes, names = dataset_codes(observed.column("dataset"), names)
+        keyed = pa.table({
+            "key": encode_keys(codes, observed.column("base_idx").to_numpy()),
+            "x": metric_values(observed, mining.metric),
+            **{c: observed.column(c) for c in ("global_step", "rank", "position")},
+        })
+        out = fold(state, keyed, epoch=epoch, ema_decay=mining.ema_decay, per_epoch=per_epoch)
+        del keyed
+        state = out.select(list(fold_columns(mining.aggregate)))
         stats = dict(info.epoch_stats) if info is not None else {}
-        if read.table.num_rows:
+        if events.num_rows:
             stats[epoch] = {
-                "mean_loss": float(pc.mean(read.table.column("loss").cast(pa.float64())).as_py()),
-                "n_events": read.table.num_rows,
+                "mean_loss": float(pc.mean(events.column("loss").cast(pa.float64())).as_py()),
+                "n_events": events.num_rows,
             }
         info = StateInfo(
             epoch=epoch, metric=mining.metric, ema_decay=mining.ema_decay, aggregate=mining.aggregate,
-            events_digest=events_digest(read.files, _events_root(hsm_dir)), epoch_stats=stats,
+            events_digest=events_digest(read.files, _events_root(hsm_dir)), epoch_stats=stats, datasets=names,
+            version=STATE_VERSION,
         )
-        if write:
-            write_state(hsm_dir, state, info)
-        folded.append(epoch)
-    return state, info, folded, skipped, last_events
+        k, n_obs = out.column("k").to_numpy(), out.column("n_obs").to_numpy()
+        new = np.flatnonzero((k > 0) & (k == n_obs))
+        first = out.column("first_row").to_numpy()[new]
+        keys = out.column("key").to_numpy()[new]
+        ids = pa.table({
+            "dataset": pa.DictionaryArray.from_arrays(pa.array((keys >> IDX_BITS).astype(np.int32)), pa.array(names, pa.string())),
+            "base_idx": pa.array(keys & IDX_MASK),
+            "sample_id": observed.column("sample_id").take(pa.array(first)),
+        })
+        del out, k, n_obs
+        if not write:
+            result.new_ids.append(ids)
+        else:
+            _writing(sample_ids_path(hsm_dir, epoch), write_sample_ids, hsm_dir, epoch, ids)
+            disk = disk_table(state, names, mining.aggregate, mining.ema_decay)
+            if epoch == up_to_epoch:
+                # The last state is written while the caller selects and writes the plan (2 cores).
+                result.pending = _BACKGROUND.submit(_writing, state_path(hsm_dir, epoch), write_state, hsm_dir, disk, info)
+            else:
+                _writing(state_path(hsm_dir, epoch), write_state, hsm_dir, disk, info)
+            del disk
+        result.folded_epochs.append(epoch)
+    result.state, result.info, result.reused_epoch = state, info, valid
+    if result.last_events is not None and not {"token_acc", "drawn_as_hard"} <= set(result.last_events.column_names):
+        result.last_events = None  # epoch telemetry needs columns planning did not read
+    return result
 
 
-def build_plan_table(state: pa.Table, target: str, mining: MiningConfig, epoch: int):
-    """Plan rows (every observed target sample, by ``base_idx``) and the selection behind them."""
-    # The state is sorted by (dataset, base_idx): the target is one contiguous, sorted slice.
-    where = np.flatnonzero(pc.equal(state.column("dataset"), target).to_numpy(zero_copy_only=False))
-    rows = state.slice(int(where[0]), len(where)) if len(where) else state.slice(0, 0)
-    if len(where) and (where[-1] - where[0] + 1 != len(where) or np.any(np.diff(rows.column("base_idx").to_numpy()) <= 0)):
-        raise ValueError("state is not sorted by (dataset, base_idx); it was not written by hsm")
-    scores = rows.column("score").to_numpy()
-    selection = select_plan(scores, rows.column("sample_id").combine_chunks(), mining=mining, epoch=epoch)
+def target_rows(state: pa.Table, names: list[str], target: str) -> tuple[np.ndarray, int, int]:
+    """The target's slice of the key-sorted state: ``(base_idx, start_row, stop_row)``."""
+    if target not in names:
+        return np.zeros(0, dtype=np.int64), 0, 0
+    code = names.index(target)
+    keys = state.column("key").to_numpy()
+    start, stop = np.searchsorted(keys, [code << IDX_BITS, (code + 1) << IDX_BITS])
+    return keys[start:stop] & IDX_MASK, int(start), int(stop)
+
+
+def stale_mask(last_epoch: np.ndarray, epoch: int, mining: MiningConfig) -> np.ndarray | None:
+    """Samples not seen in the last ``stale_after`` folded epochs (``0..epoch-1``), or None when off."""
+    if mining.stale_after is None:
+        return None
+    return (epoch - 1) - last_epoch >= mining.stale_after
+
+
+def stale_scores(scores: np.ndarray, last_epoch: np.ndarray, epoch: int, mining: MiningConfig) -> np.ndarray:
+    """``stale_policy: decay``: a stale score moves toward the mean target score.
+
+    ``unseen = (epoch - 1) - last_epoch``; for ``unseen >= stale_after``:
+    ``score = mu + (score - mu) * ema_decay ** (unseen - stale_after + 1)``, with ``mu`` the
+    mean score of all eligible target samples (NaN scores left out).
+    """
+    stale = stale_mask(last_epoch, epoch, mining)
+    if stale is None or mining.stale_policy != "decay" or not stale.any():
+        return scores
+    mu = float(np.nanmean(scores))
+    steps = ((epoch - 1) - last_epoch - mining.stale_after + 1).astype(np.float64)
+    return np.where(stale, mu + (scores - mu) * np.power(mining.ema_decay, steps), scores)
+
+
+def build_plan_table(
+    state: pa.Table, names: list[str], target: str, mining: MiningConfig, epoch: int, sample_ids=None
+):
+    """Plan rows (every observed target sample, by ``base_idx``) and the selection behind them.
+
+    ``sample_ids(base_idx) -> pa.Array`` gives the ids of target samples; it is called only
+    to break ties at the selection boundary. ``stale_after`` adjusts the scores
+    (:func:`stale_scores`) or excludes stale samples from the hard set (``flag``).
+    """
+    base_idx, start, stop = target_rows(state, names, target)
+    rows = state.slice(start, stop - start)
+    scores = score_of(rows, mining.aggregate, mining.ema_decay)
+    excluded = None
+    if mining.stale_after is not None:
+        last_epoch = rows.column("last_epoch").to_numpy()
+        scores = stale_scores(scores, last_epoch, epoch, mining)
+        if mining.stale_policy == "flag":
+            excluded = stale_mask(last_epoch, epoch, mining)
+    ids_of = (lambda subset: sample_ids(base_idx[subset])) if sample_ids is not None else None
+    selection = select_plan(scores, ids_of, mining=mining, epoch=epoch, excluded=excluded)
+    dataset = pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(base_idx), dtype=np.int32)), pa.array([target]))
     table = pa.Table.from_arrays(
-        [
-            rows.column("sample_id"),
-            rows.column("dataset"),
-            rows.column("base_idx"),
-            rows.column("score"),
-            rows.column("n_obs"),
-            pa.array(selection.is_hard),
-            pa.array(selection.weight),
-        ],
-        schema=PLAN_SCHEMA,
+        [dataset, pa.array(base_idx), pa.array(scores), rows.column("n_obs"),
+         pa.array(selection.is_hard), pa.array(selection.weight)],
+        names=PLAN_SCHEMA.names,
     )
     return table, selection
+
+
+def id_lookup(hsm_dir: Path, folded: Folded, target: str):
+    """``base_idx -> sample_id`` for ``target``'s samples, loaded from the id table on first use.
+
+    Reads the stored id table of the reused epochs (or, once written, of all folded
+    epochs) plus the ids of epochs folded without writing.
+    """
+    loaded: dict[str, Any] = {}
+    on_disk = folded.reused_epoch if folded.new_ids else folded.info.epoch
+
+    def load(subset: np.ndarray | None) -> tuple[np.ndarray, pa.Array]:
+        ids = pa.concat_tables([read_sample_ids(hsm_dir, on_disk, dataset=target, base_idx=subset)]
+                               + [t.filter(pc.equal(t.column("dataset"), target)).cast(SAMPLE_ID_SCHEMA)
+                                  for t in folded.new_ids])
+        index = ids.column("base_idx").to_numpy()
+        order = np.argsort(index, kind="stable")
+        return index[order], ids.column("sample_id").combine_chunks().take(pa.array(order))
+
+    def sample_ids(base_idx: np.ndarray) -> pa.Array:
+        if "table" in loaded:
+            index, values = loaded["table"]
+        elif len(base_idx) <= 1024 and not folded.new_ids:
+            index, values = load(np.unique(base_idx))  # a few ties: read only their row groups
+        else:
+            index, values = loaded["table"] = load(None)
+        at = np.minimum(np.searchsorted(index, base_idx), max(len(index) - 1, 0))
+        if len(base_idx) and (len(index) == 0 or not np.array_equal(index[at], base_idx)):
+            raise SchemaError(f"{hsm_dir / 'sample_ids'}: no sample_id for some '{target}' samples; "
+                              f"delete the state and sample_ids directories to refold")
+        return values.take(pa.array(at))
+
+    return sample_ids
 
 
 def hard_set(plan: pa.Table) -> set[int]:
     """``base_idx`` of the hard rows of a plan table."""
     return set(plan.filter(plan.column("is_hard")).column("base_idx").to_pylist())
+
+
+def plan_differences(manifest: dict[str, Any], mining: MiningConfig, target: str) -> list[str]:
+    """What differs between an existing plan's manifest and a plan for ``(mining, target)``.
+
+    One line per differing setting (target, mode, metric, aggregate, selector), then,
+    if those agree but the config hash does not, one line saying other mining settings
+    differ. An empty list means the new plan is built the same way.
+    """
+    asked = {
+        "target": target,
+        "mode": mining.mode,
+        "metric": mining.metric,
+        "aggregate": mining.aggregate,
+        "selector": mining.selector.model_dump(mode="json") if mining.mode == "reweight" else None,
+    }
+    stored = dict(manifest, target=(manifest.get("target") or {}).get("name"))
+    lines = [f"{key}: existing plan {stored.get(key)!r}, asked {value!r}" for key, value in asked.items()
+             if key in stored and stored.get(key) != value]
+    config_hash = mining_config_hash(mining, target)
+    if not lines and manifest.get("config_hash") not in (None, config_hash):
+        lines.append(f"other mining settings (config_hash {manifest['config_hash'][:12]} vs {config_hash[:12]})")
+    return lines
+
+
+def empty_epochs(hsm_dir: str | Path, up_to_epoch: int) -> list[int]:
+    """Epochs ``<= up_to_epoch`` without any event part, after the first epoch that has one.
+
+    Leading epochs without events are normal (mining switched on later) and not listed.
+    """
+    logged = [e for e in range(up_to_epoch + 1) if list_event_files(hsm_dir, e)]
+    if not logged:
+        return []
+    return [e for e in range(logged[0], up_to_epoch + 1) if e not in logged]
 
 
 def _stats(values: np.ndarray) -> dict[str, float | None]:
@@ -151,6 +403,8 @@ def plan_epoch(
     skip_corrupt: bool = False,
     write: bool = True,
     dump_dir: str | Path | None = None,
+    force: bool = True,
+    allow_empty: bool = True,
 ) -> PlanResult:
     """Fold the events of epochs ``< epoch`` not yet folded and write the plan for ``epoch``.
 
@@ -165,17 +419,55 @@ def plan_epoch(
         skip_corrupt: skip unreadable event parts with a warning instead of failing.
         write: False computes and returns the plan without writing anything.
         dump_dir: where ``hard_samples_epoch_{n}.json`` goes when ``mining.dump``.
+        force: False refuses (:class:`PlanConflict`) a target other than ``dataset``'s, and
+            overwriting an existing plan for ``epoch`` built with other settings.
+        allow_empty: True folds epochs without events with a warning naming them; False
+            refuses them (:class:`EmptyEpochs`).
+
+    Raises:
+        PlanConflict, EmptyEpochs, OutputError: see ``force``, ``allow_empty``; a file that
+            cannot be written.
     """
     if epoch < 1:
         raise ValueError(f"a plan for epoch {epoch} needs events of earlier epochs; plan epoch 1 or later")
     hsm_dir = Path(hsm_dir)
+    if not force:
+        problems = []
+        if dataset is not None and dataset.name != target:
+            problems.append(f"target: the run's hsm/dataset.json names '{dataset.name}', the config names '{target}'")
+        existing = read_manifest(hsm_dir, epoch)
+        if existing is not None and write:
+            problems += plan_differences(existing, mining, target)
+        if problems:
+            where = plan_dir(hsm_dir, epoch) if existing is not None else hsm_dir / "dataset.json"
+            raise PlanConflict(
+                f"{where}: refusing to plan epoch {epoch} with a different config:\n  - " + "\n  - ".join(problems)
+                + "\nuse the run's own config, or pass --force to overwrite"
+            )
+    missing = empty_epochs(hsm_dir, epoch - 1)
+    if missing:
+        message = (f"{hsm_dir / 'events'}: no events in epochs {', '.join(map(str, missing))} "
+                   f"(planning epoch {epoch} folds epochs 0..{epoch - 1})")
+        if not allow_empty:
+            raise EmptyEpochs(f"{message}; plan an epoch right after the last logged one, or pass --allow-empty")
+        warnings.warn(f"hsm: {message}; folding them as empty", stacklevel=2)
     engine = engine or mining.engine
-    state, info, folded, skipped, last_events = fold_pending(
-        hsm_dir, epoch - 1, mining, engine=engine, skip_corrupt=skip_corrupt, write=write
-    )
+    folded = fold_pending(hsm_dir, epoch - 1, mining, engine=engine, skip_corrupt=skip_corrupt, write=write)
+    try:
+        return _plan_from(hsm_dir, epoch, mining, target, folded, engine=engine, num_train_epochs=num_train_epochs,
+                          dataset=dataset, write=write, dump_dir=dump_dir)
+    finally:
+        folded.wait()
+
+
+def _plan_from(hsm_dir: Path, epoch: int, mining: MiningConfig, target: str, folded: Folded, *, engine: str,
+               num_train_epochs: float | None, dataset: DatasetInfo | None, write: bool,
+               dump_dir: str | Path | None) -> PlanResult:
+    state, info = folded.state, folded.info
     if state is None:
         raise ValueError(f"{hsm_dir / 'events'}: no events for epochs < {epoch}; nothing to plan from")
-    table, selection = build_plan_table(state, target, mining, epoch)
+    sample_ids = id_lookup(hsm_dir, folded, target)
+    table, selection = build_plan_table(state, info.datasets, target, mining, epoch, sample_ids)
     epoch_losses = {e: s["mean_loss"] for e, s in info.epoch_stats.items()}
     triggered, reason = should_apply(epoch, mining, epoch_losses, num_train_epochs)
     scores = table.column("score").to_numpy()
@@ -188,7 +480,8 @@ def plan_epoch(
         "aggregate": mining.aggregate,
         "selector": mining.selector.model_dump(mode="json") if mining.mode == "reweight" else None,
         "config_hash": mining_config_hash(mining, target),
-        "target": (dataset.to_dict() if dataset is not None else {"name": target, "size": None, "fingerprint": None}),
+        "target": (dataset.to_dict() if dataset is not None and dataset.name == target
+                   else {"name": target, "size": None, "fingerprint": None}),
         "triggered": triggered,
         "trigger_reason": reason,
         "default_weight": selection.default_weight,
@@ -219,15 +512,19 @@ def plan_epoch(
             "removed": len(before - after), "jaccard": (len(before & after) / len(union)) if union else 1.0,
         }
     if write:
-        manifest = write_plan(hsm_dir, epoch, table, manifest)
+        manifest = _writing(plan_dir(hsm_dir, epoch) / "plan.parquet", write_plan, hsm_dir, epoch, table, manifest)
         if mining.dump and dump_dir is not None:
-            _dump_hard(Path(dump_dir), epoch, table, selection.is_hard, mining.metric)
-    return PlanResult(epoch=epoch, manifest=manifest, plan=table, folded_epochs=folded,
-                      skipped_files=skipped, churn=churn, written=write, last_events=last_events)
+            dump_path = Path(dump_dir) / f"hard_samples_epoch_{epoch}.json"
+            _writing(dump_path, _dump_hard, Path(dump_dir), epoch, table, selection.is_hard, mining.metric, sample_ids)
+    return PlanResult(epoch=epoch, manifest=manifest, plan=table, folded_epochs=folded.folded_epochs,
+                      skipped_files=folded.skipped_files, churn=churn, written=write, last_events=folded.last_events)
 
 
-def _dump_hard(output_dir: Path, epoch: int, table: pa.Table, is_hard: np.ndarray, metric: str) -> None:
+def _dump_hard(output_dir: Path, epoch: int, table: pa.Table, is_hard: np.ndarray, metric: str, sample_ids) -> None:
     scores = table.column("score").to_numpy()
-    order = rank_order(scores, table.column("sample_id").combine_chunks(), np.flatnonzero(is_hard))
-    rows = table.take(pa.array(order)).select(["sample_id", "dataset", "base_idx", "score"]).to_pylist()
-    write_json_atomic({"epoch": epoch, "metric": metric, "samples": rows}, output_dir / f"hard_samples_epoch_{epoch}.json")
+    hard = np.flatnonzero(is_hard)
+    base_idx = table.column("base_idx").to_numpy()
+    order = rank_order(scores, lambda subset: sample_ids(base_idx[subset]), hard)
+    rows = table.take(pa.array(order)).select(["dataset", "base_idx", "score"])
+    rows = rows.append_column("sample_id", sample_ids(base_idx[order])).select(["sample_id", "dataset", "base_idx", "score"])
+    write_json_atomic({"epoch": epoch, "metric": metric, "samples": rows.to_pylist()}, output_dir / f"hard_samples_epoch_{epoch}.json")

@@ -1,6 +1,7 @@
 """Arrow schemas of the three on-disk artefacts: events, state and plans.
 
-The column names and types are a public contract (SPEC section 9): users query
+The column names and types are a public contract (SPEC section 9; state and plans
+carry no ``sample_id``: the ``hsm sql`` views join it from the id table): users query
 these files with DuckDB and Polars. Writers cast to these schemas; readers check
 against them with :func:`check_schema`, which names the file and the column.
 """
@@ -13,6 +14,7 @@ __all__ = [
     "EVENT_SCHEMA",
     "STATE_SCHEMA",
     "PLAN_SCHEMA",
+    "SAMPLE_ID_SCHEMA",
     "SchemaError",
     "check_schema",
     "conform",
@@ -44,9 +46,10 @@ EVENT_SCHEMA = pa.schema(
     ]
 )
 
+# Keyed by (dataset, base_idx); the sample_id strings live once in the append-only
+# id table (SAMPLE_ID_SCHEMA), not in every epoch's state and plan.
 STATE_SCHEMA = pa.schema(
     [
-        pa.field("sample_id", pa.string(), nullable=False),
         pa.field("dataset", pa.string(), nullable=False),
         pa.field("base_idx", pa.int64(), nullable=False),
         pa.field("n_obs", pa.int64(), nullable=False),
@@ -55,12 +58,23 @@ STATE_SCHEMA = pa.schema(
         pa.field("last", pa.float64(), nullable=False),
         pa.field("last_epoch", pa.int32(), nullable=False),
         pa.field("score", pa.float64(), nullable=False),
+        # Per-epoch aggregates (issue 8); null unless aggregate is epoch_ema or last.
+        pa.field("n_epochs", pa.int32(), nullable=True),
+        pa.field("epoch_mean", pa.float64(), nullable=True),
+        pa.field("epoch_ema", pa.float64(), nullable=True),
+    ]
+)
+
+SAMPLE_ID_SCHEMA = pa.schema(
+    [
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("base_idx", pa.int64(), nullable=False),
+        pa.field("sample_id", pa.string(), nullable=False),
     ]
 )
 
 PLAN_SCHEMA = pa.schema(
     [
-        pa.field("sample_id", pa.string(), nullable=False),
         pa.field("dataset", pa.string(), nullable=False),
         pa.field("base_idx", pa.int64(), nullable=False),
         pa.field("score", pa.float64(), nullable=False),
