@@ -52,7 +52,7 @@ ARMS: dict[str, dict | None] = {
     "fixed_set": {**BASE, "mode": "fixed_set", "metric": "loss", "hard_sample_size": 32, "regular_sample_size": 64},
     "dynamic": {**BASE, "mode": "dynamic", "hard_pool_frac": 0.3},
 }
-DEFAULT_ARMS = ["uniform", "reweight", "reweight_w5", "reweight_coord", "reweight_sum", "reweight_epoch_ema",
+DEFAULT_ARMS = ["uniform", "reweight", "reweight_w5", "reweight_coord", "reweight_label", "reweight_sum", "reweight_epoch_ema",
                 "fixed_set", "dynamic"]
 STATS = ("token_acc", "loss", "coord_loss", "label_loss")
 
@@ -129,6 +129,31 @@ def evaluate(trainer, corpus: dict, slices: dict[str, str], batch_size: int) -> 
     return out
 
 
+def detection(trainer, corpus: dict, slices: dict[str, str], args) -> dict[str, dict[str, float]]:
+    """``hsm eval`` metrics (greedy answers scored with faster-coco-eval) overall and per slice."""
+    from hsm.encoding import resolve_prompts
+    from hsm.eval.generation import generate_answers
+    from hsm.eval.metrics import score_dataset
+    from hsm.eval.scoring import read_image_names
+    from hsm.records import read_jsonl
+
+    records = read_jsonl(corpus["bbu_val"])
+    names = read_image_names(corpus["bbu_val"])
+    dataset = trainer.train_dataset
+    answers = generate_answers(trainer.model, dataset.template.processor, records,
+                               resolve_prompts(dataset.fusion, "bbu"), max_new_tokens=args.max_new_tokens,
+                               batch_size=args.eval_batch, max_image_side=dataset.fusion.max_image_side)
+    out = {}
+    groups = {"all": list(range(len(records)))}
+    for i, record in enumerate(records):
+        groups.setdefault(slices[record.id], []).append(i)
+    for group, index in groups.items():
+        score = score_dataset([records[i] for i in index], [names[i] for i in index], [answers[i] for i in index],
+                              "rel1000")
+        out[group] = {k: score.metrics.get(k) for k in ("mAP", "AP50", "AR100", "recall50", "parse_failures")}
+    return out
+
+
 def overall(per_slice: dict[str, dict[str, float]], shares: dict[str, float]) -> dict[str, float]:
     """Slice means weighted by the slices' train shares: the target distribution, not the balanced val."""
     return {stat: sum(shares[s] * per_slice[s][stat] for s in per_slice) / sum(shares[s] for s in per_slice)
@@ -153,12 +178,14 @@ def run_all(args) -> dict:
             trained = time.perf_counter() - started
             per_slice = evaluate(summary["trainer"], corpus, slice_info["val"], args.eval_batch)
             per_slice["overall"] = overall(per_slice, slice_info["shares"])
+            det = detection(summary["trainer"], corpus, slice_info["val"], args) if args.detection else None
             run = {"seed": seed, "arm": arm, "global_step": summary["global_step"], "train_loss": summary["train_loss"],
-                   "seconds": time.perf_counter() - started, "train_seconds": trained, "val": per_slice}
+                   "seconds": time.perf_counter() - started, "train_seconds": trained, "val": per_slice,
+                   "detection": det}
             results["runs"].append(run)
             print(f"seed {seed} {arm:20s} steps {run['global_step']:4d}  {run['seconds']:6.1f}s  "
-                  + "  ".join(f"{s} acc {v['token_acc']:.3f} loss {v['loss']:.3f}" for s, v in per_slice.items()),
-                  flush=True)
+                  + "  ".join(f"{s} acc {v['token_acc']:.3f} loss {v['loss']:.3f}" for s, v in per_slice.items())
+                  + (f"  mAP {det['all']['mAP']} AR100 {det['all']['AR100']}" if det else ""), flush=True)
             del summary
     return results
 
@@ -176,8 +203,9 @@ def run_parallel(args) -> dict:
         command = [sys.executable, __file__, "--seeds", str(seed), "--jobs", "1", "--out", str(work), "--json", str(out),
                    "--arms", *args.arms]
         for key in ("epochs", "n_train", "n_val", "n_source", "source_ratio", "size", "hidden", "layers", "vision_depth",
-                    "batch", "eval_batch", "lr", "warmup", "threads"):
+                    "batch", "eval_batch", "lr", "warmup", "threads", "max_new_tokens"):
             command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+        command.append("--detection" if args.detection else "--no-detection")
         with open(work / f"seed-{seed}.log", "w") as log:  # warnings and tracebacks of the worker
             subprocess.run(command, check=True, stdout=sys.stdout, stderr=log)
         return json.loads(out.read_text())
@@ -303,6 +331,9 @@ def main() -> None:
     parser.add_argument("--eval-batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--detection", action=argparse.BooleanOptionalAction, default=True,
+                        help="also generate on val and score with hsm eval (mAP, AR)")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--jobs", type=int, default=3, help="seeds trained in parallel worker processes")
     parser.add_argument("--out", type=Path, default=None, help="work directory (default: a temporary one)")
