@@ -201,7 +201,7 @@ def run_parallel(args) -> dict:
     def one(seed: int) -> dict:
         out = work / f"seed-{seed}.json"
         command = [sys.executable, __file__, "--seeds", str(seed), "--jobs", "1", "--out", str(work), "--json", str(out),
-                   "--arms", *args.arms]
+                   "--worker", "--arms", *args.arms]
         for key in ("epochs", "n_train", "n_val", "n_source", "source_ratio", "size", "hidden", "layers", "vision_depth",
                     "batch", "eval_batch", "lr", "warmup", "threads", "max_new_tokens"):
             command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
@@ -276,6 +276,8 @@ def markdown(results: dict, summary: dict) -> str:
                 cells.append(cell)
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
         lines.append("")
+    if any(r.get("detection") for r in results["runs"]):
+        lines += detection_table(results, summary["arms"])
     steps = {r["arm"]: r["global_step"] for r in results["runs"]}
     seconds = {}
     for r in results["runs"]:
@@ -285,6 +287,25 @@ def markdown(results: dict, summary: dict) -> str:
     for arm in summary["arms"]:
         lines.append(f"| {arm} | {steps[arm]} | {statistics.fmean(seconds[arm]):.0f} | {found.get(arm, 'baseline')} |")
     return "\n".join(lines) + "\n"
+
+
+def detection_table(results: dict, arms: list[str]) -> list[str]:
+    """mAP and AR@100 (``hsm eval``, faster-coco-eval) per arm and slice, mean ± std over seeds."""
+    groups = list(next(r["detection"] for r in results["runs"] if r.get("detection")))
+    lines = ["**val detection** (`hsm eval`: greedy answers, every box scored 1.0): mAP / AR@100, mean ± std over seeds",
+             "", "| arm | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
+    for arm in arms:
+        runs = [r for r in results["runs"] if r["arm"] == arm and r.get("detection")]
+        cells = []
+        for group in groups:
+            parts = []
+            for key in ("mAP", "AR100"):
+                values = [r["detection"][group][key] or 0.0 for r in runs]
+                std = statistics.stdev(values) if len(values) > 1 else float("nan")
+                parts.append(f"{statistics.fmean(values):.3f} ± {std:.3f}")
+            cells.append(" / ".join(parts))
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
@@ -340,7 +361,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the raw results here")
     parser.add_argument("--doc", type=Path, default=None, help="write the markdown table here (and the PNG beside it)")
     parser.add_argument("--label", default="CPU", help="name of this configuration in the doc/plot")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a run_parallel child: no table
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="re-render the table/doc/plot from a saved --json instead of training")
     args = parser.parse_args()
+    if args.from_json is not None:
+        results = json.loads(args.from_json.read_text())
+        render(results, args)
+        return
     import torch
 
     torch.set_num_threads(args.threads)
@@ -357,18 +385,25 @@ def main() -> None:
     started = time.perf_counter()
     results = run_parallel(args) if args.jobs > 1 and len(args.seeds) > 1 else run_all(args)
     results["total_seconds"] = time.perf_counter() - started
-    summary = summarize(results)
-    text = markdown(results, summary)
-    print(text)
-    print(f"total {results['total_seconds']:.0f} s for {len(results['runs'])} runs")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1, default=str))
+    if not args.worker:
+        render(results, args)
+
+
+def render(results: dict, args) -> None:
+    summary = summarize(results)
+    text = markdown(results, summary)
+    print(text)
+    if "total_seconds" in results:
+        print(f"total {results['total_seconds']:.0f} s for {len(results['runs'])} runs")
     if args.doc:
         args.doc.parent.mkdir(parents=True, exist_ok=True)
         args.doc.write_text(text)
-        plot(summary, args.doc.with_suffix(".png"), f"{args.label}: hidden {args.hidden}, {args.layers} layers, "
-             f"{results['runs'][0]['global_step']} steps, seeds {args.seeds}")
+        setup = results["args"]
+        plot(summary, args.doc.with_suffix(".png"), f"{args.label}: hidden {setup['hidden']}, {setup['layers']} layers, "
+             f"{results['runs'][0]['global_step']} steps, seeds {setup['seeds']}")
 
 
 if __name__ == "__main__":
