@@ -237,8 +237,11 @@ def summarize(results: dict) -> dict:
     return {"arms": arms, "slices": slices, "table": table}
 
 
-def verdicts(summary: dict) -> dict[str, str]:
-    """The issue's goal per arm: a hard slice better than uniform by > 2 std (paired), overall no worse than 1 std."""
+def verdicts(summary: dict, stat: str) -> dict[str, str]:
+    """The issue's goal per arm on ``stat``: a hard slice better than uniform by more than 2 std of the paired
+    difference over seeds, with the overall value no worse than uniform by more than 1 std (of uniform over seeds).
+    ``(unpaired)`` is added where the gain also exceeds 2 std of uniform's own spread over seeds."""
+    sign = 1.0 if stat == "token_acc" else -1.0  # token_acc: higher is better; losses: lower
     out = {}
     table = summary["table"]
     for arm in summary["arms"]:
@@ -248,14 +251,15 @@ def verdicts(summary: dict) -> dict[str, str]:
         for name in summary["slices"]:
             if name in ("overall", "clean"):
                 continue
-            cell = table[(arm, name, "token_acc")]
-            if cell["diff"] > 2 * cell["diff_std"] and cell["diff"] > 0:
-                wins.append(name)
-        base = table[("uniform", "overall", "token_acc")]
-        cell = table[(arm, "overall", "token_acc")]
-        overall_ok = cell["diff"] >= -max(base["std"], 1e-12)
-        out[arm] = ("WIN on " + ", ".join(wins) if wins and overall_ok
-                    else ("wins on " + ", ".join(wins) + " but overall worse" if wins else "no effect"))
+            cell = table[(arm, name, stat)]
+            gain = sign * cell["diff"]
+            if gain > 0 and gain > 2 * cell["diff_std"]:
+                unpaired = gain > 2 * table[("uniform", name, stat)]["std"]
+                wins.append(f"{name} ({cell['diff']:+.3f}{', unpaired too' if unpaired else ''})")
+        base = table[("uniform", "overall", stat)]
+        overall_ok = sign * table[(arm, "overall", stat)]["diff"] >= -base["std"]
+        out[arm] = ("beats uniform on " + "; ".join(wins) if wins and overall_ok
+                    else ("wins on " + "; ".join(wins) + " but overall worse" if wins else "no effect"))
     return out
 
 
@@ -282,10 +286,12 @@ def markdown(results: dict, summary: dict) -> str:
     seconds = {}
     for r in results["runs"]:
         seconds.setdefault(r["arm"], []).append(r["seconds"])
-    lines += ["| arm | optimizer steps | seconds per run (train + eval) | verdict (token_acc) |", "|---|---|---|---|"]
-    found = verdicts(summary)
+    lines += ["| arm | optimizer steps | seconds per run (train + eval) | verdict on val token_acc | verdict on val loss |",
+              "|---|---|---|---|---|"]
+    on_acc, on_loss = verdicts(summary, "token_acc"), verdicts(summary, "loss")
     for arm in summary["arms"]:
-        lines.append(f"| {arm} | {steps[arm]} | {statistics.fmean(seconds[arm]):.0f} | {found.get(arm, 'baseline')} |")
+        lines.append(f"| {arm} | {steps[arm]} | {statistics.fmean(seconds[arm]):.0f} | {on_acc.get(arm, 'baseline')} "
+                     f"| {on_loss.get(arm, 'baseline')} |")
     return "\n".join(lines) + "\n"
 
 
