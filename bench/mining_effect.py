@@ -315,29 +315,30 @@ def detection_table(results: dict, arms: list[str]) -> list[str]:
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
+    """Paired differences to uniform (mean ± std over seeds) per slice: token_acc, loss, coord_loss, label_loss."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     table = summary["table"]
-    arms, slices = summary["arms"], summary["slices"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
-    width = 0.8 / len(arms)
-    for ax, stat in zip(axes, ("token_acc", "loss")):
+    arms = [a for a in summary["arms"] if a != "uniform"]
+    slices = summary["slices"]
+    fig, axes = plt.subplots(1, len(STATS), figsize=(18, 4.4))
+    width = 0.8 / max(len(arms), 1)
+    for ax, stat in zip(axes, STATS):
         for k, arm in enumerate(arms):
-            means = [table[(arm, s, stat)]["mean"] for s in slices]
-            stds = [table[(arm, s, stat)]["std"] for s in slices]
+            means = [table[(arm, s, stat)]["diff"] for s in slices]
+            stds = [table[(arm, s, stat)]["diff_std"] for s in slices]
             ax.bar(np.arange(len(slices)) + k * width, means, width, yerr=stds, label=arm, capsize=2)
+        ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_xticks(np.arange(len(slices)) + 0.4 - width / 2, slices)
-        ax.set_title(f"val {stat} (mean ± std over seeds)")
-        if stat == "token_acc":
-            low = min(table[(a, s, stat)]["mean"] for a in arms for s in slices)
-            ax.set_ylim(max(0.0, low - 0.1), None)
+        better = "higher" if stat == "token_acc" else "lower"
+        ax.set_title(f"Δ val {stat} vs uniform ({better} is better)", fontsize=10)
     axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle(title)
+    fig.suptitle(title + " — paired difference to uniform, mean ± std over seeds")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
