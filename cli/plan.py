@@ -52,7 +52,7 @@ def plan(
     ),
     memory_limit: Optional[str] = typer.Option(
         None, "--memory-limit", help="Fold budget, e.g. 4GB or 512MB; a bigger epoch is folded out of core "
-        "(spilling to --temp-dir). Default 3GB."
+        "(spilling to --temp-dir). Default 2GB."
     ),
     temp_dir: Optional[Path] = typer.Option(None, "--temp-dir", help="Where an out-of-core fold spills (default: TMPDIR)."),
 ) -> None:

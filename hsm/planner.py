@@ -167,11 +167,12 @@ class Folded:
             pending.result()
 
 
-# Bytes a fold needs in memory per event and per state row: 10M events folded into a
-# 9.1M-row state peaked at 1.6 GB (events columns with sample_id strings, the fold's
-# temporaries, state in and out); rounded up.
-_BYTES_PER_EVENT, _BYTES_PER_STATE_ROW = 100, 100
-DEFAULT_MEMORY_LIMIT = 3 << 30
+# Bytes a fold needs in memory per event and per state row: 10M events folded in memory
+# into a 9.1M-row state peaked at 3.3 GB (events with sample_id strings, the fold's
+# temporaries, state in and out, the state written while the plan is built); in 4 key
+# ranges at 2.3 GB and faster, so the budget errs towards ranges.
+_BYTES_PER_EVENT, _BYTES_PER_STATE_ROW = 160, 200
+DEFAULT_MEMORY_LIMIT = 2 << 30
 """Fold budget in bytes above which an epoch is folded out of core (``hsm plan --memory-limit``)."""
 
 
@@ -365,8 +366,9 @@ def fold_out_of_core(
         ids.append(_new_ids(out, names, events.column("sample_id")))
         del events, out
         path.unlink()
-    new_state = pa.concat_tables(states).combine_chunks()
+    new_state = pa.concat_tables(states)  # one chunk per range: no second copy of the state
     new_ids = pa.concat_tables(ids) if ids else SAMPLE_ID_SCHEMA.empty_table()
+    del states, ids
     return EpochFold(state=new_state, ids=new_ids, names=names, n_events=n_events,
                      mean_loss=loss_sum / n_events if n_events else None, skipped=skipped)
 
@@ -416,6 +418,7 @@ def fold_pending(
         disk, info = read_state(hsm_dir, valid)
         names = list(info.datasets)
         state = fold_table(disk, names, mining.aggregate)
+        del disk  # base_idx, dataset and score are not carried: free them before folding
     result = Folded(state=None, info=None)
     budget = memory_limit if memory_limit is not None else DEFAULT_MEMORY_LIMIT
     for epoch in range(valid + 1, up_to_epoch + 1):

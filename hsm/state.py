@@ -180,7 +180,9 @@ def read_state(hsm_dir: str | Path, epoch: int) -> tuple[pa.Table, StateInfo]:
 def write_state(hsm_dir: str | Path, state: pa.Table, info: StateInfo) -> Path:
     """Atomically write the state after ``info.epoch`` with its provenance."""
     path = state_path(hsm_dir, info.epoch)
-    table = conform(state, STATE_SCHEMA, str(path), keep_dictionary=True)
+    # The per-epoch columns are written only when folded (readers fill absent ones with nulls).
+    schema = pa.schema([f for f in STATE_SCHEMA if not f.nullable or f.name in state.column_names])
+    table = conform(state, schema, str(path), keep_dictionary=True)
     table = table.replace_schema_metadata({_META_KEY: info.to_json().encode()})
     write_parquet_atomic(table, path, **_STATE_WRITE)
     return path
@@ -289,17 +291,13 @@ def fold_table(state: pa.Table, names: list[str], aggregate: str = "ema") -> pa.
 
 
 def disk_table(fold: pa.Table, names: list[str], aggregate: str, decay: float = 0.9) -> pa.Table:
-    """The engines' fold table as a state file's table (``STATE_SCHEMA``), with its score."""
+    """The engines' fold table as a state file's table (``STATE_SCHEMA``, less the per-epoch
+    columns it did not fold), with its score."""
     keys = fold.column("key").to_numpy()
     dataset = pa.DictionaryArray.from_arrays(pa.array((keys >> IDX_BITS).astype(np.int32)), pa.array(names, pa.string()))
     columns = {"dataset": dataset, "base_idx": pa.array(keys & IDX_MASK),
                "score": pa.array(score_of(fold, aggregate, decay))}
 
-    def column(f: pa.Field):
-        if f.name in columns:
-            return columns[f.name]
-        if f.name not in fold.column_names:
-            return pa.nulls(fold.num_rows, f.type)
-        return fold.column(f.name).cast(f.type)
-
-    return pa.Table.from_arrays([column(f) for f in STATE_SCHEMA], names=STATE_SCHEMA.names)
+    fields = [f for f in STATE_SCHEMA if f.name in columns or f.name in fold.column_names]
+    return pa.Table.from_arrays([columns[f.name] if f.name in columns else fold.column(f.name).cast(f.type) for f in fields],
+                                names=[f.name for f in fields])
