@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench clean torchvision-shim test-swift
 
 install: $(STAMP)
 
@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch first, so nothing resolves plain `torch` to a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torchvision==0.28.0
+	# PyPI's torchvision is a CUDA build: let its Python transforms import on CPU torch (tools/torchvision_cpu.py).
+	$(MAKE) --no-print-directory torchvision-shim VENV=$(VENV)
 	$(BIN)/pip install -q -e '.[train,dev]'
 	$(BIN)/pip install -q --no-build-isolation 'deepspeed>=0.16'
 	touch $(STAMP)
@@ -29,3 +32,8 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .cache demo_run
+
+# Installs tools/torchvision_cpu.py into $(VENV) as a .pth import hook.
+torchvision-shim:
+	cp tools/torchvision_cpu.py "$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_hsm_torchvision_cpu.py"
+	echo "import _hsm_torchvision_cpu" > "$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_hsm_torchvision_cpu.pth"

@@ -111,11 +111,9 @@ class FusionDataset:
         height, width = image.shape[:2]
         resized = None
         if self.model_cfg.coord_format == "abs":
-            from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+            from hsm.model import resized_size
 
-            rh, rw = smart_resize(height, width, factor=32, min_pixels=self.model_cfg.image_min_pixels,
-                                  max_pixels=self.model_cfg.image_max_pixels)
-            resized = (rw, rh)
+            resized = resized_size(self.template.processor, width, height)  # the processor's own factor and limits
         answer = format_answer(boxes, labels, width, height, self.model_cfg.coord_format, resized)
         prompts = self.prompts[code]
         encoded = self.template.encode(Image.fromarray(image), prompts.user, answer, system=prompts.system)

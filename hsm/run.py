@@ -40,7 +40,7 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
     from transformers import Trainer
 
     from hsm.fusion import DetectionCollator, EvalDataset, FusionDataset
-    from hsm.model import load_model_and_processor
+    from hsm.model import load_model_and_processor, model_callbacks
     from hsm.sampler import HsmSampler
     from hsm.trainer import make_trainer_class, resume_attempt, write_dataset_info
 
@@ -51,7 +51,8 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
     hsm_dir = output_dir / "hsm"
     mining = cfg.mining
     fusion = cfg.custom.fusion_config
-    model, processor = load_model_and_processor(cfg.model, seed=args.seed)
+    checkpointing = bool(getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False))
+    model, processor = load_model_and_processor(cfg.model, seed=args.seed, gradient_checkpointing=checkpointing)
     dataset = FusionDataset(fusion, processor, cfg.model, mining=mining, num_train_epochs=args.num_train_epochs)
     eval_dataset = EvalDataset(dataset)
     collator = DetectionCollator(processor.tokenizer.pad_token_id)
@@ -60,6 +61,8 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
         model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset if len(eval_dataset) else None,
         data_collator=collator, processing_class=processor.tokenizer,
     )
+    for callback in model_callbacks(cfg.model, processor):
+        trainer.add_callback(callback)
     # The schedule seed is the fusion's: switching mining on must not reshuffle epoch 0.
     trainer.hsm_sampler = HsmSampler(
         sizes=dataset.sizes, ratios=dataset.ratios, target=dataset.target_info, seed=fusion.seed,
