@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -46,17 +47,18 @@ def synth(
 
 
 @data_app.command("validate")
-def validate(jsonl: Path = typer.Argument(..., help="JSONL to check, images included.")) -> None:
-    """Check every record and every image (existence, size)."""
-    from PIL import Image
+def validate(
+    jsonl: Path = typer.Argument(..., help="JSONL to check, images included."),
+    max_image_side: Optional[int] = typer.Option(
+        None, "--max-image-side", min=1, help="Also report images whose longer side exceeds this (fusion_config.max_image_side)."
+    ),
+) -> None:
+    """Check every record and every decoded image (existence, size); report every bad line."""
+    from hsm.records import validate_jsonl
 
-    from hsm.records import RecordError, check_image_size, read_jsonl
-
-    try:
-        records = read_jsonl(jsonl)
-        for record in records:
-            with Image.open(record.image) as img:
-                check_image_size(record, img.size, max_side=1 << 30)
-    except RecordError as e:
-        raise fail("data validate", str(e)) from e
-    console.print(f"{jsonl}: {len(records)} records OK")
+    count, problems = validate_jsonl(jsonl, max_side=max_image_side)
+    if problems:
+        shown = "\n".join(f"  {p}" for p in problems[:200])
+        more = f"\n  ... and {len(problems) - 200} more" if len(problems) > 200 else ""
+        raise fail("data validate", f"{jsonl}: {len(problems)} problem(s) in {count} readable record(s):\n{shown}{more}")
+    console.print(f"{jsonl}: {count} records OK")

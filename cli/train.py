@@ -19,17 +19,27 @@ def train(
     """Fine-tune with hard-sample mining (or plain fusion training when mining is off)."""
     from hsm.config import ConfigError, load_config
 
-    try:
-        cfg = load_config(config, overrides or [])
-    except ConfigError as e:
-        raise fail("train", str(e)) from e
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            cfg = load_config(config, overrides or [])
+        except ConfigError as e:
+            raise fail("train", str(e)) from e
+    for warning in caught:
+        console.print(f"[yellow]warning:[/] {warning.message}", soft_wrap=True)
+    from hsm.plan import PlanError
     from hsm.records import RecordError
     from hsm.run import train as run_training
 
     try:
         summary = run_training(cfg)
-    except (ConfigError, RecordError, FileNotFoundError) as e:
+    except (ConfigError, RecordError, PlanError, FileNotFoundError) as e:
         raise fail("train", str(e)) from e
+    except PermissionError as e:
+        raise fail("train", f"{e.filename}: not writable ({e.strerror}); choose another training.output_dir "
+                            "or fix the permissions") from e
     trainer = summary["trainer"]
     if not trainer.is_world_process_zero():
         return

@@ -12,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 __all__ = [
     "ConfigError",
@@ -36,6 +38,8 @@ __all__ = [
     "apply_overrides",
     "mining_config_hash",
     "LEGACY_LOADER_NAMES",
+    "decimal_fraction",
+    "ceil_share",
 ]
 
 LEGACY_LOADER_NAMES = ("MultiSourceFusionDataset", "multi_source_fusion", "multi_source")
@@ -43,6 +47,24 @@ _LEGACY_MESSAGE = (
     "the legacy multi-source loader ({name}) was removed; custom.fusion_config always "
     "uses the unified fusion loader (hsm.fusion.FusionDataset): delete this key"
 )
+
+
+def decimal_fraction(value: float) -> Fraction:
+    """``value`` as the decimal the user wrote: ``Fraction(str(0.07))`` is exactly 7/100.
+
+    ``str`` of a float is its shortest round-tripping decimal, which is what YAML
+    (or a ``KEY=VALUE`` override) held.
+    """
+    return Fraction(str(value))
+
+
+def ceil_share(value: float, n: int) -> int:
+    """``ceil(value * n)`` computed exactly on the decimal ``value``.
+
+    Naive (wrong) equivalent: ``math.ceil(value * n)``, which gives 106 for
+    ``0.07 * 1500`` because the float product is 105.00000000000001.
+    """
+    return math.ceil(decimal_fraction(value) * n)
 
 
 class ConfigError(ValueError):
@@ -75,6 +97,14 @@ class SelectorConfig(_Strict):
         if self.mode == "threshold" and self.threshold is None:
             raise ValueError("threshold: selector.mode 'threshold' needs selector.threshold (a number)")
         return self
+
+
+# Keys that only one mode reads; setting one under another mode is warned about.
+_MODE_KEYS = {
+    "selector": "reweight", "hard_weight": "reweight",
+    "hard_sample_size": "fixed_set", "regular_sample_size": "fixed_set", "target_epoch_size": "fixed_set",
+    "hard_pool_frac": "dynamic", "hard_pool_k": "dynamic",
+}
 
 
 class MiningConfig(_Strict):
@@ -113,6 +143,13 @@ class MiningConfig(_Strict):
 
     @model_validator(mode="after")
     def _resolve_metric(self) -> "MiningConfig":
+        ignored = sorted(k for k in self.model_fields_set if _MODE_KEYS.get(k, self.mode) != self.mode)
+        if ignored and self.enabled:
+            warnings.warn(
+                f"custom.hard_sample_mining: {', '.join(ignored)} do(es) not apply to mode '{self.mode}' and "
+                f"is ignored ({'; '.join(f'{k} is for {_MODE_KEYS[k]}' for k in ignored)})",
+                UserWarning, stacklevel=2,
+            )
         if self.metric is None:
             self.metric = "token_acc" if self.mode == "dynamic" else "loss"
         if self.mode == "fixed_set" and self.hard_sample_size + self.regular_sample_size == 0:
@@ -126,11 +163,11 @@ class MiningConfig(_Strict):
         if self.mode == "dynamic":
             if self.hard_pool_k is not None:
                 return min(self.hard_pool_k, n_eligible)
-            return min(math.ceil(self.hard_pool_frac * n_eligible), n_eligible)
+            return min(ceil_share(self.hard_pool_frac, n_eligible), n_eligible)
         if self.selector.mode == "top_k":
             return min(self.selector.k, n_eligible)
         if self.selector.mode == "percentile":
-            return min(math.ceil(self.selector.value * n_eligible), n_eligible)
+            return min(ceil_share(self.selector.value, n_eligible), n_eligible)
         return None
 
 
@@ -256,6 +293,12 @@ class HsmConfig(_Strict):
     training: dict[str, Any] = Field(default_factory=dict, description="transformers.TrainingArguments fields.")
     deepspeed: str | dict[str, Any] | None = Field(None, description="DeepSpeed config (path or mapping).")
     custom: CustomConfig = Field(default_factory=CustomConfig, description="hsm sections.")
+    _source: str = PrivateAttr("<config>")
+
+    @property
+    def source(self) -> str:
+        """The file this config was read from (for error messages)."""
+        return self._source
 
     @property
     def mining(self) -> MiningConfig | None:
@@ -394,6 +437,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> HsmConf
         raise ConfigError(str(path), [f"not valid YAML: {e}"]) from e
     raw = apply_overrides(raw if isinstance(raw, dict) else ({} if raw is None else raw), overrides or [])
     config = parse_config(raw, str(path))
+    config._source = str(path)
     # A relative DeepSpeed path is looked up beside the YAML first, then from the working directory.
     if isinstance(config.deepspeed, str) and not Path(config.deepspeed).is_absolute():
         beside = path.parent / config.deepspeed

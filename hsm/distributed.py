@@ -8,7 +8,8 @@ import os
 
 from hsm.schedule import World
 
-__all__ = ["current_world", "is_initialized", "barrier", "broadcast_bytes", "all_reduce_sum", "on_main"]
+__all__ = ["current_world", "is_initialized", "barrier", "broadcast_bytes", "all_gather_bytes", "all_reduce_sum",
+           "all_reduce_max", "on_main"]
 
 
 def is_initialized() -> bool:
@@ -54,10 +55,43 @@ def broadcast_bytes(payload: bytes | None, src: int = 0) -> bytes:
     size = torch.tensor([len(payload) if payload is not None else 0], dtype=torch.long, device=device)
     dist.broadcast(size, src=src)
     buffer = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
-    if dist.get_rank() == src:
+    if dist.get_rank() == src and payload:
         buffer.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
     dist.broadcast(buffer, src=src)
     return bytes(buffer.cpu().numpy().tobytes())
+
+
+def all_gather_bytes(payload: bytes) -> list[bytes]:
+    """Every rank's ``payload``, in rank order, on every rank (uint8 tensors, no pickle)."""
+    if not is_initialized():
+        return [payload]
+    import torch
+    import torch.distributed as dist
+
+    device = _device()
+    world_size = dist.get_world_size()
+    size = torch.tensor([len(payload)], dtype=torch.long, device=device)
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size)]
+    dist.all_gather(sizes, size)
+    longest = max(int(s.item()) for s in sizes)
+    buffer = torch.zeros(longest, dtype=torch.uint8, device=device)
+    if payload:
+        buffer[: len(payload)].copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+    gathered = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world_size)]
+    dist.all_gather(gathered, buffer)
+    return [bytes(g[: int(s.item())].cpu().numpy().tobytes()) for g, s in zip(gathered, sizes)]
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest ``value`` over ranks (the value itself in one process)."""
+    if not is_initialized():
+        return value
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], dtype=torch.long, device=_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def all_reduce_sum(values):

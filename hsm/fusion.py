@@ -16,7 +16,7 @@ from hsm.augment import augment, curriculum_strength, derive_aug_seed
 from hsm.config import AugmentationConfig, FusionConfig, MiningConfig, ModelConfig
 from hsm.encoding import Template, format_answer, resolve_prompts
 from hsm.plan import DatasetInfo
-from hsm.records import Record, check_image_size, file_fingerprint, read_jsonl
+from hsm.records import Record, RecordError, check_image_size, declared_size_problems, file_fingerprint, read_jsonl
 
 __all__ = ["Slot", "FusionDataset", "EvalDataset", "DetectionCollator", "sample_id_of"]
 
@@ -55,6 +55,13 @@ class FusionDataset:
             raise ValueError(f"hsm train needs dataset files: {', '.join(missing)} not set")
         self.names = [d.name for d in specs]
         self.records = [read_jsonl(d.train_jsonl, check_images=check_images) for d in specs]
+        # Every record's declared size, before anything is written or trained (no image decoded).
+        oversized = [p for records in self.records for p in declared_size_problems(records, fusion.max_image_side)]
+        if oversized:
+            listed = "\n".join(f"  {p}" for p in oversized[:50])
+            more = f"\n  ... and {len(oversized) - 50} more" if len(oversized) > 50 else ""
+            raise RecordError(f"{len(oversized)} record(s) over custom.fusion_config.max_image_side="
+                              f"{fusion.max_image_side}:\n{listed}{more}")
         self.ratios = [s.ratio for s in fusion.sources]
         self.prompts = [resolve_prompts(fusion, name) for name in self.names]
         self.policies = [fusion.target.augmentation or fusion.augmentation] + [
@@ -126,7 +133,8 @@ class FusionDataset:
             "drawn_as_hard": bool(slot.is_hard),
             "augmented": use_aug,
             "object_capped": capped,
-            "oversize": False,  # oversized images raise; no smart-resize ever happens
+            # Larger than the processor's pixel budget, so the processor shrinks it (over max_image_side raises).
+            "oversize": record.width * record.height > self.model_cfg.image_max_pixels,
             "aug_dropped": dropped,
             "input_len": int(len(encoded["input_ids"])),
         }

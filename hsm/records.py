@@ -18,7 +18,8 @@ from pathlib import Path
 
 from hsm.plan import file_sha256
 
-__all__ = ["DetectionObject", "Record", "RecordError", "read_jsonl", "file_fingerprint", "import_coco", "check_image_size"]
+__all__ = ["DetectionObject", "Record", "RecordError", "read_jsonl", "validate_jsonl", "file_fingerprint", "import_coco",
+           "check_image_size", "image_size_problems", "declared_size_problems"]
 
 
 class RecordError(ValueError):
@@ -80,12 +81,9 @@ def _parse(obj: object, where: str, root: Path) -> Record:
     return Record(image if image.is_absolute() else root / image, width, height, tuple(objects), obj.get("id"), where)
 
 
-def read_jsonl(path: str | Path, *, check_images: bool = True) -> list[Record]:
-    """Parse and validate every line; ``check_images`` also requires each image file to exist."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecordError(f"{path}: file not found")
-    records, seen_ids = [], {}
+def _read_lines(path: Path, check_images: bool):
+    """Yield ``(record, None)`` or ``(None, problem)`` for every non-empty line."""
+    seen_ids: dict[str, int] = {}
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -94,30 +92,95 @@ def read_jsonl(path: str | Path, *, check_images: bool = True) -> list[Record]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise _fail(where, f"malformed JSON ({e.msg} at column {e.colno})") from e
-            record = _parse(obj, where, path.parent)
+                yield None, f"{where}: malformed JSON ({e.msg} at column {e.colno})"
+                continue
+            try:
+                record = _parse(obj, where, path.parent)
+            except RecordError as e:
+                yield None, str(e)
+                continue
             if record.id is not None:
                 if record.id in seen_ids:
-                    raise _fail(where, f"duplicate id {record.id!r} (first at line {seen_ids[record.id]})")
+                    yield None, f"{where}: duplicate id {record.id!r} (first at line {seen_ids[record.id]})"
+                    continue
                 seen_ids[record.id] = number
             if check_images and not record.image.is_file():
-                raise _fail(where, f"image {record.image} not found")
-            records.append(record)
+                yield None, f"{where}: image {record.image} not found"
+                continue
+            yield record, None
+
+
+def read_jsonl(path: str | Path, *, check_images: bool = True) -> list[Record]:
+    """Parse and validate every line; ``check_images`` also requires each image file to exist.
+
+    Raises :class:`RecordError` at the first bad line (``file:line: what``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecordError(f"{path}: file not found")
+    records = []
+    for record, problem in _read_lines(path, check_images):
+        if problem is not None:
+            raise RecordError(problem)
+        records.append(record)
     if not records:
         raise RecordError(f"{path}: no records")
     return records
 
 
+def validate_jsonl(path: str | Path, *, max_side: int | None = None, decode: bool = True) -> tuple[int, list[str]]:
+    """Check every line and (``decode``) every image's real size; returns ``(n_records, problems)``.
+
+    Unlike :func:`read_jsonl` it does not stop at the first problem: every bad line is reported.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        return 0, [f"{path}: file not found"]
+    count, problems = 0, []
+    for record, problem in _read_lines(path, check_images=True):
+        if problem is not None:
+            problems.append(problem)
+            continue
+        count += 1
+        actual = (record.width, record.height)
+        if decode:
+            try:
+                with Image.open(record.image) as img:
+                    actual = img.size
+            except OSError as e:
+                problems.append(f"{record.where}: image {record.image} cannot be decoded ({e})")
+                continue
+        problems += image_size_problems(record, actual, max_side)
+    if count == 0 and not problems:
+        problems.append(f"{path}: no records")
+    return count, problems
+
+
+def image_size_problems(record: Record, actual: tuple[int, int], max_side: int | None) -> list[str]:
+    """What is wrong with an image of size ``actual`` for ``record`` (empty when nothing is)."""
+    problems = []
+    if tuple(actual) != (record.width, record.height):
+        problems.append(f"{record.where}: image {record.image} is {actual[0]}x{actual[1]}, the record says {record.width}x{record.height}")
+    if max_side is not None and max(actual) > max_side:
+        problems.append(
+            f"{record.where}: image {record.image} is {actual[0]}x{actual[1]}, over fusion_config.max_image_side={max_side}; "
+            "hsm does not resize online: pre-scale the image or add an explicit resize augmentation"
+        )
+    return problems
+
+
+def declared_size_problems(records: list[Record], max_side: int) -> list[str]:
+    """Records whose declared ``width``/``height`` exceed ``max_side``: a start-up check, no image decoded."""
+    return [problem for r in records for problem in image_size_problems(r, (r.width, r.height), max_side)]
+
+
 def check_image_size(record: Record, actual: tuple[int, int], max_side: int) -> None:
     """Raise if the file's size disagrees with the record or exceeds ``max_side`` (no smart-resize)."""
-    if actual != (record.width, record.height):
-        raise _fail(record.where, f"image {record.image} is {actual[0]}x{actual[1]}, the record says {record.width}x{record.height}")
-    if max(actual) > max_side:
-        raise _fail(
-            record.where,
-            f"image {record.image} is {actual[0]}x{actual[1]}, over fusion_config.max_image_side={max_side}; "
-            "hsm does not resize online: pre-scale the image or add an explicit resize augmentation",
-        )
+    problems = image_size_problems(record, actual, max_side)
+    if problems:
+        raise RecordError("; ".join(problems))
 
 
 def file_fingerprint(path: str | Path) -> str:

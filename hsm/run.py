@@ -10,29 +10,51 @@ import yaml
 
 from hsm.config import ConfigError, HsmConfig
 
-__all__ = ["training_arguments", "train"]
+__all__ = ["check_training_values", "training_arguments", "train"]
 
 _DEFAULTS = {"remove_unused_columns": False, "report_to": ["tensorboard"]}
 
 
-def training_arguments(cfg: HsmConfig):
-    """``cfg.training`` as ``TrainingArguments``; unknown keys are rejected with their path."""
+def check_training_values(training: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
+    """Type-check every ``training.*`` value against ``TrainingArguments``; returns the coerced values.
+
+    Every problem is reported at once with its dotted key, before anything is written
+    (``training.learning_rate=fast`` would otherwise fail deep inside the optimizer).
+    """
+    import typing
+
+    from pydantic import TypeAdapter, ValidationError
     from transformers import TrainingArguments
 
+    hints = typing.get_type_hints(TrainingArguments)
     known = {f.name for f in dataclasses.fields(TrainingArguments)}
-    unknown = sorted(set(cfg.training) - known)
-    problems = [f"training.{k}: unknown TrainingArguments field" for k in unknown]
-    if "output_dir" not in cfg.training:
+    problems = [f"training.{k}: unknown TrainingArguments field" for k in sorted(set(training) - known)]
+    if "output_dir" not in training:
         problems.append("training.output_dir: required key is missing")
+    values = dict(training)
+    for key in sorted(set(training) & known):
+        try:
+            values[key] = TypeAdapter(hints[key]).validate_python(training[key])
+        except ValidationError as e:
+            accepted = getattr(hints[key], "__name__", None) or str(hints[key])
+            problems.append(f"training.{key}: {training[key]!r} is not a valid {accepted} ({e.errors()[0]['msg']})")
     if problems:
-        raise ConfigError("<config>", problems)
-    kwargs: dict[str, Any] = {**_DEFAULTS, **cfg.training}
+        raise ConfigError(source, problems)
+    return values
+
+
+def training_arguments(cfg: HsmConfig):
+    """``cfg.training`` as ``TrainingArguments``; unknown keys and bad values are rejected with their path."""
+    from transformers import TrainingArguments
+
+    values = check_training_values(cfg.training, cfg.source)
+    kwargs: dict[str, Any] = {**_DEFAULTS, **values}
     if cfg.deepspeed is not None:
         kwargs["deepspeed"] = cfg.deepspeed
     try:
         return TrainingArguments(**kwargs)
     except (TypeError, ValueError) as e:
-        raise ConfigError("<config>", [f"training: {e}"]) from e
+        raise ConfigError(cfg.source, [f"training: {e}"]) from e
 
 
 def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
@@ -45,7 +67,7 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
     from hsm.trainer import make_trainer_class, resume_attempt, write_dataset_info
 
     if cfg.custom.fusion_config is None:
-        raise ConfigError("<config>", ["custom.fusion_config: required by hsm train (the datasets to train on)"])
+        raise ConfigError(cfg.source, ["custom.fusion_config: required by hsm train (the datasets to train on)"])
     args = training_arguments(cfg)
     output_dir = Path(args.output_dir)
     hsm_dir = output_dir / "hsm"
@@ -64,21 +86,32 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
     for callback in model_callbacks(cfg.model, processor):
         trainer.add_callback(callback)
     # The schedule seed is the fusion's: switching mining on must not reshuffle epoch 0.
-    trainer.hsm_sampler = HsmSampler(
+    target_epoch_size = mining.target_epoch_size if mining is not None and mining.mode == "fixed_set" else None
+    sampler = HsmSampler(
         sizes=dataset.sizes, ratios=dataset.ratios, target=dataset.target_info, seed=fusion.seed,
         batch_size=args.per_device_train_batch_size, hsm_dir=hsm_dir if mining is not None else None,
+        target_epoch_size=target_epoch_size,
     )
     if trainer.is_world_process_zero():
         hsm_dir.mkdir(parents=True, exist_ok=True)
         (hsm_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
         write_dataset_info(hsm_dir, dataset)
     if mining is not None:
-        trainer.setup_hsm(mining=mining, fusion=fusion, hsm_dir=hsm_dir, sampler=trainer.hsm_sampler,
+        trainer.setup_hsm(mining=mining, fusion=fusion, hsm_dir=hsm_dir, sampler=sampler,
                           num_train_epochs=args.num_train_epochs, attempt=resume_attempt(hsm_dir),
-                          run_id=output_dir.name)
+                          run_id=_agreed_run_id(output_dir.name))
+    else:
+        trainer.use_sampler(sampler, fusion)
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     from hsm import distributed
 
     distributed.barrier()
     return {"output_dir": str(output_dir), "hsm_dir": str(hsm_dir), "train_loss": result.training_loss,
             "global_step": result.global_step, "mining": mining is not None, "trainer": trainer}
+
+
+def _agreed_run_id(local: str) -> str:
+    """Rank 0's run id on every rank (output directories may differ across nodes)."""
+    from hsm import distributed
+
+    return distributed.broadcast_bytes(local.encode()).decode()

@@ -16,8 +16,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from hsm.plan import DatasetInfo, Plan, load_plan
-from hsm.schedule import Schedule, World, build_schedule, shard_positions
+from hsm.plan import DatasetInfo, Plan, PlanError, load_plan, plan_dir
+from hsm.schedule import Schedule, World, build_schedule, epoch_length, shard_positions
 
 __all__ = ["HsmSampler"]
 
@@ -28,7 +28,9 @@ class HsmSampler(torch.utils.data.Sampler):
     """Plan-driven, epoch-seeded sampler over a fusion of target and sources."""
 
     def __init__(self, *, sizes: list[int], ratios: list[float], target: DatasetInfo, seed: int, batch_size: int,
-                 hsm_dir: str | Path | None = None, world: World | None = None):
+                 hsm_dir: str | Path | None = None, world: World | None = None, target_epoch_size: int | None = None):
+        if target_epoch_size is not None and target_epoch_size < 1:
+            raise ValueError(f"target_epoch_size must be >= 1, got {target_epoch_size}")
         self.sizes = sizes
         self.ratios = ratios
         self.target = target
@@ -36,6 +38,11 @@ class HsmSampler(torch.utils.data.Sampler):
         self.batch_size = batch_size
         self.hsm_dir = Path(hsm_dir) if hsm_dir is not None else None
         self.world = world
+        self.target_epoch_size = target_epoch_size
+        # Fixed for the whole run: transformers counts the steps per epoch once, from the first epoch.
+        self.epoch_length = epoch_length(sizes[0], ratios, target_epoch_size)
+        if self.epoch_length == 0:
+            raise ValueError(f"an epoch of the fusion has no slots (target '{target.name}' n={sizes[0]})")
         self.epoch = 0
         self.plan: Plan | None = None
         self._expected: dict[int, str] = {}
@@ -60,18 +67,25 @@ class HsmSampler(torch.utils.data.Sampler):
             if self.hsm_dir is not None:
                 plan = load_plan(self.hsm_dir, self.epoch, dataset=self.target, expected_checksum=self._expected.get(self.epoch))
             self.plan = plan
+            if plan is not None and plan.manifest.get("target_epoch_size") != self.target_epoch_size:
+                raise PlanError(
+                    f"{plan_dir(self.hsm_dir, self.epoch) / 'manifest.json'}: plan was built for target_epoch_size "
+                    f"{plan.manifest.get('target_epoch_size')}, this run uses {self.target_epoch_size}; "
+                    f"re-run hsm plan --epoch {self.epoch} with the run's config"
+                )
             self._schedule = build_schedule(
                 plan if plan is not None and plan.triggered else None,
                 n_target=self.sizes[0], source_sizes=self.sizes[1:], source_ratios=self.ratios,
-                seed=self.seed, epoch=self.epoch, batch_size=self.batch_size,
+                seed=self.seed, epoch=self.epoch, batch_size=self.batch_size, target_epoch_size=self.target_epoch_size,
             )
+            assert len(self._schedule) == self.epoch_length  # the schedule's own invariant, not input validation
         return self._schedule
 
     def _positions(self) -> np.ndarray | None:
         """This rank's slot positions, or None for a single rank (all slots in order)."""
         if self.world is None or self.world.world_size == 1:
             return None
-        return shard_positions(len(self.schedule), self.batch_size, self.world)
+        return shard_positions(self.epoch_length, self.batch_size, self.world)
 
     def __iter__(self) -> Iterator[tuple[int, int, bool, int, int]]:
         schedule = self.schedule
@@ -89,5 +103,6 @@ class HsmSampler(torch.utils.data.Sampler):
             yield from zip(codes, idx, hard, [self.epoch] * (stop - start), where)
 
     def __len__(self) -> int:
-        positions = self._positions()
-        return len(self.schedule) if positions is None else len(positions)
+        if self.world is None or self.world.world_size == 1:
+            return self.epoch_length
+        return len(shard_positions(self.epoch_length, self.batch_size, self.world))

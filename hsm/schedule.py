@@ -1,21 +1,29 @@
 """An epoch's global schedule, as a pure numpy function of its inputs.
 
-``build_schedule(plan, n_target, source_sizes, source_ratios, seed, epoch, batch_size)``
-returns, for every slot of the epoch, the dataset code (0 = target, ``1+s`` =
-source ``s``), the base index and whether it was drawn as hard. Every random draw
-comes from ``default_rng([seed, epoch, stream])``, so identical inputs give an
+``build_schedule(plan, n_target, source_sizes, source_ratios, seed, epoch, batch_size,
+target_epoch_size)`` returns, for every slot of the epoch, the dataset code (0 =
+target, ``1+s`` = source ``s``), the base index and whether it was drawn as hard.
+Every random draw comes from ``default_rng([seed, epoch, stream])`` (or
+``[seed, cycle, stream]`` for the target cycle), so identical inputs give an
 identical schedule on every rank, and a different epoch gives another.
 
+The epoch length is fixed for the whole run (transformers counts the steps per
+epoch once): ``T + sum_s round(ratio_s * n_target)`` slots, where ``T`` is
+``target_epoch_size`` when set, else ``n_target``. Every epoch fills exactly that.
+
 - Sources: each ``s`` drawn with replacement ``round(ratio_s * n_target)`` times
-  (half up), always from the *base* target size, whatever the plan does.
-- No plan: every target sample once.
-- reweight / fixed_set: ``T`` target draws (``n_target``, or the plan's
-  ``target_epoch_size``) by systematic resampling: each sample's count is the
-  floor or ceiling of ``T * w / sum(w)``.
-- dynamic: ``n_target`` target slots; in each batch of ``batch_size`` slots the
-  first ``round(hard_pool_frac * t)`` of its ``t`` target slots take hard samples,
-  the rest regular ones, each pool cycled in a fresh permutation per pass; hard
-  slots beyond the pool size are the ``shortfall`` (drawn again, with replacement).
+  (half up, on the decimal ratio), always from the *base* target size, whatever the plan does.
+- No plan, no ``target_epoch_size``: every target sample once.
+- No plan, ``target_epoch_size`` T: positions ``[epoch*T, (epoch+1)*T)`` of an endless
+  cycle of target permutations (one fresh permutation per pass), so the run sees the
+  whole target before any sample repeats.
+- reweight / fixed_set: ``T`` target draws by systematic resampling: each sample's count
+  is the floor or ceiling of ``T * w / sum(w)``.
+- dynamic: ``n_target`` target slots; the number of hard slots up to the end of batch
+  ``b`` is ``round(hard_pool_frac * (target slots up to b))`` (largest remainder), so the
+  epoch's hard share is the configured one within one slot at any batch size, and each
+  batch holds the floor or ceiling of its share; each pool is cycled in a fresh
+  permutation per pass; hard slots beyond the pool size are the ``shortfall``.
 """
 
 from __future__ import annotations
@@ -24,11 +32,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hsm.config import decimal_fraction
 from hsm.plan import Plan
 
-__all__ = ["Schedule", "World", "build_schedule", "systematic_counts", "source_quota", "shard_positions"]
+__all__ = ["Schedule", "World", "build_schedule", "systematic_counts", "source_quota", "shard_positions",
+           "epoch_length", "cycled_target", "hard_slots_per_batch"]
 
-_SOURCE_STREAM, _TARGET_STREAM, _SHUFFLE_STREAM, _HARD_STREAM, _REGULAR_STREAM = 2, 3, 4, 5, 6
+_SOURCE_STREAM, _TARGET_STREAM, _SHUFFLE_STREAM, _HARD_STREAM, _REGULAR_STREAM, _CYCLE_STREAM = 2, 3, 4, 5, 6, 8
 
 
 @dataclass(frozen=True)
@@ -88,8 +98,33 @@ class Schedule:
 
 
 def source_quota(ratio: float, n_target: int) -> int:
-    """``round(ratio * n_target)``, halves rounded up."""
-    return int(np.floor(ratio * n_target + 0.5))
+    """``round(ratio * n_target)`` on the decimal ratio, halves rounded up."""
+    share = decimal_fraction(ratio) * n_target
+    return int((share.numerator * 2 + share.denominator) // (2 * share.denominator))
+
+
+def epoch_length(n_target: int, source_ratios: list[float], target_epoch_size: int | None = None) -> int:
+    """Slots in every epoch of a run: ``T + sum_s round(ratio_s * n_target)``."""
+    return (target_epoch_size or n_target) + sum(source_quota(r, n_target) for r in source_ratios)
+
+
+def cycled_target(n_target: int, count: int, *, seed: int, epoch: int) -> np.ndarray:
+    """Target indices ``[epoch*count, (epoch+1)*count)`` of an endless cycle of permutations.
+
+    Pass ``c`` of the cycle is ``default_rng([seed, c, _CYCLE_STREAM]).permutation(n_target)``.
+    Naive equivalent: ``np.concatenate([perm(c) for c in range(many)])[epoch*count:(epoch+1)*count]``.
+    """
+    if count == 0 or n_target == 0:
+        return np.zeros(0, dtype=np.int64)
+    start, stop = epoch * count, (epoch + 1) * count
+    out = np.empty(count, dtype=np.int64)
+    filled = 0
+    for cycle in range(start // n_target, -(-stop // n_target)):
+        perm = np.random.default_rng([seed, cycle, _CYCLE_STREAM]).permutation(n_target)
+        lo, hi = max(start, cycle * n_target) - cycle * n_target, min(stop, (cycle + 1) * n_target) - cycle * n_target
+        out[filled:filled + hi - lo] = perm[lo:hi]
+        filled += hi - lo
+    return out
 
 
 def systematic_counts(weights: np.ndarray, total: int, rng: np.random.Generator) -> np.ndarray:
@@ -132,10 +167,16 @@ def build_schedule(
     seed: int,
     epoch: int,
     batch_size: int = 1,
+    target_epoch_size: int | None = None,
 ) -> Schedule:
-    """The epoch's global schedule; ``plan`` is None or a triggered, verified plan."""
+    """The epoch's global schedule; ``plan`` is None or a triggered, verified plan.
+
+    ``target_epoch_size`` is the run's (fixed when the sampler is built); a plan that
+    carries another one is refused by the sampler before it gets here.
+    """
     if len(source_sizes) != len(source_ratios):
         raise ValueError("one ratio per source")
+    total = target_epoch_size or n_target
     src_rng = np.random.default_rng([seed, epoch, _SOURCE_STREAM])
     pieces = []
     for s, (size, ratio) in enumerate(zip(source_sizes, source_ratios)):
@@ -147,14 +188,18 @@ def build_schedule(
         pieces.append(drawn)
     mode = plan.mode if plan is not None else None
     hard_mask = plan.hard_mask(n_target) if plan is not None else None
-    if mode in ("reweight", "fixed_set"):
-        total = plan.manifest.get("target_epoch_size") or n_target
-        counts = systematic_counts(plan.target_weights(n_target), total, np.random.default_rng([seed, epoch, _TARGET_STREAM]))
+    weights = plan.target_weights(n_target) if mode in ("reweight", "fixed_set") else None
+    if weights is not None and weights.sum() > 0:
+        counts = systematic_counts(weights, total, np.random.default_rng([seed, epoch, _TARGET_STREAM]))
         target = np.repeat(np.arange(n_target, dtype=np.int64), counts)
         del counts
         target[hard_mask[target]] |= _HARD_BIT
-    else:
+    elif target_epoch_size is None and mode != "dynamic":
         target = np.arange(n_target, dtype=np.int64)
+    elif mode == "dynamic":
+        target = np.zeros(n_target, dtype=np.int64)  # placeholders, filled per batch below
+    else:  # target_epoch_size before the plan applies (or a plan with nothing to draw)
+        target = cycled_target(n_target, total, seed=seed, epoch=epoch)
     slots = np.concatenate([target, *pieces])
     del target, pieces
     np.random.default_rng([seed, epoch, _SHUFFLE_STREAM]).shuffle(slots)  # in place
@@ -162,6 +207,20 @@ def build_schedule(
     if mode == "dynamic":
         shortfall = _mix_batches(slots, hard_mask, float(plan.manifest["hard_pool_frac"]), batch_size, seed, epoch)
     return Schedule(slots=slots, epoch=epoch, shortfall=shortfall)
+
+
+def hard_slots_per_batch(target_per_batch: np.ndarray, frac: float) -> np.ndarray:
+    """Hard slots of each batch: ``round(frac * cumulative target slots)`` differenced (largest remainder).
+
+    The epoch total is ``round(frac * T)``, within half a slot of the configured share,
+    and each batch gets the floor or ceiling of ``frac * t_b``; at batch size 1 the
+    hard slots are spread evenly over the batches instead of rounding to zero.
+    Naive equivalent: ``[round(frac * sum(t[:b+1])) - round(frac * sum(t[:b])) for b in ...]``.
+    """
+    share = decimal_fraction(frac).limit_denominator(1_000_000_000)
+    cumulative = np.cumsum(np.asarray(target_per_batch, dtype=np.int64))
+    through = (cumulative * share.numerator * 2 + share.denominator) // (2 * share.denominator)
+    return np.diff(through, prepend=0)
 
 
 def _mix_batches(slots: np.ndarray, hard_mask: np.ndarray, frac: float, batch_size: int, seed: int, epoch: int) -> int:
@@ -173,7 +232,7 @@ def _mix_batches(slots: np.ndarray, hard_mask: np.ndarray, frac: float, batch_si
     starts = np.repeat(first_in_batch, np.diff(np.r_[first_in_batch, len(target_slots)]))
     rank_in_batch = np.arange(len(target_slots)) - starts
     per_batch = np.bincount(batch_of, minlength=int(batch_of.max(initial=-1)) + 1)
-    hard_per_batch = np.floor(frac * per_batch + 0.5).astype(np.int64)
+    hard_per_batch = hard_slots_per_batch(per_batch, frac)
     wants_hard = rank_in_batch < hard_per_batch[batch_of]
     hard_pool = np.flatnonzero(hard_mask)
     regular_pool = np.flatnonzero(~hard_mask)

@@ -10,6 +10,7 @@ per-sample statistics come from the same cross-entropy pass.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -26,19 +27,74 @@ from hsm.planner import plan_epoch
 from hsm.sampler import HsmSampler
 from hsm.stats import per_sample_stats, token_losses
 
-__all__ = ["HsmTrainerMixin", "MiningCallback", "make_trainer_class", "FusionSamplerMixin"]
+__all__ = ["HsmTrainerMixin", "MiningCallback", "SamplerEpochCallback", "make_trainer_class", "FusionSamplerMixin"]
 
 _FLUSH_EVERY_STEPS = 32
-_TELEMETRY = ("augmented", "object_capped", "oversize", "aug_dropped", "input_len")
+_TELEMETRY = ("augmented", "object_capped", "oversize", "aug_dropped", "input_len", "drawn_as_hard")
 
 
 class FusionSamplerMixin:
-    """Trains on the fusion schedule (no mining): the only change when mining is off."""
+    """Trains on the fusion schedule; the only change when mining is off.
+
+    It keeps ``hsm_meta`` (the per-sample metadata the collator carries) out of
+    ``model(**inputs)`` always, keeps the sampler's epoch in step with the Trainer's
+    (also after a mid-epoch resume on several ranks, where accelerate's ``set_epoch``
+    chain no longer reaches the sampler), and logs per-dataset fusion telemetry.
+    """
 
     hsm_sampler: HsmSampler
 
+    def use_sampler(self, sampler: HsmSampler, fusion: FusionConfig, *, log_prefix: str = "hsm/") -> None:
+        """Train on ``sampler``; ``fusion`` names the datasets whose telemetry is logged."""
+        self.hsm_sampler = sampler
+        self.hsm_fusion = fusion
+        self.hsm_log_prefix = log_prefix
+        self.hsm_telemetry: dict[str, np.ndarray] = {}
+        self._hsm_batch_meta: dict | None = None
+        self.add_callback(SamplerEpochCallback(self))
+
     def _get_train_sampler(self, train_dataset=None):
         return self.hsm_sampler
+
+    def _prepare_inputs(self, inputs):
+        # Every path to model(**inputs) (training_step, prediction_step) prepares its inputs here.
+        meta = inputs.pop("hsm_meta", None) if isinstance(inputs, dict) else None
+        self._hsm_batch_meta = meta
+        if meta is not None and self.model.training:
+            self._count_telemetry(meta)
+        return super()._prepare_inputs(inputs)
+
+    def _count_telemetry(self, meta: dict) -> None:
+        for i, name in enumerate(meta["dataset"]):
+            row = self.hsm_telemetry.setdefault(name, np.zeros(len(_TELEMETRY) + 1))
+            row[0] += 1
+            for j, key in enumerate(_TELEMETRY, start=1):
+                row[j] += float(meta[key][i])
+
+
+class SamplerEpochCallback(TrainerCallback):
+    """Sets the sampler's epoch from the Trainer's state at every epoch start; logs fusion telemetry."""
+
+    def __init__(self, trainer: FusionSamplerMixin):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # state.num_train_epochs is what the Trainer will run, also when max_steps drives the run.
+        dataset = self.trainer.train_dataset
+        if hasattr(dataset, "num_train_epochs"):
+            dataset.num_train_epochs = max(float(state.num_train_epochs), 1.0)
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # After skip_first_batches on several ranks, accelerate's set_epoch stops one wrapper short
+        # of the sampler; the Trainer's state knows the epoch (2.33 after a resume in epoch 2).
+        self.trainer.hsm_sampler.set_epoch(math.floor(state.epoch + 1e-9))
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if isinstance(self.trainer, HsmTrainerMixin):
+            return  # the mining callback logs fusion telemetry with its own scalars
+        logs = fusion_telemetry(self.trainer)
+        if distributed.on_main(distributed.current_world()):
+            self.trainer.log({f"{self.trainer.hsm_log_prefix}{k}": float(v) for k, v in logs.items()})
 
 
 class HsmTrainerMixin(FusionSamplerMixin):
@@ -49,18 +105,26 @@ class HsmTrainerMixin(FusionSamplerMixin):
         if self.compute_loss_func is not None:
             raise ValueError("hsm computes the training loss itself; this Trainer already has a compute_loss_func")
         self.compute_loss_func = self._hsm_loss
-        self.hsm_mining, self.hsm_fusion, self.hsm_dir, self.hsm_sampler = mining, fusion, hsm_dir, sampler
+        self.use_sampler(sampler, fusion, log_prefix=mining.log_prefix)
+        self.hsm_mining, self.hsm_dir = mining, hsm_dir
         self.hsm_num_epochs = num_train_epochs
         self.hsm_world = distributed.current_world()
         self.hsm_writer = EventWriter(hsm_dir, run_id=run_id, rank=self.hsm_world.rank, attempt=attempt)
         self._hsm_pending: list[tuple[dict, torch.Tensor, int, int]] = []
         self._hsm_meta: dict | None = None
         self._hsm_micro = (-1, 0)
-        self.hsm_telemetry: dict[str, np.ndarray] = {}
         self.add_callback(MiningCallback(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self._hsm_meta = inputs.pop("hsm_meta", None)
+        meta = inputs.pop("hsm_meta", None)
+        self._hsm_meta = meta if meta is not None else getattr(self, "_hsm_batch_meta", None)
+        self._hsm_batch_meta = None
+        # The plain Trainer counts tokens across devices (and later multiplies the loss by the
+        # number of processes) only for a model that accepts loss kwargs. Qwen-VL does not: its
+        # loss is each rank's own per-token mean. Hand our loss what the plain Trainer would have
+        # handed the model, so the loss and the gradients are the plain Trainer's on any world size.
+        if not self.model_accepts_loss_kwargs:
+            num_items_in_batch = None
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def _hsm_loss(self, outputs, labels, num_items_in_batch=None):
@@ -69,7 +133,7 @@ class HsmTrainerMixin(FusionSamplerMixin):
         total = losses.sum()
         # Normalise exactly as the model's own loss would, and tell training_step
         # whether that is already scaled for gradient accumulation (as it infers for the plain model).
-        if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+        if num_items_in_batch is not None:
             loss = total / num_items_in_batch
             self.loss_is_scaled_for_ga = True
         else:
@@ -109,21 +173,17 @@ class HsmTrainerMixin(FusionSamplerMixin):
                 token_acc=acc, n_tokens=n_tokens.astype(np.int32), aug_seed=meta["aug_seed"],
                 drawn_as_hard=meta["drawn_as_hard"], position_offset=offset,
             )
-            self._count_telemetry(meta)
-
-    def _count_telemetry(self, meta: dict) -> None:
-        for i, name in enumerate(meta["dataset"]):
-            row = self.hsm_telemetry.setdefault(name, np.zeros(len(_TELEMETRY) + 1))
-            row[0] += 1
-            for j, key in enumerate(_TELEMETRY, start=1):
-                row[j] += float(meta[key][i])
 
 
 class MiningCallback(TrainerCallback):
-    """Epoch end: flush events, barrier, plan on rank 0, broadcast the plan, log telemetry."""
+    """Epoch end: flush events, agree on the log, plan on rank 0, broadcast the plan, log telemetry."""
 
     def __init__(self, trainer: HsmTrainerMixin):
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # What activate_after_pct counts: the epochs the Trainer will run, also when max_steps drives it.
+        self.trainer.hsm_num_epochs = float(state.num_train_epochs)
 
     def on_step_end(self, args, state, control, **kwargs):
         # Events up to a checkpoint must be on disk before the checkpoint is: a run
@@ -133,15 +193,18 @@ class MiningCallback(TrainerCallback):
             self.trainer.hsm_writer.flush()
 
     def on_epoch_end(self, args, state, control, **kwargs):
+        from hsm.event_sync import sync_epoch_events
+
         t = self.trainer
         epoch = t.hsm_sampler.epoch
         t.hsm_drain()
         t.hsm_writer.flush()
-        distributed.barrier()
         world = t.hsm_world
+        started = time.perf_counter()
+        # Every rank's parts of this epoch reach rank 0's disk (shipped when there is no shared file system).
+        logged = sync_epoch_events(t.hsm_dir, epoch, world)
         logs: dict[str, float] = {}
         manifest_bytes = plan_bytes = b""
-        started = time.perf_counter()
         if distributed.on_main(world):
             result = plan_epoch(
                 t.hsm_dir, epoch + 1, t.hsm_mining, t.hsm_fusion.target.name, num_train_epochs=t.hsm_num_epochs,
@@ -151,6 +214,7 @@ class MiningCallback(TrainerCallback):
             manifest_bytes = (directory / "manifest.json").read_bytes()
             plan_bytes = (directory / "plan.parquet").read_bytes()
             logs = epoch_telemetry(t, epoch, result)
+            logs["events_shipped_parts"] = float(logged["shipped"])
         # The plan travels by broadcast, so ranks need no shared file system.
         manifest_bytes = distributed.broadcast_bytes(manifest_bytes)
         plan_bytes = distributed.broadcast_bytes(plan_bytes)
@@ -163,21 +227,24 @@ class MiningCallback(TrainerCallback):
         logs["plan_seconds"] = time.perf_counter() - started
         logs.update(fusion_telemetry(t))
         if distributed.on_main(world):
-            prefix = t.hsm_mining.log_prefix
-            t.log({f"{prefix}{k}": float(v) for k, v in logs.items()})
+            t.log({f"{t.hsm_mining.log_prefix}{k}": float(v) for k, v in logs.items()})
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer.hsm_drain()
         self.trainer.hsm_writer.close()
 
 
-def fusion_telemetry(trainer: HsmTrainerMixin) -> dict[str, float]:
-    """Per-dataset aggregates of the epoch's items, summed over ranks; resets the counters."""
+def fusion_telemetry(trainer: FusionSamplerMixin) -> dict[str, float]:
+    """Per-dataset aggregates of the epoch's items, summed over ranks; resets the counters.
+
+    ``oversize`` counts images larger than the processor's ``image_max_pixels`` (the
+    processor shrinks them; images over ``max_image_side`` never train, they raise).
+    """
     names = [trainer.hsm_fusion.target.name] + [s.name for s in trainer.hsm_fusion.sources]
     table = np.stack([trainer.hsm_telemetry.get(n, np.zeros(len(_TELEMETRY) + 1)) for n in names])
     table = distributed.all_reduce_sum(table)
     trainer.hsm_telemetry = {}
-    out = {}
+    out = {"fusion/epoch_size": float(trainer.hsm_sampler.epoch_length)}
     for name, row in zip(names, table):
         items = max(row[0], 1.0)
         out[f"fusion/{name}/items"] = row[0]
@@ -186,11 +253,17 @@ def fusion_telemetry(trainer: HsmTrainerMixin) -> dict[str, float]:
         out[f"fusion/{name}/oversize"] = row[3]
         out[f"fusion/{name}/aug_dropped_boxes"] = row[4]
         out[f"fusion/{name}/input_len_mean"] = row[5] / items
+        out[f"fusion/{name}/drawn_as_hard"] = row[6]
     return out
 
 
 def epoch_telemetry(trainer: HsmTrainerMixin, epoch: int, result) -> dict[str, float]:
-    """Mining scalars for the epoch that just ended and the plan just built (rank 0)."""
+    """Mining scalars for the epoch that just ended and the plan just built (rank 0).
+
+    ``seen_hard``/``seen_regular`` count the epoch's target events drawn as hard or
+    not, ``hard_hit_rate`` is the hard share of them, and ``hard_pool_coverage`` the
+    share of the applied plan's hard samples drawn at least once.
+    """
     import pyarrow.compute as pc
 
     from hsm.events import read_epoch_events
@@ -201,15 +274,20 @@ def epoch_telemetry(trainer: HsmTrainerMixin, epoch: int, result) -> dict[str, f
     acc = target.column("token_acc").to_numpy()
     hard = target.column("drawn_as_hard").to_numpy(zero_copy_only=False)
     used = trainer.hsm_sampler.plan
+    manifest = result.manifest
+    selector = (manifest.get("selector") or {}).get("mode") or manifest["mode"]
     logs: dict[str, float] = {
         "epoch": epoch,
-        "triggered": float(result.manifest["triggered"]),
-        "num_hard": result.manifest["counts"]["hard"],
-        "hard_pool_size": result.manifest["counts"]["hard"],
-        "top_loss_mean": result.manifest["scores"]["hard"]["mean"] or 0.0,
-        "weights/max": result.manifest["weights"]["max"] or 0.0,
-        "weights/min": result.manifest["weights"]["min"] or 0.0,
-        f"mode/{result.manifest['mode']}": 1.0,
+        "triggered": float(manifest["triggered"]),
+        "num_hard": manifest["counts"]["hard"],
+        "hard_pool_size": manifest["counts"]["hard"],
+        "top_loss_mean": manifest["scores"]["hard"]["mean"] or 0.0,
+        "weights/max": manifest["weights"]["max"] or 0.0,
+        "weights/min": manifest["weights"]["min"] or 0.0,
+        f"mode/{manifest['mode']}": 1.0,
+        f"selector/{selector}": 1.0,
+        "epoch_size": float(trainer.hsm_sampler.epoch_length),
+        "target_draws": float(len(hard)),
         "seen_hard": float(hard.sum()),
         "seen_regular": float((~hard).sum()),
         "hard_hit_rate": float(hard.mean()) if len(hard) else 0.0,
@@ -234,7 +312,10 @@ def make_trainer_class(base: type[Trainer] = Trainer, *, mining: bool) -> type[T
 
 
 def resume_attempt(hsm_dir: Path) -> int:
-    """One more than the highest attempt seen in the event log (0 for a fresh run)."""
+    """One more than the highest attempt in the event log (0 for a fresh run), agreed over ranks.
+
+    Collective: without a shared file system each rank sees only its own parts.
+    """
     import pyarrow.parquet as pq
 
     best = -1
@@ -244,7 +325,7 @@ def resume_attempt(hsm_dir: Path) -> int:
             best = max(best, max(column.to_pylist(), default=-1))
         except Exception:  # a corrupt part must not stop a resume; the planner reports it
             continue
-    return best + 1
+    return distributed.all_reduce_max(best) + 1
 
 
 def write_dataset_info(hsm_dir: Path, dataset: FusionDataset) -> None:

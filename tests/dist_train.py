@@ -1,28 +1,37 @@
-"""Entry point for the 2-rank test: ``torchrun --nproc_per_node 2 tests/dist_train.py CORPUS OUT``."""
+"""Entry point of the 2-rank tests: ``torchrun --nproc_per_node 2 tests/dist_train.py CORPUS OUT [KEY=VALUE ...]``.
+
+``OUT`` may hold ``{rank}``: each rank then gets its own output directory, as nodes
+without a shared file system do. Every rank writes ``OUT/rank{R}.json`` with what
+the test compares: the Trainer's log history, the plan checksums it was told, the
+launcher facts.
+"""
 
 import json
+import os
 import sys
+from pathlib import Path
 
 from hsm.config import load_config
 from hsm.run import train
 
-corpus, out, extra = sys.argv[1], sys.argv[2], sys.argv[3:]
+corpus, out, extra = sys.argv[1], sys.argv[2].replace("{rank}", os.environ.get("RANK", "0")), sys.argv[3:]
 cfg = load_config("configs/demo.yaml", [
     f"custom.fusion_config.target.train_jsonl={corpus}/bbu/train.jsonl", "custom.fusion_config.target.val_jsonl=null",
     f"custom.fusion_config.sources.0.train_jsonl={corpus}/lvis/train.jsonl",
     f"custom.fusion_config.sources.1.train_jsonl={corpus}/coco/train.jsonl",
     f"training.output_dir={out}", "training.num_train_epochs=3", "training.per_device_train_batch_size=4",
-    "training.save_strategy='no'", "training.report_to=[]", *extra,
+    "training.save_strategy='no'", "training.report_to=[]", "training.logging_steps=1", *extra,
 ])
 summary = train(cfg)
 trainer = summary["trainer"]
 sampler = trainer.hsm_sampler
 engine = getattr(trainer, "model_wrapped", None)
 zero_stage = engine.zero_optimization_stage() if trainer.is_deepspeed_enabled else None
-with open(f"{out}/rank{summary['trainer'].args.process_index}.json", "w") as f:
+with open(Path(out) / f"rank{trainer.args.process_index}.json", "w") as f:
     json.dump({"expected": {str(k): v for k, v in sampler._expected.items()}, "steps": summary["global_step"],
                "deepspeed": trainer.is_deepspeed_enabled, "zero_stage": zero_stage,
-               "backend": __import__("torch").distributed.get_backend()}, f)
+               "backend": __import__("torch").distributed.get_backend(),
+               "log_history": trainer.state.log_history}, f)
 import torch.distributed as dist  # noqa: E402
 
 if dist.is_initialized():

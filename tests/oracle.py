@@ -55,12 +55,12 @@ def plan(state: dict[tuple, dict], target: str, mining, epoch: int) -> dict[int,
     if mining.mode == "fixed_set":
         hard = ranked[: min(mining.hard_sample_size, n)]
     elif mining.mode == "dynamic":
-        size = mining.hard_pool_k if mining.hard_pool_k is not None else math.ceil(mining.hard_pool_frac * n)
+        size = mining.hard_pool_k if mining.hard_pool_k is not None else _ceil_decimal(mining.hard_pool_frac, n)
         hard = ranked[: min(size, n)]
     elif mining.selector.mode == "top_k":
         hard = ranked[: min(mining.selector.k, n)]
     elif mining.selector.mode == "percentile":
-        hard = ranked[: math.ceil(mining.selector.value * n)]
+        hard = ranked[: _ceil_decimal(mining.selector.value, n)]
     else:
         hard = [k for k in ranked if state[k]["score"] >= mining.selector.threshold]
     hard_idx = {k[1] for k in hard}
@@ -79,3 +79,10 @@ def plan(state: dict[tuple, dict], target: str, mining, epoch: int) -> dict[int,
         for k in ranked:
             out[k[1]] = (k[1] in hard_idx, 1.0)
     return out
+
+
+def _ceil_decimal(value: float, n: int) -> int:
+    """``ceil(value * n)`` on the decimal the user wrote, through ``decimal`` (not the product of floats)."""
+    from decimal import ROUND_CEILING, Decimal
+
+    return int((Decimal(repr(value)) * n).to_integral_value(rounding=ROUND_CEILING))

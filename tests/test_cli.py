@@ -97,3 +97,17 @@ def test_installed_console_script(run_dir):
     # hsm plan must not pay for torch or transformers at start-up.
     probe = "import sys, hsm.cli.app; print('torch' in sys.modules, 'transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.split() == ["False", "False"]
+
+
+def test_train_rejects_bad_training_values_before_writing_anything(tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["train", "configs/demo.yaml", f"training.output_dir={out}", "training.learning_rate=fast",
+                                 "training.num_train_epochs=two", "training.per_device_train_batch_size=eight",
+                                 "training.seed=1.5"])
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "configs/demo.yaml" in text and "Traceback" not in text and result.exception is None or isinstance(result.exception, SystemExit)
+    for key, value in (("learning_rate", "'fast'"), ("num_train_epochs", "'two'"), ("per_device_train_batch_size", "'eight'"),
+                       ("seed", "1.5")):
+        assert f"training.{key}: {value} is not a valid" in text, key
+    assert not out.exists()

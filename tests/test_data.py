@@ -61,10 +61,35 @@ def test_image_size_disagreeing_with_record_and_oversize_raise(tmp_path, process
     with pytest.raises(RecordError, match=r"t\.jsonl:1: .*10x9, the record says 10x8"):
         dataset[(0, 0, False, 0, 0)]
     Image.new("RGB", (40, 40)).save(tmp_path / "a.png")
-    write_lines(path, [{**GOOD, "width": 40, "height": 40}])
+    write_lines(path, [GOOD])  # declares 10x8, the file is 40x40: found when loaded
     dataset = FusionDataset(cfg.custom.fusion_config, processor, cfg.model)
     with pytest.raises(RecordError, match="over fusion_config.max_image_side=16"):
         dataset[(0, 0, False, 0, 0)]
+    # Declared sizes over the limit are found at start-up, every line of them, before anything trains.
+    write_lines(path, [{**GOOD, "width": 40, "height": 40}, GOOD, {**GOOD, "width": 30, "height": 20}])
+    with pytest.raises(RecordError, match=r"2 record\(s\) over custom.fusion_config.max_image_side=16:\n.*t\.jsonl:1: .*40x40.*\n.*t\.jsonl:3: .*30x20"):
+        FusionDataset(cfg.custom.fusion_config, processor, cfg.model)
+
+
+def test_data_validate_reports_every_bad_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from hsm.cli.app import app
+
+    Image.new("RGB", (10, 8)).save(tmp_path / "a.png")
+    Image.new("RGB", (40, 40)).save(tmp_path / "big.png")
+    lines = [GOOD, {**GOOD, "image": "big.png"}, "{not json", {**GOOD, "image": "gone.png"},
+             {**GOOD, "image": "big.png", "width": 40, "height": 40}]
+    path = write_lines(tmp_path / "v.jsonl", lines)
+    result = CliRunner().invoke(app, ["data", "validate", str(path), "--max-image-side", "32"])
+    assert result.exit_code == 2
+    out = " ".join(result.output.split())
+    assert "5 problem(s) in 3 readable record(s)" in out
+    for where, what in ((2, "40x40, the record says 10x8"), (2, "max_image_side=32"), (3, "malformed JSON"),
+                        (4, "not found"), (5, "max_image_side=32")):
+        assert f"v.jsonl:{where}: " in out and what in out
+    ok = CliRunner().invoke(app, ["data", "validate", str(write_lines(tmp_path / "ok.jsonl", [GOOD]))])
+    assert ok.exit_code == 0 and "1 records OK" in " ".join(ok.output.split())
 
 
 def test_coco_import(tmp_path):

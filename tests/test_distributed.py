@@ -1,9 +1,18 @@
-"""Two real processes under torchrun (gloo, CPU) through the real Trainer."""
+"""Two real processes under torchrun (gloo, CPU) through the real Trainer, DDP and DeepSpeed ZeRO-2.
+
+One uninterrupted mining run per launcher is the reference for three questions:
+- its epoch 0 equals a run with mining off step for step (loss and grad norm), with
+  and without gradient accumulation: mining never rescales the loss on N ranks;
+- every slot of the global schedule is logged once and both ranks hold the same plans;
+- a run resumed from a mid-epoch checkpoint trains on the same batches and writes
+  the same plans as the uninterrupted run, and no earlier plan changes.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -13,49 +22,142 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from hsm.config import load_config
 from hsm.plan import DatasetInfo, load_plan
+from hsm.planner import plan_epoch
 from hsm.schedule import build_schedule
 from hsm.synth import synthesize
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
+# 16 target + 2 x 4 source slots = 24 per epoch; 2 ranks x 4 per micro-batch = 3 micro-batches per rank.
+N_TARGET, N_SOURCE = 16, 8
+LAUNCHES = {
+    # launcher: (extra overrides, gradient accumulation, optimizer steps per epoch, mid-epoch checkpoint)
+    "ddp": ([], 2, 2, 5),
+    "zero2": (["deepspeed=configs/deepspeed_zero2.json"], 1, 3, 8),
+}
 
 
-@pytest.mark.parametrize("launch", ["ddp", "zero2"])
-def test_two_ranks_same_plans_and_every_slot_logged_once(tmp_path, launch):
-    corpus = tmp_path / "corpus"
-    synthesize(corpus, n_target=24, n_source=8, n_val=2)
-    out = tmp_path / "run"
+def launch(corpus: Path, out: Path | str, *extra: str) -> None:
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    extra = ["deepspeed=configs/deepspeed_zero2.json"] if launch == "zero2" else []
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))  # DeepSpeed's JIT op, built once
     done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "tests/dist_train.py", str(corpus), str(out), *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=480, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["expected"] == ranks[1]["expected"] and len(ranks[0]["expected"]) == 3  # one checksum per plan on both ranks
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def rank_reports(out: Path) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def step_logs(report: dict) -> list[list[float]]:
+    return [[h["loss"], h["grad_norm"]] for h in report["log_history"] if "loss" in h and "grad_norm" in h]
+
+
+def events(run: Path, epoch: int | None = None) -> list[dict]:
+    pattern = f"epoch={epoch}/rank=*/part-*.parquet" if epoch is not None else "epoch=*/rank=*/part-*.parquet"
+    parts = sorted((run / "hsm" / "events").glob(pattern))
+    return pa.concat_tables([pq.read_table(p) for p in parts]).to_pylist() if parts else []
+
+
+def plan_files(run: Path) -> dict[int, bytes]:
+    return {int(p.parent.name.split("=")[1]): p.read_bytes() for p in (run / "hsm" / "plans").glob("epoch=*/plan.parquet")}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    synthesize(root, n_target=N_TARGET, n_source=N_SOURCE, n_val=2)
+    return root
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHES))
+def test_two_ranks_loss_logging_plans_and_mid_epoch_resume(tmp_path, corpus, launcher):
+    extra, accumulation, steps_per_epoch, checkpoint = LAUNCHES[launcher]
+    common = [*extra, f"training.gradient_accumulation_steps={accumulation}"]
+    straight = tmp_path / "straight"
+    launch(corpus, straight, *common, "training.save_strategy=steps", f"training.save_steps={checkpoint}",
+           "training.save_total_limit=null")
+    off = tmp_path / "off"
+    launch(corpus, off, *common, "training.num_train_epochs=1", "custom.hard_sample_mining.enabled=false")
+
+    # 1. Mining on equals mining off step for step while both see the same batches (epoch 0).
+    on_logs, off_logs = step_logs(rank_reports(straight)[0]), step_logs(rank_reports(off)[0])
+    assert len(off_logs) == steps_per_epoch and len(on_logs) == 3 * steps_per_epoch
+    for on_step, off_step in zip(on_logs[:steps_per_epoch], off_logs):
+        assert on_step == pytest.approx(off_step, rel=1e-4)
+
+    # 2. Both ranks hold the same plans; every slot of the global schedule is logged once.
+    ranks = rank_reports(straight)
+    assert ranks[0]["expected"] == ranks[1]["expected"] and len(ranks[0]["expected"]) == 3
     assert all(r["backend"] == "gloo" for r in ranks)
-    if launch == "zero2":
+    if launcher == "zero2":
         assert all(r["deepspeed"] and r["zero_stage"] == 2 for r in ranks)
-    info = json.loads((out / "hsm" / "dataset.json").read_text())
+    info = json.loads((straight / "hsm" / "dataset.json").read_text())
     target = DatasetInfo(info["target"]["name"], info["target"]["size"], info["target"]["fingerprint"])
-    sizes = [d["size"] for d in info["datasets"]]
-    names = [d["name"] for d in info["datasets"]]
+    sizes, names = [d["size"] for d in info["datasets"]], [d["name"] for d in info["datasets"]]
     for epoch in range(3):
-        parts = sorted((out / "hsm" / "events" / f"epoch={epoch}").rglob("part-*.parquet"))
-        events = pa.concat_tables([pq.read_table(p) for p in parts]).to_pylist()
-        keys = Counter((e["global_step"], e["rank"], e["position"]) for e in events)
-        assert max(keys.values()) == 1  # no observation logged twice
-        assert {e["rank"] for e in events} == {0, 1}
-        plan = load_plan(out / "hsm", epoch, dataset=target)
+        logged_rows = events(straight, epoch)
+        keys = Counter((e["global_step"], e["rank"], e["position"]) for e in logged_rows)
+        assert max(keys.values()) == 1 and {e["rank"] for e in logged_rows} == {0, 1}
+        plan = load_plan(straight / "hsm", epoch, dataset=target)
         schedule = build_schedule(plan if plan is not None and plan.triggered else None, n_target=sizes[0],
                                   source_sizes=sizes[1:], source_ratios=[0.25, 0.25], seed=0, epoch=epoch, batch_size=4)
-        expected = Counter((names[c], int(i)) for c, i in zip(schedule.dataset, schedule.base_idx))
-        logged = Counter((e["dataset"], e["base_idx"]) for e in events)
-        # The union of the ranks' shards is the global schedule, plus the slots accelerate
-        # repeats from the start so both ranks run the same number of steps.
-        assert not (expected - logged)
-        padding = logged - expected
-        first = Counter((names[c], int(i)) for c, i in zip(schedule.dataset[:8], schedule.base_idx[:8]))
-        assert sum(padding.values()) == (-len(schedule)) % 8 and not (padding - first)
+        assert len(logged_rows) == len(schedule)  # 24 slots: 3 whole rounds of 2 x 4, no padding
+        assert Counter((names[c], int(i)) for c, i in zip(schedule.dataset, schedule.base_idx)) == \
+            Counter((e["dataset"], e["base_idx"]) for e in logged_rows)
+
+    # 3. Resume from a mid-epoch checkpoint, as if the run had died right after saving it.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    epoch_of_checkpoint = checkpoint // steps_per_epoch
+    assert checkpoint % steps_per_epoch, "the checkpoint must be mid-epoch"
+    for part in (resumed / "hsm" / "events").rglob("part-*.parquet"):
+        steps = pq.read_table(part, columns=["global_step"]).column("global_step").to_pylist()
+        assert min(steps) >= checkpoint or max(steps) < checkpoint, "events are flushed at every checkpoint"
+        if min(steps) >= checkpoint:
+            part.unlink()
+    for epoch in range(epoch_of_checkpoint + 1, 4):
+        shutil.rmtree(resumed / "hsm" / "plans" / f"epoch={epoch}")
+    for epoch in range(epoch_of_checkpoint, 3):
+        shutil.rmtree(resumed / "hsm" / "state" / f"epoch={epoch}", ignore_errors=True)
+    before = plan_files(resumed)
+    launch(corpus, resumed, *common, "training.save_strategy=no",
+           f"training.resume_from_checkpoint={resumed / f'checkpoint-{checkpoint}'}")
+    after, reference = plan_files(resumed), plan_files(straight)
+    assert all(after[e] == content for e, content in before.items())  # no earlier plan rewritten
+    assert sorted(after) == sorted(reference) == [1, 2, 3]
+    for epoch in (1, 2, 3):
+        assert pq.read_table(resumed / "hsm" / "plans" / f"epoch={epoch}" / "plan.parquet").drop_columns(["score"]) == \
+            pq.read_table(straight / "hsm" / "plans" / f"epoch={epoch}" / "plan.parquet").drop_columns(["score"]), epoch
+    # The new attempt trained on exactly the batches the uninterrupted run had after the checkpoint.
+    again = sorted((e["epoch"], e["global_step"], e["rank"], e["position"], e["sample_id"])
+                   for e in events(resumed) if e["attempt"] == 1)
+    first = sorted((e["epoch"], e["global_step"], e["rank"], e["position"], e["sample_id"])
+                   for e in events(straight) if e["global_step"] >= checkpoint)
+    assert again == first and again[0][0] == epoch_of_checkpoint
+
+
+def test_ranks_without_a_shared_file_system_plan_from_every_rank(tmp_path, corpus):
+    # Each rank has its own output directory, as nodes without a shared disk do.
+    launch(corpus, tmp_path / "node{rank}", "training.num_train_epochs=2")
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    shipped = sorted(p.relative_to(node0) for p in (node0 / "hsm" / "events").glob("epoch=*/rank=1/part-*.parquet"))
+    own = sorted(p.relative_to(node1) for p in (node1 / "hsm" / "events").glob("epoch=*/rank=1/part-*.parquet"))
+    assert shipped == own and shipped  # rank 1's parts reached rank 0's disk
+    for path in own:
+        assert (node0 / path).read_bytes() == (node1 / path).read_bytes()
+    assert plan_files(node0) == plan_files(node1)  # the plan travelled back
+    # The plans are those of the union of both ranks' logs, planned offline.
+    union = tmp_path / "union" / "hsm"
+    shutil.copytree(node0 / "hsm" / "events", union / "events", ignore=shutil.ignore_patterns("rank=1"))
+    for rank_dir in (node1 / "hsm" / "events").glob("epoch=*/rank=1"):
+        shutil.copytree(rank_dir, union / "events" / rank_dir.parent.name / "rank=1")
+    cfg = load_config(node0 / "hsm" / "config.yaml")
+    for epoch in (1, 2):
+        offline = plan_epoch(union, epoch, cfg.mining, "bbu", num_train_epochs=2)
+        assert offline.plan == pq.read_table(node0 / "hsm" / "plans" / f"epoch={epoch}" / "plan.parquet"), epoch
+    logged = {(e["global_step"], e["rank"], e["position"]) for e in events(node0)}
+    assert {r for _, r, _ in logged} == {0, 1} and len(logged) == 2 * 24

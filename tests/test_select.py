@@ -13,6 +13,8 @@ from hsm.config import MiningConfig
 from hsm.select import draw_regular, hardest_mask, select_plan
 from hsm.trigger import plateau_epoch, should_apply
 
+from oracle import _ceil_decimal
+
 scores_st = st.lists(st.sampled_from([0.0, 0.5, 1.0, 1.5, 2.0, 3.25, float("nan")]), min_size=0, max_size=40)
 
 
@@ -46,9 +48,9 @@ def test_selection_sizes_and_weights(n, k, value, frac, pool_k, hard_weight, see
     assert set(np.unique(top.weight)) <= {1.0, hard_weight}
     assert np.array_equal(top.weight == hard_weight, top.is_hard) or hard_weight == 1.0
     pct = select_plan(scores, ids, mining=MiningConfig(enabled=True, selector={"mode": "percentile", "value": value}), epoch=1)
-    assert pct.is_hard.sum() == math.ceil(value * n)
+    assert pct.is_hard.sum() == _ceil_decimal(value, n)
     dyn = select_plan(scores, ids, mining=MiningConfig(enabled=True, mode="dynamic", hard_pool_frac=frac, hard_pool_k=pool_k), epoch=1)
-    assert dyn.is_hard.sum() == (min(pool_k, n) if pool_k is not None else math.ceil(frac * n))
+    assert dyn.is_hard.sum() == (min(pool_k, n) if pool_k is not None else _ceil_decimal(frac, n))
     # Every hard sample scores at least as much as every other one.
     for sel in (top, pct, dyn):
         if sel.is_hard.any() and (~sel.is_hard).any():
@@ -98,3 +100,15 @@ def test_triggers():
         assert "num_train_epochs" in str(e)
     else:
         raise AssertionError("activate_after_pct without the epoch count must fail")
+
+
+def test_percentile_is_exact_on_the_decimal_the_user_wrote():
+    # 0.07 * 1500 is 105.00000000000001 as floats; the user asked for 7% of 1500 = 105.
+    mining = MiningConfig(enabled=True, selector={"mode": "percentile", "value": 0.07})
+    assert mining.n_hard(1500) == 105
+    dynamic = MiningConfig(enabled=True, mode="dynamic", hard_pool_frac=0.07)
+    assert dynamic.n_hard(1500) == 105
+    # Every two-digit fraction of N = 100 is an exact count.
+    for hundredths in range(1, 100):
+        value = hundredths / 100
+        assert MiningConfig(enabled=True, selector={"mode": "percentile", "value": value}).n_hard(100) == hundredths

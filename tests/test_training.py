@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -131,3 +133,95 @@ def test_end_to_end_mining(tmp_path, corpus):
                 "top_loss_mean", "num_hard", "weights/max", "weights/min", "shortfall", "fusion/bbu/items"):
         assert f"hsm/{key}" in logged, key
     assert list(out.glob("runs/*/events.out.tfevents.*"))
+
+
+def epoch_events(out) -> dict[int, list[dict]]:
+    parts = sorted((out / "hsm").glob("events/epoch=*/rank=0/part-*.parquet"))
+    rows = pa.concat_tables([pq.read_table(p) for p in parts]).to_pylist()
+    by_epoch: dict[int, list[dict]] = {}
+    for row in rows:
+        by_epoch.setdefault(row["epoch"], []).append(row)
+    return by_epoch
+
+
+def hsm_logs(trainer, key: str) -> list[float]:
+    return [h[f"hsm/{key}"] for h in trainer.state.log_history if f"hsm/{key}" in h]
+
+
+def test_telemetry_values_agree_with_the_event_log(tmp_path, corpus):
+    out = tmp_path / "run"
+    trainer = train(demo_config(corpus, out, mining=True, epochs=3))["trainer"]
+    by_epoch = epoch_events(out)
+    for epoch, rate, hard, regular, coverage in zip(range(3), hsm_logs(trainer, "hard_hit_rate"), hsm_logs(trainer, "seen_hard"),
+                                                    hsm_logs(trainer, "seen_regular"), hsm_logs(trainer, "hard_pool_coverage")):
+        target = [e for e in by_epoch[epoch] if e["dataset"] == "bbu"]
+        drawn_hard = [e for e in target if e["drawn_as_hard"]]
+        assert (hard, regular) == (len(drawn_hard), len(target) - len(drawn_hard))
+        assert rate == pytest.approx(len(drawn_hard) / len(target))
+        plan_path = out / "hsm" / "plans" / f"epoch={epoch}" / "plan.parquet"
+        if epoch == 0 or not plan_path.exists():
+            assert coverage == 0.0 and not drawn_hard
+            continue
+        pool = {r["base_idx"] for r in pq.read_table(plan_path).to_pylist() if r["is_hard"]}
+        assert coverage == pytest.approx(len(pool & {e["base_idx"] for e in drawn_hard}) / len(pool))
+        assert coverage > 0
+    for epoch, items in enumerate(hsm_logs(trainer, "fusion/lvis/items")):
+        assert items == sum(e["dataset"] == "lvis" for e in by_epoch[epoch])
+    assert hsm_logs(trainer, "fusion/epoch_size") == [36.0] * 3  # 24 target + 2 x 6 source slots
+    assert hsm_logs(trainer, "selector/percentile") == [1.0] * 3
+
+
+def test_mining_off_strips_metadata_and_still_logs_fusion_telemetry(tmp_path, corpus):
+    cfg = demo_config(corpus, tmp_path / "off", mining=False, epochs=1)
+    seen: list[set] = []
+    import hsm.model as model_module  # train() imports it at call time: watch the model it builds
+
+    build = model_module.load_model_and_processor
+
+    def load_and_watch(*args, **kwargs):
+        model, processor = build(*args, **kwargs)
+        model.register_forward_pre_hook(lambda module, a, kw: seen.append(set(kw)), with_kwargs=True)
+        return model, processor
+
+    model_module.load_model_and_processor = load_and_watch
+    try:
+        trainer = train(cfg)["trainer"]
+    finally:
+        model_module.load_model_and_processor = build
+    assert seen and not any("hsm_meta" in keys for keys in seen)
+    assert hsm_logs(trainer, "fusion/bbu/items") == [24.0] and hsm_logs(trainer, "fusion/coco/items") == [6.0]
+    assert hsm_logs(trainer, "fusion/epoch_size") == [36.0]
+
+
+def test_fixed_set_epochs_keep_the_length_the_trainer_counted(tmp_path, corpus):
+    # target_epoch_size below the target size used to end the run early; above it, starved the sources.
+    for size in (10, 40):
+        out = tmp_path / f"size{size}"
+        steps_per_epoch = -(-(size + 12) // 4)
+        extra = ["custom.hard_sample_mining.mode=fixed_set", f"custom.hard_sample_mining.target_epoch_size={size}",
+                 "custom.hard_sample_mining.hard_sample_size=3", "custom.hard_sample_mining.regular_sample_size=2",
+                 "custom.hard_sample_mining.start_epoch=2",
+                 f"training.max_steps={3 * steps_per_epoch}", "training.num_train_epochs=1"]
+        cfg = demo_config(corpus, out, mining=True, epochs=1, extra=extra)
+        summary = train(cfg)
+        assert summary["global_step"] == 3 * steps_per_epoch  # the run reaches max_steps
+        by_epoch = epoch_events(out)
+        assert sorted(by_epoch) == [0, 1, 2]
+        for epoch, rows in by_epoch.items():
+            counts = Counter(e["dataset"] for e in rows)
+            assert counts == {"bbu": size, "lvis": 6, "coco": 6}, (size, epoch)
+        chosen = {e["base_idx"] for e in by_epoch[2] if e["dataset"] == "bbu"}
+        assert len(chosen) <= 5  # the plan's 3 hard + 2 regular fill the target part
+        # Before the plan applies, the target part cycles through the whole target.
+        cycle = [e["base_idx"] for epoch in (0, 1) for e in sorted(by_epoch[epoch], key=lambda e: (e["global_step"], e["position"]))
+                 if e["dataset"] == "bbu"]
+        assert len(set(cycle)) == min(len(cycle), 24)
+
+
+def test_activate_after_pct_counts_the_epochs_max_steps_runs(tmp_path, corpus):
+    out = tmp_path / "run"
+    extra = ["custom.hard_sample_mining.activate_after_pct=0.5", "training.num_train_epochs=1", "training.max_steps=27"]
+    train(demo_config(corpus, out, mining=True, epochs=1, extra=extra))  # 9 steps per epoch: 3 epochs
+    manifests = {e: json.loads((out / "hsm" / "plans" / f"epoch={e}" / "manifest.json").read_text()) for e in (1, 2)}
+    assert not manifests[1]["triggered"] and "3.0 epochs" in manifests[1]["trigger_reason"]
+    assert manifests[2]["triggered"]
