@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torchvision==0.28.0
 	# PyPI's torchvision is a CUDA build: let its Python transforms import on CPU torch (tools/torchvision_cpu.py).
 	$(MAKE) --no-print-directory torchvision-shim VENV=$(VENV)
-	$(BIN)/pip install -q -e '.[train,dev]'
+	$(BIN)/pip install -q -e '.[train,dev,trl]'
 	$(BIN)/pip install -q --no-build-isolation 'deepspeed>=0.16'
 	touch $(STAMP)
 
