@@ -180,7 +180,7 @@ def _real_config(arch: str, tokenizer, hidden_size: int, num_layers: int, vision
         "vocab_size": len(tokenizer), "hidden_size": hidden_size, "intermediate_size": hidden_size * 2,
         "num_hidden_layers": num_layers, "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 2),
         "max_position_embeddings": 4096, "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"), "bos_token_id": None,
     }
     if arch == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig

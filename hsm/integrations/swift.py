@@ -82,6 +82,7 @@ def _load_hsm_config():
 def _trainer_class():
     from swift.trainers import Seq2SeqTrainer
 
+    from hsm import distributed
     from hsm.integrations.common import MetaCollator, SlotDataset, single_target_fusion
     from hsm.sampler import HsmSampler
     from hsm.stats import per_sample_stats, token_losses
@@ -100,9 +101,11 @@ def _trainer_class():
             mining = cfg.mining
             hsm_dir = Path(self.args.output_dir) / "hsm"
             seed = mining.seed if mining is not None else (cfg.custom.hard_sample_mining or _default_mining()).seed
+            # ms-swift's loader is not accelerate-prepared (its BatchSamplerShard shards by rank itself), so the
+            # sampler deals this rank's batches of the global schedule itself.
             sampler = HsmSampler(sizes=[len(slots)], ratios=[], target=slots.info, seed=seed,
                                  batch_size=self.args.per_device_train_batch_size,
-                                 hsm_dir=hsm_dir if mining is not None else None)
+                                 hsm_dir=hsm_dir if mining is not None else None, world=distributed.current_world())
             fusion = single_target_fusion(name)
             self.hsm_is_mining = mining is not None
             if self.is_world_process_zero():
