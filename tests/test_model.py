@@ -53,6 +53,19 @@ def logged_events(out) -> pa.Table:
     return pa.concat_tables([pq.read_table(p) for p in sorted((out / "hsm").glob("events/epoch=*/rank=*/part-*.parquet"))])
 
 
+def test_model_keys_are_validated_with_their_paths():
+    from hsm.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as e:
+        parse_config({"model": {"torch_dtype": "bf16", "attn_implementation": "flash3", "freeze_llm": "maybe",
+                                "lora": {"r": 0, "alpha": 16, "rank": 4}}})
+    text = str(e.value)
+    for key in ("model.torch_dtype", "model.attn_implementation", "model.freeze_llm", "model.lora.r", "model.lora.rank"):
+        assert key in text, key
+    lora = parse_config({"model": {"lora": {"r": 4}}}).model.lora
+    assert (lora.alpha, lora.target_modules, lora.modules_to_save, lora.merge_on_save) == (16.0, "all-linear", [], False)
+
+
 def test_component_of_names_qwen_parts(checkpoints):
     from transformers import AutoModelForImageTextToText
 
@@ -163,3 +176,24 @@ def test_freezing_leaves_frozen_weights_bit_identical(tmp_path, corpus, checkpoi
     trained = [n for n in after if component_of(n) not in frozen]
     assert trained and all(not torch.equal(after[n], before[n]) for n in trained if "norm" not in n)
     assert logged_events(out).num_rows == summary["global_step"] * 4
+
+
+def test_readme_hsm_train_command(tmp_path, corpus, checkpoints):
+    """The README's `hsm train` line for a real checkpoint, with the corpus paths of this test."""
+    from typer.testing import CliRunner
+
+    from hsm.cli.app import app
+
+    out = tmp_path / "lora"
+    result = CliRunner().invoke(app, [
+        "train", "configs/demo.yaml", f"model.name_or_path={checkpoints['qwen2_5_vl']}", "model.coord_format=abs",
+        "model.lora={r: 16, alpha: 32, modules_to_save: [lm_head], merge_on_save: true}", "model.freeze_vision=true",
+        "training.gradient_checkpointing=true", "training.num_train_epochs=2", f"training.output_dir={out}",
+        f"custom.fusion_config.target.train_jsonl={corpus['bbu']}", "custom.fusion_config.target.val_jsonl=null",
+        f"custom.fusion_config.sources.0.train_jsonl={corpus['lvis']}",
+        f"custom.fusion_config.sources.1.train_jsonl={corpus['coco']}", "training.report_to=[]",
+    ])
+    assert result.exit_code == 0, result.output
+    assert (out / "merged" / "model.safetensors").is_file()
+    assert (out / "hsm" / "plans" / "epoch=1" / "manifest.json").is_file()
+    assert next(out.glob("checkpoint-*/adapter_config.json"))
