@@ -23,6 +23,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import trl
+from packaging.version import Version
 from trl import SFTTrainer
 
 from hsm.config import MiningConfig
@@ -32,6 +34,11 @@ from hsm.stats import per_sample_stats
 from hsm.trainer import HsmTrainerMixin, resume_attempt, write_dataset_info
 
 __all__ = ["HsmSFTTrainer", "detection_dataset"]
+
+# The per-sample statistics are read from SFTTrainer's fused LM-head outputs (log_probs, label_mask, is_top1).
+_MIN_TRL = "1.16"
+if Version(trl.__version__) < Version(_MIN_TRL):
+    raise ImportError(f"hsm.integrations.trl needs trl>={_MIN_TRL} (SFTTrainer's fused LM head); found {trl.__version__}")
 
 _FLUSH_EVERY_STEPS = 32
 
