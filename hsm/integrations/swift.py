@@ -83,6 +83,7 @@ def _trainer_class():
     from swift.trainers import Seq2SeqTrainer
 
     from hsm import distributed
+    from hsm.config import MiningConfig
     from hsm.integrations.common import MetaCollator, SlotDataset, single_target_fusion
     from hsm.sampler import HsmSampler
     from hsm.stats import per_sample_stats, token_losses
@@ -100,7 +101,8 @@ def _trainer_class():
             self.data_collator = MetaCollator(self.data_collator)
             mining = cfg.mining
             hsm_dir = Path(self.args.output_dir) / "hsm"
-            seed = mining.seed if mining is not None else (cfg.custom.hard_sample_mining or _default_mining()).seed
+            # The same schedule seed with mining on or off, so switching it on does not reshuffle epoch 0.
+            seed = (cfg.custom.hard_sample_mining or MiningConfig()).seed
             # ms-swift's loader is not accelerate-prepared (its BatchSamplerShard shards by rank itself), so the
             # sampler deals this rank's batches of the global schedule itself.
             sampler = HsmSampler(sizes=[len(slots)], ratios=[], target=slots.info, seed=seed,
@@ -151,12 +153,6 @@ def _trainer_class():
             return (loss, outputs) if return_outputs else loss
 
     return HsmSwiftTrainer
-
-
-def _default_mining():
-    from hsm.config import MiningConfig
-
-    return MiningConfig()
 
 
 class _Sizes:
