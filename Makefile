@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install test demo bench clean torchvision-shim test-swift
+.PHONY: install test demo bench clean test-deps torchvision-shim test-swift
 
 install: $(STAMP)
 
@@ -21,8 +21,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-build-isolation 'deepspeed>=0.16'
 	touch $(STAMP)
 
-test: install
+test: install test-deps
 	$(BIN)/python -m pytest -n 2 -q
+
+# The report's browser test drives Debian's chromium headless; apt-get runs only when it is missing.
+test-deps:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q chromium; }
 
 demo: install
 	$(BIN)/hsm demo

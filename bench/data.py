@@ -42,14 +42,17 @@ def make_plan(hsm_dir: Path, n: int, mode: str) -> None:
     rng = np.random.default_rng(0)
     idx = np.arange(n, dtype=np.int64)
     is_hard = rng.random(n) < 0.1
+    if mode == "fixed_set":  # the hard 10% plus as many regular samples weigh 1, the rest 0
+        weight = (is_hard | (rng.random(n) < 0.1)).astype(np.float64)
+    else:
+        weight = np.where(is_hard, 3.0, 1.0) if mode == "reweight" else np.ones(n)
     table = pa.Table.from_arrays(
-        [pa.compute.binary_join_element_wise("target", pa.compute.cast(pa.array(idx), pa.string()), ":"),
-         pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array(["target"])).cast(pa.string()),
-         pa.array(idx), pa.array(rng.random(n)), pa.array(np.ones(n, np.int64)), pa.array(is_hard),
-         pa.array(np.where(is_hard, 3.0, 1.0))],
-        schema=PLAN_SCHEMA,
+        [pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array(["target"])),
+         pa.array(idx), pa.array(rng.random(n)), pa.array(np.ones(n, np.int64)), pa.array(is_hard), pa.array(weight)],
+        names=PLAN_SCHEMA.names,
     )
-    write_plan(hsm_dir, 1, table, {"mode": mode, "triggered": True, "default_weight": 1.0, "hard_pool_frac": 0.3,
+    write_plan(hsm_dir, 1, table, {"mode": mode, "triggered": True, "default_weight": 0.0 if mode == "fixed_set" else 1.0,
+                                   "hard_pool_frac": 0.3, "target_epoch_size": None,
                                    "target": {"name": "target", "size": n, "fingerprint": None}})
 
 
@@ -113,7 +116,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="hsm-bench-data-"))
     print(f"\n(a) plan load + schedule build, target {args.n_target:,}, 4 sources x 1M, median of {args.repeats}")
     print(f"{'mode':<10} {'plan':<6} {'load s':>8} {'schedule s':>11} {'total s':>8} {'slots':>11} {'peak MB':>8}")
-    for mode in ("reweight", "dynamic"):
+    for mode in ("reweight", "fixed_set", "dynamic"):
         hsm_dir = work / mode / "hsm"
         make_plan(hsm_dir, args.n_target, mode)
         for kind in ("none", "plan"):

@@ -1,13 +1,23 @@
 """Planner benchmark: fold + select + write at 1M and 10M events, against a naive
 per-event Python tracker and a bare DuckDB group-by over the same files (the floor).
 
-    python bench/planner.py [--sizes 1000000 10000000] [--repeats 3] [--workdir DIR]
+    python bench/planner.py [--sizes 1000000 10000000] [--repeats 3] [--workdir DIR] [--before GIT_DIR_OR_TREE]
 
 Each measurement runs in a fresh subprocess so its peak RSS is its own. Prints a
-table with ratios against the floor measured in the same run.
+table with ratios against the floor measured in the same run. ``--before`` also
+times an earlier version of hsm (a checkout, e.g. ``git worktree add /tmp/before
+COMMIT``) on the same event files, in the same run, each version with its own state.
 """
 
 from __future__ import annotations
+
+import os
+import sys
+
+if os.environ.get("HSM_BENCH_IMPL"):
+    # Time another checkout of hsm: drop the editable install's finder, import from there.
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+    sys.path.insert(0, os.environ["HSM_BENCH_IMPL"])
 
 import argparse
 import json
@@ -15,7 +25,6 @@ import resource
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -87,6 +96,40 @@ def generate(workdir: Path, n_events: int) -> Path:
     return hsm_dir
 
 
+def generate_wide(workdir: Path, n_events: int, n_samples: int) -> Path:
+    """One epoch of ``n_events`` over ``n_samples`` distinct samples (85% target), written part by part."""
+    hsm_dir = workdir / f"wide-{n_events}-{n_samples}" / "hsm"
+    if (hsm_dir / "ready").exists():
+        return hsm_dir
+    shutil.rmtree(hsm_dir.parent, ignore_errors=True)
+    rng = np.random.default_rng(1)
+    names = pa.array([TARGET, *SOURCES])
+    step = 0
+    for part in range(-(-n_events // PART_ROWS)):
+        n = min(PART_ROWS, n_events - part * PART_ROWS)
+        rank = part % 2
+        code = rng.choice(3, size=n, p=[0.85, 0.075, 0.075]).astype(np.int32)
+        idx = np.where(code == 0, rng.integers(0, int(n_samples * 0.85), n), rng.integers(0, int(n_samples * 0.075), n))
+        dataset = pa.DictionaryArray.from_arrays(pa.array(code), names).cast(pa.string())
+        loss = rng.gamma(2.0, 0.4, n).astype(np.float32)
+        table = pa.table({
+            "run_id": pa.array(["bench-run"]).take(pa.array(np.zeros(n, dtype=np.int32))),
+            "attempt": np.zeros(n, np.int32), "epoch": np.zeros(n, np.int32),
+            "global_step": (np.arange(n) // 8 + step).astype(np.int64), "rank": np.full(n, rank, np.int32),
+            "position": (np.arange(n) % 8).astype(np.int32), "dataset": dataset, "base_idx": idx.astype(np.int64),
+            "sample_id": pc.binary_join_element_wise(dataset, pc.cast(pa.array(idx), pa.string()), ":"),
+            "loss": loss, "token_acc": np.full(n, 0.5, np.float32), "n_tokens": np.full(n, 100, np.int32),
+            "aug_seed": np.zeros(n, np.int64), "drawn_as_hard": np.zeros(n, bool),
+        }, schema=pa.schema([f for f in EVENT_SCHEMA if not f.nullable]))
+        if rank == 1:
+            step += -(-n // 8)
+        out = hsm_dir / "events" / "epoch=0" / f"rank={rank}"
+        out.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, out / f"part-{part // 2:05d}.parquet", compression_level=3, **PART_WRITE_OPTIONS)
+    (hsm_dir / "ready").touch()
+    return hsm_dir
+
+
 def _mining(engine: str):
     from hsm.config import MiningConfig
 
@@ -97,7 +140,29 @@ def measure(kind: str, hsm_dir: Path, sample: int) -> dict:
     """Run one measurement in this process; returns seconds and peak RSS."""
     start = time.perf_counter()
     extra = {}
-    if kind.startswith("hsm-"):
+    if kind == "fold-0":
+        from hsm.planner import fold_pending
+
+        if not (hsm_dir / "state" / "epoch=0" / "state.parquet").exists():
+            fold_pending(hsm_dir, 0, _mining("polars"))
+    elif kind.startswith("hsm1-"):
+        from hsm.events import list_event_files as files_of
+        from hsm.planner import DEFAULT_MEMORY_LIMIT, buckets_for, plan_epoch
+
+        buckets = buckets_for(files_of(hsm_dir, 0), None, DEFAULT_MEMORY_LIMIT)
+        result = plan_epoch(hsm_dir, 1, _mining(kind[5:]), TARGET)
+        extra = {"hard": result.manifest["counts"]["hard"], "buckets": buckets}
+    elif kind == "duckdb-scan-0":
+        import duckdb
+
+        con = duckdb.connect()
+        con.execute("SET threads TO 2")
+        rows = con.execute(
+            "SELECT count(*) FROM (SELECT sample_id, sum(loss), count(*) FROM read_parquet($f) GROUP BY sample_id)",
+            {"f": [str(p) for p in list_event_files(hsm_dir, 0)]},
+        ).fetchone()[0]
+        extra = {"groups": rows}
+    elif kind.startswith("hsm-"):
         from hsm.planner import plan_epoch
 
         result = plan_epoch(hsm_dir, 2, _mining(kind[4:]), TARGET)
@@ -157,22 +222,62 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_child(kind: str, hsm_dir: Path, sample: int) -> dict:
+def stage_impl(tree: Path, workdir: Path, name: str = "before-impl") -> Path:
+    """``tree``'s hsm, sql/ and cli/ laid out as one importable ``hsm`` package under ``workdir``."""
+    staged = workdir / name
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.copytree(tree / "hsm", staged / "hsm")
+    shutil.copytree(tree / "sql", staged / "hsm" / "sql", dirs_exist_ok=True)
+    shutil.copytree(tree / "cli", staged / "hsm" / "cli", dirs_exist_ok=True)
+    return staged
+
+
+def before_dir(hsm_dir: Path) -> Path:
+    """A run directory for the earlier version: the same event files (linked), its own state."""
+    other = hsm_dir.parent.with_name(hsm_dir.parent.name + "-before") / "hsm"
+    other.mkdir(parents=True, exist_ok=True)
+    if not (other / "events").exists():
+        (other / "events").symlink_to(hsm_dir / "events")
+    return other
+
+
+def run_child(kind: str, hsm_dir: Path, sample: int, impl: Path | None = None) -> dict:
     for epoch in (1,):
         shutil.rmtree(hsm_dir / "state" / f"epoch={epoch}", ignore_errors=True)
+        shutil.rmtree(hsm_dir / "sample_ids" / f"epoch={epoch}", ignore_errors=True)
     shutil.rmtree(hsm_dir / "plans", ignore_errors=True)
+    env = dict(os.environ, HSM_BENCH_IMPL=str(impl)) if impl is not None else None
     out = subprocess.run(
         [sys.executable, __file__, "--child", kind, "--hsm-dir", str(hsm_dir), "--sample", str(sample)],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, env=env,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def ensure_previous_state(hsm_dir: Path) -> None:
+def ensure_previous_state(hsm_dir: Path, impl: Path | None = None) -> None:
+    if impl is not None:
+        run_child("fold-0", hsm_dir, 0, impl)
+        return
     from hsm.planner import fold_pending
 
-    if not (hsm_dir / "state" / "epoch=0" / "state.parquet").exists():
-        fold_pending(hsm_dir, 0, _mining("polars"))
+    fold_pending(hsm_dir, 0, _mining("polars")).wait()  # reuses a stored, current state
+
+
+def wide(args) -> None:
+    """The out-of-core case: a fresh state from one epoch of many events, with the default fold budget."""
+    n_events, n_samples = args.wide
+    hsm_dir = generate_wide(args.workdir, n_events, n_samples)
+    after = stage_impl(args.impl, args.workdir, "after-impl") if args.impl else None
+    rows = [("duckdb-scan", run_child("duckdb-scan-0", hsm_dir, 0))]
+    for engine in args.wide_engines:
+        shutil.rmtree(hsm_dir / "state", ignore_errors=True)
+        shutil.rmtree(hsm_dir / "sample_ids", ignore_errors=True)
+        rows.append((f"hsm-{engine}", run_child(f"hsm1-{engine}", hsm_dir, 0, after)))
+    floor = rows[0][1]["seconds"]
+    print(f"\n{n_events:,} events, {n_samples:,} samples, one epoch, folded from scratch")
+    print(f"{'measure':<16} {'seconds':>9} {'x floor':>8} {'peak RSS MB':>12} {'buckets':>8}")
+    for name, r in rows:
+        print(f"{name:<16} {r['seconds']:>9.1f} {r['seconds'] / floor:>8.2f} {r['rss_mb']:>12.0f} {r.get('buckets', '-'):>8}")
 
 
 def main() -> None:
@@ -184,21 +289,41 @@ def main() -> None:
     parser.add_argument("--child")
     parser.add_argument("--hsm-dir", type=Path)
     parser.add_argument("--sample", type=int, default=0)
+    parser.add_argument("--before", type=Path, help="A checkout of an earlier hsm to time on the same files.")
+    parser.add_argument("--impl", type=Path, help="Time this checkout as 'after' (default: the installed hsm).")
+    parser.add_argument("--wide", type=int, nargs=2, metavar=("EVENTS", "SAMPLES"),
+                        help="Instead: one epoch of EVENTS events over SAMPLES samples, folded out of core.")
+    parser.add_argument("--wide-engines", nargs="+", default=["polars"])
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.hsm_dir, args.sample)))
         return
+    if args.wide:
+        return wide(args)
     rows = []
+    impl = stage_impl(args.before, args.workdir) if args.before else None
+    after = stage_impl(args.impl, args.workdir, "after-impl") if args.impl else None
     for size in args.sizes:
         hsm_dir = generate(args.workdir, size)
-        ensure_previous_state(hsm_dir)
+        ensure_previous_state(hsm_dir, after)
+        if impl is not None:
+            ensure_previous_state(before_dir(hsm_dir), impl)
         files = list_event_files(hsm_dir, 1)
         n_events = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
         bytes_per_event = sum(f.stat().st_size for f in files) / n_events
         results = {}
-        for kind in ("duckdb-scan", "hsm-polars", "hsm-duckdb"):
-            runs = [run_child(kind, hsm_dir, 0) for _ in range(args.repeats)]
-            results[kind] = {"seconds": statistics.median(r["seconds"] for r in runs), "rss_mb": max(r["rss_mb"] for r in runs)}
+        kinds = [("duckdb-scan", "duckdb-scan", hsm_dir, None)]
+        if impl is not None:
+            kinds += [(f"before: {k}", k, before_dir(hsm_dir), impl) for k in ("hsm-polars", "hsm-duckdb")]
+        kinds += [(k, k, hsm_dir, after) for k in ("hsm-polars", "hsm-duckdb")]
+        # Interleave the repeats so machine load drifts hit every measurement alike.
+        runs: dict[str, list] = {label: [] for label, *_ in kinds}
+        for _ in range(args.repeats):
+            for label, kind, directory, version in kinds:
+                runs[label].append(run_child(kind, directory, 0, version))
+        for label, measured in runs.items():
+            results[label] = {"seconds": statistics.median(r["seconds"] for r in measured),
+                              "rss_mb": max(r["rss_mb"] for r in measured)}
         sample = min(args.naive_sample, n_events)
         naive = run_child("naive-dict", hsm_dir, sample)
         results["naive-dict"] = {"seconds": naive["seconds"] * n_events / sample, "rss_mb": naive["rss_mb"], "extrapolated": sample < n_events}
@@ -207,13 +332,13 @@ def main() -> None:
             rows.append((size, kind, r["seconds"], r["seconds"] / floor, results["naive-dict"]["seconds"] / r["seconds"], r["rss_mb"], r.get("extrapolated", False)))
         rows.append((size, "bytes/event on disk", bytes_per_event, None, None, None, False))
     append = run_child("append", args.workdir, 800_000)
-    print(f"\n{'events':>10} {'measure':<22} {'seconds':>9} {'x floor':>8} {'vs naive':>9} {'peak RSS MB':>12}")
+    print(f"\n{'events':>10} {'measure':<26} {'seconds':>9} {'x floor':>8} {'vs naive':>9} {'peak RSS MB':>12}")
     for size, kind, seconds, ratio, speedup, rss, extrapolated in rows:
         if ratio is None:
-            print(f"{size:>10} {kind:<22} {seconds:>9.1f}")
+            print(f"{size:>10} {kind:<26} {seconds:>9.1f}")
             continue
         mark = "*" if extrapolated else ""
-        print(f"{size:>10} {kind:<22} {seconds:>8.2f}{mark} {ratio:>8.2f} {speedup:>8.1f}x {rss:>12.0f}")
+        print(f"{size:>10} {kind:<26} {seconds:>8.2f}{mark} {ratio:>8.2f} {speedup:>8.1f}x {rss:>12.0f}")
     print(f"\nEventWriter.append on the calling thread: {append['per_sample_us']:.2f} us per sample (batches of 8)")
     print("* extrapolated linearly from a subsample; floor = bare DuckDB group-by over the same files")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-__all__ = ["console", "fail", "hsm_dir_of"]
+__all__ = ["console", "fail", "hsm_dir_of", "print_table"]
 
 console = Console(highlight=False)
 _stderr = Console(stderr=True, highlight=False)
@@ -24,3 +24,30 @@ def fail(command: str, message: str, code: int = 2) -> "typer.Exit":
 def hsm_dir_of(run_dir: Path) -> Path:
     """``<run_dir>/hsm``: where events, state and plans live."""
     return Path(run_dir) / "hsm"
+
+
+def print_table(columns: list[str], rows: list[list[str]], right: set[str] = frozenset()) -> None:
+    """A table of already formatted cells, never truncated.
+
+    On a terminal: a rich table whose cells fold instead of ending in an ellipsis.
+    Piped or redirected: plain text, columns padded to their widest cell (no 80-column cut).
+    """
+    if console.is_terminal:
+        from rich.table import Table
+
+        table = Table(show_edge=False)
+        for column in columns:
+            table.add_column(column, justify="right" if column in right else "left", overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        return
+    widths = [max([len(c)] + [len(r[k]) for r in rows]) for k, c in enumerate(columns)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            (cell.rjust(w) if columns[k] in right else cell.ljust(w)) for k, (cell, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    sys.stdout.write("\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in rows]) + "\n")
+    sys.stdout.flush()

@@ -11,24 +11,32 @@ from hsm.cli.common import console, fail
 
 __all__ = ["data_app"]
 
-data_app = typer.Typer(help="Detection data: import, synthesize, validate.", no_args_is_help=True)
+data_app = typer.Typer(help="Detection data: import, synthesize, validate.", no_args_is_help=True, rich_markup_mode=None)
 
 
 @data_app.command("import-coco")
 def import_coco(
     coco_json: Path = typer.Argument(..., help="COCO detection annotations (instances_*.json)."),
     images: Path = typer.Option(..., "--images", help="Folder holding the COCO images."),
-    out: Path = typer.Option(..., "--out", help="JSONL to write."),
+    out: Path = typer.Option(..., "--out", help="JSONL to write (the train split when --val-fraction > 0)."),
+    val_fraction: float = typer.Option(0.0, "--val-fraction", min=0.0, max=0.99,
+                                       help="Share of images written to OUT_STEM_val.jsonl as a val split."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the train/val draw."),
+    id_prefix: Optional[str] = typer.Option(None, "--id-prefix", help="Record ids are PREFIX-IMAGE_ID (default: OUT's stem)."),
 ) -> None:
     """Convert COCO detection annotations to hsm's JSONL record format."""
     from hsm.records import RecordError
     from hsm.records import import_coco as convert
 
     try:
-        count = convert(coco_json, images, out)
+        result = convert(coco_json, images, out, id_prefix=id_prefix, val_fraction=val_fraction, seed=seed)
     except RecordError as e:
         raise fail("data import-coco", str(e)) from e
-    console.print(f"wrote {count} records to {out}")
+    for line in result.warnings():
+        console.print(f"[yellow]warning:[/] {line}", soft_wrap=True)
+    console.print(f"wrote {result.n_train} records to {result.train_path.resolve()}", soft_wrap=True)
+    if result.val_path is not None:
+        console.print(f"wrote {result.n_val} records to {result.val_path.resolve()}", soft_wrap=True)
 
 
 @data_app.command("synth")

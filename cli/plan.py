@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
-
-from hsm.cli.common import console, fail, hsm_dir_of
+from hsm.cli.common import console, fail, hsm_dir_of, print_table
 
 __all__ = ["plan"]
+
+
+_UNITS = {"": 1, "B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40,
+          "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+
+
+def _parse_bytes(text: str) -> int | None:
+    """``"4GB"`` -> bytes (binary units); None when it is not a size."""
+    number = text.strip().upper().rstrip()
+    unit = number.lstrip("0123456789.")
+    try:
+        value = float(number[: len(number) - len(unit)])
+    except ValueError:
+        return None
+    factor = _UNITS.get(unit.strip())
+    return int(value * factor) if factor is not None and value > 0 else None
 
 
 def _fmt(value) -> str:
@@ -26,17 +41,35 @@ def plan(
     engine: Optional[str] = typer.Option(None, "--engine", help="polars or duckdb (default: the config's)."),
     num_epochs: Optional[float] = typer.Option(None, "--num-epochs", help="Planned epochs, for activate_after_pct."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Compute and print; write nothing."),
-    skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Skip unreadable event parts with a warning."),
+    skip_corrupt: bool = typer.Option(
+        False, "--skip-corrupt", help="Skip unreadable event parts, and drop duplicated events, with a warning."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Overwrite a plan built with other settings, or plan a target the run does not have."
+    ),
+    allow_empty: bool = typer.Option(
+        False, "--allow-empty", help="Fold epochs that have no events (normally refused: --epoch too far ahead?)."
+    ),
+    memory_limit: Optional[str] = typer.Option(
+        None, "--memory-limit", help="Fold budget, e.g. 4GB or 512MB; a bigger epoch is folded out of core "
+        "(spilling to --temp-dir). Default 3GB."
+    ),
+    temp_dir: Optional[Path] = typer.Option(None, "--temp-dir", help="Where an out-of-core fold spills (default: TMPDIR)."),
 ) -> None:
     """Update the state from events of epochs < N not yet folded, and write the plan for epoch N."""
     from hsm.config import ConfigError, load_config
     from hsm.events import CorruptEventFile
     from hsm.plan import DatasetInfo, PlanError
-    from hsm.planner import plan_epoch
+    from hsm.planner import EmptyEpochs, OutputError, PlanConflict, plan_epoch
     from hsm.schemas import SchemaError
     from hsm.state import StateMismatch
 
     hsm_dir = hsm_dir_of(run_dir)
+    limit_bytes = None
+    if memory_limit is not None:
+        limit_bytes = _parse_bytes(memory_limit)
+        if limit_bytes is None:
+            raise fail("plan", f"--memory-limit must be a size such as 4GB or 512MB, got {memory_limit!r}")
     config_path = config or hsm_dir / "config.yaml"
     if engine is not None and engine not in ("polars", "duckdb"):
         raise fail("plan", f"--engine must be polars or duckdb, got {engine!r}")
@@ -62,12 +95,20 @@ def plan(
             result = plan_epoch(
                 hsm_dir, epoch, mining, cfg.target_name, engine=engine, num_train_epochs=num_epochs,
                 dataset=dataset, skip_corrupt=skip_corrupt, write=not dry_run, dump_dir=run_dir,
+                force=force, allow_empty=allow_empty, memory_limit=limit_bytes, temp_directory=temp_dir,
             )
-        except (CorruptEventFile, PlanError, SchemaError, StateMismatch, ValueError) as e:
-            raise fail("plan", str(e)) from e
+        except (CorruptEventFile, PlanError, SchemaError, StateMismatch, PlanConflict, EmptyEpochs, OutputError,
+                ValueError) as e:
+            raise fail("plan", _without_delete_advice(str(e)) if dry_run else str(e)) from e
     for warning in caught:
         console.print(f"[yellow]warning:[/] {warning.message}")
     _print_summary(result, hsm_dir)
+
+
+def _without_delete_advice(message: str) -> str:
+    """A dry run must not advise deleting hsm/state: drop the "; delete ..." advice, say what a dry run did."""
+    kept = re.split(r";\s*delete\b", message, maxsplit=1)[0]
+    return f"{kept} (--dry-run: nothing was changed; a dry run plans from the stored state as it is)"
 
 
 def _print_summary(result, hsm_dir: Path) -> None:
@@ -81,13 +122,13 @@ def _print_summary(result, hsm_dir: Path) -> None:
     trigger = "[green]applies[/]" if m["triggered"] else "[yellow]not applied[/]"
     console.print(f"  mode {m['mode']} on {m['metric']}: {trigger} ({m['trigger_reason']})")
     counts = m["counts"]
-    table = Table(title=None, show_edge=False)
-    for column in ("pool", "samples", "mean", "p50", "p90"):
-        table.add_column(column, justify="right" if column != "pool" else "left")
     regular = counts["eligible"] - counts["hard"]
-    table.add_row("hard", str(counts["hard"]), *(_fmt(m["scores"]["hard"][k]) for k in ("mean", "p50", "p90")))
-    table.add_row("regular", str(regular), *(_fmt(m["scores"]["regular"][k]) for k in ("mean", "p50", "p90")))
-    console.print(table)
+    print_table(
+        ["pool", "samples", "mean", "p50", "p90"],
+        [["hard", str(counts["hard"]), *(_fmt(m["scores"]["hard"][k]) for k in ("mean", "p50", "p90"))],
+         ["regular", str(regular), *(_fmt(m["scores"]["regular"][k]) for k in ("mean", "p50", "p90"))]],
+        right={"samples", "mean", "p50", "p90"},
+    )
     extra = f", regular drawn {counts['regular_drawn']}" if m["mode"] == "fixed_set" else ""
     console.print(f"  weights {_fmt(m['weights']['min'])}..{_fmt(m['weights']['max'])}, default {m['default_weight']}{extra}")
     if result.churn is not None:
@@ -96,5 +137,10 @@ def _print_summary(result, hsm_dir: Path) -> None:
             f"  churn vs epoch {result.epoch - 1}: kept {c['kept']}, added {c['added']}, removed {c['removed']}, "
             f"jaccard {c['jaccard']:.3f}"
         )
+    suspects = m.get("suspects")
+    if suspects is not None:
+        listed = ", ".join(suspects["sample_ids"][:10]) + (", ..." if suspects["count"] > 10 else "")
+        console.print(f"  label-noise suspects kept out of the hard set: {suspects['count']}"
+                      + (f" ({listed})" if listed else ""), soft_wrap=True)
     if result.written:
         console.print(f"  checksum {m['checksum'][:16]}")

@@ -9,9 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
-
-from hsm.cli.common import console, fail
+from hsm.cli.common import console, fail, print_table
 
 __all__ = ["sql"]
 
@@ -57,19 +55,25 @@ def sql(
     _print(columns, rows, fmt, limit)
 
 
+def _cell(value, full: bool) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, float) and not full:
+        return f"{value:.6g}"
+    return str(value)
+
+
 def _print(columns: list[str], rows: list[tuple], fmt: str, limit: int) -> None:
     if fmt == "csv":
-        writer = csv.writer(sys.stdout)
+        writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(columns)
         writer.writerows(rows)
     elif fmt == "json":
         sys.stdout.write(json.dumps([dict(zip(columns, row)) for row in rows], default=str, indent=1) + "\n")
     else:
-        table = Table(show_edge=False)
-        for column in columns:
-            table.add_column(column)
-        for row in rows[:limit]:
-            table.add_row(*("NULL" if v is None else (f"{v:.5g}" if isinstance(v, float) else str(v)) for v in row))
-        console.print(table)
+        # On a terminal floats are shown to 6 significant digits; piped, every value is printed in full.
+        full = not console.is_terminal
+        numeric = {c for k, c in enumerate(columns) if rows and all(isinstance(r[k], (int, float)) for r in rows[:limit])}
+        print_table(columns, [[_cell(v, full) for v in row] for row in rows[:limit]], right=numeric)
         if len(rows) > limit:
             console.print(f"({len(rows)} rows, {limit} shown; --limit to see more)")

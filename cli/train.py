@@ -43,14 +43,16 @@ def train(
     trainer = summary["trainer"]
     if not trainer.is_world_process_zero():
         return
-    run_dir = summary["output_dir"]
-    console.print(f"\n[bold]hsm train done[/]: {summary['global_step']} steps, train loss {summary['train_loss']:.4f}")
-    console.print(f"  output:      {run_dir}")
+    run_dir = Path(summary["output_dir"]).resolve()
+    summary = dict(summary, hsm_dir=str(Path(summary["hsm_dir"]).resolve()))
+    console.print(f"\n[bold]hsm train done[/]: {summary['global_step']} steps, train loss {summary['train_loss']:.4f}", soft_wrap=True)
+    console.print(f"  output:      {run_dir}", soft_wrap=True)
     if summary["mining"]:
-        console.print(f"  events:      {summary['hsm_dir']}/events/epoch=E/rank=R/part-*.parquet")
-        console.print(f"  plans:       {summary['hsm_dir']}/plans/epoch=E/(plan.parquet, manifest.json)")
-        console.print(f"  look into it: hsm sql --run-dir {run_dir} difficulty_trend   (hsm sql --list for more)")
-    console.print(f"  tensorboard: tensorboard --logdir {run_dir}")
+        console.print(f"  events:      {summary['hsm_dir']}/events/epoch=E/rank=R/part-*.parquet", soft_wrap=True)
+        console.print(f"  plans:       {summary['hsm_dir']}/plans/epoch=E/(plan.parquet, manifest.json)", soft_wrap=True)
+        console.print(f"  look into it: hsm sql --run-dir {run_dir} difficulty_trend   (hsm sql --list for more)", soft_wrap=True)
+        console.print(f"  report:      hsm report --run-dir {run_dir}", soft_wrap=True)
+    console.print(f"  tensorboard: tensorboard --logdir {run_dir}", soft_wrap=True)
     from hsm import distributed
 
     if distributed.is_initialized():

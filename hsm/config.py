@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 __all__ = [
     "ConfigError",
@@ -29,15 +29,18 @@ __all__ = [
     "TargetConfig",
     "SourceConfig",
     "FusionConfig",
+    "DetectionEvalConfig",
     "CustomConfig",
     "LoraConfig",
     "ModelConfig",
     "HsmConfig",
     "load_config",
+    "resolve_paths",
     "parse_config",
     "apply_overrides",
     "mining_config_hash",
     "LEGACY_LOADER_NAMES",
+    "small_target_warning",
     "decimal_fraction",
     "ceil_share",
 ]
@@ -114,11 +117,20 @@ class MiningConfig(_Strict):
     mode: Literal["reweight", "fixed_set", "dynamic"] = Field(
         "reweight", description="reweight (seeds 001/002), fixed_set (seed 003), dynamic (seed 000)."
     )
-    metric: Literal["loss", "token_acc"] | None = Field(
-        None, description="Difficulty signal: loss, or 1 - token_acc. Default: token_acc for dynamic, else loss."
+    metric: Literal["loss", "token_acc", "coord_loss", "label_loss", "loss_sum"] | None = Field(
+        None, description="Difficulty signal: loss, or 1 - token_acc, or the box-aware event columns coord_loss "
+        "(CE over coordinate tokens), label_loss (over label tokens), loss_sum (summed over answer tokens; "
+        "events where it is null are not observations). Default: token_acc for dynamic, else loss."
     )
-    aggregate: Literal["ema", "mean"] = Field("ema", description="Score: EMA (after 3 observations) or mean.")
-    ema_decay: float = Field(0.9, ge=0.0, lt=1.0, description="ema = decay * ema + (1 - decay) * x.")
+    aggregate: Literal["ema", "mean", "epoch_ema", "last"] = Field(
+        "ema", description="Score: ema (per observation, after 3 observations; else mean), mean, epoch_ema "
+        "(mean per epoch, then a bias-corrected EMA across the epochs the sample was seen in, decay "
+        "ema_decay per epoch) or last (the mean of the latest epoch the sample was seen in)."
+    )
+    ema_decay: float = Field(
+        0.9, ge=0.0, lt=1.0,
+        description="ema = decay * ema + (1 - decay) * x; per observation for ema, per epoch for epoch_ema.",
+    )
     start_epoch: int = Field(1, ge=0, description="First epoch (0-based) that may use a plan.")
     plateau_delta: float | None = Field(
         None, ge=0.0, description="Also wait until the epoch mean train loss improves by less than this fraction."
@@ -138,12 +150,26 @@ class MiningConfig(_Strict):
     mine_clean: bool = Field(False, description="Show samples drawn as hard without augmentation.")
     dump: bool = Field(False, description="Also write output_dir/hard_samples_epoch_{n}.json.")
     log_prefix: str = Field("hsm/", description="Prefix of every logged scalar.")
+    stale_after: int | None = Field(
+        None, ge=1, description="Samples not seen in the last stale_after epochs are stale (see stale_policy); "
+        "null: scores never go stale."
+    )
+    stale_policy: Literal["decay", "flag"] = Field(
+        "decay", description="decay: a stale score moves toward the mean target score by a factor ema_decay per "
+        "epoch from the stale_after-th unseen epoch on; flag: stale samples are never hard."
+    )
     engine: Literal["polars", "duckdb"] = Field("polars", description="Planner engine; both give identical plans.")
     seed: int = Field(42, ge=0, description="Seed of every plan-time and schedule-time random draw.")
+    exclude_suspects: bool = Field(
+        False, description="Keep label-noise suspects (hard in the top 10% of every epoch, >= 3 epochs, low "
+        "variability; see hsm.suspects) out of the hard set: weight 1, never upweighted; listed in the manifest."
+    )
 
     @model_validator(mode="after")
     def _resolve_metric(self) -> "MiningConfig":
-        ignored = sorted(k for k in self.model_fields_set if _MODE_KEYS.get(k, self.mode) != self.mode)
+        # Only keys changed from their default: a resolved config (hsm/config.yaml) holds every key.
+        ignored = sorted(k for k in self.model_fields_set if _MODE_KEYS.get(k, self.mode) != self.mode
+                         and getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True))
         if ignored and self.enabled:
             warnings.warn(
                 f"custom.hard_sample_mining: {', '.join(ignored)} do(es) not apply to mode '{self.mode}' and "
@@ -237,11 +263,45 @@ class FusionConfig(_Strict):
         return self
 
 
+class DetectionEvalConfig(_Strict):
+    """``custom.detection_eval``: ``hsm eval`` during training (greedy answers, COCO metrics)."""
+
+    enabled: bool = Field(False, description="Run detection evaluation during training.")
+    every: Literal["epoch"] | int = Field("epoch", description="'epoch': after every epoch; N: every N optimizer steps.")
+    datasets: list[str] = Field(
+        default_factory=lambda: ["target"],
+        description="'target', 'all' (the target and every source with a val_jsonl) or dataset names; "
+        "each is evaluated on its val_jsonl.",
+    )
+    max_new_tokens: int = Field(512, ge=1, description="Generation length limit per answer.")
+    max_samples: int | None = Field(None, ge=1, description="Evaluate the first N records of each val_jsonl (None: all).")
+    batch_size: int = Field(8, ge=1, description="Generation batch size per rank.")
+
+    @field_validator("every", mode="before")
+    @classmethod
+    def _every(cls, value: Any) -> Any:
+        if value == "epoch" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"must be 'epoch' or a number of optimizer steps >= 1, got {value!r}")
+
+
 class CustomConfig(_Strict):
     """``custom``: hsm's own sections."""
 
     hard_sample_mining: MiningConfig | None = Field(None, description="Hard-sample mining (absent = disabled).")
     fusion_config: FusionConfig | None = Field(None, description="The unified fusion loader.")
+    detection_eval: DetectionEvalConfig | None = Field(None, description="Detection metrics during training (absent = off).")
+
+    @model_validator(mode="after")
+    def _detection_eval_datasets(self) -> "CustomConfig":
+        evaluation, fusion = self.detection_eval, self.fusion_config
+        if evaluation is None or not evaluation.enabled or fusion is None:
+            return self
+        names = [fusion.target.name] + [s.name for s in fusion.sources]
+        unknown = [n for n in evaluation.datasets if n not in ("target", "all", *names)]
+        if unknown:
+            raise ValueError(f"detection_eval.datasets: {unknown} not in the fusion (accepted: target, all, {', '.join(names)})")
+        return self
 
 
 class LoraConfig(_Strict):
@@ -426,8 +486,55 @@ def _list_index(node: list, part: str, parts: list[str]) -> int:
     return int(part)
 
 
+_TRAINING_PATH_KEYS = ("output_dir", "logging_dir", "resume_from_checkpoint")
+
+
+def _absolute(value: Any, base: Path) -> Any:
+    if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+        return str((base / value).resolve())
+    return value
+
+
+def resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make every relative path in a raw config absolute against ``base``, in place.
+
+    The paths: ``training.output_dir``, ``training.logging_dir``,
+    ``training.resume_from_checkpoint`` (when a string), ``deepspeed`` (when a string),
+    ``model.name_or_path`` (only when ``base / value`` exists: it may be a hub id),
+    and every dataset's ``train_jsonl`` and ``val_jsonl``. Other values are left
+    for validation to judge.
+    """
+    training = raw.get("training")
+    if isinstance(training, dict):
+        for key in _TRAINING_PATH_KEYS:
+            if key in training:
+                training[key] = _absolute(training[key], base)
+    if isinstance(raw.get("deepspeed"), str):
+        raw["deepspeed"] = _absolute(raw["deepspeed"], base)
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("name_or_path"), str):
+        name = model["name_or_path"]
+        if name and not Path(name).is_absolute() and (base / name).exists():
+            model["name_or_path"] = str((base / name).resolve())
+    custom = raw.get("custom")
+    fusion = custom.get("fusion_config") if isinstance(custom, dict) else None
+    if isinstance(fusion, dict):
+        sources = fusion.get("sources")
+        for dataset in [fusion.get("target"), *(sources if isinstance(sources, list) else [])]:
+            if isinstance(dataset, dict):
+                for key in ("train_jsonl", "val_jsonl"):
+                    if key in dataset:
+                        dataset[key] = _absolute(dataset[key], base)
+    return raw
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> HsmConfig:
-    """Read a YAML file, apply overrides, validate. Relative dataset paths resolve against the file."""
+    """Read a YAML file, apply overrides, validate.
+
+    Relative paths written in the file resolve against the file's directory;
+    relative paths given as ``KEY=VALUE`` overrides resolve against the working
+    directory (where the command was typed). See :func:`resolve_paths` for the keys.
+    """
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -435,20 +542,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> HsmConf
         raise ConfigError(str(path), ["file not found"]) from e
     except yaml.YAMLError as e:
         raise ConfigError(str(path), [f"not valid YAML: {e}"]) from e
-    raw = apply_overrides(raw if isinstance(raw, dict) else ({} if raw is None else raw), overrides or [])
+    raw = raw if isinstance(raw, dict) else ({} if raw is None else raw)
+    if isinstance(raw, dict):
+        resolve_paths(raw, path.resolve().parent)
+    raw = apply_overrides(raw, overrides or [])
+    if isinstance(raw, dict):
+        resolve_paths(raw, Path.cwd())
     config = parse_config(raw, str(path))
     config._source = str(path)
-    # A relative DeepSpeed path is looked up beside the YAML first, then from the working directory.
-    if isinstance(config.deepspeed, str) and not Path(config.deepspeed).is_absolute():
-        beside = path.parent / config.deepspeed
-        config.deepspeed = str(beside.resolve() if beside.is_file() else Path(config.deepspeed).resolve())
-    fusion = config.custom.fusion_config
-    if fusion is not None:
-        for dataset in [fusion.target, *fusion.sources]:
-            for field in ("train_jsonl", "val_jsonl"):
-                value = getattr(dataset, field)
-                if value is not None and not value.is_absolute():
-                    setattr(dataset, field, (path.parent / value).resolve())
     return config
 
 
@@ -457,3 +558,21 @@ def mining_config_hash(mining: MiningConfig, target_name: str | None) -> str:
     payload = mining.model_dump(mode="json", exclude={"dump", "log_prefix", "engine"})
     payload["target"] = target_name
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def small_target_warning(mode: str, n_hard: int, n_regular: int, n_target: int) -> str | None:
+    """What fixed_set does when ``n_hard + n_regular`` cover a target of ``n_target`` samples, else None.
+
+    With the defaults (500 + 150) every sample of a target smaller than 650 is drawn once per
+    epoch: mining changes nothing.
+    """
+    if mode != "fixed_set" or n_target <= 0 or n_hard + n_regular < n_target:
+        return None
+    if n_hard >= n_target:
+        what = f"hard_sample_size={n_hard} >= the {n_target} target samples: every sample is hard (weight 1)"
+    else:
+        what = (f"hard_sample_size + regular_sample_size = {n_hard} + {n_regular} >= the {n_target} target "
+                f"samples: every sample is drawn once per epoch")
+    example = f" (e.g. {n_target // 5} + {n_target // 10})" if n_target >= 10 else ""
+    return (f"fixed_set: {what}, so mining changes nothing; set hard_sample_size and regular_sample_size "
+            f"so that they add up to less than {n_target}{example}")

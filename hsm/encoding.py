@@ -8,12 +8,12 @@ prompt leaks into the next.
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
+from hsm.answer import format_answer  # re-exported: the answer text lives in hsm.answer
 from hsm.config import FusionConfig, PromptConfig
 
 __all__ = ["IGNORE_INDEX", "Prompts", "resolve_prompts", "format_answer", "Template"]
@@ -38,21 +38,6 @@ def resolve_prompts(fusion: FusionConfig, dataset_name: str) -> Prompts:
     return Prompts(system, user)
 
 
-def format_answer(boxes, labels, width: int, height: int, coord_format: str, resized: tuple[int, int] | None = None) -> str:
-    """JSON list of ``{"bbox_2d": [...], "label": ...}``; 0-1000 relative, or absolute pixels
-    in the processor's resized image (``resized=(w, h)``, Qwen2.5-VL convention)."""
-    items = []
-    for (x1, y1, x2, y2), label in zip(boxes, labels):
-        if coord_format == "rel1000":
-            coords = [round(x1 / width * 1000), round(y1 / height * 1000), round(x2 / width * 1000), round(y2 / height * 1000)]
-        else:
-            rw, rh = resized or (width, height)
-            sx, sy = rw / width, rh / height
-            coords = [round(x1 * sx), round(y1 * sy), round(x2 * sx), round(y2 * sy)]
-        items.append({"bbox_2d": coords, "label": label})
-    return json.dumps(items, ensure_ascii=False)
-
-
 class Template:
     """The single shared encoder: chat template + processor + label masking."""
 
@@ -73,14 +58,18 @@ class Template:
         finally:
             self.system = previous
 
-    def encode(self, image, user: str, answer: str, system: str | None = None) -> dict:
-        """Tokenise one sample; ``labels`` are -100 everywhere except the answer and its ``<|im_end|>``."""
+    def prompt(self, user: str, system: str | None = None) -> str:
+        """The chat text up to the assistant's answer (what generation continues from)."""
         with self.system_prompt(system if system is not None else self.system):
             messages = [
                 {"role": "system", "content": self.system},
                 {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user}]},
             ]
-            prompt = self.processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def encode(self, image, user: str, answer: str, system: str | None = None) -> dict:
+        """Tokenise one sample; ``labels`` are -100 everywhere except the answer and its ``<|im_end|>``."""
+        prompt = self.prompt(user, system)
         text = prompt + answer + "<|im_end|>\n"
         batch = self.processor(images=[image], text=[text], return_tensors="np")
         input_ids = batch["input_ids"][0]

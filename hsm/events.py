@@ -40,8 +40,10 @@ __all__ = [
     "write_parquet_atomic",
     "PART_WRITE_OPTIONS",
     "PLANNER_COLUMNS",
+    "drop_duplicate_events",
 ]
 
+_NULLABLE_STATS = ("coord_loss", "label_loss", "loss_sum")
 PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 # run_id and dataset repeat on every row; sample_id is unique per part, where a
 # dictionary would only add a page. Statistics only where readers prune on them.
@@ -123,11 +125,16 @@ class EventWriter:
         aug_seed: Any,
         drawn_as_hard: Any,
         position_offset: int = 0,
+        coord_loss: Any = None,
+        label_loss: Any = None,
+        loss_sum: Any = None,
     ) -> None:
         """Buffer one micro-batch; ``position`` is ``position_offset`` + the index in the batch.
 
         Array arguments may be numpy arrays or lists; strings stay as given
-        until the background thread encodes them.
+        until the background thread encodes them. The nullable statistics
+        (``coord_loss``, ``label_loss``, ``loss_sum``) are written as null where
+        they are None or NaN.
         """
         self._raise_background_error()
         n = len(sample_id)
@@ -144,6 +151,9 @@ class EventWriter:
                 "n_tokens": n_tokens,
                 "aug_seed": aug_seed,
                 "drawn_as_hard": drawn_as_hard,
+                "coord_loss": coord_loss,
+                "label_loss": label_loss,
+                "loss_sum": loss_sum,
                 "position_offset": position_offset,
                 "n": n,
             }
@@ -209,6 +219,10 @@ class EventWriter:
             "aug_seed": pa.array(column("aug_seed", np.int64)),
             "drawn_as_hard": pa.array(column("drawn_as_hard", np.bool_)),
         }
+        for name in _NULLABLE_STATS:
+            values = np.concatenate([np.full(b["n"], np.nan, np.float32) if b[name] is None
+                                     else np.asarray(b[name], dtype=np.float32).reshape(-1) for b in batches])
+            arrays[name] = pa.array(values, type=pa.float32(), from_pandas=True)  # NaN -> null
         return pa.Table.from_arrays([arrays[f.name] for f in EVENT_SCHEMA], schema=EVENT_SCHEMA)
 
     def flush(self) -> None:
@@ -282,8 +296,9 @@ def _read_part(path: Path, epoch: int, columns: Sequence[str] | None) -> pa.Tabl
     try:
         part = pq.ParquetFile(path)
         check_schema(part.schema_arrow, EVENT_SCHEMA, str(path))  # the whole contract, from the footer
-        table = part.read(columns=list(columns) if columns is not None else None,
-                          use_threads=True)
+        # Columns added to the contract later (nullable) may be absent from older parts; conform fills them.
+        present = None if columns is None else [c for c in columns if c in part.schema_arrow.names]
+        table = part.read(columns=present, use_threads=True)
     except SchemaError as e:
         raise CorruptEventFile(str(e)) from e
     except (pa.ArrowException, OSError) as e:
@@ -315,19 +330,97 @@ def read_epoch_events(
     rank); every part's schema is still checked against the whole contract.
     """
     files = list_event_files(hsm_dir, epoch)
-    tables, skipped = [], []
+    tables, paths, skipped = [], [], []
     for path in files:
         try:
             tables.append(_read_part(path, epoch, columns))
+            paths.append(path)
         except CorruptEventFile as e:
             if not skip_corrupt:
                 raise CorruptEventFile(f"{e}; re-run with --skip-corrupt to skip it") from e
             warnings.warn(f"hsm: skipping corrupt event file {e}", stacklevel=2)
             skipped.append((path, str(e)))
+    tables = drop_duplicate_events(tables, paths, skip=skip_corrupt)
     empty = EVENT_SCHEMA if columns is None else pa.schema([EVENT_SCHEMA.field(c) for c in columns])
     table = pa.concat_tables(tables, promote_options="permissive") if tables else empty.empty_table()
     kept = supersede_attempts(table)
     return EventRead(table=kept, files=files, skipped=skipped, superseded_rows=table.num_rows - kept.num_rows)
+
+
+_IDENTITY = ("attempt", "global_step", "rank", "position")
+
+
+def _span(table: pa.Table, name: str) -> tuple[int, int]:
+    bounds = pc.min_max(table.column(name))
+    return bounds["min"].as_py(), bounds["max"].as_py()
+
+
+def _identity_keys(table: pa.Table, mask: np.ndarray | None = None) -> np.ndarray:
+    """One row per event: ``(attempt, global_step, rank, position)`` as an ``(n, 4)`` int64 array."""
+    columns = [table.column(name).to_numpy().astype(np.int64) for name in _IDENTITY]
+    keys = np.stack(columns, axis=1) if columns[0].size else np.zeros((0, 4), dtype=np.int64)
+    return keys if mask is None else keys[mask]
+
+
+def drop_duplicate_events(tables: list[pa.Table], paths: list[Path], *, skip: bool) -> list[pa.Table]:
+    """Refuse (or, with ``skip``, drop with a warning) events logged twice in different parts.
+
+    An event is identified by ``(attempt, epoch, global_step, rank, position)``; a part
+    copied under another name repeats all of them. Parts are compared only where their
+    ``(attempt, rank)`` agree and their ``global_step`` ranges overlap (normally only at a
+    flush boundary), so the check costs a few min/max passes. Naive equivalent: every
+    identity occurs once over all parts, else the later part (in path order) loses its
+    repeated rows.
+
+    Raises:
+        CorruptEventFile: naming both files, when ``skip`` is False.
+    """
+    if len(tables) < 2 or any(t.num_rows and any(n not in t.column_names for n in _IDENTITY) for t in tables):
+        return tables
+    spans = []
+    for i, table in enumerate(tables):
+        if table.num_rows == 0:
+            continue
+        attempt, rank, step = _span(table, "attempt"), _span(table, "rank"), _span(table, "global_step")
+        group = (attempt[0], rank[0]) if attempt[0] == attempt[1] and rank[0] == rank[1] else None
+        spans.append((step[0], step[1], i, group))
+    spans.sort()
+    out = list(tables)
+    for j, (low, high, b, group) in enumerate(spans):
+        for low_a, high_a, a, group_a in spans[:j]:
+            if high_a < low or (group is not None and group_a is not None and group != group_a):
+                continue
+            lo, hi = max(low, low_a), min(high, high_a)
+            steps_b = out[b].column("global_step").to_numpy()
+            steps_a = out[a].column("global_step").to_numpy()
+            keys_b = _identity_keys(out[b], (steps_b >= lo) & (steps_b <= hi))
+            keys_a = _identity_keys(out[a], (steps_a >= lo) & (steps_a <= hi))
+            if not len(keys_a) or not len(keys_b):
+                continue
+            both = np.concatenate([keys_a, keys_b])
+            _, first, counts = np.unique(both, axis=0, return_index=True, return_counts=True)
+            repeated = both[first[(counts > 1)]]
+            if not len(repeated):
+                continue
+            first_a, first_b = sorted([paths[a], paths[b]])
+            example = dict(zip(_IDENTITY, repeated[0].tolist()))
+            message = (f"{first_b} repeats {len(repeated)} event(s) of {first_a} (same attempt, epoch, global_step, "
+                       f"rank, position; e.g. {example}): a copied part?")
+            if not skip:
+                raise CorruptEventFile(f"{message} Delete one of the two files, or re-run with --skip-corrupt to "
+                                       f"drop the repeated events")
+            warnings.warn(f"hsm: {message} Dropping the repeated events of {first_b}", stacklevel=3)
+            loser = b if paths[b] == first_b else a
+            steps = out[loser].column("global_step").to_numpy()
+            all_keys = _identity_keys(out[loser])
+            inside = (steps >= lo) & (steps <= hi)
+            drop = np.zeros(len(all_keys), dtype=bool)
+            candidates = all_keys[inside]
+            _, ids = np.unique(np.concatenate([candidates, repeated]), axis=0, return_inverse=True)
+            ids = ids.reshape(-1)
+            drop[inside] = np.isin(ids[: len(candidates)], ids[len(candidates):])
+            out[loser] = out[loser].filter(pa.array(~drop))
+    return out
 
 
 def supersede_attempts(events: pa.Table) -> pa.Table:

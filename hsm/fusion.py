@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hsm.answer import resized_size
 from hsm.augment import augment, curriculum_strength, derive_aug_seed
 from hsm.config import AugmentationConfig, FusionConfig, MiningConfig, ModelConfig
 from hsm.encoding import Template, format_answer, resolve_prompts
@@ -118,8 +119,6 @@ class FusionDataset:
         height, width = image.shape[:2]
         resized = None
         if self.model_cfg.coord_format == "abs":
-            from hsm.model import resized_size
-
             resized = resized_size(self.template.processor, width, height)  # the processor's own factor and limits
         answer = format_answer(boxes, labels, width, height, self.model_cfg.coord_format, resized)
         prompts = self.prompts[code]

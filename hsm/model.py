@@ -19,7 +19,7 @@ from hsm.config import ModelConfig
 __all__ = [
     "SPECIAL_TOKENS", "CHAT_TEMPLATE", "ARCHITECTURES", "build_tokenizer", "build_processor", "build_model",
     "build_checkpoint", "load_model_and_processor", "prepare_model", "component_of", "set_pixel_limits",
-    "resize_factor", "resized_size", "merged_state_dict", "model_callbacks",
+    "merged_state_dict", "model_callbacks",
 ]
 
 SPECIAL_TOKENS = [
@@ -307,23 +307,6 @@ def set_pixel_limits(processor, min_pixels: int, max_pixels: int) -> None:
     for attribute, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
         if hasattr(image_processor, attribute):
             setattr(image_processor, attribute, value)
-
-
-def resize_factor(processor) -> int:
-    """The side multiple the processor resizes to: ``patch_size * merge_size`` (28 for Qwen2.5-VL, 32 for Qwen3-VL)."""
-    image_processor = processor.image_processor
-    return int(image_processor.patch_size) * int(image_processor.merge_size)
-
-
-def resized_size(processor, width: int, height: int) -> tuple[int, int]:
-    """``(width, height)`` of an image after the processor's own smart resize (no resize is run)."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
-    size = processor.image_processor.size
-    size = size if isinstance(size, dict) else size.__dict__
-    rh, rw = smart_resize(height, width, factor=resize_factor(processor), min_pixels=size["shortest_edge"],
-                          max_pixels=size["longest_edge"])
-    return rw, rh
 
 
 def _load_pretrained(cfg: ModelConfig):

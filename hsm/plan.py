@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 PLAN_VERSION = 1
-# What the schedule needs; sample_id and score are for people and SQL.
+# What the schedule needs; score and n_obs are for people and SQL.
 _LOADED = ("dataset", "base_idx", "is_hard", "weight")
 
 
@@ -92,7 +92,7 @@ def write_plan(hsm_dir: str | Path, epoch: int, table: pa.Table, manifest: dict[
     """Write plan and manifest atomically; returns the manifest with ``checksum`` filled in."""
     directory = plan_dir(hsm_dir, epoch)
     path = directory / "plan.parquet"
-    table = conform(table, PLAN_SCHEMA, str(path))
+    table = conform(table, PLAN_SCHEMA, str(path), keep_dictionary=True)
     write_parquet_atomic(table, path, compression="zstd", compression_level=1, use_dictionary=["dataset"])
     manifest = dict(manifest, plan_version=PLAN_VERSION, epoch=epoch, checksum=file_sha256(path), rows=table.num_rows)
     write_json_atomic(manifest, directory / "manifest.json")

@@ -1,5 +1,5 @@
-"""DuckDB over a run directory: the views ``events``, ``events_raw``, ``state``,
-``plans`` and ``manifests``, and the queries shipped in ``sql/``.
+"""DuckDB over a run directory: the views ``events``, ``events_raw``, ``sample_ids``,
+``state``, ``plans`` and ``manifests``, and the queries shipped in ``sql/``.
 
 Each shipped query is ``sql/<name>.sql``; its first line, a ``--`` comment, is
 the description ``hsm sql --list`` prints.
@@ -13,7 +13,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from hsm.schemas import EVENT_SCHEMA, PLAN_SCHEMA, STATE_SCHEMA
+from hsm.schemas import EVENT_SCHEMA, PLAN_SCHEMA, SAMPLE_ID_SCHEMA, STATE_SCHEMA
 
 __all__ = ["shipped_queries", "query_text", "connect"]
 
@@ -48,8 +48,10 @@ def connect(run_dir: str | Path) -> duckdb.DuckDBPyConnection:
 
     - ``events_raw``: every logged event, all attempts.
     - ``events``: the events that count: per ``(epoch, global_step, rank)`` the highest attempt.
-    - ``state``: every state snapshot, with ``epoch`` = the epoch it was folded after.
-    - ``plans``: every plan, with ``epoch`` = the epoch it is for.
+    - ``sample_ids``: the id table, ``(dataset, base_idx, sample_id, first_epoch)``.
+    - ``state``: every state snapshot, with ``epoch`` = the epoch it was folded after,
+      and ``sample_id`` joined from ``sample_ids`` (the files hold only the keys).
+    - ``plans``: every plan, with ``epoch`` = the epoch it is for, and ``sample_id`` joined.
     - ``manifests``: the plan manifests.
     Views over missing files are empty, with the right columns.
     """
@@ -64,17 +66,30 @@ def connect(run_dir: str | Path) -> duckdb.DuckDBPyConnection:
         "CREATE VIEW events AS SELECT * FROM events_raw "
         "QUALIFY attempt = max(attempt) OVER (PARTITION BY epoch, global_step, rank)"
     )
+    ids_pattern = "sample_ids/epoch=*/sample_ids.parquet"
+    if _has(root, ids_pattern):
+        # A refold may list a sample again in a later epoch's part until that epoch is refolded: first one wins.
+        con.execute(
+            f"CREATE VIEW sample_ids AS SELECT dataset, base_idx, sample_id, CAST(epoch AS INTEGER) AS first_epoch "
+            f"FROM read_parquet({_quote(root / ids_pattern)}, hive_partitioning = true) "
+            f"QUALIFY row_number() OVER (PARTITION BY dataset, base_idx ORDER BY epoch) = 1"
+        )
+    else:
+        con.register("sample_ids", SAMPLE_ID_SCHEMA.append(pa.field("first_epoch", pa.int32())).empty_table())
     for view, pattern, schema in (
         ("state", "state/epoch=*/state.parquet", STATE_SCHEMA),
         ("plans", "plans/epoch=*/plan.parquet", PLAN_SCHEMA),
     ):
         if _has(root, pattern):
+            # The files are keyed by (dataset, base_idx); users see sample_id first, as before.
             con.execute(
-                f"CREATE VIEW {view} AS SELECT * REPLACE (CAST(epoch AS INTEGER) AS epoch) "
-                f"FROM read_parquet({_quote(root / pattern)}, hive_partitioning = true)"
+                f"CREATE VIEW {view} AS SELECT i.sample_id, f.* REPLACE (CAST(f.epoch AS INTEGER) AS epoch) "
+                f"FROM read_parquet({_quote(root / pattern)}, hive_partitioning = true) AS f "
+                f"LEFT JOIN sample_ids AS i ON i.dataset = f.dataset AND i.base_idx = f.base_idx"
             )
         else:
-            con.register(view, schema.append(pa.field("epoch", pa.int32())).empty_table())
+            fields = [pa.field("sample_id", pa.string()), *schema, pa.field("epoch", pa.int32())]
+            con.register(view, pa.schema(fields).empty_table())
     if _has(root, "plans/epoch=*/manifest.json"):
         con.execute(
             f"CREATE VIEW manifests AS SELECT * FROM read_json_auto({_quote(root / 'plans/epoch=*/manifest.json')})"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from hsm.config import ConfigError, HsmConfig
+from hsm.config import ConfigError, HsmConfig, small_target_warning
 
 __all__ = ["check_training_values", "training_arguments", "train"]
 
@@ -33,14 +34,23 @@ def check_training_values(training: dict[str, Any], source: str = "<config>") ->
         problems.append("training.output_dir: required key is missing")
     values = dict(training)
     for key in sorted(set(training) & known):
+        value = training[key]
+        if isinstance(value, bool) and not _accepts_bool(hints[key]):
+            value = "no" if value is False else "yes"  # YAML 1.1 reads a bare `no` (save_strategy: no) as false
         try:
-            values[key] = TypeAdapter(hints[key]).validate_python(training[key])
+            values[key] = TypeAdapter(hints[key]).validate_python(value)
         except ValidationError as e:
             accepted = getattr(hints[key], "__name__", None) or str(hints[key])
             problems.append(f"training.{key}: {training[key]!r} is not a valid {accepted} ({e.errors()[0]['msg']})")
     if problems:
         raise ConfigError(source, problems)
     return values
+
+
+def _accepts_bool(annotation: Any) -> bool:
+    import typing
+
+    return annotation is bool or bool in typing.get_args(annotation)
 
 
 def training_arguments(cfg: HsmConfig):
@@ -76,6 +86,11 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
     checkpointing = bool(getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False))
     model, processor = load_model_and_processor(cfg.model, seed=args.seed, gradient_checkpointing=checkpointing)
     dataset = FusionDataset(fusion, processor, cfg.model, mining=mining, num_train_epochs=args.num_train_epochs)
+    if mining is not None:
+        note = small_target_warning(mining.mode, mining.hard_sample_size, mining.regular_sample_size,
+                                    dataset.target_info.size)
+        if note:
+            warnings.warn(f"hsm: {note}", stacklevel=2)
     eval_dataset = EvalDataset(dataset)
     collator = DetectionCollator(processor.tokenizer.pad_token_id)
     trainer_class = make_trainer_class(base_trainer or Trainer, mining=mining is not None)
@@ -102,6 +117,10 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
                           run_id=_agreed_run_id(output_dir.name))
     else:
         trainer.use_sampler(sampler, fusion)
+    if cfg.custom.detection_eval is not None and cfg.custom.detection_eval.enabled:
+        from hsm.eval.callback import DetectionEvalCallback
+
+        trainer.add_callback(DetectionEvalCallback(trainer, cfg.custom.detection_eval, fusion, processor, cfg.model.coord_format))
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     from hsm import distributed
 

@@ -3,29 +3,45 @@
 Pure functions over numpy/Arrow arrays; the planner calls them with the target
 rows of the state, sorted by ``base_idx``. Rank order everywhere: score
 descending, then ``sample_id`` ascending; a NaN score ranks last.
+
+``sample_ids`` is either an Arrow array (one id per score) or a function from row
+indices to their ids: the planner passes a function that reads the id table only
+when ties at the selection boundary need the strings.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from typing import Callable, Union
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hsm.config import MiningConfig
+from hsm.config import MiningConfig, small_target_warning
 
-__all__ = ["Selection", "hardest_mask", "rank_order", "draw_regular", "select_plan", "REGULAR_DRAW_STREAM"]
+__all__ = ["SampleIds", "Selection", "hardest_mask", "rank_order", "draw_regular", "select_plan", "REGULAR_DRAW_STREAM"]
 
 # Domain separation of the plan-time RNG from the schedule-time RNGs.
 REGULAR_DRAW_STREAM = 1
+
+SampleIds = Union[pa.Array, Callable[[np.ndarray], pa.Array], None]
+
+
+def _ids_at(sample_ids: SampleIds, rows: np.ndarray) -> pa.Array:
+    if sample_ids is None:
+        raise ValueError("tied scores need sample ids to break the tie")
+    if callable(sample_ids):
+        return sample_ids(rows)
+    return sample_ids.take(pa.array(rows))
 
 
 def _ranked_scores(scores: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(scores), -np.inf, scores)
 
 
-def hardest_mask(scores: np.ndarray, sample_ids: pa.Array, n: int) -> np.ndarray:
+def hardest_mask(scores: np.ndarray, sample_ids: SampleIds, n: int) -> np.ndarray:
     """Mask of the ``n`` first samples in rank order.
 
     Naive equivalent: ``sorted(range(N), key=lambda i: (-scores[i], sample_ids[i]))[:n]``.
@@ -43,16 +59,14 @@ def hardest_mask(scores: np.ndarray, sample_ids: pa.Array, n: int) -> np.ndarray
     need = n - int(mask.sum())
     ties = np.flatnonzero(s == boundary)
     if need:
-        order = pc.sort_indices(sample_ids.take(pa.array(ties))).to_numpy()
+        order = pc.sort_indices(_ids_at(sample_ids, ties)).to_numpy()
         mask[ties[order[:need]]] = True
     return mask
 
 
-def rank_order(scores: np.ndarray, sample_ids: pa.Array, subset: np.ndarray) -> np.ndarray:
+def rank_order(scores: np.ndarray, sample_ids: SampleIds, subset: np.ndarray) -> np.ndarray:
     """Indices ``subset`` sorted into rank order (score desc, sample_id asc)."""
-    table = pa.table(
-        {"score": _ranked_scores(scores[subset]), "sample_id": sample_ids.take(pa.array(subset))}
-    )
+    table = pa.table({"score": _ranked_scores(scores[subset]), "sample_id": _ids_at(sample_ids, subset)})
     order = pc.sort_indices(table, sort_keys=[("score", "descending"), ("sample_id", "ascending")])
     return subset[order.to_numpy()]
 
@@ -68,6 +82,13 @@ def draw_regular(candidates: np.ndarray, n: int, *, seed: int, epoch: int) -> np
     return np.sort(candidates[rng.choice(len(candidates), size=n, replace=False)])
 
 
+def _hard_mask(scores: np.ndarray, sample_ids: SampleIds, mining: MiningConfig) -> np.ndarray:
+    n_hard = mining.n_hard(len(scores))
+    if n_hard is None:
+        return _ranked_scores(scores) >= mining.selector.threshold
+    return hardest_mask(scores, sample_ids, n_hard)
+
+
 @dataclass(frozen=True)
 class Selection:
     """The plan's per-row decisions over the eligible target samples."""
@@ -80,7 +101,8 @@ class Selection:
 
 
 def select_plan(
-    scores: np.ndarray, sample_ids: pa.Array, *, mining: MiningConfig, epoch: int
+    scores: np.ndarray, sample_ids: SampleIds, *, mining: MiningConfig, epoch: int,
+    excluded: np.ndarray | None = None,
 ) -> Selection:
     """Hard set and weights for one epoch.
 
@@ -91,17 +113,24 @@ def select_plan(
       others drawn by :func:`draw_regular`; those weigh 1, every other sample 0.
     - dynamic: the hard pool is the first ``hard_pool_k`` or ``ceil(hard_pool_frac * N)``;
       every weight is 1 (the schedule mixes per batch).
+
+    ``excluded`` rows (``stale_policy: flag``) are never hard; sizes count the others.
     """
     total = len(scores)
-    n_hard = mining.n_hard(total)
-    if n_hard is None:
-        is_hard = _ranked_scores(scores) >= mining.selector.threshold
+    if excluded is not None and excluded.any():
+        # Flagged (stale) samples are never hard; the hard set is chosen among the others.
+        eligible = np.flatnonzero(~excluded)
+        is_hard = np.zeros(total, dtype=bool)
+        is_hard[eligible] = _hard_mask(scores[eligible], lambda rows: _ids_at(sample_ids, eligible[rows]), mining)
     else:
-        is_hard = hardest_mask(scores, sample_ids, n_hard)
+        is_hard = _hard_mask(scores, sample_ids, mining)
     if mining.mode == "reweight":
         weight = np.where(is_hard, mining.hard_weight, 1.0)
         return Selection(is_hard, weight, 1.0, 0, None)
     if mining.mode == "fixed_set":
+        note = small_target_warning(mining.mode, mining.hard_sample_size, mining.regular_sample_size, total)
+        if note:
+            warnings.warn(f"hsm: {note}", stacklevel=2)
         regular = draw_regular(np.flatnonzero(~is_hard), mining.regular_sample_size, seed=mining.seed, epoch=epoch)
         weight = is_hard.astype(np.float64)
         weight[regular] = 1.0

@@ -1,4 +1,4 @@
-"""Per-sample running state, and the rules that fold one epoch of events into it.
+"""Per-sample running state, the rules that fold one epoch of events into it, and its files.
 
 For one sample with prior state ``(n, mean, ema)`` and this epoch's metric
 values ``x_1..x_k`` in observation order ``(epoch, global_step, rank, position)``:
@@ -9,12 +9,28 @@ values ``x_1..x_k`` in observation order ``(epoch, global_step, rank, position)`
     mean = (mean * n + s) / (n + k);  n = n + k;  last = x_k
     score = ema if aggregate == "ema" and n >= 3 else mean
 
-with ``x = loss`` or ``x = 1 - token_acc``. Both engines in :mod:`hsm.engines`
-implement exactly these operations in this order, so they agree bit for bit;
-``tests/oracle.py`` holds them to a naive full recomputation.
+Per-epoch aggregates (``aggregate: epoch_ema | last``), from the same ``s`` and ``k``:
 
-This module owns the state files: ``<hsm_dir>/state/epoch=E/state.parquet`` with
-its provenance in the Parquet key-value metadata.
+    epoch_mean = s / k;  n_epochs = n_epochs + 1
+    epoch_ema  = decay * epoch_ema + (1 - decay) * epoch_mean     (starts at 0)
+    score = epoch_ema / (1 - decay ** n_epochs)    for epoch_ema (bias-corrected)
+    score = epoch_mean                              for last (the latest epoch's mean)
+
+with ``x = loss``, ``1 - token_acc``, or a box-aware column (``coord_loss``,
+``label_loss``, ``loss_sum``; events where it is null are skipped). Both engines in :mod:`hsm.engines`
+implement exactly these operations in this order, so they agree bit for bit;
+``tests/oracle.py`` holds them to a naive full recomputation. The score is
+derived from the state by :func:`score_of`, shared by both engines.
+
+Samples are keyed by one int64, ``code << 40 | base_idx``, where ``code`` indexes
+the run's append-only list of dataset names (:attr:`StateInfo.datasets`). Files:
+
+- ``<hsm_dir>/state/epoch=E/state.parquet``: the state after epoch E (no strings
+  but the dictionary-encoded dataset name), sorted by key, with its provenance
+  in the Parquet key-value metadata.
+- ``<hsm_dir>/sample_ids/epoch=E/sample_ids.parquet``: the append-only id table,
+  ``(dataset, base_idx, sample_id)`` of the samples first observed in epoch E.
+  The ``hsm sql`` views join it back onto state and plans.
 """
 
 from __future__ import annotations
@@ -23,23 +39,47 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hsm.events import write_parquet_atomic
-from hsm.schemas import STATE_SCHEMA, SchemaError, conform
+from hsm.schemas import SAMPLE_ID_SCHEMA, STATE_SCHEMA, SchemaError, conform
 
 __all__ = [
+    "IDX_BITS",
+    "STATE_VERSION",
+    "FOLD_COLUMNS",
+    "EPOCH_COLUMNS",
+    "PER_EPOCH_AGGREGATES",
+    "fold_columns",
     "StateInfo",
     "StateMismatch",
     "state_path",
+    "sample_ids_path",
     "find_states",
     "read_state",
     "read_state_info",
     "write_state",
+    "write_sample_ids",
+    "read_sample_ids",
+    "dataset_codes",
+    "encode_keys",
+    "score_of",
+    "fold_table",
+    "disk_table",
 ]
 
 _META_KEY = b"hsm.state"
+IDX_BITS = 40
+IDX_MASK = (1 << IDX_BITS) - 1
+# The running state an engine folds; ``key`` sorted ascending and unique.
+FOLD_COLUMNS = ("key", "n_obs", "mean", "ema", "last", "last_epoch")
+EPOCH_COLUMNS = ("n_epochs", "epoch_mean", "epoch_ema")  # folded only for the per-epoch aggregates
+PER_EPOCH_AGGREGATES = ("epoch_ema", "last")
+STATE_VERSION = 2
+_STATE_WRITE = {"compression": "lz4", "use_dictionary": ["dataset"], "write_statistics": ["dataset", "base_idx"]}
 
 
 class StateMismatch(ValueError):
@@ -57,6 +97,10 @@ class StateInfo:
     events_digest: str
     # epoch -> {"mean_loss": float, "n_events": int}; feeds plateau detection.
     epoch_stats: dict[int, dict[str, float]] = field(default_factory=dict)
+    # Dataset names by key code; append-only over the run.
+    datasets: list[str] = field(default_factory=list)
+    # 1: sample_id in every state file (before the id table); such states are refolded.
+    version: int = 1
 
     def to_json(self) -> str:
         payload = self.__dict__ | {"epoch_stats": {str(k): v for k, v in self.epoch_stats.items()}}
@@ -66,7 +110,7 @@ class StateInfo:
     def from_json(cls, text: str) -> "StateInfo":
         payload = json.loads(text)
         payload["epoch_stats"] = {int(k): v for k, v in payload.get("epoch_stats", {}).items()}
-        return cls(**payload)
+        return cls(**{k: v for k, v in payload.items() if k in cls.__dataclass_fields__})
 
     def check_params(self, metric: str, ema_decay: float, aggregate: str, where: str) -> None:
         asked = (metric, float(ema_decay), aggregate)
@@ -82,6 +126,11 @@ class StateInfo:
 def state_path(hsm_dir: str | Path, epoch: int) -> Path:
     """``<hsm_dir>/state/epoch=E/state.parquet``."""
     return Path(hsm_dir) / "state" / f"epoch={epoch}" / "state.parquet"
+
+
+def sample_ids_path(hsm_dir: str | Path, epoch: int) -> Path:
+    """``<hsm_dir>/sample_ids/epoch=E/sample_ids.parquet``: samples first observed in epoch E."""
+    return Path(hsm_dir) / "sample_ids" / f"epoch={epoch}" / "sample_ids.parquet"
 
 
 def find_states(hsm_dir: str | Path) -> list[int]:
@@ -100,7 +149,10 @@ def find_states(hsm_dir: str | Path) -> list[int]:
 def _info_from(meta: dict | None, path: Path) -> StateInfo:
     if not meta or _META_KEY not in meta:
         raise SchemaError(f"{path}: no hsm.state metadata; not written by hsm")
-    return StateInfo.from_json(meta[_META_KEY].decode())
+    try:
+        return StateInfo.from_json(meta[_META_KEY].decode())
+    except (TypeError, ValueError) as e:
+        raise SchemaError(f"{path}: unreadable hsm.state metadata ({e}); delete the state directory to refold") from e
 
 
 def read_state_info(hsm_dir: str | Path, epoch: int) -> StateInfo:
@@ -113,19 +165,141 @@ def read_state_info(hsm_dir: str | Path, epoch: int) -> StateInfo:
 
 
 def read_state(hsm_dir: str | Path, epoch: int) -> tuple[pa.Table, StateInfo]:
-    """Read and check the state after ``epoch``."""
+    """Read and check the state after ``epoch`` (``STATE_SCHEMA``, ``dataset`` dictionary-encoded)."""
     path = state_path(hsm_dir, epoch)
     try:
         table = pq.read_table(path, read_dictionary=["dataset"])
     except (pa.ArrowException, OSError) as e:
         raise SchemaError(f"{path}: not a readable state file ({e}); delete it to refold") from e
     info = _info_from(table.schema.metadata, path)
+    if info.epoch != epoch:
+        raise SchemaError(f"{path}: holds the state after epoch {info.epoch}; delete it to refold")
     return conform(table, STATE_SCHEMA, str(path), keep_dictionary=True), info
 
 
 def write_state(hsm_dir: str | Path, state: pa.Table, info: StateInfo) -> Path:
     """Atomically write the state after ``info.epoch`` with its provenance."""
     path = state_path(hsm_dir, info.epoch)
-    table = conform(state, STATE_SCHEMA, str(path)).replace_schema_metadata({_META_KEY: info.to_json().encode()})
-    write_parquet_atomic(table, path, compression="zstd", compression_level=1, use_dictionary=["dataset"])
+    table = conform(state, STATE_SCHEMA, str(path), keep_dictionary=True)
+    table = table.replace_schema_metadata({_META_KEY: info.to_json().encode()})
+    write_parquet_atomic(table, path, **_STATE_WRITE)
     return path
+
+
+def write_sample_ids(hsm_dir: str | Path, epoch: int, table: pa.Table) -> Path:
+    """Atomically write the id rows of the samples first observed in ``epoch``."""
+    path = sample_ids_path(hsm_dir, epoch)
+    table = conform(table, SAMPLE_ID_SCHEMA, str(path), keep_dictionary=True)
+    # Small row groups with base_idx statistics: a lookup of a few ids reads a few row groups.
+    write_parquet_atomic(table, path, compression="zstd", compression_level=1, use_dictionary=["dataset"],
+                         row_group_size=1 << 16, write_statistics=["dataset", "base_idx"])
+    return path
+
+
+def read_sample_ids(
+    hsm_dir: str | Path, up_to_epoch: int, dataset: str | None = None, base_idx: np.ndarray | None = None
+) -> pa.Table:
+    """The id table of every sample first observed in epochs ``<= up_to_epoch``.
+
+    ``dataset`` and ``base_idx`` restrict it to those samples (row groups are pruned
+    by their statistics, so a handful of ids costs a handful of row groups).
+    """
+    filters = []
+    if dataset is not None:
+        filters.append(("dataset", "=", dataset))
+    if base_idx is not None:
+        filters.append(("base_idx", "in", [int(v) for v in base_idx]))
+    parts = []
+    for epoch in range(up_to_epoch + 1):
+        path = sample_ids_path(hsm_dir, epoch)
+        if not path.is_file():
+            continue
+        try:
+            part = pq.read_table(path, filters=filters or None)
+        except (pa.ArrowException, OSError) as e:
+            raise SchemaError(f"{path}: not a readable id table ({e}); delete the state directory to refold") from e
+        parts.append(conform(part, SAMPLE_ID_SCHEMA, str(path)))
+    return pa.concat_tables(parts) if parts else SAMPLE_ID_SCHEMA.empty_table()
+
+
+def dataset_codes(column: pa.ChunkedArray | pa.Array, names: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Code of every row's dataset in ``names``; unseen names are appended (sorted) to a copy.
+
+    Returns ``(codes int64, names)``. Only the dictionary (or the distinct values) is
+    looked at in Python; rows are mapped with one vectorised gather per chunk.
+    """
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    chunks = [c if pa.types.is_dictionary(c.type) else pc.dictionary_encode(c) for c in chunks if len(c)]
+    seen = sorted({v for c in chunks for v in c.dictionary.to_pylist()} - set(names))
+    names = list(names) + seen
+    index = {name: code for code, name in enumerate(names)}
+    codes = []
+    for chunk in chunks:
+        lookup = np.array([index[v] for v in chunk.dictionary.to_pylist()] or [0], dtype=np.int64)
+        codes.append(lookup[chunk.indices.to_numpy(zero_copy_only=False)])
+    return (np.concatenate(codes) if codes else np.zeros(0, dtype=np.int64)), names
+
+
+def encode_keys(codes: np.ndarray, base_idx: np.ndarray) -> np.ndarray:
+    """``code << 40 | base_idx``; refuses indices outside ``[0, 2^40)``."""
+    if len(base_idx) and (base_idx.min() < 0 or base_idx.max() > IDX_MASK):
+        raise ValueError(f"base_idx must be in [0, 2^{IDX_BITS}); got {base_idx.min()}..{base_idx.max()}")
+    return (codes.astype(np.int64) << IDX_BITS) | base_idx
+
+
+def fold_columns(aggregate: str) -> tuple[str, ...]:
+    """The state columns a fold carries for ``aggregate``."""
+    return FOLD_COLUMNS + (EPOCH_COLUMNS if aggregate in PER_EPOCH_AGGREGATES else ())
+
+
+def score_of(state: pa.Table, aggregate: str, decay: float = 0.9) -> np.ndarray:
+    """The score of every state row (SPEC section 8; the per-epoch rules above).
+
+    ``ema``: ``ema`` where ``n_obs >= 3``, else ``mean``; ``mean``: ``mean``;
+    ``epoch_ema``: ``epoch_ema / (1 - decay ** n_epochs)``; ``last``: ``epoch_mean``.
+    """
+    if aggregate == "last":
+        return state.column("epoch_mean").to_numpy()
+    if aggregate == "epoch_ema":
+        n_epochs = state.column("n_epochs").to_numpy().astype(np.float64)
+        return state.column("epoch_ema").to_numpy() / (1.0 - np.power(float(decay), n_epochs))
+    mean = state.column("mean").to_numpy()
+    if aggregate != "ema":
+        return mean
+    return np.where(state.column("n_obs").to_numpy() >= 3, state.column("ema").to_numpy(), mean)
+
+
+def fold_table(state: pa.Table, names: list[str], aggregate: str = "ema") -> pa.Table:
+    """A state file's table as the engines' keyed fold table (:func:`fold_columns`), sorted by key."""
+    codes, known = dataset_codes(state.column("dataset"), names)
+    if known != names:
+        raise SchemaError(f"state rows name datasets {known[len(names):]} missing from its metadata")
+    keys = encode_keys(codes, state.column("base_idx").to_numpy())
+    columns = fold_columns(aggregate)[1:]
+    for name in columns:
+        if state.column(name).null_count:
+            raise SchemaError(f"state column '{name}' has nulls; it was folded for another aggregate")
+    table = pa.table({"key": keys, **{c: state.column(c) for c in columns}})
+    if len(keys) > 1 and not (np.diff(keys) > 0).all():
+        order = np.argsort(keys, kind="stable")  # not written by hsm: sort once
+        table = table.take(pa.array(order))
+        if not (np.diff(keys[order]) > 0).all():
+            raise SchemaError("state has duplicate (dataset, base_idx) rows")
+    return table
+
+
+def disk_table(fold: pa.Table, names: list[str], aggregate: str, decay: float = 0.9) -> pa.Table:
+    """The engines' fold table as a state file's table (``STATE_SCHEMA``), with its score."""
+    keys = fold.column("key").to_numpy()
+    dataset = pa.DictionaryArray.from_arrays(pa.array((keys >> IDX_BITS).astype(np.int32)), pa.array(names, pa.string()))
+    columns = {"dataset": dataset, "base_idx": pa.array(keys & IDX_MASK),
+               "score": pa.array(score_of(fold, aggregate, decay))}
+
+    def column(f: pa.Field):
+        if f.name in columns:
+            return columns[f.name]
+        if f.name not in fold.column_names:
+            return pa.nulls(fold.num_rows, f.type)
+        return fold.column(f.name).cast(f.type)
+
+    return pa.Table.from_arrays([column(f) for f in STATE_SCHEMA], names=STATE_SCHEMA.names)

@@ -293,6 +293,8 @@ def epoch_telemetry(trainer: HsmTrainerMixin, epoch: int, result) -> dict[str, f
         "hard_hit_rate": float(hard.mean()) if len(hard) else 0.0,
         "shortfall": float(trainer.hsm_sampler.schedule.shortfall),
     }
+    if result.manifest.get("suspects") is not None:  # exclude_suspects: logged as hsm/suspects
+        logs["suspects"] = float(result.manifest["suspects"]["count"])
     if used is not None and used.triggered and used.is_hard.any():
         pool = set(used.base_idx[used.is_hard].tolist())
         seen = set(target.filter(pc.field("drawn_as_hard")).column("base_idx").to_pylist())

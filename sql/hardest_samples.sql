@@ -1,4 +1,4 @@
--- The 20 hardest target samples of the latest plan, with their mean loss in every epoch.
+-- The 20 hardest target samples of the latest plan, with their mean loss per epoch as a map epoch -> loss.
 WITH latest AS (
     SELECT * FROM plans WHERE epoch = (SELECT max(epoch) FROM plans)
 ),
@@ -15,7 +15,8 @@ history AS (
     GROUP BY ALL
 )
 SELECT t.sample_id, t.dataset, t.base_idx, round(t.score, 5) AS score, t.n_obs,
-       list(round(h.loss, 4) ORDER BY h.epoch) AS loss_by_epoch
+       map(list(h.epoch ORDER BY h.epoch) FILTER (WHERE h.epoch IS NOT NULL),
+           list(round(h.loss, 4) ORDER BY h.epoch) FILTER (WHERE h.epoch IS NOT NULL)) AS loss_by_epoch
 FROM top t
 LEFT JOIN history h USING (sample_id)
 GROUP BY ALL

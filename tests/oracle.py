@@ -16,20 +16,38 @@ def effective_events(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["attempt"] == best[(r["epoch"], r["global_step"], r["rank"])]]
 
 
+def metric_value(r: dict, metric: str) -> float | None:
+    """The observation ``x`` of one event, or None when the event carries no value for ``metric``."""
+    if metric == "token_acc":
+        return 1.0 - float(r["token_acc"])
+    value = r.get(metric)
+    return None if value is None else float(value)
+
+
 def full_state(rows: list[dict], *, metric: str, decay: float, aggregate: str) -> dict[tuple, dict]:
     """Per (dataset, base_idx): the state recomputed from every observation at once."""
     by_sample: dict[tuple, list[dict]] = {}
     for r in effective_events(rows):
-        by_sample.setdefault((r["dataset"], r["base_idx"]), []).append(r)
+        if metric_value(r, metric) is not None:
+            by_sample.setdefault((r["dataset"], r["base_idx"]), []).append(r)
     state = {}
     for key, obs in by_sample.items():
         obs.sort(key=lambda r: (r["epoch"], r["global_step"], r["rank"], r["position"]))
-        xs = [float(r["loss"]) if metric == "loss" else 1.0 - float(r["token_acc"]) for r in obs]
+        xs = [metric_value(r, metric) for r in obs]
         ema = xs[0]
         for x in xs[1:]:
             ema = decay * ema + (1 - decay) * x
         mean = sum(xs) / len(xs)
         n = len(xs)
+        # Per epoch: the mean of the epoch's observations, then an EMA over the epochs seen, bias-corrected.
+        epochs = sorted({r["epoch"] for r in obs})
+        epoch_means = [sum(x for x, r in zip(xs, obs) if r["epoch"] == e) / sum(1 for r in obs if r["epoch"] == e)
+                       for e in epochs]
+        raw = 0.0
+        for m in epoch_means:
+            raw = decay * raw + (1 - decay) * m
+        epoch_ema = raw / (1 - decay ** len(epochs))
+        score = {"ema": ema if n >= 3 else mean, "mean": mean, "epoch_ema": epoch_ema, "last": epoch_means[-1]}[aggregate]
         state[key] = {
             "sample_id": obs[0]["sample_id"],
             "n_obs": n,
@@ -37,9 +55,25 @@ def full_state(rows: list[dict], *, metric: str, decay: float, aggregate: str) -
             "ema": ema,
             "last": xs[-1],
             "last_epoch": obs[-1]["epoch"],
-            "score": ema if aggregate == "ema" and n >= 3 else mean,
+            "score": score,
         }
     return state
+
+
+def stale_adjusted(state: dict[tuple, dict], target: str, mining, epoch: int) -> dict[tuple, dict]:
+    """``stale_policy: decay``: a copy of ``state`` whose stale target scores moved toward their mean."""
+    if mining.stale_after is None or mining.stale_policy != "decay":
+        return state
+    keys = [k for k in state if k[0] == target]
+    scores = [state[k]["score"] for k in keys if not math.isnan(state[k]["score"])]
+    mu = sum(scores) / len(scores) if scores else 0.0
+    out = dict(state)
+    for k in keys:
+        unseen = (epoch - 1) - state[k]["last_epoch"]
+        if unseen >= mining.stale_after:
+            factor = mining.ema_decay ** (unseen - mining.stale_after + 1)
+            out[k] = dict(state[k], score=mu + (state[k]["score"] - mu) * factor)
+    return out
 
 
 def rank(state: dict[tuple, dict], target: str) -> list[tuple]:
@@ -49,8 +83,13 @@ def rank(state: dict[tuple, dict], target: str) -> list[tuple]:
 
 
 def plan(state: dict[tuple, dict], target: str, mining, epoch: int) -> dict[int, tuple[bool, float]]:
-    """base_idx -> (is_hard, weight) for every eligible target sample."""
-    ranked = rank(state, target)
+    """base_idx -> (is_hard, weight) for every eligible target sample (``stale_after`` applied)."""
+    state = stale_adjusted(state, target, mining, epoch)
+    flagged = set()
+    if mining.stale_after is not None and mining.stale_policy == "flag":
+        flagged = {k for k in state if k[0] == target and (epoch - 1) - state[k]["last_epoch"] >= mining.stale_after}
+    every = rank(state, target)
+    ranked = [k for k in every if k not in flagged]
     n = len(ranked)
     if mining.mode == "fixed_set":
         hard = ranked[: min(mining.hard_sample_size, n)]
@@ -65,6 +104,7 @@ def plan(state: dict[tuple, dict], target: str, mining, epoch: int) -> dict[int,
         hard = [k for k in ranked if state[k]["score"] >= mining.selector.threshold]
     hard_idx = {k[1] for k in hard}
     out = {}
+    ranked = every  # flagged samples are in the plan, never hard
     if mining.mode == "fixed_set":
         rest = sorted(k[1] for k in ranked if k[1] not in hard_idx)
         m = min(mining.regular_sample_size, len(rest))

@@ -49,7 +49,8 @@ def test_every_shipped_query_runs_and_lists(run_dir):
         assert name in listing
         result = runner.invoke(app, ["sql", "--run-dir", str(run_dir), name, "--format", "csv"])
         assert result.exit_code == 0, (name, result.output)
-        assert len(result.output.strip().splitlines()) >= 2, name  # header + at least one row
+        # header + at least one row; suspects may rightly be none (tests/test_report_suspects.py checks it)
+        assert len(result.output.strip().splitlines()) >= (1 if name == "suspects" else 2), name
 
 
 def test_churn_query_agrees_with_the_planner(run_dir):

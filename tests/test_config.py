@@ -80,3 +80,14 @@ def test_overrides_with_dotted_paths(tmp_path):
         apply_overrides({"a": {"sources": []}}, ["a.sources.3.ratio=1"])
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         apply_overrides({}, ["no_equals_sign"])
+
+
+def test_keys_of_another_mode_are_warned_about_once_by_name():
+    with pytest.warns(UserWarning, match=r"target_epoch_size do\(es\) not apply to mode 'reweight'.*fixed_set"):
+        parse_config({"custom": {"hard_sample_mining": {"enabled": True, "target_epoch_size": 650}}})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolved = parse_config({"custom": {"hard_sample_mining": {"enabled": True, "mode": "dynamic"}}})
+        parse_config(resolved.model_dump(mode="json"))  # a resolved config holds every key at its default: no warning

@@ -101,9 +101,9 @@ def test_coco_import(tmp_path):
                             {"image_id": 1, "category_id": 3, "bbox": [15, 5, 10, 10]},
                             {"image_id": 1, "category_id": 3, "bbox": [0, 0, 3, 3], "iscrowd": 1}]}
     (tmp_path / "c.json").write_text(json.dumps(coco))
-    assert import_coco(tmp_path / "c.json", tmp_path / "img", tmp_path / "out" / "c.jsonl") == 1
+    assert import_coco(tmp_path / "c.json", tmp_path / "img", tmp_path / "out" / "c.jsonl").records == 1
     [record] = read_jsonl(tmp_path / "out" / "c.jsonl")
-    assert record.id == "coco-1" and record.image.resolve() == (tmp_path / "img" / "1.jpg").resolve()
+    assert record.id == "c-1" and record.image.resolve() == (tmp_path / "img" / "1.jpg").resolve()
     assert [o.bbox for o in record.objects] == [(2.0, 1.0, 7.0, 5.0), (15.0, 5.0, 20.0, 10.0)]  # clipped
 
 

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from hsm.config import ModelConfig, load_config
-from hsm.encoding import format_answer
-from hsm.model import build_checkpoint, component_of, load_model_and_processor, resize_factor, resized_size
+from hsm.answer import format_answer, resize_factor, resized_size
+from hsm.model import build_checkpoint, component_of, load_model_and_processor
 from hsm.run import train
 from hsm.synth import synthesize
 

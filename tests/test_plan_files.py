@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from eventlog import TARGET, random_rows, write_rows
+from eventlog import TARGET, random_rows, sample_id, write_rows
 from hsm.config import MiningConfig
 from hsm.plan import DatasetInfo, PlanError, load_plan, plan_dir
 from hsm.planner import plan_epoch
@@ -40,8 +40,9 @@ def test_dump_lists_hard_samples_in_rank_order(run, tmp_path):
     _, _, result = run
     dump = json.loads((tmp_path / "hard_samples_epoch_2.json").read_text())
     plan = result.plan.to_pylist()
-    hard = sorted((r for r in plan if r["is_hard"]), key=lambda r: (-r["score"], r["sample_id"]))
-    assert [d["sample_id"] for d in dump["samples"]] == [r["sample_id"] for r in hard]
+    # Plans carry no sample_id (the id table does); the log's ids come from eventlog.sample_id.
+    hard = sorted((r for r in plan if r["is_hard"]), key=lambda r: (-r["score"], sample_id(r["dataset"], r["base_idx"])))
+    assert [d["sample_id"] for d in dump["samples"]] == [sample_id(r["dataset"], r["base_idx"]) for r in hard]
     assert set(dump["samples"][0]) == {"sample_id", "dataset", "base_idx", "score"}
 
 

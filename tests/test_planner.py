@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,8 +15,8 @@ from hypothesis import strategies as st
 from eventlog import TARGET, random_rows, write_rows
 from hsm.config import MiningConfig
 from hsm.planner import plan_epoch
-from hsm.state import find_states, read_state
-from oracle import full_state
+from hsm.state import find_states, read_sample_ids, read_state
+from oracle import full_state, stale_adjusted
 from oracle import plan as oracle_plan
 
 MODES = [
@@ -34,8 +36,17 @@ def mining_config(mode: dict, aggregate: str, metric: str | None, decay: float) 
     return MiningConfig.model_validate(fields)
 
 
-def assert_state_matches(state, expected: dict, where: str) -> None:
+def state_rows(hsm_dir, epoch: int) -> dict:
+    """The state after ``epoch`` with each sample's id joined from the id table, by (dataset, base_idx)."""
+    state, _ = read_state(hsm_dir, epoch)
+    ids = {(r["dataset"], r["base_idx"]): r["sample_id"] for r in read_sample_ids(hsm_dir, epoch).to_pylist()}
     rows = {(r["dataset"], r["base_idx"]): r for r in state.to_pylist()}
+    assert len(ids) == read_sample_ids(hsm_dir, epoch).num_rows, "a sample appears twice in the id table"
+    assert ids.keys() == rows.keys()
+    return {key: dict(row, sample_id=ids[key]) for key, row in rows.items()}
+
+
+def assert_state_matches(rows: dict, expected: dict, where: str) -> None:
     assert rows.keys() == expected.keys(), where
     for key, want in expected.items():
         got = rows[key]
@@ -81,18 +92,19 @@ def test_engines_equal_oracle(tmp_path_factory, seed, n_target, n_epochs, n_rank
         return
     scores = {k[1]: v["score"] for k, v in expected_state.items() if k[0] == TARGET}
     expected_plan = oracle_plan(expected_state, TARGET, mining, n_epochs)
-    plans = {}
+    plans, states = {}, {}
     for engine in ("polars", "duckdb"):
         hsm_dir = tmp_path_factory.mktemp(engine) / "hsm"
         write_rows(hsm_dir, rows, flush_rows=int(rng.integers(1, 9)))
         result = plan_epoch(hsm_dir, n_epochs, mining, TARGET, engine=engine)
         last = find_states(hsm_dir)[-1]
-        state, _ = read_state(hsm_dir, last)
-        assert_state_matches(state, expected_state, engine)
+        assert_state_matches(state_rows(hsm_dir, last), expected_state, engine)
         assert_plan_matches(result.plan, expected_plan, scores)
         assert set(result.plan.column("dataset").to_pylist()) <= {TARGET}
         plans[engine] = pq.read_table(hsm_dir / "plans" / f"epoch={n_epochs}" / "plan.parquet")
+        states[engine] = pq.read_table(hsm_dir / "state" / f"epoch={last}" / "state.parquet")
     assert plans["polars"].equals(plans["duckdb"]), "engines disagree"
+    assert states["polars"].equals(states["duckdb"]), "engine states disagree"
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -109,9 +121,9 @@ def test_incremental_fold_equals_full_recomputation(tmp_path_factory, seed, n_ep
     scratch = tmp_path_factory.mktemp("full") / "hsm"
     shutil.copytree(incremental / "events", scratch / "events")
     plan_epoch(scratch, n_epochs, mining, TARGET, engine=engine)
-    a, _ = read_state(incremental, n_epochs - 1)
-    b, _ = read_state(scratch, n_epochs - 1)
-    assert_state_matches(a, {(r["dataset"], r["base_idx"]): r for r in b.to_pylist()}, "incremental")
+    a = state_rows(incremental, n_epochs - 1)
+    b = state_rows(scratch, n_epochs - 1)
+    assert_state_matches(a, b, "incremental")
     expected = full_state(rows, metric="loss", decay=0.9, aggregate="ema")
     assert_state_matches(a, expected, "oracle")
 
@@ -128,5 +140,118 @@ def test_changed_events_are_refolded(tmp_path):
     write_rows(hsm_dir, extra + [r for r in rows if r["epoch"] == 1])
     result = plan_epoch(hsm_dir, 2, mining, TARGET)
     assert result.folded_epochs == [0, 1]
-    state, _ = read_state(hsm_dir, 1)
-    assert_state_matches(state, full_state(rows + extra, metric="loss", decay=0.9, aggregate="mean"), "refold")
+    assert_state_matches(state_rows(hsm_dir, 1), full_state(rows + extra, metric="loss", decay=0.9, aggregate="mean"), "refold")
+
+
+BOX_METRICS = ("coord_loss", "label_loss", "loss_sum")
+
+
+def with_box_metrics(rng: np.random.Generator, rows: list[dict]) -> list[dict]:
+    """The rows with the nullable box-aware columns: dyadic values (ties), null for about one event in five."""
+    out = []
+    for r in rows:
+        extra = {name: (None if rng.random() < 0.2 else float(rng.integers(0, 16)) / 4) for name in BOX_METRICS}
+        out.append(dict(r, **extra))
+    return out
+
+
+def write_parts(hsm_dir, rows: list[dict]) -> None:
+    """One Parquet part per (epoch, rank, attempt), written directly in the event schema (nulls included)."""
+    from hsm.events import PART_WRITE_OPTIONS
+    from hsm.schemas import EVENT_SCHEMA
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["epoch"], r["rank"], r["attempt"]), []).append(dict(r, run_id="test-run"))
+    for number, ((epoch, rank, _), group) in enumerate(sorted(groups.items())):
+        group.sort(key=lambda r: (r["global_step"], r["position"]))
+        path = hsm_dir / "events" / f"epoch={epoch}" / f"rank={rank}" / f"part-{number:05d}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(group, schema=EVENT_SCHEMA), path, **PART_WRITE_OPTIONS)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n_target=st.integers(1, 10),
+    n_epochs=st.integers(1, 4),
+    max_obs=st.integers(1, 3),
+    mode=st.sampled_from(MODES),
+    aggregate=st.sampled_from(["epoch_ema", "last", "ema", "mean"]),
+    metric=st.sampled_from([*BOX_METRICS, "loss", "token_acc"]),
+    decay=st.sampled_from([0.0, 0.5, 0.75]),
+    stale=st.sampled_from([None, (1, "decay"), (2, "decay"), (1, "flag"), (2, "flag")]),
+)
+def test_box_metrics_epoch_aggregates_and_staleness_equal_oracle(
+    tmp_path_factory, seed, n_target, n_epochs, max_obs, mode, aggregate, metric, decay, stale
+):
+    rng = np.random.default_rng(seed)
+    rows = with_box_metrics(rng, random_rows(rng, n_target=n_target, n_epochs=n_epochs, n_ranks=2, max_obs=max_obs,
+                                             resume=bool(seed % 2)))
+    fields = {"enabled": True, "aggregate": aggregate, "ema_decay": decay, "start_epoch": 0, **mode, "metric": metric}
+    if stale is not None:
+        fields.update(stale_after=stale[0], stale_policy=stale[1])
+    mining = MiningConfig.model_validate(fields)
+    expected_state = full_state(rows, metric=metric, decay=decay, aggregate=aggregate)
+    if not any(key[0] == TARGET for key in expected_state):
+        return
+    adjusted = stale_adjusted(expected_state, TARGET, mining, n_epochs)
+    scores = {k[1]: v["score"] for k, v in adjusted.items() if k[0] == TARGET}
+    expected_plan = oracle_plan(expected_state, TARGET, mining, n_epochs)
+    files = {}
+    for engine in ("polars", "duckdb"):
+        hsm_dir = tmp_path_factory.mktemp(engine) / "hsm"
+        write_parts(hsm_dir, rows)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # epochs without events
+            result = plan_epoch(hsm_dir, n_epochs, mining, TARGET, engine=engine)
+        last = find_states(hsm_dir)[-1]
+        assert_state_matches(state_rows(hsm_dir, last), expected_state, engine)
+        assert_plan_matches(result.plan, expected_plan, scores)
+        got_scores = dict(zip(result.plan.column("base_idx").to_pylist(), result.plan.column("score").to_pylist()))
+        for idx, want in scores.items():
+            assert got_scores[idx] == pytest.approx(want, rel=1e-9, abs=1e-12), (engine, idx)
+        files[engine] = [pq.read_table(hsm_dir / "plans" / f"epoch={n_epochs}" / "plan.parquet"),
+                         pq.read_table(hsm_dir / "state" / f"epoch={last}" / "state.parquet")]
+    assert all(a.equals(b) for a, b in zip(files["polars"], files["duckdb"])), "engines disagree"
+
+
+def test_epoch_ema_is_not_dominated_by_the_first_epoch(tmp_path):
+    # Issue 8: per observation, a sample seen once per epoch with losses 5, 3, 2 scores 4.52 under ema
+    # (decay 0.9); epoch_ema weighs the epochs 0.9^2 : 0.9 : 1 after bias correction, last is 2.
+    rows = [{"attempt": 0, "epoch": e, "global_step": 10 * e, "rank": 0, "position": 0, "dataset": TARGET,
+             "base_idx": 0, "sample_id": "s0", "loss": loss, "token_acc": 0.5, "n_tokens": 4, "aug_seed": 0,
+             "drawn_as_hard": False} for e, loss in enumerate([5.0, 3.0, 2.0])]
+    want = {"ema": 0.9 * (0.9 * 5 + 0.1 * 3) + 0.1 * 2,
+            "epoch_ema": (0.1 * 0.81 * 5 + 0.1 * 0.9 * 3 + 0.1 * 2) / (1 - 0.9**3),
+            "last": 2.0}
+    for aggregate, value in want.items():
+        hsm_dir = tmp_path / aggregate / "hsm"
+        write_parts(hsm_dir, rows)
+        plan = plan_epoch(hsm_dir, 3, MiningConfig(enabled=True, aggregate=aggregate, start_epoch=0), TARGET).plan
+        assert plan.column("score").to_pylist() == [pytest.approx(value, rel=1e-12)], aggregate
+    assert want["last"] < want["epoch_ema"] < 3.3 < 4.5 < want["ema"]
+
+
+@pytest.mark.parametrize("engine", ["polars", "duckdb"])
+@pytest.mark.parametrize("aggregate", ["ema", "epoch_ema"])
+def test_out_of_core_fold_is_byte_identical(tmp_path, engine, aggregate):
+    rng = np.random.default_rng(17)
+    rows = random_rows(rng, n_target=40, n_epochs=3, n_ranks=2, max_obs=3, resume=True)
+    mining = mining_config(MODES[1], aggregate, "loss", decay=0.75)
+    files = {}
+    for how, limit in (("memory", None), ("spilled", 1)):  # a 1-byte budget: one bucket per sample range
+        hsm_dir = tmp_path / how / "hsm"
+        write_rows(hsm_dir, rows)
+        from hsm.planner import fold_pending
+
+        folded = fold_pending(hsm_dir, 2, mining, engine=engine, memory_limit=limit, temp_directory=tmp_path)
+        folded.wait()
+        plan_epoch(hsm_dir, 3, mining, TARGET, engine=engine)
+        files[how] = [pq.read_table(hsm_dir / "plans" / "epoch=3" / "plan.parquet"),
+                      *(pq.read_table(hsm_dir / "state" / f"epoch={e}" / "state.parquet") for e in range(3)),
+                      *(pq.read_table(hsm_dir / "sample_ids" / f"epoch={e}" / "sample_ids.parquet") for e in range(3))]
+    assert all(a.equals(b) for a, b in zip(files["memory"], files["spilled"]))
+    assert_state_matches(state_rows(tmp_path / "spilled" / "hsm", 2),
+                         full_state(rows, metric="loss", decay=0.75, aggregate=aggregate), "spilled")
+    assert not list(tmp_path.glob("hsm-fold-*")), "spill files left behind"

@@ -62,7 +62,7 @@ def test_sigkill_and_resume_gives_the_uninterrupted_plans(tmp_path):
     assert attempts == {0, 1}
     expected, got = plans(straight), plans(crashed)
     for epoch in (1, 2, 3):
-        assert [(r["sample_id"], r["is_hard"], r["weight"], r["n_obs"]) for r in got[epoch]] == \
-               [(r["sample_id"], r["is_hard"], r["weight"], r["n_obs"]) for r in expected[epoch]], epoch
+        assert [(r["dataset"], r["base_idx"], r["is_hard"], r["weight"], r["n_obs"]) for r in got[epoch]] == \
+               [(r["dataset"], r["base_idx"], r["is_hard"], r["weight"], r["n_obs"]) for r in expected[epoch]], epoch
         for a, b in zip(got[epoch], expected[epoch]):
-            assert a["score"] == pytest.approx(b["score"], rel=1e-5), (epoch, a["sample_id"])
+            assert a["score"] == pytest.approx(b["score"], rel=1e-5), (epoch, a["base_idx"])

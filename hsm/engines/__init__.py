@@ -1,9 +1,9 @@
 """Planner engines: interchangeable implementations of :func:`fold_epoch`.
 
 Every engine is a function with the signature of
-:func:`hsm.engines.polars_engine.fold_epoch`; they compute the rules documented
-in :mod:`hsm.state` with the same operations in the same order, so their states
-agree bit for bit. ``ENGINES`` maps the config's ``engine`` value to the function;
+:func:`hsm.engines.polars_engine.fold_epoch`, over keyed Arrow tables (no strings);
+they compute the rules documented in :mod:`hsm.state` with the same operations in
+the same order, so their states agree bit for bit. ``ENGINES`` maps the config's ``engine`` value to the function;
 each engine's library is imported on first use only.
 """
 

@@ -1,0 +1,146 @@
+"""``hsm report`` on a run built from the real event writer and planner, checked in headless Chromium."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from browser import find_chromium, load_page, page_url
+from hsm.cli.app import app
+from hsm.config import MiningConfig
+from hsm.events import EventWriter
+from hsm.planner import plan_epoch
+from hsm.records import read_jsonl
+from hsm.report import build_report
+from hsm.suspects import data_map, read_epoch_metrics
+from hsm.synth import synthesize
+
+runner = CliRunner()
+N_EPOCHS = 4
+TOP_K = 6
+
+
+def write_run(root: Path, *, n_target: int = 40, wrong: int = 3) -> Path:
+    """A run directory: synthetic corpus, 4 epochs of events, plans 1..4 and the saved config.
+
+    Losses fall over the epochs for every sample but ``wrong``, which stays high (a sample
+    whose label the model cannot learn).
+    """
+    paths = synthesize(root / "data", n_target=n_target, n_source=8, n_val=2)
+    records = read_jsonl(paths["bbu"], check_images=False)
+    run = root / "run"
+    hsm_dir = run / "hsm"
+    rng = np.random.default_rng(0)
+    mining = MiningConfig(enabled=True, selector={"mode": "top_k", "k": 5}, hard_weight=3.0)
+    config = {"custom": {"hard_sample_mining": mining.model_dump(mode="json"),
+                         "fusion_config": {"target": {"name": "bbu", "train_jsonl": str(paths["bbu"])}}}}
+    hsm_dir.mkdir(parents=True)
+    (hsm_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    base_loss = rng.uniform(1.0, 3.0, n_target)
+    step = 0
+    with EventWriter(hsm_dir, run_id="run", rank=0, attempt=0) as writer:
+        for epoch in range(N_EPOCHS):
+            order = rng.permutation(n_target)
+            for start in range(0, n_target, 8):
+                batch = order[start:start + 8]
+                loss = [float(base_loss[i] * (0.7 ** epoch) + rng.normal(0, 0.05)) if i != wrong
+                        else float(4.0 + rng.normal(0, 0.02)) for i in batch]
+                writer.append(
+                    epoch=epoch, global_step=step, dataset=["bbu"] * len(batch), base_idx=batch.tolist(),
+                    sample_id=[records[i].id for i in batch], loss=loss,
+                    token_acc=[float(np.clip(1 - x / 5, 0, 1)) for x in loss], n_tokens=[20] * len(batch),
+                    aug_seed=[0] * len(batch), drawn_as_hard=[False] * len(batch),
+                )
+                step += 1
+            writer.flush()
+            plan_epoch(hsm_dir, epoch + 1, mining, "bbu")
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return write_run(tmp_path_factory.mktemp("report"))
+
+
+def test_report_page_and_suspects_csv(run_dir, tmp_path):
+    result = runner.invoke(app, ["report", "--run-dir", str(run_dir), "--out", str(tmp_path / "r.html"),
+                                 "--top", str(TOP_K)])
+    assert result.exit_code == 0, result.output
+    html = (tmp_path / "r.html").read_text()
+    assert html.count('class="card"') >= 2 * TOP_K
+    assert "http://" not in html and "https://" not in html  # nothing fetched from the network
+    rows = list(csv.DictReader((tmp_path / "suspects.csv").open(newline="")))
+    assert (tmp_path / "suspects.csv").read_bytes().count(b"\r") == 0
+    dm = data_map(read_epoch_metrics(run_dir / "hsm", range(N_EPOCHS), "bbu", "loss"))
+    assert {int(r["base_idx"]) for r in rows} == set(dm.base_idx[dm.is_suspect].tolist())
+    assert 3 in {int(r["base_idx"]) for r in rows}  # the planted sample
+    # The loss per epoch in a caption is labelled by epoch: e0..e3 for the hardest card.
+    assert all(f"e{e}: " in html for e in range(N_EPOCHS))
+
+
+def test_galleries_decode_only_the_images_they_show(run_dir, tmp_path):
+    first = build_report(run_dir, tmp_path / "a.html", top_k=TOP_K)
+    shown = set()
+    for line in first.html.read_text().splitlines():
+        if 'data-sample-id="' in line:
+            shown.add(line.split('data-sample-id="')[1].split('"')[0])
+    records = read_jsonl(Path(yaml.safe_load((run_dir / "hsm" / "config.yaml").read_text())
+                              ["custom"]["fusion_config"]["target"]["train_jsonl"]), check_images=False)
+    hidden = [r for r in records if r.id not in shown]
+    assert hidden
+    moved = []
+    for record in hidden:  # images no card shows are made unreadable; the page must not notice
+        target = record.image.with_suffix(".hidden")
+        record.image.rename(target)
+        moved.append((target, record.image))
+    try:
+        second = build_report(run_dir, tmp_path / "b.html", top_k=TOP_K)
+        assert "image not found" not in second.html.read_text()
+    finally:
+        for target, original in moved:
+            target.rename(original)
+
+
+def test_report_errors_name_the_problem(tmp_path):
+    result = runner.invoke(app, ["report", "--run-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "no hsm/ directory" in result.output
+    (tmp_path / "hsm").mkdir()
+    (tmp_path / "hsm" / "config.yaml").write_text("custom: {}\n")
+    result = runner.invoke(app, ["report", "--run-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "no plans yet" in result.output
+
+
+PROBE = """(() => {
+  const imgs = Array.from(document.images);
+  return {
+    images: imgs.map(i => ({id: i.id, alt: i.alt, complete: i.complete, width: i.naturalWidth})),
+    hardest: document.querySelectorAll('#hardest-gallery .card').length,
+    easiest: document.querySelectorAll('#easiest-gallery .card').length,
+    dataMap: (() => { const m = document.getElementById('data-map'); return m ? m.naturalWidth : -1; })(),
+  };
+})()"""
+
+
+def test_report_in_headless_chromium(run_dir, tmp_path):
+    assert find_chromium(), "chromium is not installed: make test-deps installs it (apt-get install chromium)"
+    report = build_report(run_dir, tmp_path / "report.html", top_k=TOP_K)
+    page = load_page(page_url(report.html), PROBE)
+    (tmp_path / "screenshot.png").write_bytes(page.screenshot)
+    assert page.errors == []
+    probe = page.probe
+    assert probe["images"] and all(i["complete"] and i["width"] > 0 for i in probe["images"]), probe["images"]
+    assert probe["hardest"] == TOP_K and probe["easiest"] == TOP_K
+    assert probe["dataMap"] > 0
+    assert page.screenshot[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(tmp_path / "screenshot.png") as shot:
+        assert shot.size == (1280, 1000)
+        # Not a blank page: the screenshot has many distinct colours (plots, thumbnails).
+        assert len(shot.convert("RGB").getcolors(maxcolors=1 << 20)) > 100
