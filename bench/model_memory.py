@@ -74,6 +74,7 @@ def main() -> None:
         if line is None:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
         rows.append((name, json.loads(line[7:])))
+        print(name, rows[-1][1], flush=True)
     full = dict(rows)["full fine-tune"]["peak_mb"]
     where = "GPU max allocated" if cuda else "peak RSS"
     print(f"\n{args.arch}, hidden {args.hidden}, {args.layers} layers, vision depth {args.vision_depth}, "

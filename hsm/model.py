@@ -19,7 +19,7 @@ from hsm.config import ModelConfig
 __all__ = [
     "SPECIAL_TOKENS", "CHAT_TEMPLATE", "ARCHITECTURES", "build_tokenizer", "build_processor", "build_model",
     "build_checkpoint", "load_model_and_processor", "prepare_model", "component_of", "set_pixel_limits",
-    "merged_state_dict", "model_callbacks",
+    "merged_state_dict", "model_callbacks", "load_adapter_checkpoint",
 ]
 
 SPECIAL_TOKENS = [
@@ -395,3 +395,14 @@ def model_callbacks(cfg: ModelConfig, processor) -> list:
             processor.save_pretrained(out)
 
     return [MergeLoraCallback()]
+
+
+def load_adapter_checkpoint(cfg: ModelConfig, checkpoint):
+    """A LoRA checkpoint (``adapter_config.json``, no ``config.json``) as a plain model: the base from
+    ``cfg.name_or_path`` with the adapters (and ``modules_to_save``) merged in."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(cfg.name_or_path, dtype=_torch_dtype(cfg.torch_dtype),
+                                                       local_files_only=True)
+    return PeftModel.from_pretrained(base, str(checkpoint)).merge_and_unload()

@@ -189,11 +189,21 @@ def test_readme_hsm_train_command(tmp_path, corpus, checkpoints):
         "train", "configs/demo.yaml", f"model.name_or_path={checkpoints['qwen2_5_vl']}", "model.coord_format=abs",
         "model.lora={r: 16, alpha: 32, modules_to_save: [lm_head], merge_on_save: true}", "model.freeze_vision=true",
         "training.gradient_checkpointing=true", "training.num_train_epochs=2", f"training.output_dir={out}",
-        f"custom.fusion_config.target.train_jsonl={corpus['bbu']}", "custom.fusion_config.target.val_jsonl=null",
+        f"custom.fusion_config.target.train_jsonl={corpus['bbu']}",
+        f"custom.fusion_config.target.val_jsonl={corpus['bbu'].parent / 'val.jsonl'}",
         f"custom.fusion_config.sources.0.train_jsonl={corpus['lvis']}",
         f"custom.fusion_config.sources.1.train_jsonl={corpus['coco']}", "training.report_to=[]",
     ])
     assert result.exit_code == 0, result.output
     assert (out / "merged" / "model.safetensors").is_file()
     assert (out / "hsm" / "plans" / "epoch=1" / "manifest.json").is_file()
-    assert next(out.glob("checkpoint-*/adapter_config.json"))
+    adapter = next(out.glob("checkpoint-*"))
+    assert (adapter / "adapter_config.json").is_file()
+    # Both the LoRA checkpoint and the merged model run through `hsm eval run`, with the same answers.
+    answers = {}
+    for name, checkpoint in (("adapter", adapter), ("merged", out / "merged")):
+        result = CliRunner().invoke(app, ["eval", "run", str(out / "hsm" / "config.yaml"), "--checkpoint", str(checkpoint),
+                                          "--max-new-tokens", "8", "--max-samples", "2", "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        answers[name] = (tmp_path / name / "bbu" / "answers.jsonl").read_text()
+    assert answers["adapter"] == answers["merged"] and answers["adapter"].count("\n") == 2
