@@ -15,7 +15,7 @@ def demo(
     out: Path = typer.Option(Path("demo_run"), "--out", help="Where the corpus and the run go."),
     config: Path = typer.Option(Path("configs/demo.yaml"), "--config", help="Demo config."),
 ) -> None:
-    """Synthesize the corpus, train with mining on, and show the difficulty trend with hsm sql."""
+    """Synthesize the corpus, train with mining on, show the difficulty trend with hsm sql, write the report."""
     from hsm.cli.sql import sql
     from hsm.cli.train import train
     from hsm.synth import synthesize
@@ -30,3 +30,7 @@ def demo(
     for query in ("plan_summary", "difficulty_trend", "hard_set_churn"):
         console.print(f"\n[bold]$ hsm sql --run-dir {out / 'run'} {query}[/]")
         sql(name=query, run_dir=out / "run", execute=None, list_queries=False, fmt="table", limit=30)
+    from hsm.cli.report import report
+
+    console.print(f"\n[bold]$ hsm report --run-dir {out / 'run'}[/]")
+    report(run_dir=out / "run", out=None, epoch=None, top=12)

@@ -87,6 +87,9 @@ def plan(
     if dataset_file.is_file():
         target = json.loads(dataset_file.read_text())["target"]
         dataset = DatasetInfo(target["name"], int(target["size"]), target.get("fingerprint"))
+    run_info = hsm_dir / "run.json"  # the epochs training really ran (max_steps may drive them)
+    if num_epochs is None and run_info.is_file():
+        num_epochs = float(json.loads(run_info.read_text())["num_train_epochs"])
     if num_epochs is None and "num_train_epochs" in cfg.training:
         num_epochs = float(cfg.training["num_train_epochs"])
     with warnings.catch_warnings(record=True) as caught:

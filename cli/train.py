@@ -37,9 +37,9 @@ def train(
         summary = run_training(cfg)
     except (ConfigError, RecordError, PlanError, FileNotFoundError) as e:
         raise fail("train", str(e)) from e
-    except PermissionError as e:
-        raise fail("train", f"{e.filename}: not writable ({e.strerror}); choose another training.output_dir "
-                            "or fix the permissions") from e
+    except OSError as e:  # read-only directory, a file where a directory must go, disk full
+        raise fail("train", f"{e.filename or cfg.training.get('output_dir')}: cannot write ({e.strerror or e}); "
+                            "choose another training.output_dir or fix the permissions") from e
     trainer = summary["trainer"]
     if not trainer.is_world_process_zero():
         return

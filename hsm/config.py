@@ -161,8 +161,8 @@ class MiningConfig(_Strict):
     engine: Literal["polars", "duckdb"] = Field("polars", description="Planner engine; both give identical plans.")
     seed: int = Field(42, ge=0, description="Seed of every plan-time and schedule-time random draw.")
     exclude_suspects: bool = Field(
-        False, description="Keep label-noise suspects (hard in the top 10% of every epoch, >= 3 epochs, low "
-        "variability; see hsm.suspects) out of the hard set: weight 1, never upweighted; listed in the manifest."
+        False, description="Keep label-noise suspects (>= 3 epochs, top 10% by mean per-epoch metric, "
+        "variability <= median; see hsm.suspects) out of the hard set: weight 1, never upweighted; listed in the manifest."
     )
 
     @model_validator(mode="after")

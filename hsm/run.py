@@ -42,9 +42,21 @@ def check_training_values(training: dict[str, Any], source: str = "<config>") ->
         except ValidationError as e:
             accepted = getattr(hints[key], "__name__", None) or str(hints[key])
             problems.append(f"training.{key}: {training[key]!r} is not a valid {accepted} ({e.errors()[0]['msg']})")
+    for key, low, strict in _RANGES:
+        value = values.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (value <= low if strict else value < low):
+            problems.append(f"training.{key}: {value!r} must be {'>' if strict else '>='} {low}")
     if problems:
         raise ConfigError(source, problems)
     return values
+
+
+# (key, bound, strictly greater): values TrainingArguments accepts but training cannot run with.
+_RANGES = (
+    ("per_device_train_batch_size", 1, False), ("per_device_eval_batch_size", 1, False),
+    ("gradient_accumulation_steps", 1, False), ("learning_rate", 0, False), ("num_train_epochs", 0, True),
+    ("logging_steps", 0, True), ("save_steps", 0, True), ("warmup_ratio", 0, False), ("weight_decay", 0, False),
+)
 
 
 def _accepts_bool(annotation: Any) -> bool:
@@ -94,10 +106,13 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
     eval_dataset = EvalDataset(dataset)
     collator = DetectionCollator(processor.tokenizer.pad_token_id)
     trainer_class = make_trainer_class(base_trainer or Trainer, mining=mining is not None)
-    trainer = trainer_class(
-        model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset if len(eval_dataset) else None,
-        data_collator=collator, processing_class=processor.tokenizer,
-    )
+    try:
+        trainer = trainer_class(
+            model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset if len(eval_dataset) else None,
+            data_collator=collator, processing_class=processor.tokenizer,
+        )
+    except ValueError as e:  # e.g. report_to naming an integration that is not installed
+        raise ConfigError(cfg.source, [f"training: {e}"]) from e
     for callback in model_callbacks(cfg.model, processor):
         trainer.add_callback(callback)
     # The schedule seed is the fusion's: switching mining on must not reshuffle epoch 0.

@@ -16,11 +16,10 @@ A sample is *mapped* when ``|E_i| >= min_epochs``. Over the mapped samples
              "medium"    otherwise
 
 A *label-noise suspect* is a mapped sample that is persistently hard with low
-variability: in every epoch of ``E_i`` its value is in the top ``top_frac`` of
-that epoch (``x[i, e] >= q(x[:, e], 1 - top_frac)`` over all target samples
-drawn in epoch e) and ``variability[i] <= q(variability, 1/2)``. Ranking within
-each epoch factors out the general fall of the loss as training goes on; a
-wrongly labelled sample stays at the top while the others are learned.
+variability, Cartography's hard-to-learn corner: ``mean >= q(mean, 1 - top_frac)``
+(the top 10% by mean) and ``variability <= q(variability, 1/2)``. While the model
+learns, the metric of a learnable sample falls, so it moves (variability); a
+wrongly labelled sample stays high and moves little.
 
 ``sql/suspects.sql`` computes the same list in DuckDB; tests hold both to a
 naive loop. Pure functions over numpy/Arrow; :func:`read_epoch_metrics` is the
@@ -134,7 +133,8 @@ def data_map(per_epoch: pa.Table, *, min_epochs: int = MIN_EPOCHS, top_frac: flo
     if len(base_idx) == 0:
         empty = np.zeros(0)
         return DataMap(np.zeros(0, np.int64), [], np.zeros(0, np.int64), empty, empty, [], np.zeros(0, bool),
-                       {"mean_low": None, "mean_high": None, "variability_high": None, "variability_median": None})
+                       {"mean_low": None, "mean_high": None, "variability_high": None, "variability_median": None,
+                        "mean_top": None})
     order = np.lexsort((epoch, base_idx))
     base_idx, epoch, value = base_idx[order], epoch[order], value[order]
     ids = [ids[k] for k in order]
@@ -142,22 +142,18 @@ def data_map(per_epoch: pa.Table, *, min_epochs: int = MIN_EPOCHS, top_frac: flo
     sums = np.bincount(inverse, weights=value, minlength=len(samples))
     mean = sums / counts
     variability = np.sqrt(np.maximum(np.bincount(inverse, weights=(value - mean[inverse]) ** 2) / counts, 0.0))
-    # Top of its epoch: x >= the (1 - top_frac) quantile of that epoch's values.
-    is_top = np.zeros(len(value), dtype=bool)
-    for e in np.unique(epoch):
-        in_epoch = epoch == e
-        is_top[in_epoch] = value[in_epoch] >= np.quantile(value[in_epoch], 1.0 - top_frac)
-    always_top = np.bincount(inverse, weights=is_top.astype(np.float64), minlength=len(samples)) == counts
     mapped = counts >= min_epochs
     region: list[str | None] = [None] * len(samples)
     is_suspect = np.zeros(len(samples), dtype=bool)
     thresholds: dict[str, float | None] = {"mean_low": None, "mean_high": None, "variability_high": None,
-                                           "variability_median": None}
+                                           "variability_median": None, "mean_top": None}
     if mapped.any():
         m, v = mean[mapped], variability[mapped]
         low, high = float(np.quantile(m, 1 / 3)), float(np.quantile(m, 2 / 3))
         v_high, v_median = float(np.quantile(v, 2 / 3)), float(np.quantile(v, 0.5))
-        thresholds = {"mean_low": low, "mean_high": high, "variability_high": v_high, "variability_median": v_median}
+        top = float(np.quantile(m, 1.0 - top_frac))
+        thresholds = {"mean_low": low, "mean_high": high, "variability_high": v_high, "variability_median": v_median,
+                      "mean_top": top}
         for k in np.flatnonzero(mapped):
             if variability[k] > v_high:
                 region[k] = "ambiguous"
@@ -167,7 +163,7 @@ def data_map(per_epoch: pa.Table, *, min_epochs: int = MIN_EPOCHS, top_frac: flo
                 region[k] = "easy"
             else:
                 region[k] = "medium"
-        is_suspect = mapped & always_top & (variability <= v_median)
+        is_suspect = mapped & (mean >= top) & (variability <= v_median)
     return DataMap(samples.astype(np.int64), [ids[k] for k in first], counts.astype(np.int64), mean, variability,
                    region, is_suspect, thresholds)
 

@@ -183,7 +183,11 @@ class MiningCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         # What activate_after_pct counts: the epochs the Trainer will run, also when max_steps drives it.
+        # hsm/run.json keeps it, so that hsm plan offline triggers as training did.
         self.trainer.hsm_num_epochs = float(state.num_train_epochs)
+        if distributed.on_main(self.trainer.hsm_world):
+            write_json_atomic({"num_train_epochs": float(state.num_train_epochs), "max_steps": int(state.max_steps)},
+                              self.trainer.hsm_dir / "run.json")
 
     def on_step_end(self, args, state, control, **kwargs):
         # Events up to a checkpoint must be on disk before the checkpoint is: a run

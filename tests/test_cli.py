@@ -112,3 +112,25 @@ def test_train_rejects_bad_training_values_before_writing_anything(tmp_path):
                        ("seed", "1.5")):
         assert f"training.{key}: {value} is not a valid" in text, key
     assert not out.exists()
+
+
+def test_train_rejects_values_training_cannot_run_with_and_unwritable_output(tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["train", "configs/demo.yaml", f"training.output_dir={out}", "training.per_device_train_batch_size=0",
+                                 "training.gradient_accumulation_steps=0", "training.learning_rate=-1"])
+    assert result.exit_code == 2 and not out.exists()
+    text = " ".join(result.output.split())
+    for problem in ("training.per_device_train_batch_size: 0 must be >= 1", "training.gradient_accumulation_steps: 0 must be >= 1",
+                    "training.learning_rate: -1.0 must be >= 0"):
+        assert problem in text
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    from hsm.synth import synthesize
+
+    corpus = synthesize(tmp_path / "corpus", n_target=4, n_source=2, n_val=1)
+    result = runner.invoke(app, ["train", "configs/demo.yaml", f"training.output_dir={blocker}/run",
+                                 f"custom.fusion_config.target.train_jsonl={corpus['bbu']}", "custom.fusion_config.target.val_jsonl=null",
+                                 f"custom.fusion_config.sources.0.train_jsonl={corpus['lvis']}",
+                                 f"custom.fusion_config.sources.1.train_jsonl={corpus['coco']}"])
+    assert result.exit_code == 2, result.output
+    assert "cannot write" in " ".join(result.output.split()) and "Traceback" not in result.output

@@ -144,3 +144,35 @@ def test_report_in_headless_chromium(run_dir, tmp_path):
         assert shot.size == (1280, 1000)
         # Not a blank page: the screenshot has many distinct colours (plots, thumbnails).
         assert len(shot.convert("RGB").getcolors(maxcolors=1 << 20)) > 100
+
+
+def test_eval_output_beside_the_ground_truth(run_dir, tmp_path):
+    """``hsm eval score`` over the training records: its per-sample TP/FP/FN and the answer's boxes show."""
+    from hsm.answer import format_answer
+
+    first = build_report(run_dir, tmp_path / "a.html", top_k=TOP_K)
+    hardest_id = first.html.read_text().split('data-sample-id="')[1].split('"')[0]
+    train_jsonl = Path(yaml.safe_load((run_dir / "hsm" / "config.yaml").read_text())
+                       ["custom"]["fusion_config"]["target"]["train_jsonl"])
+    records = {r.id: r for r in read_jsonl(train_jsonl, check_images=False)}
+    record = records[hardest_id]
+    # Every object found, plus one box of a known label where there is nothing: TP = n, FP = 1, FN = 0.
+    boxes = [o.bbox for o in record.objects] + [(0.0, 0.0, 3.0, 3.0)]
+    labels = [o.label for o in record.objects] + [record.objects[0].label]
+    answer = format_answer(boxes, labels, record.width, record.height, "rel1000")
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(json.dumps({"id": hardest_id, "answer": answer}) + "\n")
+    eval_dir = run_dir / "eval"
+    try:
+        result = runner.invoke(app, ["eval", "score", "--records", str(train_jsonl), "--answers", str(answers),
+                                     "--name", "bbu", "--out", str(eval_dir)])
+        assert result.exit_code == 0, result.output
+        (eval_dir / "bbu" / "answers.jsonl").write_text(answers.read_text())  # as hsm eval run leaves it
+        html = build_report(run_dir, tmp_path / "b.html", top_k=TOP_K).html.read_text()
+    finally:
+        import shutil
+
+        shutil.rmtree(eval_dir, ignore_errors=True)
+    card = html.split(f'data-sample-id="{hardest_id}"')[1].split('class="card"')[0]
+    assert card.count("<img ") == 2 and "predicted boxes" in card
+    assert f"<dd>{len(record.objects)}/1/0</dd>" in card

@@ -173,11 +173,14 @@ def test_dry_run_never_advises_deleting_the_state(run_dir, tmp_path):
     assert dry.exit_code == 2
     assert "delete" not in dry.output and "--dry-run" in dry.output and "token_acc" in dry.output
     wet = runner.invoke(app, args)
-    assert wet.exit_code == 2 and "delete" in wet.output  # outside a dry run the fix is still given
+    assert wet.exit_code == 2 and "--force" in wet.output  # the plan guard speaks first
+    forced = runner.invoke(app, args + ["--force"])
+    assert forced.exit_code == 2 and "delete" in forced.output  # outside a dry run the fix is still given
 
 
 def test_help_shows_no_bool_metavar():
-    for command in (["plan"], ["sql"], ["report"], ["train"], ["demo"], ["data", "import-coco"], ["data", "synth"], []):
+    for command in (["plan"], ["sql"], ["report"], ["train"], ["demo"], ["data", "import-coco"], ["data", "synth"],
+                    ["eval", "run"], ["eval", "score"], []):
         result = runner.invoke(app, [*command, "--help"])
         assert result.exit_code == 0, command
         assert "<bool>" not in result.output, command

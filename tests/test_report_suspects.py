@@ -27,10 +27,6 @@ def naive_data_map(rows: list[tuple[int, int, float]], min_epochs: int = 3, top_
     by_sample: dict[int, dict[int, float]] = {}
     for i, e, x in rows:
         by_sample.setdefault(i, {})[e] = x
-    by_epoch: dict[int, list[float]] = {}
-    for i, e, x in rows:
-        by_epoch.setdefault(e, []).append(x)
-    cut = {e: float(np.quantile(xs, 1 - top_frac)) for e, xs in by_epoch.items()}
     stats = {i: (statistics.fmean(v.values()), statistics.pstdev(v.values()), len(v)) for i, v in by_sample.items()}
     mapped = {i: s for i, s in stats.items() if s[2] >= min_epochs}
     if not mapped:
@@ -39,6 +35,7 @@ def naive_data_map(rows: list[tuple[int, int, float]], min_epochs: int = 3, top_
     variabilities = [s[1] for s in mapped.values()]
     low, high = np.quantile(means, 1 / 3), np.quantile(means, 2 / 3)
     v_high, v_median = np.quantile(variabilities, 2 / 3), np.quantile(variabilities, 0.5)
+    top = np.quantile(means, 1 - top_frac)
     regions, suspects = {}, set()
     for i, (mean, variability, _) in mapped.items():
         if variability > v_high:
@@ -49,7 +46,7 @@ def naive_data_map(rows: list[tuple[int, int, float]], min_epochs: int = 3, top_
             regions[i] = "easy"
         else:
             regions[i] = "medium"
-        if all(x >= cut[e] for e, x in by_sample[i].items()) and variability <= v_median:
+        if mean >= top and variability <= v_median:
             suspects.add(i)
     return regions, suspects
 

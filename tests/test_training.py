@@ -220,4 +220,12 @@ def test_activate_after_pct_counts_the_epochs_max_steps_runs(tmp_path, corpus):
     train(demo_config(corpus, out, mining=True, epochs=1, extra=extra))  # 9 steps per epoch: 2 epochs
     manifests = {e: json.loads((out / "hsm" / "plans" / f"epoch={e}" / "manifest.json").read_text()) for e in (1, 2)}
     assert not manifests[1]["triggered"] and "2.0 epochs" in manifests[1]["trigger_reason"]
+    # Offline, hsm plan triggers as training did (hsm/run.json keeps the epochs the Trainer ran).
+    from typer.testing import CliRunner
+
+    from hsm.cli.app import app
+
+    offline = CliRunner().invoke(app, ["plan", "--run-dir", str(out), "--epoch", "1", "--dry-run"])
+    assert offline.exit_code == 0, offline.output
+    assert "not applied" in offline.output and "2.0 epochs" in " ".join(offline.output.split())
     assert manifests[2]["triggered"]

@@ -79,6 +79,19 @@ def _manifests(hsm_dir: Path) -> dict[int, dict[str, Any]]:
     return out
 
 
+def _with_sample_ids(hsm_dir: Path, epoch: int, plan: pa.Table) -> pa.Table:
+    """The plan with its ``sample_id`` column, joined from the append-only id table (plans are keyed by base_idx)."""
+    if "sample_id" in plan.column_names:
+        return plan
+    from hsm.state import read_sample_ids
+
+    ids = read_sample_ids(hsm_dir, epoch - 1, dataset=None).select(["dataset", "base_idx", "sample_id"])
+    plan = plan.cast(pa.schema([f.with_type(pa.string()) if f.name == "dataset" else f for f in plan.schema]))
+    ids = ids.cast(pa.schema([f.with_type(pa.string()) if f.name == "dataset" else f for f in ids.schema]))
+    joined = plan.join(ids, keys=["dataset", "base_idx"], join_type="left outer")
+    return joined.sort_by([("base_idx", "ascending")])
+
+
 def load_run(run_dir: str | Path, *, epoch: int | None = None) -> RunData:
     """Read a run for the report; ``epoch`` picks the plan shown (default: the latest)."""
     import duckdb
@@ -97,7 +110,8 @@ def load_run(run_dir: str | Path, *, epoch: int | None = None) -> RunData:
         epoch = max(manifests)
     elif epoch not in manifests:
         raise ReportError(f"--epoch {epoch}: no plan for it; plans exist for epochs {sorted(manifests)}")
-    plans = {e: pq.read_table(hsm_dir / "plans" / f"epoch={e}" / "plan.parquet") for e in manifests}
+    plans = {e: _with_sample_ids(hsm_dir, e, pq.read_table(hsm_dir / "plans" / f"epoch={e}" / "plan.parquet"))
+             for e in manifests}
     latest = manifests[max(manifests)]
     target = latest["target"]["name"]
     metric = latest.get("metric") or "loss"
@@ -129,28 +143,38 @@ def load_run(run_dir: str | Path, *, epoch: int | None = None) -> RunData:
     dataset_info = json.loads(info_path.read_text()) if info_path.is_file() else None
     return RunData(run_dir=run_dir, config_text=config_text, config=config, target=target, metric=metric,
                    manifests=manifests, plans=plans, epoch=epoch, dataset_loss=dataset_loss, draws=draws,
-                   stats=stats, data_map=dm, dataset_info=dataset_info, predictions=read_predictions(run_dir))
+                   stats=stats, data_map=dm, dataset_info=dataset_info,
+                   predictions=read_predictions(run_dir, target))
 
 
-def read_predictions(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """Predicted boxes per ``sample_id`` from ``RUN_DIR/eval/**/predictions.jsonl``, if ``hsm eval`` wrote any.
+def read_predictions(run_dir: Path, target: str) -> dict[str, dict[str, Any]]:
+    """What ``hsm eval`` wrote for the target under the run, per record id, or ``{}``.
 
-    Each line: ``{"sample_id": str, "objects": [{"label": str, "bbox": [x1, y1, x2, y2]}, ...]}``
-    (the hsm record format), optionally with ``tp``, ``fp``, ``fn``. The newest file wins.
+    Reads the newest ``RUN_DIR/**/eval/**/<target>/per_sample.parquet`` (``tp``, ``fp``,
+    ``fn`` at IoU 0.5, from hsm.eval's matching) and, beside it, ``answers.jsonl``
+    (``hsm eval run``: the raw answers, whose boxes the gallery draws).
     """
-    files = sorted(Path(run_dir).glob("eval/**/predictions.jsonl"), key=lambda p: p.stat().st_mtime)
-    if not files:
+    found = [p for p in Path(run_dir).glob("**/eval/**/per_sample.parquet") if p.parent.name == target]
+    if not found:
         return {}
-    out = {}
-    with files[-1].open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                out[str(row["sample_id"])] = row
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ReportError(f"{files[-1]}:{number}: not a prediction line ({e})") from e
+    path = max(found, key=lambda p: p.stat().st_mtime)
+    try:
+        rows = pq.read_table(path, columns=["id", "tp", "fp", "fn"]).to_pylist()
+    except (pa.ArrowException, OSError, KeyError) as e:
+        raise ReportError(f"{path}: not a readable hsm eval per_sample table ({e})") from e
+    out = {str(r["id"]): {"tp": r["tp"], "fp": r["fp"], "fn": r["fn"], "answer": None} for r in rows}
+    answers = path.with_name("answers.jsonl")
+    if answers.is_file():
+        with answers.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    if str(row["id"]) in out:
+                        out[str(row["id"])]["answer"] = row["answer"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ReportError(f"{answers}:{number}: not an answer line ({e})") from e
     return out
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from hsm.records import Record
 
-__all__ = ["Card", "record_thumbnails", "data_uri", "match_counts", "GT_COLOR", "PRED_COLOR"]
+__all__ = ["Card", "record_thumbnails", "data_uri", "GT_COLOR", "PRED_COLOR"]
 
 GT_COLOR = (46, 204, 113)
 PRED_COLOR = (230, 57, 70)
@@ -63,9 +63,17 @@ def scaled_boxes(record: Record, decoded_size: tuple[int, int]) -> list[tuple[fl
     return [(o.bbox[0] * sx, o.bbox[1] * sy, o.bbox[2] * sx, o.bbox[3] * sy) for o in record.objects]
 
 
-def record_thumbnails(record: Record, prediction: dict[str, Any] | None, side: int = THUMB_SIDE):
-    """``(gt_uri, pred_uri)`` for one record; one decode serves both."""
+def record_thumbnails(record: Record, prediction: dict[str, Any] | None, coord_format: str = "rel1000",
+                      side: int = THUMB_SIDE):
+    """``(gt_uri, pred_uri)`` for one record; one decode serves both.
+
+    The predicted boxes are the eval answer's, parsed by :mod:`hsm.answer` (the one parser);
+    ``pred_uri`` is None without an answer, or for ``abs`` answers (their pixels are the
+    processor-resized image's).
+    """
     from PIL import Image, ImageDraw
+
+    from hsm.answer import answer_boxes_to_pixels, parse_answer
 
     with Image.open(record.image) as img:
         img.draft("RGB", (side, side))
@@ -73,40 +81,10 @@ def record_thumbnails(record: Record, prediction: dict[str, Any] | None, side: i
     size = rgb.size
     gt = data_uri(_encode(rgb, scaled_boxes(record, size), GT_COLOR, side, *size, Image, ImageDraw))
     pred = None
-    if prediction is not None:
+    if prediction is not None and prediction.get("answer") is not None and coord_format == "rel1000":
+        pixels = answer_boxes_to_pixels(parse_answer(prediction["answer"]).boxes, record.width, record.height,
+                                        coord_format)
         sx, sy = size[0] / record.width, size[1] / record.height
-        boxes = [(b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy) for b in (o["bbox"] for o in prediction.get("objects", []))]
+        boxes = [(b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy) for b in pixels.tolist()]
         pred = data_uri(_encode(rgb, boxes, PRED_COLOR, side, *size, Image, ImageDraw))
     return gt, pred
-
-
-def _iou(a, b) -> float:
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
-    if w <= 0 or h <= 0:
-        return 0.0
-    inter = w * h
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
-def match_counts(record: Record, prediction: dict[str, Any], iou: float = 0.5) -> dict[str, int]:
-    """TP/FP/FN: the prediction's own counts when given, else greedy same-label matching at IoU >= ``iou``.
-
-    Naive equivalent: for each predicted box in order, match it to the unmatched
-    ground-truth box of the same label with the highest IoU, if that IoU >= ``iou``.
-    """
-    if all(k in prediction for k in ("tp", "fp", "fn")):
-        return {k: int(prediction[k]) for k in ("tp", "fp", "fn")}
-    unmatched = list(record.objects)
-    tp = 0
-    for obj in prediction.get("objects", []):
-        best, best_iou = None, iou
-        for gt in unmatched:
-            if gt.label == obj.get("label"):
-                value = _iou(gt.bbox, obj["bbox"])
-                if value >= best_iou:
-                    best, best_iou = gt, value
-        if best is not None:
-            unmatched.remove(best)
-            tp += 1
-    return {"tp": tp, "fp": len(prediction.get("objects", [])) - tp, "fn": len(unmatched)}

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from hsm.report.data import RunData, load_run, order_by_score
-from hsm.report.gallery import Card, match_counts, record_thumbnails
+from hsm.report.gallery import Card, record_thumbnails
 from hsm.report.plots import REGION_COLORS, data_map_figure, difficulty_figure, weights_figure
 
 __all__ = ["ReportResult", "build_report", "render_html", "write_suspects_csv", "MAX_SUSPECT_THUMBS"]
@@ -66,9 +66,10 @@ def _cards(run: RunData, records, order: np.ndarray, k: int) -> list[Card]:
         elif not record.image.is_file():
             note = f"image not found: {record.image}"
         else:
-            image, predicted = record_thumbnails(record, prediction)
-            if prediction is not None:
-                counts = match_counts(record, prediction)
+            coord_format = (run.config.get("model") or {}).get("coord_format", "rel1000")
+            image, predicted = record_thumbnails(record, prediction, coord_format)
+        if prediction is not None:
+            counts = {k: int(prediction[k]) for k in ("tp", "fp", "fn")}
         cards.append(Card(
             sample_id=sample_id, dataset=columns["dataset"][row], base_idx=idx, score=float(columns["score"][row]),
             loss_by_epoch=run.stats.loss_by_epoch.get(idx, {}), token_acc=run.stats.token_acc.get(idx),
