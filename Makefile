@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install test demo bench clean test-deps
+.PHONY: install test demo bench clean test-deps torchvision-shim test-swift
 
 install: $(STAMP)
 
@@ -14,7 +14,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch first, so nothing resolves plain `torch` to a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[train,dev]'
+	$(BIN)/pip install -q torchvision==0.28.0
+	# PyPI's torchvision is a CUDA build: let its Python transforms import on CPU torch (tools/torchvision_cpu.py).
+	$(MAKE) --no-print-directory torchvision-shim VENV=$(VENV)
+	$(BIN)/pip install -q -e '.[train,dev,trl]'
 	$(BIN)/pip install -q --no-build-isolation 'deepspeed>=0.16'
 	touch $(STAMP)
 
@@ -32,4 +35,24 @@ bench: install
 	$(BIN)/python bench/planner.py
 
 clean:
-	rm -rf $(VENV) .cache demo_run
+	rm -rf $(VENV) .venv-swift .cache demo_run
+
+# Installs tools/torchvision_cpu.py into $(VENV) as a .pth import hook.
+torchvision-shim:
+	cp tools/torchvision_cpu.py "$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_hsm_torchvision_cpu.py"
+	echo "import _hsm_torchvision_cpu" > "$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_hsm_torchvision_cpu.pth"
+
+# hsm inside ms-swift: its own environment (ms-swift 4.6 pins transformers<5.20, trl<1.0, peft<0.21).
+SWIFT_VENV := .venv-swift
+$(SWIFT_VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(SWIFT_VENV)
+	$(SWIFT_VENV)/bin/pip install -q --upgrade pip
+	$(SWIFT_VENV)/bin/pip install -q torch==2.13.0
+	$(SWIFT_VENV)/bin/pip install -q torchvision==0.28.0
+	$(MAKE) --no-print-directory torchvision-shim VENV=$(SWIFT_VENV)
+	$(SWIFT_VENV)/bin/pip install -q ms-swift==4.6.0 'qwen_vl_utils>=0.0.14'
+	$(SWIFT_VENV)/bin/pip install -q -e '.[train,dev]' 'transformers<5.20' 'trl<1.0' 'peft<0.21'
+	touch $@
+
+test-swift: $(SWIFT_VENV)/.installed
+	$(SWIFT_VENV)/bin/python -m pytest -q -n 0 tests/test_swift.py

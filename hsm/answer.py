@@ -33,6 +33,10 @@ __all__ = [
     "answer_boxes_to_pixels",
     "resize_factor",
     "resized_size",
+    "ROLE_OTHER",
+    "ROLE_COORD",
+    "ROLE_LABEL",
+    "answer_char_roles",
 ]
 
 COORD_FORMATS = ("rel1000", "abs")
@@ -253,3 +257,62 @@ def resized_size(processor, width: int, height: int) -> tuple[int, int]:
     rh, rw = smart_resize(height, width, factor=resize_factor(image_processor),
                           min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
     return rw, rh
+
+
+# What an answer character (and token) is, for coord_loss / label_loss: JSON structure, a box coordinate, or a label.
+ROLE_OTHER, ROLE_COORD, ROLE_LABEL = 0, 1, 2
+_NUMBER_CHARS = frozenset("+-.0123456789eE")
+
+
+def answer_char_roles(answer: str) -> np.ndarray:
+    """Role of every character of an answer (``int8``, ``len(answer)``): a scan of the JSON text.
+
+    Characters of the numbers inside a ``bbox_2d`` (or ``bbox``) list are
+    :data:`ROLE_COORD`; the characters between the quotes of a ``label`` string
+    value (escapes included) are :data:`ROLE_LABEL`; everything else (brackets,
+    keys, quotes, commas, spaces) is :data:`ROLE_OTHER`. Text that is not JSON
+    is scanned the same way and simply finds fewer roles.
+    Naive equivalent for an answer from :func:`format_answer`: mark
+    ``str(c)`` for every coordinate and ``json.dumps(label)[1:-1]`` for every
+    label, in writing order.
+    """
+    roles = np.zeros(len(answer), dtype=np.int8)
+    key: str | None = None  # the key whose value comes next
+    in_box = False
+    i, n = 0, len(answer)
+    while i < n:
+        c = answer[i]
+        if c == '"':
+            j = i + 1
+            while j < n and answer[j] != '"':
+                j += 2 if answer[j] == "\\" else 1
+            k = j + 1
+            while k < n and answer[k] in " \t\r\n":
+                k += 1
+            if k < n and answer[k] == ":" and not in_box:
+                try:
+                    key = json.loads(answer[i:j + 1])
+                except ValueError:
+                    key = None
+            else:
+                if key == "label" and not in_box:
+                    roles[i + 1:min(j, n)] = ROLE_LABEL
+                key = None
+            i = j + 1
+        elif c == "[" and key in _BOX_KEYS:
+            in_box, key = True, None
+            i += 1
+        elif c == "]" and in_box:
+            in_box = False
+            i += 1
+        elif in_box and c in _NUMBER_CHARS:
+            j = i
+            while j < n and answer[j] in _NUMBER_CHARS:
+                j += 1
+            roles[i:j] = ROLE_COORD
+            i = j
+        else:
+            if c in ",{}" and not in_box:
+                key = None
+            i += 1
+    return roles

@@ -31,6 +31,7 @@ __all__ = [
     "FusionConfig",
     "DetectionEvalConfig",
     "CustomConfig",
+    "LoraConfig",
     "ModelConfig",
     "HsmConfig",
     "load_config",
@@ -303,6 +304,24 @@ class CustomConfig(_Strict):
         return self
 
 
+class LoraConfig(_Strict):
+    """``model.lora``: train low-rank adapters (peft) instead of the full weights."""
+
+    r: int = Field(8, ge=1, description="Adapter rank.")
+    alpha: float = Field(16.0, gt=0.0, description="Scaling numerator: the update is (alpha / r) * B @ A.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names (suffixes) that get adapters, or 'all-linear' (every linear layer "
+        "of the language model; the vision tower and merger only when not frozen)."
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained in full and saved beside the adapter (e.g. lm_head)."
+    )
+    merge_on_save: bool = Field(
+        False, description="At the end of training also write output_dir/merged: the base with adapters merged in."
+    )
+
+
 class ModelConfig(_Strict):
     """The model: the embedded tiny Qwen3-VL or a local directory."""
 
@@ -315,6 +334,16 @@ class ModelConfig(_Strict):
     hidden_size: int = Field(64, ge=8, description="Tiny model only: text hidden size.")
     num_layers: int = Field(2, ge=1, description="Tiny model only: text layers.")
     vision_depth: int = Field(1, ge=1, description="Tiny model only: vision blocks.")
+    torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weight dtype on load; auto keeps the checkpoint's (float32 for the built-in tiny model)."
+    )
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] | None = Field(
+        None, description="Attention kernel; null lets transformers choose (sdpa where available)."
+    )
+    freeze_vision: bool = Field(False, description="Freeze the vision tower (patch embedding and blocks).")
+    freeze_aligner: bool = Field(False, description="Freeze the aligner (Qwen's patch merger, deepstack mergers included).")
+    freeze_llm: bool = Field(False, description="Freeze the language model (embeddings, decoder layers, lm_head).")
+    lora: LoraConfig | None = Field(None, description="LoRA adapters via peft (absent = train the unfrozen weights).")
 
 
 class HsmConfig(_Strict):

@@ -13,10 +13,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hsm.answer import format_answer  # re-exported: the answer text lives in hsm.answer
+# Re-exported: the answer text (and its character roles) lives in hsm.answer.
+from hsm.answer import ROLE_COORD, ROLE_LABEL, ROLE_OTHER, answer_char_roles, format_answer
 from hsm.config import FusionConfig, PromptConfig
 
-__all__ = ["IGNORE_INDEX", "Prompts", "resolve_prompts", "format_answer", "Template"]
+__all__ = [
+    "IGNORE_INDEX",
+    "ROLE_OTHER",
+    "ROLE_COORD",
+    "ROLE_LABEL",
+    "Prompts",
+    "resolve_prompts",
+    "format_answer",
+    "answer_char_roles",
+    "token_roles_from_offsets",
+    "Template",
+]
 
 IGNORE_INDEX = -100
 _FALLBACK = PromptConfig(system="You are a helpful assistant.", user="Detect all objects in the image.")
@@ -36,6 +48,26 @@ def resolve_prompts(fusion: FusionConfig, dataset_name: str) -> Prompts:
     system = next(level.system for level in levels if level.system is not None)
     user = next(level.user for level in levels if level.user is not None)
     return Prompts(system, user)
+
+
+def token_roles_from_offsets(offsets: np.ndarray, char_roles: np.ndarray) -> np.ndarray:
+    """Role of each token from its character span ``[start, end)`` (``offsets``: ``[n_tokens, 2]``).
+
+    A token holding any coordinate character is a coordinate token, else one
+    holding any label character is a label token, else :data:`ROLE_OTHER`
+    (tokenizers may glue a space or a quote to a number or a word).
+    Naive equivalent: ``[ROLE_COORD if ROLE_COORD in r else ROLE_LABEL if ROLE_LABEL in r else 0
+    for r in (char_roles[s:e] for s, e in offsets)]``.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    is_coord = np.concatenate([[0], np.cumsum(char_roles == ROLE_COORD)])
+    is_label = np.concatenate([[0], np.cumsum(char_roles == ROLE_LABEL)])
+    start = np.clip(offsets[:, 0], 0, len(char_roles))
+    end = np.clip(offsets[:, 1], start, len(char_roles))
+    out = np.zeros(len(offsets), dtype=np.int8)
+    out[is_label[end] > is_label[start]] = ROLE_LABEL
+    out[is_coord[end] > is_coord[start]] = ROLE_COORD
+    return out
 
 
 class Template:
@@ -77,6 +109,8 @@ class Template:
         answer_start = int(starts[-1]) + 1 + len(self._assistant_header)
         labels = np.full_like(input_ids, IGNORE_INDEX)
         labels[answer_start:-1] = input_ids[answer_start:-1]  # the trailing "\n" after <|im_end|> is not trained
+        token_roles = self.answer_token_roles(input_ids, answer)
+        token_roles[labels == IGNORE_INDEX] = ROLE_OTHER
         return {
             "input_ids": input_ids,
             "attention_mask": batch["attention_mask"][0],
@@ -84,4 +118,27 @@ class Template:
             "labels": labels,
             "pixel_values": batch["pixel_values"],
             "image_grid_thw": batch["image_grid_thw"],
+            "token_roles": token_roles,
         }
+
+    def answer_token_roles(self, input_ids: np.ndarray, answer: str) -> np.ndarray:
+        """Role of every token of ``input_ids`` (:data:`ROLE_OTHER` outside the answer).
+
+        The answer's tail (``<|im_start|>assistant\\n`` + answer + ``<|im_end|>\\n``)
+        is tokenised again with offsets; special tokens split the text, so its
+        ids equal the last ids of ``input_ids``, which is checked.
+        """
+        tokenizer = self.processor.tokenizer
+        if not tokenizer.is_fast:
+            raise ValueError(f"{type(tokenizer).__name__}: token roles need a fast tokenizer (offset mapping)")
+        header = "<|im_start|>assistant\n"
+        tail = tokenizer(header + answer + "<|im_end|>\n", add_special_tokens=False, return_offsets_mapping=True)
+        tail_ids = np.asarray(tail["input_ids"])
+        if len(tail_ids) > len(input_ids) or not np.array_equal(tail_ids, input_ids[len(input_ids) - len(tail_ids):]):
+            raise ValueError(f"{type(tokenizer).__name__}: the answer tokenises differently alone than in the prompt; "
+                             "token roles cannot be aligned")
+        char_roles = np.concatenate([np.zeros(len(header), np.int8), answer_char_roles(answer),
+                                     np.zeros(len("<|im_end|>\n"), np.int8)])
+        roles = np.zeros(len(input_ids), dtype=np.int8)
+        roles[len(input_ids) - len(tail_ids):] = token_roles_from_offsets(np.asarray(tail["offset_mapping"]), char_roles)
+        return roles

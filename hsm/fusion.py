@@ -164,7 +164,11 @@ class EvalDataset:
 
 
 class DetectionCollator:
-    """Pads a list of encoded items into a batch; ``hsm_meta`` rides beside the tensors."""
+    """Pads a list of encoded items into a batch; ``hsm_meta`` rides beside the tensors.
+
+    ``hsm_meta`` holds each item's metadata as lists, plus ``token_roles``
+    (``int8 [batch, seq]``, padded with ``ROLE_OTHER``) when the items carry them.
+    """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
         self.pad_token_id = pad_token_id
@@ -197,4 +201,11 @@ class DetectionCollator:
         }
         if "meta" in items[0]:
             batch["hsm_meta"] = {key: [it["meta"][key] for it in items] for key in items[0]["meta"]}
+            if all("token_roles" in it for it in items):
+                # Answer-token roles (hsm.encoding.ROLE_*) for coord_loss/label_loss; they ride
+                # in hsm_meta, which the trainer removes before model(**inputs).
+                roles = torch.zeros((n, length), dtype=torch.int8)
+                for i, it in enumerate(items):
+                    roles[i, :len(it["token_roles"])] = torch.as_tensor(it["token_roles"])
+                batch["hsm_meta"]["token_roles"] = roles
         return batch

@@ -84,7 +84,7 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
     from transformers import Trainer
 
     from hsm.fusion import DetectionCollator, EvalDataset, FusionDataset
-    from hsm.model import load_model_and_processor
+    from hsm.model import load_model_and_processor, model_callbacks
     from hsm.sampler import HsmSampler
     from hsm.trainer import make_trainer_class, resume_attempt, write_dataset_info
 
@@ -95,7 +95,8 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
     hsm_dir = output_dir / "hsm"
     mining = cfg.mining
     fusion = cfg.custom.fusion_config
-    model, processor = load_model_and_processor(cfg.model, seed=args.seed)
+    checkpointing = bool(getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False))
+    model, processor = load_model_and_processor(cfg.model, seed=args.seed, gradient_checkpointing=checkpointing)
     dataset = FusionDataset(fusion, processor, cfg.model, mining=mining, num_train_epochs=args.num_train_epochs)
     if mining is not None:
         note = small_target_warning(mining.mode, mining.hard_sample_size, mining.regular_sample_size,
@@ -112,6 +113,8 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
         )
     except ValueError as e:  # e.g. report_to naming an integration that is not installed
         raise ConfigError(cfg.source, [f"training: {e}"]) from e
+    for callback in model_callbacks(cfg.model, processor):
+        trainer.add_callback(callback)
     # The schedule seed is the fusion's: switching mining on must not reshuffle epoch 0.
     target_epoch_size = mining.target_epoch_size if mining is not None and mining.mode == "fixed_set" else None
     sampler = HsmSampler(

@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hsm.encoding import IGNORE_INDEX
+from hsm.encoding import IGNORE_INDEX, ROLE_COORD, ROLE_LABEL
 
-__all__ = ["token_losses", "per_sample_stats"]
+__all__ = ["STAT_ROWS", "token_losses", "per_sample_stats"]
+
+# The rows of per_sample_stats, in order.
+STAT_ROWS = ("loss", "token_acc", "n_tokens", "coord_loss", "label_loss", "loss_sum")
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -33,12 +36,33 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return losses, mask, correct
 
 
-def per_sample_stats(losses: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
-    """``[3, batch]``: mean token loss, token accuracy and supervised-token count of every sample.
+def per_sample_stats(losses: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor,
+                     token_roles: torch.Tensor | None = None) -> torch.Tensor:
+    """``[6, batch]`` float32, rows :data:`STAT_ROWS`, from the one cross-entropy pass.
 
-    A sample without supervised tokens gets loss 0, accuracy 0, count 0.
+    - ``loss``: mean token loss; ``token_acc``: argmax accuracy; ``n_tokens``:
+      supervised-token count. A sample without supervised tokens gets 0, 0, 0.
+    - ``coord_loss`` / ``label_loss``: mean loss over the supervised tokens whose
+      role (``token_roles``, ``[batch, seq]`` aligned with the unshifted labels,
+      values ``hsm.encoding.ROLE_*``) is a box coordinate / a label; NaN when the
+      sample has no such token or ``token_roles`` is None.
+    - ``loss_sum``: the sum of the sample's token losses (crowded answers weigh more).
+
+    Naive equivalent of ``coord_loss[i]``: ``losses[i][mask[i] & (token_roles[i, 1:] == ROLE_COORD)].mean()``.
     """
     with torch.no_grad():
+        losses = losses.detach()
         n = mask.sum(dim=1).float()
         safe = n.clamp(min=1.0)
-        return torch.stack([losses.detach().sum(dim=1) / safe, correct.sum(dim=1).float() / safe, n])
+        total = losses.sum(dim=1)
+        nan = torch.full_like(total, float("nan"))
+        by_role = []
+        for role in (ROLE_COORD, ROLE_LABEL):
+            if token_roles is None:
+                by_role.append(nan)
+                continue
+            selected = (token_roles[:, 1:].to(mask.device) == role) & mask
+            count = selected.sum(dim=1).float()
+            mean = (losses * selected).sum(dim=1) / count.clamp(min=1.0)
+            by_role.append(torch.where(count > 0, mean, nan))
+        return torch.stack([total / safe, correct.sum(dim=1).float() / safe, n, by_role[0], by_role[1], total])

@@ -140,7 +140,7 @@ class HsmTrainerMixin(FusionSamplerMixin):
             loss = total / mask.sum().clamp(min=1)  # a tensor: no host sync on the training path
             self.loss_is_scaled_for_ga = False
         if self.model.training and self._hsm_meta is not None:
-            stats = per_sample_stats(losses, mask, correct)
+            stats = per_sample_stats(losses, mask, correct, self._hsm_meta.pop("token_roles", None))
             self._hsm_pending.append((self._hsm_meta, stats, self.state.global_step, self._position_offset(labels.shape[0])))
             self._hsm_meta = None
             if len(self._hsm_pending) >= _FLUSH_EVERY_STEPS:
@@ -165,13 +165,14 @@ class HsmTrainerMixin(FusionSamplerMixin):
         start = 0
         for meta, s, step, offset in pending:
             n = s.shape[1]
-            loss, acc, n_tokens = stats[0, start:start + n], stats[1, start:start + n], stats[2, start:start + n]
+            loss, acc, n_tokens, coord_loss, label_loss, loss_sum = stats[:, start:start + n]
             start += n
             self.hsm_writer.append(
                 epoch=int(meta["epoch"][0]), global_step=step,
                 dataset=meta["dataset"], base_idx=meta["base_idx"], sample_id=meta["sample_id"], loss=loss,
                 token_acc=acc, n_tokens=n_tokens.astype(np.int32), aug_seed=meta["aug_seed"],
                 drawn_as_hard=meta["drawn_as_hard"], position_offset=offset,
+                coord_loss=coord_loss, label_loss=label_loss, loss_sum=loss_sum,
             )
 
 

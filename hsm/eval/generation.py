@@ -22,9 +22,15 @@ def load_checkpoint(model_cfg: ModelConfig, checkpoint: str | Path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     checkpoint = Path(checkpoint)
-    if not (checkpoint / "config.json").is_file():
+    is_adapter = (checkpoint / "adapter_config.json").is_file() and not (checkpoint / "config.json").is_file()
+    if not (checkpoint / "config.json").is_file() and not is_adapter:
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no config.json; not a saved model directory")
-    model = AutoModelForImageTextToText.from_pretrained(checkpoint, local_files_only=True)
+    if is_adapter:  # a LoRA checkpoint: the base from model.name_or_path, adapters merged in
+        from hsm.model import load_adapter_checkpoint
+
+        model = load_adapter_checkpoint(model_cfg, checkpoint)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(checkpoint, local_files_only=True)
     if model_cfg.name_or_path == "tiny-qwen3-vl":
         from hsm.model import build_processor
 

@@ -1,0 +1,109 @@
+"""hsm inside ms-swift: the real ``swift sft`` CLI on the tiny Qwen3-VL and the synthetic corpus (``make test-swift``).
+
+Runs only where ms-swift is installed (``.venv-swift``); ``make test`` skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+pytest.importorskip("swift")
+
+from hsm.encoding import format_answer  # noqa: E402
+from hsm.integrations.swift import plugin_path  # noqa: E402
+from hsm.model import build_checkpoint  # noqa: E402
+from hsm.records import read_jsonl  # noqa: E402
+from hsm.synth import synthesize  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+TEMPLATE_PLUGIN = Path(__file__).parent / "swift_plugins" / "tiny_qwen3_vl_template.py"
+N_ROWS, BATCH = 8, 4
+
+
+def swift_dataset(jsonl: Path, out: Path) -> Path:
+    """hsm detection JSONL -> ms-swift's messages + images JSONL (what a user already has)."""
+    with out.open("w", encoding="utf-8") as f:
+        for record in read_jsonl(jsonl):
+            answer = format_answer([o.bbox for o in record.objects], [o.label for o in record.objects],
+                                   record.width, record.height, "rel1000")
+            row = {"messages": [{"role": "user", "content": "<image>Detect all objects."},
+                                {"role": "assistant", "content": answer}], "images": [str(record.image)]}
+            f.write(json.dumps(row) + "\n")
+    return out
+
+
+def swift_sft(tmp: Path, name: str, checkpoint: Path, data: Path, *, mining: bool, epochs: int) -> Path:
+    config = tmp / f"{name}.yaml"
+    config.write_text(
+        "custom:\n"
+        f"  hard_sample_mining: {{enabled: {str(mining).lower()}, mode: reweight, metric: loss, start_epoch: 1,"
+        " selector: {mode: top_k, k: 2}, hard_weight: 3.0}\n"
+        "  fusion_config: {target: {name: bbu}}\n"
+    )
+    out = tmp / name
+    command = [
+        str(Path(sys.executable).parent / "swift"), "sft", "--model", str(checkpoint), "--model_type", "qwen3_vl",
+        "--template", "hsm_tiny_qwen3_vl", "--dataset", str(data), "--split_dataset_ratio", "0",
+        "--tuner_type", "full", "--num_train_epochs", str(epochs), "--per_device_train_batch_size", str(BATCH),
+        "--gradient_accumulation_steps", "1", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
+        "--warmup_ratio", "0", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
+        "--dataloader_num_workers", "0", "--dataset_num_proc", "1", "--use_cpu", "true", "--check_model", "false",
+        "--seed", "0", "--output_dir", str(out),
+        "--external_plugins", str(plugin_path()), str(TEMPLATE_PLUGIN),
+    ]
+    env = {**os.environ, "HSM_CONFIG": str(config)}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    (run_dir,) = out.glob("v*-*")
+    return run_dir
+
+
+def step_losses(run_dir: Path) -> list[float]:
+    lines = [json.loads(line) for line in (run_dir / "logging.jsonl").read_text().splitlines()]
+    return [line["loss"] for line in lines if "loss" in line]
+
+
+def test_swift_sft_with_hsm_plugin(tmp_path):
+    checkpoint = build_checkpoint(tmp_path / "ckpt", "qwen3_vl")
+    corpus = synthesize(tmp_path / "corpus", n_target=N_ROWS, n_source=1, n_val=1)
+    data = swift_dataset(corpus["bbu"], tmp_path / "train.jsonl")
+
+    mined = swift_sft(tmp_path, "mined", checkpoint, data, mining=True, epochs=2)
+    hsm_dir = mined / "hsm"
+    events = pa.concat_tables([pq.read_table(p) for p in sorted(hsm_dir.glob("events/epoch=*/rank=0/*.parquet"))])
+    epoch0 = events.filter(pc.equal(events.column("epoch"), 0))
+    assert sorted(epoch0.column("base_idx").to_pylist()) == list(range(N_ROWS))  # every row once in epoch 0
+    assert set(epoch0.column("dataset").to_pylist()) == {"bbu"}
+    plan = pq.read_table(hsm_dir / "plans" / "epoch=1" / "plan.parquet").to_pylist()
+    hard = {r["base_idx"] for r in plan if r["is_hard"]}
+    # The plan's hard set is the 2 rows with the highest epoch-0 loss (score = mean of one observation).
+    by_loss = sorted(epoch0.to_pylist(), key=lambda e: -e["loss"])
+    assert hard == {e["base_idx"] for e in by_loss[:2]}
+    # Epoch-1 target draws follow the plan: hard rows drawn as hard, more often than any regular row.
+    epoch1 = events.filter(pc.equal(events.column("epoch"), 1)).to_pylist()
+    assert epoch1 and all(e["drawn_as_hard"] == (e["base_idx"] in hard) for e in epoch1)
+    counts = {i: sum(e["base_idx"] == i for e in epoch1) for i in range(N_ROWS)}
+    assert min(counts[i] for i in hard) > max(counts[i] for i in range(N_ROWS) if i not in hard)
+
+    # ms-swift's logged loss with hsm's events on equals the run with mining disabled, step for step in epoch 0.
+    plain = swift_sft(tmp_path, "plain", checkpoint, data, mining=False, epochs=1)
+    assert not (plain / "hsm" / "events").exists()
+    steps_per_epoch = N_ROWS // BATCH
+    mined_losses, plain_losses = step_losses(mined), step_losses(plain)
+    assert len(plain_losses) == steps_per_epoch
+    assert mined_losses[:steps_per_epoch] == pytest.approx(plain_losses, rel=1e-6)
+    # And the events are the same pass: per-sample losses recombine into the logged step loss.
+    for step, loss in enumerate(mined_losses[:steps_per_epoch]):
+        rows = epoch0.filter(pc.equal(epoch0.column("global_step"), step)).to_pylist()
+        weighted = sum(r["loss"] * r["n_tokens"] for r in rows) / sum(r["n_tokens"] for r in rows)
+        assert weighted == pytest.approx(loss, rel=1e-4)

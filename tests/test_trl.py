@@ -1,0 +1,74 @@
+"""hsm inside TRL's SFTTrainer (VLM path) on the tiny real-architecture Qwen3-VL: events, plan, unchanged loss."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+from hsm.config import MiningConfig, SelectorConfig  # noqa: E402
+from hsm.integrations.trl import HsmSFTTrainer, detection_dataset  # noqa: E402
+from hsm.model import build_checkpoint  # noqa: E402
+from hsm.synth import DEFAULT_PROMPTS, synthesize  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def sft_config(out, epochs):
+    return SFTConfig(output_dir=str(out), num_train_epochs=epochs, per_device_train_batch_size=4, learning_rate=0.01,
+                     lr_scheduler_type="constant", logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                     seed=0, max_length=None, dataloader_num_workers=0)
+
+
+class InOrderSFTTrainer(SFTTrainer):
+    """The plain SFTTrainer, reading its dataset in file order (the test feeds it hsm's epoch-0 order)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
+def test_hsm_sft_trainer_logs_plans_and_keeps_trl_loss(tmp_path):
+    checkpoint = build_checkpoint(tmp_path / "ckpt", "qwen3_vl")
+    corpus = synthesize(tmp_path / "corpus", n_target=8, n_source=1, n_val=1)
+    system, user = DEFAULT_PROMPTS["target"]
+    dataset = detection_dataset(corpus["bbu"], system=system, user=user)
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    mining = MiningConfig(enabled=True, mode="reweight", metric="loss", start_epoch=1,
+                          selector=SelectorConfig(mode="top_k", k=2), hard_weight=3.0)
+
+    out = tmp_path / "hsm"
+    trainer = HsmSFTTrainer(model=AutoModelForImageTextToText.from_pretrained(checkpoint), args=sft_config(out, 2),
+                            train_dataset=dataset, processing_class=processor, mining=mining, dataset_name="bbu")
+    trainer.train()
+    events = pa.concat_tables([pq.read_table(p) for p in sorted((out / "hsm").glob("events/epoch=*/rank=0/*.parquet"))])
+    epoch0 = events.filter(pc.equal(events.column("epoch"), 0)).sort_by([("global_step", "ascending"), ("position", "ascending")])
+    assert sorted(epoch0.column("sample_id").to_pylist()) == sorted(dataset["id"])  # every row once
+    plan = pq.read_table(out / "hsm" / "plans" / "epoch=1" / "plan.parquet").to_pylist()
+    hard = {r["base_idx"] for r in plan if r["is_hard"]}
+    assert len(hard) == 2
+    # Epoch 1 follows the plan: the hard rows are drawn as hard, about hard_weight times each.
+    epoch1 = events.filter(pc.equal(events.column("epoch"), 1)).to_pylist()
+    assert {e["base_idx"] for e in epoch1 if e["drawn_as_hard"]} == hard
+    assert all(e["drawn_as_hard"] == (e["base_idx"] in hard) for e in epoch1)
+    # The per-sample losses recombine into TRL's logged step loss (token-weighted mean).
+    hsm_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    for step, loss in enumerate(hsm_losses[:2], start=1):
+        rows = epoch0.filter(pc.equal(epoch0.column("global_step"), step - 1)).to_pylist()
+        weighted = sum(r["loss"] * r["n_tokens"] for r in rows) / sum(r["n_tokens"] for r in rows)
+        assert weighted == pytest.approx(loss, rel=1e-4)
+
+    # A plain SFTTrainer on the same rows in hsm's epoch-0 order gives the same loss, step for step.
+    ordered = dataset.select(epoch0.column("base_idx").to_pylist())
+    plain = InOrderSFTTrainer(model=AutoModelForImageTextToText.from_pretrained(checkpoint),
+                              args=sft_config(tmp_path / "plain", 1), train_dataset=ordered, processing_class=processor)
+    plain.train()
+    plain_losses = [h["loss"] for h in plain.state.log_history if "loss" in h]
+    assert len(plain_losses) == 2
+    assert hsm_losses[:2] == pytest.approx(plain_losses, rel=1e-6)
