@@ -154,6 +154,8 @@ def fold_epoch(
         keys[new_at] = new_keys
 
     def carried(name: str, dtype) -> np.ndarray:
+        if state is None:  # nothing carried, and no event observed this metric either
+            return np.zeros(total, dtype=dtype)
         if prev_at is None:
             return state.column(name).to_numpy().astype(dtype, copy=True)
         out = np.zeros(total, dtype=dtype)
