@@ -18,7 +18,7 @@ from pathlib import Path
 
 from hsm.plan import file_sha256
 
-__all__ = ["DetectionObject", "Record", "RecordError", "read_jsonl", "validate_jsonl", "file_fingerprint", "import_coco",
+__all__ = ["DetectionObject", "Record", "RecordError", "json_lines", "read_jsonl", "validate_jsonl", "file_fingerprint", "import_coco",
            "CocoImport", "check_image_size", "image_size_problems", "declared_size_problems"]
 
 
@@ -81,33 +81,42 @@ def _parse(obj: object, where: str, root: Path) -> Record:
     return Record(image if image.is_absolute() else root / image, width, height, tuple(objects), obj.get("id"), where)
 
 
-def _read_lines(path: Path, check_images: bool):
-    """Yield ``(record, None)`` or ``(None, problem)`` for every non-empty line."""
-    seen_ids: dict[str, int] = {}
+def json_lines(path: Path):
+    """Yield ``(line number, "file:line", object or None, problem or None)`` for every non-empty JSONL line."""
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             where = f"{path}:{number}"
             try:
-                obj = json.loads(line)
+                yield number, where, json.loads(line), None
             except json.JSONDecodeError as e:
-                yield None, f"{where}: malformed JSON ({e.msg} at column {e.colno})"
+                yield number, where, None, f"{where}: malformed JSON ({e.msg} at column {e.colno})"
+
+
+def _read_lines(path: Path, check_images: bool):
+    """Yield ``(record, None)`` or ``(None, problem)`` for every non-empty line."""
+    seen_ids: dict[str, int] = {}
+    for number, where, obj, problem in json_lines(path):
+        if problem is not None:
+            yield None, problem
+            continue
+        try:
+            record = _parse(obj, where, path.parent)
+        except RecordError as e:
+            yield None, str(e)
+            continue
+        if record.id is not None:
+            if record.id in seen_ids:
+                yield None, f"{where}: duplicate id {record.id!r} (first at line {seen_ids[record.id]})"
                 continue
-            try:
-                record = _parse(obj, where, path.parent)
-            except RecordError as e:
-                yield None, str(e)
-                continue
-            if record.id is not None:
-                if record.id in seen_ids:
-                    yield None, f"{where}: duplicate id {record.id!r} (first at line {seen_ids[record.id]})"
-                    continue
-                seen_ids[record.id] = number
-            if check_images and not record.image.is_file():
-                yield None, f"{where}: image {record.image} not found"
-                continue
-            yield record, None
+            seen_ids[record.id] = number
+        if check_images and not record.image.is_file():
+            yield None, f"{where}: image {record.image} not found"
+            continue
+        yield record, None
+
+
 
 
 def read_jsonl(path: str | Path, *, check_images: bool = True) -> list[Record]:

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from hsm.eval.metrics import DatasetScore, score_dataset
 from hsm.plan import write_bytes_atomic, write_json_atomic
-from hsm.records import Record, read_jsonl
+from hsm.records import Record, json_lines, read_jsonl
 
 __all__ = [
     "PER_SAMPLE_SCHEMA",
@@ -86,28 +86,22 @@ def read_answers(path: str | Path, keys: list[str]) -> list[str | None]:
     position = {key: i for i, key in enumerate(keys)}
     answers: list[str | None] = [None] * len(keys)
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AnswerError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from e
-            if not isinstance(obj, dict) or "id" not in obj or not isinstance(obj.get("answer"), str):
-                raise AnswerError(f'{where}: expected {{"id": <record id>, "answer": "<text>"}}')
-            key = obj["id"]
-            if isinstance(key, bool) or not isinstance(key, (str, int)):
-                raise AnswerError(f"{where}: 'id' must be a string or a line index, got {key!r}")
-            key = str(key)
-            if key in seen:
-                raise AnswerError(f"{where}: duplicate id {key!r} (first at line {seen[key]})")
-            if key not in position:
-                raise AnswerError(f"{where}: id {key!r} names no record (ids are the records' 'id', else their "
-                                  "0-based line index)")
-            seen[key] = number
-            answers[position[key]] = obj["answer"]
+    for number, where, obj, problem in json_lines(path):
+        if problem is not None:
+            raise AnswerError(problem)
+        if not isinstance(obj, dict) or "id" not in obj or not isinstance(obj.get("answer"), str):
+            raise AnswerError(f'{where}: expected {{"id": <record id>, "answer": "<text>"}}')
+        key = obj["id"]
+        if isinstance(key, bool) or not isinstance(key, (str, int)):
+            raise AnswerError(f"{where}: 'id' must be a string or a line index, got {key!r}")
+        key = str(key)
+        if key in seen:
+            raise AnswerError(f"{where}: duplicate id {key!r} (first at line {seen[key]})")
+        if key not in position:
+            raise AnswerError(f"{where}: id {key!r} names no record (ids are the records' 'id', else their "
+                              "0-based line index)")
+        seen[key] = number
+        answers[position[key]] = obj["answer"]
     return answers
 
 
