@@ -50,6 +50,7 @@ __all__ = [
 MIN_EPOCHS = 3
 TOP_FRAC = 0.1
 REGIONS = ("easy", "medium", "hard", "ambiguous")
+_METRICS = ("loss", "token_acc", "coord_loss", "label_loss", "loss_sum")
 _METRIC_COLUMNS = ("attempt", "epoch", "global_step", "rank", "dataset", "base_idx", "sample_id", "loss", "token_acc")
 
 
@@ -83,14 +84,17 @@ def epoch_metrics(events: pa.Table, target: str, metric: str) -> pa.Table:
 
     ``events`` must already be de-duplicated by attempt. Returns columns
     ``base_idx, sample_id, epoch, value`` sorted by ``(base_idx, epoch)``;
-    ``value`` is ``loss`` or ``1 - token_acc``.
+    ``value`` is ``1 - token_acc`` for ``token_acc``, else the metric's own column
+    (``loss``, ``coord_loss``, ``label_loss``, ``loss_sum``); a null value is not an observation.
     """
-    if metric not in ("loss", "token_acc"):
-        raise ValueError(f"metric must be loss or token_acc, got {metric!r}")
+    if metric not in _METRICS:
+        raise ValueError(f"metric must be one of {', '.join(_METRICS)}, got {metric!r}")
     rows = events.filter(pc.equal(events.column("dataset").cast(pa.string()), target))
-    value = rows.column("loss").cast(pa.float64())
     if metric == "token_acc":
         value = pc.subtract(1.0, rows.column("token_acc").cast(pa.float64()))
+    else:
+        rows = rows.filter(pc.is_valid(rows.column(metric)))
+        value = rows.column(metric).cast(pa.float64())
     table = pa.table({
         "base_idx": rows.column("base_idx"), "sample_id": rows.column("sample_id").cast(pa.string()),
         "epoch": rows.column("epoch"), "value": value,
@@ -110,7 +114,8 @@ def read_epoch_metrics(hsm_dir: str | Path, epochs: range | list[int], target: s
 
     parts = []
     for epoch in epochs:
-        events = read_epoch_events(hsm_dir, epoch, skip_corrupt=skip_corrupt, columns=_METRIC_COLUMNS).table
+        columns = _METRIC_COLUMNS if metric in ("loss", "token_acc") else (*_METRIC_COLUMNS, metric)
+        events = read_epoch_events(hsm_dir, epoch, skip_corrupt=skip_corrupt, columns=columns).table
         if events.num_rows:
             parts.append(epoch_metrics(events, target, metric))
     if not parts:
