@@ -57,11 +57,12 @@ def per_sample_stats(losses: torch.Tensor, mask: torch.Tensor, correct: torch.Te
         total = losses.sum(dim=1)
         nan = torch.full_like(total, float("nan"))
         by_role = []
+        roles = token_roles[:, 1:].to(mask.device, non_blocking=True) if token_roles is not None else None
         for role in (ROLE_COORD, ROLE_LABEL):
-            if token_roles is None:
+            if roles is None:
                 by_role.append(nan)
                 continue
-            selected = (token_roles[:, 1:].to(mask.device) == role) & mask
+            selected = (roles == role) & mask
             count = selected.sum(dim=1).float()
             mean = (losses * selected).sum(dim=1) / count.clamp(min=1.0)
             by_role.append(torch.where(count > 0, mean, nan))

@@ -50,7 +50,7 @@ class FusionSamplerMixin:
         self.hsm_fusion = fusion
         self.hsm_log_prefix = log_prefix
         self.hsm_telemetry: dict[str, np.ndarray] = {}
-        self._hsm_batch_meta: dict | None = None
+        self._hsm_meta: dict | None = None
         self.add_callback(SamplerEpochCallback(self))
 
     def _get_train_sampler(self, train_dataset=None):
@@ -59,10 +59,17 @@ class FusionSamplerMixin:
     def _prepare_inputs(self, inputs):
         # Every path to model(**inputs) (training_step, prediction_step) prepares its inputs here.
         meta = inputs.pop("hsm_meta", None) if isinstance(inputs, dict) else None
-        self._hsm_batch_meta = meta
+        self._hsm_meta = meta  # the mining loss reads it; the batch's tensors go on without it
         if meta is not None and self.model.training:
             self._count_telemetry(meta)
         return super()._prepare_inputs(inputs)
+
+    def take_hsm_meta(self, inputs: dict) -> dict | None:
+        """The batch's metadata, once: from ``inputs`` when called directly, else what ``_prepare_inputs`` kept."""
+        meta = inputs.pop("hsm_meta", None)
+        meta = meta if meta is not None else self._hsm_meta
+        self._hsm_meta = None
+        return meta
 
     def _count_telemetry(self, meta: dict) -> None:
         for i, name in enumerate(meta["dataset"]):
@@ -90,8 +97,6 @@ class SamplerEpochCallback(TrainerCallback):
         self.trainer.hsm_sampler.set_epoch(math.floor(state.epoch + 1e-9))
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if isinstance(self.trainer, HsmTrainerMixin):
-            return  # the mining callback logs fusion telemetry with its own scalars
         logs = fusion_telemetry(self.trainer)
         if distributed.on_main(distributed.current_world()):
             self.trainer.log({f"{self.trainer.hsm_log_prefix}{k}": float(v) for k, v in logs.items()})
@@ -111,14 +116,12 @@ class HsmTrainerMixin(FusionSamplerMixin):
         self.hsm_world = distributed.current_world()
         self.hsm_writer = EventWriter(hsm_dir, run_id=run_id, rank=self.hsm_world.rank, attempt=attempt)
         self._hsm_pending: list[tuple[dict, torch.Tensor, int, int]] = []
-        self._hsm_meta: dict | None = None
+        self._hsm_loss_meta: dict | None = None  # the batch whose loss compute_loss is computing
         self._hsm_micro = (-1, 0)
         self.add_callback(MiningCallback(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        meta = inputs.pop("hsm_meta", None)
-        self._hsm_meta = meta if meta is not None else getattr(self, "_hsm_batch_meta", None)
-        self._hsm_batch_meta = None
+        self._hsm_loss_meta = self.take_hsm_meta(inputs)
         # The plain Trainer counts tokens across devices (and later multiplies the loss by the
         # number of processes) only for a model that accepts loss kwargs. Qwen-VL does not: its
         # loss is each rank's own per-token mean. Hand our loss what the plain Trainer would have
@@ -139,10 +142,10 @@ class HsmTrainerMixin(FusionSamplerMixin):
         else:
             loss = total / mask.sum().clamp(min=1)  # a tensor: no host sync on the training path
             self.loss_is_scaled_for_ga = False
-        if self.model.training and self._hsm_meta is not None:
-            stats = per_sample_stats(losses, mask, correct, self._hsm_meta.pop("token_roles", None))
-            self._hsm_pending.append((self._hsm_meta, stats, self.state.global_step, self._position_offset(labels.shape[0])))
-            self._hsm_meta = None
+        meta, self._hsm_loss_meta = self._hsm_loss_meta, None
+        if self.model.training and meta is not None:
+            stats = per_sample_stats(losses, mask, correct, meta.pop("token_roles", None))
+            self._hsm_pending.append((meta, stats, self.state.global_step, self._position_offset(labels.shape[0])))
             if len(self._hsm_pending) >= _FLUSH_EVERY_STEPS:
                 self.hsm_drain()
         return loss
@@ -230,7 +233,6 @@ class MiningCallback(TrainerCallback):
             write_bytes_atomic(manifest_bytes, directory / "manifest.json")  # the manifest is the commit point
         t.hsm_sampler.expect_plan(epoch + 1, manifest["checksum"])
         logs["plan_seconds"] = time.perf_counter() - started
-        logs.update(fusion_telemetry(t))
         if distributed.on_main(world):
             t.log({f"{t.hsm_mining.log_prefix}{k}": float(v) for k, v in logs.items()})
 

@@ -60,7 +60,7 @@ def test_mixin_loss_equals_plain_trainer_and_recombines(tmp_path, corpus, num_it
     plain = Trainer(model=model, args=args)
     hsm_trainer = make_trainer_class(Trainer, mining=True)(model=model, args=args)
     hsm_trainer.compute_loss_func = hsm_trainer._hsm_loss
-    hsm_trainer._hsm_meta = None
+    hsm_trainer._hsm_meta = hsm_trainer._hsm_loss_meta = None
     inputs = {k: v for k, v in batch.items() if k != "hsm_meta"}
     model.train()
     with torch.no_grad():

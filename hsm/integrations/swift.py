@@ -138,9 +138,7 @@ def _trainer_class():
                                    pin_memory=args.dataloader_pin_memory)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            meta = inputs.pop("hsm_meta", None)
-            meta = meta if meta is not None else getattr(self, "_hsm_batch_meta", None)
-            self._hsm_batch_meta = None
+            meta = self.take_hsm_meta(inputs)
             if not self.hsm_is_mining or meta is None or not self.model.training:
                 return Seq2SeqTrainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
             labels = inputs["labels"]  # already trimmed to the kept logits when ms-swift uses logits_to_keep

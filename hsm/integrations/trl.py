@@ -74,9 +74,7 @@ class HsmSFTTrainer(HsmTrainerMixin, SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # hsm's _prepare_inputs has already taken the batch's metadata out of the model inputs.
-        meta = inputs.pop("hsm_meta", None)
-        meta = meta if meta is not None else getattr(self, "_hsm_batch_meta", None)
-        self._hsm_batch_meta = None
+        meta = self.take_hsm_meta(inputs)
         if meta is None or not self.model.training:
             return SFTTrainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
         fused = []
