@@ -73,6 +73,9 @@ def epoch_events(rng, epoch: int, n_events: int, n_target: int) -> list[pa.Table
             "rank": rank, "position": (np.arange(n) % 8).astype(np.int32), "dataset": dataset,
             "base_idx": idx, "sample_id": sample_id, "loss": loss, "token_acc": acc, "n_tokens": n_tok,
             "aug_seed": rng.integers(0, 2**31, n), "drawn_as_hard": hard,
+            # Box-aware columns, as a detection run logs them.
+            "coord_loss": (loss * 0.6).astype(np.float32), "label_loss": (loss * 0.4).astype(np.float32),
+            "loss_sum": (loss * n_tok).astype(np.float32),
         },
         schema=EVENT_SCHEMA,
     )
