@@ -118,12 +118,38 @@ def read_manifest(hsm_dir: str | Path, epoch: int) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class Plan:
-    """A verified plan, as the schedule consumes it."""
+    """A verified plan, as the schedule consumes it: dense over the target's indices.
+
+    ``weight[i]`` is sample ``i``'s weight (the manifest's ``default_weight`` where the
+    plan has no row) and ``is_hard[i]`` whether it is hard: 9 bytes per target sample,
+    and no sparse copy of the plan's rows once it is loaded.
+    """
 
     manifest: dict[str, Any]
-    base_idx: np.ndarray
-    is_hard: np.ndarray
     weight: np.ndarray
+    is_hard: np.ndarray
+
+    @classmethod
+    def from_rows(cls, manifest: dict[str, Any], base_idx: np.ndarray, is_hard: np.ndarray, weight: np.ndarray,
+                  n_target: int) -> Plan:
+        """The plan of the rows ``(base_idx, is_hard, weight)`` over ``n_target`` samples (naive: a scatter)."""
+        base_idx = np.asarray(base_idx, dtype=np.int64)
+        if len(base_idx) and (base_idx.min() < 0 or base_idx.max() >= n_target):
+            raise ValueError(f"base_idx outside [0, {n_target})")
+        dense_weight = np.full(n_target, float(manifest["default_weight"]))
+        dense_hard = np.zeros(n_target, dtype=bool)
+        dense_weight[base_idx] = weight
+        dense_hard[base_idx] = is_hard
+        return cls(manifest=manifest, weight=dense_weight, is_hard=dense_hard)
+
+    @property
+    def n_target(self) -> int:
+        return len(self.weight)
+
+    @property
+    def hard_idx(self) -> np.ndarray:
+        """Indices of the hard samples, ascending."""
+        return np.flatnonzero(self.is_hard)
 
     @property
     def checksum(self) -> str:
@@ -137,17 +163,9 @@ class Plan:
     def triggered(self) -> bool:
         return bool(self.manifest["triggered"])
 
-    def target_weights(self, n_target: int) -> np.ndarray:
-        """Weights over every target index; samples not in the plan get ``default_weight``."""
-        weights = np.full(n_target, float(self.manifest["default_weight"]))
-        weights[self.base_idx] = self.weight
-        return weights
 
-    def hard_mask(self, n_target: int) -> np.ndarray:
-        """``is_hard`` over every target index."""
-        mask = np.zeros(n_target, dtype=bool)
-        mask[self.base_idx] = self.is_hard
-        return mask
+# Rows per record batch read (one row group of the default writer): the rows live only one batch at a time.
+_BATCH_ROWS = 1 << 20
 
 
 def load_plan(
@@ -161,7 +179,9 @@ def load_plan(
 
     Raises :class:`PlanError` when the file's sha256 differs from the manifest
     (or from ``expected_checksum``, the one rank 0 broadcast), or when the plan
-    does not fit ``dataset``.
+    does not fit ``dataset``. The rows are read one record batch at a time and
+    scattered into the dense :class:`Plan` (over ``dataset.size`` samples; without
+    a dataset, the manifest's target size or the largest index + 1).
     """
     manifest = read_manifest(hsm_dir, epoch)
     if manifest is None:
@@ -177,24 +197,47 @@ def load_plan(
         raise PlanError(f"{path}: sha256 {actual[:12]} does not match the manifest's {manifest['checksum'][:12]}; {fix}")
     if expected_checksum is not None and actual != expected_checksum:
         raise PlanError(f"{path}: sha256 {actual[:12]} differs from rank 0's {expected_checksum[:12]}")
+    if dataset is not None:
+        _check_fits(path, manifest, dataset, fix)
+    loaded = pa.schema([PLAN_SCHEMA.field(c) for c in _LOADED])
     try:
         part = pq.ParquetFile(path, read_dictionary=["dataset"])
         check_schema(part.schema_arrow, PLAN_SCHEMA, str(path))  # the whole contract, from the footer
-        table = part.read(columns=list(_LOADED), use_threads=True)
-        table = conform(table, pa.schema([PLAN_SCHEMA.field(c) for c in _LOADED]), str(path), keep_dictionary=True)
+        n_target = dataset.size if dataset is not None else manifest["target"].get("size")
+        if n_target is None:  # offline, size unknown: the rows say how far the target goes
+            high = -1
+            for batch in part.iter_batches(batch_size=_BATCH_ROWS, columns=["base_idx"]):
+                high = max(high, pc.max(batch.column(0)).as_py() if batch.num_rows else -1)
+            n_target = high + 1
+        weight = np.full(n_target, float(manifest["default_weight"]))
+        is_hard = np.zeros(n_target, dtype=bool)
+        names: dict[str, None] = {}
+        low = high = None
+        for batch in part.iter_batches(batch_size=_BATCH_ROWS, columns=list(_LOADED), use_threads=True):
+            rows = conform(pa.Table.from_batches([batch]), loaded, str(path), keep_dictionary=True)
+            names.update(dict.fromkeys(pc.unique(rows.column("dataset")).to_pylist()))
+            if not rows.num_rows:
+                continue
+            base_idx = rows.column("base_idx").to_numpy()
+            batch_low, batch_high = int(base_idx.min()), int(base_idx.max())
+            low = batch_low if low is None else min(low, batch_low)
+            high = batch_high if high is None else max(high, batch_high)
+            if low >= 0 and high < n_target:  # else keep reading for the message, scatter no more
+                weight[base_idx] = rows.column("weight").to_numpy()
+                is_hard[base_idx] = rows.column("is_hard").to_numpy(zero_copy_only=False)
     except (pa.ArrowException, OSError, SchemaError) as e:
         raise PlanError(f"{path}: unreadable plan ({e}); {fix}") from e
-    if dataset is not None:
-        _check_fits(path, manifest, table, dataset, fix)
-    return Plan(
-        manifest=manifest,
-        base_idx=table.column("base_idx").to_numpy(),
-        is_hard=table.column("is_hard").to_numpy(zero_copy_only=False),
-        weight=table.column("weight").to_numpy(),
-    )
+    name = dataset.name if dataset is not None else manifest["target"].get("name")
+    if dataset is not None and any(n != dataset.name for n in names):
+        raise PlanError(f"{path}: rows for datasets {list(names)}, only '{dataset.name}' may be planned")
+    if low is not None and (low < 0 or high >= n_target):
+        bad = high if high >= n_target else low
+        raise PlanError(f"{path}: base_idx {bad} out of range for dataset '{name}' (n={n_target}); {fix}")
+    return Plan(manifest=manifest, weight=weight, is_hard=is_hard)
 
 
-def _check_fits(path: Path, manifest: dict[str, Any], table: pa.Table, dataset: DatasetInfo, fix: str) -> None:
+def _check_fits(path: Path, manifest: dict[str, Any], dataset: DatasetInfo, fix: str) -> None:
+    """The manifest's target against ``dataset`` (the rows are checked as they are read)."""
     target = manifest["target"]
     if target.get("name") != dataset.name:
         raise PlanError(f"{path}: plan is for dataset '{target.get('name')}', the target is '{dataset.name}'")
@@ -207,11 +250,3 @@ def _check_fits(path: Path, manifest: dict[str, Any], table: pa.Table, dataset: 
             f"{path}: dataset fingerprint {target['fingerprint'][:12]} differs from '{dataset.name}' "
             f"{dataset.fingerprint[:12]} (the data changed); {fix}"
         )
-    names = pc.unique(table.column("dataset")).to_pylist()
-    if any(name != dataset.name for name in names):
-        raise PlanError(f"{path}: rows for datasets {names}, only '{dataset.name}' may be planned")
-    if table.num_rows:
-        low, high = pc.min(table.column("base_idx")).as_py(), pc.max(table.column("base_idx")).as_py()
-        if low < 0 or high >= dataset.size:
-            bad = high if high >= dataset.size else low
-            raise PlanError(f"{path}: base_idx {bad} out of range for dataset '{dataset.name}' (n={dataset.size}); {fix}")

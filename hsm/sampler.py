@@ -98,8 +98,7 @@ class HsmSampler(torch.utils.data.Sampler):
                 codes, idx, hard = schedule.decode(start, stop)
             else:
                 where = positions[start:stop].tolist()
-                picked = Schedule(slots=schedule.slots[positions[start:stop]], epoch=self.epoch)
-                codes, idx, hard = picked.decode(0, stop - start)
+                codes, idx, hard = schedule.decode_at(positions[start:stop])
             yield from zip(codes, idx, hard, [self.epoch] * (stop - start), where)
 
     def __len__(self) -> int:

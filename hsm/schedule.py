@@ -24,11 +24,23 @@ epoch once): ``T + sum_s round(ratio_s * n_target)`` slots, where ``T`` is
   epoch's hard share is the configured one within one slot at any batch size, and each
   batch holds the floor or ceiling of its share; each pool is cycled in a fresh
   permutation per pass; hard slots beyond the pool size are the ``shortfall``.
+
+How (the memory and time budget at 20M slots is one packed array): the slots are one
+``np.empty`` array, int32 when the codes and indices fit (else int64), filled in place
+chunk by chunk. The epoch is cut into chunks of ``chunk_slots`` positions; how many
+slots of each dataset fall in each chunk is drawn by a multivariate hypergeometric, the
+target draws are dealt to the chunks in random order (:func:`random_permutation`'s
+two-level shuffle), the source draws are made per chunk, and each chunk is shuffled
+where it lies in cache. The result is a uniformly random order of the epoch's multiset,
+like one global shuffle, at a fraction of its cache misses. ``chunk_slots`` is part of
+the schedule's definition (a constant, never derived from the machine), so the schedule
+stays a pure function of its inputs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -36,9 +48,17 @@ from hsm.config import decimal_fraction
 from hsm.plan import Plan
 
 __all__ = ["Schedule", "World", "build_schedule", "systematic_counts", "source_quota", "shard_positions",
-           "epoch_length", "cycled_target", "hard_slots_per_batch"]
+           "epoch_length", "cycled_target", "hard_slots_per_batch", "random_permutation", "slot_bits", "pack_slots",
+           "CHUNK_SLOTS"]
 
 _SOURCE_STREAM, _TARGET_STREAM, _SHUFFLE_STREAM, _HARD_STREAM, _REGULAR_STREAM, _CYCLE_STREAM = 2, 3, 4, 5, 6, 8
+_DEAL_STREAM = 9
+
+CHUNK_SLOTS = 1 << 16
+"""Slots per chunk of work (64K: an int64 chunk is 512 KiB, inside L2). Part of the schedule's definition."""
+
+# The multivariate hypergeometric that splits an epoch over chunks needs fewer than 10**9 items.
+_MAX_SLOTS = 10**9 - 1
 
 
 @dataclass(frozen=True)
@@ -53,23 +73,45 @@ class World:
             raise ValueError(f"rank {self.rank} outside world of size {self.world_size}")
 
 
-_IDX_BITS = 40
-_IDX_MASK = (1 << _IDX_BITS) - 1
-_HARD_BIT = 1 << _IDX_BITS
-_CODE_SHIFT = _IDX_BITS + 1
+_IDX_BITS_64 = 40
+
+
+def slot_bits(max_size: int, n_codes: int) -> tuple[np.dtype, int]:
+    """``(dtype, idx_bits)`` of the packed slot ``code << (idx_bits + 1) | is_hard << idx_bits | base_idx``.
+
+    int32 when the code, the hard bit and every index fit in 31 bits (e.g. indices
+    below 2**27 with up to 8 codes), else int64 with 40 index bits.
+    """
+    code_bits = max(1, (max(n_codes, 1) - 1).bit_length())
+    idx_bits = 31 - 1 - code_bits
+    if max_size <= 1 << idx_bits:
+        return np.dtype(np.int32), idx_bits
+    if max_size > 1 << _IDX_BITS_64 or code_bits > 63 - 1 - _IDX_BITS_64:
+        raise ValueError(f"datasets of {max_size} samples with {n_codes} codes do not fit a 64-bit slot")
+    return np.dtype(np.int64), _IDX_BITS_64
+
+
+def pack_slots(codes: np.ndarray, base_idx: np.ndarray, is_hard: np.ndarray, dtype: np.dtype, idx_bits: int) -> np.ndarray:
+    """Packed slots of ``dtype``: ``code << (idx_bits + 1) | is_hard << idx_bits | base_idx``."""
+    out = np.asarray(codes).astype(dtype) << (idx_bits + 1)
+    out |= np.asarray(is_hard).astype(dtype) << idx_bits
+    out |= np.asarray(base_idx).astype(dtype)
+    return out
 
 
 @dataclass(frozen=True)
 class Schedule:
     """One epoch's global schedule; ``len(schedule)`` slots.
 
-    Slots are packed into one int64 each, ``code << 41 | is_hard << 40 | base_idx``,
-    so a 20M-slot epoch is one 160 MB array; the views below decode it.
+    Slots are packed into one integer each, ``code << (idx_bits + 1) | is_hard << idx_bits
+    | base_idx`` (int32 where it fits, see :func:`slot_bits`), so a 20M-slot epoch is
+    one 80 MB array; the views below decode it.
     """
 
     slots: np.ndarray
     epoch: int
     shortfall: int = 0
+    idx_bits: int = _IDX_BITS_64
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -77,24 +119,32 @@ class Schedule:
     @property
     def dataset(self) -> np.ndarray:
         """Dataset code per slot (0 = target)."""
-        return (self.slots >> _CODE_SHIFT).astype(np.int16)
+        return (self.slots >> (self.idx_bits + 1)).astype(np.int16)
 
     @property
     def base_idx(self) -> np.ndarray:
-        return self.slots & _IDX_MASK
+        return self.slots & ((1 << self.idx_bits) - 1)
 
     @property
     def is_hard(self) -> np.ndarray:
-        return (self.slots & _HARD_BIT) != 0
+        return (self.slots & (1 << self.idx_bits)) != 0
 
     def counts(self) -> np.ndarray:
         """Slots per dataset code."""
-        return np.bincount(self.dataset, minlength=int(self.dataset.max(initial=0)) + 1)
+        dataset = self.dataset
+        return np.bincount(dataset, minlength=int(dataset.max(initial=0)) + 1)
 
     def decode(self, start: int, stop: int) -> tuple[list[int], list[int], list[bool]]:
         """``(codes, base_idx, is_hard)`` of slots ``start:stop`` as Python lists."""
-        chunk = self.slots[start:stop]
-        return ((chunk >> _CODE_SHIFT).tolist(), (chunk & _IDX_MASK).tolist(), ((chunk & _HARD_BIT) != 0).tolist())
+        return self._decode(self.slots[start:stop])
+
+    def decode_at(self, positions: np.ndarray) -> tuple[list[int], list[int], list[bool]]:
+        """``(codes, base_idx, is_hard)`` of the slots at ``positions`` as Python lists."""
+        return self._decode(self.slots[positions])
+
+    def _decode(self, chunk: np.ndarray) -> tuple[list[int], list[int], list[bool]]:
+        hard = 1 << self.idx_bits
+        return ((chunk >> (self.idx_bits + 1)).tolist(), (chunk & (hard - 1)).tolist(), ((chunk & hard) != 0).tolist())
 
 
 def source_quota(ratio: float, n_target: int) -> int:
@@ -108,54 +158,169 @@ def epoch_length(n_target: int, source_ratios: list[float], target_epoch_size: i
     return (target_epoch_size or n_target) + sum(source_quota(r, n_target) for r in source_ratios)
 
 
-def cycled_target(n_target: int, count: int, *, seed: int, epoch: int) -> np.ndarray:
+def _deal(pieces: Iterable[np.ndarray], starts: np.ndarray, capacity: np.ndarray, out: np.ndarray,
+          rng: np.random.Generator) -> None:
+    """Deal the concatenated ``pieces`` to the buckets ``out[starts[j]:starts[j] + capacity[j]]`` in random order.
+
+    Each piece is shuffled, and how many of its items go to each bucket is drawn from
+    the multivariate hypergeometric over the buckets' remaining room: every assignment
+    of items to buckets (with the buckets' sizes fixed) is equally likely. Within a
+    bucket the items lie piece by piece; the caller shuffles each bucket.
+    """
+    cursor = np.array(starts, dtype=np.int64)
+    room = np.array(capacity, dtype=np.int64)
+    buffer = np.empty(0, dtype=np.int64)
+    for piece in pieces:
+        size = len(piece)
+        if size == 0:
+            continue
+        if len(buffer) < size:
+            buffer = np.empty(size, dtype=np.int64)
+        work = buffer[:size]
+        work[:] = piece
+        rng.shuffle(work)  # int64 in place: numpy's fast path
+        taken = rng.multivariate_hypergeometric(room, size)
+        room -= taken
+        offset = 0
+        for j in np.flatnonzero(taken).tolist():
+            k = int(taken[j])
+            out[cursor[j]:cursor[j] + k] = work[offset:offset + k]
+            cursor[j] += k
+            offset += k
+
+
+def _shuffle_chunks(out: np.ndarray, chunk: int, rng: np.random.Generator) -> None:
+    """Shuffle ``out[i*chunk:(i+1)*chunk]`` in place for every ``i``, through one int64 buffer."""
+    buffer = np.empty(min(chunk, len(out)), dtype=np.int64)
+    for lo in range(0, len(out), chunk):
+        work = buffer[:len(out[lo:lo + chunk])]
+        work[:] = out[lo:lo + chunk]
+        rng.shuffle(work)
+        out[lo:lo + len(work)] = work
+
+
+def _pieces(values: np.ndarray, chunk: int) -> Iterator[np.ndarray]:
+    for lo in range(0, len(values), chunk):
+        yield values[lo:lo + chunk]
+
+
+def _range_pieces(n: int, chunk: int) -> Iterator[np.ndarray]:
+    for lo in range(0, n, chunk):
+        yield np.arange(lo, min(n, lo + chunk), dtype=np.int64)
+
+
+def _bucket_bounds(n: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    starts = np.arange(0, n, chunk, dtype=np.int64)
+    return starts, np.minimum(chunk, n - starts)
+
+
+def _permute_into(pieces: Iterable[np.ndarray], out: np.ndarray, rng: np.random.Generator, chunk: int) -> None:
+    """A uniformly random permutation of the concatenated ``pieces`` (``len(out)`` items) written into ``out``."""
+    starts, capacity = _bucket_bounds(len(out), chunk)
+    _deal(pieces, starts, capacity, out, rng)
+    _shuffle_chunks(out, chunk, rng)
+
+
+def random_permutation(n: int, rng: np.random.Generator, *, dtype: np.dtype | type = np.int64,
+                       chunk_slots: int = CHUNK_SLOTS) -> np.ndarray:
+    """A uniformly random permutation of ``range(n)``, two-level, every step in cache.
+
+    The items are dealt in shuffled pieces of ``chunk_slots`` to buckets of
+    ``chunk_slots`` (multivariate hypergeometric counts), then each bucket is
+    shuffled: every order is equally likely, as with ``rng.permutation(n)``, whose
+    random accesses over the whole array it avoids (a different sequence, though).
+    """
+    if n > _MAX_SLOTS:
+        raise ValueError(f"random_permutation supports fewer than 10**9 items, got {n}")
+    out = np.empty(n, dtype=dtype)
+    _permute_into(_range_pieces(n, chunk_slots), out, rng, chunk_slots)
+    return out
+
+
+def cycled_target(n_target: int, count: int, *, seed: int, epoch: int, chunk_slots: int = CHUNK_SLOTS,
+                  dtype: np.dtype | type = np.int64) -> np.ndarray:
     """Target indices ``[epoch*count, (epoch+1)*count)`` of an endless cycle of permutations.
 
-    Pass ``c`` of the cycle is ``default_rng([seed, c, _CYCLE_STREAM]).permutation(n_target)``.
+    Pass ``c`` of the cycle is ``random_permutation(n_target, default_rng([seed, c, _CYCLE_STREAM]))``.
     Naive equivalent: ``np.concatenate([perm(c) for c in range(many)])[epoch*count:(epoch+1)*count]``.
     """
     if count == 0 or n_target == 0:
-        return np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=dtype)
     start, stop = epoch * count, (epoch + 1) * count
-    out = np.empty(count, dtype=np.int64)
+    out = np.empty(count, dtype=dtype)
     filled = 0
     for cycle in range(start // n_target, -(-stop // n_target)):
-        perm = np.random.default_rng([seed, cycle, _CYCLE_STREAM]).permutation(n_target)
         lo, hi = max(start, cycle * n_target) - cycle * n_target, min(stop, (cycle + 1) * n_target) - cycle * n_target
-        out[filled:filled + hi - lo] = perm[lo:hi]
+        if lo == 0 and hi == n_target:
+            _permute_into(_range_pieces(n_target, chunk_slots), out[filled:filled + n_target],
+                          np.random.default_rng([seed, cycle, _CYCLE_STREAM]), chunk_slots)
+        else:
+            perm = random_permutation(n_target, np.random.default_rng([seed, cycle, _CYCLE_STREAM]), dtype=dtype,
+                                      chunk_slots=chunk_slots)
+            out[filled:filled + hi - lo] = perm[lo:hi]
         filled += hi - lo
     return out
 
 
-def systematic_counts(weights: np.ndarray, total: int, rng: np.random.Generator) -> np.ndarray:
+def _check_weights(weights: np.ndarray) -> None:
+    # min/max propagate NaN and show +-inf without a temporary mask of the whole array.
+    if len(weights) and not (weights.min() >= 0 and np.isfinite(weights.max())):
+        raise ValueError("plan weights must be finite and non-negative")
+
+
+def _systematic_chunks(weights: np.ndarray, total: int, offset: float, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, counts)`` of :func:`systematic_counts`, ``chunk`` weights at a time, bit for bit.
+
+    The cumulative sum carries its running total into the next chunk's first element,
+    which is the very addition ``np.cumsum`` makes there (it adds sequentially).
+    """
+    n = len(weights)
+    norm = weights.sum()
+    carry, last_edge = 0.0, 0
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        cumulative = weights[lo:hi] / norm
+        cumulative[0] += carry
+        np.cumsum(cumulative, out=cumulative)
+        carry = float(cumulative[-1])
+        cumulative *= total
+        if hi == n:
+            cumulative[-1] = total
+        cumulative -= offset
+        np.ceil(cumulative, out=cumulative)
+        edges = cumulative.astype(np.int64)
+        yield lo, np.diff(edges, prepend=last_edge)
+        last_edge = int(edges[-1])
+
+
+def systematic_counts(weights: np.ndarray, total: int, rng: np.random.Generator, *,
+                      chunk_slots: int = CHUNK_SLOTS) -> np.ndarray:
     """Counts summing to ``total``, each the floor or ceiling of ``total * w / sum(w)``.
 
     Systematic resampling: one uniform offset ``u``; sample ``i`` is drawn once for
-    every point ``u + k`` (``k = 0..total-1``) inside its cumulative interval.
+    every point ``u + k`` (``k = 0..total-1``) inside its cumulative interval:
+    ``edges = ceil(total * cumsum(w / sum(w)) - u)`` (last edge ``total``), counts = ``diff(edges)``,
+    computed ``chunk_slots`` weights at a time.
     Naive equivalent (higher variance): ``rng.multinomial(total, w / w.sum())``.
     """
     weights = np.asarray(weights, dtype=np.float64)
-    if not np.isfinite(weights).all() or (weights < 0).any():
-        raise ValueError("plan weights must be finite and non-negative")
-    if total == 0 or weights.sum() <= 0:
+    _check_weights(weights)
+    if total == 0 or len(weights) == 0 or weights.sum() <= 0:
         return np.zeros(len(weights), dtype=np.int64)
-    # Normalise before scaling: total / sum(w) overflows for tiny weights. One buffer, in place.
-    cumulative = weights / weights.sum()
-    np.cumsum(cumulative, out=cumulative)
-    cumulative *= total
-    cumulative[-1] = total
-    cumulative -= rng.random()
-    np.ceil(cumulative, out=cumulative)
-    edges = cumulative.astype(np.int64)
-    del cumulative
-    return np.diff(edges, prepend=0)
+    counts = np.empty(len(weights), dtype=np.int64)
+    for lo, part in _systematic_chunks(weights, total, rng.random(), chunk_slots):
+        counts[lo:lo + len(part)] = part
+    return counts
 
 
-def _cycled(pool: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    if count == 0 or len(pool) == 0:
-        return np.zeros(0, dtype=np.int64)
-    passes = -(-count // len(pool))
-    return np.concatenate([rng.permutation(pool) for _ in range(passes)])[:count]
+def _weighted_pieces(weights: np.ndarray, is_hard: np.ndarray, total: int, rng: np.random.Generator,
+                     idx_bits: int, chunk: int) -> Iterator[np.ndarray]:
+    """The packed target draws of systematic resampling, in index order, ``chunk`` at most per piece."""
+    for lo, counts in _systematic_chunks(weights, total, rng.random(), chunk):
+        packed = np.arange(lo, lo + len(counts), dtype=np.int64)
+        packed |= is_hard[lo:lo + len(counts)].astype(np.int64) << idx_bits
+        drawn = np.repeat(packed, counts)
+        yield from _pieces(drawn, chunk)
 
 
 def build_schedule(
@@ -168,45 +333,81 @@ def build_schedule(
     epoch: int,
     batch_size: int = 1,
     target_epoch_size: int | None = None,
+    chunk_slots: int = CHUNK_SLOTS,
 ) -> Schedule:
     """The epoch's global schedule; ``plan`` is None or a triggered, verified plan.
 
     ``target_epoch_size`` is the run's (fixed when the sampler is built); a plan that
-    carries another one is refused by the sampler before it gets here.
+    carries another one is refused by the sampler before it gets here. ``chunk_slots``
+    is part of the schedule's definition (every rank uses the default; tests shrink it
+    to cross chunk boundaries with tiny epochs).
     """
     if len(source_sizes) != len(source_ratios):
         raise ValueError("one ratio per source")
+    if chunk_slots < 1:
+        raise ValueError(f"chunk_slots must be >= 1, got {chunk_slots}")
+    if plan is not None and plan.n_target != n_target:
+        raise ValueError(f"the plan covers {plan.n_target} target samples, the target has {n_target}")
     total = target_epoch_size or n_target
-    src_rng = np.random.default_rng([seed, epoch, _SOURCE_STREAM])
-    pieces = []
-    for s, (size, ratio) in enumerate(zip(source_sizes, source_ratios)):
-        quota = source_quota(ratio, n_target)
+    quotas = [source_quota(ratio, n_target) for ratio in source_ratios]
+    for s, (size, quota) in enumerate(zip(source_sizes, quotas)):
         if quota and size == 0:
             raise ValueError(f"source {s} is empty but its ratio asks for {quota} draws")
-        drawn = src_rng.integers(0, max(size, 1), quota, dtype=np.int64)
-        drawn |= np.int64(s + 1) << _CODE_SHIFT
-        pieces.append(drawn)
+    length = total + sum(quotas)
+    if length > _MAX_SLOTS:
+        raise ValueError(f"an epoch of {length} slots is beyond the 10**9 this schedule supports")
+    dtype, idx_bits = slot_bits(max([n_target, *source_sizes]), 1 + len(source_sizes))
+    slots = np.empty(length, dtype=dtype)
+    starts, sizes = _bucket_bounds(length, chunk_slots)
+    shuffle_rng = np.random.default_rng([seed, epoch, _SHUFFLE_STREAM])
+    # Slots of each dataset in each chunk: the counts of a uniformly random order of the epoch's multiset.
+    per_chunk = np.empty((len(starts), 1 + len(quotas)), dtype=np.int64)
+    left = np.array([total, *quotas], dtype=np.int64)
+    for j, size in enumerate(sizes.tolist()):
+        per_chunk[j] = shuffle_rng.multivariate_hypergeometric(left, size)
+        left -= per_chunk[j]
+
     mode = plan.mode if plan is not None else None
-    hard_mask = plan.hard_mask(n_target) if plan is not None else None
-    weights = plan.target_weights(n_target) if mode in ("reweight", "fixed_set") else None
-    if weights is not None and weights.sum() > 0:
-        counts = systematic_counts(weights, total, np.random.default_rng([seed, epoch, _TARGET_STREAM]))
-        target = np.repeat(np.arange(n_target, dtype=np.int64), counts)
-        del counts
-        target[hard_mask[target]] |= _HARD_BIT
-    elif target_epoch_size is None and mode != "dynamic":
-        target = np.arange(n_target, dtype=np.int64)
-    elif mode == "dynamic":
-        target = np.zeros(n_target, dtype=np.int64)  # placeholders, filled per batch below
-    else:  # target_epoch_size before the plan applies (or a plan with nothing to draw)
-        target = cycled_target(n_target, total, seed=seed, epoch=epoch)
-    slots = np.concatenate([target, *pieces])
-    del target, pieces
-    np.random.default_rng([seed, epoch, _SHUFFLE_STREAM]).shuffle(slots)  # in place
+    if mode in ("reweight", "fixed_set"):
+        _check_weights(plan.weight)
+    weighted = mode in ("reweight", "fixed_set") and plan.weight.sum() > 0
+    if mode != "dynamic":  # dynamic fills its target slots per batch, below
+        if weighted:
+            pieces = _weighted_pieces(plan.weight, plan.is_hard, total,
+                                      np.random.default_rng([seed, epoch, _TARGET_STREAM]), idx_bits, chunk_slots)
+        elif target_epoch_size is None:
+            pieces = _range_pieces(n_target, chunk_slots)
+        else:  # target_epoch_size before the plan applies (or a plan with nothing to draw)
+            pieces = _pieces(cycled_target(n_target, total, seed=seed, epoch=epoch, chunk_slots=chunk_slots,
+                                           dtype=dtype), chunk_slots)
+        _deal(pieces, starts, per_chunk[:, 0], slots, np.random.default_rng([seed, epoch, _DEAL_STREAM]))
+
+    source_rng = np.random.default_rng([seed, epoch, _SOURCE_STREAM])
+    buffer = np.empty(int(sizes.max(initial=0)), dtype=np.int64)
+    for j, (lo, size) in enumerate(zip(starts.tolist(), sizes.tolist())):
+        work = buffer[:size]
+        n_tgt = int(per_chunk[j, 0])
+        work[:n_tgt] = 0 if mode == "dynamic" else slots[lo:lo + n_tgt]
+        filled = n_tgt
+        for s, (source_size, quota) in enumerate(zip(source_sizes, quotas)):
+            k = int(per_chunk[j, 1 + s])
+            drawn = work[filled:filled + k]
+            drawn[:] = source_rng.integers(0, max(source_size, 1), k, dtype=np.int64)
+            drawn |= (s + 1) << (idx_bits + 1)
+            filled += k
+        shuffle_rng.shuffle(work)
+        slots[lo:lo + size] = work
     shortfall = 0
     if mode == "dynamic":
-        shortfall = _mix_batches(slots, hard_mask, float(plan.manifest["hard_pool_frac"]), batch_size, seed, epoch)
-    return Schedule(slots=slots, epoch=epoch, shortfall=shortfall)
+        shortfall = _mix_batches(slots, plan.is_hard, float(plan.manifest["hard_pool_frac"]), batch_size, seed, epoch,
+                                 idx_bits, chunk_slots)
+    return Schedule(slots=slots, epoch=epoch, shortfall=shortfall, idx_bits=idx_bits)
+
+
+def _hard_through(cumulative: np.ndarray, frac: float) -> np.ndarray:
+    """``round(frac * cumulative)`` (halves up) on the decimal ``frac``, in exact integers."""
+    share = decimal_fraction(frac).limit_denominator(1_000_000_000)
+    return (cumulative * share.numerator * 2 + share.denominator) // (2 * share.denominator)
 
 
 def hard_slots_per_batch(target_per_batch: np.ndarray, frac: float) -> np.ndarray:
@@ -217,34 +418,75 @@ def hard_slots_per_batch(target_per_batch: np.ndarray, frac: float) -> np.ndarra
     hard slots are spread evenly over the batches instead of rounding to zero.
     Naive equivalent: ``[round(frac * sum(t[:b+1])) - round(frac * sum(t[:b])) for b in ...]``.
     """
-    share = decimal_fraction(frac).limit_denominator(1_000_000_000)
-    cumulative = np.cumsum(np.asarray(target_per_batch, dtype=np.int64))
-    through = (cumulative * share.numerator * 2 + share.denominator) // (2 * share.denominator)
-    return np.diff(through, prepend=0)
+    return np.diff(_hard_through(np.cumsum(np.asarray(target_per_batch, dtype=np.int64)), frac), prepend=0)
 
 
-def _mix_batches(slots: np.ndarray, hard_mask: np.ndarray, frac: float, batch_size: int, seed: int, epoch: int) -> int:
-    """Fill the target slots of every batch in place: hard first, then regular; returns the shortfall."""
-    target_slots = np.flatnonzero((slots >> _CODE_SHIFT) == 0)
-    batch_of = target_slots // batch_size
-    # rank of each target slot among its batch's target slots
-    first_in_batch = np.r_[0, np.flatnonzero(np.diff(batch_of)) + 1]
-    starts = np.repeat(first_in_batch, np.diff(np.r_[first_in_batch, len(target_slots)]))
-    rank_in_batch = np.arange(len(target_slots)) - starts
-    per_batch = np.bincount(batch_of, minlength=int(batch_of.max(initial=-1)) + 1)
-    hard_per_batch = hard_slots_per_batch(per_batch, frac)
-    wants_hard = rank_in_batch < hard_per_batch[batch_of]
-    hard_pool = np.flatnonzero(hard_mask)
-    regular_pool = np.flatnonzero(~hard_mask)
-    if len(hard_pool) == 0:
-        wants_hard[:] = False
-    if len(regular_pool) == 0:
-        wants_hard[:] = True
-    n_hard = int(wants_hard.sum())
-    slots[target_slots[wants_hard]] = _cycled(hard_pool, n_hard, np.random.default_rng([seed, epoch, _HARD_STREAM])) | _HARD_BIT
-    slots[target_slots[~wants_hard]] = _cycled(regular_pool, len(target_slots) - n_hard,
-                                               np.random.default_rng([seed, epoch, _REGULAR_STREAM]))
-    return max(0, n_hard - len(hard_pool))
+class _PoolCycle:
+    """An endless cycle over the indices where ``is_member`` holds, a fresh random permutation per pass.
+
+    One pass lives at a time, in the smallest integer type that holds the indices.
+    """
+
+    def __init__(self, is_member: np.ndarray, member: bool, rng: np.random.Generator, chunk: int):
+        self.is_member, self.member, self.rng, self.chunk = is_member, member, rng, chunk
+        n_true = int(np.count_nonzero(is_member))
+        self.size = n_true if member else len(is_member) - n_true
+        self.order = np.empty(self.size, dtype=np.int32 if len(is_member) < 2**31 else np.int64)
+        self.used = self.size
+
+    def _member_pieces(self) -> Iterator[np.ndarray]:
+        for lo in range(0, len(self.is_member), self.chunk):
+            part = self.is_member[lo:lo + self.chunk]
+            yield np.flatnonzero(part if self.member else ~part) + lo
+
+    def take(self, count: int) -> np.ndarray:
+        out = np.empty(count, dtype=np.int64)
+        filled = 0
+        while filled < count:
+            if self.used == self.size:
+                _permute_into(self._member_pieces(), self.order, self.rng, self.chunk)
+                self.used = 0
+            k = min(count - filled, self.size - self.used)
+            out[filled:filled + k] = self.order[self.used:self.used + k]
+            filled += k
+            self.used += k
+        return out
+
+
+def _mix_batches(slots: np.ndarray, is_hard: np.ndarray, frac: float, batch_size: int, seed: int, epoch: int,
+                 idx_bits: int, chunk: int) -> int:
+    """Fill the target slots of every batch in place: hard first, then regular; returns the shortfall.
+
+    Works through whole batches, ``chunk`` slots or so at a time; the per-batch hard
+    counts carry the cumulative target count across chunks (:func:`hard_slots_per_batch`).
+    """
+    hard = _PoolCycle(is_hard, True, np.random.default_rng([seed, epoch, _HARD_STREAM]), chunk)
+    regular = _PoolCycle(is_hard, False, np.random.default_rng([seed, epoch, _REGULAR_STREAM]), chunk)
+    step = batch_size * max(1, chunk // batch_size)
+    seen_target, seen_through, n_hard = 0, 0, 0
+    for lo in range(0, len(slots), step):
+        view = slots[lo:lo + step]
+        n_batches = -(-len(view) // batch_size)
+        is_target = np.zeros(n_batches * batch_size, dtype=bool)
+        is_target[:len(view)] = (view >> (idx_bits + 1)) == 0
+        by_batch = is_target.reshape(n_batches, batch_size)
+        cumulative = seen_target + np.cumsum(by_batch.sum(axis=1, dtype=np.int64))
+        through = _hard_through(cumulative, frac)
+        hard_per_batch = np.diff(through, prepend=seen_through)
+        seen_target, seen_through = int(cumulative[-1]), int(through[-1])
+        if hard.size == 0:
+            wants_hard = np.zeros_like(by_batch)
+        elif regular.size == 0:
+            wants_hard = by_batch
+        else:  # the first hard_per_batch target slots of each batch
+            wants_hard = by_batch & (np.cumsum(by_batch, axis=1) <= hard_per_batch[:, None])
+        wants_hard = wants_hard.reshape(-1)[:len(view)]
+        is_regular = is_target[:len(view)] & ~wants_hard
+        k = int(np.count_nonzero(wants_hard))
+        view[wants_hard] = hard.take(k) | (1 << idx_bits)
+        view[is_regular] = regular.take(int(np.count_nonzero(is_regular)))
+        n_hard += k
+    return max(0, n_hard - hard.size)
 
 
 def shard_positions(n_slots: int, batch_size: int, world: World) -> np.ndarray:

@@ -303,7 +303,7 @@ def epoch_telemetry(trainer: HsmTrainerMixin, epoch: int, result) -> dict[str, f
     if result.manifest.get("suspects") is not None:  # exclude_suspects: logged as hsm/suspects
         logs["suspects"] = float(result.manifest["suspects"]["count"])
     if used is not None and used.triggered and used.is_hard.any():
-        pool = set(used.base_idx[used.is_hard].tolist())
+        pool = set(used.hard_idx.tolist())
         seen = set(target.filter(pc.field("drawn_as_hard")).column("base_idx").to_pylist())
         logs["hard_pool_coverage"] = len(pool & seen) / len(pool)
     else:

@@ -28,8 +28,7 @@ def test_plan_loads_and_matches_manifest(run):
     hsm_dir, _, result = run
     plan = load_plan(hsm_dir, 2, dataset=DatasetInfo(TARGET, 12, "fp-1"), expected_checksum=result.manifest["checksum"])
     assert plan.is_hard.sum() == 3 == result.manifest["counts"]["hard"]
-    weights = plan.target_weights(12)
-    assert set(weights[plan.base_idx[plan.is_hard]]) == {3.0}
+    assert set(plan.weight[plan.hard_idx]) == {3.0}
     assert plan.triggered and plan.mode == "reweight"
     manifest = json.loads((plan_dir(hsm_dir, 2) / "manifest.json").read_text())
     for key in ("plan_version", "epoch", "mode", "metric", "selector", "config_hash", "target", "counts", "checksum", "engine", "created_at"):

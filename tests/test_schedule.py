@@ -5,17 +5,23 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hsm.plan import Plan
 from hsm.schedule import (
+    CHUNK_SLOTS,
+    Schedule,
     World,
     build_schedule,
     cycled_target,
     epoch_length,
     hard_slots_per_batch,
+    pack_slots,
+    random_permutation,
     shard_positions,
+    slot_bits,
     source_quota,
     systematic_counts,
 )
@@ -32,33 +38,36 @@ def make_plan(mode, n, hard_idx, weight_hard=3.0, *, target_epoch_size=None, fra
         weight, default = np.ones(n), 1.0
     manifest = {"mode": mode, "triggered": True, "default_weight": default, "target_epoch_size": target_epoch_size,
                 "hard_pool_frac": frac, "checksum": "x"}
-    return Plan(manifest=manifest, base_idx=base, is_hard=is_hard, weight=weight)
+    return Plan.from_rows(manifest, base, is_hard, weight, n)
 
 
+# Chunks of a few slots cross every chunk boundary with tiny epochs; the default is what runs.
+chunk_st = st.sampled_from([1, 2, 3, 7, 16, CHUNK_SLOTS])
 sources_st = st.lists(st.tuples(st.integers(1, 30), st.sampled_from([0.0, 0.1, 0.25, 0.5, 1.0])), max_size=3)
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 120), sources=sources_st, seed=st.integers(0, 50), epoch=st.integers(0, 5))
-def test_no_plan_covers_target_once_and_source_quotas_exact(n, sources, seed, epoch):
+@given(n=st.integers(1, 120), sources=sources_st, seed=st.integers(0, 50), epoch=st.integers(0, 5), chunk=chunk_st)
+def test_no_plan_covers_target_once_and_source_quotas_exact(n, sources, seed, epoch, chunk):
     sizes, ratios = [s for s, _ in sources], [r for _, r in sources]
-    s = build_schedule(None, n_target=n, source_sizes=sizes, source_ratios=ratios, seed=seed, epoch=epoch)
+    s = build_schedule(None, n_target=n, source_sizes=sizes, source_ratios=ratios, seed=seed, epoch=epoch, chunk_slots=chunk)
     assert sorted(s.base_idx[s.dataset == 0].tolist()) == list(range(n))
     for k, (size, ratio) in enumerate(sources, start=1):
         assert (s.dataset == k).sum() == math.floor(ratio * n + 0.5)
         assert (s.base_idx[s.dataset == k] < size).all()
-    again = build_schedule(None, n_target=n, source_sizes=sizes, source_ratios=ratios, seed=seed, epoch=epoch)
+    again = build_schedule(None, n_target=n, source_sizes=sizes, source_ratios=ratios, seed=seed, epoch=epoch, chunk_slots=chunk)
     assert np.array_equal(s.base_idx, again.base_idx) and np.array_equal(s.dataset, again.dataset)
 
 
 @settings(max_examples=80, deadline=None)
-@given(n=st.integers(2, 200), n_hard=st.integers(0, 50), weight=st.floats(1.0, 6.0), seed=st.integers(0, 50), ratio=st.sampled_from([0.0, 0.3]))
-def test_reweight_counts_within_floor_and_ceiling(n, n_hard, weight, seed, ratio):
+@given(n=st.integers(2, 200), n_hard=st.integers(0, 50), weight=st.floats(1.0, 6.0), seed=st.integers(0, 50), ratio=st.sampled_from([0.0, 0.3]),
+       chunk=chunk_st)
+def test_reweight_counts_within_floor_and_ceiling(n, n_hard, weight, seed, ratio, chunk):
     hard = np.arange(min(n_hard, n))
     plan = make_plan("reweight", n, hard, weight)
-    s = build_schedule(plan, n_target=n, source_sizes=[7], source_ratios=[ratio], seed=seed, epoch=1)
+    s = build_schedule(plan, n_target=n, source_sizes=[7], source_ratios=[ratio], seed=seed, epoch=1, chunk_slots=chunk)
     counts = np.bincount(s.base_idx[s.dataset == 0], minlength=n)
-    w = plan.target_weights(n)
+    w = plan.weight
     expected = n * w / w.sum()
     assert counts.sum() == n  # epoch length constant
     assert (counts >= np.floor(expected - 1e-9)).all() and (counts <= np.ceil(expected + 1e-9)).all()
@@ -68,12 +77,14 @@ def test_reweight_counts_within_floor_and_ceiling(n, n_hard, weight, seed, ratio
 
 
 @settings(max_examples=50, deadline=None)
-@given(n=st.integers(5, 100), hard=st.integers(1, 20), regular=st.integers(0, 20), size=st.one_of(st.none(), st.integers(1, 150)), seed=st.integers(0, 9))
-def test_fixed_set_shows_only_the_chosen_samples(n, hard, regular, size, seed):
+@given(n=st.integers(5, 100), hard=st.integers(1, 20), regular=st.integers(0, 20), size=st.one_of(st.none(), st.integers(1, 150)), seed=st.integers(0, 9),
+       chunk=chunk_st)
+def test_fixed_set_shows_only_the_chosen_samples(n, hard, regular, size, seed, chunk):
     hard_idx = np.arange(min(hard, n))
     regular_idx = np.arange(min(hard, n), min(hard + regular, n))
     plan = make_plan("fixed_set", n, hard_idx, target_epoch_size=size, regular_idx=regular_idx)
-    s = build_schedule(plan, n_target=n, source_sizes=[4], source_ratios=[0.5], seed=seed, epoch=2, target_epoch_size=size)
+    s = build_schedule(plan, n_target=n, source_sizes=[4], source_ratios=[0.5], seed=seed, epoch=2, target_epoch_size=size,
+                       chunk_slots=chunk)
     target = s.base_idx[s.dataset == 0]
     chosen = set(hard_idx) | set(regular_idx)
     assert set(target.tolist()) <= chosen
@@ -84,11 +95,12 @@ def test_fixed_set_shows_only_the_chosen_samples(n, hard, regular, size, seed):
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(4, 120), pool=st.integers(1, 60), frac=st.sampled_from([0.1, 0.3, 0.5]), batch=st.integers(1, 9), ratio=st.sampled_from([0.0, 0.4]), seed=st.integers(0, 9))
-def test_dynamic_batches_mix_at_the_fixed_ratio(n, pool, frac, batch, ratio, seed):
+@given(n=st.integers(4, 120), pool=st.integers(1, 60), frac=st.sampled_from([0.1, 0.3, 0.5]), batch=st.integers(1, 9), ratio=st.sampled_from([0.0, 0.4]), seed=st.integers(0, 9), chunk=chunk_st)
+def test_dynamic_batches_mix_at_the_fixed_ratio(n, pool, frac, batch, ratio, seed, chunk):
     hard = np.arange(min(pool, n))
     plan = make_plan("dynamic", n, hard, frac=frac)
-    s = build_schedule(plan, n_target=n, source_sizes=[5], source_ratios=[ratio], seed=seed, epoch=3, batch_size=batch)
+    s = build_schedule(plan, n_target=n, source_sizes=[5], source_ratios=[ratio], seed=seed, epoch=3, batch_size=batch,
+                       chunk_slots=chunk)
     assert (s.dataset == 0).sum() == n
     hard_slots = 0
     for start in range(0, len(s), batch):
@@ -101,6 +113,11 @@ def test_dynamic_batches_mix_at_the_fixed_ratio(n, pool, frac, batch, ratio, see
     assert np.isin(s.base_idx[s.is_hard], hard).all()
     assert not np.isin(s.base_idx[(s.dataset == 0) & ~s.is_hard], hard).any() or len(hard) == n
     assert s.shortfall == max(0, hard_slots - len(hard))
+    # Each pool is cycled a whole permutation at a time: counts differ by at most one within a pool.
+    for pool_idx, drawn in ((hard, s.base_idx[s.is_hard]), (np.setdiff1d(np.arange(n), hard), s.base_idx[(s.dataset == 0) & ~s.is_hard])):
+        if len(drawn) and len(pool_idx):
+            seen = np.bincount(drawn, minlength=n)[pool_idx]
+            assert seen.max() - seen.min() <= 1
     before = build_schedule(None, n_target=n, source_sizes=[5], source_ratios=[ratio], seed=seed, epoch=3, batch_size=batch)
     assert not before.is_hard.any()
 
@@ -140,18 +157,19 @@ def test_systematic_counts(weights, total, seed):
 
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 60), size=st.integers(1, 200), seed=st.integers(0, 9), ratios=st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.5]), max_size=3),
-       mode=st.sampled_from(["fixed_set", "reweight", "dynamic"]))
-def test_every_epoch_has_the_length_fixed_when_the_run_starts(n, size, seed, ratios, mode):
+       mode=st.sampled_from(["fixed_set", "reweight", "dynamic"]), chunk=chunk_st)
+def test_every_epoch_has_the_length_fixed_when_the_run_starts(n, size, seed, ratios, mode, chunk):
     # The Trainer counts steps per epoch once; before and after the plan, every epoch fills exactly that.
     size = size if mode == "fixed_set" else None
     length = epoch_length(n, ratios, size)
     sizes = [7] * len(ratios)
     for epoch in range(3):
         before = build_schedule(None, n_target=n, source_sizes=sizes, source_ratios=ratios, seed=seed, epoch=epoch,
-                                target_epoch_size=size, batch_size=3)
+                                target_epoch_size=size, batch_size=3, chunk_slots=chunk)
         hard = np.arange(max(1, n // 3))
         after = build_schedule(make_plan(mode, n, hard, regular_idx=np.arange(n // 3, n // 2)), n_target=n,
-                               source_sizes=sizes, source_ratios=ratios, seed=seed, epoch=epoch, target_epoch_size=size, batch_size=3)
+                               source_sizes=sizes, source_ratios=ratios, seed=seed, epoch=epoch, target_epoch_size=size, batch_size=3,
+                               chunk_slots=chunk)
         for schedule in (before, after):
             assert len(schedule) == length
             assert (schedule.dataset == 0).sum() == (size or n)
@@ -160,12 +178,13 @@ def test_every_epoch_has_the_length_fixed_when_the_run_starts(n, size, seed, rat
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 40), count=st.integers(1, 100), seed=st.integers(0, 9), epochs=st.integers(1, 5))
-def test_target_cycle_sees_the_whole_target_before_repeating(n, count, seed, epochs):
-    drawn = np.concatenate([cycled_target(n, count, seed=seed, epoch=e) for e in range(epochs)])
+@given(n=st.integers(1, 40), count=st.integers(1, 100), seed=st.integers(0, 9), epochs=st.integers(1, 5), chunk=chunk_st)
+def test_target_cycle_sees_the_whole_target_before_repeating(n, count, seed, epochs, chunk):
+    drawn = np.concatenate([cycled_target(n, count, seed=seed, epoch=e, chunk_slots=chunk) for e in range(epochs)])
     # Naive oracle: the same permutations concatenated, then sliced.
     passes = -(-count * epochs // n)
-    naive = np.concatenate([np.random.default_rng([seed, c, 8]).permutation(n) for c in range(passes)])[:count * epochs]
+    naive = np.concatenate([random_permutation(n, np.random.default_rng([seed, c, 8]), chunk_slots=chunk)
+                            for c in range(passes)])[:count * epochs]
     assert np.array_equal(drawn, naive)
     for start in range(0, len(drawn) - n + 1, n):  # every aligned window of n draws is the whole target once
         assert sorted(drawn[start:start + n].tolist()) == list(range(n))
@@ -179,11 +198,12 @@ def test_source_quota_is_exact_on_the_decimal_ratio():
 
 @settings(max_examples=150, deadline=None)
 @given(n=st.integers(1, 400), batch=st.integers(1, 64), world=st.integers(1, 8), frac=st.sampled_from([0.05, 0.1, 0.3, 0.33, 0.5, 0.7, 1.0]),
-       ratio=st.sampled_from([0.0, 0.25, 0.5]), seed=st.integers(0, 5))
-def test_dynamic_hard_share_is_the_configured_one_at_every_batch_and_world_size(n, batch, world, frac, ratio, seed):
+       ratio=st.sampled_from([0.0, 0.25, 0.5]), seed=st.integers(0, 5), chunk=chunk_st)
+def test_dynamic_hard_share_is_the_configured_one_at_every_batch_and_world_size(n, batch, world, frac, ratio, seed, chunk):
     hard = np.arange(max(1, n // 2))
     plan = make_plan("dynamic", n, hard, frac=frac)
-    s = build_schedule(plan, n_target=n, source_sizes=[5], source_ratios=[ratio], seed=seed, epoch=2, batch_size=batch)
+    s = build_schedule(plan, n_target=n, source_sizes=[5], source_ratios=[ratio], seed=seed, epoch=2, batch_size=batch,
+                       chunk_slots=chunk)
     target = s.dataset == 0
     if len(hard) < n:
         assert abs(s.is_hard.sum() - frac * target.sum()) <= 1  # over the epoch: within one slot
@@ -200,3 +220,108 @@ def test_batch_size_one_still_mixes_hard_samples():
     per_batch = hard_slots_per_batch(np.ones(100, dtype=np.int64), 0.3)
     assert per_batch.sum() == 30 and set(per_batch.tolist()) == {0, 1}
     assert np.abs(np.cumsum(per_batch) - 0.3 * np.arange(1, 101)).max() <= 0.5  # spread, not bunched
+
+
+def one_shot_systematic_counts(weights, total, offset):
+    """The whole-array formula the chunked version must equal bit for bit."""
+    cumulative = np.cumsum(weights / weights.sum()) * total
+    cumulative[-1] = total
+    return np.diff(np.ceil(cumulative - offset).astype(np.int64), prepend=0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(weights=st.lists(st.one_of(st.floats(0.0, 10.0), st.floats(0.0, 1e-300), st.sampled_from([0.0, 1.0, 3.0, 0.1])),
+                        min_size=1, max_size=80),
+       total=st.integers(0, 500), seed=st.integers(0, 99), chunk=st.integers(1, 9))
+def test_chunked_systematic_counts_equal_the_one_shot_formula(weights, total, seed, chunk):
+    w = np.array(weights)
+    if w.sum() <= 0 or total == 0:
+        assert not systematic_counts(w, total, np.random.default_rng(seed), chunk_slots=chunk).any()
+        return
+    offset = np.random.default_rng(seed).random()
+    expected = one_shot_systematic_counts(w, total, offset)
+    for size in (chunk, CHUNK_SLOTS):
+        assert np.array_equal(systematic_counts(w, total, np.random.default_rng(seed), chunk_slots=size), expected)
+
+
+def test_systematic_counts_refuse_bad_weights():
+    for bad in ([1.0, np.nan], [1.0, np.inf], [1.0, -0.5]):
+        with pytest.raises(ValueError, match="finite and non-negative"):
+            systematic_counts(np.array(bad), 3, np.random.default_rng(0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 200), seed=st.integers(0, 99), chunk=chunk_st)
+def test_random_permutation_is_a_deterministic_permutation(n, seed, chunk):
+    perm = random_permutation(n, np.random.default_rng(seed), dtype=np.int32, chunk_slots=chunk)
+    assert perm.dtype == np.int32 and sorted(perm.tolist()) == list(range(n))
+    assert np.array_equal(perm, random_permutation(n, np.random.default_rng(seed), chunk_slots=chunk))
+
+
+def chi_square(observed: np.ndarray) -> float:
+    expected = observed.sum() / len(observed)
+    return float(((observed - expected) ** 2 / expected).sum())
+
+
+def test_random_permutation_is_uniform_across_chunks():
+    # Every order of 4 items, dealt over buckets of 2 (the two-level path), equally often.
+    # 23 degrees of freedom: the 0.999 quantile of chi-square is 49.7.
+    orders = {}
+    for seed in range(12_000):
+        key = tuple(random_permutation(4, np.random.default_rng(seed), chunk_slots=2).tolist())
+        orders[key] = orders.get(key, 0) + 1
+    assert len(orders) == 24
+    assert chi_square(np.array(list(orders.values()))) < 49.7
+
+
+def test_schedule_order_is_uniform_over_chunks():
+    # Target {0, 1} and one source draw (the source has one sample): the 6 orders equally likely,
+    # as one global shuffle gives, with chunks of 2 slots. 5 degrees of freedom: 0.999 quantile 20.5.
+    orders = {}
+    for seed in range(6_000):
+        s = build_schedule(None, n_target=2, source_sizes=[1], source_ratios=[0.5], seed=seed, epoch=0, chunk_slots=2)
+        key = tuple(zip(s.dataset.tolist(), s.base_idx.tolist()))
+        orders[key] = orders.get(key, 0) + 1
+    assert len(orders) == 6
+    assert chi_square(np.array(list(orders.values()))) < 20.5
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), n_codes=st.integers(1, 8), n=st.integers(0, 50))
+def test_int32_and_int64_layouts_decode_alike(data, n_codes, n):
+    dtype32, bits32 = slot_bits(1 << 20, n_codes)
+    assert dtype32 == np.int32
+    max_idx = 1 << bits32
+    codes = np.array(data.draw(st.lists(st.integers(0, n_codes - 1), min_size=n, max_size=n)), dtype=np.int64)
+    idx = np.array(data.draw(st.lists(st.integers(0, max_idx - 1), min_size=n, max_size=n)), dtype=np.int64)
+    hard = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=bool)
+    small = Schedule(slots=pack_slots(codes, idx, hard, dtype32, bits32), epoch=0, idx_bits=bits32)
+    wide = Schedule(slots=pack_slots(codes, idx, hard, np.dtype(np.int64), 40), epoch=0, idx_bits=40)
+    for s in (small, wide):
+        assert s.dataset.tolist() == codes.tolist() and s.base_idx.tolist() == idx.tolist()
+        assert s.is_hard.tolist() == hard.tolist()
+        assert s.decode(0, n) == (codes.tolist(), idx.tolist(), hard.tolist())
+        positions = np.arange(n)[::-1]
+        assert s.decode_at(positions) == (codes[::-1].tolist(), idx[::-1].tolist(), hard[::-1].tolist())
+    assert (small.slots >= 0).all()  # the sign bit stays clear
+
+
+def test_layout_is_int32_while_indices_fit():
+    assert slot_bits(1 << 27, 5) == (np.dtype(np.int32), 27)
+    assert slot_bits((1 << 27) + 1, 5)[0] == np.int64
+    assert slot_bits(1 << 29, 2) == (np.dtype(np.int32), 29)
+    assert slot_bits(10, 9)[0] == np.int32 and slot_bits(10, 9)[1] == 26
+
+
+def test_a_large_source_switches_the_schedule_to_int64_slots():
+    n, big = 40, (1 << 28) + 5
+    s = build_schedule(make_plan("reweight", n, np.arange(5)), n_target=n, source_sizes=[3, big], source_ratios=[0.25, 1.0],
+                       seed=4, epoch=1, chunk_slots=16)
+    small = build_schedule(make_plan("reweight", n, np.arange(5)), n_target=n, source_sizes=[3, 9], source_ratios=[0.25, 1.0],
+                           seed=4, epoch=1, chunk_slots=16)
+    assert s.slots.dtype == np.int64 and small.slots.dtype == np.int32
+    for schedule, size in ((s, big), (small, 9)):
+        assert schedule.counts().tolist() == [n, 10, 40]
+        assert (schedule.base_idx[schedule.dataset == 2] < size).all()
+        assert np.array_equal(schedule.is_hard, (schedule.dataset == 0) & (schedule.base_idx < 5))
+    assert (s.base_idx[s.dataset == 2] >= 1 << 27).any()  # the wide indices survive packing
