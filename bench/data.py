@@ -1,22 +1,32 @@
 """Data-side benchmark: plan load + schedule build at 10M target samples, and loader throughput.
 
-    python bench/data.py [--n-target 10000000] [--repeats 3] [--items 120]
+    python bench/data.py [--n-target 10000000] [--repeats 3] [--items 120] [--before GIT_TREE]
 
-(a) For a 10M-sample target with 4 sources (1M each, ratios 0.1-0.4): load and
-verify a reweight plan of every target sample (sha256, dataset checks) and build
-the epoch's schedule; also the same without a plan, as the baseline. Each run is a
-fresh process; peak memory is its VmHWM minus the RSS after imports.
+(a) For a 10M-sample target with 4 sources (1M each, ratios 0.1-0.4, so 20M slots):
+load and verify a plan of every target sample (sha256, dataset checks) and build the
+epoch's schedule, in every mode (no plan, reweight, fixed_set, dynamic). Each run is
+a fresh process; peak memory is its VmHWM minus the RSS after imports. ``--before``
+also times an earlier checkout of hsm (``git worktree add /tmp/before COMMIT``) on the
+same plan files, in the same run, the repeats interleaved so load drifts hit both alike.
 (b) Items per second through FusionDataset on the synthetic corpus, with and
 without augmentation, in the main process and with 2 DataLoader workers.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
+if os.environ.get("HSM_BENCH_IMPL"):
+    # Time another checkout of hsm: drop the editable install's finder, import from there.
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+    sys.path.insert(0, os.environ["HSM_BENCH_IMPL"])
+
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -102,32 +112,71 @@ def loader_throughput(items: int) -> list[tuple[str, float]]:
     return rows
 
 
+def stage_impl(tree: Path, workdir: Path) -> Path:
+    """``tree``'s hsm, sql/ and cli/ laid out as one importable ``hsm`` package under ``workdir``."""
+    staged = workdir / "before-impl"
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.copytree(tree / "hsm", staged / "hsm")
+    for extra in ("sql", "cli"):
+        if (tree / extra).is_dir():
+            shutil.copytree(tree / extra, staged / "hsm" / extra, dirs_exist_ok=True)
+    return staged
+
+
+def run_child(kind: str, hsm_dir: Path, n: int, impl: Path | None) -> dict:
+    env = dict(os.environ, HSM_BENCH_IMPL=str(impl)) if impl is not None else None
+    out = subprocess.run([sys.executable, __file__, "--child", kind, "--hsm-dir", str(hsm_dir), "--n-target", str(n)],
+                         capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def schedule_table(args) -> None:
+    work = Path(tempfile.mkdtemp(prefix="hsm-bench-data-"))
+    impl = stage_impl(args.before, work) if args.before else None
+    versions = ([("before", impl)] if impl is not None else []) + [("after", None)]
+    cases = [("none", "none", work / "reweight" / "hsm")] + [(m, "plan", work / m / "hsm") for m in ("reweight", "fixed_set", "dynamic")]
+    for mode in ("reweight", "fixed_set", "dynamic"):
+        make_plan(work / mode / "hsm", args.n_target, mode)
+    runs: dict[tuple[str, str], list[dict]] = {(mode, v): [] for mode, *_ in cases for v, _ in versions}
+    loads = []
+    for _ in range(args.repeats):  # interleaved: a load spike hits every case alike
+        for mode, kind, hsm_dir in cases:
+            for version, tree in versions:
+                runs[mode, version].append(run_child(kind, hsm_dir, args.n_target, tree))
+        loads.append(os.getloadavg()[0])
+    print(f"\n(a) plan load + schedule build, target {args.n_target:,}, 4 sources x 1M, "
+          f"median time of {args.repeats}, worst peak; 1-min load average {min(loads):.2f}-{max(loads):.2f}")
+    print(f"{'mode':<10} {'version':<7} {'load s':>7} {'schedule s':>11} {'total s':>8} {'slots':>11} {'peak MB':>8} "
+          f"{'time vs before':>15} {'peak vs before':>15}")
+    for mode, *_ in cases:
+        before = None
+        for version, _ in versions:
+            r = runs[mode, version]
+            med = {k: statistics.median(x[k] for x in r) for k in ("load_s", "schedule_s", "total_s")}
+            peak = max(x["peak_mb"] for x in r)
+            ratio = (f"{med['total_s'] / before[0]:15.2f} {peak / before[1]:15.2f}" if before else f"{'':>15} {'':>15}")
+            print(f"{mode:<10} {version:<7} {med['load_s']:7.2f} {med['schedule_s']:11.2f} {med['total_s']:8.2f} "
+                  f"{r[0]['slots']:>11,} {peak:8.0f} {ratio}")
+            before = before or (med["total_s"], peak)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-target", type=int, default=10_000_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--items", type=int, default=120)
+    parser.add_argument("--before", type=Path, help="A checkout of an earlier hsm to time on the same plan files.")
+    parser.add_argument("--skip-loader", action="store_true", help="Only part (a).")
     parser.add_argument("--child", choices=["plan", "none"])
     parser.add_argument("--hsm-dir", type=Path)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.hsm_dir, args.n_target, args.child == "plan")))
         return
-    work = Path(tempfile.mkdtemp(prefix="hsm-bench-data-"))
-    print(f"\n(a) plan load + schedule build, target {args.n_target:,}, 4 sources x 1M, median of {args.repeats}")
-    print(f"{'mode':<10} {'plan':<6} {'load s':>8} {'schedule s':>11} {'total s':>8} {'slots':>11} {'peak MB':>8}")
-    for mode in ("reweight", "fixed_set", "dynamic"):
-        hsm_dir = work / mode / "hsm"
-        make_plan(hsm_dir, args.n_target, mode)
-        for kind in ("none", "plan"):
-            if kind == "none" and mode != "reweight":
-                continue
-            runs = [json.loads(subprocess.run([sys.executable, __file__, "--child", kind, "--hsm-dir", str(hsm_dir),
-                                               "--n-target", str(args.n_target)], capture_output=True, text=True,
-                                              check=True).stdout.splitlines()[-1]) for _ in range(args.repeats)]
-            med = {k: statistics.median(r[k] for r in runs) for k in ("load_s", "schedule_s", "total_s", "peak_mb")}
-            print(f"{mode if kind == 'plan' else '-':<10} {kind:<6} {med['load_s']:8.2f} {med['schedule_s']:11.2f} "
-                  f"{med['total_s']:8.2f} {runs[0]['slots']:>11,} {med['peak_mb']:8.0f}")
+    schedule_table(args)
+    if args.skip_loader:
+        return
     print(f"\n(b) loader throughput on the synthetic corpus (64x64 target images), {args.items} items")
     for name, rate in loader_throughput(args.items):
         print(f"  {name:<40} {rate:8.1f} items/s")

@@ -122,11 +122,12 @@ class Plan:
 
     ``weight[i]`` is sample ``i``'s weight (the manifest's ``default_weight`` where the
     plan has no row) and ``is_hard[i]`` whether it is hard: 9 bytes per target sample,
-    and no sparse copy of the plan's rows once it is loaded.
+    and no sparse copy of the plan's rows once it is loaded. A dynamic plan has no
+    ``weight`` (None): its schedule mixes pools per batch and never reads weights.
     """
 
     manifest: dict[str, Any]
-    weight: np.ndarray
+    weight: np.ndarray | None
     is_hard: np.ndarray
 
     @classmethod
@@ -136,15 +137,16 @@ class Plan:
         base_idx = np.asarray(base_idx, dtype=np.int64)
         if len(base_idx) and (base_idx.min() < 0 or base_idx.max() >= n_target):
             raise ValueError(f"base_idx outside [0, {n_target})")
-        dense_weight = np.full(n_target, float(manifest["default_weight"]))
+        dense_weight = None if manifest["mode"] == "dynamic" else np.full(n_target, float(manifest["default_weight"]))
         dense_hard = np.zeros(n_target, dtype=bool)
-        dense_weight[base_idx] = weight
+        if dense_weight is not None:
+            dense_weight[base_idx] = weight
         dense_hard[base_idx] = is_hard
         return cls(manifest=manifest, weight=dense_weight, is_hard=dense_hard)
 
     @property
     def n_target(self) -> int:
-        return len(self.weight)
+        return len(self.is_hard)
 
     @property
     def hard_idx(self) -> np.ndarray:
@@ -164,8 +166,9 @@ class Plan:
         return bool(self.manifest["triggered"])
 
 
-# Rows per record batch read (one row group of the default writer): the rows live only one batch at a time.
-_BATCH_ROWS = 1 << 20
+# Rows per record batch read: the rows live one small batch at a time (a reader thread per column
+# would keep its own arena for little gain on a read this size).
+_BATCH_ROWS = 1 << 17
 
 
 def load_plan(
@@ -199,7 +202,6 @@ def load_plan(
         raise PlanError(f"{path}: sha256 {actual[:12]} differs from rank 0's {expected_checksum[:12]}")
     if dataset is not None:
         _check_fits(path, manifest, dataset, fix)
-    loaded = pa.schema([PLAN_SCHEMA.field(c) for c in _LOADED])
     try:
         part = pq.ParquetFile(path, read_dictionary=["dataset"])
         check_schema(part.schema_arrow, PLAN_SCHEMA, str(path))  # the whole contract, from the footer
@@ -209,22 +211,25 @@ def load_plan(
             for batch in part.iter_batches(batch_size=_BATCH_ROWS, columns=["base_idx"]):
                 high = max(high, pc.max(batch.column(0)).as_py() if batch.num_rows else -1)
             n_target = high + 1
-        weight = np.full(n_target, float(manifest["default_weight"]))
+        columns = [c for c in _LOADED if c != "weight" or manifest["mode"] != "dynamic"]
+        weight = None if manifest["mode"] == "dynamic" else np.full(n_target, float(manifest["default_weight"]))
         is_hard = np.zeros(n_target, dtype=bool)
         names: dict[str, None] = {}
         low = high = None
-        for batch in part.iter_batches(batch_size=_BATCH_ROWS, columns=list(_LOADED), use_threads=True):
-            rows = conform(pa.Table.from_batches([batch]), loaded, str(path), keep_dictionary=True)
+        for batch in part.iter_batches(batch_size=_BATCH_ROWS, columns=columns, use_threads=False):
+            rows = conform(pa.Table.from_batches([batch]), pa.schema([PLAN_SCHEMA.field(c) for c in columns]), str(path),
+                           keep_dictionary=True)
             names.update(dict.fromkeys(pc.unique(rows.column("dataset")).to_pylist()))
             if not rows.num_rows:
                 continue
-            base_idx = rows.column("base_idx").to_numpy()
+            base_idx = _column_values(rows, "base_idx")
             batch_low, batch_high = int(base_idx.min()), int(base_idx.max())
             low = batch_low if low is None else min(low, batch_low)
             high = batch_high if high is None else max(high, batch_high)
             if low >= 0 and high < n_target:  # else keep reading for the message, scatter no more
-                weight[base_idx] = rows.column("weight").to_numpy()
-                is_hard[base_idx] = rows.column("is_hard").to_numpy(zero_copy_only=False)
+                if weight is not None:
+                    weight[base_idx] = _column_values(rows, "weight")
+                is_hard[base_idx] = _column_values(rows, "is_hard")
     except (pa.ArrowException, OSError, SchemaError) as e:
         raise PlanError(f"{path}: unreadable plan ({e}); {fix}") from e
     name = dataset.name if dataset is not None else manifest["target"].get("name")
@@ -234,6 +239,22 @@ def load_plan(
         bad = high if high >= n_target else low
         raise PlanError(f"{path}: base_idx {bad} out of range for dataset '{name}' (n={n_target}); {fix}")
     return Plan(manifest=manifest, weight=weight, is_hard=is_hard)
+
+
+def _column_values(table: pa.Table, name: str) -> np.ndarray:
+    """A null-free int64, float64 or bool column as numpy, read from its buffers.
+
+    ``to_numpy`` would do, but it imports pandas (about 45 MB and 0.3 s); the plan's
+    columns are checked free of nulls by :func:`conform`, so the values are the buffer.
+    """
+    column = table.column(name)
+    array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    values = array.buffers()[1]
+    if pa.types.is_boolean(array.type):
+        bits = np.frombuffer(values, dtype=np.uint8)
+        return np.unpackbits(bits, count=array.offset + len(array), bitorder="little")[array.offset:].view(bool)
+    dtype = np.dtype(np.float64 if pa.types.is_float64(array.type) else np.int64)
+    return np.frombuffer(values, dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize)
 
 
 def _check_fits(path: Path, manifest: dict[str, Any], dataset: DatasetInfo, fix: str) -> None:

@@ -181,12 +181,10 @@ def _deal(pieces: Iterable[np.ndarray], starts: np.ndarray, capacity: np.ndarray
         rng.shuffle(work)  # int64 in place: numpy's fast path
         taken = rng.multivariate_hypergeometric(room, size)
         room -= taken
-        offset = 0
-        for j in np.flatnonzero(taken).tolist():
-            k = int(taken[j])
-            out[cursor[j]:cursor[j] + k] = work[offset:offset + k]
-            cursor[j] += k
-            offset += k
+        # One scatter: item i of the piece goes to cursor[bucket(i)] + (i - first item of its bucket).
+        first = np.cumsum(taken) - taken
+        out[np.repeat(cursor - first, taken) + np.arange(size)] = work
+        cursor += taken
 
 
 def _shuffle_chunks(out: np.ndarray, chunk: int, rng: np.random.Generator) -> None:
@@ -215,7 +213,20 @@ def _bucket_bounds(n: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _permute_into(pieces: Iterable[np.ndarray], out: np.ndarray, rng: np.random.Generator, chunk: int) -> None:
-    """A uniformly random permutation of the concatenated ``pieces`` (``len(out)`` items) written into ``out``."""
+    """A uniformly random permutation of the concatenated ``pieces`` (``len(out)`` items) written into ``out``.
+
+    Up to ``16 * chunk`` items (8 MiB of int64 at the default, inside the last-level
+    cache) one shuffle in place; beyond, dealt to buckets of ``chunk`` and each shuffled.
+    """
+    if len(out) <= 16 * chunk:
+        work = np.empty(len(out), dtype=np.int64)
+        filled = 0
+        for piece in pieces:
+            work[filled:filled + len(piece)] = piece
+            filled += len(piece)
+        rng.shuffle(work)
+        out[:] = work
+        return
     starts, capacity = _bucket_bounds(len(out), chunk)
     _deal(pieces, starts, capacity, out, rng)
     _shuffle_chunks(out, chunk, rng)
@@ -227,7 +238,7 @@ def random_permutation(n: int, rng: np.random.Generator, *, dtype: np.dtype | ty
 
     The items are dealt in shuffled pieces of ``chunk_slots`` to buckets of
     ``chunk_slots`` (multivariate hypergeometric counts), then each bucket is
-    shuffled: every order is equally likely, as with ``rng.permutation(n)``, whose
+    shuffled (up to ``16 * chunk_slots`` items, one shuffle): every order is equally likely, as with ``rng.permutation(n)``, whose
     random accesses over the whole array it avoids (a different sequence, though).
     """
     if n > _MAX_SLOTS:
@@ -358,6 +369,12 @@ def build_schedule(
         raise ValueError(f"an epoch of {length} slots is beyond the 10**9 this schedule supports")
     dtype, idx_bits = slot_bits(max([n_target, *source_sizes]), 1 + len(source_sizes))
     slots = np.empty(length, dtype=dtype)
+    mode = plan.mode if plan is not None else None
+    mixer = None
+    if mode == "dynamic":  # chunks of whole batches: each chunk's target slots are mixed as it is laid out
+        mixer = _BatchMixer(plan.is_hard, float(plan.manifest["hard_pool_frac"]), batch_size, seed, epoch, idx_bits,
+                            chunk_slots)
+        chunk_slots = batch_size * max(1, chunk_slots // batch_size)
     starts, sizes = _bucket_bounds(length, chunk_slots)
     shuffle_rng = np.random.default_rng([seed, epoch, _SHUFFLE_STREAM])
     # Slots of each dataset in each chunk: the counts of a uniformly random order of the epoch's multiset.
@@ -367,7 +384,6 @@ def build_schedule(
         per_chunk[j] = shuffle_rng.multivariate_hypergeometric(left, size)
         left -= per_chunk[j]
 
-    mode = plan.mode if plan is not None else None
     if mode in ("reweight", "fixed_set"):
         _check_weights(plan.weight)
     weighted = mode in ("reweight", "fixed_set") and plan.weight.sum() > 0
@@ -396,12 +412,10 @@ def build_schedule(
             drawn |= (s + 1) << (idx_bits + 1)
             filled += k
         shuffle_rng.shuffle(work)
+        if mixer is not None:
+            mixer.fill(work)
         slots[lo:lo + size] = work
-    shortfall = 0
-    if mode == "dynamic":
-        shortfall = _mix_batches(slots, plan.is_hard, float(plan.manifest["hard_pool_frac"]), batch_size, seed, epoch,
-                                 idx_bits, chunk_slots)
-    return Schedule(slots=slots, epoch=epoch, shortfall=shortfall, idx_bits=idx_bits)
+    return Schedule(slots=slots, epoch=epoch, shortfall=mixer.shortfall if mixer is not None else 0, idx_bits=idx_bits)
 
 
 def _hard_through(cumulative: np.ndarray, frac: float) -> np.ndarray:
@@ -424,28 +438,39 @@ def hard_slots_per_batch(target_per_batch: np.ndarray, frac: float) -> np.ndarra
 class _PoolCycle:
     """An endless cycle over the indices where ``is_member`` holds, a fresh random permutation per pass.
 
-    One pass lives at a time, in the smallest integer type that holds the indices.
+    One pass lives at a time, in the smallest integer type that holds the indices; a
+    pool small enough for one in-cache shuffle keeps its members and reshuffles them.
     """
 
     def __init__(self, is_member: np.ndarray, member: bool, rng: np.random.Generator, chunk: int):
         self.is_member, self.member, self.rng, self.chunk = is_member, member, rng, chunk
         n_true = int(np.count_nonzero(is_member))
         self.size = n_true if member else len(is_member) - n_true
-        self.order = np.empty(self.size, dtype=np.int32 if len(is_member) < 2**31 else np.int64)
+        self.small = self.size <= 16 * chunk
+        dtype = np.int64 if self.small or len(is_member) >= 2**31 else np.int32
+        self.order = np.empty(self.size, dtype=dtype)
         self.used = self.size
+        self.passes = 0
 
     def _member_pieces(self) -> Iterator[np.ndarray]:
         for lo in range(0, len(self.is_member), self.chunk):
             part = self.is_member[lo:lo + self.chunk]
             yield np.flatnonzero(part if self.member else ~part) + lo
 
+    def _next_pass(self) -> None:
+        if self.small and self.passes:
+            self.rng.shuffle(self.order)  # the same permutation _permute_into draws, from the last pass's order
+        else:
+            _permute_into(self._member_pieces(), self.order, self.rng, self.chunk)
+        self.passes += 1
+        self.used = 0
+
     def take(self, count: int) -> np.ndarray:
         out = np.empty(count, dtype=np.int64)
         filled = 0
         while filled < count:
             if self.used == self.size:
-                _permute_into(self._member_pieces(), self.order, self.rng, self.chunk)
-                self.used = 0
+                self._next_pass()
             k = min(count - filled, self.size - self.used)
             out[filled:filled + k] = self.order[self.used:self.used + k]
             filled += k
@@ -453,40 +478,53 @@ class _PoolCycle:
         return out
 
 
-def _mix_batches(slots: np.ndarray, is_hard: np.ndarray, frac: float, batch_size: int, seed: int, epoch: int,
-                 idx_bits: int, chunk: int) -> int:
-    """Fill the target slots of every batch in place: hard first, then regular; returns the shortfall.
+class _BatchMixer:
+    """Fills the target slots of whole batches, chunk by chunk: hard first, then regular.
 
-    Works through whole batches, ``chunk`` slots or so at a time; the per-batch hard
-    counts carry the cumulative target count across chunks (:func:`hard_slots_per_batch`).
+    The hard slots up to the end of batch ``b`` number ``round(frac * target slots up to
+    b)`` (:func:`hard_slots_per_batch`); the running counts carry from chunk to chunk,
+    so every chunk must start at a batch boundary.
     """
-    hard = _PoolCycle(is_hard, True, np.random.default_rng([seed, epoch, _HARD_STREAM]), chunk)
-    regular = _PoolCycle(is_hard, False, np.random.default_rng([seed, epoch, _REGULAR_STREAM]), chunk)
-    step = batch_size * max(1, chunk // batch_size)
-    seen_target, seen_through, n_hard = 0, 0, 0
-    for lo in range(0, len(slots), step):
-        view = slots[lo:lo + step]
-        n_batches = -(-len(view) // batch_size)
-        is_target = np.zeros(n_batches * batch_size, dtype=bool)
-        is_target[:len(view)] = (view >> (idx_bits + 1)) == 0
-        by_batch = is_target.reshape(n_batches, batch_size)
-        cumulative = seen_target + np.cumsum(by_batch.sum(axis=1, dtype=np.int64))
-        through = _hard_through(cumulative, frac)
-        hard_per_batch = np.diff(through, prepend=seen_through)
-        seen_target, seen_through = int(cumulative[-1]), int(through[-1])
-        if hard.size == 0:
-            wants_hard = np.zeros_like(by_batch)
-        elif regular.size == 0:
-            wants_hard = by_batch
+
+    def __init__(self, is_hard: np.ndarray, frac: float, batch_size: int, seed: int, epoch: int, idx_bits: int,
+                 chunk: int):
+        self.hard = _PoolCycle(is_hard, True, np.random.default_rng([seed, epoch, _HARD_STREAM]), chunk)
+        self.regular = _PoolCycle(is_hard, False, np.random.default_rng([seed, epoch, _REGULAR_STREAM]), chunk)
+        self.frac, self.batch_size, self.idx_bits = frac, batch_size, idx_bits
+        self.seen_target = self.seen_through = self.n_hard = 0
+
+    @property
+    def shortfall(self) -> int:
+        """Hard slots beyond the hard pool's size (its samples repeat)."""
+        return max(0, self.n_hard - self.hard.size)
+
+    def fill(self, work: np.ndarray) -> None:
+        """Fill the target slots (code 0) of ``work``, whole batches from a batch boundary, in place."""
+        is_target = work < 1 << (self.idx_bits + 1)  # code 0: below the first code bit
+        # Target slots so far in this chunk, at every slot and at the end of every batch.
+        running = np.cumsum(is_target, dtype=np.int32)
+        size = self.batch_size
+        ends = running[size - 1::size]
+        if len(work) % size:
+            ends = np.append(ends, running[-1])
+        n_target = int(ends[-1])
+        through = _hard_through(self.seen_target + ends.astype(np.int64), self.frac)
+        hard_per_batch = np.diff(through, prepend=self.seen_through)
+        self.seen_target, self.seen_through = self.seen_target + n_target, int(through[-1])
+        if self.hard.size == 0:
+            wants_hard = np.zeros_like(is_target)
+        elif self.regular.size == 0:
+            wants_hard = is_target
         else:  # the first hard_per_batch target slots of each batch
-            wants_hard = by_batch & (np.cumsum(by_batch, axis=1) <= hard_per_batch[:, None])
-        wants_hard = wants_hard.reshape(-1)[:len(view)]
-        is_regular = is_target[:len(view)] & ~wants_hard
+            # before batch b: ends[b-1]; its hard slots are target ranks ends[b-1] + 1 .. ends[b-1] + hard_b
+            limit = np.repeat((ends - np.diff(ends, prepend=0) + hard_per_batch).astype(np.int32), size)[:len(work)]
+            wants_hard = running <= limit
+            wants_hard &= is_target
         k = int(np.count_nonzero(wants_hard))
-        view[wants_hard] = hard.take(k) | (1 << idx_bits)
-        view[is_regular] = regular.take(int(np.count_nonzero(is_regular)))
-        n_hard += k
-    return max(0, n_hard - hard.size)
+        work[wants_hard] = self.hard.take(k) | (1 << self.idx_bits)
+        is_target ^= wants_hard  # now: the regular target slots
+        work[is_target] = self.regular.take(n_target - k)
+        self.n_hard += k
 
 
 def shard_positions(n_slots: int, batch_size: int, world: World) -> np.ndarray:
