@@ -177,6 +177,7 @@ def load_plan(
     *,
     dataset: DatasetInfo | None = None,
     expected_checksum: str | None = None,
+    batch_rows: int = _BATCH_ROWS,
 ) -> Plan | None:
     """Load and verify the plan for ``epoch``; None when there is none.
 
@@ -184,7 +185,8 @@ def load_plan(
     (or from ``expected_checksum``, the one rank 0 broadcast), or when the plan
     does not fit ``dataset``. The rows are read one record batch at a time and
     scattered into the dense :class:`Plan` (over ``dataset.size`` samples; without
-    a dataset, the manifest's target size or the largest index + 1).
+    a dataset, the manifest's target size or the largest index + 1), ``batch_rows``
+    rows at a time.
     """
     manifest = read_manifest(hsm_dir, epoch)
     if manifest is None:
@@ -208,18 +210,20 @@ def load_plan(
         n_target = dataset.size if dataset is not None else manifest["target"].get("size")
         if n_target is None:  # offline, size unknown: the rows say how far the target goes
             high = -1
-            for batch in part.iter_batches(batch_size=_BATCH_ROWS, columns=["base_idx"]):
+            for batch in part.iter_batches(batch_size=batch_rows, columns=["base_idx"]):
                 high = max(high, pc.max(batch.column(0)).as_py() if batch.num_rows else -1)
             n_target = high + 1
-        columns = [c for c in _LOADED if c != "weight" or manifest["mode"] != "dynamic"]
+        # The footer's statistics can show every row is one dataset's; then that column is not read.
+        names: dict[str, None] = dict.fromkeys(_footer_datasets(part.metadata) or [])
+        columns = [c for c in _LOADED if not (c == "weight" and manifest["mode"] == "dynamic" or c == "dataset" and names)]
         weight = None if manifest["mode"] == "dynamic" else np.full(n_target, float(manifest["default_weight"]))
         is_hard = np.zeros(n_target, dtype=bool)
-        names: dict[str, None] = {}
         low = high = None
-        for batch in part.iter_batches(batch_size=_BATCH_ROWS, columns=columns, use_threads=False):
+        for batch in part.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False):
             rows = conform(pa.Table.from_batches([batch]), pa.schema([PLAN_SCHEMA.field(c) for c in columns]), str(path),
                            keep_dictionary=True)
-            names.update(dict.fromkeys(pc.unique(rows.column("dataset")).to_pylist()))
+            if "dataset" in columns:
+                names.update(dict.fromkeys(pc.unique(rows.column("dataset")).to_pylist()))
             if not rows.num_rows:
                 continue
             base_idx = _column_values(rows, "base_idx")
@@ -227,6 +231,9 @@ def load_plan(
             low = batch_low if low is None else min(low, batch_low)
             high = batch_high if high is None else max(high, batch_high)
             if low >= 0 and high < n_target:  # else keep reading for the message, scatter no more
+                # A run of consecutive indices (a plan of every sample, sorted) is a slice, not a scatter.
+                if batch_high - batch_low == len(base_idx) - 1 and bool((base_idx[1:] > base_idx[:-1]).all()):
+                    base_idx = slice(batch_low, batch_high + 1)
                 if weight is not None:
                     weight[base_idx] = _column_values(rows, "weight")
                 is_hard[base_idx] = _column_values(rows, "is_hard")
@@ -239,6 +246,18 @@ def load_plan(
         bad = high if high >= n_target else low
         raise PlanError(f"{path}: base_idx {bad} out of range for dataset '{name}' (n={n_target}); {fix}")
     return Plan(manifest=manifest, weight=weight, is_hard=is_hard)
+
+
+def _footer_datasets(metadata: pq.FileMetaData) -> list[str] | None:
+    """``[name]`` when every row group's statistics say ``dataset`` is ``name`` throughout, else None (read it)."""
+    column = metadata.schema.names.index("dataset")
+    seen = set()
+    for i in range(metadata.num_row_groups):
+        stats = metadata.row_group(i).column(column).statistics
+        if stats is None or not stats.has_min_max or stats.null_count != 0 or stats.min != stats.max:
+            return None
+        seen.add(stats.min.decode() if isinstance(stats.min, bytes) else stats.min)
+    return list(seen) if len(seen) == 1 else None
 
 
 def _column_values(table: pa.Table, name: str) -> np.ndarray:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eventlog import TARGET, random_rows, sample_id, write_rows
 from hsm.config import MiningConfig
-from hsm.plan import DatasetInfo, PlanError, load_plan, plan_dir
+from hsm.plan import DatasetInfo, Plan, PlanError, load_plan, plan_dir, write_plan
 from hsm.planner import plan_epoch
 from hsm.state import StateMismatch
 
@@ -104,3 +109,56 @@ def test_dry_run_writes_nothing(tmp_path):
     result = plan_epoch(tmp_path / "hsm", 1, MiningConfig(enabled=True), TARGET, write=False)
     assert result.plan.num_rows > 0
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def write_rows_as_plan(hsm_dir, names, base_idx, is_hard, weight, mode="reweight", size=None):
+    n = len(base_idx)
+    table = pa.table({"dataset": pa.array(names, pa.string()), "base_idx": pa.array(base_idx, pa.int64()),
+                      "score": pa.array(np.zeros(n)), "n_obs": pa.array(np.ones(n, np.int64)),
+                      "is_hard": pa.array(is_hard, pa.bool_()), "weight": pa.array(weight, pa.float64())})
+    default = 0.0 if mode == "fixed_set" else 1.0
+    write_plan(hsm_dir, 1, table, {"mode": mode, "triggered": True, "default_weight": default, "hard_pool_frac": 0.3,
+                                   "target_epoch_size": None, "target": {"name": TARGET, "size": size, "fingerprint": None}})
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 40), data=st.data(), batch_rows=st.integers(1, 7),
+       mode=st.sampled_from(["reweight", "fixed_set", "dynamic"]), sorted_full=st.booleans())
+def test_dense_load_is_a_scatter_of_the_rows(n, data, batch_rows, mode, sorted_full):
+    if sorted_full:  # every sample, in order: the slice path
+        rows = list(range(n))
+    else:  # any subset, any order: the scatter path
+        rows = data.draw(st.lists(st.integers(0, n - 1), unique=True, max_size=n))
+    is_hard = data.draw(st.lists(st.booleans(), min_size=len(rows), max_size=len(rows)))
+    weight = data.draw(st.lists(st.floats(0.0, 9.0), min_size=len(rows), max_size=len(rows)))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_rows_as_plan(Path(tmp), [TARGET] * len(rows), rows, is_hard, weight, mode, size=n)
+        plan = load_plan(Path(tmp), 1, dataset=DatasetInfo(TARGET, n), batch_rows=batch_rows)
+        offline = load_plan(Path(tmp), 1, batch_rows=batch_rows)  # no dataset: the manifest's size
+    # Oracle: a Python loop over the rows.
+    default = 0.0 if mode == "fixed_set" else 1.0
+    dense_weight, dense_hard = [default] * n, [False] * n
+    for i, h, w in zip(rows, is_hard, weight):
+        dense_weight[i], dense_hard[i] = w, h
+    for loaded in (plan, offline):
+        assert loaded.n_target == n and loaded.is_hard.tolist() == dense_hard
+        assert loaded.hard_idx.tolist() == [i for i in range(n) if dense_hard[i]]
+        assert loaded.weight is None if mode == "dynamic" else loaded.weight.tolist() == dense_weight
+    rebuilt = Plan.from_rows(plan.manifest, np.array(rows, dtype=np.int64), np.array(is_hard, dtype=bool), np.array(weight), n)
+    assert rebuilt.is_hard.tolist() == dense_hard
+    assert rebuilt.weight is None if mode == "dynamic" else rebuilt.weight.tolist() == dense_weight
+
+
+@pytest.mark.parametrize("rows, bad", [([0, 1, 2, 3, 4, 5, 15, 12], 15), ([0, 1, 2, 3, -3, 4], -3)])
+def test_out_of_range_index_in_a_later_batch_is_refused(tmp_path, rows, bad):
+    write_rows_as_plan(tmp_path, [TARGET] * len(rows), rows, [False] * len(rows), [1.0] * len(rows))
+    with pytest.raises(PlanError, match=rf"base_idx {bad} out of range for dataset 'tgt' \(n=10\)"):
+        load_plan(tmp_path, 1, dataset=DatasetInfo(TARGET, 10), batch_rows=2)
+
+
+@pytest.mark.parametrize("names", [[TARGET, TARGET, "other", TARGET], ["other"] * 4])
+def test_rows_of_another_dataset_are_refused(tmp_path, names):
+    # Mixed names are read from the column; a single other name is seen in the footer's statistics.
+    write_rows_as_plan(tmp_path, names, [0, 1, 2, 3], [False] * 4, [1.0] * 4)
+    with pytest.raises(PlanError, match=r"rows for datasets \[.*'other'.*\], only 'tgt' may be planned"):
+        load_plan(tmp_path, 1, dataset=DatasetInfo(TARGET, 10), batch_rows=3)
