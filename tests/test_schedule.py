@@ -263,15 +263,27 @@ def chi_square(observed: np.ndarray) -> float:
     return float(((observed - expected) ** 2 / expected).sum())
 
 
-def test_random_permutation_is_uniform_across_chunks():
-    # Every order of 4 items, dealt over buckets of 2 (the two-level path), equally often.
-    # 23 degrees of freedom: the 0.999 quantile of chi-square is 49.7.
+def test_random_permutation_is_uniform():
+    # Small: one shuffle. Every order of 4 items equally often; 23 degrees of freedom, 0.999 quantile 49.7.
     orders = {}
     for seed in range(12_000):
-        key = tuple(random_permutation(4, np.random.default_rng(seed), chunk_slots=2).tolist())
+        key = tuple(random_permutation(4, np.random.default_rng(seed), chunk_slots=1).tolist())
         orders[key] = orders.get(key, 0) + 1
     assert len(orders) == 24
     assert chi_square(np.array(list(orders.values()))) < 49.7
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_random_permutation_is_uniform_across_buckets(chunk):
+    # 48 items over more than 16 buckets: the two-level path (shuffled pieces dealt to buckets, buckets shuffled).
+    # Where items 0, 1 and 47 land: uniform over the 48 positions (47 degrees of freedom, 0.999 quantile 82.7),
+    # and item 0 before item 1 half the time (within 4 sigma).
+    n, runs = 48, 3_000
+    where = np.array([np.argsort(random_permutation(n, np.random.default_rng(seed), chunk_slots=chunk))[[0, 1, n - 1]]
+                      for seed in range(runs)])
+    for item in range(3):
+        assert chi_square(np.bincount(where[:, item], minlength=n)) < 82.7
+    assert abs((where[:, 0] < where[:, 1]).sum() - runs / 2) < 4 * np.sqrt(runs / 4)
 
 
 def test_schedule_order_is_uniform_over_chunks():
