@@ -321,6 +321,25 @@ def _fold_in_memory(read, epoch: int, state, names: list[str], mining: MiningCon
                      skipped=[str(path) for path, _ in read.skipped])
 
 
+def _footer_spans(part: pq.ParquetFile, columns: tuple[str, ...]) -> dict[str, dict[str, int]] | None:
+    """``{column: {"min", "max"}}`` over a part's row groups from its footer statistics; None if any is missing."""
+    metadata = part.metadata
+    spans = {}
+    for name in columns:
+        index = part.schema_arrow.get_field_index(name)
+        lows, highs = [], []
+        for g in range(metadata.num_row_groups):
+            stats = metadata.row_group(g).column(index).statistics
+            if stats is None or not stats.has_min_max:
+                return None
+            lows.append(stats.min)
+            highs.append(stats.max)
+        if not lows:
+            return None
+        spans[name] = {"min": int(min(lows)), "max": int(max(highs))}
+    return spans
+
+
 def fold_out_of_core(
     files: list[Path], epoch: int, state: pa.Table | None, names: list[str], mining: MiningConfig, fold, *,
     n_buckets: int, spill_dir: Path, skip_corrupt: bool = False, per_epoch: bool = False,
@@ -341,18 +360,21 @@ def fold_out_of_core(
         try:
             part = pq.ParquetFile(path, read_dictionary=["dataset"])
             check_schema(part.schema_arrow, EVENT_SCHEMA, str(path))
-            head = part.read(columns=["dataset", "base_idx", "attempt", "rank", "global_step", "position", "epoch"])
+            bounds_of = _footer_spans(part, ("attempt", "rank", "global_step", "epoch"))
+            # The event writer records these spans in the footer; other writers' parts are scanned.
+            head = part.read(columns=["dataset", "base_idx"] + (["attempt", "rank", "global_step", "epoch"] if bounds_of is None else []))
         except (SchemaError, pa.ArrowException, OSError) as e:
             if not skip_corrupt:
                 raise CorruptEventFile(f"{path}: not readable as events ({e}); re-run with --skip-corrupt to skip it") from e
             warnings.warn(f"hsm: skipping corrupt event file {path}: {e}", stacklevel=2)
             skipped.append(str(path))
             continue
-        if head.num_rows and pc.min_max(head.column("epoch")).as_py() != {"min": epoch, "max": epoch}:
+        if head.num_rows and bounds_of is None:
+            bounds_of = {c: pc.min_max(head.column(c)).as_py() for c in ("attempt", "rank", "global_step", "epoch")}
+        if head.num_rows and bounds_of["epoch"] != {"min": epoch, "max": epoch}:
             raise CorruptEventFile(f"{path}: holds events of another epoch than its partition epoch={epoch}")
         new_names |= {v for c in head.column("dataset").chunks for v in c.dictionary.to_pylist()}
         if head.num_rows:
-            bounds_of = {c: pc.min_max(head.column(c)).as_py() for c in ("attempt", "rank", "global_step")}
             spans.append((bounds_of, len(parts)))
         sample.append(head.select(["dataset", "base_idx"]).take(pa.array(np.arange(0, head.num_rows, 101))))
         parts.append((path, part))

@@ -240,9 +240,12 @@ def test_out_of_core_fold_is_byte_identical(tmp_path, engine, aggregate):
     rows = random_rows(rng, n_target=40, n_epochs=3, n_ranks=2, max_obs=3, resume=True)
     mining = mining_config(MODES[1], aggregate, "loss", decay=0.75)
     files = {}
-    for how, limit in (("memory", None), ("spilled", 1)):  # a 1-byte budget: one bucket per sample range
+    for how, limit in (("memory", None), ("spilled", 1), ("no-stats", 1)):  # a 1-byte budget: one bucket per sample range
         hsm_dir = tmp_path / how / "hsm"
         write_rows(hsm_dir, rows)
+        if how == "no-stats":  # parts of another writer, without footer statistics: spans come from a scan
+            for part in (hsm_dir / "events").rglob("*.parquet"):
+                pq.write_table(pq.read_table(part), part, write_statistics=False)
         from hsm.planner import fold_pending
 
         folded = fold_pending(hsm_dir, 2, mining, engine=engine, memory_limit=limit, temp_directory=tmp_path)
@@ -252,6 +255,7 @@ def test_out_of_core_fold_is_byte_identical(tmp_path, engine, aggregate):
                       *(pq.read_table(hsm_dir / "state" / f"epoch={e}" / "state.parquet") for e in range(3)),
                       *(pq.read_table(hsm_dir / "sample_ids" / f"epoch={e}" / "sample_ids.parquet") for e in range(3))]
     assert all(a.equals(b) for a, b in zip(files["memory"], files["spilled"]))
+    assert all(a.equals(b) for a, b in zip(files["memory"], files["no-stats"]))
     assert_state_matches(state_rows(tmp_path / "spilled" / "hsm", 2),
                          full_state(rows, metric="loss", decay=0.75, aggregate=aggregate), "spilled")
     assert not list(tmp_path.glob("hsm-fold-*")), "spill files left behind"
