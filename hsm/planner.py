@@ -342,7 +342,7 @@ def _footer_spans(part: pq.ParquetFile, columns: tuple[str, ...]) -> dict[str, d
 
 def fold_out_of_core(
     files: list[Path], epoch: int, state: pa.Table | None, names: list[str], mining: MiningConfig, fold, *,
-    n_buckets: int, spill_dir: Path, skip_corrupt: bool = False, per_epoch: bool = False,
+    n_buckets: int, spill_dir: Path, skip_corrupt: bool = False, per_epoch: bool = False, range_rows: int | None = None,
 ) -> EpochFold:
     """Fold one epoch in ``n_buckets`` key ranges, spilling the events to ``spill_dir``.
 
@@ -351,7 +351,8 @@ def fold_out_of_core(
     bucket bounds; pass 1 streams the parts in record batches and appends each event to
     its key range's Arrow IPC file; pass 2 folds one range at a time with the engine,
     against the matching slice of the key-sorted state. A sample's events all fall in one
-    range, so the state equals the in-memory fold's, byte for byte.
+    range, so the state equals the in-memory fold's, byte for byte. ``range_rows`` splits each
+    range's fold further into cache-sized ranges in memory (:func:`fold_in_ranges`).
     """
     columns = event_columns(mining.metric)
     metric = metric_column(mining.metric)
@@ -463,8 +464,10 @@ def fold_out_of_core(
             continue
         with pa.memory_map(str(path)) as source:
             events = pa.ipc.open_file(source).read_all()
-        out = fold(piece if piece is not None and piece.num_rows else None, events.drop_columns(["sample_id"]),
-                   epoch=epoch, ema_decay=mining.ema_decay, per_epoch=per_epoch)
+        piece = piece if piece is not None and piece.num_rows else None
+        n_ranges = -(-(events.num_rows + (piece.num_rows if piece is not None else 0)) // range_rows) if range_rows else 1
+        out = fold_in_ranges(piece, events.drop_columns(["sample_id"]), fold, n_ranges=n_ranges,
+                             epoch=epoch, ema_decay=mining.ema_decay, per_epoch=per_epoch)
         states.append(out.select(list(fold_columns(mining.aggregate))))
         ids.append(_new_ids(out, names, events.column("sample_id")))
         del events, out
@@ -537,6 +540,7 @@ def fold_pending(
                 epoch_fold = fold_out_of_core(
                     files, epoch, state, names, mining, folder, n_buckets=n_buckets, spill_dir=Path(spill),
                     skip_corrupt=skip_corrupt, per_epoch=per_epoch,
+                    range_rows=None if (engine or mining.engine) == "duckdb" else _RANGE_ROWS,
                 )
             result.last_events = None
         else:
