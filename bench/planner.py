@@ -140,7 +140,14 @@ def _mining(engine: str):
 
 
 def measure(kind: str, hsm_dir: Path, sample: int) -> dict:
-    """Run one measurement in this process; returns seconds and peak RSS."""
+    """Run one measurement in this process; returns seconds and peak RSS.
+
+    Modules are imported before the clock starts (every row alike): the rows time the
+    work, not the interpreter loading DuckDB or hsm.
+    """
+    import duckdb  # noqa: F401
+    import hsm.planner  # noqa: F401
+
     start = time.perf_counter()
     extra = {}
     if kind == "fold-0":
@@ -154,7 +161,10 @@ def measure(kind: str, hsm_dir: Path, sample: int) -> dict:
 
         buckets = buckets_for(files_of(hsm_dir, 0), None, DEFAULT_MEMORY_LIMIT)
         result = plan_epoch(hsm_dir, 1, _mining(kind[5:]), TARGET)
-        extra = {"hard": result.manifest["counts"]["hard"], "buckets": buckets}
+        seconds = time.perf_counter() - start
+        extra = {"hard": result.manifest["counts"]["hard"], "buckets": buckets,
+                 "digest": _digest(hsm_dir / "plans" / "epoch=1" / "plan.parquet", hsm_dir / "state" / "epoch=0" / "state.parquet")}
+        return {"seconds": seconds, "rss_mb": _rss_mb(), **extra}
     elif kind == "duckdb-scan-0":
         import duckdb
 
@@ -168,8 +178,12 @@ def measure(kind: str, hsm_dir: Path, sample: int) -> dict:
     elif kind.startswith("hsm-"):
         from hsm.planner import plan_epoch
 
+        phases = _timed_phases() if os.environ.get("HSM_BENCH_PHASES") else None
         result = plan_epoch(hsm_dir, 2, _mining(kind[4:]), TARGET)
-        extra = {"hard": result.manifest["counts"]["hard"], "state_rows": None}
+        seconds = time.perf_counter() - start
+        extra = {"hard": result.manifest["counts"]["hard"], "phases": phases,
+                 "digest": _digest(hsm_dir / "plans" / "epoch=2" / "plan.parquet", hsm_dir / "state" / "epoch=1" / "state.parquet")}
+        return {"seconds": seconds, "rss_mb": _rss_mb(), **extra}
     elif kind == "duckdb-scan":
         import duckdb
 
@@ -217,6 +231,44 @@ def measure(kind: str, hsm_dir: Path, sample: int) -> dict:
     return {"seconds": time.perf_counter() - start, "rss_mb": _rss_mb(), **extra}
 
 
+def _digest(*paths: Path) -> str:
+    """sha256 over the bytes of ``paths``: equal digests mean byte-identical plan and state."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+_PHASES = ("read_state", "fold_table", "read_epoch_events", "_fold_in_memory", "fold_out_of_core", "write_sample_ids",
+           "disk_table", "write_state", "build_plan_table", "write_plan")
+
+
+def _timed_phases() -> dict[str, float]:
+    """Wrap the planner's phases (module attributes of hsm.planner) to sum their wall seconds into the returned dict."""
+    import functools
+
+    import hsm.planner as planner
+
+    totals: dict[str, float] = {}
+    for name in _PHASES:
+        inner = getattr(planner, name, None)
+        if inner is None:
+            continue
+
+        @functools.wraps(inner)
+        def timed(*args, _inner=inner, _name=name, **kwargs):
+            begin = time.perf_counter()
+            try:
+                return _inner(*args, **kwargs)
+            finally:
+                totals[_name] = totals.get(_name, 0.0) + time.perf_counter() - begin
+
+        setattr(planner, name, timed)
+    return totals
+
+
 def _rss_mb() -> float:
     # VmHWM is this process image's own peak; ru_maxrss would include the parent's peak at fork.
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -244,12 +296,13 @@ def before_dir(hsm_dir: Path) -> Path:
     return other
 
 
-def run_child(kind: str, hsm_dir: Path, sample: int, impl: Path | None = None) -> dict:
+def run_child(kind: str, hsm_dir: Path, sample: int, impl: Path | None = None, *, phases: bool = False) -> dict:
     for epoch in (1,):
         shutil.rmtree(hsm_dir / "state" / f"epoch={epoch}", ignore_errors=True)
         shutil.rmtree(hsm_dir / "sample_ids" / f"epoch={epoch}", ignore_errors=True)
     shutil.rmtree(hsm_dir / "plans", ignore_errors=True)
-    env = dict(os.environ, HSM_BENCH_IMPL=str(impl)) if impl is not None else None
+    env = dict(os.environ, **({"HSM_BENCH_IMPL": str(impl)} if impl is not None else {}),
+               **({"HSM_BENCH_PHASES": "1"} if phases else {}))
     out = subprocess.run(
         [sys.executable, __file__, "--child", kind, "--hsm-dir", str(hsm_dir), "--sample", str(sample)],
         capture_output=True, text=True, check=True, env=env,
@@ -277,7 +330,10 @@ def wide(args) -> None:
         shutil.rmtree(hsm_dir / "sample_ids", ignore_errors=True)
         rows.append((f"hsm-{engine}", run_child(f"hsm1-{engine}", hsm_dir, 0, after)))
     floor = rows[0][1]["seconds"]
+    digests = {r["digest"] for name, r in rows[1:]}
     print(f"\n{n_events:,} events, {n_samples:,} samples, one epoch, folded from scratch")
+    if len(rows) > 2:
+        print(f"engine parity (plan + state sha256): {'byte-identical' if len(digests) == 1 else 'DIFFERENT'} {' '.join(sorted(digests))}")
     print(f"{'measure':<16} {'seconds':>9} {'x floor':>8} {'peak RSS MB':>12} {'buckets':>8}")
     for name, r in rows:
         print(f"{name:<16} {r['seconds']:>9.1f} {r['seconds'] / floor:>8.2f} {r['rss_mb']:>12.0f} {r.get('buckets', '-'):>8}")
@@ -297,13 +353,14 @@ def main() -> None:
     parser.add_argument("--wide", type=int, nargs=2, metavar=("EVENTS", "SAMPLES"),
                         help="Instead: one epoch of EVENTS events over SAMPLES samples, folded out of core.")
     parser.add_argument("--wide-engines", nargs="+", default=["polars"])
+    parser.add_argument("--phases", action="store_true", help="Also time the planner's phases in one more after run.")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.hsm_dir, args.sample)))
         return
     if args.wide:
         return wide(args)
-    rows = []
+    rows, parity, phase_rows = [], [], []
     impl = stage_impl(args.before, args.workdir) if args.before else None
     after = stage_impl(args.impl, args.workdir, "after-impl") if args.impl else None
     for size in args.sizes:
@@ -327,6 +384,11 @@ def main() -> None:
         for label, measured in runs.items():
             results[label] = {"seconds": statistics.median(r["seconds"] for r in measured),
                               "rss_mb": max(r["rss_mb"] for r in measured)}
+        digests = {label: {r["digest"] for r in runs[label]} for label in ("hsm-polars", "hsm-duckdb")}
+        parity.append((size, digests["hsm-polars"] == digests["hsm-duckdb"] and len(digests["hsm-polars"]) == 1,
+                       sorted(digests["hsm-polars"] | digests["hsm-duckdb"])))
+        if args.phases:
+            phase_rows.append((size, run_child("hsm-polars", hsm_dir, 0, after, phases=True)))
         sample = min(args.naive_sample, n_events)
         naive = run_child("naive-dict", hsm_dir, sample)
         results["naive-dict"] = {"seconds": naive["seconds"] * n_events / sample, "rss_mb": naive["rss_mb"], "extrapolated": sample < n_events}
@@ -342,6 +404,13 @@ def main() -> None:
             continue
         mark = "*" if extrapolated else ""
         print(f"{size:>10} {kind:<26} {seconds:>8.2f}{mark} {ratio:>8.2f} {speedup:>8.1f}x {rss:>12.0f}")
+    for size, same, digests in parity:
+        print(f"{size:>10} engine parity (plan + state sha256, polars vs duckdb, every repeat): "
+              f"{'byte-identical' if same else 'DIFFERENT'} {' '.join(digests)}")
+    for size, measured in phase_rows:
+        phases = measured["phases"] or {}
+        print(f"{size:>10} phases of one hsm-polars run ({measured['seconds']:.2f} s; write_state runs beside the plan): "
+              + ", ".join(f"{name} {seconds:.2f}" for name, seconds in phases.items()))
     print(f"\nEventWriter.append on the calling thread: {append['per_sample_us']:.2f} us per sample (batches of 8)")
     print("* extrapolated linearly from a subsample; floor = bare DuckDB group-by over the same files")
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hsm.events import write_parquet_atomic
+from hsm.events import keyed_write_options, write_parquet_atomic
 from hsm.schemas import PLAN_SCHEMA, SchemaError, check_schema, conform
 
 __all__ = [
@@ -93,7 +93,8 @@ def write_plan(hsm_dir: str | Path, epoch: int, table: pa.Table, manifest: dict[
     directory = plan_dir(hsm_dir, epoch)
     path = directory / "plan.parquet"
     table = conform(table, PLAN_SCHEMA, str(path), keep_dictionary=True)
-    write_parquet_atomic(table, path, compression="zstd", compression_level=1, use_dictionary=["dataset"])
+    write_parquet_atomic(table, path, **keyed_write_options(table.schema, sorted_column="base_idx",
+                                                             dictionary=("dataset", "n_obs", "weight"), statistics=("base_idx",)))
     manifest = dict(manifest, plan_version=PLAN_VERSION, epoch=epoch, checksum=file_sha256(path), rows=table.num_rows)
     write_json_atomic(manifest, directory / "manifest.json")
     return manifest

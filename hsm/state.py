@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hsm.events import write_parquet_atomic
+from hsm.events import keyed_write_options, write_parquet_atomic
 from hsm.schemas import SAMPLE_ID_SCHEMA, STATE_SCHEMA, SchemaError, conform
 
 __all__ = [
@@ -79,7 +79,6 @@ FOLD_COLUMNS = ("key", "n_obs", "mean", "ema", "last", "last_epoch")
 EPOCH_COLUMNS = ("n_epochs", "epoch_mean", "epoch_ema")  # folded only for the per-epoch aggregates
 PER_EPOCH_AGGREGATES = ("epoch_ema", "last")
 STATE_VERSION = 2
-_STATE_WRITE = {"compression": "lz4", "use_dictionary": ["dataset"], "write_statistics": ["dataset", "base_idx"]}
 
 
 class StateMismatch(ValueError):
@@ -164,17 +163,23 @@ def read_state_info(hsm_dir: str | Path, epoch: int) -> StateInfo:
         raise SchemaError(f"{path}: not a readable state file ({e}); delete it to refold") from e
 
 
-def read_state(hsm_dir: str | Path, epoch: int) -> tuple[pa.Table, StateInfo]:
-    """Read and check the state after ``epoch`` (``STATE_SCHEMA``, ``dataset`` dictionary-encoded)."""
+def read_state(hsm_dir: str | Path, epoch: int, columns: tuple[str, ...] | None = None) -> tuple[pa.Table, StateInfo]:
+    """Read and check the state after ``epoch`` (``STATE_SCHEMA``, ``dataset`` dictionary-encoded).
+
+    ``columns`` reads only those (the fold skips ``score``, which it recomputes).
+    """
     path = state_path(hsm_dir, epoch)
     try:
-        table = pq.read_table(path, read_dictionary=["dataset"])
+        # ParquetFile, not read_table: read_table builds a dataset (importing pyarrow.dataset and pandas).
+        table = pq.ParquetFile(path, read_dictionary=["dataset"], memory_map=True).read(
+            columns=list(columns) if columns else None, use_threads=True)
     except (pa.ArrowException, OSError) as e:
         raise SchemaError(f"{path}: not a readable state file ({e}); delete it to refold") from e
     info = _info_from(table.schema.metadata, path)
     if info.epoch != epoch:
         raise SchemaError(f"{path}: holds the state after epoch {info.epoch}; delete it to refold")
-    return conform(table, STATE_SCHEMA, str(path), keep_dictionary=True), info
+    schema = STATE_SCHEMA if not columns else pa.schema([STATE_SCHEMA.field(c) for c in columns])
+    return conform(table, schema, str(path), keep_dictionary=True), info
 
 
 def write_state(hsm_dir: str | Path, state: pa.Table, info: StateInfo) -> Path:
@@ -184,7 +189,9 @@ def write_state(hsm_dir: str | Path, state: pa.Table, info: StateInfo) -> Path:
     schema = pa.schema([f for f in STATE_SCHEMA if not f.nullable or f.name in state.column_names])
     table = conform(state, schema, str(path), keep_dictionary=True)
     table = table.replace_schema_metadata({_META_KEY: info.to_json().encode()})
-    write_parquet_atomic(table, path, **_STATE_WRITE)
+    options = keyed_write_options(table.schema, sorted_column="base_idx", dictionary=("dataset", "n_obs", "last_epoch", "n_epochs"),
+                                  statistics=("dataset", "base_idx"))
+    write_parquet_atomic(table, path, **options)
     return path
 
 
@@ -206,22 +213,45 @@ def read_sample_ids(
     ``dataset`` and ``base_idx`` restrict it to those samples (row groups are pruned
     by their statistics, so a handful of ids costs a handful of row groups).
     """
-    filters = []
-    if dataset is not None:
-        filters.append(("dataset", "=", dataset))
-    if base_idx is not None:
-        filters.append(("base_idx", "in", [int(v) for v in base_idx]))
+    wanted = None if base_idx is None else np.unique(np.asarray(base_idx, dtype=np.int64))
     parts = []
     for epoch in range(up_to_epoch + 1):
         path = sample_ids_path(hsm_dir, epoch)
         if not path.is_file():
             continue
         try:
-            part = pq.read_table(path, filters=filters or None)
+            part = _read_ids(path, dataset, wanted)
         except (pa.ArrowException, OSError) as e:
             raise SchemaError(f"{path}: not a readable id table ({e}); delete the state directory to refold") from e
         parts.append(conform(part, SAMPLE_ID_SCHEMA, str(path)))
     return pa.concat_tables(parts) if parts else SAMPLE_ID_SCHEMA.empty_table()
+
+
+def _read_ids(path: Path, dataset: str | None, wanted: np.ndarray | None) -> pa.Table:
+    """One id file, restricted to ``dataset`` and the ``wanted`` indices, reading only the row
+    groups whose ``base_idx`` statistics can hold one of them."""
+    file = pq.ParquetFile(path)
+    groups = list(range(file.num_row_groups))
+    if wanted is not None:
+        column = file.schema_arrow.get_field_index("base_idx")
+        kept = []
+        for g in groups:
+            stats = file.metadata.row_group(g).column(column).statistics
+            if stats is None or not stats.has_min_max:
+                kept.append(g)
+                continue
+            lo, hi = np.searchsorted(wanted, [stats.min, stats.max + 1])
+            if hi > lo:
+                kept.append(g)
+        groups = kept
+    table = file.read_row_groups(groups) if groups else file.schema_arrow.empty_table()
+    mask = None
+    if dataset is not None:
+        mask = pc.equal(table.column("dataset").cast(pa.string()), dataset)
+    if wanted is not None:
+        inside = pc.is_in(table.column("base_idx"), value_set=pa.array(wanted))
+        mask = inside if mask is None else pc.and_(mask, inside)
+    return table if mask is None else table.filter(mask)
 
 
 def dataset_codes(column: pa.ChunkedArray | pa.Array, names: list[str]) -> tuple[np.ndarray, list[str]]:

@@ -240,9 +240,12 @@ def test_out_of_core_fold_is_byte_identical(tmp_path, engine, aggregate):
     rows = random_rows(rng, n_target=40, n_epochs=3, n_ranks=2, max_obs=3, resume=True)
     mining = mining_config(MODES[1], aggregate, "loss", decay=0.75)
     files = {}
-    for how, limit in (("memory", None), ("spilled", 1)):  # a 1-byte budget: one bucket per sample range
+    for how, limit in (("memory", None), ("spilled", 1), ("no-stats", 1)):  # a 1-byte budget: one bucket per sample range
         hsm_dir = tmp_path / how / "hsm"
         write_rows(hsm_dir, rows)
+        if how == "no-stats":  # parts of another writer, without footer statistics: spans come from a scan
+            for part in (hsm_dir / "events").rglob("*.parquet"):
+                pq.write_table(pq.read_table(part), part, write_statistics=False)
         from hsm.planner import fold_pending
 
         folded = fold_pending(hsm_dir, 2, mining, engine=engine, memory_limit=limit, temp_directory=tmp_path)
@@ -252,6 +255,88 @@ def test_out_of_core_fold_is_byte_identical(tmp_path, engine, aggregate):
                       *(pq.read_table(hsm_dir / "state" / f"epoch={e}" / "state.parquet") for e in range(3)),
                       *(pq.read_table(hsm_dir / "sample_ids" / f"epoch={e}" / "sample_ids.parquet") for e in range(3))]
     assert all(a.equals(b) for a, b in zip(files["memory"], files["spilled"]))
+    assert all(a.equals(b) for a, b in zip(files["memory"], files["no-stats"]))
     assert_state_matches(state_rows(tmp_path / "spilled" / "hsm", 2),
                          full_state(rows, metric="loss", decay=0.75, aggregate=aggregate), "spilled")
     assert not list(tmp_path.glob("hsm-fold-*")), "spill files left behind"
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    prev=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 60)), max_size=40),
+    events=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 60)), max_size=60),
+    sparse=st.booleans(),
+)
+def test_merge_slots_equals_a_dict_of_rows(prev, events, sparse):
+    """The key merge behind the default engine, dense (mark + running count) and sparse (sort) paths."""
+    from hsm.engines.polars_engine import merge_slots
+    from hsm.state import IDX_BITS
+
+    scale = 1 << 30 if sparse else 1  # far-apart indices take the sparse path
+    def keys_of(pairs):
+        return np.array([(c << IDX_BITS) | (i * scale) for c, i in pairs], dtype=np.int64)
+
+    prev_keys = np.unique(keys_of(prev))
+    ev_keys = keys_of(events)
+    merged, prev_at, slots = merge_slots(prev_keys, ev_keys)
+    expected = sorted(set(prev_keys.tolist()) | set(ev_keys.tolist())) if len(ev_keys) else prev_keys.tolist()
+    row = {k: i for i, k in enumerate(expected)}
+    assert merged.tolist() == expected
+    assert slots.tolist() == [row[k] for k in ev_keys.tolist()]
+    if prev_at is None:
+        assert len(expected) == len(prev_keys)
+    else:
+        assert prev_at.tolist() == [row[k] for k in prev_keys.tolist()]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    prev=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 80)), max_size=50, unique=True),
+    events=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 80), st.floats(0, 5, width=32)), max_size=120),
+    n_ranges=st.integers(2, 9),
+    per_epoch=st.booleans(),
+)
+def test_fold_in_key_ranges_equals_one_fold(prev, events, n_ranges, per_epoch):
+    """Folding in key ranges (how the default engine folds a large epoch in memory) changes nothing, bit for bit."""
+    from hsm.engines.polars_engine import fold_epoch
+    from hsm.planner import fold_in_ranges
+    from hsm.state import IDX_BITS
+
+    rng = np.random.default_rng(len(events))
+    prev_keys = np.unique(np.array([(c << IDX_BITS) | i for c, i in prev], dtype=np.int64))
+    n = len(prev_keys)
+    columns = {"key": prev_keys, "n_obs": rng.integers(1, 5, n), "mean": rng.random(n), "ema": rng.random(n),
+               "last": rng.random(n), "last_epoch": np.zeros(n, np.int32)}
+    if per_epoch:
+        columns.update(n_epochs=np.ones(n, np.int32), epoch_mean=rng.random(n), epoch_ema=rng.random(n))
+    state = pa.table(columns) if n else None
+    m = len(events)
+    keyed = pa.table({
+        "key": np.array([(c << IDX_BITS) | i for c, i, _ in events], dtype=np.int64),
+        "x": np.array([x for *_, x in events], dtype=np.float64),
+        "global_step": rng.integers(0, 4, m).astype(np.int64), "rank": rng.integers(0, 2, m).astype(np.int32),
+        "position": np.arange(m, dtype=np.int32),
+    })
+    whole = fold_epoch(state, keyed, epoch=1, ema_decay=0.9, per_epoch=per_epoch)
+    ranged = fold_in_ranges(state, keyed, fold_epoch, n_ranges=n_ranges, epoch=1, ema_decay=0.9, per_epoch=per_epoch)
+    assert ranged.combine_chunks().equals(whole.combine_chunks())
+
+
+@settings(max_examples=15, deadline=None)
+@given(picks=st.lists(st.integers(0, 150_000), max_size=12), dataset=st.sampled_from([None, "target", "coco"]))
+def test_sample_id_lookup_prunes_row_groups_and_equals_a_filter(tmp_path_factory, picks, dataset):
+    """The tie-break lookup reads only the row groups that can hold the asked indices; same rows as a plain filter."""
+    from hsm.state import read_sample_ids, write_sample_ids
+
+    hsm_dir = tmp_path_factory.mktemp("ids")
+    n = 140_000  # three row groups of 2^16 rows
+    base = np.arange(n, dtype=np.int64)
+    names = np.where(base % 7 == 0, "coco", "target")
+    table = pa.table({"dataset": pa.array(names).dictionary_encode(), "base_idx": base,
+                      "sample_id": pa.array([f"s{i}" for i in range(n)])})
+    write_sample_ids(hsm_dir, 0, table)
+    got = read_sample_ids(hsm_dir, 0, dataset=dataset, base_idx=np.array(picks, dtype=np.int64))
+    wanted = set(picks)
+    expected = [(str(d), int(i), f"s{i}") for d, i in zip(names, base) if i in wanted and dataset in (None, d)]
+    rows = list(zip(got.column("dataset").to_pylist(), got.column("base_idx").to_pylist(), got.column("sample_id").to_pylist()))
+    assert sorted(rows) == sorted(expected)

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from hsm.state import EPOCH_COLUMNS, FOLD_COLUMNS, IDX_BITS, IDX_MASK
 
-__all__ = ["fold_epoch", "sequential_fold", "assign_slots", "output_columns", "OUTPUT_COLUMNS", "EPOCH_OUTPUT_COLUMNS"]
+__all__ = ["fold_epoch", "sequential_fold", "merge_slots", "output_columns", "OUTPUT_COLUMNS", "EPOCH_OUTPUT_COLUMNS"]
 
 
 def output_columns(per_epoch: bool) -> tuple[str, ...]:
@@ -63,60 +63,81 @@ def sequential_fold(
     return n, mean, ema, last, total
 
 
-def assign_slots(prev_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Slot of every event key: its row in ``prev_keys`` (sorted, unique), or ``len(prev_keys) + j``
-    for the ``j``-th new key in ascending order. Returns ``(slots, new_keys)``.
+def _sorted_codes(sorted_keys: np.ndarray) -> np.ndarray:
+    """The distinct dataset codes of sorted keys, one binary search per code."""
+    codes = []
+    at = 0
+    while at < len(sorted_keys):
+        code = int(sorted_keys[at] >> IDX_BITS)
+        codes.append(code)
+        at = int(np.searchsorted(sorted_keys, (code + 1) << IDX_BITS))
+    return np.array(codes, dtype=np.int64)
 
-    Naive equivalent: ``new = sorted(set(keys) - set(prev_keys)); rows = {k: i for i, k in
-    enumerate([*prev_keys, *new])}; slots = [rows[k] for k in keys]``. Dense ``base_idx``
-    ranges use a direct lookup table per dataset (O(n), no sort); sparse ones fall back to
-    binary search and a sort of the new keys.
+
+def merge_slots(prev_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Merge a sorted, unique ``prev_keys`` with the event ``keys`` into one key space.
+
+    Returns ``(merged, prev_at, slots)``: the sorted union of both, the row of every
+    previous key in it (None when no key is new, so rows do not move) and the row of
+    every event key. Naive equivalent: ``merged = sorted(set(prev_keys) | set(keys));
+    row = {k: i for i, k in enumerate(merged)}; slots = [row[k] for k in keys]``.
+
+    When the ``base_idx`` of each dataset are dense (the usual case: indices into a
+    dataset), the union is a mark per possible index and a running count of the marks,
+    so every event finds its row with one gather: no sort, no binary search. Sparse
+    indices fall back to a sort of the distinct keys.
     """
     n_prev = len(prev_keys)
-    slots = np.empty(len(keys), dtype=np.int64)
-    new_parts: list[np.ndarray] = []
-    n_new = 0
     if len(keys) == 0:
-        return slots, np.zeros(0, dtype=np.int64)
-    codes = keys >> IDX_BITS
-    first_code, last_code = int(codes.min()), int(codes.max())
-    for code in range(first_code, last_code + 1):
-        select = np.flatnonzero(codes == code) if first_code != last_code else None
-        wanted = (keys if select is None else keys[select]) & IDX_MASK
-        if len(wanted) == 0:
-            continue
-        lo, hi = np.searchsorted(prev_keys, [code << IDX_BITS, (code + 1) << IDX_BITS])
-        base = prev_keys[lo:hi] & IDX_MASK
-        top = int(max(wanted.max(), base[-1] if len(base) else 0))
-        if top <= 4 * (len(base) + len(wanted)) + (1 << 20):
-            table = np.full(top + 1, -1, dtype=np.int64)
-            table[base] = np.arange(lo, hi)
-            found = table[wanted]
-            missing = found < 0
-            if missing.any():
-                mark = np.zeros(top + 1, dtype=bool)
-                mark[wanted[missing]] = True
-                fresh = np.flatnonzero(mark)
-                table[fresh] = n_prev + n_new + np.arange(len(fresh))
-                found[missing] = table[wanted[missing]]
-                new_parts.append((np.int64(code) << IDX_BITS) | fresh)
-                n_new += len(fresh)
+        return prev_keys, None, np.zeros(0, dtype=np.intp)
+    ev_codes = keys >> IDX_BITS
+    codes = np.union1d(np.flatnonzero(np.bincount(ev_codes)), _sorted_codes(prev_keys))  # codes are small
+    prev_bounds = np.searchsorted(prev_keys, np.r_[codes, codes[-1] + 1] << IDX_BITS)
+    lows, widths = [], []
+    for i, code in enumerate(codes.tolist()):
+        low, top = (IDX_MASK, -1) if prev_bounds[i + 1] == prev_bounds[i] else \
+            (int(prev_keys[prev_bounds[i]] & IDX_MASK), int(prev_keys[prev_bounds[i + 1] - 1] & IDX_MASK))
+        if len(codes) == 1:
+            low, top = min(low, int(keys.min() & IDX_MASK)), max(top, int(keys.max() & IDX_MASK))
         else:
-            at = np.searchsorted(base, wanted)
-            hit = at < len(base)
-            hit[hit] = base[at[hit]] == wanted[hit]
-            found = np.where(hit, lo + at, -1)
-            if not hit.all():
-                fresh, inverse = np.unique(wanted[~hit], return_inverse=True)
-                found[~hit] = n_prev + n_new + inverse.reshape(-1)
-                new_parts.append((np.int64(code) << IDX_BITS) | fresh)
-                n_new += len(fresh)
-        if select is None:
-            slots = found
-        else:
-            slots[select] = found
-    new_keys = np.concatenate(new_parts) if new_parts else np.zeros(0, dtype=np.int64)
-    return slots, new_keys
+            of_code = ev_codes == code
+            if of_code.any():
+                low = min(low, int(np.min(keys, where=of_code, initial=IDX_MASK | (code << IDX_BITS)) & IDX_MASK))
+                top = max(top, int(np.max(keys, where=of_code, initial=code << IDX_BITS) & IDX_MASK))
+        lows.append(low)
+        widths.append(top - low + 1)
+    space = int(sum(widths))
+    if space > 4 * (n_prev + len(keys)) + (1 << 20):
+        merged = np.union1d(prev_keys, keys)
+        prev_at = None if len(merged) == n_prev else np.searchsorted(merged, prev_keys)
+        return merged, prev_at, np.searchsorted(merged, keys)
+    # Dense: a key's position in the space is its dataset's offset plus its base_idx above the lowest.
+    offsets = np.cumsum([0, *widths[:-1]])
+    shift = np.zeros(int(codes[-1]) + 1, dtype=np.int64)
+    shift[codes] = offsets - np.asarray(lows, dtype=np.int64) - (codes << IDX_BITS)
+    position = keys + shift[ev_codes]
+    del ev_codes
+    prev_position = prev_keys.copy()
+    for i, code in enumerate(codes.tolist()):
+        prev_position[prev_bounds[i]:prev_bounds[i + 1]] += shift[code]
+    mark = np.zeros(space, dtype=bool)
+    mark[prev_position] = True
+    mark[position] = True
+    row = np.cumsum(mark, dtype=np.intp)
+    row -= 1
+    slots = row[position]
+    del position
+    total = int(row[-1]) + 1
+    if total == n_prev:
+        return prev_keys, None, slots
+    prev_at = row[prev_position]
+    del row
+    at = np.flatnonzero(mark)
+    del mark
+    # Back from positions to keys: each position's dataset is the last offset at or below it.
+    which = np.searchsorted(offsets, at, side="right") - 1
+    merged = at - shift[codes[which]]
+    return merged, prev_at, slots
 
 
 def fold_epoch(
@@ -140,53 +161,49 @@ def fold_epoch(
     n_prev = len(prev_keys)
     ev_keys = events.column("key").to_numpy()
     x = events.column("x").to_numpy()
-    slot, new_keys = assign_slots(prev_keys, ev_keys)
-    total = n_prev + len(new_keys)
-    keys = prev_keys
-    prev_at = None
-    if len(new_keys):
-        # Work directly in merged key order: previous rows shift by the new keys before them.
-        prev_at = np.arange(n_prev) + np.searchsorted(new_keys, prev_keys)
-        new_at = np.searchsorted(prev_keys, new_keys) + np.arange(len(new_keys))
-        slot = np.concatenate([prev_at, new_at])[slot]
-        keys = np.empty(total, dtype=np.int64)
-        keys[prev_at] = prev_keys
-        keys[new_at] = new_keys
+    keys, prev_at, slot = merge_slots(prev_keys, ev_keys)
+    total = len(keys)
 
     def carried(name: str, dtype) -> np.ndarray:
         if state is None:  # nothing carried, and no event observed this metric either
             return np.zeros(total, dtype=dtype)
+        column = state.column(name).to_numpy()
         if prev_at is None:
-            return state.column(name).to_numpy().astype(dtype, copy=True)
+            return column.astype(dtype, copy=True)
         out = np.zeros(total, dtype=dtype)
-        if n_prev:
-            out[prev_at] = state.column(name).to_numpy()
+        out[prev_at] = column
         return out
 
     n_obs, mean, ema, last = carried("n_obs", np.int64), carried("mean", np.float64), carried("ema", np.float64), carried("last", np.float64)
     last_epoch = carried("last_epoch", np.int32)
     if per_epoch:
         n_epochs, epoch_mean, epoch_ema = carried("n_epochs", np.int32), carried("epoch_mean", np.float64), carried("epoch_ema", np.float64)
+    del prev_at
     k = np.bincount(slot, minlength=total)
-    first_row = np.full(total, -1, dtype=np.int64)
 
-    # Samples observed once: the sequential rule with k = 1, as whole-array passes.
-    k_of_event = k[slot]
-    once_rows = np.flatnonzero(k_of_event == 1)
+    # Samples observed once: the sequential rule with k = 1, as whole-array passes. A sum
+    # over one event is that event exactly (0.0 + x), so one weighted count gathers x and
+    # the event's row for every such sample.
     single = k == 1
-    x_at = np.zeros(total)
-    x_at[slot[once_rows]] = x[once_rows]
-    first_row[slot[once_rows]] = once_rows
-    np.copyto(ema, np.where(n_obs == 0, x_at, d * ema + (1.0 - d) * x_at), where=single)
-    np.copyto(mean, (mean * n_obs + x_at) / (n_obs + 1), where=single)
+    x_at = np.bincount(slot, weights=x, minlength=total)
+    first_row = np.bincount(slot, weights=np.arange(len(slot), dtype=np.float64), minlength=total).astype(np.int64)
+    first_row[k == 0] = -1
+    update = ema * d
+    update += x_at * (1.0 - d)
+    np.copyto(update, x_at, where=n_obs == 0)
+    np.copyto(ema, update, where=single)
+    np.multiply(mean, n_obs, out=update)
+    update += x_at
+    update /= n_obs + 1
+    np.copyto(mean, update, where=single)
+    del update
     np.copyto(last, x_at, where=single)
     n_obs += single
     epoch_sum = x_at if per_epoch else None
-    del x_at, single, once_rows
+    del x_at, single
 
     # Samples observed several times: order their events, fold sequentially.
-    multi = np.flatnonzero(k_of_event > 1)
-    del k_of_event
+    multi = np.flatnonzero((k > 1)[slot])
     if len(multi):
         columns = [events.column(c).to_numpy()[multi] for c in ("position", "rank", "global_step")]
         order = multi[np.lexsort((*columns, slot[multi]))]
