@@ -214,17 +214,15 @@ def load_plan(
             for batch in part.iter_batches(batch_size=batch_rows, columns=["base_idx"]):
                 high = max(high, pc.max(batch.column(0)).as_py() if batch.num_rows else -1)
             n_target = high + 1
-        # The footer's statistics can show every row is one dataset's; then that column is not read.
-        names: dict[str, None] = dict.fromkeys(_footer_datasets(part.metadata) or [])
-        columns = [c for c in _LOADED if not (c == "weight" and manifest["mode"] == "dynamic" or c == "dataset" and names)]
+        names: dict[str, None] = {}
+        columns = [c for c in _LOADED if c != "weight" or manifest["mode"] != "dynamic"]
         weight = None if manifest["mode"] == "dynamic" else np.full(n_target, float(manifest["default_weight"]))
         is_hard = np.zeros(n_target, dtype=bool)
         low = high = None
         for batch in part.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False):
             rows = conform(pa.Table.from_batches([batch]), pa.schema([PLAN_SCHEMA.field(c) for c in columns]), str(path),
                            keep_dictionary=True)
-            if "dataset" in columns:
-                names.update(dict.fromkeys(pc.unique(rows.column("dataset")).to_pylist()))
+            names.update(dict.fromkeys(_dataset_names(rows.column("dataset"))))
             if not rows.num_rows:
                 continue
             base_idx = _column_values(rows, "base_idx")
@@ -249,16 +247,11 @@ def load_plan(
     return Plan(manifest=manifest, weight=weight, is_hard=is_hard)
 
 
-def _footer_datasets(metadata: pq.FileMetaData) -> list[str] | None:
-    """``[name]`` when every row group's statistics say ``dataset`` is ``name`` throughout, else None (read it)."""
-    column = metadata.schema.names.index("dataset")
-    seen = set()
-    for i in range(metadata.num_row_groups):
-        stats = metadata.row_group(i).column(column).statistics
-        if stats is None or not stats.has_min_max or stats.null_count != 0 or stats.min != stats.max:
-            return None
-        seen.add(stats.min.decode() if isinstance(stats.min, bytes) else stats.min)
-    return list(seen) if len(seen) == 1 else None
+def _dataset_names(column: pa.ChunkedArray) -> list[str]:
+    """The distinct names in ``column``: a one-word dictionary says it without a pass over the rows."""
+    if pa.types.is_dictionary(column.type) and all(len(chunk.dictionary) == 1 for chunk in column.chunks):
+        return list(dict.fromkeys(chunk.dictionary[0].as_py() for chunk in column.chunks if len(chunk)))
+    return pc.unique(column).to_pylist()
 
 
 def _column_values(table: pa.Table, name: str) -> np.ndarray:

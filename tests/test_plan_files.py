@@ -158,7 +158,7 @@ def test_out_of_range_index_in_a_later_batch_is_refused(tmp_path, rows, bad):
 
 @pytest.mark.parametrize("names", [[TARGET, TARGET, "other", TARGET], ["other"] * 4])
 def test_rows_of_another_dataset_are_refused(tmp_path, names):
-    # Mixed names are read from the column; a single other name is seen in the footer's statistics.
+    # Mixed names are read from the rows; a single other name from the column's one-word dictionary.
     write_rows_as_plan(tmp_path, names, [0, 1, 2, 3], [False] * 4, [1.0] * 4)
     with pytest.raises(PlanError, match=r"rows for datasets \[.*'other'.*\], only 'tgt' may be planned"):
         load_plan(tmp_path, 1, dataset=DatasetInfo(TARGET, 10), batch_rows=3)
