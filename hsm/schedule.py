@@ -159,16 +159,17 @@ def epoch_length(n_target: int, source_ratios: list[float], target_epoch_size: i
 
 
 def _deal(pieces: Iterable[np.ndarray], starts: np.ndarray, capacity: np.ndarray, out: np.ndarray,
-          rng: np.random.Generator) -> None:
+          rng: np.random.Generator, discard: int = 0) -> None:
     """Deal the concatenated ``pieces`` to the buckets ``out[starts[j]:starts[j] + capacity[j]]`` in random order.
 
     Each piece is shuffled, and how many of its items go to each bucket is drawn from
     the multivariate hypergeometric over the buckets' remaining room: every assignment
     of items to buckets (with the buckets' sizes fixed) is equally likely. Within a
-    bucket the items lie piece by piece; the caller shuffles each bucket.
+    bucket the items lie piece by piece; the caller shuffles each bucket. ``discard``
+    items go to one more bucket that is dropped (the rest are a uniform random subset).
     """
     cursor = np.array(starts, dtype=np.int64)
-    room = np.array(capacity, dtype=np.int64)
+    room = np.append(np.asarray(capacity, dtype=np.int64), discard)
     buffer = np.empty(0, dtype=np.int64)
     for piece in pieces:
         size = len(piece)
@@ -181,9 +182,10 @@ def _deal(pieces: Iterable[np.ndarray], starts: np.ndarray, capacity: np.ndarray
         rng.shuffle(work)  # int64 in place: numpy's fast path
         taken = rng.multivariate_hypergeometric(room, size)
         room -= taken
+        kept, taken = size - int(taken[-1]), taken[:-1]
         # One scatter: item i of the piece goes to cursor[bucket(i)] + (i - first item of its bucket).
         first = np.cumsum(taken) - taken
-        out[np.repeat(cursor - first, taken) + np.arange(size)] = work
+        out[np.repeat(cursor - first, taken) + np.arange(kept)] = work[:kept]
         cursor += taken
 
 
@@ -388,7 +390,18 @@ def build_schedule(
     if mode in ("reweight", "fixed_set"):
         _check_weights(plan.weight)
     weighted = mode in ("reweight", "fixed_set") and plan.weight.sum() > 0
-    if mode != "dynamic":  # dynamic fills its target slots per batch, below
+    regular_per_chunk = None
+    if mode == "dynamic":
+        # Hard and regular slots per chunk follow from the target slots per chunk (chunks end on batch ends).
+        regular_per_chunk = per_chunk[:, 0] - mixer.hard_per_chunk(per_chunk[:, 0])
+        if mixer.deals_regular(int(regular_per_chunk.sum())):  # one partial pass: a random subset, dealt
+            regular = mixer.regular
+            _deal(regular.member_pieces(), starts, regular_per_chunk, slots,
+                  np.random.default_rng([seed, epoch, _REGULAR_STREAM]),
+                  discard=regular.size - int(regular_per_chunk.sum()))
+        else:
+            regular_per_chunk = None
+    else:  # dynamic fills its target slots per batch, below
         if weighted:
             pieces = _weighted_pieces(plan.weight, plan.is_hard, total,
                                       np.random.default_rng([seed, epoch, _TARGET_STREAM]), idx_bits, chunk_slots)
@@ -404,7 +417,14 @@ def build_schedule(
     for j, (lo, size) in enumerate(zip(starts.tolist(), sizes.tolist())):
         work = buffer[:size]
         n_tgt = int(per_chunk[j, 0])
-        work[:n_tgt] = 0 if mode == "dynamic" else slots[lo:lo + n_tgt]
+        if mode != "dynamic":
+            work[:n_tgt] = slots[lo:lo + n_tgt]
+        elif regular_per_chunk is None:
+            work[:n_tgt] = 0  # placeholders, filled per batch
+        else:  # the dealt regular samples, and placeholders (the hard bit alone) for the hard ones
+            n_regular = int(regular_per_chunk[j])
+            work[:n_regular] = slots[lo:lo + n_regular]
+            work[n_regular:n_tgt] = 1 << idx_bits
         filled = n_tgt
         for s, (source_size, quota) in enumerate(zip(source_sizes, quotas)):
             k = int(per_chunk[j, 1 + s])
@@ -449,20 +469,23 @@ class _PoolCycle:
         self.size = n_true if member else len(is_member) - n_true
         self.small = self.size <= 16 * chunk
         dtype = np.int64 if self.small or len(is_member) >= 2**31 else np.int32
-        self.order = np.empty(self.size, dtype=dtype)
+        self._dtype = dtype
+        self.order: np.ndarray | None = None  # allocated at the first pass: a dealt pool never needs one
         self.used = self.size
         self.passes = 0
 
-    def _member_pieces(self) -> Iterator[np.ndarray]:
+    def member_pieces(self) -> Iterator[np.ndarray]:
         for lo in range(0, len(self.is_member), self.chunk):
             part = self.is_member[lo:lo + self.chunk]
             yield np.flatnonzero(part if self.member else ~part) + lo
 
     def _next_pass(self) -> None:
+        if self.order is None:
+            self.order = np.empty(self.size, dtype=self._dtype)
         if self.small and self.passes:
             self.rng.shuffle(self.order)  # the same permutation _permute_into draws, from the last pass's order
         else:
-            _permute_into(self._member_pieces(), self.order, self.rng, self.chunk)
+            _permute_into(self.member_pieces(), self.order, self.rng, self.chunk)
         self.passes += 1
         self.used = 0
 
@@ -493,6 +516,24 @@ class _BatchMixer:
         self.regular = _PoolCycle(is_hard, False, np.random.default_rng([seed, epoch, _REGULAR_STREAM]), chunk)
         self.frac, self.batch_size, self.idx_bits = frac, batch_size, idx_bits
         self.seen_target = self.seen_through = self.n_hard = 0
+        self.regular_dealt = False
+
+    def hard_per_chunk(self, target_per_chunk: np.ndarray) -> np.ndarray:
+        """Hard slots of each chunk (each ends on a batch end): the rule at the chunk ends."""
+        if self.hard.size == 0:
+            return np.zeros_like(target_per_chunk)
+        if self.regular.size == 0:
+            return target_per_chunk.copy()
+        return np.diff(_hard_through(np.cumsum(target_per_chunk), self.frac), prepend=0)
+
+    def deals_regular(self, n_regular: int) -> bool:
+        """Whether the regular slots take one partial pass of their pool, dealt to the chunks up front.
+
+        That pass is a uniformly random subset in random order, as the first ``n_regular``
+        of a permutation are; the chunk shuffle gives the order, so no pass is permuted.
+        """
+        self.regular_dealt = 0 < n_regular <= self.regular.size
+        return self.regular_dealt
 
     @property
     def shortfall(self) -> int:
@@ -527,8 +568,13 @@ class _BatchMixer:
         regular_rank = np.repeat(before + hard_per_batch - (np.cumsum(regular_per_batch) - regular_per_batch),
                                  regular_per_batch)
         regular_rank += np.arange(len(where) - n_hard)
+        if self.regular_dealt:  # the dealt regular samples, in the shuffled order they lie in
+            present = work[where]
+            regular = present[np.flatnonzero(present < 1 << self.idx_bits)]
+        else:
+            regular = self.regular.take(len(where) - n_hard)
         work[where[hard_rank]] = self.hard.take(n_hard) | (1 << self.idx_bits)
-        work[where[regular_rank]] = self.regular.take(len(where) - n_hard)
+        work[where[regular_rank]] = regular
         self.n_hard += n_hard
 
 
