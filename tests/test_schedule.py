@@ -337,3 +337,18 @@ def test_a_large_source_switches_the_schedule_to_int64_slots():
         assert (schedule.base_idx[schedule.dataset == 2] < size).all()
         assert np.array_equal(schedule.is_hard, (schedule.dataset == 0) & (schedule.base_idx < 5))
     assert (s.base_idx[s.dataset == 2] >= 1 << 27).any()  # the wide indices survive packing
+
+
+def test_dynamic_regular_samples_are_a_uniform_subset_of_their_pool():
+    # 6 target slots, half hard: 3 regular slots from a pool of 5, dealt over chunks of 2 slots.
+    # Each of the 10 subsets equally often (9 degrees of freedom, 0.999 quantile 27.9), each at most once.
+    plan = make_plan("dynamic", 6, np.array([0]), frac=0.5)
+    subsets = {}
+    for seed in range(3_000):
+        s = build_schedule(plan, n_target=6, source_sizes=[], source_ratios=[], seed=seed, epoch=0, batch_size=2,
+                           chunk_slots=2)
+        regular = sorted(s.base_idx[~s.is_hard].tolist())
+        assert len(regular) == 3 == len(set(regular)) and 0 not in regular
+        subsets[tuple(regular)] = subsets.get(tuple(regular), 0) + 1
+    assert len(subsets) == 10
+    assert chi_square(np.array(list(subsets.values()))) < 27.9
