@@ -185,7 +185,7 @@ def _deal(pieces: Iterable[np.ndarray], starts: np.ndarray, capacity: np.ndarray
         kept, taken = size - int(taken[-1]), taken[:-1]
         # One scatter: item i of the piece goes to cursor[bucket(i)] + (i - first item of its bucket).
         first = np.cumsum(taken) - taken
-        out[np.repeat(cursor - first, taken) + np.arange(kept)] = work[:kept]
+        out[np.repeat(cursor - first, taken) + np.arange(kept)] = work[:kept].astype(out.dtype, copy=False)
         cursor += taken
 
 
