@@ -32,9 +32,11 @@ slots of each dataset fall in each chunk is drawn by a multivariate hypergeometr
 target draws are dealt to the chunks in random order (:func:`random_permutation`'s
 two-level shuffle), the source draws are made per chunk, and each chunk is shuffled
 where it lies in cache. The result is a uniformly random order of the epoch's multiset,
-like one global shuffle, at a fraction of its cache misses. ``chunk_slots`` is part of
-the schedule's definition (a constant, never derived from the machine), so the schedule
-stays a pure function of its inputs.
+like one global shuffle, at a fraction of its cache misses. In dynamic mode the chunks
+are whole batches, mixed as they are laid out; when one partial pass of the regular pool
+covers the epoch, that pass (a uniformly random subset) is dealt like the target draws.
+``chunk_slots`` is part of the schedule's definition (a constant, never derived from the
+machine), so the schedule stays a pure function of its inputs.
 """
 
 from __future__ import annotations
