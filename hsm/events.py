@@ -19,7 +19,7 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -84,13 +84,26 @@ def keyed_write_options(schema: pa.Schema, *, sorted_column: str, dictionary: tu
     }
 
 
-def write_parquet_atomic(table: pa.Table, path: str | Path, **options: Any) -> None:
-    """Write ``table`` to a hidden temporary file beside ``path`` and rename it into place."""
+def write_parquet_atomic(table: pa.Table | Iterable[pa.Table], path: str | Path, **options: Any) -> None:
+    """Write ``table`` (or consecutive tables of one schema, a row group or more each, so a
+    large file is never assembled in memory) to a hidden temporary file beside ``path``
+    and rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        pq.write_table(table, tmp, **options)
+        if isinstance(table, pa.Table):
+            pq.write_table(table, tmp, **options)
+        else:
+            writer = None
+            try:
+                for chunk in table:
+                    if writer is None:
+                        writer = pq.ParquetWriter(tmp, chunk.schema, **options)
+                    writer.write_table(chunk)
+            finally:
+                if writer is not None:
+                    writer.close()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -581,9 +581,14 @@ def fold_pending(
     return result
 
 
+_STATE_SLICE_ROWS = 1 << 20  # one row group each
+
+
 def _write_state(hsm_dir: Path, state: pa.Table, names: list[str], mining: MiningConfig, info: StateInfo) -> None:
-    disk = disk_table(state, names, mining.aggregate, mining.ema_decay)
-    _writing(state_path(hsm_dir, info.epoch), write_state, hsm_dir, disk, info)
+    """Write the fold table as the state file, converting it slice by slice (``disk_table``)."""
+    slices = (disk_table(state.slice(start, _STATE_SLICE_ROWS), names, mining.aggregate, mining.ema_decay)
+              for start in range(0, max(state.num_rows, 1), _STATE_SLICE_ROWS))
+    _writing(state_path(hsm_dir, info.epoch), write_state, hsm_dir, slices, info)
 
 
 def target_rows(state: pa.Table, names: list[str], target: str) -> tuple[np.ndarray, int, int]:
@@ -729,8 +734,9 @@ def empty_epochs(hsm_dir: str | Path, up_to_epoch: int) -> list[int]:
 def _stats(values: np.ndarray) -> dict[str, float | None]:
     if len(values) == 0:
         return {"mean": None, "p50": None, "p90": None}
-    p50, p90 = np.quantile(values, [0.5, 0.9])  # one partition for both
-    return {"mean": float(np.mean(values)), "p50": float(p50), "p90": float(p90)}
+    mean = float(np.mean(values))  # before the partition below reorders values
+    p50, p90 = np.quantile(values, [0.5, 0.9], overwrite_input=True)  # one partition for both, in place
+    return {"mean": mean, "p50": float(p50), "p90": float(p90)}
 
 
 def plan_epoch(

@@ -35,9 +35,11 @@ the run's append-only list of dataset names (:attr:`StateInfo.datasets`). Files:
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -182,16 +184,27 @@ def read_state(hsm_dir: str | Path, epoch: int, columns: tuple[str, ...] | None 
     return conform(table, schema, str(path), keep_dictionary=True), info
 
 
-def write_state(hsm_dir: str | Path, state: pa.Table, info: StateInfo) -> Path:
-    """Atomically write the state after ``info.epoch`` with its provenance."""
+def write_state(hsm_dir: str | Path, state: pa.Table | Iterable[pa.Table], info: StateInfo) -> Path:
+    """Atomically write the state after ``info.epoch`` with its provenance.
+
+    ``state`` is the table, or consecutive slices of it (written as they come, so the
+    file's columns are never all converted at once).
+    """
     path = state_path(hsm_dir, info.epoch)
-    # The per-epoch columns are written only when folded (readers fill absent ones with nulls).
-    schema = pa.schema([f for f in STATE_SCHEMA if not f.nullable or f.name in state.column_names])
-    table = conform(state, schema, str(path), keep_dictionary=True)
-    table = table.replace_schema_metadata({_META_KEY: info.to_json().encode()})
-    options = keyed_write_options(table.schema, sorted_column="base_idx", dictionary=("dataset", "n_obs", "last_epoch", "n_epochs"),
+    chunks = [state] if isinstance(state, pa.Table) else state
+
+    def conformed():
+        for chunk in chunks:
+            # The per-epoch columns are written only when folded (readers fill absent ones with nulls).
+            schema = pa.schema([f for f in STATE_SCHEMA if not f.nullable or f.name in chunk.column_names])
+            table = conform(chunk, schema, str(path), keep_dictionary=True)
+            yield table.replace_schema_metadata({_META_KEY: info.to_json().encode()})
+
+    tables = conformed()
+    first = next(tables)
+    options = keyed_write_options(first.schema, sorted_column="base_idx", dictionary=("dataset", "n_obs", "last_epoch", "n_epochs"),
                                   statistics=("dataset", "base_idx"))
-    write_parquet_atomic(table, path, **options)
+    write_parquet_atomic(itertools.chain([first], tables), path, **options)
     return path
 
 
