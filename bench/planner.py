@@ -157,43 +157,15 @@ def measure(kind: str, hsm_dir: Path, sample: int) -> dict:
             fold_pending(hsm_dir, 0, _mining("polars"))
     elif kind.startswith("hsm1-"):
         from hsm.events import list_event_files as files_of
-        from hsm.planner import DEFAULT_MEMORY_LIMIT, buckets_for, plan_epoch
+        from hsm.planner import DEFAULT_MEMORY_LIMIT, buckets_for
 
         buckets = buckets_for(files_of(hsm_dir, 0), None, DEFAULT_MEMORY_LIMIT)
-        result = plan_epoch(hsm_dir, 1, _mining(kind[5:]), TARGET)
-        seconds = time.perf_counter() - start
-        extra = {"hard": result.manifest["counts"]["hard"], "buckets": buckets,
-                 "digest": _digest(hsm_dir / "plans" / "epoch=1" / "plan.parquet", hsm_dir / "state" / "epoch=0" / "state.parquet")}
-        return {"seconds": seconds, "rss_mb": _rss_mb(), **extra}
-    elif kind == "duckdb-scan-0":
-        import duckdb
-
-        con = duckdb.connect()
-        con.execute("SET threads TO 2")
-        rows = con.execute(
-            "SELECT count(*) FROM (SELECT sample_id, sum(loss), count(*) FROM read_parquet($f) GROUP BY sample_id)",
-            {"f": [str(p) for p in list_event_files(hsm_dir, 0)]},
-        ).fetchone()[0]
-        extra = {"groups": rows}
+        return _timed_plan(hsm_dir, 1, kind[5:], start, buckets=buckets)
+    elif kind.startswith("duckdb-scan"):
+        extra = {"groups": _duckdb_groups(list_event_files(hsm_dir, 0 if kind.endswith("-0") else 1))}
     elif kind.startswith("hsm-"):
-        from hsm.planner import plan_epoch
-
         phases = _timed_phases() if os.environ.get("HSM_BENCH_PHASES") else None
-        result = plan_epoch(hsm_dir, 2, _mining(kind[4:]), TARGET)
-        seconds = time.perf_counter() - start
-        extra = {"hard": result.manifest["counts"]["hard"], "phases": phases,
-                 "digest": _digest(hsm_dir / "plans" / "epoch=2" / "plan.parquet", hsm_dir / "state" / "epoch=1" / "state.parquet")}
-        return {"seconds": seconds, "rss_mb": _rss_mb(), **extra}
-    elif kind == "duckdb-scan":
-        import duckdb
-
-        files = [str(p) for p in list_event_files(hsm_dir, 1)]
-        con = duckdb.connect()
-        con.execute("SET threads TO 2")
-        rows = con.execute(
-            "SELECT count(*) FROM (SELECT sample_id, sum(loss), count(*) FROM read_parquet($f) GROUP BY sample_id)", {"f": files}
-        ).fetchone()[0]
-        extra = {"groups": rows}
+        return _timed_plan(hsm_dir, 2, kind[4:], start, phases=phases)
     elif kind == "naive-dict":
         # The seeds' design: a dict of running stats per sample_id, updated per event.
         files = list_event_files(hsm_dir, 1)
@@ -229,6 +201,27 @@ def measure(kind: str, hsm_dir: Path, sample: int) -> dict:
         shutil.rmtree(tmp)
         return {"seconds": seconds, "per_sample_us": seconds / (calls * batch) * 1e6, "rss_mb": _rss_mb()}
     return {"seconds": time.perf_counter() - start, "rss_mb": _rss_mb(), **extra}
+
+
+def _timed_plan(hsm_dir: Path, epoch: int, engine: str, start: float, **extra) -> dict:
+    """``plan_epoch`` for ``epoch`` with ``engine``; seconds since ``start``, peak RSS and the files' digest."""
+    from hsm.planner import plan_epoch
+
+    result = plan_epoch(hsm_dir, epoch, _mining(engine), TARGET)
+    seconds = time.perf_counter() - start
+    digest = _digest(hsm_dir / "plans" / f"epoch={epoch}" / "plan.parquet",
+                     hsm_dir / "state" / f"epoch={epoch - 1}" / "state.parquet")
+    return {"seconds": seconds, "rss_mb": _rss_mb(), "hard": result.manifest["counts"]["hard"], "digest": digest, **extra}
+
+
+def _duckdb_groups(files: list[Path]) -> int:
+    """The floor: a bare DuckDB group-by of the events by ``sample_id``."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute("SET threads TO 2")
+    query = "SELECT count(*) FROM (SELECT sample_id, sum(loss), count(*) FROM read_parquet($f) GROUP BY sample_id)"
+    return con.execute(query, {"f": [str(p) for p in files]}).fetchone()[0]
 
 
 def _digest(*paths: Path) -> str:
