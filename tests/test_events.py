@@ -150,3 +150,18 @@ def test_parts_sharing_a_step_at_a_flush_boundary_are_not_duplicates(tmp_path):
                           drawn_as_hard=np.zeros(2, bool), position_offset=2 * micro)
     assert len(list_event_files(tmp_path, 0)) == 2
     assert read_epoch_events(tmp_path, 0).table.num_rows == 4
+
+
+def test_event_sync_inventory_skips_only_the_local_ranks_own_parts(tmp_path):
+    """Rank 0 trusts the inventory it just took of its own parts, and still checks every other rank's bytes."""
+    from hsm.event_sync import missing_parts, rank_inventory
+
+    hsm_dir = tmp_path / "hsm"
+    write_rows(hsm_dir, random_rows(np.random.default_rng(3), n_target=30, n_epochs=1, n_ranks=2, max_obs=2))
+    inventories = [rank_inventory(hsm_dir, 0, rank) for rank in (0, 1)]
+    assert missing_parts(hsm_dir, 0, inventories) == [] == missing_parts(hsm_dir, 0, inventories, local_rank=0)
+    # Rank 1's part on this disk is not what rank 1 logged (same name, other bytes): it must travel.
+    part = sorted((hsm_dir / "events" / "epoch=0" / "rank=1").glob("*.parquet"))[0]
+    table = pq.read_table(part)
+    pq.write_table(table.slice(0, table.num_rows - 1), part)
+    assert missing_parts(hsm_dir, 0, inventories, local_rank=0) == [(1, part.name)]
