@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import typer
@@ -20,6 +21,13 @@ def demo(
     from hsm.cli.train import train
     from hsm.synth import synthesize
 
+    run = out / "run"
+    if run.exists():
+        if not (run / "hsm" / "run.json").is_file():
+            raise typer.BadParameter(f"{run} exists and is not an hsm run; choose another --out", param_hint="--out")
+        # A demo starts fresh: an earlier demo's log (maybe of another hsm or demo config) is not resumed.
+        shutil.rmtree(run)
+        console.print(f"removed the previous demo run {run}")
     synthesize(out / "data")
     console.print(f"corpus written to {out / 'data'}")
     train(config, [f"custom.fusion_config.target.train_jsonl={(out / 'data/bbu/train.jsonl').resolve()}",

@@ -134,3 +134,14 @@ def test_train_rejects_values_training_cannot_run_with_and_unwritable_output(tmp
                                  f"custom.fusion_config.sources.1.train_jsonl={corpus['coco']}"])
     assert result.exit_code == 2, result.output
     assert "cannot write" in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_demo_refuses_to_clear_a_run_directory_that_is_not_an_hsm_run(tmp_path):
+    """`hsm demo` starts fresh by removing its previous run, but never a directory hsm did not write."""
+    keep = tmp_path / "run" / "notes.txt"
+    keep.parent.mkdir(parents=True)
+    keep.write_text("mine")
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "is not an hsm run" in result.output and keep.read_text() == "mine"
+    assert not (tmp_path / "data").exists()  # refused before the corpus was written
