@@ -264,24 +264,27 @@ _RANGE_ROWS = 1_500_000
 
 def range_bounds(sample_keys: list[np.ndarray], n_ranges: int) -> np.ndarray:
     """Upper bounds of ``n_ranges`` key ranges: quantiles of a sample of the keys (ranges may be fewer)."""
-    pool = np.sort(np.concatenate(sample_keys)) if sample_keys else np.zeros(1, dtype=np.int64)
+    pool = np.sort(np.concatenate(sample_keys)) if sample_keys else np.zeros(0, dtype=np.int64)
     if n_ranges <= 1 or len(pool) == 0:
         return np.zeros(0, dtype=np.int64)
     return np.unique(pool[(np.arange(1, n_ranges) * len(pool)) // n_ranges])
 
 
-def fold_in_ranges(state: pa.Table | None, events: pa.Table, fold, *, n_ranges: int, **options) -> pa.Table:
-    """``fold(state, events, **options)`` computed one key range at a time, in memory.
+def fold_in_ranges(state: pa.Table | None, events: pa.Table, fold, *, range_rows: int | None, **options) -> pa.Table:
+    """``fold(state, events, **options)`` computed in key ranges of about ``range_rows``
+    state rows plus events each (None: one fold), in memory.
 
     A sample's events and state row fall in the same range, so the result equals one
     fold over everything, byte for byte; each range's fold touches arrays a fraction of
     the size (cache-resident lookups). ``first_row`` keeps pointing into ``events``.
     Events are grouped by range with one radix sort of 16-bit range numbers.
     """
+    n_state = state.num_rows if state is not None else 0
+    if not range_rows or events.num_rows + n_state <= range_rows:
+        return fold(state, events, **options)
     keys = events.column("key").to_numpy()
     state_keys = state.column("key").to_numpy() if state is not None else np.zeros(0, dtype=np.int64)
-    sample = [keys[:: 97], state_keys[:: 97]]
-    bounds = range_bounds(sample, min(n_ranges, 4096))
+    bounds = range_bounds([keys[:: 97], state_keys[:: 97]], min(-(-(events.num_rows + n_state) // range_rows), 4096))
     if len(bounds) == 0:
         return fold(state, events, **options)
     bucket = np.searchsorted(bounds, keys, side="right").astype(np.uint16)
@@ -306,14 +309,14 @@ def fold_in_ranges(state: pa.Table | None, events: pa.Table, fold, *, n_ranges: 
 
 
 def _fold_in_memory(read, epoch: int, state, names: list[str], mining: MiningConfig, fold, *, per_epoch: bool,
-                    n_ranges: int = 1) -> EpochFold:
+                    range_rows: int | None = None) -> EpochFold:
     events = read.table
     observed = events
     column = events.column(metric_column(mining.metric))
     if column.null_count:
         observed = events.filter(pc.is_valid(column))  # no such tokens: not an observation of this metric
     codes, names = dataset_codes(observed.column("dataset"), names)
-    out = fold_in_ranges(state, _keyed(observed, codes, mining.metric), fold, n_ranges=n_ranges, epoch=epoch,
+    out = fold_in_ranges(state, _keyed(observed, codes, mining.metric), fold, range_rows=range_rows, epoch=epoch,
                          ema_decay=mining.ema_decay, per_epoch=per_epoch)
     mean_loss = float(pc.mean(events.column("loss").cast(pa.float64())).as_py()) if events.num_rows else None
     return EpochFold(state=out.select(list(fold_columns(mining.aggregate))), ids=_new_ids(out, names, observed.column("sample_id")),
@@ -412,9 +415,8 @@ def fold_out_of_core(
         keys.append(encode_keys(codes, sampled.column("base_idx").to_numpy()))
     if state is not None and state.num_rows:
         keys.append(state.column("key").to_numpy()[:: max(1, state.num_rows // 100_000)])
-    pool = np.sort(np.concatenate(keys)) if keys else np.zeros(1, dtype=np.int64)
-    bounds = np.unique(pool[(np.arange(1, n_buckets) * len(pool)) // n_buckets]) if n_buckets > 1 else np.zeros(0, np.int64)
-    del sample, sampled, keys, pool
+    bounds = range_bounds(keys, n_buckets)
+    del sample, sampled, keys
 
     n_events, loss_sum = 0, 0.0
     paths = [spill_dir / f"bucket-{b:04d}.arrow" for b in range(len(bounds) + 1)]
@@ -464,10 +466,8 @@ def fold_out_of_core(
             continue
         with pa.memory_map(str(path)) as source:
             events = pa.ipc.open_file(source).read_all()
-        piece = piece if piece is not None and piece.num_rows else None
-        n_ranges = -(-(events.num_rows + (piece.num_rows if piece is not None else 0)) // range_rows) if range_rows else 1
-        out = fold_in_ranges(piece, events.drop_columns(["sample_id"]), fold, n_ranges=n_ranges,
-                             epoch=epoch, ema_decay=mining.ema_decay, per_epoch=per_epoch)
+        out = fold_in_ranges(piece if piece is not None and piece.num_rows else None, events.drop_columns(["sample_id"]),
+                             fold, range_rows=range_rows, epoch=epoch, ema_decay=mining.ema_decay, per_epoch=per_epoch)
         states.append(out.select(list(fold_columns(mining.aggregate))))
         ids.append(_new_ids(out, names, events.column("sample_id")))
         del events, out
@@ -502,7 +502,10 @@ def fold_pending(
     spilling to ``temp_directory``; the result is the same, byte for byte.
     """
     hsm_dir = Path(hsm_dir)
-    fold = ENGINES[engine or mining.engine]
+    engine = engine or mining.engine
+    fold = ENGINES[engine]
+    # The default engine folds in cache-sized key ranges; DuckDB plans its own work.
+    range_rows = None if engine == "duckdb" else _RANGE_ROWS
     per_epoch = mining.aggregate in PER_EPOCH_AGGREGATES
     params = (mining.metric, mining.ema_decay, mining.aggregate)
     # The longest prefix of epochs whose state is stored and whose events are unchanged.
@@ -535,12 +538,11 @@ def fold_pending(
                 continue
             with tempfile.TemporaryDirectory(prefix=f"hsm-fold-e{epoch}-", dir=temp_directory) as spill:
                 folder = fold
-                if (engine or mining.engine) == "duckdb":  # DuckDB may spill inside a range too
+                if engine == "duckdb":  # DuckDB may spill inside a range too
                     folder = functools.partial(fold, memory_limit=f"{max(budget >> 21, 64)}MB", temp_directory=spill)
                 epoch_fold = fold_out_of_core(
                     files, epoch, state, names, mining, folder, n_buckets=n_buckets, spill_dir=Path(spill),
-                    skip_corrupt=skip_corrupt, per_epoch=per_epoch,
-                    range_rows=None if (engine or mining.engine) == "duckdb" else _RANGE_ROWS,
+                    skip_corrupt=skip_corrupt, per_epoch=per_epoch, range_rows=range_rows,
                 )
             result.last_events = None
         else:
@@ -551,10 +553,7 @@ def fold_pending(
             result.last_events = read.table if telemetry else None
             if state is None and read.table.num_rows == 0:
                 continue  # nothing logged yet (mining switched on later): no state to carry
-            # The default engine folds in cache-sized key ranges; DuckDB plans its own.
-            n_ranges = 1 if (engine or mining.engine) == "duckdb" else \
-                -(-(read.table.num_rows + (state.num_rows if state is not None else 0)) // _RANGE_ROWS)
-            epoch_fold = _fold_in_memory(read, epoch, state, names, mining, fold, per_epoch=per_epoch, n_ranges=n_ranges)
+            epoch_fold = _fold_in_memory(read, epoch, state, names, mining, fold, per_epoch=per_epoch, range_rows=range_rows)
             del read
         state, ids, names = epoch_fold.state, epoch_fold.ids, epoch_fold.names
         result.skipped_files += epoch_fold.skipped
