@@ -46,7 +46,7 @@ def _mem_mb(field: str) -> float:
 
 
 def make_plan(hsm_dir: Path, n: int, mode: str) -> None:
-    from hsm.plan import write_plan
+    from hsm.mining.plan import write_plan
     from hsm.schemas import PLAN_SCHEMA
 
     rng = np.random.default_rng(0)
@@ -67,8 +67,8 @@ def make_plan(hsm_dir: Path, n: int, mode: str) -> None:
 
 
 def child(hsm_dir: Path, n: int, with_plan: bool) -> dict:
-    from hsm.plan import DatasetInfo, load_plan
-    from hsm.schedule import build_schedule
+    from hsm.mining.plan import DatasetInfo, load_plan
+    from hsm.data.schedule import build_schedule
 
     base_rss = _mem_mb("VmRSS:")
     start = time.perf_counter()
@@ -84,10 +84,10 @@ def loader_throughput(items: int) -> list[tuple[str, float]]:
     import torch
 
     from hsm.config import parse_config
-    from hsm.fusion import DetectionCollator, FusionDataset
-    from hsm.model import build_processor
-    from hsm.sampler import HsmSampler
-    from hsm.synth import synthesize
+    from hsm.data.fusion import DetectionCollator, FusionDataset
+    from hsm.train.model import build_processor
+    from hsm.data.sampler import HsmSampler
+    from hsm.data.synth import synthesize
 
     corpus = synthesize(Path(tempfile.mkdtemp()) / "data", n_target=96, n_source=48, n_val=2)
     rows = []

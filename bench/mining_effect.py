@@ -3,7 +3,7 @@
     python bench/mining_effect.py [--seeds 0 1 2] [--arms uniform reweight ...] [--epochs 6]
         [--hidden 64] [--layers 2] [--out DIR] [--doc docs/mining_effect.md]
 
-One invocation: for every seed, synthesize the slice corpus (``hsm.synth.synthesize_slices``:
+One invocation: for every seed, synthesize the slice corpus (``hsm.data.synth.synthesize_slices``:
 rare class 5%, small objects, crowded scenes, clean majority; a balanced val split; one
 source), train every arm with ``hsm.run.train`` (same corpus, init, schedule seed and number
 of optimizer steps), then score the final model on val with one forward pass: token
@@ -97,9 +97,9 @@ def evaluate(trainer, corpus: dict, slices: dict[str, str], batch_size: int) -> 
     """Per-slice means of the per-sample val statistics, one forward pass per batch."""
     import torch
 
-    from hsm.fusion import DetectionCollator, Slot
-    from hsm.records import read_jsonl
-    from hsm.stats import STAT_ROWS, per_sample_stats, token_losses
+    from hsm.data.fusion import DetectionCollator, Slot
+    from hsm.data.records import read_jsonl
+    from hsm.train.stats import STAT_ROWS, per_sample_stats, token_losses
 
     dataset = trainer.train_dataset
     records = read_jsonl(corpus["bbu_val"])
@@ -131,11 +131,11 @@ def evaluate(trainer, corpus: dict, slices: dict[str, str], batch_size: int) -> 
 
 def detection(trainer, corpus: dict, slices: dict[str, str], args) -> dict[str, dict[str, float]]:
     """``hsm eval`` metrics (greedy answers scored with faster-coco-eval) overall and per slice."""
-    from hsm.encoding import resolve_prompts
+    from hsm.data.encoding import resolve_prompts
     from hsm.eval.generation import generate_answers
     from hsm.eval.metrics import score_dataset
     from hsm.eval.scoring import read_image_names
-    from hsm.records import read_jsonl
+    from hsm.data.records import read_jsonl
 
     records = read_jsonl(corpus["bbu_val"])
     names = read_image_names(corpus["bbu_val"])
@@ -163,7 +163,7 @@ def overall(per_slice: dict[str, dict[str, float]], shares: dict[str, float]) ->
 def run_all(args) -> dict:
     from hsm.config import parse_config
     from hsm.run import train
-    from hsm.synth import synthesize_slices
+    from hsm.data.synth import synthesize_slices
 
     work = Path(args.out or tempfile.mkdtemp(prefix="hsm-mining-effect-"))
     results: dict = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "runs": []}

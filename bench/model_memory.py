@@ -49,8 +49,8 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from hsm.model import build_checkpoint
-    from hsm.synth import synthesize
+    from hsm.train.model import build_checkpoint
+    from hsm.data.synth import synthesize
 
     cuda = torch.cuda.is_available()
 

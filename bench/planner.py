@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hsm.events import PART_WRITE_OPTIONS, EventWriter, list_event_files
+from hsm.mining.events import PART_WRITE_OPTIONS, EventWriter, list_event_files
 from hsm.schemas import EVENT_SCHEMA
 
 TARGET, SOURCES = "target", ("lvis", "coco")
@@ -146,18 +146,18 @@ def measure(kind: str, hsm_dir: Path, sample: int) -> dict:
     work, not the interpreter loading DuckDB or hsm.
     """
     import duckdb  # noqa: F401
-    import hsm.planner  # noqa: F401
+    import hsm.mining.planner  # noqa: F401
 
     start = time.perf_counter()
     extra = {}
     if kind == "fold-0":
-        from hsm.planner import fold_pending
+        from hsm.mining.planner import fold_pending
 
         if not (hsm_dir / "state" / "epoch=0" / "state.parquet").exists():
             fold_pending(hsm_dir, 0, _mining("polars"))
     elif kind.startswith("hsm1-"):
-        from hsm.events import list_event_files as files_of
-        from hsm.planner import DEFAULT_MEMORY_LIMIT, buckets_for
+        from hsm.mining.events import list_event_files as files_of
+        from hsm.mining.planner import DEFAULT_MEMORY_LIMIT, buckets_for
 
         buckets = buckets_for(files_of(hsm_dir, 0), None, DEFAULT_MEMORY_LIMIT)
         return _timed_plan(hsm_dir, 1, kind[5:], start, buckets=buckets)
@@ -205,7 +205,7 @@ def measure(kind: str, hsm_dir: Path, sample: int) -> dict:
 
 def _timed_plan(hsm_dir: Path, epoch: int, engine: str, start: float, **extra) -> dict:
     """``plan_epoch`` for ``epoch`` with ``engine``; seconds since ``start``, peak RSS and the files' digest."""
-    from hsm.planner import plan_epoch
+    from hsm.mining.planner import plan_epoch
 
     result = plan_epoch(hsm_dir, epoch, _mining(engine), TARGET)
     seconds = time.perf_counter() - start
@@ -239,10 +239,10 @@ _PHASES = ("read_state", "fold_table", "read_epoch_events", "_fold_in_memory", "
 
 
 def _timed_phases() -> dict[str, float]:
-    """Wrap the planner's phases (module attributes of hsm.planner) to sum their wall seconds into the returned dict."""
+    """Wrap the planner's phases (module attributes of hsm.mining.planner) to sum their wall seconds into the returned dict."""
     import functools
 
-    import hsm.planner as planner
+    import hsm.mining.planner as planner
 
     totals: dict[str, float] = {}
     for name in _PHASES:
@@ -307,7 +307,7 @@ def ensure_previous_state(hsm_dir: Path, impl: Path | None = None) -> None:
     if impl is not None:
         run_child("fold-0", hsm_dir, 0, impl)
         return
-    from hsm.planner import fold_pending
+    from hsm.mining.planner import fold_pending
 
     fold_pending(hsm_dir, 0, _mining("polars")).wait()  # reuses a stored, current state
 

@@ -2,7 +2,7 @@
 
     python bench/report.py [--sizes 100 10000] [--top 12] [--workdir DIR]
 
-For each size: a synthetic corpus (hsm.synth) of N target images, 4 epochs of
+For each size: a synthetic corpus (hsm.data.synth) of N target images, 4 epochs of
 events written with the event writer (every sample once per epoch), plans 1..4
 from the real planner; then ``hsm report`` runs in a fresh process (imports
 included) and is timed end to end, with its peak RSS. The goal: 10k target
@@ -24,9 +24,9 @@ import numpy as np
 import yaml
 
 from hsm.config import MiningConfig
-from hsm.events import EventWriter
-from hsm.planner import plan_epoch
-from hsm.synth import synthesize
+from hsm.mining.events import EventWriter
+from hsm.mining.planner import plan_epoch
+from hsm.data.synth import synthesize
 
 N_EPOCHS = 4
 BATCH = 64

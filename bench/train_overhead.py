@@ -21,11 +21,11 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from hsm.config import MiningConfig, parse_config
-from hsm.fusion import DetectionCollator, FusionDataset
-from hsm.model import build_model, build_processor
-from hsm.sampler import HsmSampler
-from hsm.synth import synthesize
-from hsm.trainer import make_trainer_class
+from hsm.data.fusion import DetectionCollator, FusionDataset
+from hsm.train.model import build_model, build_processor
+from hsm.data.sampler import HsmSampler
+from hsm.data.synth import synthesize
+from hsm.train.trainer import make_trainer_class
 
 
 def main() -> None:

@@ -48,7 +48,7 @@ __all__ = [
 LEGACY_LOADER_NAMES = ("MultiSourceFusionDataset", "multi_source_fusion", "multi_source")
 _LEGACY_MESSAGE = (
     "the legacy multi-source loader ({name}) was removed; custom.fusion_config always "
-    "uses the unified fusion loader (hsm.fusion.FusionDataset): delete this key"
+    "uses the unified fusion loader (hsm.data.fusion.FusionDataset): delete this key"
 )
 
 
@@ -162,7 +162,7 @@ class MiningConfig(_Strict):
     seed: int = Field(42, ge=0, description="Seed of every plan-time and schedule-time random draw.")
     exclude_suspects: bool = Field(
         False, description="Keep label-noise suspects (>= 3 epochs, top 10% by mean per-epoch metric, "
-        "variability <= median; see hsm.suspects) out of the hard set: weight 1, never upweighted; listed in the manifest."
+        "variability <= median; see hsm.mining.suspects) out of the hard set: weight 1, never upweighted; listed in the manifest."
     )
 
     @model_validator(mode="after")

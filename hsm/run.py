@@ -83,10 +83,10 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
     """Build model, data and Trainer from ``cfg`` and train. Returns a summary."""
     from transformers import Trainer
 
-    from hsm.fusion import DetectionCollator, EvalDataset, FusionDataset
-    from hsm.model import load_model_and_processor, model_callbacks
-    from hsm.sampler import HsmSampler
-    from hsm.trainer import make_trainer_class, resume_attempt, write_dataset_info
+    from hsm.data.fusion import DetectionCollator, EvalDataset, FusionDataset
+    from hsm.train.model import load_model_and_processor, model_callbacks
+    from hsm.data.sampler import HsmSampler
+    from hsm.train.trainer import make_trainer_class, resume_attempt, write_dataset_info
 
     if cfg.custom.fusion_config is None:
         raise ConfigError(cfg.source, ["custom.fusion_config: required by hsm train (the datasets to train on)"])
@@ -137,7 +137,7 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
 
         trainer.add_callback(DetectionEvalCallback(trainer, cfg.custom.detection_eval, fusion, processor, cfg.model.coord_format))
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    from hsm import distributed
+    from hsm.train import distributed
 
     distributed.barrier()
     return {"output_dir": str(output_dir), "hsm_dir": str(hsm_dir), "train_loss": result.training_loss,
@@ -146,6 +146,6 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
 
 def _agreed_run_id(local: str) -> str:
     """Rank 0's run id on every rank (output directories may differ across nodes)."""
-    from hsm import distributed
+    from hsm.train import distributed
 
     return distributed.broadcast_bytes(local.encode()).decode()

@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from hsm.config import load_config
 from hsm.eval.evaluate import evaluate_model, select_datasets
-from hsm.model import build_model, build_processor
+from hsm.train.model import build_model, build_processor
 
 corpus, out = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hsm.events import EventWriter
+from hsm.mining.events import EventWriter
 
 TARGET = "tgt"
 SOURCES = ("src_a", "src_b")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers import Qwen2VLImageProcessorPil
 
-from hsm.answer import PARSE_STATUSES, answer_boxes_to_pixels, format_answer, parse_answer, resize_factor, resized_size
+from hsm.data.answer import PARSE_STATUSES, answer_boxes_to_pixels, format_answer, parse_answer, resize_factor, resized_size
 
 LABELS = st.text(alphabet=st.characters(blacklist_characters="`", blacklist_categories=("Cs",)), min_size=1, max_size=8)
 # Prose around an answer: anything without brackets, braces or backticks.

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from eventlog import TARGET, random_rows, write_rows
 from hsm.cli.app import app
-from hsm.queries import shipped_queries
+from hsm.mining.queries import shipped_queries
 
 runner = CliRunner()
 
@@ -125,7 +125,7 @@ def test_train_rejects_values_training_cannot_run_with_and_unwritable_output(tmp
         assert problem in text
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    from hsm.synth import synthesize
+    from hsm.data.synth import synthesize
 
     corpus = synthesize(tmp_path / "corpus", n_target=4, n_source=2, n_val=1)
     result = runner.invoke(app, ["train", "configs/demo.yaml", f"training.output_dir={blocker}/run",

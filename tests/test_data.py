@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hsm.augment import augment, derive_aug_seed
+from hsm.data.augment import augment, derive_aug_seed
 from hsm.config import AugmentationConfig, ModelConfig, parse_config
-from hsm.encoding import IGNORE_INDEX, Template, format_answer, resolve_prompts
-from hsm.fusion import FusionDataset, Slot
-from hsm.model import build_processor
-from hsm.records import RecordError, import_coco, read_jsonl
-from hsm.synth import synthesize
+from hsm.data.encoding import IGNORE_INDEX, Template, format_answer, resolve_prompts
+from hsm.data.fusion import FusionDataset, Slot
+from hsm.train.model import build_processor
+from hsm.data.records import RecordError, import_coco, read_jsonl
+from hsm.data.synth import synthesize
 
 
 @pytest.fixture(scope="module")
@@ -185,10 +185,10 @@ def test_sampler_drives_workers_without_dataset_set_epoch(processor, corpus, tmp
 
     from eventlog import write_rows  # noqa: F401  (tests dir on sys.path)
     from hsm.config import MiningConfig
-    from hsm.fusion import DetectionCollator, EvalDataset
-    from hsm.plan import DatasetInfo
-    from hsm.planner import plan_epoch
-    from hsm.sampler import HsmSampler
+    from hsm.data.fusion import DetectionCollator, EvalDataset
+    from hsm.mining.plan import DatasetInfo
+    from hsm.mining.planner import plan_epoch
+    from hsm.data.sampler import HsmSampler
 
     cfg = parse_config({"custom": {"fusion_config": {
         "target": {"name": "bbu", "train_jsonl": str(corpus["bbu"]), "val_jsonl": str(corpus["bbu"].parent / "val.jsonl")},

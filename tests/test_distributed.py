@@ -23,10 +23,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from hsm.config import load_config
-from hsm.plan import DatasetInfo, load_plan
-from hsm.planner import plan_epoch
-from hsm.schedule import build_schedule
-from hsm.synth import synthesize
+from hsm.mining.plan import DatasetInfo, load_plan
+from hsm.mining.planner import plan_epoch
+from hsm.data.schedule import build_schedule
+from hsm.data.synth import synthesize
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent

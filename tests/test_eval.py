@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from hsm.answer import parse_answer
+from hsm.data.answer import parse_answer
 from hsm.cli.app import app
 from hsm.eval.evaluate import merge_shards, shard
 
@@ -169,7 +169,7 @@ def test_abs_needs_the_processor(tmp_path):
 def trained(tmp_path_factory):
     from hsm.config import load_config
     from hsm.run import train
-    from hsm.synth import synthesize
+    from hsm.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("eval_run")
     corpus = synthesize(root / "corpus", n_target=8, n_source=4, n_val=3)
@@ -247,7 +247,7 @@ def test_two_ranks_split_generation_and_rank0_scores_all(tmp_path):
     import sys
     from pathlib import Path
 
-    from hsm.synth import synthesize
+    from hsm.data.synth import synthesize
 
     root = Path(__file__).parent.parent
     synthesize(tmp_path / "corpus", n_target=2, n_source=1, n_val=3)
@@ -286,9 +286,9 @@ def test_detection_eval_config_errors_name_the_key(section, message):
 
 
 def test_abs_answers_score_through_the_processors_resize(tmp_path):
-    from hsm.answer import format_answer, resized_size
+    from hsm.data.answer import format_answer, resized_size
     from hsm.config import ModelConfig
-    from hsm.model import build_processor
+    from hsm.train.model import build_processor
 
     records, _ = write_case(tmp_path)
     processor = build_processor(ModelConfig())

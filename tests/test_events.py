@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eventlog import random_rows, write_rows
-from hsm.events import CorruptEventFile, EventWriter, list_event_files, read_epoch_events, supersede_attempts
+from hsm.mining.events import CorruptEventFile, EventWriter, list_event_files, read_epoch_events, supersede_attempts
 from hsm.schemas import EVENT_SCHEMA
 from oracle import effective_events
 
@@ -154,7 +154,7 @@ def test_parts_sharing_a_step_at_a_flush_boundary_are_not_duplicates(tmp_path):
 
 def test_event_sync_inventory_skips_only_the_local_ranks_own_parts(tmp_path):
     """Rank 0 trusts the inventory it just took of its own parts, and still checks every other rank's bytes."""
-    from hsm.event_sync import missing_parts, rank_inventory
+    from hsm.train.event_sync import missing_parts, rank_inventory
 
     hsm_dir = tmp_path / "hsm"
     write_rows(hsm_dir, random_rows(np.random.default_rng(3), n_target=30, n_epochs=1, n_ranks=2, max_obs=2))

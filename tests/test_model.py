@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from hsm.config import ModelConfig, load_config
-from hsm.answer import format_answer, resize_factor, resized_size
-from hsm.model import build_checkpoint, component_of, load_model_and_processor
+from hsm.data.answer import format_answer, resize_factor, resized_size
+from hsm.train.model import build_checkpoint, component_of, load_model_and_processor
 from hsm.run import train
-from hsm.synth import synthesize
+from hsm.data.synth import synthesize
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from eventlog import TARGET, random_rows, sample_id, write_rows
 from hsm.config import MiningConfig
-from hsm.plan import DatasetInfo, Plan, PlanError, load_plan, plan_dir, write_plan
-from hsm.planner import plan_epoch
-from hsm.state import StateMismatch
+from hsm.mining.plan import DatasetInfo, Plan, PlanError, load_plan, plan_dir, write_plan
+from hsm.mining.planner import plan_epoch
+from hsm.mining.state import StateMismatch
 
 
 @pytest.fixture

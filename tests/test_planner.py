@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from eventlog import TARGET, random_rows, write_rows
 from hsm.config import MiningConfig
-from hsm.planner import plan_epoch
-from hsm.state import find_states, read_sample_ids, read_state
+from hsm.mining.planner import plan_epoch
+from hsm.mining.state import find_states, read_sample_ids, read_state
 from oracle import full_state, stale_adjusted
 from oracle import plan as oracle_plan
 
@@ -157,7 +157,7 @@ def with_box_metrics(rng: np.random.Generator, rows: list[dict]) -> list[dict]:
 
 def write_parts(hsm_dir, rows: list[dict]) -> None:
     """One Parquet part per (epoch, rank, attempt), written directly in the event schema (nulls included)."""
-    from hsm.events import PART_WRITE_OPTIONS
+    from hsm.mining.events import PART_WRITE_OPTIONS
     from hsm.schemas import EVENT_SCHEMA
 
     groups: dict[tuple, list[dict]] = {}
@@ -246,7 +246,7 @@ def test_out_of_core_fold_is_byte_identical(tmp_path, engine, aggregate):
         if how == "no-stats":  # parts of another writer, without footer statistics: spans come from a scan
             for part in (hsm_dir / "events").rglob("*.parquet"):
                 pq.write_table(pq.read_table(part), part, write_statistics=False)
-        from hsm.planner import fold_pending
+        from hsm.mining.planner import fold_pending
 
         folded = fold_pending(hsm_dir, 2, mining, engine=engine, memory_limit=limit, temp_directory=tmp_path)
         folded.wait()
@@ -269,8 +269,8 @@ def test_out_of_core_fold_is_byte_identical(tmp_path, engine, aggregate):
 )
 def test_merge_slots_equals_a_dict_of_rows(prev, events, sparse):
     """The key merge behind the default engine, dense (mark + running count) and sparse (sort) paths."""
-    from hsm.engines.polars_engine import merge_slots
-    from hsm.state import IDX_BITS
+    from hsm.mining.engines.polars_engine import merge_slots
+    from hsm.mining.state import IDX_BITS
 
     scale = 1 << 30 if sparse else 1  # far-apart indices take the sparse path
     def keys_of(pairs):
@@ -298,9 +298,9 @@ def test_merge_slots_equals_a_dict_of_rows(prev, events, sparse):
 )
 def test_fold_in_key_ranges_equals_one_fold(prev, events, range_rows, per_epoch):
     """Folding in key ranges (how the default engine folds a large epoch in memory) changes nothing, bit for bit."""
-    from hsm.engines.polars_engine import fold_epoch
-    from hsm.planner import fold_in_ranges
-    from hsm.state import IDX_BITS
+    from hsm.mining.engines.polars_engine import fold_epoch
+    from hsm.mining.planner import fold_in_ranges
+    from hsm.mining.state import IDX_BITS
 
     rng = np.random.default_rng(len(events))
     prev_keys = np.unique(np.array([(c << IDX_BITS) | i for c, i in prev], dtype=np.int64))
@@ -326,7 +326,7 @@ def test_fold_in_key_ranges_equals_one_fold(prev, events, range_rows, per_epoch)
 @given(picks=st.lists(st.integers(0, 150_000), max_size=12), dataset=st.sampled_from([None, "target", "coco"]))
 def test_sample_id_lookup_prunes_row_groups_and_equals_a_filter(tmp_path_factory, picks, dataset):
     """The tie-break lookup reads only the row groups that can hold the asked indices; same rows as a plain filter."""
-    from hsm.state import read_sample_ids, write_sample_ids
+    from hsm.mining.state import read_sample_ids, write_sample_ids
 
     hsm_dir = tmp_path_factory.mktemp("ids")
     n = 140_000  # three row groups of 2^16 rows

@@ -14,12 +14,12 @@ from typer.testing import CliRunner
 from browser import find_chromium, load_page, page_url
 from hsm.cli.app import app
 from hsm.config import MiningConfig
-from hsm.events import EventWriter
-from hsm.planner import plan_epoch
-from hsm.records import read_jsonl
+from hsm.mining.events import EventWriter
+from hsm.mining.planner import plan_epoch
+from hsm.data.records import read_jsonl
 from hsm.report import build_report
-from hsm.suspects import data_map, read_epoch_metrics
-from hsm.synth import synthesize
+from hsm.mining.suspects import data_map, read_epoch_metrics
+from hsm.data.synth import synthesize
 
 runner = CliRunner()
 N_EPOCHS = 4
@@ -148,7 +148,7 @@ def test_report_in_headless_chromium(run_dir, tmp_path):
 
 def test_eval_output_beside_the_ground_truth(run_dir, tmp_path):
     """``hsm eval score`` over the training records: its per-sample TP/FP/FN and the answer's boxes show."""
-    from hsm.answer import format_answer
+    from hsm.data.answer import format_answer
 
     first = build_report(run_dir, tmp_path / "a.html", top_k=TOP_K)
     hardest_id = first.html.read_text().split('data-sample-id="')[1].split('"')[0]

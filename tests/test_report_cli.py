@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from eventlog import TARGET, random_rows, write_rows
 from hsm.cli.app import app
 from hsm.config import load_config, small_target_warning
-from hsm.records import read_jsonl
+from hsm.data.records import read_jsonl
 
 runner = CliRunner()
 

@@ -16,14 +16,14 @@ from typer.testing import CliRunner
 from eventlog import TARGET, random_rows, write_rows
 from hsm.cli.app import app
 from hsm.config import MiningConfig
-from hsm.planner import plan_epoch
-from hsm.suspects import data_map, epoch_metrics, read_epoch_metrics
+from hsm.mining.planner import plan_epoch
+from hsm.mining.suspects import data_map, epoch_metrics, read_epoch_metrics
 
 runner = CliRunner()
 
 
 def naive_data_map(rows: list[tuple[int, int, float]], min_epochs: int = 3, top_frac: float = 0.1):
-    """Slow obvious version of hsm.suspects.data_map over (base_idx, epoch, value) rows."""
+    """Slow obvious version of hsm.mining.suspects.data_map over (base_idx, epoch, value) rows."""
     by_sample: dict[int, dict[int, float]] = {}
     for i, e, x in rows:
         by_sample.setdefault(i, {})[e] = x

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from hsm.config import load_config
-from hsm.planner import plan_epoch
+from hsm.mining.planner import plan_epoch
 from hsm.run import train
-from hsm.suspects import data_map, read_epoch_metrics
-from hsm.synth import DOMAINS, render_image
+from hsm.mining.suspects import data_map, read_epoch_metrics
+from hsm.data.synth import DOMAINS, render_image
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from hsm.synth import synthesize
+from hsm.data.synth import synthesize
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent

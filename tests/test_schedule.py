@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hsm.plan import Plan
-from hsm.schedule import (
+from hsm.mining.plan import Plan
+from hsm.data.schedule import (
     CHUNK_SLOTS,
     Schedule,
     World,

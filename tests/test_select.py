@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hsm.config import MiningConfig
-from hsm.select import draw_regular, hardest_mask, select_plan
-from hsm.trigger import plateau_epoch, should_apply
+from hsm.mining.select import draw_regular, hardest_mask, select_plan
+from hsm.mining.trigger import plateau_epoch, should_apply
 
 from oracle import _ceil_decimal
 

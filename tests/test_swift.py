@@ -18,11 +18,11 @@ import pytest
 
 pytest.importorskip("swift")
 
-from hsm.encoding import format_answer  # noqa: E402
+from hsm.data.encoding import format_answer  # noqa: E402
 from hsm.integrations.swift import plugin_path  # noqa: E402
-from hsm.model import build_checkpoint  # noqa: E402
-from hsm.records import read_jsonl  # noqa: E402
-from hsm.synth import synthesize  # noqa: E402
+from hsm.train.model import build_checkpoint  # noqa: E402
+from hsm.data.records import read_jsonl  # noqa: E402
+from hsm.data.synth import synthesize  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -15,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hsm.config import ModelConfig
-from hsm.answer import ROLE_COORD, ROLE_LABEL, ROLE_OTHER, answer_char_roles, format_answer
-from hsm.encoding import IGNORE_INDEX, Template, token_roles_from_offsets
-from hsm.events import EventWriter, read_epoch_events
+from hsm.data.answer import ROLE_COORD, ROLE_LABEL, ROLE_OTHER, answer_char_roles, format_answer
+from hsm.data.encoding import IGNORE_INDEX, Template, token_roles_from_offsets
+from hsm.mining.events import EventWriter, read_epoch_events
 from hsm.schemas import EVENT_SCHEMA
-from hsm.stats import STAT_ROWS, per_sample_stats, token_losses
+from hsm.train.stats import STAT_ROWS, per_sample_stats, token_losses
 
 labels_st = st.text(min_size=1, max_size=8)
 boxes_st = st.lists(
@@ -77,7 +77,7 @@ def qwen25_style_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from hsm.model import CHAT_TEMPLATE, SPECIAL_TOKENS, _training_corpus
+    from hsm.train.model import CHAT_TEMPLATE, SPECIAL_TOKENS, _training_corpus
 
     pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -116,7 +116,7 @@ def check_roles_on_tokens(tokenizer, input_ids, labels, roles, answer):
 def test_roles_on_real_tiny_qwen3vl_tokenization(labels):
     from PIL import Image
 
-    from hsm.model import build_processor
+    from hsm.train.model import build_processor
 
     processor = build_processor(ModelConfig())
     template = Template(processor)
@@ -209,7 +209,7 @@ def test_new_event_columns_written_null_for_nan_and_old_logs_still_read(tmp_path
 def test_training_writes_box_statistics(tmp_path):
     from hsm.config import load_config
     from hsm.run import train
-    from hsm.synth import synthesize
+    from hsm.data.synth import synthesize
 
     corpus = synthesize(tmp_path / "corpus", n_target=8, n_source=4, n_val=2)
     cfg = load_config("configs/demo.yaml", [
@@ -232,8 +232,8 @@ def test_training_writes_box_statistics(tmp_path):
 
 
 def test_slice_corpus_is_what_its_slices_say(tmp_path):
-    from hsm.records import read_jsonl
-    from hsm.synth import RARE_CLASS, SLICES, synthesize_slices
+    from hsm.data.records import read_jsonl
+    from hsm.data.synth import RARE_CLASS, SLICES, synthesize_slices
 
     paths = synthesize_slices(tmp_path, n_train=100, n_val_per_slice=3, n_source=4, size=64, seed=3)
     info = json.loads(paths["slices"].read_text())

@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
 from hsm.config import load_config
-from hsm.fusion import DetectionCollator, FusionDataset
-from hsm.model import build_model, build_processor
-from hsm.planner import plan_epoch
+from hsm.data.fusion import DetectionCollator, FusionDataset
+from hsm.train.model import build_model, build_processor
+from hsm.mining.planner import plan_epoch
 from hsm.run import train
 from hsm.schemas import EVENT_SCHEMA
-from hsm.synth import synthesize
-from hsm.trainer import HsmTrainerMixin, make_trainer_class
+from hsm.data.synth import synthesize
+from hsm.train.trainer import HsmTrainerMixin, make_trainer_class
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +69,7 @@ def test_mixin_loss_equals_plain_trainer_and_recombines(tmp_path, corpus, num_it
         logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
     # Per-sample values against an independent per-sample computation from the logits.
-    from hsm.stats import per_sample_stats, token_losses
+    from hsm.train.stats import per_sample_stats, token_losses
 
     stats = per_sample_stats(*token_losses(logits, inputs["labels"]))
     for i in range(4):
@@ -87,7 +87,7 @@ def test_mixin_loss_equals_plain_trainer_and_recombines(tmp_path, corpus, num_it
 
 def test_disabled_mining_leaves_training_unchanged(tmp_path, corpus):
     seen: list[set] = []
-    import hsm.model as model_module  # train() imports it at call time: watch the model it builds
+    import hsm.train.model as model_module  # train() imports it at call time: watch the model it builds
 
     build = model_module.load_model_and_processor
 

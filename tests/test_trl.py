@@ -15,8 +15,8 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from hsm.config import MiningConfig, SelectorConfig  # noqa: E402
 from hsm.integrations.trl import HsmSFTTrainer, detection_dataset  # noqa: E402
-from hsm.model import build_checkpoint  # noqa: E402
-from hsm.synth import DEFAULT_PROMPTS, synthesize  # noqa: E402
+from hsm.train.model import build_checkpoint  # noqa: E402
+from hsm.data.synth import DEFAULT_PROMPTS, synthesize  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

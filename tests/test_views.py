@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 
 from eventlog import TARGET, random_rows, sample_id, write_rows
 from hsm.config import MiningConfig
-from hsm.planner import plan_epoch
-from hsm.queries import connect
+from hsm.mining.planner import plan_epoch
+from hsm.mining.queries import connect
 
 
 def test_views_join_sample_id_onto_state_and_plans(tmp_path):

@@ -3,7 +3,7 @@
 Layers: :mod:`hsm.eval.metrics` (pure: answers + records -> metrics and tables),
 :mod:`hsm.eval.scoring` (files in and out), :mod:`hsm.eval.generation` (greedy
 answers from a model), :mod:`hsm.eval.callback` (the same during training).
-This package depends on the core (``hsm.answer``, ``hsm.records``, ...), never the
+This package depends on the core (``hsm.data.answer``, ``hsm.data.records``, ...), never the
 other way round.
 """
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from hsm import distributed
+from hsm.train import distributed
 from hsm.config import DetectionEvalConfig, FusionConfig
 from hsm.eval.evaluate import evaluate_model, scalar_logs, select_datasets
 

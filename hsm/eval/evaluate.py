@@ -14,12 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from hsm import distributed
+from hsm.train import distributed
 from hsm.config import FusionConfig
-from hsm.encoding import resolve_prompts
+from hsm.data.encoding import resolve_prompts
 from hsm.eval.generation import generate_answers
 from hsm.eval.scoring import record_keys, score_records_file, write_answers, write_dataset, write_metrics
-from hsm.records import read_jsonl
+from hsm.data.records import read_jsonl
 
 __all__ = ["EvalSplit", "select_datasets", "shard", "merge_shards", "evaluate_model", "scalar_logs"]
 

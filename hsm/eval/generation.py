@@ -6,8 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hsm.config import ModelConfig
-from hsm.encoding import Prompts, Template
-from hsm.records import Record, check_image_size
+from hsm.data.encoding import Prompts, Template
+from hsm.data.records import Record, check_image_size
 
 __all__ = ["load_checkpoint", "load_image", "generate_answers"]
 
@@ -26,13 +26,13 @@ def load_checkpoint(model_cfg: ModelConfig, checkpoint: str | Path):
     if not (checkpoint / "config.json").is_file() and not is_adapter:
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no config.json; not a saved model directory")
     if is_adapter:  # a LoRA checkpoint: the base from model.name_or_path, adapters merged in
-        from hsm.model import load_adapter_checkpoint
+        from hsm.train.model import load_adapter_checkpoint
 
         model = load_adapter_checkpoint(model_cfg, checkpoint)
     else:
         model = AutoModelForImageTextToText.from_pretrained(checkpoint, local_files_only=True)
     if model_cfg.name_or_path == "tiny-qwen3-vl":
-        from hsm.model import build_processor
+        from hsm.train.model import build_processor
 
         processor = build_processor(model_cfg)
     else:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hsm.answer import answer_boxes_to_pixels, parse_answer
-from hsm.records import Record
+from hsm.data.answer import answer_boxes_to_pixels, parse_answer
+from hsm.data.records import Record
 
 __all__ = [
     "MATCH_IOU",
@@ -45,7 +45,7 @@ class SamplePrediction:
     Attributes:
         boxes: ``(n, 4)`` pixel boxes ``x1, y1, x2, y2`` of known labels, clipped to the image.
         labels: their labels, in answer order.
-        status: the parse status (:data:`hsm.answer.PARSE_STATUSES`).
+        status: the parse status (:data:`hsm.data.answer.PARSE_STATUSES`).
         n_invalid: malformed objects.
         n_degenerate: empty boxes, before or after clipping to the image.
         n_unknown_label: well-formed boxes whose label is not a dataset category (false positives).

@@ -22,8 +22,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from hsm.eval.metrics import DatasetScore, score_dataset
-from hsm.plan import write_bytes_atomic, write_json_atomic
-from hsm.records import Record, json_lines, read_jsonl
+from hsm.mining.plan import write_bytes_atomic, write_json_atomic
+from hsm.data.records import Record, json_lines, read_jsonl
 
 __all__ = [
     "PER_SAMPLE_SCHEMA",
@@ -116,7 +116,7 @@ def score_records_file(records_path: str | Path, answers: list[str | None], coor
     """Score answers aligned with the records of ``records_path``.
 
     ``records``: the file's records already read, or their first ``n`` (``max_samples``).
-    ``coord_format: abs`` needs ``processor`` (its resize, :func:`hsm.answer.resized_size`).
+    ``coord_format: abs`` needs ``processor`` (its resize, :func:`hsm.data.answer.resized_size`).
     """
     if coord_format == "abs" and processor is None:
         raise ValueError("coord_format 'abs' needs the processor that resized the images (--processor)")
@@ -124,7 +124,7 @@ def score_records_file(records_path: str | Path, answers: list[str | None], coor
         records = read_jsonl(records_path, check_images=False)
     resized = None
     if coord_format == "abs":
-        from hsm.answer import resized_size
+        from hsm.data.answer import resized_size
 
         resized = [resized_size(processor, r.width, r.height) for r in records]
     names = read_image_names(records_path)[: len(records)]
@@ -133,7 +133,7 @@ def score_records_file(records_path: str | Path, answers: list[str | None], coor
 
 def write_dataset(score: DatasetScore, directory: str | Path, name: str) -> None:
     """Write gt.json, detections.json, per_sample.parquet and metrics.json under ``directory``."""
-    from hsm.events import write_parquet_atomic
+    from hsm.mining.events import write_parquet_atomic
 
     directory = Path(directory)
     for payload, file_name in ((score.ground_truth, "gt.json"), (score.detections, "detections.json")):

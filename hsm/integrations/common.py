@@ -7,7 +7,7 @@ import hashlib
 from typing import Any, Callable, Sequence
 
 from hsm.config import FusionConfig, TargetConfig
-from hsm.plan import DatasetInfo
+from hsm.mining.plan import DatasetInfo
 
 __all__ = ["SlotDataset", "MetaCollator", "single_target_fusion", "fingerprint_ids"]
 

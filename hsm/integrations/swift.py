@@ -82,12 +82,12 @@ def _load_hsm_config():
 def _trainer_class():
     from swift.trainers import Seq2SeqTrainer
 
-    from hsm import distributed
+    from hsm.train import distributed
     from hsm.config import MiningConfig
     from hsm.integrations.common import MetaCollator, SlotDataset, single_target_fusion
-    from hsm.sampler import HsmSampler
-    from hsm.stats import per_sample_stats, token_losses
-    from hsm.trainer import HsmTrainerMixin, resume_attempt, write_dataset_info
+    from hsm.data.sampler import HsmSampler
+    from hsm.train.stats import per_sample_stats, token_losses
+    from hsm.train.trainer import HsmTrainerMixin, resume_attempt, write_dataset_info
 
     class HsmSwiftTrainer(HsmTrainerMixin, Seq2SeqTrainer):
         """ms-swift's ``Seq2SeqTrainer`` on hsm's schedule, logging hsm's per-sample events."""

@@ -29,9 +29,9 @@ from trl import SFTTrainer
 
 from hsm.config import MiningConfig
 from hsm.integrations.common import MetaCollator, SlotDataset, single_target_fusion
-from hsm.sampler import HsmSampler
-from hsm.stats import per_sample_stats
-from hsm.trainer import HsmTrainerMixin, resume_attempt, write_dataset_info
+from hsm.data.sampler import HsmSampler
+from hsm.train.stats import per_sample_stats
+from hsm.train.trainer import HsmTrainerMixin, resume_attempt, write_dataset_info
 
 __all__ = ["HsmSFTTrainer", "detection_dataset"]
 
@@ -101,7 +101,7 @@ class HsmSFTTrainer(HsmTrainerMixin, SFTTrainer):
 
 
 class _DatasetSizes:
-    """The two attributes :func:`hsm.trainer.write_dataset_info` reads, for a single-target dataset."""
+    """The two attributes :func:`hsm.train.trainer.write_dataset_info` reads, for a single-target dataset."""
 
     def __init__(self, slots: SlotDataset):
         self.names = [slots.name]
@@ -114,8 +114,8 @@ def detection_dataset(jsonl: str | Path, *, system: str, user: str, coord_format
     (system, user with the image, assistant answer in hsm's answer format)."""
     import datasets
 
-    from hsm.encoding import format_answer
-    from hsm.records import read_jsonl
+    from hsm.data.encoding import format_answer
+    from hsm.data.records import read_jsonl
 
     rows: dict[str, list[Any]] = {"id": [], "images": [], "messages": []}
     for i, record in enumerate(read_jsonl(jsonl)):

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hsm.suspects import DataMap, data_map, read_epoch_metrics
+from hsm.mining.suspects import DataMap, data_map, read_epoch_metrics
 
 __all__ = ["ReportError", "SampleStats", "RunData", "load_run", "read_predictions", "order_by_score"]
 
@@ -83,7 +83,7 @@ def _with_sample_ids(hsm_dir: Path, epoch: int, plan: pa.Table) -> pa.Table:
     """The plan with its ``sample_id`` column, joined from the append-only id table (plans are keyed by base_idx)."""
     if "sample_id" in plan.column_names:
         return plan
-    from hsm.state import read_sample_ids
+    from hsm.mining.state import read_sample_ids
 
     ids = read_sample_ids(hsm_dir, epoch - 1, dataset=None).select(["dataset", "base_idx", "sample_id"])
     plan = plan.cast(pa.schema([f.with_type(pa.string()) if f.name == "dataset" else f for f in plan.schema]))
@@ -96,7 +96,7 @@ def load_run(run_dir: str | Path, *, epoch: int | None = None) -> RunData:
     """Read a run for the report; ``epoch`` picks the plan shown (default: the latest)."""
     import duckdb
 
-    from hsm.queries import connect
+    from hsm.mining.queries import connect
 
     run_dir = Path(run_dir)
     hsm_dir = run_dir / "hsm"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hsm.records import Record
+from hsm.data.records import Record
 
 __all__ = ["Card", "record_thumbnails", "data_uri", "GT_COLOR", "PRED_COLOR"]
 
@@ -67,13 +67,13 @@ def record_thumbnails(record: Record, prediction: dict[str, Any] | None, coord_f
                       side: int = THUMB_SIDE):
     """``(gt_uri, pred_uri)`` for one record; one decode serves both.
 
-    The predicted boxes are the eval answer's, parsed by :mod:`hsm.answer` (the one parser);
+    The predicted boxes are the eval answer's, parsed by :mod:`hsm.data.answer` (the one parser);
     ``pred_uri`` is None without an answer, or for ``abs`` answers (their pixels are the
     processor-resized image's).
     """
     from PIL import Image, ImageDraw
 
-    from hsm.answer import answer_boxes_to_pixels, parse_answer
+    from hsm.data.answer import answer_boxes_to_pixels, parse_answer
 
     with Image.open(record.image) as img:
         img.draft("RGB", (side, side))

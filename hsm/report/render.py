@@ -38,7 +38,7 @@ def _png_uri(png: bytes) -> str:
 
 def _records(run: RunData):
     """Target records by base_idx (no image is opened), or None with the reason."""
-    from hsm.records import RecordError, read_jsonl
+    from hsm.data.records import RecordError, read_jsonl
 
     target = ((run.config.get("custom") or {}).get("fusion_config") or {}).get("target") or {}
     path = target.get("train_jsonl")
@@ -98,7 +98,7 @@ def write_suspects_csv(rows: list[dict[str, Any]], path: Path) -> None:
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    from hsm.plan import write_bytes_atomic
+    from hsm.mining.plan import write_bytes_atomic
 
     write_bytes_atomic(buffer.getvalue().encode("utf-8"), path)
 
@@ -149,7 +149,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, epoch: i
         epoch: the plan epoch the galleries and weight histogram show (default: the latest).
         top_k: cards in each gallery (hardest and easiest).
     """
-    from hsm.plan import write_bytes_atomic
+    from hsm.mining.plan import write_bytes_atomic
 
     run = load_run(run_dir, epoch=epoch)
     out = Path(out) if out is not None else Path(run_dir) / "report.html"

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from hsm.plan import file_sha256
+from hsm.mining.plan import file_sha256
 
 __all__ = ["DetectionObject", "Record", "RecordError", "json_lines", "read_jsonl", "validate_jsonl", "file_fingerprint", "import_coco",
            "CocoImport", "check_image_size", "image_size_problems", "declared_size_problems"]

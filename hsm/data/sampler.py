@@ -5,7 +5,7 @@ Built and iterated in the main process (accelerate calls the sampler's
 copies of the dataset). It yields the global schedule as slot tuples
 ``(dataset_code, base_idx, is_hard, epoch, position)``; under the HF Trainer,
 accelerate deals whole batches of it to the ranks. With an explicit ``world``
-it yields this rank's batches itself (:func:`hsm.schedule.shard_positions`).
+it yields this rank's batches itself (:func:`hsm.data.schedule.shard_positions`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from hsm.plan import DatasetInfo, Plan, PlanError, load_plan, plan_dir
-from hsm.schedule import Schedule, World, build_schedule, epoch_length, shard_positions
+from hsm.mining.plan import DatasetInfo, Plan, PlanError, load_plan, plan_dir
+from hsm.data.schedule import Schedule, World, build_schedule, epoch_length, shard_positions
 
 __all__ = ["HsmSampler"]
 

@@ -4,7 +4,7 @@
 -- the previous state, possibly empty), and view `state_epochs` (key, n_epochs, epoch_mean,
 -- epoch_ema: the per-epoch aggregates, empty unless aggregate is epoch_ema or last).
 -- Parameters: $decay DOUBLE, $epoch INTEGER.
--- Operations and their order match hsm.engines.polars_engine exactly, so both engines
+-- Operations and their order match hsm.mining.engines.polars_engine exactly, so both engines
 -- agree bit for bit: the EMA and the sum run sequentially in observation order.
 WITH observed AS (
     SELECT key,

@@ -26,8 +26,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hsm.config import MiningConfig, mining_config_hash
-from hsm.engines import ENGINES
-from hsm.events import (
+from hsm.mining.engines import ENGINES
+from hsm.mining.events import (
     CorruptEventFile,
     drop_duplicate_events,
     events_digest,
@@ -35,11 +35,11 @@ from hsm.events import (
     read_epoch_events,
     supersede_attempts,
 )
-from hsm.plan import DatasetInfo, plan_dir, read_manifest, write_json_atomic, write_plan
+from hsm.mining.plan import DatasetInfo, plan_dir, read_manifest, write_json_atomic, write_plan
 from hsm.schemas import EVENT_SCHEMA, PLAN_SCHEMA, SAMPLE_ID_SCHEMA, SchemaError, check_schema, conform
-from hsm.select import rank_order, select_plan
-from hsm.suspects import data_map, read_epoch_metrics
-from hsm.state import (
+from hsm.mining.select import rank_order, select_plan
+from hsm.mining.suspects import data_map, read_epoch_metrics
+from hsm.mining.state import (
     PER_EPOCH_AGGREGATES,
     STATE_VERSION,
     IDX_BITS,
@@ -60,7 +60,7 @@ from hsm.state import (
     write_sample_ids,
     write_state,
 )
-from hsm.trigger import should_apply
+from hsm.mining.trigger import should_apply
 
 __all__ = [
     "PlanResult",

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from hsm import distributed
-from hsm.events import event_dir, list_event_files
-from hsm.plan import file_sha256, write_bytes_atomic
+from hsm.train import distributed
+from hsm.mining.events import event_dir, list_event_files
+from hsm.mining.plan import file_sha256, write_bytes_atomic
 
 __all__ = ["EventSyncError", "rank_inventory", "missing_parts", "sync_epoch_events"]
 

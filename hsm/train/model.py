@@ -38,7 +38,7 @@ CHAT_TEMPLATE = (
 
 def _training_corpus() -> list[str]:
     """Text the tiny tokenizer learns from: prompts, roles and detection answers."""
-    from hsm.synth import CLASS_NAMES, DEFAULT_PROMPTS
+    from hsm.data.synth import CLASS_NAMES, DEFAULT_PROMPTS
 
     lines = ["system", "user", "assistant", "Detect all objects in the image.", "You are a helpful assistant."]
     lines += [p for pair in DEFAULT_PROMPTS.values() for p in pair]

@@ -24,7 +24,7 @@ def _processor(spec: str):
     else:
         model_cfg = ModelConfig(name_or_path=spec)
     if model_cfg.name_or_path == "tiny-qwen3-vl":
-        from hsm.model import build_processor
+        from hsm.train.model import build_processor
 
         return build_processor(model_cfg)
     from transformers import AutoProcessor
@@ -48,10 +48,10 @@ def score(
     out: Path = typer.Option(Path("eval_out"), "--out", help="Output folder (one subfolder per dataset)."),
 ) -> None:
     """Score answers produced by any engine against the records."""
-    from hsm.answer import COORD_FORMATS
+    from hsm.data.answer import COORD_FORMATS
     from hsm.config import ConfigError
     from hsm.eval.scoring import AnswerError, read_answers, record_keys, score_records_file, summary_table, write_dataset, write_metrics
-    from hsm.records import RecordError, read_jsonl
+    from hsm.data.records import RecordError, read_jsonl
 
     if coord_format not in COORD_FORMATS:
         raise fail("eval score", f"--coord-format must be one of {', '.join(COORD_FORMATS)}, got {coord_format!r}")
@@ -87,7 +87,7 @@ def run(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from hsm.config import ConfigError, load_config
-    from hsm.records import RecordError
+    from hsm.data.records import RecordError
 
     try:
         cfg = load_config(config)

@@ -58,11 +58,11 @@ def plan(
 ) -> None:
     """Update the state from events of epochs < N not yet folded, and write the plan for epoch N."""
     from hsm.config import ConfigError, load_config
-    from hsm.events import CorruptEventFile
-    from hsm.plan import DatasetInfo, PlanError
-    from hsm.planner import EmptyEpochs, OutputError, PlanConflict, plan_epoch
+    from hsm.mining.events import CorruptEventFile
+    from hsm.mining.plan import DatasetInfo, PlanError
+    from hsm.mining.planner import EmptyEpochs, OutputError, PlanConflict, plan_epoch
     from hsm.schemas import SchemaError
-    from hsm.state import StateMismatch
+    from hsm.mining.state import StateMismatch
 
     hsm_dir = hsm_dir_of(run_dir)
     limit_bytes = None

@@ -1,8 +1,8 @@
 """Planner engines: interchangeable implementations of :func:`fold_epoch`.
 
 Every engine is a function with the signature of
-:func:`hsm.engines.polars_engine.fold_epoch`, over keyed Arrow tables (no strings);
-they compute the rules documented in :mod:`hsm.state` with the same operations in
+:func:`hsm.mining.engines.polars_engine.fold_epoch`, over keyed Arrow tables (no strings);
+they compute the rules documented in :mod:`hsm.mining.state` with the same operations in
 the same order, so their states agree bit for bit. ``ENGINES`` maps the config's ``engine`` value to the function;
 each engine's library is imported on first use only.
 """
@@ -13,15 +13,15 @@ __all__ = ["ENGINES", "fold_epoch_duckdb", "fold_epoch_polars"]
 
 
 def fold_epoch_polars(*args, **kwargs):
-    """:func:`hsm.engines.polars_engine.fold_epoch`."""
-    from hsm.engines.polars_engine import fold_epoch
+    """:func:`hsm.mining.engines.polars_engine.fold_epoch`."""
+    from hsm.mining.engines.polars_engine import fold_epoch
 
     return fold_epoch(*args, **kwargs)
 
 
 def fold_epoch_duckdb(*args, **kwargs):
-    """:func:`hsm.engines.duckdb_engine.fold_epoch`."""
-    from hsm.engines.duckdb_engine import fold_epoch
+    """:func:`hsm.mining.engines.duckdb_engine.fold_epoch`."""
+    from hsm.mining.engines.duckdb_engine import fold_epoch
 
     return fold_epoch(*args, **kwargs)
 

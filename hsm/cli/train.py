@@ -29,8 +29,8 @@ def train(
             raise fail("train", str(e)) from e
     for warning in caught:
         console.print(f"[yellow]warning:[/] {warning.message}", soft_wrap=True)
-    from hsm.plan import PlanError
-    from hsm.records import RecordError
+    from hsm.mining.plan import PlanError
+    from hsm.data.records import RecordError
     from hsm.run import train as run_training
 
     try:
@@ -53,7 +53,7 @@ def train(
         console.print(f"  look into it: hsm sql --run-dir {run_dir} difficulty_trend   (hsm sql --list for more)", soft_wrap=True)
         console.print(f"  report:      hsm report --run-dir {run_dir}", soft_wrap=True)
     console.print(f"  tensorboard: tensorboard --logdir {run_dir}", soft_wrap=True)
-    from hsm import distributed
+    from hsm.train import distributed
 
     if distributed.is_initialized():
         import torch.distributed as dist

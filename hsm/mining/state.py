@@ -17,7 +17,7 @@ Per-epoch aggregates (``aggregate: epoch_ema | last``), from the same ``s`` and 
     score = epoch_mean                              for last (the latest epoch's mean)
 
 with ``x = loss``, ``1 - token_acc``, or a box-aware column (``coord_loss``,
-``label_loss``, ``loss_sum``; events where it is null are skipped). Both engines in :mod:`hsm.engines`
+``label_loss``, ``loss_sum``; events where it is null are skipped). Both engines in :mod:`hsm.mining.engines`
 implement exactly these operations in this order, so they agree bit for bit;
 ``tests/oracle.py`` holds them to a naive full recomputation. The score is
 derived from the state by :func:`score_of`, shared by both engines.
@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hsm.events import keyed_write_options, write_parquet_atomic
+from hsm.mining.events import keyed_write_options, write_parquet_atomic
 from hsm.schemas import SAMPLE_ID_SCHEMA, STATE_SCHEMA, SchemaError, conform
 
 __all__ = [
@@ -73,7 +73,7 @@ __all__ = [
     "disk_table",
 ]
 
-_META_KEY = b"hsm.state"
+_META_KEY = b"hsm.mining.state"
 IDX_BITS = 40
 IDX_MASK = (1 << IDX_BITS) - 1
 # The running state an engine folds; ``key`` sorted ascending and unique.
@@ -149,11 +149,11 @@ def find_states(hsm_dir: str | Path) -> list[int]:
 
 def _info_from(meta: dict | None, path: Path) -> StateInfo:
     if not meta or _META_KEY not in meta:
-        raise SchemaError(f"{path}: no hsm.state metadata; not written by hsm")
+        raise SchemaError(f"{path}: no hsm.mining.state metadata; not written by hsm")
     try:
         return StateInfo.from_json(meta[_META_KEY].decode())
     except (TypeError, ValueError) as e:
-        raise SchemaError(f"{path}: unreadable hsm.state metadata ({e}); delete the state directory to refold") from e
+        raise SchemaError(f"{path}: unreadable hsm.mining.state metadata ({e}); delete the state directory to refold") from e
 
 
 def read_state_info(hsm_dir: str | Path, epoch: int) -> StateInfo:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Re-exported: the answer text (and its character roles) lives in hsm.answer.
-from hsm.answer import ROLE_COORD, ROLE_LABEL, ROLE_OTHER, answer_char_roles, format_answer
+# Re-exported: the answer text (and its character roles) lives in hsm.data.answer.
+from hsm.data.answer import ROLE_COORD, ROLE_LABEL, ROLE_OTHER, answer_char_roles, format_answer
 from hsm.config import FusionConfig, PromptConfig
 
 __all__ = [

@@ -1,6 +1,6 @@
 """The default engine's epoch fold: whole-array numpy (Polars only where it pays), built for 10M-event epochs.
 
-Samples are keyed by one int64 (:mod:`hsm.state`), the state is kept sorted by
+Samples are keyed by one int64 (:mod:`hsm.mining.state`), the state is kept sorted by
 key, and ``base_idx`` is dense within its dataset, so every event finds its
 state row through a direct per-dataset lookup table: no join and no sort. Rows
 first seen this epoch get fresh slots the same way. Samples observed once this
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from hsm.state import EPOCH_COLUMNS, FOLD_COLUMNS, IDX_BITS, IDX_MASK
+from hsm.mining.state import EPOCH_COLUMNS, FOLD_COLUMNS, IDX_BITS, IDX_MASK
 
 __all__ = ["fold_epoch", "sequential_fold", "merge_slots", "output_columns", "OUTPUT_COLUMNS", "EPOCH_OUTPUT_COLUMNS"]
 
@@ -150,7 +150,7 @@ def fold_epoch(
         events: this epoch's events: ``key``, ``x`` (float64 metric value), ``global_step``,
             ``rank``, ``position``.
         epoch: the epoch being folded; written to ``last_epoch``.
-        ema_decay: ``decay`` of :mod:`hsm.state`.
+        ema_decay: ``decay`` of :mod:`hsm.mining.state`.
         per_epoch: also fold ``n_epochs``, ``epoch_mean`` and ``epoch_ema`` (``state`` has them).
 
     Returns:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from hsm.schedule import World
+from hsm.data.schedule import World
 
 __all__ = ["current_world", "is_initialized", "barrier", "broadcast_bytes", "all_gather_bytes", "all_reduce_sum",
            "all_reduce_max", "on_main"]

@@ -19,7 +19,7 @@ def demo(
     """Synthesize the corpus, train with mining on, show the difficulty trend with hsm sql, write the report."""
     from hsm.cli.sql import sql
     from hsm.cli.train import train
-    from hsm.synth import synthesize
+    from hsm.data.synth import synthesize
 
     run = out / "run"
     if run.exists():

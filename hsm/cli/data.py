@@ -25,8 +25,8 @@ def import_coco(
     id_prefix: Optional[str] = typer.Option(None, "--id-prefix", help="Record ids are PREFIX-IMAGE_ID (default: OUT's stem)."),
 ) -> None:
     """Convert COCO detection annotations to hsm's JSONL record format."""
-    from hsm.records import RecordError
-    from hsm.records import import_coco as convert
+    from hsm.data.records import RecordError
+    from hsm.data.records import import_coco as convert
 
     try:
         result = convert(coco_json, images, out, id_prefix=id_prefix, val_fraction=val_fraction, seed=seed)
@@ -47,7 +47,7 @@ def synth(
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
     """Generate the synthetic demo corpus (target 'bbu', sources 'lvis' and 'coco')."""
-    from hsm.synth import synthesize
+    from hsm.data.synth import synthesize
 
     paths = synthesize(out, n_target=n_target, n_source=n_source, seed=seed)
     for name, path in paths.items():
@@ -62,7 +62,7 @@ def validate(
     ),
 ) -> None:
     """Check every record and every decoded image (existence, size); report every bad line."""
-    from hsm.records import validate_jsonl
+    from hsm.data.records import validate_jsonl
 
     count, problems = validate_jsonl(jsonl, max_side=max_image_side)
     if problems:

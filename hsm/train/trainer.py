@@ -18,14 +18,14 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
-from hsm import distributed
+from hsm.train import distributed
 from hsm.config import FusionConfig, MiningConfig
-from hsm.events import EventWriter
-from hsm.fusion import FusionDataset
-from hsm.plan import file_sha256, plan_dir, write_bytes_atomic, write_json_atomic
-from hsm.planner import plan_epoch
-from hsm.sampler import HsmSampler
-from hsm.stats import per_sample_stats, token_losses
+from hsm.mining.events import EventWriter
+from hsm.data.fusion import FusionDataset
+from hsm.mining.plan import file_sha256, plan_dir, write_bytes_atomic, write_json_atomic
+from hsm.mining.planner import plan_epoch
+from hsm.data.sampler import HsmSampler
+from hsm.train.stats import per_sample_stats, token_losses
 
 __all__ = ["HsmTrainerMixin", "MiningCallback", "SamplerEpochCallback", "make_trainer_class", "FusionSamplerMixin"]
 
@@ -201,7 +201,7 @@ class MiningCallback(TrainerCallback):
             self.trainer.hsm_writer.flush()
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        from hsm.event_sync import sync_epoch_events
+        from hsm.train.event_sync import sync_epoch_events
 
         t = self.trainer
         epoch = t.hsm_sampler.epoch
@@ -273,7 +273,7 @@ def epoch_telemetry(trainer: HsmTrainerMixin, epoch: int, result) -> dict[str, f
     """
     import pyarrow.compute as pc
 
-    from hsm.events import read_epoch_events
+    from hsm.mining.events import read_epoch_events
 
     # The planner has just read this epoch's events to fold them; reuse them.
     events = result.last_events if result.last_events is not None else read_epoch_events(trainer.hsm_dir, epoch).table

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hsm.answer import resized_size
-from hsm.augment import augment, curriculum_strength, derive_aug_seed
+from hsm.data.answer import resized_size
+from hsm.data.augment import augment, curriculum_strength, derive_aug_seed
 from hsm.config import AugmentationConfig, FusionConfig, MiningConfig, ModelConfig
-from hsm.encoding import Template, format_answer, resolve_prompts
-from hsm.plan import DatasetInfo
-from hsm.records import Record, RecordError, check_image_size, declared_size_problems, file_fingerprint, read_jsonl
+from hsm.data.encoding import Template, format_answer, resolve_prompts
+from hsm.mining.plan import DatasetInfo
+from hsm.data.records import Record, RecordError, check_image_size, declared_size_problems, file_fingerprint, read_jsonl
 
 __all__ = ["Slot", "FusionDataset", "EvalDataset", "DetectionCollator", "sample_id_of"]
 
@@ -202,7 +202,7 @@ class DetectionCollator:
         if "meta" in items[0]:
             batch["hsm_meta"] = {key: [it["meta"][key] for it in items] for key in items[0]["meta"]}
             if all("token_roles" in it for it in items):
-                # Answer-token roles (hsm.encoding.ROLE_*) for coord_loss/label_loss; they ride
+                # Answer-token roles (hsm.data.encoding.ROLE_*) for coord_loss/label_loss; they ride
                 # in hsm_meta, which the trainer removes before model(**inputs).
                 roles = torch.zeros((n, length), dtype=torch.int8)
                 for i, it in enumerate(items):

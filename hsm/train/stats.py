@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hsm.encoding import IGNORE_INDEX, ROLE_COORD, ROLE_LABEL
+from hsm.data.encoding import IGNORE_INDEX, ROLE_COORD, ROLE_LABEL
 
 __all__ = ["STAT_ROWS", "token_losses", "per_sample_stats"]
 
@@ -44,7 +44,7 @@ def per_sample_stats(losses: torch.Tensor, mask: torch.Tensor, correct: torch.Te
       supervised-token count. A sample without supervised tokens gets 0, 0, 0.
     - ``coord_loss`` / ``label_loss``: mean loss over the supervised tokens whose
       role (``token_roles``, ``[batch, seq]`` aligned with the unshifted labels,
-      values ``hsm.encoding.ROLE_*``) is a box coordinate / a label; NaN when the
+      values ``hsm.data.encoding.ROLE_*``) is a box coordinate / a label; NaN when the
       sample has no such token or ``token_roles`` is None.
     - ``loss_sum``: the sum of the sample's token losses (crowded answers weigh more).
 

@@ -8,8 +8,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from hsm.engines.polars_engine import output_columns
-from hsm.state import EPOCH_COLUMNS, FOLD_COLUMNS
+from hsm.mining.engines.polars_engine import output_columns
+from hsm.mining.state import EPOCH_COLUMNS, FOLD_COLUMNS
 
 __all__ = ["fold_epoch", "planner_sql"]
 
@@ -34,7 +34,7 @@ def fold_epoch(
     memory_limit: str | None = None,
     temp_directory: str | None = None,
 ) -> pa.Table:
-    """Same contract as :func:`hsm.engines.polars_engine.fold_epoch`.
+    """Same contract as :func:`hsm.mining.engines.polars_engine.fold_epoch`.
 
     ``memory_limit`` (e.g. ``"2GB"``) and ``temp_directory`` let DuckDB spill to disk.
     """

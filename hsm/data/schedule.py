@@ -47,7 +47,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from hsm.config import decimal_fraction
-from hsm.plan import Plan
+from hsm.mining.plan import Plan
 
 __all__ = ["Schedule", "World", "build_schedule", "systematic_counts", "source_quota", "shard_positions",
            "epoch_length", "cycled_target", "hard_slots_per_batch", "random_permutation", "slot_bits", "pack_slots",

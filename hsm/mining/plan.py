@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hsm.events import keyed_write_options, write_parquet_atomic
+from hsm.mining.events import keyed_write_options, write_parquet_atomic
 from hsm.schemas import PLAN_SCHEMA, SchemaError, check_schema, conform
 
 __all__ = [

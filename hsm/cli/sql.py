@@ -23,7 +23,7 @@ def sql(
     limit: int = typer.Option(200, "--limit", min=1, help="Rows printed in table format."),
 ) -> None:
     """Run a shipped query or your own SQL over the views events, events_raw, state, plans, manifests."""
-    from hsm.queries import connect, query_text, shipped_queries
+    from hsm.mining.queries import connect, query_text, shipped_queries
 
     if list_queries:
         for query, description in shipped_queries().items():
