@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import numpy as np
 import pytest
@@ -197,3 +199,121 @@ def test_abs_and_rel1000_agree_after_the_round_trip(case, kind):
         assert parsed.n_invalid == 0
     unit = np.array([width / 1000 + width / resized[0], height / 1000 + height / resized[1]] * 2) / 2 + 1e-6
     assert (np.abs(back["rel1000"] - back["abs"]) <= unit).all()
+
+
+# --- The parser is iterative and linear: an oracle on json's own decoder, adversarial text, timing ---
+
+JSONISH = st.lists(st.sampled_from(list('[]{},:" 0123456789-.eE\\nt\x01') + ['"a"', '"bbox_2d"', '"label"', "true", "null",
+                                                                          "NaN", "-Infinity", "\\u00e9", "9" * 5000]),
+                   max_size=40)
+
+
+def _json_raw_decode(text: str, pos: int):
+    try:
+        return json.JSONDecoder().raw_decode(text, pos)
+    except ValueError:
+        return None
+
+
+@settings(max_examples=400, deadline=None)
+@given(JSONISH, st.data())
+def test_value_decoder_equals_json_raw_decode(pieces, data):
+    from hsm.data.answer import _decode_value
+
+    text = "".join(pieces)
+    pos = data.draw(st.integers(0, len(text)))
+    expected, got = _json_raw_decode(text, pos), _decode_value(text, pos, {})
+    # json.dumps compares NaN with NaN; both are None or both (value, end).
+    assert json.dumps(got) == json.dumps(expected)
+
+
+def _oracle_find_objects(text: str):
+    """The parser's rules spelled out with json.raw_decode tried at every "[" and "{" (quadratic)."""
+    fence = re.search(r"```[A-Za-z]*[ \t]*\n?(.*?)(?:```|\Z)", text, re.S)
+    text = fence.group(1) if fence else text
+    skip = lambda p: len(text) - len(text[p:].lstrip(" \t\r\n"))  # noqa: E731
+    for start, char in enumerate(text):
+        if char == "[":
+            items, pos, ending = [], start + 1, None
+            while ending is None:
+                pos = skip(pos)
+                if pos >= len(text) or text[pos] == "]":
+                    ending = "end" if pos >= len(text) else "complete"
+                    break
+                found = _json_raw_decode(text, pos)
+                if found is None:
+                    ending = "object" if text[pos] == "{" else "other"
+                    break
+                items.append(found[0])
+                pos = skip(found[1])
+                if pos < len(text) and text[pos] == ",":
+                    pos += 1
+                elif pos < len(text) and text[pos] not in "]{":
+                    ending = "other"
+            if any(isinstance(i, dict) for i in items) or ending in ("end", "object") or (ending == "complete" and not items):
+                return items, "ok" if ending == "complete" else "truncated"
+        elif char == "{":
+            items, pos = [], start
+            while (found := _json_raw_decode(text, pos)) is not None:
+                items.append(found[0])
+                pos = skip(found[1])
+                pos = skip(pos + 1) if text[pos:pos + 1] == "," else pos
+                if text[pos:pos + 1] != "{":
+                    return items, "bare_objects"
+                found = None
+            if items:
+                return items, "truncated"
+    return [], "failed"
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(list('[]{},:" 0123456789`\n') + ['"bbox_2d"', '"label"', '"a"', "NaN", "```json\n",
+                                                                 '{"bbox_2d": [1, 2, 3, 4], "label": "a"}']), max_size=40))
+def test_parser_equals_the_rules_tried_at_every_bracket(pieces):
+    from hsm.data.answer import _find_objects
+
+    text = "".join(pieces)
+    assert json.dumps(_find_objects(text)) == json.dumps(_oracle_find_objects(text))
+
+
+ADVERSARIAL = st.one_of(
+    st.text(max_size=200),
+    st.builds(lambda piece, n: piece * n, st.sampled_from(["[", "{", '["', "[1,", '{"a":', '{"{"', "[{", "\\", '"', "9"]),
+              st.integers(0, 3000)),
+    st.builds(lambda n, answer: "[" * n + answer, st.integers(0, 3000), st.just('{"bbox_2d": [1, 2, 3, 4], "label": "a"}')),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ADVERSARIAL)
+def test_parse_never_raises_on_adversarial_text(text):
+    parsed = parse_answer(text)
+    assert parsed.status in PARSE_STATUSES and len(parsed.boxes) == len(parsed.labels)
+
+
+@pytest.mark.parametrize("depth", [1, 63, 64, 65, 66, 67, 1000, 100_000])
+def test_an_answer_nested_in_lists_at_any_depth_reads_as_the_answer(depth):
+    answer = format_answer([(1, 2, 30, 40), (5, 6, 70, 80)], ["a", "b"], 100, 100, "rel1000")
+    assert parse_answer("[" * depth + answer + "]" * depth) == parse_answer(answer)
+
+
+def _best_time(text: str, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        parse_answer(text)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@pytest.mark.parametrize("piece, size", [("{", 200_000), ("[", 200_000), ('["', 20_000), ("[1,", 20_000),
+                                         ('{"{"', 20_000), ('{"a":', 20_000), ("[ ", 100_000)])
+def test_parse_time_is_linear_in_the_text(piece, size):
+    # A quadratic parser takes 4x the time on twice the text; a linear one 2x (3x leaves room for noise).
+    small, large = _best_time(piece * (size // len(piece))), _best_time(piece * (2 * size // len(piece)))
+    assert large < 3 * small + 0.01
+
+
+@pytest.mark.parametrize("text", ["[" * 1000, "{" * 1_000_000, "[" * 1_000_000, "[" * 5000 + "]" * 5000])
+def test_hostile_answers_parse_quickly(text):
+    assert _best_time(text, repeats=1) < 2.0
