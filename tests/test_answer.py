@@ -218,7 +218,7 @@ def _json_raw_decode(text: str, pos: int):
 @settings(max_examples=400, deadline=None)
 @given(JSONISH, st.data())
 def test_value_decoder_equals_json_raw_decode(pieces, data):
-    from hsm.data.answer import _decode_value
+    from hsm.data.json_values import decode_value as _decode_value
 
     text = "".join(pieces)
     pos = data.draw(st.integers(0, len(text)))

@@ -20,9 +20,10 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from json.decoder import scanstring
 
 import numpy as np
+
+from hsm.data.json_values import MAX_DEPTH, decode_value, skip_ws
 
 __all__ = [
     "COORD_FORMATS",
@@ -52,18 +53,8 @@ _FENCE = re.compile(r"```[A-Za-z]*[ \t]*\n?(.*?)(?:```|\Z)", re.S)
 # object (followed by a key or "}"): a "{" followed by anything else never decodes.
 _START = re.compile(r'\[|\{(?=[ \t\n\r]*["}])')
 _BRACKET_RUN = re.compile(r"[\[ \t\n\r]*")
-# Containers nested deeper than this do not decode (an answer needs 3 levels); the parser
-# is iterative anyway, so the bound keeps memory small, not the stack.
-MAX_DEPTH = 64
 _DECODER = json.JSONDecoder()
 _FAST_TRIES = 4
-_WS = re.compile(r"[ \t\n\r]*")
-_STRING_CHUNK = re.compile(r'[^"\\\x00-\x1f]*')  # what a JSON string holds between escapes
-_STRING_ESCAPE = re.compile(r'\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})')
-_NUMBER = re.compile(r"(-?(?:0|[1-9]\d*))(\.\d+)?([eE][-+]?\d+)?")  # json.scanner.NUMBER_RE
-# The constants json.loads accepts, -Infinity before any number.
-_CONSTANTS = (("null", None), ("true", True), ("false", False), ("NaN", math.nan), ("Infinity", math.inf),
-              ("-Infinity", -math.inf))
 
 
 def answer_scale(coord_format: str, width: int, height: int, resized: tuple[int, int] | None = None) -> tuple[float, float]:
@@ -126,143 +117,23 @@ class ParsedAnswer:
         return len(self.boxes) + self.n_invalid + self.n_degenerate
 
 
-def _skip_ws(text: str, pos: int) -> int:
-    return _WS.match(text, pos).end()
-
-
-def _string_end(text: str, pos: int) -> int | None:
-    """End of the JSON string whose text starts at ``pos`` (after its quote), or None."""
-    while True:
-        pos = _STRING_CHUNK.match(text, pos).end()
-        if text.startswith('"', pos):
-            return pos + 1
-        escape = _STRING_ESCAPE.match(text, pos)
-        if escape is None:
-            return None
-        pos = escape.end()
-
-
-def _decode_scalar(text: str, pos: int, memo: dict):
-    """``(value, end)`` of the string, number or constant at ``pos``, or None. Never raises:
-    a JSONDecodeError would cost a line count over the whole text (quadratic over many starts)."""
-    if text.startswith('"', pos):
-        if pos not in memo:
-            # Checked first, so json's own scanstring decodes it without raising.
-            memo[pos] = None if _string_end(text, pos + 1) is None else scanstring(text, pos + 1)
-        return memo[pos]
-    for name, value in _CONSTANTS:
-        if text.startswith(name, pos):
-            return value, pos + len(name)
-    match = _NUMBER.match(text, pos)
-    if match is None:
-        return None
-    integer, frac, exp = match.groups()
-    try:
-        value = float(integer + (frac or "") + (exp or "")) if frac or exp else int(integer)
-    except ValueError:  # more digits than int() converts
-        return None
-    return value, match.end()
-
-
-def _decode_value(text: str, pos: int, memo: dict):
-    """``(value, end)`` of the JSON value at ``pos`` (what ``json.JSONDecoder().raw_decode``
-    returns, containers nested at most :data:`MAX_DEPTH` deep), or None when there is none.
-
-    Iterative, with an explicit stack. ``memo`` maps the start of every string and container
-    decoded so far to its result, so each is decoded once however many starts reach it.
-    """
-    stack: list[tuple[int, list | dict]] = []
-    keys: list[str | None] = []
-    while True:
-        # A value is expected at pos.
-        opener = text[pos:pos + 1]
-        if opener in ("[", "{") and pos not in memo:
-            if len(stack) >= MAX_DEPTH:
-                return _fail(stack, memo)
-            stack.append((pos, [] if opener == "[" else {}))
-            keys.append(None)
-            pos = _skip_ws(text, pos + 1)
-            closer = "]" if opener == "[" else "}"
-            if text.startswith(closer, pos):
-                found = _close(stack, keys, memo, pos + 1)
-            elif opener == "{":
-                pos = _read_key(text, pos, keys, memo)
-                if pos is None:
-                    return _fail(stack, memo)
-                continue
-            else:
-                continue
-        else:
-            found = memo.get(pos) if opener in ("[", "{") else _decode_scalar(text, pos, memo)
-        # A value was found: add it to the open containers, closing every one that ends here.
-        while True:
-            if found is None:
-                return _fail(stack, memo)
-            if not stack:
-                return found
-            value, pos = found
-            container = stack[-1][1]
-            if isinstance(container, list):
-                container.append(value)
-            else:
-                container[keys[-1]] = value
-            pos = _skip_ws(text, pos)
-            nxt = text[pos:pos + 1]
-            if nxt == ",":
-                pos = _skip_ws(text, pos + 1)
-                if isinstance(container, dict):
-                    pos = _read_key(text, pos, keys, memo)
-                    if pos is None:
-                        return _fail(stack, memo)
-                break
-            if nxt != ("]" if isinstance(container, list) else "}"):
-                return _fail(stack, memo)
-            found = _close(stack, keys, memo, pos + 1)
-
-
-def _read_key(text: str, pos: int, keys: list, memo: dict) -> int | None:
-    """Reads ``"key" :`` at ``pos`` into ``keys[-1]``; the position of the value, or None."""
-    found = _decode_scalar(text, pos, memo) if text.startswith('"', pos) else None
-    if found is None:
-        return None
-    keys[-1], pos = found
-    pos = _skip_ws(text, pos)
-    if not text.startswith(":", pos):
-        return None
-    return _skip_ws(text, pos + 1)
-
-
-def _close(stack: list, keys: list, memo: dict, end: int):
-    start, container = stack.pop()
-    keys.pop()
-    memo[start] = (container, end)
-    return container, end
-
-
-def _fail(stack: list, memo: dict) -> None:
-    # Every container still open fails with the innermost: none of them can close.
-    for start, _ in stack:
-        memo[start] = None
-    return None
-
-
 def _decode_list(text: str, pos: int, memo: dict) -> tuple[list, str]:
     """Elements of the list opened just before ``pos`` and how it ended: ``complete`` (``]``),
     ``end`` (the text ran out), ``object`` (an element ``{...`` that does not decode: cut) or
     ``other`` (something that is not JSON)."""
     items: list = []
     while True:
-        pos = _skip_ws(text, pos)
+        pos = skip_ws(text, pos)
         if pos >= len(text):
             return items, "end"
         if text[pos] == "]":  # also forgives a trailing comma
             return items, "complete"
-        found = _decode_value(text, pos, memo)
+        found = decode_value(text, pos, memo)
         if found is None:
             return items, "object" if text[pos] == "{" else "other"
         value, pos = found
         items.append(value)
-        pos = _skip_ws(text, pos)
+        pos = skip_ws(text, pos)
         if pos < len(text) and text[pos] == ",":
             pos += 1
         elif pos < len(text) and text[pos] not in "]{":  # a missing comma between objects is forgiven
@@ -273,14 +144,14 @@ def _decode_objects(text: str, pos: int, memo: dict) -> tuple[list, bool] | None
     """A run of bare objects ``{..}, {..}`` starting at ``pos``, or None when none decodes."""
     items: list = []
     while True:
-        found = _decode_value(text, pos, memo)
+        found = decode_value(text, pos, memo)
         if found is None:
             return (items, False) if items else None
         value, pos = found
         items.append(value)
-        pos = _skip_ws(text, pos)
+        pos = skip_ws(text, pos)
         if pos < len(text) and text[pos] == ",":
-            pos = _skip_ws(text, pos + 1)
+            pos = skip_ws(text, pos + 1)
         if pos >= len(text) or text[pos] != "{":
             return items, True
 
