@@ -176,3 +176,8 @@ def test_eval_output_beside_the_ground_truth(run_dir, tmp_path):
     card = html.split(f'data-sample-id="{hardest_id}"')[1].split('class="card"')[0]
     assert card.count("<img ") == 2 and "predicted boxes" in card
     assert f"<dd>{len(record.objects)}/1/0</dd>" in card
+    # Each box's label: the ground truth's and the answer's, numbered as on the thumbnails.
+    numbered = lambda names: ", ".join(f"{k} {name}" for k, name in enumerate(names, start=1))  # noqa: E731
+    assert f'<dd class="labels">{numbered(o.label for o in record.objects)}</dd>' in card
+    assert f'<dd class="predicted-labels">{numbered(labels)}</dd>' in card
+    assert 'class="predicted-labels"' not in first.html.read_text()  # no eval output, no predicted labels

@@ -135,19 +135,25 @@ def test_import_coco_split_prefix_and_warnings(tmp_path):
     assert result.exit_code == 0 and all(r.id.startswith("zoo-") for r in read_jsonl(tmp_path / "x.jsonl"))
 
 
-def test_hardest_samples_loss_by_epoch_is_labelled(run_dir):
+def test_hardest_samples_value_by_epoch_is_in_the_plans_metric(run_dir):
     result = runner.invoke(app, ["sql", "--run-dir", str(run_dir), "hardest_samples", "--format", "json"])
     rows = json.loads(result.output)
     events = json.loads(runner.invoke(app, ["sql", "--run-dir", str(run_dir), "-e",
-                                            "SELECT sample_id, epoch, loss FROM events", "--format", "json"]).output)
+                                            "SELECT sample_id, epoch, loss, token_acc, loss_sum FROM events",
+                                            "--format", "json"]).output)
+    metric = json.loads(runner.invoke(app, ["sql", "--run-dir", str(run_dir), "-e",
+                                            "SELECT metric FROM manifests ORDER BY epoch DESC LIMIT 1",
+                                            "--format", "json"]).output)[0]["metric"]
+    assert rows and all(row["metric"] == metric for row in rows)
     for row in rows[:5]:
         by_epoch = {}
         for e in events:
             if e["sample_id"] == row["sample_id"]:
-                by_epoch.setdefault(str(e["epoch"]), []).append(e["loss"])
-        assert set(row["loss_by_epoch"]) == set(by_epoch)
-        for epoch, losses in by_epoch.items():
-            assert row["loss_by_epoch"][epoch] == pytest.approx(statistics.fmean(losses), abs=1e-4)
+                value = 1 - e["token_acc"] if metric == "token_acc" else e[metric]
+                by_epoch.setdefault(str(e["epoch"]), []).append(value)
+        assert set(row["value_by_epoch"]) == set(by_epoch)
+        for epoch, values in by_epoch.items():
+            assert row["value_by_epoch"][epoch] == pytest.approx(statistics.fmean(values), abs=1e-4)
 
 
 def test_small_fixed_set_target_warns(run_dir, tmp_path):

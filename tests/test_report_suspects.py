@@ -129,3 +129,57 @@ def test_epoch_metrics_token_acc_is_one_minus():
     assert loss["value"] == [2.0, 2.0]
     acc = epoch_metrics(events, "t", "token_acc").to_pydict()
     assert acc["value"] == [pytest.approx(0.625), 0.0]
+
+
+def _write_metric_run(root, metric: str):
+    """4 epochs of target events with every metric column; sample 0 stays hardest by ``metric`` and flat."""
+    from hsm.mining.events import EventWriter
+
+    rng = np.random.default_rng({"loss": 1, "token_acc": 2, "loss_sum": 3}[metric])
+    hsm_dir = root / "hsm"
+    with EventWriter(hsm_dir, run_id="r", rank=0, attempt=0) as writer:
+        for epoch in range(4):
+            draws = [i for i in range(30) for _ in range(int(rng.integers(1, 3)))]
+            draws = [draws[k] for k in rng.permutation(len(draws))]
+            for step, start in enumerate(range(0, len(draws), 4)):
+                idx = draws[start:start + 4]
+                n_tokens = rng.integers(5, 60, len(idx))
+                loss = rng.uniform(0.1, 2.0, len(idx)) * 0.8 ** epoch
+                acc = rng.uniform(0.3, 1.0, len(idx))
+                loss_sum = [float(a * b) if rng.random() > 0.15 else None for a, b in zip(loss, n_tokens)]
+                for k, i in enumerate(idx):
+                    if i == 0:  # the planted suspect, by whichever metric the plan uses
+                        loss[k], acc[k], loss_sum[k], n_tokens[k] = 5.0, 0.05, 500.0, 100
+                writer.append(epoch=epoch, global_step=epoch * 1000 + step, dataset=[TARGET] * len(idx), base_idx=idx,
+                              sample_id=[f"t{i}" for i in idx], loss=loss.tolist(), token_acc=acc.tolist(),
+                              n_tokens=n_tokens.tolist(), aug_seed=[0] * len(idx), drawn_as_hard=[False] * len(idx),
+                              loss_sum=loss_sum)
+    config = {"custom": {"hard_sample_mining": {"enabled": True, "selector": {"k": 5}, "metric": metric},
+                         "fusion_config": {"target": {"name": TARGET}}}}
+    (hsm_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    assert runner.invoke(app, ["plan", "--run-dir", str(root), "--epoch", "4"]).exit_code == 0
+    return hsm_dir
+
+
+@pytest.mark.parametrize("metric", ["loss", "token_acc", "loss_sum"])
+def test_one_suspect_list_for_sql_report_and_csv(tmp_path, metric):
+    import csv
+
+    from hsm.report import build_report
+
+    hsm_dir = _write_metric_run(tmp_path, metric)
+    dm = data_map(read_epoch_metrics(hsm_dir, range(4), TARGET, metric))
+    expected = {int(i): float(m) for i, m, s in zip(dm.base_idx, dm.mean, dm.is_suspect) if s}
+    assert 0 in expected
+    result = runner.invoke(app, ["sql", "--run-dir", str(tmp_path), "suspects", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    from_sql = json.loads(result.output)
+    assert {row["base_idx"] for row in from_sql} == set(expected)
+    assert all(row["metric"] == metric and row["mean"] == pytest.approx(expected[row["base_idx"]], abs=1e-4)
+               for row in from_sql)
+    report = build_report(tmp_path, tmp_path / "report.html")
+    rows = list(csv.DictReader(report.suspects_csv.open(newline="")))
+    assert [int(r["base_idx"]) for r in rows] == [row["base_idx"] for row in from_sql]
+    assert {r["metric"] for r in rows} == {metric}
+    label = "1 - token_acc" if metric == "token_acc" else metric
+    assert f"per-epoch mean {label} (the plan's metric" in report.html.read_text()

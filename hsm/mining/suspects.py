@@ -21,8 +21,11 @@ variability, Cartography's hard-to-learn corner: ``mean >= q(mean, 1 - top_frac)
 learns, the metric of a learnable sample falls, so it moves (variability); a
 wrongly labelled sample stays high and moves little.
 
-``sql/suspects.sql`` computes the same list in DuckDB; tests hold both to a
-naive loop. Pure functions over numpy/Arrow; :func:`read_epoch_metrics` is the
+``x`` is in the plan's metric and its units (``metric`` in the manifest): ``1 - token_acc``
+for ``token_acc``, else the metric's own column (``loss``, ``loss_sum``, ``coord_loss``,
+``label_loss``); a null is not an observation. This module is the definition;
+``sql/suspects.sql`` (``hsm sql suspects``) computes the same list in DuckDB from the
+latest manifest's metric, and tests hold both to a naive loop and to each other. Pure functions over numpy/Arrow; :func:`read_epoch_metrics` is the
 only one that touches files.
 """
 
@@ -43,6 +46,7 @@ __all__ = [
     "epoch_metrics",
     "read_epoch_metrics",
     "data_map",
+    "metric_label",
     "suspects_for_plan",
     "exclude_suspects",
 ]
@@ -90,11 +94,11 @@ def epoch_metrics(events: pa.Table, target: str, metric: str) -> pa.Table:
     if metric not in _METRICS:
         raise ValueError(f"metric must be one of {', '.join(_METRICS)}, got {metric!r}")
     rows = events.filter(pc.equal(events.column("dataset").cast(pa.string()), target))
+    column = "token_acc" if metric == "token_acc" else metric
+    rows = rows.filter(pc.is_valid(rows.column(column)))
+    value = rows.column(column).cast(pa.float64())
     if metric == "token_acc":
-        value = pc.subtract(1.0, rows.column("token_acc").cast(pa.float64()))
-    else:
-        rows = rows.filter(pc.is_valid(rows.column(metric)))
-        value = rows.column(metric).cast(pa.float64())
+        value = pc.subtract(1.0, value)
     table = pa.table({
         "base_idx": rows.column("base_idx"), "sample_id": rows.column("sample_id").cast(pa.string()),
         "epoch": rows.column("epoch"), "value": value,
@@ -122,6 +126,16 @@ def read_epoch_metrics(hsm_dir: str | Path, epochs: range | list[int], target: s
         return pa.table({"base_idx": pa.array([], pa.int64()), "sample_id": pa.array([], pa.string()),
                          "epoch": pa.array([], pa.int32()), "value": pa.array([], pa.float64())})
     return pa.concat_tables(parts).sort_by([("base_idx", "ascending"), ("epoch", "ascending")])
+
+
+def metric_label(metric: str) -> str:
+    """What the per-epoch value ``x`` of ``metric`` is, for axes and captions: ``1 - token_acc``
+    for ``token_acc``, else the metric's own name (``loss_sum`` is a sum over tokens, not a mean).
+
+    Args:
+        metric: the plan's metric.
+    """
+    return "1 - token_acc" if metric == "token_acc" else metric
 
 
 def data_map(per_epoch: pa.Table, *, min_epochs: int = MIN_EPOCHS, top_frac: float = TOP_FRAC) -> DataMap:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import base64
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hsm.data.records import Record
 
-__all__ = ["Card", "record_thumbnails", "data_uri", "GT_COLOR", "PRED_COLOR"]
+__all__ = ["Card", "record_thumbnails", "predicted_labels", "data_uri", "GT_COLOR", "PRED_COLOR"]
 
 GT_COLOR = (46, 204, 113)
 PRED_COLOR = (230, 57, 70)
@@ -36,14 +36,17 @@ class Card:
     predicted: str | None  # data URI with predicted boxes, when hsm eval wrote predictions
     counts: dict[str, int] | None  # TP/FP/FN when predictions exist
     note: str = ""
+    labels: list[str] = field(default_factory=list)  # ground-truth box labels, in box order (numbered on the image)
+    predicted_labels: list[str] | None = None  # the eval answer's box labels, when it exists
 
 
 def data_uri(jpeg: bytes) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
 
-def _encode(rgb, boxes, color, side, decoded_w, decoded_h, Image, ImageDraw) -> bytes:
-    """JPEG of ``rgb`` scaled to ``side`` on its longer side, with ``boxes`` (decoded pixels) outlined."""
+def _encode(rgb, boxes, color, side, decoded_w, decoded_h, Image, ImageDraw, labels=()) -> bytes:
+    """JPEG of ``rgb`` scaled to ``side`` on its longer side, with ``boxes`` (decoded pixels) outlined
+    and each box's number and label written at its top-left corner."""
     factor = side / max(decoded_w, decoded_h)
     size = (max(1, round(decoded_w * factor)), max(1, round(decoded_h * factor)))
     resample = Image.Resampling.NEAREST if factor > 1 else Image.Resampling.BILINEAR
@@ -52,6 +55,12 @@ def _encode(rgb, boxes, color, side, decoded_w, decoded_h, Image, ImageDraw) -> 
     width = max(1, round(side / 100))
     for x1, y1, x2, y2 in boxes:
         draw.rectangle([x1 * factor, y1 * factor, x2 * factor - 1, y2 * factor - 1], outline=color, width=width)
+    for number, ((x1, y1, _, _), label) in enumerate(zip(boxes, labels), start=1):
+        # Pillow's built-in bitmap font: no font file to ship; the caption lists the labels in full.
+        text = f"{number} {label}"[:24]
+        left, top, right, bottom = draw.textbbox((x1 * factor + 1, y1 * factor + 1), text)
+        draw.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=(0, 0, 0))
+        draw.text((x1 * factor + 1, y1 * factor + 1), text, fill=color)
     buffer = io.BytesIO()
     small.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
@@ -79,12 +88,27 @@ def record_thumbnails(record: Record, prediction: dict[str, Any] | None, coord_f
         img.draft("RGB", (side, side))
         rgb = img.convert("RGB")
     size = rgb.size
-    gt = data_uri(_encode(rgb, scaled_boxes(record, size), GT_COLOR, side, *size, Image, ImageDraw))
+    labels = [o.label for o in record.objects]
+    gt = data_uri(_encode(rgb, scaled_boxes(record, size), GT_COLOR, side, *size, Image, ImageDraw, labels))
     pred = None
     if prediction is not None and prediction.get("answer") is not None and coord_format == "rel1000":
-        pixels = answer_boxes_to_pixels(parse_answer(prediction["answer"]).boxes, record.width, record.height,
-                                        coord_format)
+        parsed = parse_answer(prediction["answer"])
+        pixels = answer_boxes_to_pixels(parsed.boxes, record.width, record.height, coord_format)
         sx, sy = size[0] / record.width, size[1] / record.height
         boxes = [(b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy) for b in pixels.tolist()]
-        pred = data_uri(_encode(rgb, boxes, PRED_COLOR, side, *size, Image, ImageDraw))
+        pred = data_uri(_encode(rgb, boxes, PRED_COLOR, side, *size, Image, ImageDraw, parsed.labels))
     return gt, pred
+
+
+def predicted_labels(prediction: dict[str, Any] | None) -> list[str] | None:
+    """The box labels of an eval answer, in answer order (what the predicted thumbnail numbers),
+    or None without an answer.
+
+    Args:
+        prediction: what :func:`hsm.report.data.read_predictions` holds for the record.
+    """
+    from hsm.data.answer import parse_answer
+
+    if prediction is None or prediction.get("answer") is None:
+        return None
+    return list(parse_answer(prediction["answer"]).labels)

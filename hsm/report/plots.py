@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 
+from hsm.mining.suspects import metric_label
 from hsm.report.data import RunData
 
 __all__ = ["difficulty_figure", "weights_figure", "data_map_figure", "REGION_COLORS"]
@@ -170,7 +171,7 @@ def data_map_figure(run: RunData) -> bytes:
         ax.axvline(t["variability_median"], color="#c1121f", linestyle=":", linewidth=1)
     if not (regions != "unmapped").any():
         ax.text(0.5, 0.5, "no sample drawn in 3+ epochs yet", ha="center", va="center", transform=ax.transAxes)
-    metric = "loss" if run.metric == "loss" else "1 - token_acc"
+    metric = metric_label(run.metric)
     ax.set_xlabel(f"variability (std of per-epoch {metric})")
     ax.set_ylabel(f"mean per-epoch {metric}")
     ax.set_title("data map (hard = top, ambiguous = right)")

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from hsm.mining.suspects import metric_label
 from hsm.report.data import RunData, load_run, order_by_score
-from hsm.report.gallery import Card, record_thumbnails
+from hsm.report.gallery import Card, predicted_labels, record_thumbnails
 from hsm.report.plots import REGION_COLORS, data_map_figure, difficulty_figure, weights_figure
 
 __all__ = ["ReportResult", "build_report", "render_html", "write_suspects_csv", "MAX_SUSPECT_THUMBS"]
@@ -74,7 +75,8 @@ def _cards(run: RunData, records, order: np.ndarray, k: int) -> list[Card]:
             sample_id=sample_id, dataset=columns["dataset"][row], base_idx=idx, score=float(columns["score"][row]),
             loss_by_epoch=run.stats.loss_by_epoch.get(idx, {}), token_acc=run.stats.token_acc.get(idx),
             times_drawn=run.stats.times_drawn.get(idx, 0), image=image, predicted=predicted, counts=counts,
-            note=note,
+            note=note, labels=[o.label for o in record.objects] if record is not None else [],
+            predicted_labels=predicted_labels(prediction),
         ))
     return cards
 
@@ -171,6 +173,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, epoch: i
         "epoch": run.epoch,
         "target": run.target,
         "metric": run.metric,
+        "metric_label": metric_label(run.metric),
         "top_k": top_k,
         "facts": _facts(run),
         "config_text": run.config_text,

@@ -1,5 +1,9 @@
--- The 20 hardest target samples of the latest plan, with their mean loss per epoch as a map epoch -> loss.
-WITH latest AS (
+-- The 20 hardest target samples of the latest plan, with their mean per-epoch metric (the plan's metric) as a map epoch -> value.
+-- score and value_by_epoch are in one unit, the plan's metric: 1 - token_acc for token_acc, else the metric's own column.
+WITH metric AS (
+    SELECT coalesce((SELECT metric FROM manifests ORDER BY epoch DESC LIMIT 1), 'loss') AS name
+),
+latest AS (
     SELECT * FROM plans WHERE epoch = (SELECT max(epoch) FROM plans)
 ),
 top AS (
@@ -9,14 +13,22 @@ top AS (
     LIMIT 20
 ),
 history AS (
-    SELECT sample_id, epoch, avg(loss) AS loss
+    SELECT sample_id, epoch,
+           avg(CASE (SELECT name FROM metric)
+                   WHEN 'token_acc' THEN 1.0 - CAST(token_acc AS DOUBLE)
+                   WHEN 'coord_loss' THEN CAST(coord_loss AS DOUBLE)
+                   WHEN 'label_loss' THEN CAST(label_loss AS DOUBLE)
+                   WHEN 'loss_sum' THEN CAST(loss_sum AS DOUBLE)
+                   ELSE CAST(loss AS DOUBLE) END) AS value
     FROM events
     WHERE sample_id IN (SELECT sample_id FROM top)
     GROUP BY ALL
 )
 SELECT t.sample_id, t.dataset, t.base_idx, round(t.score, 5) AS score, t.n_obs,
-       map(list(h.epoch ORDER BY h.epoch) FILTER (WHERE h.epoch IS NOT NULL),
-           list(round(h.loss, 4) ORDER BY h.epoch) FILTER (WHERE h.epoch IS NOT NULL)) AS loss_by_epoch
+       map(list(h.epoch ORDER BY h.epoch) FILTER (WHERE h.epoch IS NOT NULL AND h.value IS NOT NULL),
+           list(round(h.value, 4) ORDER BY h.epoch) FILTER (WHERE h.epoch IS NOT NULL AND h.value IS NOT NULL))
+           AS value_by_epoch,
+       (SELECT name FROM metric) AS metric
 FROM top t
 LEFT JOIN history h USING (sample_id)
 GROUP BY ALL
