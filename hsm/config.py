@@ -20,6 +20,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from hsm.utf8 import NotUtf8Error, read_utf8
+
 __all__ = [
     "ConfigError",
     "SelectorConfig",
@@ -537,9 +539,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> HsmConf
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(read_utf8(path))
     except FileNotFoundError as e:
         raise ConfigError(str(path), ["file not found"]) from e
+    except NotUtf8Error as e:
+        raise ConfigError(str(path), [str(e)]) from e
     except yaml.YAMLError as e:
         raise ConfigError(str(path), [f"not valid YAML: {e}"]) from e
     raw = raw if isinstance(raw, dict) else ({} if raw is None else raw)

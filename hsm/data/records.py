@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hsm.mining.plan import file_sha256
+from hsm.utf8 import NotUtf8Error, decode_utf8_line, read_utf8
 
 __all__ = ["DetectionObject", "Record", "RecordError", "json_lines", "read_jsonl", "validate_jsonl", "file_fingerprint", "import_coco",
            "CocoImport", "check_image_size", "image_size_problems", "declared_size_problems"]
@@ -83,11 +84,16 @@ def _parse(obj: object, where: str, root: Path) -> Record:
 
 def json_lines(path: Path):
     """Yield ``(line number, "file:line", object or None, problem or None)`` for every non-empty JSONL line."""
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = decode_utf8_line(raw, path, number)
+            except NotUtf8Error as e:
+                yield number, where, None, str(e)
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 yield number, where, json.loads(line), None
             except json.JSONDecodeError as e:
@@ -255,8 +261,8 @@ def import_coco(coco_json: str | Path, images_dir: str | Path, out: str | Path, 
         val_path = Path(val_out) if val_out is not None else out.with_name(f"{out.stem}_val{out.suffix or '.jsonl'}")
     result = CocoImport(out, val_path)
     try:
-        data = json.loads(coco_json.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(read_utf8(coco_json))
+    except (OSError, NotUtf8Error, json.JSONDecodeError) as e:
         raise RecordError(f"{coco_json}: not a readable COCO JSON ({e})") from e
     for key in ("images", "annotations", "categories"):
         if key not in data:

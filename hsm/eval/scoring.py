@@ -66,10 +66,10 @@ def record_keys(records: list[Record]) -> list[str]:
 def read_image_names(path: str | Path) -> list[str]:
     """Each record's ``image`` exactly as written in the JSONL (blank lines skipped, as ``read_jsonl`` does)."""
     names = []
-    with Path(path).open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                names.append(json.loads(line)["image"])
+    for _, _, obj, problem in json_lines(Path(path)):
+        if problem is not None:
+            raise AnswerError(problem)
+        names.append(obj["image"])
     return names
 
 
