@@ -13,7 +13,8 @@ from hsm.config import AugmentationConfig, ModelConfig, parse_config
 from hsm.data.encoding import IGNORE_INDEX, Template, format_answer, resolve_prompts
 from hsm.data.fusion import FusionDataset, Slot
 from hsm.train.model import build_processor
-from hsm.data.records import RecordError, import_coco, read_jsonl
+from hsm.data.coco import import_coco
+from hsm.data.records import RecordError, read_jsonl
 from hsm.data.synth import synthesize
 
 

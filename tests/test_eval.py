@@ -226,6 +226,17 @@ def test_eval_run_generates_then_scores_with_the_same_code(trained):
 
 
 @pytest.mark.slow
+def test_eval_run_writes_beside_the_checkpoint_by_default(trained):
+    root, _ = trained
+    result = runner.invoke(app, ["eval", "run", str(root / "cfg.yaml"), "--checkpoint", str(root / "ckpt"),
+                                 "--max-new-tokens", "4", "--batch-size", "1", "--max-samples", "1"])
+    assert result.exit_code == 0, result.output
+    # Not inside the checkpoint, which checkpoint rotation deletes whole.
+    assert (root / "eval" / "ckpt" / "bbu" / "per_sample.parquet").is_file()
+    assert not (root / "ckpt" / "eval").exists()
+
+
+@pytest.mark.slow
 def test_eval_run_rejects_a_dataset_without_val_split(trained):
     root, _ = trained
     result = runner.invoke(app, ["eval", "run", str(root / "cfg.yaml"), "--checkpoint", str(root / "ckpt"),

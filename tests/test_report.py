@@ -111,9 +111,20 @@ def test_report_errors_name_the_problem(tmp_path):
     result = runner.invoke(app, ["report", "--run-dir", str(tmp_path)])
     assert result.exit_code == 2 and "no hsm/ directory" in result.output
     (tmp_path / "hsm").mkdir()
-    (tmp_path / "hsm" / "config.yaml").write_text("custom: {}\n")
+    (tmp_path / "hsm" / "config.yaml").write_text("custom: {hard_sample_mining: {enabled: true}}\n")
     result = runner.invoke(app, ["report", "--run-dir", str(tmp_path)])
     assert result.exit_code == 2 and "no plans yet" in result.output
+
+
+@pytest.mark.parametrize("mining", ["custom: {}", "custom: {hard_sample_mining: null}",
+                                    "custom: {hard_sample_mining: {enabled: false}}"])
+def test_report_on_a_mining_off_run_says_mining_is_off(tmp_path, mining):
+    (tmp_path / "hsm").mkdir()
+    (tmp_path / "hsm" / "config.yaml").write_text(mining + "\n")
+    result = runner.invoke(app, ["report", "--run-dir", str(tmp_path)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "mining is off in this run" in text
+    assert "hsm plan" not in text  # which would refuse: mining is off
 
 
 PROBE = """(() => {

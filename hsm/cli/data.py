@@ -23,13 +23,20 @@ def import_coco(
                                        help="Share of images written to OUT_STEM_val.jsonl as a val split."),
     seed: int = typer.Option(0, "--seed", help="Seed of the train/val draw."),
     id_prefix: Optional[str] = typer.Option(None, "--id-prefix", help="Record ids are PREFIX-IMAGE_ID (default: OUT's stem)."),
+    allow_missing: bool = typer.Option(False, "--allow-missing",
+                                       help="Write the (empty) JSONL even when no image is found (default: exit 2)."),
 ) -> None:
-    """Convert COCO detection annotations to hsm's JSONL record format."""
+    """Convert COCO detection annotations to hsm's JSONL record format.
+
+    Only boxes are imported (keypoints, segmentations and unused categories are ignored, and
+    said so). A relative file_name is looked up under --images; an absolute one is used as written.
+    """
+    from hsm.data.coco import import_coco as convert
     from hsm.data.records import RecordError
-    from hsm.data.records import import_coco as convert
 
     try:
-        result = convert(coco_json, images, out, id_prefix=id_prefix, val_fraction=val_fraction, seed=seed)
+        result = convert(coco_json, images, out, id_prefix=id_prefix, val_fraction=val_fraction, seed=seed,
+                         allow_missing=allow_missing)
     except RecordError as e:
         raise fail("data import-coco", str(e)) from e
     for line in result.warnings():

@@ -81,7 +81,9 @@ def run(
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Generation length limit per answer."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Generation batch size."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Only the first N records per dataset."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: CHECKPOINT/eval)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Output folder (default: CHECKPOINT/../eval/CHECKPOINT_NAME, beside the checkpoint: "
+        "checkpoint rotation deletes checkpoint folders)."),
 ) -> None:
     """Generate greedily with a checkpoint on each dataset's val_jsonl, then score the answers."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -95,7 +97,7 @@ def run(
         raise fail("eval run", str(e)) from e
     if cfg.custom.fusion_config is None:
         raise fail("eval run", f"{config}: custom.fusion_config is missing (the datasets to evaluate)")
-    from hsm.eval.evaluate import evaluate_model, select_datasets
+    from hsm.eval.evaluate import default_eval_dir, evaluate_model, select_datasets
     from hsm.eval.generation import load_checkpoint
     from hsm.eval.scoring import summary_table
 
@@ -105,7 +107,7 @@ def run(
         model, processor = load_checkpoint(cfg.model, checkpoint)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise fail("eval run", str(e)) from e
-    out = out or checkpoint / "eval"
+    out = out or default_eval_dir(checkpoint)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         tasks: dict[str, int] = {}

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hsm.mining.plan import file_sha256
-from hsm.utf8 import NotUtf8Error, decode_utf8_line, read_utf8
+from hsm.utf8 import NotUtf8Error, decode_utf8_line
 
-__all__ = ["DetectionObject", "Record", "RecordError", "json_lines", "read_jsonl", "validate_jsonl", "file_fingerprint", "import_coco",
-           "CocoImport", "check_image_size", "image_size_problems", "declared_size_problems"]
+__all__ = ["DetectionObject", "Record", "RecordError", "json_lines", "read_jsonl", "validate_jsonl", "file_fingerprint",
+           "check_image_size", "image_size_problems", "declared_size_problems"]
 
 
 class RecordError(ValueError):
@@ -202,126 +202,3 @@ def file_fingerprint(path: str | Path) -> str:
     """sha256 of the JSONL bytes: a plan built for other data is refused."""
     return file_sha256(path)
 
-
-@dataclass
-class CocoImport:
-    """What :func:`import_coco` wrote and what it dropped or changed on the way."""
-
-    train_path: Path
-    val_path: Path | None
-    n_train: int = 0
-    n_val: int = 0
-    crowd_dropped: int = 0
-    zero_area_dropped: int = 0
-    outside_dropped: int = 0
-    clipped: int = 0
-    missing_images: int = 0
-
-    @property
-    def records(self) -> int:
-        return self.n_train + self.n_val
-
-    def warnings(self) -> list[str]:
-        """One line per kind of dropped or changed input, with its count."""
-        out = []
-        if self.crowd_dropped:
-            out.append(f"dropped {self.crowd_dropped} crowd annotation(s) (iscrowd=1)")
-        if self.zero_area_dropped:
-            out.append(f"dropped {self.zero_area_dropped} zero-area box(es) (width or height <= 0)")
-        if self.outside_dropped:
-            out.append(f"dropped {self.outside_dropped} box(es) lying wholly outside their image")
-        if self.clipped:
-            out.append(f"clipped {self.clipped} box(es) to their image bounds")
-        if self.missing_images:
-            out.append(f"skipped {self.missing_images} image(s) whose file is missing under the --images folder")
-        return out
-
-
-def import_coco(coco_json: str | Path, images_dir: str | Path, out: str | Path, *, id_prefix: str | None = None,
-                val_fraction: float = 0.0, seed: int = 0, val_out: str | Path | None = None) -> CocoImport:
-    """Convert COCO detection annotations (xywh) to hsm JSONL, optionally split into train and val.
-
-    Crowd and zero-area annotations are dropped, boxes are clipped to the image, images
-    whose file is missing are skipped; :meth:`CocoImport.warnings` reports the counts.
-    Record ids are ``{id_prefix}-{image_id}`` (default prefix: ``out``'s stem). With
-    ``val_fraction`` > 0, ``round(val_fraction * n)`` images drawn by
-    ``numpy.random.default_rng(seed)`` go to ``val_out`` (default ``<out stem>_val.jsonl``).
-    Image paths are written relative to the JSONL's folder when possible.
-    """
-    import os
-
-    import numpy as np
-
-    coco_json, images_dir, out = Path(coco_json), Path(images_dir), Path(out)
-    if not 0.0 <= val_fraction < 1.0:
-        raise RecordError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    prefix = id_prefix if id_prefix is not None else out.stem
-    val_path = None
-    if val_fraction > 0:
-        val_path = Path(val_out) if val_out is not None else out.with_name(f"{out.stem}_val{out.suffix or '.jsonl'}")
-    result = CocoImport(out, val_path)
-    try:
-        data = json.loads(read_utf8(coco_json))
-    except (OSError, NotUtf8Error, json.JSONDecodeError) as e:
-        raise RecordError(f"{coco_json}: not a readable COCO JSON ({e})") from e
-    for key in ("images", "annotations", "categories"):
-        if key not in data:
-            raise RecordError(f"{coco_json}: missing '{key}'; not a COCO detection file")
-    names = {c["id"]: c["name"] for c in data["categories"]}
-    by_image: dict[int, list] = {}
-    for k, ann in enumerate(data["annotations"]):
-        if ann.get("iscrowd"):
-            result.crowd_dropped += 1
-            continue
-        if ann.get("category_id") not in names:
-            raise RecordError(f"{coco_json}: annotations[{k}] has unknown category_id {ann.get('category_id')}")
-        by_image.setdefault(ann["image_id"], []).append(ann)
-    lines = []
-    for image in sorted(data["images"], key=lambda i: i["id"]):
-        path = images_dir / image["file_name"]
-        anns = by_image.get(image["id"], [])
-        if not path.is_file():
-            result.missing_images += 1
-            continue
-        width, height = int(image["width"]), int(image["height"])
-        objects = []
-        for ann in anns:
-            x, y, w, h = (float(v) for v in ann["bbox"])
-            if w <= 0 or h <= 0:
-                result.zero_area_dropped += 1
-                continue
-            x1, y1 = max(0.0, x), max(0.0, y)
-            x2, y2 = min(float(width), x + w), min(float(height), y + h)
-            if not (x2 > x1 and y2 > y1):
-                result.outside_dropped += 1
-                continue
-            if (x1, y1, x2, y2) != (x, y, x + w, y + h):
-                result.clipped += 1
-            objects.append({"label": names[ann["category_id"]], "bbox": [round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2)]})
-        lines.append((path, {"id": f"{prefix}-{image['id']}", "width": width, "height": height, "objects": objects}))
-    is_val = np.zeros(len(lines), dtype=bool)
-    if val_path is not None and lines:
-        n_val = int(round(val_fraction * len(lines)))
-        is_val[np.random.default_rng(seed).choice(len(lines), size=n_val, replace=False)] = True
-    targets = [(out, [line for line, v in zip(lines, is_val) if not v])]
-    if val_path is not None:
-        targets.append((val_path, [line for line, v in zip(lines, is_val) if v]))
-    written = []
-    try:
-        for path, chosen in targets:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            with tmp.open("w", encoding="utf-8") as f:
-                for image_path, record in chosen:
-                    relative = os.path.relpath(image_path.resolve(), path.parent.resolve())
-                    f.write(json.dumps({"id": record["id"], "image": relative, "width": record["width"],
-                                        "height": record["height"], "objects": record["objects"]}) + "\n")
-            written.append((tmp, path))
-        for tmp, path in written:
-            tmp.replace(path)
-    finally:
-        for tmp, _ in written:
-            tmp.unlink(missing_ok=True)
-    result.n_train = len(targets[0][1])
-    result.n_val = len(targets[1][1]) if val_path is not None else 0
-    return result

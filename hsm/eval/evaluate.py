@@ -21,7 +21,22 @@ from hsm.eval.generation import generate_answers
 from hsm.eval.scoring import record_keys, score_records_file, write_answers, write_dataset, write_metrics
 from hsm.data.records import read_jsonl
 
-__all__ = ["EvalSplit", "select_datasets", "shard", "merge_shards", "evaluate_model", "scalar_logs"]
+__all__ = ["EvalSplit", "default_eval_dir", "select_datasets", "shard", "merge_shards", "evaluate_model", "scalar_logs"]
+
+
+def default_eval_dir(checkpoint: str | Path) -> Path:
+    """Where ``hsm eval run`` writes without ``--out``: ``<checkpoint's parent>/eval/<checkpoint name>``.
+
+    Beside the checkpoint, not inside it: checkpoint rotation (``save_total_limit``)
+    deletes whole checkpoint folders. Under a run's ``OUTPUT_DIR`` this is
+    ``OUTPUT_DIR/eval/checkpoint-N/``, beside the callback's ``eval/step=S/``, where
+    ``hsm report`` finds it.
+
+    Args:
+        checkpoint: the saved model directory.
+    """
+    checkpoint = Path(checkpoint).resolve()
+    return checkpoint.parent / "eval" / checkpoint.name
 
 
 @dataclass(frozen=True)

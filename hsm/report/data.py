@@ -105,6 +105,12 @@ def load_run(run_dir: str | Path, *, epoch: int | None = None) -> RunData:
     config_text, config = _config(hsm_dir)
     manifests = _manifests(hsm_dir)
     if not manifests:
+        mining = ((config.get("custom") or {}) if isinstance(config, dict) else {}).get("hard_sample_mining")
+        if not (isinstance(mining, dict) and mining.get("enabled")):
+            # hsm plan would refuse too: say why instead of pointing at it.
+            raise ReportError(f"{hsm_dir / 'config.yaml'}: mining is off in this run (custom.hard_sample_mining "
+                              "absent or enabled: false), so there are no plans to report on; train with "
+                              "custom.hard_sample_mining.enabled=true to get one")
         raise ReportError(f"{hsm_dir / 'plans'}: no plans yet; train for 2+ epochs or run hsm plan --epoch 1")
     if epoch is None:
         epoch = max(manifests)

@@ -1,0 +1,211 @@
+"""COCO detection annotations -> hsm JSONL records (``hsm data import-coco``), saying what it drops.
+
+Only boxes are imported: keypoints, segmentations and categories no kept box uses are
+ignored, and the result says so with counts. Every dropped annotation and missing image
+is named (the first :data:`SHOWN`, and the count). Image paths: a relative ``file_name``
+is looked up under ``images_dir``; an absolute one is used as written (``images_dir``
+does not apply to it) and the result counts those. Nothing is written when no image is
+found, unless ``allow_missing``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hsm.data.records import RecordError
+from hsm.utf8 import NotUtf8Error, read_utf8
+
+__all__ = ["CocoImport", "import_coco", "SHOWN"]
+
+SHOWN = 10  # names listed per kind of problem; the count covers the rest
+
+
+def _listed(items: list) -> str:
+    shown = ", ".join(str(i) for i in items[:SHOWN])
+    return shown + (f", ... ({len(items) - SHOWN} more)" if len(items) > SHOWN else "")
+
+
+@dataclass
+class CocoImport:
+    """What :func:`import_coco` wrote and what it dropped, changed or ignored on the way.
+
+    The lists hold annotation ids (``annotations[k]`` for an annotation without an ``id``)
+    and image paths, so a warning can name them.
+    """
+
+    train_path: Path
+    val_path: Path | None
+    n_train: int = 0
+    n_val: int = 0
+    crowd_dropped: list = field(default_factory=list)
+    zero_area_dropped: list = field(default_factory=list)
+    outside_dropped: list = field(default_factory=list)
+    clipped: list = field(default_factory=list)
+    missing_images: list[str] = field(default_factory=list)
+    absolute_file_names: int = 0
+    keypoints_ignored: int = 0
+    segmentations_ignored: int = 0
+    unused_categories: list[str] = field(default_factory=list)
+
+    @property
+    def records(self) -> int:
+        return self.n_train + self.n_val
+
+    def warnings(self) -> list[str]:
+        """One line per kind of dropped, changed or ignored input: its count and the first names."""
+        out = []
+        for ids, what in ((self.crowd_dropped, "crowd annotation(s) (iscrowd=1)"),
+                          (self.zero_area_dropped, "zero-area box(es) (width or height <= 0)"),
+                          (self.outside_dropped, "box(es) lying wholly outside their image")):
+            if ids:
+                out.append(f"dropped {len(ids)} {what}: annotation ids {_listed(ids)}")
+        if self.clipped:
+            out.append(f"clipped {len(self.clipped)} box(es) to their image bounds: annotation ids {_listed(self.clipped)}")
+        if self.missing_images:
+            out.append(f"skipped {len(self.missing_images)} image(s) whose file is missing: {_listed(self.missing_images)}")
+        if self.absolute_file_names:
+            out.append(f"{self.absolute_file_names} image(s) have an absolute file_name: used as written, "
+                       "--images applies only to relative names")
+        if self.keypoints_ignored:
+            out.append(f"ignored the keypoints of {self.keypoints_ignored} annotation(s): only boxes are imported")
+        if self.segmentations_ignored:
+            out.append(f"ignored the segmentation of {self.segmentations_ignored} annotation(s): only boxes are imported")
+        if self.unused_categories:
+            out.append(f"{len(self.unused_categories)} categor(y/ies) have no imported box and are not in the "
+                       f"records: {_listed(self.unused_categories)}")
+        return out
+
+
+def _load(coco_json: Path) -> dict:
+    try:
+        data = json.loads(read_utf8(coco_json))
+    except (OSError, NotUtf8Error, json.JSONDecodeError) as e:
+        raise RecordError(f"{coco_json}: not a readable COCO JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise RecordError(f"{coco_json}: not a COCO detection file (a JSON object with images, annotations, categories)")
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise RecordError(f"{coco_json}: missing '{key}'; not a COCO detection file")
+    return data
+
+
+def _objects(anns: list, width: int, height: int, names: dict, result: CocoImport) -> list[dict]:
+    """The kept boxes of one image, clipped to it; drops counted in ``result``."""
+    objects = []
+    for ann in anns:
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        if w <= 0 or h <= 0:
+            result.zero_area_dropped.append(ann["_id"])
+            continue
+        x1, y1 = max(0.0, x), max(0.0, y)
+        x2, y2 = min(float(width), x + w), min(float(height), y + h)
+        if not (x2 > x1 and y2 > y1):
+            result.outside_dropped.append(ann["_id"])
+            continue
+        if (x1, y1, x2, y2) != (x, y, x + w, y + h):
+            result.clipped.append(ann["_id"])
+        objects.append({"label": names[ann["category_id"]], "bbox": [round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2)]})
+    return objects
+
+
+def import_coco(coco_json: str | Path, images_dir: str | Path, out: str | Path, *, id_prefix: str | None = None,
+                val_fraction: float = 0.0, seed: int = 0, val_out: str | Path | None = None,
+                allow_missing: bool = False) -> CocoImport:
+    """Convert COCO detection annotations (xywh) to hsm JSONL, optionally split into train and val.
+
+    Crowd and zero-area annotations are dropped, boxes are clipped to the image, images
+    whose file is missing are skipped; :meth:`CocoImport.warnings` names them. Record ids
+    are ``{id_prefix}-{image_id}`` (default prefix: ``out``'s stem). With ``val_fraction``
+    > 0, ``round(val_fraction * n)`` images drawn by ``numpy.random.default_rng(seed)`` go
+    to ``val_out`` (default ``<out stem>_val.jsonl``). Image paths are written relative to
+    the JSONL's folder when possible.
+
+    Args:
+        coco_json: the annotations (``instances_*.json``).
+        images_dir: the folder relative ``file_name`` s are under.
+        out: the JSONL to write (the train split with ``val_fraction``).
+        id_prefix: record id prefix.
+        val_fraction: share of images for the val split.
+        seed: seed of the split.
+        val_out: the val JSONL.
+        allow_missing: write (empty) files even when no image is found, instead of raising.
+
+    Raises:
+        RecordError: unreadable or non-COCO JSON, an unknown category, or no image found
+            (names the first missing files; ``--allow-missing`` writes anyway).
+    """
+    import numpy as np
+
+    coco_json, images_dir, out = Path(coco_json), Path(images_dir), Path(out)
+    if not 0.0 <= val_fraction < 1.0:
+        raise RecordError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    prefix = id_prefix if id_prefix is not None else out.stem
+    val_path = None
+    if val_fraction > 0:
+        val_path = Path(val_out) if val_out is not None else out.with_name(f"{out.stem}_val{out.suffix or '.jsonl'}")
+    result = CocoImport(out, val_path)
+    data = _load(coco_json)
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    by_image: dict[int, list] = {}
+    for k, ann in enumerate(data["annotations"]):
+        ann = {**ann, "_id": ann.get("id", f"annotations[{k}]")}
+        result.keypoints_ignored += bool(ann.get("keypoints"))
+        result.segmentations_ignored += bool(ann.get("segmentation"))
+        if ann.get("iscrowd"):
+            result.crowd_dropped.append(ann["_id"])
+            continue
+        if ann.get("category_id") not in names:
+            raise RecordError(f"{coco_json}: annotations[{k}] has unknown category_id {ann.get('category_id')}")
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    lines = []
+    for image in sorted(data["images"], key=lambda i: i["id"]):
+        is_absolute = Path(image["file_name"]).is_absolute()
+        result.absolute_file_names += is_absolute
+        path = Path(image["file_name"]) if is_absolute else images_dir / image["file_name"]
+        if not path.is_file():
+            result.missing_images.append(str(path))
+            continue
+        width, height = int(image["width"]), int(image["height"])
+        objects = _objects(by_image.get(image["id"], []), width, height, names, result)
+        lines.append((path, {"id": f"{prefix}-{image['id']}", "width": width, "height": height, "objects": objects}))
+    used = {o["label"] for _, line in lines for o in line["objects"]}
+    result.unused_categories = sorted(set(names.values()) - used)
+    if not lines and not allow_missing:
+        where = f"under --images {images_dir}" if not result.absolute_file_names else "at their file_name"
+        raise RecordError(f"{coco_json}: none of its {len(data['images'])} image(s) found {where} "
+                          f"(missing: {_listed(result.missing_images)}); check --images, or pass --allow-missing "
+                          "to write empty files; nothing written")
+    is_val = np.zeros(len(lines), dtype=bool)
+    if val_path is not None and lines:
+        n_val = int(round(val_fraction * len(lines)))
+        is_val[np.random.default_rng(seed).choice(len(lines), size=n_val, replace=False)] = True
+    targets = [(out, [line for line, v in zip(lines, is_val) if not v])]
+    if val_path is not None:
+        targets.append((val_path, [line for line, v in zip(lines, is_val) if v]))
+    _write_all(targets)
+    result.n_train = len(targets[0][1])
+    result.n_val = len(targets[1][1]) if val_path is not None else 0
+    return result
+
+
+def _write_all(targets: list[tuple[Path, list]]) -> None:
+    """Each JSONL through a temp file; all renamed in only once all are written."""
+    written = []
+    try:
+        for path, chosen in targets:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            with tmp.open("w", encoding="utf-8") as f:
+                for image_path, record in chosen:
+                    relative = os.path.relpath(image_path.resolve(), path.parent.resolve())
+                    f.write(json.dumps({"id": record["id"], "image": relative, "width": record["width"],
+                                        "height": record["height"], "objects": record["objects"]}) + "\n")
+            written.append((tmp, path))
+        for tmp, path in written:
+            tmp.replace(path)
+    finally:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
