@@ -84,6 +84,7 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
     from transformers import Trainer
 
     from hsm.data.fusion import DetectionCollator, EvalDataset, FusionDataset
+    from hsm.data.lengths import check_record_lengths, model_max_length
     from hsm.train.model import load_model_and_processor, model_callbacks
     from hsm.data.sampler import HsmSampler
     from hsm.train.trainer import make_trainer_class, resume_attempt, write_dataset_info
@@ -98,6 +99,7 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
     checkpointing = bool(getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False))
     model, processor = load_model_and_processor(cfg.model, seed=args.seed, gradient_checkpointing=checkpointing)
     dataset = FusionDataset(fusion, processor, cfg.model, mining=mining, num_train_epochs=args.num_train_epochs)
+    check_record_lengths(dataset, model_max_length(model.config))  # before step 0, not at the step that OOMs
     if mining is not None:
         note = small_target_warning(mining.mode, mining.hard_sample_size, mining.regular_sample_size,
                                     dataset.target_info.size)

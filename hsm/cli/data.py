@@ -67,13 +67,73 @@ def validate(
     max_image_side: Optional[int] = typer.Option(
         None, "--max-image-side", min=1, help="Also report images whose longer side exceeds this (fusion_config.max_image_side)."
     ),
+    config: Optional[Path] = typer.Option(
+        None, "--config", help="Training config YAML: also report every record that encodes longer than its model "
+        "takes (with that config's processor, prompts and max_objects_per_image)."),
 ) -> None:
     """Check every record and every decoded image (existence, size); report every bad line."""
+    from hsm.config import ConfigError
     from hsm.data.records import validate_jsonl
 
     count, problems = validate_jsonl(jsonl, max_side=max_image_side)
+    if config is not None:
+        try:
+            problems += _length_problems(jsonl, config)
+        except (ConfigError, FileNotFoundError) as e:
+            raise fail("data validate", str(e)) from e
     if problems:
         shown = "\n".join(f"  {p}" for p in problems[:200])
         more = f"\n  ... and {len(problems) - 200} more" if len(problems) > 200 else ""
         raise fail("data validate", f"{jsonl}: {len(problems)} problem(s) in {count} readable record(s):\n{shown}{more}")
     console.print(f"{jsonl}: {count} records OK")
+
+
+def _processor_and_max_length(model_cfg):
+    """The config's processor and its model's maximum sequence length, without loading weights."""
+    from hsm.data.lengths import model_max_length
+
+    if model_cfg.name_or_path == "tiny-qwen3-vl":
+        from hsm.train.model import build_model, build_processor
+
+        processor = build_processor(model_cfg)
+        return processor, model_max_length(build_model(model_cfg, processor.tokenizer).config)
+    from transformers import AutoConfig, AutoProcessor
+
+    from hsm.train.model import set_pixel_limits
+
+    try:
+        processor = AutoProcessor.from_pretrained(model_cfg.name_or_path, local_files_only=True)
+        model_config = AutoConfig.from_pretrained(model_cfg.name_or_path, local_files_only=True)
+    except OSError as e:
+        raise FileNotFoundError(f"model.name_or_path: {model_cfg.name_or_path} is not a local model ({e})") from e
+    set_pixel_limits(processor, model_cfg.image_min_pixels, model_cfg.image_max_pixels)
+    return processor, model_max_length(model_config)
+
+
+def _length_problems(jsonl: Path, config: Path) -> list[str]:
+    """Records of ``jsonl`` longer than the model of ``config`` takes, with the dataset's prompts and cap
+    (the dataset whose train_jsonl or val_jsonl is ``jsonl``; else the target's prompts and no cap)."""
+    from hsm.config import ConfigError, load_config
+    from hsm.data.encoding import Template, resolve_prompts
+    from hsm.data.lengths import length_problems
+    from hsm.data.records import readable_records
+
+    cfg = load_config(config)
+    fusion = cfg.custom.fusion_config
+    if fusion is None:
+        raise ConfigError(str(config), ["custom.fusion_config: missing (the datasets, their prompts and caps)"])
+    specs = [fusion.target, *fusion.sources]
+    matches = [k for k, spec in enumerate(specs) for path in (spec.train_jsonl, spec.val_jsonl)
+               if path is not None and Path(path).resolve() == jsonl.resolve()]
+    code = matches[0] if matches else 0
+    if not matches:
+        console.print(f"[yellow]note:[/] {jsonl} is no dataset of {config}: counted with the target's prompts and "
+                      "no max_objects_per_image", soft_wrap=True)
+    processor, max_length = _processor_and_max_length(cfg.model)
+    if max_length is None:
+        return []
+    key = "custom.fusion_config." + ("target" if code == 0 else f"sources.{code - 1}")
+    return length_problems(Template(processor), resolve_prompts(fusion, specs[code].name), readable_records(jsonl),
+                           max_length, coord_format=cfg.model.coord_format,
+                           cap=specs[code].max_objects_per_image if matches else None, seed=fusion.seed, code=code,
+                           config_key=key)

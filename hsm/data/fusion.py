@@ -19,7 +19,7 @@ from hsm.data.encoding import Template, format_answer, resolve_prompts
 from hsm.mining.plan import DatasetInfo
 from hsm.data.records import Record, RecordError, check_image_size, declared_size_problems, file_fingerprint, read_jsonl
 
-__all__ = ["Slot", "FusionDataset", "EvalDataset", "DetectionCollator", "sample_id_of"]
+__all__ = ["Slot", "cap_objects", "FusionDataset", "EvalDataset", "DetectionCollator", "sample_id_of"]
 
 _CAP_STREAM = 7
 
@@ -38,6 +38,26 @@ class Slot:
 def sample_id_of(record: Record, dataset: str, base_idx: int) -> str:
     """The record's own ``id``, else ``dataset:base_idx``."""
     return record.id if record.id is not None else f"{dataset}:{base_idx}"
+
+
+def cap_objects(record: Record, cap: int | None, *, seed: int, code: int, base_idx: int) -> tuple[list, list, bool]:
+    """``(boxes, labels, capped)``: at most ``cap`` of the record's objects, a draw seeded by
+    ``(seed, code, base_idx)`` kept in record order, the same in every epoch.
+
+    Args:
+        record: the record.
+        cap: the dataset's ``max_objects_per_image`` (None: all objects).
+        seed: the fusion seed.
+        code: the dataset's index in the fusion (0 is the target).
+        base_idx: the record's index in its dataset.
+    """
+    boxes = [o.bbox for o in record.objects]
+    labels = [o.label for o in record.objects]
+    if cap is None or len(boxes) <= cap:
+        return boxes, labels, False
+    rng = np.random.default_rng([seed, code, base_idx, _CAP_STREAM])
+    keep = np.sort(rng.choice(len(boxes), size=cap, replace=False))
+    return [boxes[i] for i in keep], [labels[i] for i in keep], True
 
 
 class FusionDataset:
@@ -83,6 +103,10 @@ class FusionDataset:
         slot = Slot(*slot) if not isinstance(slot, Slot) else slot
         return self.load(slot, train=True)
 
+    def capped_objects(self, code: int, base_idx: int, record: Record) -> tuple[list, list, bool]:
+        """``(boxes, labels, capped)`` of a record after the dataset's ``max_objects_per_image``."""
+        return cap_objects(record, self.caps[code], seed=self.fusion.seed, code=code, base_idx=base_idx)
+
     def load(self, slot: Slot, *, train: bool, records: list[Record] | None = None) -> dict:
         """Load, cap, augment and encode one item, with its metadata and telemetry.
 
@@ -101,14 +125,7 @@ class FusionDataset:
                 image = np.asarray(img.convert("RGB"))
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{record.where}: image {record.image} not found") from e
-        boxes = [o.bbox for o in record.objects]
-        labels = [o.label for o in record.objects]
-        capped = False
-        cap = self.caps[code]
-        if cap is not None and len(boxes) > cap:
-            rng = np.random.default_rng([self.fusion.seed, code, slot.base_idx, _CAP_STREAM])
-            keep = np.sort(rng.choice(len(boxes), size=cap, replace=False))
-            boxes, labels, capped = [boxes[i] for i in keep], [labels[i] for i in keep], True
+        boxes, labels, capped = self.capped_objects(code, slot.base_idx, record)
         policy = self.policies[code]
         use_aug = train and policy.enabled and not (self.mine_clean and slot.is_hard)
         aug_seed = derive_aug_seed(self.fusion.seed, slot.epoch, code, slot.base_idx, slot.position)

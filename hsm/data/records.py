@@ -19,7 +19,7 @@ from pathlib import Path
 from hsm.mining.plan import file_sha256
 from hsm.utf8 import NotUtf8Error, decode_utf8_line
 
-__all__ = ["DetectionObject", "Record", "RecordError", "json_lines", "read_jsonl", "validate_jsonl", "file_fingerprint",
+__all__ = ["DetectionObject", "Record", "RecordError", "json_lines", "read_jsonl", "validate_jsonl", "file_fingerprint", "readable_records",
            "check_image_size", "image_size_problems", "declared_size_problems"]
 
 
@@ -141,6 +141,15 @@ def read_jsonl(path: str | Path, *, check_images: bool = True) -> list[Record]:
     if not records:
         raise RecordError(f"{path}: no records")
     return records
+
+
+def readable_records(path: str | Path) -> list[Record]:
+    """The records of the lines that parse, in file order, images not checked; bad lines are
+    skipped (:func:`validate_jsonl` reports them)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [record for record, problem in _read_lines(path, check_images=False) if record is not None]
 
 
 def validate_jsonl(path: str | Path, *, max_side: int | None = None, decode: bool = True) -> tuple[int, list[str]]:
