@@ -9,6 +9,7 @@ a source tree) are not executed, so ``hsm`` can only come from the wheel, and th
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -111,3 +112,19 @@ def test_integrations_from_the_wheel(installed, tmp_path):
     assert plugin.is_file() and plugin.resolve().is_relative_to(installed.parent.resolve())
     trl = _run([python, "-c", "import hsm.integrations.trl as m; print(m.__file__)"], cwd=tmp_path).stdout.strip()
     assert Path(trl).resolve().is_relative_to(installed.parent.resolve())
+
+
+def test_only_distributed_imports_torch_distributed():
+    # The layers contract (pyproject.toml, lint-imports) sees torch only as one external package, so
+    # this one rule about a torch submodule is checked here, on every import statement of the package.
+    importers = set()
+    for path in (REPO / "hsm").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            if any(name == "torch.distributed" or name.startswith("torch.distributed.") for name in names):
+                importers.add(path.relative_to(REPO).as_posix())
+    assert importers == {"hsm/train/distributed.py"}
