@@ -269,7 +269,7 @@ def test_out_of_core_fold_is_byte_identical(tmp_path, engine, aggregate):
 )
 def test_merge_slots_equals_a_dict_of_rows(prev, events, sparse):
     """The key merge behind the default engine, dense (mark + running count) and sparse (sort) paths."""
-    from hsm.mining.engines.polars_engine import merge_slots
+    from hsm.mining.engines.numpy_fold import merge_slots
     from hsm.mining.state import IDX_BITS
 
     scale = 1 << 30 if sparse else 1  # far-apart indices take the sparse path
