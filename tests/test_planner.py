@@ -261,48 +261,21 @@ def test_out_of_core_fold_is_byte_identical(tmp_path, engine, aggregate):
     assert not list(tmp_path.glob("hsm-fold-*")), "spill files left behind"
 
 
-@settings(max_examples=120, deadline=None)
-@given(
-    prev=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 60)), max_size=40),
-    events=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 60)), max_size=60),
-    sparse=st.booleans(),
-)
-def test_merge_slots_equals_a_dict_of_rows(prev, events, sparse):
-    """The key merge behind the default engine, dense (mark + running count) and sparse (sort) paths."""
-    from hsm.mining.engines.polars_engine import merge_slots
-    from hsm.mining.state import IDX_BITS
-
-    scale = 1 << 30 if sparse else 1  # far-apart indices take the sparse path
-    def keys_of(pairs):
-        return np.array([(c << IDX_BITS) | (i * scale) for c, i in pairs], dtype=np.int64)
-
-    prev_keys = np.unique(keys_of(prev))
-    ev_keys = keys_of(events)
-    merged, prev_at, slots = merge_slots(prev_keys, ev_keys)
-    expected = sorted(set(prev_keys.tolist()) | set(ev_keys.tolist())) if len(ev_keys) else prev_keys.tolist()
-    row = {k: i for i, k in enumerate(expected)}
-    assert merged.tolist() == expected
-    assert slots.tolist() == [row[k] for k in ev_keys.tolist()]
-    if prev_at is None:
-        assert len(expected) == len(prev_keys)
-    else:
-        assert prev_at.tolist() == [row[k] for k in prev_keys.tolist()]
-
-
 @settings(max_examples=60, deadline=None)
 @given(
     prev=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 80)), max_size=50, unique=True),
     events=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 80), st.floats(0, 5, width=32)), max_size=120),
-    range_rows=st.integers(1, 40),
+    n_steps=st.integers(1, 4),
     per_epoch=st.booleans(),
+    decay=st.sampled_from([0.0, 0.5, 0.9, 0.75]),
 )
-def test_fold_in_key_ranges_equals_one_fold(prev, events, range_rows, per_epoch):
-    """Folding in key ranges (how the default engine folds a large epoch in memory) changes nothing, bit for bit."""
-    from hsm.mining.engines.polars_engine import fold_epoch
-    from hsm.mining.planner import fold_in_ranges
+def test_polars_and_duckdb_folds_agree_bit_for_bit(prev, events, n_steps, per_epoch, decay):
+    """The Polars fold and the SQL fold on the same keyed tables: equal tables, events in any row order."""
+    from hsm.mining.engines.duckdb_engine import fold_epoch as fold_duckdb
+    from hsm.mining.engines.polars_engine import fold_epoch as fold_polars
     from hsm.mining.state import IDX_BITS
 
-    rng = np.random.default_rng(len(events))
+    rng = np.random.default_rng(len(events) + 1000 * len(prev))
     prev_keys = np.unique(np.array([(c << IDX_BITS) | i for c, i in prev], dtype=np.int64))
     n = len(prev_keys)
     columns = {"key": prev_keys, "n_obs": rng.integers(1, 5, n), "mean": rng.random(n), "ema": rng.random(n),
@@ -311,15 +284,16 @@ def test_fold_in_key_ranges_equals_one_fold(prev, events, range_rows, per_epoch)
         columns.update(n_epochs=np.ones(n, np.int32), epoch_mean=rng.random(n), epoch_ema=rng.random(n))
     state = pa.table(columns) if n else None
     m = len(events)
+    # Steps, ranks and positions not in row order: each engine orders a sample's events itself.
     keyed = pa.table({
         "key": np.array([(c << IDX_BITS) | i for c, i, _ in events], dtype=np.int64),
         "x": np.array([x for *_, x in events], dtype=np.float64),
-        "global_step": rng.integers(0, 4, m).astype(np.int64), "rank": rng.integers(0, 2, m).astype(np.int32),
-        "position": np.arange(m, dtype=np.int32),
+        "global_step": rng.integers(0, n_steps, m).astype(np.int64), "rank": rng.integers(0, 2, m).astype(np.int32),
+        "position": rng.permutation(m).astype(np.int32),
     })
-    whole = fold_epoch(state, keyed, epoch=1, ema_decay=0.9, per_epoch=per_epoch)
-    ranged = fold_in_ranges(state, keyed, fold_epoch, range_rows=range_rows, epoch=1, ema_decay=0.9, per_epoch=per_epoch)
-    assert ranged.combine_chunks().equals(whole.combine_chunks())
+    polars_out = fold_polars(state, keyed, epoch=1, ema_decay=decay, per_epoch=per_epoch)
+    duckdb_out = fold_duckdb(state, keyed, epoch=1, ema_decay=decay, per_epoch=per_epoch)
+    assert polars_out.combine_chunks().equals(duckdb_out.combine_chunks())
 
 
 @settings(max_examples=15, deadline=None)

@@ -55,7 +55,4 @@ def train(
     console.print(f"  tensorboard: tensorboard --logdir {run_dir}", soft_wrap=True)
     from hsm.train import distributed
 
-    if distributed.is_initialized():
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    distributed.destroy_process_group()

@@ -48,6 +48,7 @@ import numpy as np
 
 from hsm.config import decimal_fraction
 from hsm.mining.plan import Plan
+from hsm.world import World
 
 __all__ = ["Schedule", "World", "build_schedule", "systematic_counts", "source_quota", "shard_positions",
            "epoch_length", "cycled_target", "hard_slots_per_batch", "random_permutation", "slot_bits", "pack_slots",
@@ -61,18 +62,6 @@ CHUNK_SLOTS = 1 << 16
 
 # The multivariate hypergeometric that splits an epoch over chunks needs fewer than 10**9 items.
 _MAX_SLOTS = 10**9 - 1
-
-
-@dataclass(frozen=True)
-class World:
-    """Topology as a plain value: this process's rank among ``world_size``."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} outside world of size {self.world_size}")
 
 
 _IDX_BITS_64 = 40

@@ -80,7 +80,6 @@ __all__ = [
     "id_lookup",
     "metric_column",
     "fold_out_of_core",
-    "fold_in_ranges",
     "range_bounds",
     "buckets_for",
     "DEFAULT_MEMORY_LIMIT",
@@ -257,11 +256,6 @@ def _keyed(events: pa.Table, codes: np.ndarray, metric: str) -> pa.Table:
     })
 
 
-# Key ranges of about this many state rows plus events keep a fold's random accesses in
-# cache: at 10M events one range folded 1.8x slower than the same epoch in 8 ranges.
-_RANGE_ROWS = 1_500_000
-
-
 def range_bounds(sample_keys: list[np.ndarray], n_ranges: int) -> np.ndarray:
     """Upper bounds of ``n_ranges`` key ranges: quantiles of a sample of the keys (ranges may be fewer)."""
     pool = np.sort(np.concatenate(sample_keys)) if sample_keys else np.zeros(0, dtype=np.int64)
@@ -270,54 +264,15 @@ def range_bounds(sample_keys: list[np.ndarray], n_ranges: int) -> np.ndarray:
     return np.unique(pool[(np.arange(1, n_ranges) * len(pool)) // n_ranges])
 
 
-def fold_in_ranges(state: pa.Table | None, events: pa.Table, fold, *, range_rows: int | None, **options) -> pa.Table:
-    """``fold(state, events, **options)`` computed in key ranges of about ``range_rows``
-    state rows plus events each (None: one fold), in memory.
-
-    A sample's events and state row fall in the same range, so the result equals one
-    fold over everything, byte for byte; each range's fold touches arrays a fraction of
-    the size (cache-resident lookups). ``first_row`` keeps pointing into ``events``.
-    Events are grouped by range with one radix sort of 16-bit range numbers.
-    """
-    n_state = state.num_rows if state is not None else 0
-    if not range_rows or events.num_rows + n_state <= range_rows:
-        return fold(state, events, **options)
-    keys = events.column("key").to_numpy()
-    state_keys = state.column("key").to_numpy() if state is not None else np.zeros(0, dtype=np.int64)
-    bounds = range_bounds([keys[:: 97], state_keys[:: 97]], min(-(-(events.num_rows + n_state) // range_rows), 4096))
-    if len(bounds) == 0:
-        return fold(state, events, **options)
-    bucket = np.searchsorted(bounds, keys, side="right").astype(np.uint16)
-    order = np.argsort(bucket, kind="stable")  # a radix sort for 16-bit keys; keeps event order within a range
-    edges = np.r_[0, np.cumsum(np.bincount(bucket, minlength=len(bounds) + 1))]
-    del bucket
-    columns = {name: events.column(name).to_numpy()[order] for name in events.column_names}
-    cut = np.searchsorted(state_keys, bounds)
-    starts, stops = np.r_[0, cut], np.r_[cut, len(state_keys)]
-    pieces = []
-    for b in range(len(bounds) + 1):
-        piece = state.slice(int(starts[b]), int(stops[b] - starts[b])) if state is not None and stops[b] > starts[b] else None
-        lo, hi = int(edges[b]), int(edges[b + 1])
-        if piece is None and hi == lo:
-            continue
-        out = fold(piece, pa.table({name: values[lo:hi] for name, values in columns.items()}), **options)
-        first_row = out.column("first_row").to_numpy().copy()
-        seen = first_row >= 0
-        first_row[seen] = order[lo + first_row[seen]]
-        pieces.append(out.set_column(out.schema.get_field_index("first_row"), "first_row", pa.array(first_row)))
-    return pa.concat_tables(pieces)
-
-
-def _fold_in_memory(read, epoch: int, state, names: list[str], mining: MiningConfig, fold, *, per_epoch: bool,
-                    range_rows: int | None = None) -> EpochFold:
+def _fold_in_memory(read, epoch: int, state, names: list[str], mining: MiningConfig, fold, *,
+                    per_epoch: bool) -> EpochFold:
     events = read.table
     observed = events
     column = events.column(metric_column(mining.metric))
     if column.null_count:
         observed = events.filter(pc.is_valid(column))  # no such tokens: not an observation of this metric
     codes, names = dataset_codes(observed.column("dataset"), names)
-    out = fold_in_ranges(state, _keyed(observed, codes, mining.metric), fold, range_rows=range_rows, epoch=epoch,
-                         ema_decay=mining.ema_decay, per_epoch=per_epoch)
+    out = fold(state, _keyed(observed, codes, mining.metric), epoch=epoch, ema_decay=mining.ema_decay, per_epoch=per_epoch)
     mean_loss = float(pc.mean(events.column("loss").cast(pa.float64())).as_py()) if events.num_rows else None
     return EpochFold(state=out.select(list(fold_columns(mining.aggregate))), ids=_new_ids(out, names, observed.column("sample_id")),
                      names=names, n_events=events.num_rows, mean_loss=mean_loss,
@@ -343,9 +298,12 @@ def _footer_spans(part: pq.ParquetFile, columns: tuple[str, ...]) -> dict[str, d
     return spans
 
 
+_ATTEMPT_KEY = ("global_step", "rank", "attempt")
+
+
 def fold_out_of_core(
     files: list[Path], epoch: int, state: pa.Table | None, names: list[str], mining: MiningConfig, fold, *,
-    n_buckets: int, spill_dir: Path, skip_corrupt: bool = False, per_epoch: bool = False, range_rows: int | None = None,
+    n_buckets: int, spill_dir: Path, skip_corrupt: bool = False, per_epoch: bool = False,
 ) -> EpochFold:
     """Fold one epoch in ``n_buckets`` key ranges, spilling the events to ``spill_dir``.
 
@@ -354,9 +312,10 @@ def fold_out_of_core(
     bucket bounds; pass 1 streams the parts in record batches and appends each event to
     its key range's Arrow IPC file; pass 2 folds one range at a time with the engine,
     against the matching slice of the key-sorted state. A sample's events all fall in one
-    range, so the state equals the in-memory fold's, byte for byte. ``range_rows`` splits each
-    range's fold further into cache-sized ranges in memory (:func:`fold_in_ranges`).
+    range, so the state equals the in-memory fold's, byte for byte.
     """
+    import polars as pl
+
     columns = event_columns(mining.metric)
     metric = metric_column(mining.metric)
     parts, skipped, spans, sample, new_names = [], [], [], [], set()
@@ -402,8 +361,7 @@ def fold_out_of_core(
         # Several attempts (a resumed run): per (global_step, rank), only the highest attempt counts.
         rows = pa.concat_tables([part.read(columns=["attempt", "global_step", "rank"]) for _, part in parts])
         kept = supersede_attempts(rows.append_column("epoch", pa.array(np.zeros(rows.num_rows, np.int32))))
-        best = np.unique((kept.column("global_step").to_numpy() * 65536 + kept.column("rank").to_numpy()) * 1024
-                         + kept.column("attempt").to_numpy())
+        best = pl.from_arrow(kept.select(_ATTEMPT_KEY)).unique()
         del rows, kept
     del spans
 
@@ -429,10 +387,10 @@ def fold_out_of_core(
             for batch in part.iter_batches(batch_size=1 << 20, columns=present):
                 events = conform(pa.Table.from_batches([batch]), pa.schema([EVENT_SCHEMA.field(c) for c in columns]),
                                  str(path), keep_dictionary=True)
-                if best is not None:
-                    tagged = (events.column("global_step").to_numpy() * 65536 + events.column("rank").to_numpy()) * 1024 \
-                        + events.column("attempt").to_numpy()
-                    events = events.filter(pa.array(np.isin(tagged, best)))
+                if best is not None:  # only the events of the kept attempts, in their order
+                    keep = pl.from_arrow(events.select(_ATTEMPT_KEY)).with_row_index("row").join(
+                        best, on=list(_ATTEMPT_KEY), how="semi").get_column("row").sort()
+                    events = events.take(keep.to_arrow())
                 n_events += events.num_rows
                 loss_sum += float(np.sum(events.column("loss").to_numpy().astype(np.float64)))
                 column = events.column(metric)
@@ -466,8 +424,8 @@ def fold_out_of_core(
             continue
         with pa.memory_map(str(path)) as source:
             events = pa.ipc.open_file(source).read_all()
-        out = fold_in_ranges(piece if piece is not None and piece.num_rows else None, events.drop_columns(["sample_id"]),
-                             fold, range_rows=range_rows, epoch=epoch, ema_decay=mining.ema_decay, per_epoch=per_epoch)
+        out = fold(piece if piece is not None and piece.num_rows else None, events.drop_columns(["sample_id"]),
+                   epoch=epoch, ema_decay=mining.ema_decay, per_epoch=per_epoch)
         states.append(out.select(list(fold_columns(mining.aggregate))))
         ids.append(_new_ids(out, names, events.column("sample_id")))
         del events, out
@@ -504,8 +462,6 @@ def fold_pending(
     hsm_dir = Path(hsm_dir)
     engine = engine or mining.engine
     fold = ENGINES[engine]
-    # The default engine folds in cache-sized key ranges; DuckDB plans its own work.
-    range_rows = None if engine == "duckdb" else _RANGE_ROWS
     per_epoch = mining.aggregate in PER_EPOCH_AGGREGATES
     params = (mining.metric, mining.ema_decay, mining.aggregate)
     # The longest prefix of epochs whose state is stored and whose events are unchanged.
@@ -542,7 +498,7 @@ def fold_pending(
                     folder = functools.partial(fold, memory_limit=f"{max(budget >> 21, 64)}MB", temp_directory=spill)
                 epoch_fold = fold_out_of_core(
                     files, epoch, state, names, mining, folder, n_buckets=n_buckets, spill_dir=Path(spill),
-                    skip_corrupt=skip_corrupt, per_epoch=per_epoch, range_rows=range_rows,
+                    skip_corrupt=skip_corrupt, per_epoch=per_epoch,
                 )
             result.last_events = None
         else:
@@ -553,7 +509,7 @@ def fold_pending(
             result.last_events = read.table if telemetry else None
             if state is None and read.table.num_rows == 0:
                 continue  # nothing logged yet (mining switched on later): no state to carry
-            epoch_fold = _fold_in_memory(read, epoch, state, names, mining, fold, per_epoch=per_epoch, range_rows=range_rows)
+            epoch_fold = _fold_in_memory(read, epoch, state, names, mining, fold, per_epoch=per_epoch)
             del read
         state, ids, names = epoch_fold.state, epoch_fold.ids, epoch_fold.names
         result.skipped_files += epoch_fold.skipped

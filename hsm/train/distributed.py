@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import os
 
-from hsm.data.schedule import World
+from hsm.world import World
 
 __all__ = ["current_world", "is_initialized", "barrier", "broadcast_bytes", "all_gather_bytes", "all_reduce_sum",
-           "all_reduce_max", "on_main"]
+           "all_reduce_max", "on_main", "destroy_process_group"]
 
 
 def is_initialized() -> bool:
@@ -35,6 +35,14 @@ def _device():
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def destroy_process_group() -> None:
+    """Tear down the process group at the end of a run (nothing in one process)."""
+    if is_initialized():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -1,143 +1,101 @@
-"""The default engine's epoch fold: whole-array numpy (Polars only where it pays), built for 10M-event epochs.
+"""The Polars engine's epoch fold: Polars orders, groups and joins; one numpy loop continues the EMA.
 
-Samples are keyed by one int64 (:mod:`hsm.mining.state`), the state is kept sorted by
-key, and ``base_idx`` is dense within its dataset, so every event finds its
-state row through a direct per-dataset lookup table: no join and no sort. Rows
-first seen this epoch get fresh slots the same way. Samples observed once this
-epoch (most of them) are updated with whole-array arithmetic; only the events
-of samples observed several times are ordered (an integer lexsort of that
-subset) and folded sequentially, vectorised over samples.
+Polars puts every sample's events in observation order (a sort on ``key, global_step,
+rank, position``), groups them (count, first event row, first and last value), joins
+the groups onto the carried state and computes every rule of :mod:`hsm.mining.state`
+as column expressions. The one step it has no operation for is the EMA (and the
+in-order sum) over a sample's second and later observations, which
+:func:`continue_sequential` runs in numpy, vectorised over samples.
+
+Why not ``ewm_mean(alpha=1 - decay, adjust=False)``: Polars updates the average as
+``m + (v - m) * (alpha / ((1 - alpha) + alpha))``, the state's rule is
+``decay * m + (1 - decay) * v``. Same value in exact arithmetic, not in floating
+point: over 20,000 samples of 4 observations seeded with a carried EMA, 4-56% of the
+results differ in the last bit depending on ``decay`` (docs/benchmarks.md, issue 15),
+so the two engines would no longer agree bit for bit with each other and the oracle.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 
-from hsm.mining.state import EPOCH_COLUMNS, FOLD_COLUMNS, IDX_BITS, IDX_MASK
+from hsm.mining.state import EPOCH_COLUMNS, FOLD_COLUMNS
 
-__all__ = ["fold_epoch", "sequential_fold", "merge_slots", "output_columns", "OUTPUT_COLUMNS", "EPOCH_OUTPUT_COLUMNS"]
-
-
-def output_columns(per_epoch: bool) -> tuple[str, ...]:
-    """What a fold returns, with or without the per-epoch aggregates."""
-    return EPOCH_OUTPUT_COLUMNS if per_epoch else OUTPUT_COLUMNS
+__all__ = ["fold_epoch", "continue_sequential", "output_columns", "OUTPUT_COLUMNS", "EPOCH_OUTPUT_COLUMNS"]
 
 # What a fold returns: the new state, plus this epoch's observation count ``k`` and the
 # event row of each sample's first observation this epoch (``first_row``, -1 if none).
 OUTPUT_COLUMNS = (*FOLD_COLUMNS, "k", "first_row")
 EPOCH_OUTPUT_COLUMNS = (*FOLD_COLUMNS, *EPOCH_COLUMNS, "k", "first_row")
+_ORDER = ("key", "global_step", "rank", "position")
 
 
-def sequential_fold(
-    starts: np.ndarray,
-    lengths: np.ndarray,
-    x: np.ndarray,
-    n_prev: np.ndarray,
-    mean_prev: np.ndarray,
-    ema_prev: np.ndarray,
-    decay: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Fold groups of ordered observations ``x[starts[g]:starts[g]+lengths[g]]``.
+def output_columns(per_epoch: bool) -> tuple[str, ...]:
+    """What a fold returns, with or without the per-epoch aggregates.
 
-    Vectorised over groups, sequential within a group; equals, per group::
-
-        ema = x[0] if n == 0 else decay * ema + (1 - decay) * x[0]
-        for v in x[1:]: ema = decay * ema + (1 - decay) * v
-        s = x[0]; for v in x[1:]: s = s + v
-        mean = (mean * n + s) / (n + k)
-
-    Returns ``(n, mean, ema, last, s)``.
+    Args:
+        per_epoch: whether the state carries ``n_epochs``, ``epoch_mean`` and ``epoch_ema``.
     """
-    first = x[starts]
-    ema = np.where(n_prev == 0, first, decay * ema_prev + (1.0 - decay) * first)
-    total = first.copy()
+    return EPOCH_OUTPUT_COLUMNS if per_epoch else OUTPUT_COLUMNS
+
+
+def continue_sequential(starts: np.ndarray, lengths: np.ndarray, x: np.ndarray, ema: np.ndarray, total: np.ndarray,
+                        decay: float) -> None:
+    """Fold observations ``2..k`` of each group into ``ema`` and ``total``, in place.
+
+    Group ``g``'s observations are ``x[starts[g] : starts[g] + lengths[g]]``, in order;
+    ``ema[g]`` and ``total[g]`` already hold the fold of the first one. Vectorised over
+    groups, sequential within a group: ``ema = decay * ema + (1 - decay) * v; total = total + v``.
+
+    Args:
+        starts: first observation of each group in ``x``.
+        lengths: observations of each group (>= 1).
+        x: every observation, grouped and ordered.
+        ema: per group, updated in place.
+        total: per group, updated in place.
+        decay: the EMA's decay.
+    """
     for j in range(1, int(lengths.max(initial=1))):
         active = np.flatnonzero(lengths > j)
         values = x[starts[active] + j]
         ema[active] = decay * ema[active] + (1.0 - decay) * values
         total[active] = total[active] + values
-    n = n_prev + lengths
-    mean = (mean_prev * n_prev + total) / n
-    last = x[starts + lengths - 1]
-    return n, mean, ema, last, total
 
 
-def _sorted_codes(sorted_keys: np.ndarray) -> np.ndarray:
-    """The distinct dataset codes of sorted keys, one binary search per code."""
-    codes = []
-    at = 0
-    while at < len(sorted_keys):
-        code = int(sorted_keys[at] >> IDX_BITS)
-        codes.append(code)
-        at = int(np.searchsorted(sorted_keys, (code + 1) << IDX_BITS))
-    return np.array(codes, dtype=np.int64)
+def _carried(state: pa.Table | None, per_epoch: bool) -> pl.LazyFrame:
+    if state is not None:
+        return pl.from_arrow(state.select(list(FOLD_COLUMNS + (EPOCH_COLUMNS if per_epoch else ())))).lazy()
+    schema = {"key": pl.Int64, "n_obs": pl.Int64, "mean": pl.Float64, "ema": pl.Float64, "last": pl.Float64,
+              "last_epoch": pl.Int32}
+    if per_epoch:
+        schema.update(n_epochs=pl.Int32, epoch_mean=pl.Float64, epoch_ema=pl.Float64)
+    return pl.LazyFrame(schema=schema)
 
 
-def merge_slots(prev_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Merge a sorted, unique ``prev_keys`` with the event ``keys`` into one key space.
+def _observation_order(events: pl.DataFrame) -> pl.DataFrame:
+    """``key, x, row`` sorted by ``key, global_step, rank, position`` (``row``: the event's row in ``events``).
 
-    Returns ``(merged, prev_at, slots)``: the sorted union of both, the row of every
-    previous key in it (None when no key is new, so rows do not move) and the row of
-    every event key. Naive equivalent: ``merged = sorted(set(prev_keys) | set(keys));
-    row = {k: i for i, k in enumerate(merged)}; slots = [row[k] for k in keys]``.
-
-    When the ``base_idx`` of each dataset are dense (the usual case: indices into a
-    dataset), the union is a mark per possible index and a running count of the marks,
-    so every event finds its row with one gather: no sort, no binary search. Sparse
-    indices fall back to a sort of the distinct keys.
+    A stable sort on ``key`` alone, then the full sort only for the samples whose events
+    it left out of observation order (a sample seen on two ranks, or across parts): at 1M
+    events a four-column sort took 2.2 s, the key sort plus this repair 1.3 s on the
+    loaded development machine. The two parts hold disjoint keys, so merging them by key
+    is the complete order.
     """
-    n_prev = len(prev_keys)
-    if len(keys) == 0:
-        return prev_keys, None, np.zeros(0, dtype=np.intp)
-    ev_codes = keys >> IDX_BITS
-    codes = np.union1d(np.flatnonzero(np.bincount(ev_codes)), _sorted_codes(prev_keys))  # codes are small
-    prev_bounds = np.searchsorted(prev_keys, np.r_[codes, codes[-1] + 1] << IDX_BITS)
-    lows, widths = [], []
-    for i, code in enumerate(codes.tolist()):
-        low, top = (IDX_MASK, -1) if prev_bounds[i + 1] == prev_bounds[i] else \
-            (int(prev_keys[prev_bounds[i]] & IDX_MASK), int(prev_keys[prev_bounds[i + 1] - 1] & IDX_MASK))
-        if len(codes) == 1:
-            low, top = min(low, int(keys.min() & IDX_MASK)), max(top, int(keys.max() & IDX_MASK))
-        else:
-            of_code = ev_codes == code
-            if of_code.any():
-                low = min(low, int(np.min(keys, where=of_code, initial=IDX_MASK | (code << IDX_BITS)) & IDX_MASK))
-                top = max(top, int(np.max(keys, where=of_code, initial=code << IDX_BITS) & IDX_MASK))
-        lows.append(low)
-        widths.append(top - low + 1)
-    space = int(sum(widths))
-    if space > 4 * (n_prev + len(keys)) + (1 << 20):
-        merged = np.union1d(prev_keys, keys)
-        prev_at = None if len(merged) == n_prev else np.searchsorted(merged, prev_keys)
-        return merged, prev_at, np.searchsorted(merged, keys)
-    # Dense: a key's position in the space is its dataset's offset plus its base_idx above the lowest.
-    offsets = np.cumsum([0, *widths[:-1]])
-    shift = np.zeros(int(codes[-1]) + 1, dtype=np.int64)
-    shift[codes] = offsets - np.asarray(lows, dtype=np.int64) - (codes << IDX_BITS)
-    position = keys + shift[ev_codes]
-    del ev_codes
-    prev_position = prev_keys.copy()
-    for i, code in enumerate(codes.tolist()):
-        prev_position[prev_bounds[i]:prev_bounds[i + 1]] += shift[code]
-    mark = np.zeros(space, dtype=bool)
-    mark[prev_position] = True
-    mark[position] = True
-    row = np.cumsum(mark, dtype=np.intp)
-    row -= 1
-    slots = row[position]
-    del position
-    total = int(row[-1]) + 1
-    if total == n_prev:
-        return prev_keys, None, slots
-    prev_at = row[prev_position]
-    del row
-    at = np.flatnonzero(mark)
-    del mark
-    # Back from positions to keys: each position's dataset is the last offset at or below it.
-    which = np.searchsorted(offsets, at, side="right") - 1
-    merged = at - shift[codes[which]]
-    return merged, prev_at, slots
+    by_key = events.with_row_index("row").sort("key", maintain_order=True).set_sorted("key")
+    step, rank, position = pl.col("global_step"), pl.col("rank"), pl.col("position")
+    before = [c.shift(1) for c in (step, rank, position)]
+    earlier = (step < before[0]) | ((step == before[0]) & ((rank < before[1]) | ((rank == before[1]) & (position < before[2]))))
+    unordered = by_key.lazy().filter((pl.col("key") == pl.col("key").shift(1)) & earlier).select(pl.col("key").unique())
+    unordered = unordered.collect().get_column("key")
+    columns = ["key", "x", "row"]
+    if unordered.is_empty():
+        return by_key.select(columns).set_sorted("key")
+    flagged = pl.col("key").is_in(unordered.implode())
+    repaired = by_key.filter(flagged).sort(list(_ORDER)).select(columns).set_sorted("key")
+    # A multi-column sort does not flag its first column sorted; the flag makes the group-by a scan (20x).
+    return by_key.filter(~flagged).select(columns).set_sorted("key").merge_sorted(repaired, key="key").set_sorted("key")
 
 
 def fold_epoch(
@@ -157,74 +115,54 @@ def fold_epoch(
         :func:`output_columns`, sorted by ``key``: every previous and every new sample.
     """
     d = float(ema_decay)
-    prev_keys = state.column("key").to_numpy() if state is not None else np.zeros(0, dtype=np.int64)
-    n_prev = len(prev_keys)
-    ev_keys = events.column("key").to_numpy()
-    x = events.column("x").to_numpy()
-    keys, prev_at, slot = merge_slots(prev_keys, ev_keys)
-    total = len(keys)
-
-    def carried(name: str, dtype) -> np.ndarray:
-        if state is None:  # nothing carried, and no event observed this metric either
-            return np.zeros(total, dtype=dtype)
-        column = state.column(name).to_numpy()
-        if prev_at is None:
-            return column.astype(dtype, copy=True)
-        out = np.zeros(total, dtype=dtype)
-        out[prev_at] = column
-        return out
-
-    n_obs, mean, ema, last = carried("n_obs", np.int64), carried("mean", np.float64), carried("ema", np.float64), carried("last", np.float64)
-    last_epoch = carried("last_epoch", np.int32)
-    if per_epoch:
-        n_epochs, epoch_mean, epoch_ema = carried("n_epochs", np.int32), carried("epoch_mean", np.float64), carried("epoch_ema", np.float64)
-    del prev_at
-    k = np.bincount(slot, minlength=total)
-
-    # Samples observed once: the sequential rule with k = 1, as whole-array passes. A sum
-    # over one event is that event exactly (0.0 + x), so one weighted count gathers x and
-    # the event's row for every such sample.
-    single = k == 1
-    x_at = np.bincount(slot, weights=x, minlength=total)
-    first_row = np.bincount(slot, weights=np.arange(len(slot), dtype=np.float64), minlength=total).astype(np.int64)
-    first_row[k == 0] = -1
-    update = ema * d
-    update += x_at * (1.0 - d)
-    np.copyto(update, x_at, where=n_obs == 0)
-    np.copyto(ema, update, where=single)
-    np.multiply(mean, n_obs, out=update)
-    update += x_at
-    update /= n_obs + 1
-    np.copyto(mean, update, where=single)
-    del update
-    np.copyto(last, x_at, where=single)
-    n_obs += single
-    epoch_sum = x_at if per_epoch else None
-    del x_at, single
-
-    # Samples observed several times: order their events, fold sequentially.
-    multi = np.flatnonzero((k > 1)[slot])
-    if len(multi):
-        columns = [events.column(c).to_numpy()[multi] for c in ("position", "rank", "global_step")]
-        order = multi[np.lexsort((*columns, slot[multi]))]
-        slot_sorted = slot[order]
-        starts = np.flatnonzero(np.r_[True, slot_sorted[1:] != slot_sorted[:-1]])
-        lengths = np.diff(np.r_[starts, len(order)])
-        group = slot_sorted[starts]
-        g_n, g_mean, g_ema, g_last, g_sum = sequential_fold(
-            starts, lengths, x[order], n_obs[group], mean[group], ema[group], d
-        )
-        n_obs[group], mean[group], ema[group], last[group] = g_n, g_mean, g_ema, g_last
-        first_row[group] = order[starts]
-        if per_epoch:
-            epoch_sum[group] = g_sum
+    ordered = _observation_order(pl.from_arrow(events.select(list(_ORDER) + ["x"])))
+    groups = ordered.lazy().group_by("key", maintain_order=True).agg(
+        k=pl.len().cast(pl.Int64), first_row=pl.col("row").first().cast(pl.Int64),
+        x_first=pl.col("x").first(), x_last=pl.col("x").last(),
+    )
+    n_prev, k = pl.col("n_obs").fill_null(0), pl.col("k").fill_null(0)
     seen = k > 0
-    last_epoch[seen] = epoch
-    out = {"key": keys, "n_obs": n_obs, "mean": mean, "ema": ema, "last": last, "last_epoch": last_epoch,
-           "k": k.astype(np.int64), "first_row": first_row}
+    # The first observation of this epoch, for every observed sample (the whole fold when k == 1).
+    # Both sides sorted by key and flagged so: Polars joins them by merging.
+    joined = (_carried(state, per_epoch).set_sorted("key").join(groups.set_sorted("key"), on="key", how="full",
+                                                                  coalesce=True)
+              .sort("key")
+              .with_columns(
+                  ema_first=pl.when(n_prev == 0).then(pl.col("x_first"))
+                  .otherwise(pl.lit(d) * pl.col("ema") + pl.lit(1.0 - d) * pl.col("x_first")))
+              .collect())
+
+    # Observations 2..k: the numpy kernel (Polars has no bit-exact operation for it, see the module doc).
+    counts = joined.get_column("k").fill_null(0).to_numpy()
+    ema_first = joined.get_column("ema_first").to_numpy(writable=True)
+    total = joined.get_column("x_first").to_numpy(writable=True)
+    multi = np.flatnonzero(counts > 1)
+    if len(multi):
+        starts = np.cumsum(counts) - counts
+        g_ema, g_total = ema_first[multi], total[multi]
+        continue_sequential(starts[multi], counts[multi], ordered.get_column("x").to_numpy(), g_ema, g_total, d)
+        ema_first[multi], total[multi] = g_ema, g_total
+
+    folded = joined.lazy().with_columns(ema_new=pl.Series(ema_first), total=pl.Series(total))
+    columns = [
+        pl.col("key"),
+        (n_prev + k).alias("n_obs"),
+        pl.when(seen).then((pl.col("mean").fill_null(0.0) * n_prev + pl.col("total")) / (n_prev + k))
+        .otherwise(pl.col("mean")).alias("mean"),
+        pl.when(seen).then(pl.col("ema_new")).otherwise(pl.col("ema")).alias("ema"),
+        pl.when(seen).then(pl.col("x_last")).otherwise(pl.col("last")).alias("last"),
+        pl.when(seen).then(pl.lit(epoch, pl.Int32)).otherwise(pl.col("last_epoch")).cast(pl.Int32).alias("last_epoch"),
+        k.alias("k"),
+        pl.col("first_row").fill_null(-1).alias("first_row"),
+    ]
     if per_epoch:
-        np.copyto(epoch_mean, epoch_sum / np.maximum(k, 1), where=seen)
-        np.copyto(epoch_ema, d * epoch_ema + (1.0 - d) * epoch_mean, where=seen)
-        n_epochs += seen
-        out.update(n_epochs=n_epochs, epoch_mean=epoch_mean, epoch_ema=epoch_ema)
-    return pa.table({name: out[name] for name in output_columns(per_epoch)})
+        epoch_mean = pl.col("total") / k
+        columns += [
+            pl.when(seen).then(pl.col("n_epochs").fill_null(0) + 1).otherwise(pl.col("n_epochs"))
+            .cast(pl.Int32).alias("n_epochs"),
+            pl.when(seen).then(epoch_mean).otherwise(pl.col("epoch_mean")).alias("epoch_mean"),
+            pl.when(seen).then(pl.lit(d) * pl.col("epoch_ema").fill_null(0.0) + pl.lit(1.0 - d) * epoch_mean)
+            .otherwise(pl.col("epoch_ema")).alias("epoch_ema"),
+        ]
+    out = folded.select(columns).collect()
+    return out.select(list(output_columns(per_epoch))).to_arrow().combine_chunks()
