@@ -24,7 +24,9 @@ def sql(
 ) -> None:
     """Run a shipped query or your own SQL over the views events, events_raw, state, plans, manifests."""
     from hsm.io import ChecksumMismatch
+    from hsm.mining.events import CorruptEventFile
     from hsm.mining.plan import PlanError
+    from hsm.schemas import SchemaError
     from hsm.mining.queries import QueryRefused, connect, query_text, run_query, shipped_queries
 
     if list_queries:
@@ -47,7 +49,7 @@ def sql(
 
     try:
         con = connect(run_dir)
-    except (PlanError, ChecksumMismatch) as e:
+    except (PlanError, ChecksumMismatch, CorruptEventFile, SchemaError) as e:
         raise fail("sql", str(e)) from e
     try:
         result = run_query(con, text)

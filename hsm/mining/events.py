@@ -34,6 +34,7 @@ __all__ = [
     "event_dir",
     "list_event_files",
     "events_digest",
+    "part_checksums",
     "read_epoch_events",
     "supersede_attempts",
     "write_parquet_atomic",  # re-exported from hsm.io (removed later)
@@ -280,16 +281,24 @@ def list_event_files(hsm_dir: str | Path, epoch: int, rank: int | None = None) -
     return files
 
 
-def events_digest(files: Sequence[Path], root: Path) -> str:
+def part_checksums(files: Sequence[Path], root: Path) -> dict[str, str]:
+    """``{path relative to root: sha256}`` of each part, for the state's provenance (what was folded)."""
+    return {str(path.relative_to(root)): file_sha256(path) for path in sorted(files)}
+
+
+def events_digest(files: Sequence[Path], root: Path, checksums: dict[str, str] | None = None) -> str:
     """Digest of which parts exist, their sizes and their content (sha256 of each).
 
     A changed digest means the epoch must be refolded: a part rewritten with other
     bytes of the same size changes it too, and the refold then reads the part with
     page checksums verified (a damaged page is an error naming the part).
+    ``checksums`` are :func:`part_checksums` of ``files`` when already computed.
     """
+    checksums = checksums if checksums is not None else part_checksums(files, root)
     h = hashlib.sha256()
     for path in sorted(files):
-        h.update(f"{path.relative_to(root)}\0{path.stat().st_size}\0{file_sha256(path)}\n".encode())
+        name = str(path.relative_to(root))
+        h.update(f"{name}\0{path.stat().st_size}\0{checksums[name]}\n".encode())
     return h.hexdigest()
 
 

@@ -8,6 +8,7 @@ size, fingerprint or indices do not match, with a message that says what to do.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -48,6 +49,7 @@ __all__ = [
     "plan_epochs",
     "read_plan_table",
     "verify_plan",
+    "manifest_digest",
     "read_manifest",
     "load_plan",
     # Re-exported from hsm.io for callers not yet moved (removed later).
@@ -157,11 +159,18 @@ def stage_plan(hsm_dir: str | Path, epoch: int, table: pa.Table, manifest: dict[
                                                                  dictionary=("dataset", "n_obs", "weight"),
                                                                  statistics=("base_idx",)))
         manifest = dict(manifest, plan_version=PLAN_VERSION, epoch=epoch, checksum=file_sha256(path), rows=table.num_rows)
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         write_json_atomic(manifest, staging / "manifest.json")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return staging, manifest
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without its own ``manifest_sha256`` (a changed count is caught too)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 def stage_plan_bytes(hsm_dir: str | Path, epoch: int, plan_bytes: bytes, manifest_bytes: bytes) -> Path:
@@ -210,9 +219,12 @@ def read_manifest(hsm_dir: str | Path, epoch: int) -> dict[str, Any] | None:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PlanError(f"{path}: not valid JSON ({e}); re-run hsm plan --epoch {epoch}") from e
-    for key in ("plan_version", "epoch", "checksum", "target", "mode", "triggered", "default_weight"):
+    for key in ("plan_version", "epoch", "checksum", "target", "mode", "triggered", "default_weight", "manifest_sha256"):
         if key not in manifest:
             raise PlanError(f"{path}: manifest has no '{key}'; re-run hsm plan --epoch {epoch}")
+    if manifest_digest(manifest) != manifest["manifest_sha256"]:
+        raise PlanError(f"{path}: content differs from its manifest_sha256 (the file changed on disk); "
+                        f"re-run hsm plan --epoch {epoch} --force")
     if manifest["plan_version"] != PLAN_VERSION:
         raise PlanError(f"{path}: plan_version {manifest['plan_version']} is not {PLAN_VERSION}")
     return manifest

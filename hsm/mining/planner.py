@@ -33,6 +33,7 @@ from hsm.mining.events import (
     drop_duplicate_events,
     events_digest,
     list_event_files,
+    part_checksums,
     read_epoch_events,
     supersede_attempts,
 )
@@ -580,10 +581,11 @@ def fold_pending(
         stats = dict(info.epoch_stats) if info is not None else {}
         if epoch_fold.n_events:
             stats[epoch] = {"mean_loss": epoch_fold.mean_loss, "n_events": epoch_fold.n_events}
+        checksums = part_checksums(files, _events_root(hsm_dir))
         info = StateInfo(
             epoch=epoch, metric=mining.metric, ema_decay=mining.ema_decay, aggregate=mining.aggregate,
-            events_digest=events_digest(files, _events_root(hsm_dir)), epoch_stats=stats, datasets=names,
-            version=STATE_VERSION,
+            events_digest=events_digest(files, _events_root(hsm_dir), checksums), epoch_stats=stats, datasets=names,
+            version=STATE_VERSION, event_sha256=checksums,
         )
         del epoch_fold
         if not write:

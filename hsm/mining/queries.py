@@ -13,6 +13,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from hsm.mining.checks import verify_event_log, verify_sample_ids
 from hsm.mining.plan import plan_dir, plan_epochs, verify_plan
 from hsm.mining.state import find_states, is_committed, state_path, verify_state
 from hsm.schemas import EVENT_SCHEMA, PLAN_SCHEMA, SAMPLE_ID_SCHEMA, STATE_SCHEMA
@@ -107,8 +108,9 @@ def connect(run_dir: str | Path) -> duckdb.DuckDBPyConnection:
     - ``plans``: every plan, with ``epoch`` = the epoch it is for, and ``sample_id`` joined.
     - ``manifests``: the plan manifests.
     Views over missing files are empty, with the right columns. Plans are checked against
-    their manifests and states against their checksum records first (``PlanError`` or
-    ``ChecksumMismatch`` naming the file). Then the connection is confined: it may read
+    their manifests, states against their checksum records, event parts and id tables
+    against their recorded sha256 or page checksums first (``PlanError``,
+    ``ChecksumMismatch``, ``CorruptEventFile`` or ``SchemaError`` naming the file). Then the connection is confined: it may read
     only those files (``allowed_paths``, ``enable_external_access=false``), installs and
     loads no extension, and its configuration is locked; run statements through
     :func:`run_query`, which refuses anything but queries.
@@ -116,6 +118,8 @@ def connect(run_dir: str | Path) -> duckdb.DuckDBPyConnection:
     root = Path(run_dir) / "hsm"
     plan_files, manifest_files = _verified_plans(root)
     state_files = _state_files(root)
+    verify_event_log(root)  # DuckDB does not verify Parquet page checksums: check the bytes first
+    verify_sample_ids(root)
     con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     part_files = sorted(root.glob("events/epoch=*/rank=*/part-*.parquet"))
     if part_files:

@@ -109,6 +109,8 @@ class StateInfo:
     datasets: list[str] = field(default_factory=list)
     # 1: sample_id in every state file (before the id table); such states are refolded.
     version: int = 1
+    # sha256 of each event part of this epoch, relative to events/ (hsm sql checks the parts against it).
+    event_sha256: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         payload = self.__dict__ | {"epoch_stats": {str(k): v for k, v in self.epoch_stats.items()}}

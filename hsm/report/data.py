@@ -115,7 +115,10 @@ def load_run(run_dir: str | Path, *, epoch: int | None = None) -> RunData:
     latest = manifests[max(manifests)]
     target = latest["target"]["name"]
     metric = latest.get("metric") or "loss"
-    con = connect(run_dir)
+    try:
+        con = connect(run_dir)  # checks plans, states, event parts and id tables first
+    except (ValueError, RuntimeError) as e:
+        raise ReportError(str(e)) from e
     try:
         per_dataset = con.sql(
             "SELECT dataset, epoch, avg(loss) FROM events GROUP BY ALL ORDER BY dataset, epoch").fetchall()
