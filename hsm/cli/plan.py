@@ -104,6 +104,9 @@ def plan(
         except (CorruptEventFile, PlanError, SchemaError, StateMismatch, PlanConflict, EmptyEpochs, OutputError,
                 RunLocked, ChecksumMismatch, ValueError) as e:
             raise fail("plan", _without_delete_advice(str(e)) if dry_run else str(e)) from e
+        except OSError as e:  # the run's lock file or a directory could not be created (disk full, read-only)
+            raise fail("plan", f"{e.filename or hsm_dir}: cannot write ({e.strerror or e}); free space or fix "
+                               "the permissions, then re-run") from e
     for warning in caught:
         console.print(f"[yellow]warning:[/] {warning.message}")
     _print_summary(result, hsm_dir)
