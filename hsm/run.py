@@ -129,6 +129,9 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
         (hsm_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
         write_dataset_info(hsm_dir, dataset)
     if mining is not None:
+        from hsm.mining.checks import check_run_files
+
+        check_run_files(hsm_dir)  # before step 0: a bad part or state fails now, not after an epoch
         trainer.setup_hsm(mining=mining, fusion=fusion, hsm_dir=hsm_dir, sampler=sampler,
                           num_train_epochs=args.num_train_epochs, attempt=resume_attempt(hsm_dir),
                           run_id=_agreed_run_id(output_dir.name))

@@ -94,7 +94,7 @@ def test_installed_console_script(run_dir):
     assert done.returncode == 0, done.stderr
     assert (run_dir / "hsm" / "plans" / "epoch=1" / "manifest.json").is_file()
     done = subprocess.run([script, "plan", "--run-dir", str(run_dir / "nowhere"), "--epoch", "1"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "config.yaml" in done.stderr
+    assert done.returncode == 2 and "no such run" in done.stderr
     # hsm plan must not pay for torch or transformers at start-up.
     probe = "import sys, hsm.cli.app; print('torch' in sys.modules, 'transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.split() == ["False", "False"]

@@ -14,20 +14,15 @@ from hsm.cli.common import console, fail, hsm_dir_of, print_table
 __all__ = ["plan"]
 
 
-_UNITS = {"": 1, "B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40,
-          "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
-
-
 def _parse_bytes(text: str) -> int | None:
-    """``"4GB"`` -> bytes (binary units); None when it is not a size."""
-    number = text.strip().upper().rstrip()
-    unit = number.lstrip("0123456789.")
+    """``"4GB"`` -> bytes, read by ``pydantic.ByteSize`` (``GB`` = 10**9, ``GiB`` = 2**30); None when it is not a size."""
+    from pydantic import ByteSize, TypeAdapter, ValidationError
+
     try:
-        value = float(number[: len(number) - len(unit)])
-    except ValueError:
+        value = int(TypeAdapter(ByteSize).validate_python(text.strip()))
+    except ValidationError:
         return None
-    factor = _UNITS.get(unit.strip())
-    return int(value * factor) if factor is not None and value > 0 else None
+    return value if value > 0 else None
 
 
 def _fmt(value) -> str:
@@ -55,16 +50,22 @@ def plan(
         "(spilling to --temp-dir). Default 2GB."
     ),
     temp_dir: Optional[Path] = typer.Option(None, "--temp-dir", help="Where an out-of-core fold spills (default: TMPDIR)."),
+    refold: bool = typer.Option(
+        False, "--refold", help="Ignore the stored states and fold every epoch again from the event log."
+    ),
 ) -> None:
     """Update the state from events of epochs < N not yet folded, and write the plan for epoch N."""
     from hsm.config import ConfigError, load_config
+    from hsm.io import ChecksumMismatch
     from hsm.mining.events import CorruptEventFile
-    from hsm.mining.plan import DatasetInfo, PlanError
+    from hsm.mining.plan import DatasetInfo, PlanError, RunLocked
     from hsm.mining.planner import EmptyEpochs, OutputError, PlanConflict, plan_epoch
     from hsm.schemas import SchemaError
     from hsm.mining.state import StateMismatch
 
     hsm_dir = hsm_dir_of(run_dir)
+    if not hsm_dir.is_dir():
+        raise fail("plan", f"{run_dir}: no such run (no hsm/ directory); give --run-dir the output_dir of an hsm train run")
     limit_bytes = None
     if memory_limit is not None:
         limit_bytes = _parse_bytes(memory_limit)
@@ -98,11 +99,14 @@ def plan(
             result = plan_epoch(
                 hsm_dir, epoch, mining, cfg.target_name, engine=engine, num_train_epochs=num_epochs,
                 dataset=dataset, skip_corrupt=skip_corrupt, write=not dry_run, dump_dir=run_dir,
-                force=force, allow_empty=allow_empty, memory_limit=limit_bytes, temp_directory=temp_dir,
+                force=force, allow_empty=allow_empty, memory_limit=limit_bytes, temp_directory=temp_dir, refold=refold,
             )
         except (CorruptEventFile, PlanError, SchemaError, StateMismatch, PlanConflict, EmptyEpochs, OutputError,
-                ValueError) as e:
+                RunLocked, ChecksumMismatch, ValueError) as e:
             raise fail("plan", _without_delete_advice(str(e)) if dry_run else str(e)) from e
+        except OSError as e:  # the run's lock file or a directory could not be created (disk full, read-only)
+            raise fail("plan", f"{e.filename or hsm_dir}: cannot write ({e.strerror or e}); free space or fix "
+                               "the permissions, then re-run") from e
     for warning in caught:
         console.print(f"[yellow]warning:[/] {warning.message}")
     _print_summary(result, hsm_dir)

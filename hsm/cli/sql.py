@@ -23,7 +23,11 @@ def sql(
     limit: int = typer.Option(200, "--limit", min=1, help="Rows printed in table format."),
 ) -> None:
     """Run a shipped query or your own SQL over the views events, events_raw, state, plans, manifests."""
-    from hsm.mining.queries import connect, query_text, shipped_queries
+    from hsm.io import ChecksumMismatch
+    from hsm.mining.events import CorruptEventFile
+    from hsm.mining.plan import PlanError
+    from hsm.schemas import SchemaError
+    from hsm.mining.queries import QueryRefused, connect, query_text, run_query, shipped_queries
 
     if list_queries:
         for query, description in shipped_queries().items():
@@ -45,11 +49,18 @@ def sql(
 
     try:
         con = connect(run_dir)
-        result = con.sql(text)
+    except (PlanError, ChecksumMismatch, CorruptEventFile, SchemaError) as e:
+        raise fail("sql", str(e)) from e
+    try:
+        result = run_query(con, text)
         if result is None:
             return
         columns = result.columns
         rows = result.fetchall()
+    except QueryRefused as e:
+        raise fail("sql", f"{name or 'query'}: {e}") from e
+    except duckdb.PermissionException as e:
+        raise fail("sql", f"{name or 'query'}: {e} (hsm sql reads only the run's views)") from e
     except duckdb.Error as e:
         raise fail("sql", f"{name or 'query'}: {e}") from e
     _print(columns, rows, fmt, limit)

@@ -29,13 +29,18 @@ def train(
             raise fail("train", str(e)) from e
     for warning in caught:
         console.print(f"[yellow]warning:[/] {warning.message}", soft_wrap=True)
-    from hsm.mining.plan import PlanError
+    from hsm.io import ChecksumMismatch
+    from hsm.mining.checks import RunFileError
+    from hsm.mining.events import CorruptEventFile
+    from hsm.mining.plan import PlanError, RunLocked
+    from hsm.mining.planner import OutputError
     from hsm.data.records import RecordError
     from hsm.run import train as run_training
 
     try:
         summary = run_training(cfg)
-    except (ConfigError, RecordError, PlanError, FileNotFoundError) as e:
+    except (ConfigError, RecordError, PlanError, FileNotFoundError, RunFileError, CorruptEventFile, RunLocked,
+            OutputError, ChecksumMismatch) as e:
         raise fail("train", str(e)) from e
     except OSError as e:  # read-only directory, a file where a directory must go, disk full
         raise fail("train", f"{e.filename or cfg.training.get('output_dir')}: cannot write ({e.strerror or e}); "

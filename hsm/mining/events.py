@@ -12,9 +12,7 @@ the events of the highest attempt count (:func:`supersede_attempts`).
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,8 +22,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from hsm.io import file_sha256, open_parquet, write_parquet_atomic
 from hsm.schemas import EVENT_SCHEMA, SchemaError, check_schema, conform
 
 __all__ = [
@@ -36,9 +34,10 @@ __all__ = [
     "event_dir",
     "list_event_files",
     "events_digest",
+    "part_checksums",
     "read_epoch_events",
     "supersede_attempts",
-    "write_parquet_atomic",
+    "write_parquet_atomic",  # re-exported from hsm.io (removed later)
     "PART_WRITE_OPTIONS",
     "PLANNER_COLUMNS",
     "drop_duplicate_events",
@@ -52,6 +51,7 @@ PART_WRITE_OPTIONS = {
     "compression": "zstd",
     "use_dictionary": ["run_id", "dataset"],
     "write_statistics": ["epoch", "global_step", "rank", "attempt"],
+    "write_page_checksum": True,
 }
 
 
@@ -82,32 +82,6 @@ def keyed_write_options(schema: pa.Schema, *, sorted_column: str, dictionary: tu
         "column_encoding": {sorted_column: "DELTA_BINARY_PACKED"} if sorted_column in names else None,
         "write_statistics": [c for c in statistics if c in names],
     }
-
-
-def write_parquet_atomic(table: pa.Table | Iterable[pa.Table], path: str | Path, **options: Any) -> None:
-    """Write ``table`` (or consecutive tables of one schema, a row group or more each, so a
-    large file is never assembled in memory) to a hidden temporary file beside ``path``
-    and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        if isinstance(table, pa.Table):
-            pq.write_table(table, tmp, **options)
-        else:
-            writer = None
-            try:
-                for chunk in table:
-                    if writer is None:
-                        writer = pq.ParquetWriter(tmp, chunk.schema, **options)
-                    writer.write_table(chunk)
-            finally:
-                if writer is not None:
-                    writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class EventWriter:
@@ -307,11 +281,24 @@ def list_event_files(hsm_dir: str | Path, epoch: int, rank: int | None = None) -
     return files
 
 
-def events_digest(files: Sequence[Path], root: Path) -> str:
-    """Digest of which parts exist and their sizes: a changed digest means the epoch must be refolded."""
+def part_checksums(files: Sequence[Path], root: Path) -> dict[str, str]:
+    """``{path relative to root: sha256}`` of each part, for the state's provenance (what was folded)."""
+    return {str(path.relative_to(root)): file_sha256(path) for path in sorted(files)}
+
+
+def events_digest(files: Sequence[Path], root: Path, checksums: dict[str, str] | None = None) -> str:
+    """Digest of which parts exist, their sizes and their content (sha256 of each).
+
+    A changed digest means the epoch must be refolded: a part rewritten with other
+    bytes of the same size changes it too, and the refold then reads the part with
+    page checksums verified (a damaged page is an error naming the part).
+    ``checksums`` are :func:`part_checksums` of ``files`` when already computed.
+    """
+    checksums = checksums if checksums is not None else part_checksums(files, root)
     h = hashlib.sha256()
     for path in sorted(files):
-        h.update(f"{path.relative_to(root)}\0{path.stat().st_size}\n".encode())
+        name = str(path.relative_to(root))
+        h.update(f"{name}\0{path.stat().st_size}\0{checksums[name]}\n".encode())
     return h.hexdigest()
 
 
@@ -327,7 +314,7 @@ class EventRead:
 
 def _read_part(path: Path, epoch: int, columns: Sequence[str] | None, dictionaries: bool = False) -> pa.Table:
     try:
-        part = pq.ParquetFile(path, read_dictionary=["run_id", "dataset"] if dictionaries else None)
+        part = open_parquet(path, read_dictionary=["run_id", "dataset"] if dictionaries else None)
         check_schema(part.schema_arrow, EVENT_SCHEMA, str(path))  # the whole contract, from the footer
         # Columns added to the contract later (nullable) may be absent from older parts; conform fills them.
         present = None if columns is None else [c for c in columns if c in part.schema_arrow.names]
@@ -336,6 +323,9 @@ def _read_part(path: Path, epoch: int, columns: Sequence[str] | None, dictionari
         raise CorruptEventFile(str(e)) from e
     except (pa.ArrowException, OSError) as e:
         raise CorruptEventFile(f"{path}: not a readable Parquet file ({e})") from e
+    except KeyError as e:  # read_dictionary names a column the file lacks: a foreign Parquet file
+        name = e.args[0].decode() if isinstance(e.args[0], bytes) else e.args[0]
+        raise CorruptEventFile(f"{path}: has no column '{name}': not an hsm event part") from e
     schema = EVENT_SCHEMA if columns is None else pa.schema([EVENT_SCHEMA.field(c) for c in columns])
     try:
         table = conform(table, schema, str(path), keep_dictionary=True)

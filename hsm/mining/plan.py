@@ -7,9 +7,11 @@ size, fingerprint or indices do not match, with a message that says what to do.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +19,18 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from hsm.mining.events import keyed_write_options, write_parquet_atomic
+from hsm.io import (
+    file_sha256,
+    is_temp_name,
+    open_parquet,
+    publish_dir,
+    restore_dirs,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_parquet_atomic,
+)
+from hsm.mining.events import keyed_write_options
 from hsm.schemas import PLAN_SCHEMA, SchemaError, check_schema, conform
 
 __all__ = [
@@ -29,8 +40,19 @@ __all__ = [
     "Plan",
     "plan_dir",
     "write_plan",
+    "stage_plan",
+    "stage_plan_bytes",
+    "publish_plan",
+    "run_lock",
+    "RunLocked",
+    "remove_stale_temps",
+    "plan_epochs",
+    "read_plan_table",
+    "verify_plan",
+    "manifest_digest",
     "read_manifest",
     "load_plan",
+    # Re-exported from hsm.io for callers not yet moved (removed later).
     "file_sha256",
     "write_json_atomic",
     "write_bytes_atomic",
@@ -62,56 +84,147 @@ def plan_dir(hsm_dir: str | Path, epoch: int) -> Path:
     return Path(hsm_dir) / "plans" / f"epoch={epoch}"
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+class RunLocked(RuntimeError):
+    """Another process is writing this run (``hsm plan`` or a training's planning)."""
 
 
-def write_bytes_atomic(data: bytes, path: str | Path) -> None:
-    """Write ``data`` to a hidden temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(hsm_dir: str | Path, timeout: float = 0.0):
+    """Hold the run's writer lock (``<hsm_dir>/.lock``) for the ``with`` block.
+
+    Every writer of state, id tables and plans takes it, so two planners never
+    interleave their files. On entry, the hidden temporary files and staging
+    directories a killed writer left behind are removed (an interrupted
+    :func:`hsm.io.publish_dir` is rolled back first).
+
+    Args:
+        hsm_dir: the run's ``hsm`` directory.
+        timeout: seconds to wait for another writer; 0 fails at once.
+
+    Raises:
+        RunLocked: another process holds the lock after ``timeout`` seconds.
+    """
+    from filelock import FileLock, Timeout
+
+    hsm_dir = Path(hsm_dir)
+    hsm_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(hsm_dir / LOCK_NAME)
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        lock.acquire(timeout=timeout)
+    except Timeout as e:
+        raise RunLocked(
+            f"{hsm_dir}: another hsm plan or training is writing this run (lock {hsm_dir / LOCK_NAME} is held); "
+            "wait for it to finish, then run the command again"
+        ) from e
+    try:
+        remove_stale_temps(hsm_dir)
+        yield
+    finally:
+        lock.release()
+
+
+def remove_stale_temps(hsm_dir: str | Path) -> list[Path]:
+    """Remove what killed writers left under ``plans/``, ``state/`` and ``sample_ids/`` (hold the lock)."""
+    removed = []
+    for top in ("plans", "state", "sample_ids"):
+        root = Path(hsm_dir) / top
+        if not root.is_dir():
+            continue
+        removed += restore_dirs(root)
+        for child in root.iterdir():
+            if child.is_dir() and not is_temp_name(child.name):
+                removed += restore_dirs(child)
+    return removed
+
+
+def stage_plan(hsm_dir: str | Path, epoch: int, table: pa.Table, manifest: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """Write plan and manifest into a hidden staging directory beside ``plans/epoch=E``.
+
+    Returns ``(staging directory, manifest with checksum)``; :func:`publish_plan`
+    makes it the plan. Nothing a reader looks at changes until then.
+    """
+    final = plan_dir(hsm_dir, epoch)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".{final.name}.staging-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        path = staging / "plan.parquet"
+        table = conform(table, PLAN_SCHEMA, str(final / "plan.parquet"), keep_dictionary=True)
+        write_parquet_atomic(table, path, **keyed_write_options(table.schema, sorted_column="base_idx",
+                                                                 dictionary=("dataset", "n_obs", "weight"),
+                                                                 statistics=("base_idx",)))
+        manifest = dict(manifest, plan_version=PLAN_VERSION, epoch=epoch, checksum=file_sha256(path), rows=table.num_rows)
+        manifest["manifest_sha256"] = manifest_digest(manifest)
+        write_json_atomic(manifest, staging / "manifest.json")
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
+    return staging, manifest
 
 
-def write_json_atomic(payload: Any, path: str | Path) -> None:
-    """Write JSON atomically (see :func:`write_bytes_atomic`)."""
-    write_bytes_atomic((json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8"), path)
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without its own ``manifest_sha256`` (a changed count is caught too)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def stage_plan_bytes(hsm_dir: str | Path, epoch: int, plan_bytes: bytes, manifest_bytes: bytes) -> Path:
+    """A plan received as bytes (broadcast from rank 0) staged for :func:`publish_plan`."""
+    final = plan_dir(hsm_dir, epoch)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".{final.name}.staging-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        write_bytes_atomic(plan_bytes, staging / "plan.parquet")
+        write_bytes_atomic(manifest_bytes, staging / "manifest.json")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
+
+
+def publish_plan(staging: Path, hsm_dir: str | Path, epoch: int) -> None:
+    """Make a staged plan and its manifest ``plans/epoch=E`` together, in one step."""
+    publish_dir(staging, plan_dir(hsm_dir, epoch))
 
 
 def write_plan(hsm_dir: str | Path, epoch: int, table: pa.Table, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Write plan and manifest atomically; returns the manifest with ``checksum`` filled in."""
-    directory = plan_dir(hsm_dir, epoch)
-    path = directory / "plan.parquet"
-    table = conform(table, PLAN_SCHEMA, str(path), keep_dictionary=True)
-    write_parquet_atomic(table, path, **keyed_write_options(table.schema, sorted_column="base_idx",
-                                                             dictionary=("dataset", "n_obs", "weight"), statistics=("base_idx",)))
-    manifest = dict(manifest, plan_version=PLAN_VERSION, epoch=epoch, checksum=file_sha256(path), rows=table.num_rows)
-    write_json_atomic(manifest, directory / "manifest.json")
+    """Write plan and manifest, published together; returns the manifest with ``checksum`` filled in."""
+    staging, manifest = stage_plan(hsm_dir, epoch, table, manifest)
+    publish_plan(staging, hsm_dir, epoch)
     return manifest
 
 
 def read_manifest(hsm_dir: str | Path, epoch: int) -> dict[str, Any] | None:
-    """The manifest of the plan for ``epoch``, or None if there is no plan."""
+    """The manifest of the plan for ``epoch``, or None if there is no plan.
+
+    A plan file without its manifest is a :class:`PlanError` (plan and manifest are
+    published together, so one alone means a file was removed), never "no plan".
+    """
     path = plan_dir(hsm_dir, epoch) / "manifest.json"
     if not path.is_file():
+        plan_file = path.with_name("plan.parquet")
+        if plan_file.exists():
+            raise PlanError(f"{plan_file}: plan without its manifest.json (removed?); re-run hsm plan --epoch {epoch} "
+                            f"--force to rebuild both")
         return None
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PlanError(f"{path}: not valid JSON ({e}); re-run hsm plan --epoch {epoch}") from e
-    for key in ("plan_version", "epoch", "checksum", "target", "mode", "triggered", "default_weight"):
+    for key in ("plan_version", "epoch", "checksum", "target", "mode", "triggered", "default_weight", "manifest_sha256"):
         if key not in manifest:
             raise PlanError(f"{path}: manifest has no '{key}'; re-run hsm plan --epoch {epoch}")
+    if manifest_digest(manifest) != manifest["manifest_sha256"]:
+        raise PlanError(f"{path}: content differs from its manifest_sha256 (the file changed on disk); "
+                        f"re-run hsm plan --epoch {epoch} --force")
     if manifest["plan_version"] != PLAN_VERSION:
         raise PlanError(f"{path}: plan_version {manifest['plan_version']} is not {PLAN_VERSION}")
     return manifest
@@ -196,17 +309,13 @@ def load_plan(
         return None
     path = plan_dir(hsm_dir, epoch) / "plan.parquet"
     fix = f"re-run hsm plan --epoch {epoch}"
-    if not path.is_file():
-        raise PlanError(f"{path}: missing although its manifest exists; {fix}")
-    actual = file_sha256(path)
-    if actual != manifest["checksum"]:
-        raise PlanError(f"{path}: sha256 {actual[:12]} does not match the manifest's {manifest['checksum'][:12]}; {fix}")
+    actual = _verified_checksum(path, manifest, fix)
     if expected_checksum is not None and actual != expected_checksum:
         raise PlanError(f"{path}: sha256 {actual[:12]} differs from rank 0's {expected_checksum[:12]}")
     if dataset is not None:
         _check_fits(path, manifest, dataset, fix)
     try:
-        part = pq.ParquetFile(path, read_dictionary=["dataset"])
+        part = open_parquet(path, read_dictionary=["dataset"])
         check_schema(part.schema_arrow, PLAN_SCHEMA, str(path))  # the whole contract, from the footer
         n_target = dataset.size if dataset is not None else manifest["target"].get("size")
         if n_target is None:  # offline, size unknown: the rows say how far the target goes
@@ -245,6 +354,62 @@ def load_plan(
         bad = high if high >= n_target else low
         raise PlanError(f"{path}: base_idx {bad} out of range for dataset '{name}' (n={n_target}); {fix}")
     return Plan(manifest=manifest, weight=weight, is_hard=is_hard)
+
+
+def _verified_checksum(path: Path, manifest: dict[str, Any], fix: str) -> str:
+    """The plan file's sha256, checked against its manifest's."""
+    if not path.is_file():
+        raise PlanError(f"{path}: missing although its manifest exists; {fix}")
+    actual = file_sha256(path)
+    if actual != manifest["checksum"]:
+        raise PlanError(f"{path}: sha256 {actual[:12]} does not match the manifest's {manifest['checksum'][:12]}; {fix}")
+    return actual
+
+
+def plan_epochs(hsm_dir: str | Path) -> list[int]:
+    """Epochs with a published plan directory ``plans/epoch=E``, ascending (staging directories are hidden)."""
+    root = Path(hsm_dir) / "plans"
+    if not root.is_dir():
+        return []
+    epochs = []
+    for child in root.iterdir():
+        name, _, value = child.name.partition("=")
+        if name == "epoch" and value.isdigit() and child.is_dir():
+            epochs.append(int(value))
+    return sorted(epochs)
+
+
+def verify_plan(hsm_dir: str | Path, epoch: int) -> dict[str, Any] | None:
+    """The manifest of ``epoch``'s plan after checking the plan file's sha256 against it; None if no plan.
+
+    Raises:
+        PlanError: a plan or manifest alone, or a checksum mismatch.
+    """
+    manifest = read_manifest(hsm_dir, epoch)
+    if manifest is not None:
+        _verified_checksum(plan_dir(hsm_dir, epoch) / "plan.parquet", manifest, f"re-run hsm plan --epoch {epoch}")
+    return manifest
+
+
+def read_plan_table(hsm_dir: str | Path, epoch: int, columns: list[str] | None = None) -> tuple[dict[str, Any], pa.Table]:
+    """``(manifest, rows)`` of the plan for ``epoch``, verified: manifest present, sha256 equal, page checksums.
+
+    For readers that want the rows themselves (the report, churn); training uses :func:`load_plan`.
+
+    Raises:
+        PlanError: no plan, a plan or manifest alone, a checksum mismatch, an unreadable file.
+    """
+    fix = f"re-run hsm plan --epoch {epoch}"
+    manifest = read_manifest(hsm_dir, epoch)
+    path = plan_dir(hsm_dir, epoch) / "plan.parquet"
+    if manifest is None:
+        raise PlanError(f"{path.parent}: no plan for epoch {epoch}")
+    _verified_checksum(path, manifest, fix)
+    try:
+        table = open_parquet(path).read(columns=columns)
+    except (pa.ArrowException, OSError) as e:
+        raise PlanError(f"{path}: unreadable plan ({e}); {fix}") from e
+    return manifest, table
 
 
 def _dataset_names(column: pa.ChunkedArray) -> list[str]:

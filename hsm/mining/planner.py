@@ -13,6 +13,7 @@ import datetime as dt
 import functools
 import math
 import os
+import shutil
 import tempfile
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,10 +33,21 @@ from hsm.mining.events import (
     drop_duplicate_events,
     events_digest,
     list_event_files,
+    part_checksums,
     read_epoch_events,
     supersede_attempts,
 )
-from hsm.mining.plan import DatasetInfo, plan_dir, read_manifest, write_json_atomic, write_plan
+from hsm.io import write_json_atomic
+from hsm.mining.plan import (
+    DatasetInfo,
+    PlanError,
+    plan_dir,
+    publish_plan,
+    read_manifest,
+    read_plan_table,
+    run_lock,
+    stage_plan,
+)
 from hsm.schemas import EVENT_SCHEMA, PLAN_SCHEMA, SAMPLE_ID_SCHEMA, SchemaError, check_schema, conform
 from hsm.mining.select import rank_order, select_plan
 from hsm.mining.suspects import data_map, read_epoch_metrics
@@ -50,6 +62,7 @@ from hsm.mining.state import (
     encode_keys,
     find_states,
     fold_columns,
+    is_committed,
     fold_table,
     read_sample_ids,
     read_state,
@@ -57,6 +70,7 @@ from hsm.mining.state import (
     sample_ids_path,
     score_of,
     state_path,
+    verify_state,
     write_sample_ids,
     write_state,
 )
@@ -321,7 +335,7 @@ def fold_out_of_core(
     parts, skipped, spans, sample, new_names = [], [], [], [], set()
     for path in files:
         try:
-            part = pq.ParquetFile(path, read_dictionary=["dataset"])
+            part = pq.ParquetFile(path, read_dictionary=["dataset"], page_checksum_verification=True)
             check_schema(part.schema_arrow, EVENT_SCHEMA, str(path))
             bounds_of = _footer_spans(part, ("attempt", "rank", "global_step", "epoch"))
             # The event writer records these spans in the footer; other writers' parts are scanned.
@@ -447,6 +461,7 @@ def fold_pending(
     write: bool = True,
     memory_limit: int | None = None,
     temp_directory: str | Path | None = None,
+    refold: bool = False,
 ) -> Folded:
     """Bring the state up to date with every epoch ``<= up_to_epoch``.
 
@@ -458,6 +473,11 @@ def fold_pending(
     An epoch whose fold would need more than ``memory_limit`` bytes (default
     :data:`DEFAULT_MEMORY_LIMIT`) is folded out of core (:func:`fold_out_of_core`),
     spilling to ``temp_directory``; the result is the same, byte for byte.
+
+    A stored state is reused only with its commit record (``state.sha256.json``) and
+    the same event parts (names, sizes, sha256); the reused file's bytes must match
+    its record (:func:`verify_state` raises ``ChecksumMismatch`` otherwise). ``refold``
+    ignores every stored state and folds from the event log.
     """
     hsm_dir = Path(hsm_dir)
     engine = engine or mining.engine
@@ -468,7 +488,7 @@ def fold_pending(
     valid = -1
     stored = set(find_states(hsm_dir))
     for epoch in range(0, up_to_epoch + 1):
-        if epoch not in stored:
+        if refold or epoch not in stored or not is_committed(hsm_dir, epoch):
             break
         info = read_state_info(hsm_dir, epoch)
         if info.version != STATE_VERSION:
@@ -480,6 +500,7 @@ def fold_pending(
         valid = epoch
     state, info, names = None, None, []
     if valid >= 0:
+        verify_state(hsm_dir, valid)  # a float rewritten in place keeps the size: the bytes decide
         disk, info = read_state(hsm_dir, valid, columns=("dataset", "base_idx", *fold_columns(mining.aggregate)[1:]))
         names = list(info.datasets)
         state = fold_table(disk, names, mining.aggregate)
@@ -516,10 +537,11 @@ def fold_pending(
         stats = dict(info.epoch_stats) if info is not None else {}
         if epoch_fold.n_events:
             stats[epoch] = {"mean_loss": epoch_fold.mean_loss, "n_events": epoch_fold.n_events}
+        checksums = part_checksums(files, _events_root(hsm_dir))
         info = StateInfo(
             epoch=epoch, metric=mining.metric, ema_decay=mining.ema_decay, aggregate=mining.aggregate,
-            events_digest=events_digest(files, _events_root(hsm_dir)), epoch_stats=stats, datasets=names,
-            version=STATE_VERSION,
+            events_digest=events_digest(files, _events_root(hsm_dir), checksums), epoch_stats=stats, datasets=names,
+            version=STATE_VERSION, event_sha256=checksums,
         )
         del epoch_fold
         if not write:
@@ -710,6 +732,8 @@ def plan_epoch(
     allow_empty: bool = True,
     memory_limit: int | None = None,
     temp_directory: str | Path | None = None,
+    refold: bool = False,
+    lock_timeout: float = 0.0,
 ) -> PlanResult:
     """Fold the events of epochs ``< epoch`` not yet folded and write the plan for ``epoch``.
 
@@ -730,19 +754,40 @@ def plan_epoch(
             refuses them (:class:`EmptyEpochs`).
         memory_limit: fold budget in bytes (default :data:`DEFAULT_MEMORY_LIMIT`); a larger
             epoch is folded out of core, spilling to ``temp_directory`` (default: the system's).
+        refold: ignore the stored states and fold every epoch from the event log.
+        lock_timeout: seconds to wait for another writer of the run (``write`` only).
+
+    Writing holds the run's lock (:func:`hsm.mining.plan.run_lock`) throughout; the plan
+    and its manifest are published together, last, after the state and dump were written.
 
     Raises:
-        PlanConflict, EmptyEpochs, OutputError: see ``force``, ``allow_empty``; a file that
-            cannot be written.
+        PlanConflict, EmptyEpochs, OutputError, RunLocked, ChecksumMismatch: see ``force``,
+            ``allow_empty``; a file that cannot be written; another writer; a stored state
+            whose bytes changed.
     """
     if epoch < 1:
         raise ValueError(f"a plan for epoch {epoch} needs events of earlier epochs; plan epoch 1 or later")
     hsm_dir = Path(hsm_dir)
+    lock = run_lock(hsm_dir, timeout=lock_timeout) if write else contextlib.nullcontext()
+    with lock:
+        return _plan_epoch(hsm_dir, epoch, mining, target, engine=engine, num_train_epochs=num_train_epochs,
+                           dataset=dataset, skip_corrupt=skip_corrupt, write=write, dump_dir=dump_dir, force=force,
+                           allow_empty=allow_empty, memory_limit=memory_limit, temp_directory=temp_directory,
+                           refold=refold)
+
+
+def _plan_epoch(hsm_dir: Path, epoch: int, mining: MiningConfig, target: str, *, engine: str | None,
+                num_train_epochs: float | None, dataset: DatasetInfo | None, skip_corrupt: bool, write: bool,
+                dump_dir: str | Path | None, force: bool, allow_empty: bool, memory_limit: int | None,
+                temp_directory: str | Path | None, refold: bool) -> PlanResult:
     if not force:
         problems = []
         if dataset is not None and dataset.name != target:
             problems.append(f"target: the run's hsm/dataset.json names '{dataset.name}', the config names '{target}'")
-        existing = read_manifest(hsm_dir, epoch)
+        try:
+            existing = read_manifest(hsm_dir, epoch)
+        except PlanError:
+            existing = None  # a plan without its manifest: nothing to compare, it is replaced whole
         if existing is not None and write:
             problems += plan_differences(existing, mining, target)
         if problems:
@@ -761,7 +806,7 @@ def plan_epoch(
     engine = engine or mining.engine
     with _plain_pages():
         folded = fold_pending(hsm_dir, epoch - 1, mining, engine=engine, skip_corrupt=skip_corrupt, write=write,
-                              memory_limit=memory_limit, temp_directory=temp_directory)
+                              memory_limit=memory_limit, temp_directory=temp_directory, refold=refold)
         try:
             return _plan_from(hsm_dir, epoch, mining, target, folded, engine=engine, num_train_epochs=num_train_epochs,
                               dataset=dataset, write=write, dump_dir=dump_dir)
@@ -818,10 +863,9 @@ def _plan_from(hsm_dir: Path, epoch: int, mining: MiningConfig, target: str, fol
         "engine": engine,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    previous = read_manifest(hsm_dir, epoch - 1)
     churn = None
-    if previous is not None:
-        previous_plan = pq.ParquetFile(plan_dir(hsm_dir, epoch - 1) / "plan.parquet").read(columns=["base_idx", "is_hard"])
+    if read_manifest(hsm_dir, epoch - 1) is not None:
+        previous_plan = read_plan_table(hsm_dir, epoch - 1, columns=["base_idx", "is_hard"])[1]
         before, after = hard_set(previous_plan), hard_set(table)
         union = before | after
         churn = {
@@ -829,12 +873,32 @@ def _plan_from(hsm_dir: Path, epoch: int, mining: MiningConfig, target: str, fol
             "removed": len(before - after), "jaccard": (len(before & after) / len(union)) if union else 1.0,
         }
     if write:
-        manifest = _writing(plan_dir(hsm_dir, epoch) / "plan.parquet", write_plan, hsm_dir, epoch, table, manifest)
+        dump = None
         if mining.dump and dump_dir is not None:
-            dump_path = Path(dump_dir) / f"hard_samples_epoch_{epoch}.json"
-            _writing(dump_path, _dump_hard, Path(dump_dir), epoch, table, selection.is_hard, mining.metric, sample_ids)
+            dump = functools.partial(_dump_hard, Path(dump_dir), epoch, table, selection.is_hard, mining.metric, sample_ids)
+        manifest = _publish(hsm_dir, epoch, table, manifest, folded, dump, Path(dump_dir or ".") / f"hard_samples_epoch_{epoch}.json")
     return PlanResult(epoch=epoch, manifest=manifest, plan=table, folded_epochs=folded.folded_epochs,
                       skipped_files=folded.skipped_files, churn=churn, written=write, last_events=folded.last_events)
+
+
+def _publish(hsm_dir: Path, epoch: int, table: pa.Table, manifest: dict[str, Any], folded: Folded, dump,
+             dump_path: Path) -> dict[str, Any]:
+    """Stage the plan, write the dump, wait for the state, then publish the plan: the last step.
+
+    Any failure before the publish (disk full in the dump or the state) leaves the
+    previous plan in place and the staged one removed.
+    """
+    where = plan_dir(hsm_dir, epoch) / "plan.parquet"
+    staging, manifest = _writing(where, stage_plan, hsm_dir, epoch, table, manifest)
+    try:
+        if dump is not None:
+            _writing(dump_path, dump)
+        folded.wait()  # the state's background write; its OutputError stops the publish
+        _writing(where, publish_plan, staging, hsm_dir, epoch)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return manifest
 
 
 def _dump_hard(output_dir: Path, epoch: int, table: pa.Table, is_hard: np.ndarray, metric: str, sample_ids) -> None:

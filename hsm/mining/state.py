@@ -28,6 +28,9 @@ the run's append-only list of dataset names (:attr:`StateInfo.datasets`). Files:
 - ``<hsm_dir>/state/epoch=E/state.parquet``: the state after epoch E (no strings
   but the dictionary-encoded dataset name), sorted by key, with its provenance
   in the Parquet key-value metadata.
+- ``<hsm_dir>/state/epoch=E/state.sha256.json``: the state file's sha256, written
+  after it (the commit record): a state without it is not reused, one whose bytes
+  differ from it is an error (:func:`verify_state`).
 - ``<hsm_dir>/sample_ids/epoch=E/sample_ids.parquet``: the append-only id table,
   ``(dataset, base_idx, sample_id)`` of the samples first observed in epoch E.
   The ``hsm sql`` views join it back onto state and plans.
@@ -46,7 +49,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hsm.mining.events import keyed_write_options, write_parquet_atomic
+from hsm.io import ChecksumMismatch, file_sha256, open_parquet, write_json_atomic, write_parquet_atomic
+from hsm.mining.events import keyed_write_options
 from hsm.schemas import SAMPLE_ID_SCHEMA, STATE_SCHEMA, SchemaError, conform
 
 __all__ = [
@@ -63,6 +67,9 @@ __all__ = [
     "find_states",
     "read_state",
     "read_state_info",
+    "state_checksum_path",
+    "is_committed",
+    "verify_state",
     "write_state",
     "write_sample_ids",
     "read_sample_ids",
@@ -102,6 +109,8 @@ class StateInfo:
     datasets: list[str] = field(default_factory=list)
     # 1: sample_id in every state file (before the id table); such states are refolded.
     version: int = 1
+    # sha256 of each event part of this epoch, relative to events/ (hsm sql checks the parts against it).
+    event_sha256: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         payload = self.__dict__ | {"epoch_stats": {str(k): v for k, v in self.epoch_stats.items()}}
@@ -127,6 +136,37 @@ class StateInfo:
 def state_path(hsm_dir: str | Path, epoch: int) -> Path:
     """``<hsm_dir>/state/epoch=E/state.parquet``."""
     return Path(hsm_dir) / "state" / f"epoch={epoch}" / "state.parquet"
+
+
+def state_checksum_path(hsm_dir: str | Path, epoch: int) -> Path:
+    """``<hsm_dir>/state/epoch=E/state.sha256.json``: the state file's sha256, its commit record."""
+    return state_path(hsm_dir, epoch).with_name("state.sha256.json")
+
+
+def is_committed(hsm_dir: str | Path, epoch: int) -> bool:
+    """Whether the state after ``epoch`` has its checksum record (a writer killed before it left none)."""
+    return state_checksum_path(hsm_dir, epoch).is_file()
+
+
+def verify_state(hsm_dir: str | Path, epoch: int) -> None:
+    """Check the state file's bytes against the sha256 recorded when it was written.
+
+    Raises:
+        ChecksumMismatch: the file changed on disk since (same size or not), naming it and the fix.
+    """
+    path = state_path(hsm_dir, epoch)
+    record = state_checksum_path(hsm_dir, epoch)
+    fix = "rebuild the state from the event log with hsm plan --refold (or delete the run's hsm/state directory)"
+    try:
+        expected = json.loads(record.read_text(encoding="utf-8"))["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ChecksumMismatch(f"{record}: unreadable checksum record ({e}); {fix}") from e
+    actual = file_sha256(path)
+    if actual != expected:
+        raise ChecksumMismatch(
+            f"{path}: sha256 {actual[:12]} differs from {expected[:12]} recorded when it was written "
+            f"(the file changed on disk); {fix}"
+        )
 
 
 def sample_ids_path(hsm_dir: str | Path, epoch: int) -> Path:
@@ -173,7 +213,7 @@ def read_state(hsm_dir: str | Path, epoch: int, columns: tuple[str, ...] | None 
     path = state_path(hsm_dir, epoch)
     try:
         # ParquetFile, not read_table: read_table builds a dataset (importing pyarrow.dataset and pandas).
-        table = pq.ParquetFile(path, read_dictionary=["dataset"], memory_map=True).read(
+        table = open_parquet(path, read_dictionary=["dataset"], memory_map=True).read(
             columns=list(columns) if columns else None, use_threads=True)
     except (pa.ArrowException, OSError) as e:
         raise SchemaError(f"{path}: not a readable state file ({e}); delete it to refold") from e
@@ -204,7 +244,11 @@ def write_state(hsm_dir: str | Path, state: pa.Table | Iterable[pa.Table], info:
     first = next(tables)
     options = keyed_write_options(first.schema, sorted_column="base_idx", dictionary=("dataset", "n_obs", "last_epoch", "n_epochs"),
                                   statistics=("dataset", "base_idx"))
+    # An older record goes first, so a writer killed below leaves an uncommitted state (refolded), not a mismatch.
+    state_checksum_path(hsm_dir, info.epoch).unlink(missing_ok=True)
     write_parquet_atomic(itertools.chain([first], tables), path, **options)
+    # The commit record, written last: a state without it (a killed writer) is refolded, not trusted.
+    write_json_atomic({"sha256": file_sha256(path), "size": path.stat().st_size}, state_checksum_path(hsm_dir, info.epoch))
     return path
 
 
@@ -243,7 +287,7 @@ def read_sample_ids(
 def _read_ids(path: Path, dataset: str | None, wanted: np.ndarray | None) -> pa.Table:
     """One id file, restricted to ``dataset`` and the ``wanted`` indices, reading only the row
     groups whose ``base_idx`` statistics can hold one of them."""
-    file = pq.ParquetFile(path)
+    file = open_parquet(path)
     groups = list(range(file.num_row_groups))
     if wanted is not None:
         column = file.schema_arrow.get_field_index("base_idx")

@@ -66,17 +66,18 @@ def _config(hsm_dir: Path) -> tuple[str, dict[str, Any]]:
         raise ReportError(f"{path}: not valid YAML ({e})") from e
 
 
-def _manifests(hsm_dir: Path) -> dict[int, dict[str, Any]]:
-    out = {}
-    for path in sorted((hsm_dir / "plans").glob("epoch=*/manifest.json")):
-        epoch = path.parent.name.partition("=")[2]
-        if not epoch.isdigit():
-            continue
-        try:
-            out[int(epoch)] = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ReportError(f"{path}: not valid JSON ({e}); re-run hsm plan --epoch {epoch}") from e
-    return out
+def _plans(hsm_dir: Path) -> tuple[dict[int, dict[str, Any]], dict[int, pa.Table]]:
+    """Every published plan and its manifest, verified by the plan module (manifest, sha256, page checksums)."""
+    from hsm.mining.plan import PlanError, plan_epochs, read_manifest, read_plan_table
+
+    manifests, tables = {}, {}
+    try:
+        for epoch in plan_epochs(hsm_dir):
+            if read_manifest(hsm_dir, epoch) is not None:  # an empty plan directory holds no plan
+                manifests[epoch], tables[epoch] = read_plan_table(hsm_dir, epoch)
+    except PlanError as e:
+        raise ReportError(str(e)) from e
+    return manifests, tables
 
 
 def _with_sample_ids(hsm_dir: Path, epoch: int, plan: pa.Table) -> pa.Table:
@@ -103,7 +104,7 @@ def load_run(run_dir: str | Path, *, epoch: int | None = None) -> RunData:
     if not hsm_dir.is_dir():
         raise ReportError(f"{run_dir}: no hsm/ directory; is this a run's output_dir?")
     config_text, config = _config(hsm_dir)
-    manifests = _manifests(hsm_dir)
+    manifests, plan_tables = _plans(hsm_dir)
     if not manifests:
         mining = ((config.get("custom") or {}) if isinstance(config, dict) else {}).get("hard_sample_mining")
         if not (isinstance(mining, dict) and mining.get("enabled")):
@@ -116,12 +117,14 @@ def load_run(run_dir: str | Path, *, epoch: int | None = None) -> RunData:
         epoch = max(manifests)
     elif epoch not in manifests:
         raise ReportError(f"--epoch {epoch}: no plan for it; plans exist for epochs {sorted(manifests)}")
-    plans = {e: _with_sample_ids(hsm_dir, e, pq.read_table(hsm_dir / "plans" / f"epoch={e}" / "plan.parquet"))
-             for e in manifests}
+    plans = {e: _with_sample_ids(hsm_dir, e, plan_tables[e]) for e in manifests}
     latest = manifests[max(manifests)]
     target = latest["target"]["name"]
     metric = latest.get("metric") or "loss"
-    con = connect(run_dir)
+    try:
+        con = connect(run_dir)  # checks plans, states, event parts and id tables first
+    except (ValueError, RuntimeError) as e:
+        raise ReportError(str(e)) from e
     try:
         per_dataset = con.sql(
             "SELECT dataset, epoch, avg(loss) FROM events GROUP BY ALL ORDER BY dataset, epoch").fetchall()

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from hsm.train import distributed
 from hsm.mining.events import event_dir, list_event_files
-from hsm.mining.plan import file_sha256, write_bytes_atomic
+from hsm.io import file_sha256, write_bytes_atomic
 
 __all__ = ["EventSyncError", "rank_inventory", "missing_parts", "sync_epoch_events"]
 

@@ -22,7 +22,8 @@ from hsm.train import distributed
 from hsm.config import FusionConfig, MiningConfig
 from hsm.mining.events import EventWriter
 from hsm.data.fusion import FusionDataset
-from hsm.mining.plan import file_sha256, plan_dir, write_bytes_atomic, write_json_atomic
+from hsm.io import file_sha256, write_json_atomic
+from hsm.mining.plan import plan_dir, publish_plan, stage_plan_bytes
 from hsm.mining.planner import plan_epoch
 from hsm.data.sampler import HsmSampler
 from hsm.train.stats import per_sample_stats, token_losses
@@ -179,6 +180,10 @@ class HsmTrainerMixin(FusionSamplerMixin):
             )
 
 
+# An offline `hsm plan` on the run may hold its lock for a while; training waits rather than fail an epoch.
+_LOCK_WAIT_SECONDS = 600.0
+
+
 class MiningCallback(TrainerCallback):
     """Epoch end: flush events, agree on the log, plan on rank 0, broadcast the plan, log telemetry."""
 
@@ -216,7 +221,7 @@ class MiningCallback(TrainerCallback):
         if distributed.on_main(world):
             result = plan_epoch(
                 t.hsm_dir, epoch + 1, t.hsm_mining, t.hsm_fusion.target.name, num_train_epochs=t.hsm_num_epochs,
-                dataset=t.hsm_sampler.target, dump_dir=Path(args.output_dir),
+                dataset=t.hsm_sampler.target, dump_dir=Path(args.output_dir), lock_timeout=_LOCK_WAIT_SECONDS,
             )
             directory = plan_dir(t.hsm_dir, epoch + 1)
             manifest_bytes = (directory / "manifest.json").read_bytes()
@@ -229,8 +234,8 @@ class MiningCallback(TrainerCallback):
         manifest = json.loads(manifest_bytes)
         directory = plan_dir(t.hsm_dir, epoch + 1)
         if not (directory / "plan.parquet").is_file() or file_sha256(directory / "plan.parquet") != manifest["checksum"]:
-            write_bytes_atomic(plan_bytes, directory / "plan.parquet")
-            write_bytes_atomic(manifest_bytes, directory / "manifest.json")  # the manifest is the commit point
+            # Plan and manifest appear together (this rank's disk, written by this rank only).
+            publish_plan(stage_plan_bytes(t.hsm_dir, epoch + 1, plan_bytes, manifest_bytes), t.hsm_dir, epoch + 1)
         t.hsm_sampler.expect_plan(epoch + 1, manifest["checksum"])
         logs["plan_seconds"] = time.perf_counter() - started
         if distributed.on_main(world):

@@ -1,0 +1,321 @@
+"""Fault injection over a small run: kills, concurrent planners, corruption, disk full, hostile ``hsm sql``.
+
+Every case ends in one of three outcomes, printed as a table:
+
+- ``uninterrupted result``: the command (or its re-run) gives byte for byte what an
+  undisturbed run gives;
+- ``clear error naming file``: exit 2 with a message naming the damaged file (or the
+  refused statement), and nothing wrong published;
+- ``SILENT DIFFERENCE``: exit 0 with another result than the undisturbed run's.
+
+Run: ``python bench/faults.py [--trials 20]`` (as root for the disk-full cases, which
+mount small tmpfs file systems; they are skipped otherwise). A few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from eventlog import TARGET, random_rows, write_rows  # noqa: E402  (the tests' event-log builder)
+
+OK, ERROR, SILENT = "uninterrupted result", "clear error naming file", "SILENT DIFFERENCE"
+# Runs `hsm plan` and dies (like SIGKILL: no cleanup) just before its N-th file-system step.
+_KILLER = """
+import os, shutil, sys
+import hsm.io
+n = int(os.environ["HSM_FAULT_AT"]); seen = [0]
+def at_step(f):
+    def wrapped(*a, **k):
+        seen[0] += 1
+        if seen[0] == n:
+            os._exit(137)
+        return f(*a, **k)
+    return wrapped
+os.replace, os.rename, os.fsync, shutil.rmtree = (at_step(os.replace), at_step(os.rename), at_step(os.fsync),
+                                                  at_step(shutil.rmtree))
+hsm.io._exchange = at_step(hsm.io._exchange)
+from hsm.cli.app import app
+sys.argv = ["hsm", *sys.argv[1:]]
+app()
+"""
+
+
+def make_run(root: Path, k: int = 3) -> Path:
+    """Events of epochs 0..2 (2 ranks), a config, and plans for epochs 2 and 3."""
+    write_rows(root / "hsm", random_rows(np.random.default_rng(7), n_target=40, n_epochs=3, n_ranks=2, max_obs=2))
+    set_k(root, k)
+    for epoch in (2, 3):
+        hsm(root, "plan", "--epoch", str(epoch), check=True)
+    return root
+
+
+def set_k(run: Path, k: int) -> None:
+    config = {"custom": {"hard_sample_mining": {"enabled": True, "selector": {"k": k}, "dump": True},
+                         "fusion_config": {"target": {"name": TARGET}}}}
+    (run / "hsm" / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def hsm(run: Path, command: str, *args: str, check: bool = False, env: dict | None = None,
+        killer: bool = False) -> subprocess.CompletedProcess:
+    """``hsm COMMAND --run-dir RUN ARGS``: in this process (typer's runner), or as a killable subprocess."""
+    if killer:
+        argv = [sys.executable, "-c", _KILLER, command, "--run-dir", str(run), *args]
+        done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    else:
+        from typer.testing import CliRunner
+
+        from hsm.cli.app import app
+
+        result = CliRunner().invoke(app, [command, "--run-dir", str(run), *args])
+        done = subprocess.CompletedProcess(command, result.exit_code, result.output, result.output)
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            done = subprocess.CompletedProcess(command, 1, result.output, repr(result.exception))
+    if check and done.returncode != 0:
+        raise RuntimeError(f"hsm {command} {run}: {done.stderr[-2000:]}")
+    return done
+
+
+def published(run: Path) -> dict[int, str | None]:
+    """Plan epoch -> its checksum if plan and manifest agree, else 'TORN' (what any reader would see)."""
+    from hsm.mining.plan import PlanError, plan_epochs, verify_plan
+
+    out = {}
+    for epoch in plan_epochs(run / "hsm"):
+        try:
+            manifest = verify_plan(run / "hsm", epoch)
+            out[epoch] = None if manifest is None else manifest["checksum"]
+        except PlanError:
+            out[epoch] = "TORN"
+    return out
+
+
+def sql_view(run: Path) -> str:
+    done = hsm(run, "sql", "plan_summary", "--format", "csv")
+    return done.stdout if done.returncode == 0 else f"exit {done.returncode}"
+
+
+def kill_points(base: Path, work: Path) -> list[tuple[str, str, str]]:
+    """`hsm plan --epoch 3 --force --refold` with k=6 over a run planned with k=3, killed at each step."""
+    reference = work / "reference"
+    shutil.copytree(base, reference)
+    set_k(reference, 6)
+    hsm(reference, "plan", "--epoch", "3", "--force", "--refold", check=True)
+    want = published(reference)
+    before = published(base)
+    outcomes = Counter()
+    n = 0
+    while True:
+        n += 1
+        run = work / f"kill{n}"
+        shutil.copytree(base, run)
+        set_k(run, 6)
+        done = hsm(run, "plan", "--epoch", "3", "--force", "--refold", env={"HSM_FAULT_AT": str(n)}, killer=True)
+        finished = done.returncode == 0
+        seen = published(run)
+        torn_now = any(v == "TORN" for v in seen.values())
+        mixed = any(seen.get(e) not in (before.get(e), want.get(e)) for e in seen)
+        rerun = hsm(run, "plan", "--epoch", "3", "--force")
+        final = published(run)
+        if torn_now or mixed or rerun.returncode != 0 or final != want:
+            outcomes[SILENT] += 1
+            print(f"  kill before step {n}: published {seen}, after re-run {final} (want {want})", file=sys.stderr)
+        else:
+            outcomes[OK] += 1
+        shutil.rmtree(run)
+        if finished:
+            break
+    detail = f"{n - 1} kill points; after each: old or new plan whole, re-run = uninterrupted"
+    return [("kill at each write step of hsm plan (+ re-run)", _summary(outcomes), detail)]
+
+
+def concurrent(base: Path, work: Path, trials: int) -> list[tuple[str, str, str]]:
+    """Two `hsm plan --epoch 3 --force` with different k on one run, started together."""
+    expected = {}
+    for k in (4, 7):
+        run = work / f"alone{k}"
+        shutil.copytree(base, run)
+        set_k(run, k)
+        hsm(run, "plan", "--epoch", "3", "--force", check=True)
+        expected[k] = published(run)[3]
+        shutil.rmtree(run)
+    outcomes, refused = Counter(), 0
+    for trial in range(trials):
+        run = work / f"race{trial}"
+        shutil.copytree(base, run)
+        configs = []
+        for k in (4, 7):
+            path = work / f"race{trial}-k{k}.yaml"
+            path.write_text(yaml.safe_dump({"custom": {"hard_sample_mining": {"enabled": True, "selector": {"k": k}},
+                                                       "fusion_config": {"target": {"name": TARGET}}}}))
+            configs.append(path)
+        argv = [[sys.executable, "-m", "hsm.cli.app", "plan", "--run-dir", str(run), "--epoch", "3", "--force",
+                 "--config", str(c)] for c in configs]
+        procs = [subprocess.Popen(a, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "PYTHONPATH": str(ROOT)}) for a in argv]
+        results = [(p.wait(), p.stderr.read()) for p in procs]
+        final = published(run)[3]
+        codes = sorted(code for code, _ in results)
+        lost = [err for code, err in results if code != 0]
+        refused += len(lost)
+        clear = all("another hsm plan or training is writing this run" in err for err in lost)
+        winners = {expected[k] for (code, _), k in zip(results, (4, 7)) if code == 0}
+        outcomes[OK if clear and final in winners and codes[0] == 0 else SILENT] += 1
+        shutil.rmtree(run)
+    return [(f"2 concurrent hsm plan x {trials}", _summary(outcomes),
+             f"{refused} refused at once by the run lock; published plan = a winner's, never torn")]
+
+
+def corruptions(base: Path, work: Path) -> list[tuple[str, str, str]]:
+    """Every file of the run corrupted in turn (4 bytes flipped, same size); `hsm plan --epoch 3` and `hsm sql`."""
+    reference = work / "corrupt-ref"
+    shutil.copytree(base, reference)
+    hsm(reference, "plan", "--epoch", "3", "--force", check=True)
+    want_plan, want_sql = published(reference)[3], sql_view(reference)
+    rows, by_kind = [], {}
+    files = sorted(p.relative_to(base) for p in (base / "hsm").rglob("*") if p.is_file() and not p.name.startswith("."))
+    for rel in files:
+        if rel.name == "config.yaml":
+            continue
+        run = work / "corrupt"
+        shutil.copytree(base, run)
+        path = run / rel
+        data = bytearray(path.read_bytes())
+        at = len(data) // 2
+        for i in range(4):
+            data[min(at + i, len(data) - 1)] ^= 0x5A
+        path.write_bytes(bytes(data))
+        plan = hsm(run, "plan", "--epoch", "3", "--force")
+        outcome_plan = _judge(plan, published(run).get(3) == want_plan, rel)
+        view = hsm(run, "sql", "plan_summary", "--format", "csv")
+        outcome_sql = _judge(view, view.stdout == want_sql, rel)
+        kind = str(rel.parts[1]) + "/" + rel.name.split("-")[0]
+        by_kind.setdefault(kind, Counter()).update([outcome_plan, outcome_sql])
+        if SILENT in (outcome_plan, outcome_sql):
+            print(f"  corrupt {rel}: plan {outcome_plan}, sql {outcome_sql}", file=sys.stderr)
+        shutil.rmtree(run)
+    for kind, outcomes in sorted(by_kind.items()):
+        rows.append((f"corrupt {kind} (plan + sql)", _summary(outcomes), ""))
+    return rows
+
+
+def _judge(done: subprocess.CompletedProcess, same: bool, rel: Path) -> str:
+    if done.returncode == 0:
+        return OK if same else SILENT
+    named = str(rel.name) in done.stderr or str(rel.parent) in done.stderr
+    return ERROR if done.returncode == 2 and named else f"exit {done.returncode}: {done.stderr.strip()[-120:]}"
+
+
+def _mounted(size_kib: int):
+    mount = Path(tempfile.mkdtemp(prefix="hsm-full-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(mount)], check=True)
+    return mount
+
+
+def _unmount(mount: Path) -> None:
+    import gc
+
+    gc.collect()  # memory-mapped state files of the in-process run keep the mount busy until collected
+    if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+    mount.rmdir()
+
+
+def disk_full(base: Path, levels: int = 9) -> list[tuple[str, str, str]]:
+    """`hsm plan --epoch 3 --force --refold` (k=6) with 0, 4, 8, ... KiB free beyond the run's own size (tmpfs)."""
+    if os.geteuid() != 0:
+        return [("disk full", "skipped", "needs root to mount tmpfs")]
+    mount = _mounted(1 << 16)
+    try:
+        shutil.copytree(base, mount / "run")
+        used_kib = shutil.disk_usage(mount).used // 1024
+    finally:
+        _unmount(mount)
+    outcomes, details = Counter(), []
+    before = published(base)
+    for level in range(levels):
+        mount = _mounted(used_kib + 4 * level)
+        try:
+            run = mount / "run"
+            shutil.copytree(base, run)
+            set_k(run, 6)
+            done = hsm(run, "plan", "--epoch", "3", "--force", "--refold")
+            now = published(run)
+            if done.returncode == 0:
+                outcomes[OK] += 1
+            elif done.returncode == 2 and "cannot write" in done.stderr and now == before:
+                outcomes[ERROR] += 1
+            else:
+                outcomes[SILENT] += 1
+                details.append(f"+{4 * level} KiB: exit {done.returncode}, published {now}: {done.stderr[-300:]}")
+        finally:
+            _unmount(mount)
+    for line in details:
+        print(f"  disk full {line}", file=sys.stderr)
+    return [(f"disk full: {levels} levels, 0..{4 * (levels - 1)} KiB free", _summary(outcomes),
+             "exit 2 leaves the previous plan published")]
+
+
+def hostile_sql(base: Path, work: Path) -> list[tuple[str, str, str]]:
+    statements = [f"COPY (SELECT 1) TO '{work}/x.csv'", f"ATTACH '{work}/x.db'", "INSTALL httpfs",
+                  "SELECT * FROM read_csv('/etc/passwd')", "SELECT * FROM glob('/root/*')",
+                  "SET enable_external_access = true"]
+    outcomes = Counter()
+    for statement in statements:
+        done = hsm(base, "sql", "-e", statement)
+        wrote = any(work.glob("x.*"))
+        outcomes[ERROR if done.returncode == 2 and not wrote else SILENT] += 1
+    return [(f"hostile hsm sql ({len(statements)} statements)", _summary(outcomes), "COPY, ATTACH, INSTALL, SET refused; "
+             "other paths: DuckDB permission error")]
+
+
+def _summary(outcomes: Counter) -> str:
+    return ", ".join(f"{name} {count}" for name, count in outcomes.most_common())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=20, help="Concurrent-planner trials.")
+    parser.add_argument("--only-disk-full", action="store_true", help="Run the disk-full cases only.")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="hsm-faults-") as tmp:
+        work = Path(tmp)
+        base = make_run(work / "base")
+        rows = []
+        if args.only_disk_full:
+            rows += disk_full(base)
+            _print(rows)
+            return
+        rows += kill_points(base, work)
+        rows += concurrent(base, work, args.trials)
+        rows += corruptions(base, work)
+        rows += disk_full(base)
+        rows += hostile_sql(base, work)
+    _print(rows)
+
+
+def _print(rows: list[tuple[str, str, str]]) -> None:
+    width = max(len(r[0]) for r in rows)
+    print(f"| {'case'.ljust(width)} | outcome | note |")
+    print(f"|{'-' * (width + 2)}|---------|------|")
+    for case, outcome, note in rows:
+        print(f"| {case.ljust(width)} | {outcome} | {note} |")
+    print(json.dumps({"silent": sum(SILENT in r[1] for r in rows)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""The one way hsm writes and checks a file: atomic, durable, checksummed.
+
+Every file hsm owns is written to a hidden temporary name in its own directory,
+flushed to disk (``fsync``), renamed over the final name and the directory
+flushed too: a reader sees the old file or the new one, never half of one, also
+after a power cut. Parquet files carry page checksums (CRC32 of every page) and
+are read with verification, so a flipped byte is an error naming the file, not a
+different number. A directory (a plan with its manifest) is published the same
+way, as a whole (:func:`publish_dir`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "ChecksumMismatch",
+    "file_sha256",
+    "fsync_dir",
+    "temp_name",
+    "write_bytes_atomic",
+    "write_json_atomic",
+    "write_parquet_atomic",
+    "open_parquet",
+    "publish_dir",
+    "restore_dirs",
+    "is_temp_name",
+]
+
+
+class ChecksumMismatch(ValueError):
+    """A file whose content differs from the sha256 recorded when it was written."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of the file's bytes (read 1 MiB at a time)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Flush a directory's entries (a rename is durable only once its directory is)."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_TEMP_SUFFIX = ".tmp"
+
+
+def temp_name(path: str | Path) -> Path:
+    """A hidden name beside ``path``, unique to this process and thread: ``.NAME.PID.TID.tmp``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{_TEMP_SUFFIX}")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is one of :func:`temp_name`'s (or a staging directory of :func:`publish_dir`)."""
+    return name.startswith(".") and (name.endswith(_TEMP_SUFFIX) or ".staging-" in name or ".old-" in name)
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """fsync ``tmp``, rename it to ``path``, fsync the directory."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_bytes_atomic(data: bytes, path: str | Path) -> None:
+    """Write ``data`` to ``path`` atomically and durably (see the module docstring)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        tmp.write_bytes(data)
+        _commit(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(payload: Any, path: str | Path) -> None:
+    """Write ``payload`` as indented, key-sorted JSON atomically (:func:`write_bytes_atomic`)."""
+    write_bytes_atomic((json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8"), path)
+
+
+def write_parquet_atomic(table: pa.Table | Iterable[pa.Table], path: str | Path, **options: Any) -> None:
+    """Write ``table`` to ``path`` atomically and durably, with page checksums.
+
+    Args:
+        table: one table, or consecutive tables of one schema (a row group or more each,
+            so a large file is never assembled in memory).
+        path: the final name.
+        **options: ``pyarrow.parquet.ParquetWriter`` options; ``write_page_checksum``
+            defaults to True.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    options.setdefault("write_page_checksum", True)
+    tmp = temp_name(path)
+    try:
+        if isinstance(table, pa.Table):
+            pq.write_table(table, tmp, **options)
+        else:
+            writer = None
+            try:
+                for chunk in table:
+                    if writer is None:
+                        writer = pq.ParquetWriter(tmp, chunk.schema, **options)
+                    writer.write_table(chunk)
+            finally:
+                if writer is not None:
+                    writer.close()
+        _commit(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def open_parquet(path: str | Path, **options: Any) -> pq.ParquetFile:
+    """``pq.ParquetFile`` that verifies every page's checksum as it reads (a bad page raises ``OSError``)."""
+    return pq.ParquetFile(path, page_checksum_verification=True, **options)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directory entries in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False  # the file system cannot exchange: fall back to two renames
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def publish_dir(staging: Path, final: Path) -> None:
+    """Make the fully written directory ``staging`` appear as ``final`` in one step.
+
+    A new ``final`` is a rename. An existing one is swapped with ``staging`` atomically
+    (``renameat2(RENAME_EXCHANGE)``) and the old content removed; where the file system
+    cannot swap, the old directory is renamed aside to a hidden ``.NAME.old-PID`` first,
+    which :func:`restore_dirs` puts back if the process dies before the second rename.
+
+    Args:
+        staging: a complete directory beside ``final`` (same file system).
+        final: the published name.
+    """
+    parent = final.parent
+    fsync_dir(staging)
+    if not final.exists():
+        os.rename(staging, final)
+    elif _exchange(staging, final):
+        shutil.rmtree(staging)
+    else:
+        aside = parent / f".{final.name}.old-{os.getpid()}"
+        os.rename(final, aside)
+        os.rename(staging, final)
+        shutil.rmtree(aside)
+    fsync_dir(parent)
+
+
+def restore_dirs(parent: Path) -> list[Path]:
+    """After a killed :func:`publish_dir`: put back an old directory whose replacement never arrived,
+    and remove every other hidden temporary entry under ``parent``. Returns what was removed.
+
+    Call it only while holding the lock of whoever writes under ``parent``.
+    """
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for entry in sorted(parent.iterdir()):
+        if not is_temp_name(entry.name):
+            continue
+        if ".old-" in entry.name:
+            final = parent / entry.name[1:].rsplit(".old-", 1)[0]
+            if not final.exists():
+                os.rename(entry, final)
+                continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+

@@ -1,0 +1,128 @@
+"""Start-up checks of a run's files: what training would otherwise fail on an epoch later.
+
+``hsm train`` calls :func:`check_run_files` before step 0. It reads footers and
+checksums only (no event rows): every event part has the event schema, every state
+file matches its checksum record and carries its provenance, every plan matches its
+manifest. A truncated part, an empty state file, a foreign Parquet file in the
+events folder or a plan without its manifest is an error naming the file now, not
+after a whole epoch of training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from hsm.io import ChecksumMismatch, file_sha256, open_parquet
+from hsm.mining.events import CorruptEventFile, event_dir, list_event_files
+from hsm.mining.plan import PlanError, plan_epochs, verify_plan
+from hsm.mining.state import find_states, is_committed, read_state_info, sample_ids_path, verify_state
+from hsm.schemas import EVENT_SCHEMA, SchemaError, check_schema
+
+__all__ = ["RunFileError", "check_run_files", "check_event_part", "verify_event_log", "verify_sample_ids"]
+
+
+class RunFileError(ValueError):
+    """A file of the run that training would fail on later (unreadable, off-schema, checksum mismatch)."""
+
+
+def _event_parts(hsm_dir: Path) -> list[Path]:
+    """Every ``*.parquet`` under ``events/epoch=*/rank=*`` (a foreign name too: the reader ignores it, say so)."""
+    return sorted(p for p in (hsm_dir / "events").glob("epoch=*/rank=*/*.parquet") if not p.name.startswith("."))
+
+
+def check_event_part(path: Path) -> None:
+    """The part's footer is readable and its schema the event contract.
+
+    Raises:
+        CorruptEventFile: naming the part, with the fix.
+    """
+    try:
+        schema = open_parquet(path).schema_arrow
+        check_schema(schema, EVENT_SCHEMA, str(path))
+    except SchemaError as e:
+        raise CorruptEventFile(f"{e}; not an hsm event part: move it out of {path.parent}") from e
+    except (pa.ArrowException, OSError) as e:
+        raise CorruptEventFile(f"{path}: not a readable Parquet file ({e}); remove it or plan with --skip-corrupt") from e
+
+
+def check_run_files(hsm_dir: str | Path) -> int:
+    """Check every event part, state file and plan of the run; returns how many files were checked.
+
+    Args:
+        hsm_dir: the run's ``hsm`` directory (nothing there yet is fine).
+
+    Raises:
+        RunFileError: the first bad file, named, with what to do.
+    """
+    hsm_dir = Path(hsm_dir)
+    checked = 0
+    try:
+        for path in _event_parts(hsm_dir):
+            if not path.name.startswith("part-"):
+                raise CorruptEventFile(f"{path}: not an hsm event part (named part-NNNNN.parquet); move it out of "
+                                       f"{event_dir(hsm_dir, 0).parent}")
+            check_event_part(path)
+            checked += 1
+        for epoch in find_states(hsm_dir):
+            read_state_info(hsm_dir, epoch)  # footer and provenance
+            if is_committed(hsm_dir, epoch):
+                verify_state(hsm_dir, epoch)
+            checked += 1
+        for epoch in plan_epochs(hsm_dir):
+            checked += verify_plan(hsm_dir, epoch) is not None
+    except (CorruptEventFile, SchemaError, ChecksumMismatch, PlanError) as e:
+        raise RunFileError(str(e)) from e
+    return checked
+
+
+def verify_event_log(hsm_dir: str | Path) -> int:
+    """Check every event part's bytes, for readers that do not verify pages themselves (DuckDB).
+
+    A part of a folded epoch is checked against the sha256 its state recorded; any
+    other part is read once with page checksums verified. Returns the parts checked.
+
+    Raises:
+        CorruptEventFile: naming the part and the fix.
+    """
+    hsm_dir = Path(hsm_dir)
+    recorded: dict[str, str] = {}
+    for epoch in find_states(hsm_dir):
+        if is_committed(hsm_dir, epoch):
+            verify_state(hsm_dir, epoch)
+            recorded.update(read_state_info(hsm_dir, epoch).event_sha256)
+    root = hsm_dir / "events"
+    parts = [p for e in sorted(_partition_epochs(root)) for p in list_event_files(hsm_dir, e)]
+    for path in parts:
+        expected = recorded.get(str(path.relative_to(root)))
+        if expected is not None:
+            if file_sha256(path) != expected:
+                raise CorruptEventFile(f"{path}: sha256 differs from the one recorded when its epoch was folded "
+                                       "(the file changed on disk); restore it, or remove it and hsm plan --refold")
+            continue
+        check_event_part(path)
+        try:
+            open_parquet(path).read()
+        except (pa.ArrowException, OSError) as e:
+            raise CorruptEventFile(f"{path}: damaged page ({e}); remove it or plan with --skip-corrupt") from e
+    return len(parts)
+
+
+def verify_sample_ids(hsm_dir: str | Path) -> None:
+    """Read every id table with page checksums verified (``SchemaError`` naming a damaged one)."""
+    hsm_dir = Path(hsm_dir)
+    for epoch in sorted(_partition_epochs(hsm_dir / "sample_ids")):
+        path = sample_ids_path(hsm_dir, epoch)
+        if path.is_file():
+            try:
+                open_parquet(path).read()
+            except (pa.ArrowException, OSError) as e:
+                raise SchemaError(f"{path}: damaged id table ({e}); rebuild it with hsm plan --refold") from e
+
+
+def _partition_epochs(root: Path) -> list[int]:
+    if not root.is_dir():
+        return []
+    found = (c.name.partition("=") for c in root.iterdir() if c.is_dir())
+    return [int(value) for name, _, value in found if name == "epoch" and value.isdigit()]
