@@ -12,6 +12,7 @@ pytest.importorskip("trl")
 
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling  # noqa: E402
 
 from hsm.config import MiningConfig, SelectorConfig  # noqa: E402
 from hsm.integrations.trl import HsmSFTTrainer, detection_dataset  # noqa: E402
@@ -25,6 +26,58 @@ def sft_config(out, epochs):
     return SFTConfig(output_dir=str(out), num_train_epochs=epochs, per_device_train_batch_size=4, learning_rate=0.01,
                      lr_scheduler_type="constant", logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
                      seed=0, max_length=None, dataloader_num_workers=0)
+
+
+def box_token_positions(tokenizer, input_ids: list[int], answer: str) -> tuple[set[int], set[int]]:
+    """Oracle, independent of hsm's scanners: the answer's coordinate and label tokens in ``input_ids``.
+
+    Coordinates and labels are found in the JSON answer by parsing it (``json.loads``) and locating each value's
+    text in writing order with ``str.find``; the answer's tokens are found in the ids by a plain scan.
+    """
+    import json
+
+    spans = []  # (start, end, role)
+    cursor = 0
+    for obj in json.loads(answer):
+        cursor = answer.index("[", answer.index('"bbox_2d"', cursor))
+        for value in obj["bbox_2d"]:
+            at = answer.index(str(value), cursor)
+            spans.append((at, at + len(str(value)), "coord"))
+            cursor = at + len(str(value))
+        text = json.dumps(obj["label"])[1:-1]
+        at = answer.index('"', answer.index(":", answer.index('"label"', cursor))) + 1  # the value's opening quote
+        spans.append((at, at + len(text), "label"))
+        cursor = at + len(text) + 1
+    encoded = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
+    run = encoded["input_ids"]
+    first = next(i for i in range(len(input_ids)) if input_ids[i:i + len(run)] == run)
+    coords, labels = set(), set()
+    for k, (start, end) in enumerate(encoded["offset_mapping"]):
+        roles = {role for s, e, role in spans if s < end and start < e}
+        if "coord" in roles:
+            coords.add(first + k)
+        elif "label" in roles:
+            labels.add(first + k)
+    return coords, labels
+
+
+def recomputed_box_losses(checkpoint, processor, rows: list[dict]) -> list[dict]:
+    """Per-sample loss, coord_loss, label_loss, loss_sum of the untrained model, each row alone, in float64."""
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+    collator = DataCollatorForVisionLanguageModeling(processor)
+    out = []
+    for row in rows:
+        answer = row["messages"][-1]["content"][0]["text"]
+        batch = collator([dict(row)])
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0].double()
+        ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0]
+        nll = {t: -torch.log_softmax(logits[t - 1], -1)[labels[t]].item() for t in range(1, len(ids)) if labels[t] != -100}
+        coords, label_tokens = box_token_positions(processor.tokenizer, ids, answer)
+        out.append({"loss": sum(nll.values()) / len(nll), "loss_sum": sum(nll.values()),
+                    "coord_loss": sum(nll[t] for t in coords) / len(coords),
+                    "label_loss": sum(nll[t] for t in label_tokens) / len(label_tokens)})
+    return out
 
 
 class InOrderSFTTrainer(SFTTrainer):
@@ -50,6 +103,12 @@ def test_hsm_sft_trainer_logs_plans_and_keeps_trl_loss(tmp_path):
     events = pa.concat_tables([pq.read_table(p) for p in sorted((out / "hsm").glob("events/epoch=*/rank=0/*.parquet"))])
     epoch0 = events.filter(pc.equal(events.column("epoch"), 0)).sort_by([("global_step", "ascending"), ("position", "ascending")])
     assert sorted(epoch0.column("sample_id").to_pylist()) == sorted(dataset["id"])  # every row once
+    # Box-aware signals from the same pass: step 0 ran the untrained weights, recomputed here row by row.
+    first = epoch0.filter(pc.equal(epoch0.column("global_step"), 0)).to_pylist()
+    expected = recomputed_box_losses(checkpoint, processor, [dataset[e["base_idx"]] for e in first])
+    for event, oracle in zip(first, expected):
+        for key in ("loss", "loss_sum", "coord_loss", "label_loss"):
+            assert event[key] == pytest.approx(oracle[key], rel=1e-4, abs=1e-5), key
     plan = pq.read_table(out / "hsm" / "plans" / "epoch=1" / "plan.parquet").to_pylist()
     hard = {r["base_idx"] for r in plan if r["is_hard"]}
     assert len(hard) == 2
