@@ -75,7 +75,7 @@ class HsmSFTTrainer(HsmTrainerMixin, SFTTrainer):
         # The same schedule seed with mining on or off, so switching it on does not reshuffle epoch 0.
         seed = (mining or MiningConfig()).seed
         attach(self, rows, dataset_name, mining=mining, seed=seed, sample_ids=ids, hsm_dir=hsm_dir,
-               tokenizer=tokenizer, answers=assistant_texts)
+               tokenizer=tokenizer if mining is not None else None, answers=assistant_texts)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
