@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -131,3 +137,39 @@ def test_hsm_sft_trainer_logs_plans_and_keeps_trl_loss(tmp_path):
     plain_losses = [h["loss"] for h in plain.state.log_history if "loss" in h]
     assert len(plain_losses) == 2
     assert hsm_losses[:2] == pytest.approx(plain_losses, rel=1e-6)
+
+
+def torchrun_trl(checkpoint: Path, jsonl: Path, out: Path, epochs: int, mining: str) -> list[dict]:
+    torchrun = Path(sys.executable).parent / "torchrun"
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "tests/dist_trl.py", str(checkpoint), str(jsonl),
+                           str(out), str(epochs), mining], cwd=root, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_hsm_sft_trainer_on_two_ranks(tmp_path):
+    checkpoint = build_checkpoint(tmp_path / "ckpt", "qwen3_vl")
+    corpus = synthesize(tmp_path / "corpus", n_target=8, n_source=1, n_val=1)
+    on = torchrun_trl(checkpoint, corpus["bbu"], tmp_path / "on", 2, "on")
+    off = torchrun_trl(checkpoint, corpus["bbu"], tmp_path / "off", 1, "off")
+    assert [r["backend"] for r in on] == ["gloo", "gloo"] and on[0]["expected"] == on[1]["expected"]
+
+    parts = sorted((tmp_path / "on" / "hsm" / "events").glob("epoch=*/rank=*/*.parquet"))
+    events = pa.concat_tables([pq.read_table(p) for p in parts]).to_pylist()
+    epoch0 = [e for e in events if e["epoch"] == 0]
+    assert {e["rank"] for e in epoch0} == {0, 1}  # events from both ranks
+    assert sorted(e["base_idx"] for e in epoch0) == list(range(8))  # every row once over the two ranks
+    plans = sorted((tmp_path / "on" / "hsm" / "plans").glob("epoch=*/plan.parquet"))
+    assert [p.parent.name for p in plans] == ["epoch=1", "epoch=2"]  # one plan per epoch boundary, on rank 0's disk
+    hard = {r["base_idx"] for r in pq.read_table(plans[0]).to_pylist() if r["is_hard"]}
+    assert hard == {e["base_idx"] for e in sorted(epoch0, key=lambda e: -e["loss"])[:2]}
+    epoch1 = [e for e in events if e["epoch"] == 1]
+    assert epoch1 and {e["rank"] for e in epoch1} == {0, 1}
+    assert all(e["drawn_as_hard"] == (e["base_idx"] in hard) for e in epoch1)
+
+    # Mining on equals mining off step for step in epoch 0 (2 optimizer steps of 2 ranks x 2 rows).
+    losses_on = [h["loss"] for h in on[0]["log_history"] if "loss" in h]
+    losses_off = [h["loss"] for h in off[0]["log_history"] if "loss" in h]
+    assert len(losses_off) == 2 and losses_on[:2] == pytest.approx(losses_off, rel=1e-6)
