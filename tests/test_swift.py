@@ -106,7 +106,7 @@ def recomputed_box_losses(checkpoint: Path, rows: list[dict]) -> list[dict]:
     return out
 
 
-def swift_sft(tmp: Path, name: str, checkpoint: Path, data: Path, *, mining: bool, epochs: int) -> Path:
+def swift_sft(tmp: Path, name: str, checkpoint: Path, data: list[str], *, mining: bool, epochs: int) -> Path:
     config = tmp / f"{name}.yaml"
     config.write_text(
         "custom:\n"
@@ -117,7 +117,7 @@ def swift_sft(tmp: Path, name: str, checkpoint: Path, data: Path, *, mining: boo
     out = tmp / name
     command = [
         str(Path(sys.executable).parent / "swift"), "sft", "--model", str(checkpoint), "--model_type", "qwen3_vl",
-        "--template", "hsm_tiny_qwen3_vl", "--dataset", str(data), "--split_dataset_ratio", "0",
+        "--template", "hsm_tiny_qwen3_vl", "--dataset", *data, "--split_dataset_ratio", "0",
         "--tuner_type", "full", "--num_train_epochs", str(epochs), "--per_device_train_batch_size", str(BATCH),
         "--gradient_accumulation_steps", "1", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
         "--warmup_ratio", "0", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
@@ -137,12 +137,32 @@ def step_losses(run_dir: Path) -> list[float]:
     return [line["loss"] for line in lines if "loss" in line]
 
 
+def test_provenance_from_ms_swift_loader(tmp_path):
+    """ms-swift's own loader on `target.jsonl src.jsonl#3`: the target's rows and each source's drawn rows."""
+    from swift.dataset import load_dataset
+
+    from hsm.integrations.swift import provenance
+
+    corpus = synthesize(tmp_path / "corpus", n_target=5, n_source=6, n_val=1)
+    target, source = swift_dataset(corpus["bbu"], tmp_path / "bbu.jsonl"), swift_dataset(corpus["lvis"], tmp_path / "src.jsonl")
+    train, _ = load_dataset([str(target), f"{source}#3"], shuffle=True, seed=0)
+    target_rows, sources = provenance(train, "bbu")
+    assert len(target_rows) == 5 and [(s.name, len(s.rows)) for s in sources] == [("src", 3)]
+    texts = {json.dumps(json.loads(line)["messages"]) for line in target.read_text().splitlines()}
+    assert {json.dumps(train[i]["messages"]) for i in target_rows} == texts  # exactly the target file's rows
+    assert set(target_rows).isdisjoint(sources[0].rows) and sorted([*target_rows, *sources[0].rows]) == list(range(8))
+    assert provenance(train, str(target))[0] == target_rows  # the entry's path names it too
+    with pytest.raises(ValueError, match="must name exactly one --dataset entry"):
+        provenance(train, "coco")
+
+
 def test_swift_sft_with_hsm_plugin(tmp_path):
     checkpoint = build_checkpoint(tmp_path / "ckpt", "qwen3_vl")
     corpus = synthesize(tmp_path / "corpus", n_target=N_ROWS, n_source=1, n_val=1)
     data = swift_dataset(corpus["bbu"], tmp_path / "train.jsonl")
+    entries = [str(data)]  # one entry: the target, whatever its file name
 
-    mined = swift_sft(tmp_path, "mined", checkpoint, data, mining=True, epochs=2)
+    mined = swift_sft(tmp_path, "mined", checkpoint, entries, mining=True, epochs=2)
     hsm_dir = mined / "hsm"
     events = pa.concat_tables([pq.read_table(p) for p in sorted(hsm_dir.glob("events/epoch=*/rank=0/*.parquet"))])
     epoch0 = events.filter(pc.equal(events.column("epoch"), 0))
@@ -167,7 +187,7 @@ def test_swift_sft_with_hsm_plugin(tmp_path):
     assert min(counts[i] for i in hard) > max(counts[i] for i in range(N_ROWS) if i not in hard)
 
     # ms-swift's logged loss with hsm's events on equals the run with mining disabled, step for step in epoch 0.
-    plain = swift_sft(tmp_path, "plain", checkpoint, data, mining=False, epochs=1)
+    plain = swift_sft(tmp_path, "plain", checkpoint, entries, mining=False, epochs=1)
     assert not (plain / "hsm" / "events").exists()
     steps_per_epoch = N_ROWS // BATCH
     mined_losses, plain_losses = step_losses(mined), step_losses(plain)

@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from hsm.config import FusionConfig, MiningConfig, TargetConfig
+from hsm.config import FusionConfig, MiningConfig, SourceConfig, TargetConfig
 from hsm.data.encoding import IGNORE_INDEX, answer_roles_in_ids
 from hsm.data.sampler import HsmSampler
 from hsm.mining.plan import DatasetInfo
 from hsm.train.trainer import resume_attempt, write_dataset_info
 
-__all__ = ["attach", "SlotDataset", "MetaCollator", "single_target_fusion", "fingerprint_ids", "supervised_runs"]
+__all__ = ["attach", "Part", "SlotDataset", "MetaCollator", "fingerprint_ids", "supervised_runs"]
 
 _TELEMETRY_DEFAULTS = {"augmented": False, "object_capped": False, "oversize": False, "aug_dropped": 0}
 
@@ -39,37 +40,47 @@ def fingerprint_ids(sample_ids: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def single_target_fusion(name: str) -> FusionConfig:
-    """The fusion of a foreign trainer's dataset: one target, no sources (the trainer mixes its own data)."""
-    return FusionConfig(target=TargetConfig(name=name))
+@dataclass(frozen=True)
+class Part:
+    """One dataset inside a foreign trainer's train set: its name, the trainer's row of each of its rows (in
+    ``base_idx`` order) and each row's stable sample id."""
+
+    name: str
+    rows: Sequence[int]
+    sample_ids: Sequence[str]
 
 
 class SlotDataset:
     """A row-indexed dataset read by schedule slots ``(dataset_code, base_idx, is_hard, epoch, position)``.
 
-    ``rows[base_idx]`` is returned unchanged plus ``hsm_meta``: the identity the events need. Integer indices
-    (evaluation, a plain sampler) return the row without metadata.
+    Code 0 is the target, codes 1.. the sources, each a :class:`Part` of ``rows`` (by default the target is all
+    of ``rows``). ``rows[part.rows[base_idx]]`` is returned unchanged plus ``hsm_meta``: the identity the events
+    need. Integer indices (evaluation, a plain sampler) return the row without metadata.
     """
 
-    def __init__(self, rows, name: str, sample_ids: Sequence[str]):
-        if len(sample_ids) != len(rows):
-            raise ValueError(f"sample_ids: {len(sample_ids)} ids for {len(rows)} rows of dataset '{name}'")
+    def __init__(self, rows, name: str, sample_ids: Sequence[str], *, target_rows: Sequence[int] | None = None,
+                 sources: Sequence[Part] = ()):
+        target = Part(name, list(target_rows) if target_rows is not None else range(len(rows)), list(sample_ids))
+        for part in (target, *sources):
+            if len(part.sample_ids) != len(part.rows):
+                raise ValueError(f"sample_ids: {len(part.sample_ids)} ids for {len(part.rows)} rows of dataset "
+                                 f"'{part.name}'")
         self.rows = rows
         self.name = name
-        self.sample_ids = list(sample_ids)
-        self.info = DatasetInfo(name, len(rows), fingerprint_ids(self.sample_ids))
+        self.parts = [target, *sources]
+        self.info = DatasetInfo(name, len(target.rows), fingerprint_ids(target.sample_ids))
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    # What write_dataset_info reads: one target, no sources.
+    # What write_dataset_info reads: target first, then the sources.
     @property
     def names(self) -> list[str]:
-        return [self.name]
+        return [part.name for part in self.parts]
 
     @property
     def sizes(self) -> list[int]:
-        return [len(self.rows)]
+        return [len(part.rows) for part in self.parts]
 
     @property
     def target_info(self) -> DatasetInfo:
@@ -79,11 +90,12 @@ class SlotDataset:
         if isinstance(slot, int):
             return self.rows[slot]
         code, base_idx, is_hard, epoch, position = slot
-        if code != 0:
-            raise IndexError(f"dataset code {code}: a foreign trainer's dataset has only the target (code 0)")
-        row = dict(self.rows[int(base_idx)])
+        if not 0 <= code < len(self.parts):
+            raise IndexError(f"dataset code {code}: this train set has {len(self.parts)} datasets ({self.names})")
+        part = self.parts[code]
+        row = dict(self.rows[int(part.rows[int(base_idx)])])
         row["hsm_meta"] = {
-            "sample_id": self.sample_ids[int(base_idx)], "dataset": self.name, "base_idx": int(base_idx),
+            "sample_id": part.sample_ids[int(base_idx)], "dataset": part.name, "base_idx": int(base_idx),
             "epoch": int(epoch), "aug_seed": 0, "drawn_as_hard": bool(is_hard), "position": int(position),
             **_TELEMETRY_DEFAULTS,
         }
@@ -154,7 +166,8 @@ class MetaCollator:
 
 def attach(trainer, rows, name: str, *, mining: MiningConfig | None, seed: int, sample_ids: Sequence[str] | None = None,
            hsm_dir: str | Path | None = None, tokenizer=None, answers: Callable[[dict], list[str]] | None = None,
-           world=None, run_id: str | None = None) -> SlotDataset:
+           world=None, run_id: str | None = None, target_rows: Sequence[int] | None = None,
+           sources: Sequence[Part] = ()) -> SlotDataset:
     """Plug hsm into ``trainer``, a Trainer subclass mixed with ``HsmTrainerMixin`` that keeps its own loss.
 
     Replaces ``trainer.train_dataset`` with a :class:`SlotDataset` over ``rows`` and ``trainer.data_collator``
@@ -175,19 +188,27 @@ def attach(trainer, rows, name: str, *, mining: MiningConfig | None, seed: int, 
         world: the sampler's world when the trainer's loader is not accelerate-prepared (it then deals
             each rank its batches itself); None otherwise.
         run_id: the run's name in events; default the output directory's name.
+        target_rows: the target's rows of ``rows`` (default all of them), when ``rows`` also holds sources.
+        sources: the other datasets of ``rows``: never mined, each drawn its own row count per epoch (with
+            replacement, as ``hsm train`` draws a source of ratio ``len(source) / len(target)``).
 
     Returns:
         The :class:`SlotDataset` now training.
     """
     hsm_dir = Path(hsm_dir) if hsm_dir is not None else Path(trainer.args.output_dir) / "hsm"
-    ids = [str(i) for i in sample_ids] if sample_ids is not None else [f"{name}:{i}" for i in range(len(rows))]
-    slots = SlotDataset(rows, name, ids)
+    ids = [str(i) for i in sample_ids] if sample_ids is not None else []
+    n_target = len(target_rows) if target_rows is not None else len(rows)
+    if sample_ids is None:
+        ids = [f"{name}:{i}" for i in range(n_target)]
+    slots = SlotDataset(rows, name, ids, target_rows=target_rows, sources=sources)
     trainer.train_dataset = slots
     trainer.data_collator = MetaCollator(trainer.data_collator, tokenizer=tokenizer, answers=answers)
-    sampler = HsmSampler(sizes=slots.sizes, ratios=[], target=slots.info, seed=seed,
+    ratios = [len(part.rows) / n_target for part in sources]  # source_quota gives back each source's row count
+    sampler = HsmSampler(sizes=slots.sizes, ratios=ratios, target=slots.info, seed=seed,
                          batch_size=trainer.args.per_device_train_batch_size,
                          hsm_dir=hsm_dir if mining is not None else None, world=world)
-    fusion = single_target_fusion(name)
+    fusion = FusionConfig(target=TargetConfig(name=name),
+                          sources=[SourceConfig(name=part.name, ratio=ratio) for part, ratio in zip(sources, ratios)])
     if trainer.is_world_process_zero():
         hsm_dir.mkdir(parents=True, exist_ok=True)
         write_dataset_info(hsm_dir, slots)

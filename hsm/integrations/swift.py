@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["register", "plugin_path", "HsmSwiftTrainer", "ScheduleBatchSampler"]
+__all__ = ["register", "plugin_path", "provenance", "HsmSwiftTrainer", "ScheduleBatchSampler"]
 
 CONFIG_ENV = "HSM_CONFIG"
 
@@ -86,7 +86,8 @@ def _load_hsm_config():
 def _refuse_packing(trainer) -> None:
     # Packed / padding-free rows hold several samples: one row's identity could not stand for them.
     template = trainer.template
-    for flag, on in (("--packing", getattr(template, "packing", False)),
+    packed = type(trainer.train_dataset).__name__ in ("PackingDataset", "IterablePackingDataset")
+    for flag, on in (("--packing", packed or getattr(template, "packing", False)),
                      ("--padding_free", getattr(template, "padding_free", False))):
         if on:
             raise ValueError(f"swift sft {flag} true: hsm needs one sample per row (each row's id rides in the "
@@ -105,6 +106,43 @@ def _roles_like_labels(roles: torch.Tensor, full_labels: torch.Tensor, inputs: d
         selected = (full_labels != -100)[0].cpu()
         return torch.nn.functional.pad(roles[:, selected], (1, 0))
     return roles[:, -int(keep):]
+
+
+def _entry_name(tag: str) -> str:
+    # A path entry (`--dataset data/coco.jsonl`) is named by its file stem, a hub entry by its id.
+    return Path(tag).stem if ("/" in tag or "." in tag) and Path(tag).suffix else tag
+
+
+def provenance(raw, target: str):
+    """``(target_rows, sources)`` of ms-swift's train set from the ``dataset`` column ms-swift 4.6 tags every row
+    with (its ``--dataset`` entry, before sampling, splitting and shuffling), or None without that column.
+
+    The entry whose tag, file name or file stem is ``target`` is the target; every other entry is a source
+    (:class:`hsm.integrations.common.Part` named by its file stem or hub id). ``base_idx`` is a row's position
+    among its entry's rows in ms-swift's train set (stable while the flags, ``--data_seed`` and files are).
+
+    Args:
+        raw: ms-swift's train rows before encoding (``LazyLLMDataset.dataset``).
+        target: ``fusion_config.target.name`` of ``hsm.yaml``.
+    """
+    from hsm.config import ConfigError
+    from hsm.integrations.common import Part
+
+    if "dataset" not in getattr(raw, "column_names", ()):
+        return None
+    rows_of: dict[str, list[int]] = {}
+    for i, tag in enumerate(raw["dataset"]):
+        rows_of.setdefault(tag, []).append(i)
+    matches = [tag for tag in rows_of if target in (tag, Path(tag).name, _entry_name(tag))]
+    if len(rows_of) == 1 and not matches:
+        return list(range(len(raw))), []  # one entry: it is the target, whatever its name
+    if len(matches) != 1:
+        raise ConfigError(os.environ.get(CONFIG_ENV, CONFIG_ENV), [
+            f"custom.fusion_config.target.name: '{target}' must name exactly one --dataset entry (its path, file "
+            f"name or stem); the entries are {sorted(rows_of)}"])
+    sources = [Part(_entry_name(tag), rows, [f"{_entry_name(tag)}:{k}" for k in range(len(rows))])
+               for tag, rows in rows_of.items() if tag != matches[0]]
+    return rows_of[matches[0]], sources
 
 
 def _trainer_class():
@@ -132,8 +170,10 @@ def _trainer_class():
             # only the assistant turns, so the roles come from the decoded supervised runs (as its template
             # rendered them, ``objects`` rows included).
             tokenizer = self.template.tokenizer if self.hsm_is_mining else None
+            found = provenance(getattr(self.train_dataset, "dataset", None), name)
+            target_rows, sources = found if found is not None else (None, [])
             attach(self, self.train_dataset, name, mining=cfg.mining, seed=seed, tokenizer=tokenizer,
-                   world=distributed.current_world())
+                   world=distributed.current_world(), target_rows=target_rows, sources=sources)
 
         def get_train_dataloader(self, skip_batches=0):
             from swift.dataloader import DataLoaderShard
