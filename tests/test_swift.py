@@ -5,8 +5,10 @@ Runs only where ms-swift is installed (``.venv-swift``); ``make test`` skips it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 pytest.importorskip("swift")
 
@@ -31,18 +34,79 @@ N_ROWS, BATCH = 8, 4
 
 
 def swift_dataset(jsonl: Path, out: Path) -> Path:
-    """hsm detection JSONL -> ms-swift's messages + images JSONL (what a user already has)."""
+    """hsm detection JSONL -> ms-swift's grounding JSONL (what a user already has): even rows with the answer as
+    ``bbox_2d`` JSON text, odd rows in ms-swift's ``objects`` format (``<ref-object><bbox>`` placeholders)."""
     with out.open("w", encoding="utf-8") as f:
-        for record in read_jsonl(jsonl):
-            answer = format_answer([o.bbox for o in record.objects], [o.label for o in record.objects],
-                                   record.width, record.height, "rel1000")
+        for i, record in enumerate(read_jsonl(jsonl)):
+            boxes, labels = [o.bbox for o in record.objects], [o.label for o in record.objects]
+            if i % 2 == 0:
+                answer = format_answer(boxes, labels, record.width, record.height, "rel1000")
+                objects = {"ref": [], "bbox": []}
+            else:
+                answer = "<ref-object><bbox>" * len(boxes)
+                objects = {"ref": labels, "bbox": [[round(v) for v in b] for b in boxes]}
             row = {"messages": [{"role": "user", "content": "<image>Detect all objects."},
-                                {"role": "assistant", "content": answer}], "images": [str(record.image)]}
+                                {"role": "assistant", "content": answer}], "images": [str(record.image)],
+                   "objects": objects}
             f.write(json.dumps(row) + "\n")
     return out
 
 
-def swift_sft(tmp: Path, name: str, checkpoint: Path, data: Path, *, mining: bool, epochs: int) -> Path:
+_ORACLE_SPANS = (  # (pattern, group holding the values, role): written apart from hsm's scanners
+    (re.compile(r'"bbox_2d":\s*\[([^\]]*)\]'), 1, "coord"),
+    (re.compile(r'"label":\s*"([^"]*)"'), 1, "label"),
+    (re.compile(r"<\|box_start\|>(.*?)<\|box_end\|>"), 1, "coord"),
+    (re.compile(r"<\|object_ref_start\|>(.*?)<\|object_ref_end\|>"), 1, "label"),
+)
+
+
+def oracle_roles(tokenizer, ids: list[int], positions: list[int]) -> dict[int, str]:
+    """Role of each supervised position: decode token by token, mark value characters by regex on the text."""
+    pieces = [tokenizer.decode([ids[t]]) for t in positions]
+    text = "".join(pieces)
+    char_role = [None] * len(text)
+    for pattern, group, role in _ORACLE_SPANS:
+        for match in pattern.finditer(text):
+            for i in range(match.start(group), match.end(group)):
+                if role == "label" or text[i].isdigit():
+                    char_role[i] = role
+    roles, at = {}, 0
+    for t, piece in zip(positions, pieces):
+        found = set(char_role[at:at + len(piece)])
+        roles[t] = "coord" if "coord" in found else "label" if "label" in found else None
+        at += len(piece)
+    return roles
+
+
+def recomputed_box_losses(checkpoint: Path, rows: list[dict]) -> list[dict]:
+    """Per-sample losses of the untrained model, each row encoded alone by ms-swift's own template, in float64."""
+    from swift.model import get_model_processor
+    from swift.template import get_template
+
+    spec = importlib.util.spec_from_file_location("hsm_tiny_template", TEMPLATE_PLUGIN)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    model, processor = get_model_processor(str(checkpoint), model_type="qwen3_vl", torch_dtype=torch.float32)
+    template = get_template(processor, template_type="hsm_tiny_qwen3_vl")
+    template.set_mode("train")
+    template.model = model  # its collator computes Qwen's rope positions with the model
+    out = []
+    for row in rows:
+        batch = template.data_collator([template.encode(row)])
+        with torch.no_grad():
+            logits = model.eval()(**{k: v for k, v in batch.items() if k != "labels"}).logits[0].double()
+        ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+        positions = [t for t in range(1, len(ids)) if labels[t] != -100]
+        nll = {t: -torch.log_softmax(logits[t - 1], -1)[labels[t]].item() for t in positions}
+        roles = oracle_roles(processor.tokenizer, ids, positions)
+        mean = {role: [nll[t] for t in positions if roles[t] == role] for role in ("coord", "label")}
+        assert mean["coord"] and mean["label"], row
+        out.append({"loss": sum(nll.values()) / len(nll), "loss_sum": sum(nll.values()),
+                    "coord_loss": sum(mean["coord"]) / len(mean["coord"]),
+                    "label_loss": sum(mean["label"]) / len(mean["label"])})
+    return out
+
+
+def swift_sft(tmp: Path, name: str, checkpoint: Path, data: list[str], *, mining: bool, epochs: int) -> Path:
     config = tmp / f"{name}.yaml"
     config.write_text(
         "custom:\n"
@@ -53,12 +117,12 @@ def swift_sft(tmp: Path, name: str, checkpoint: Path, data: Path, *, mining: boo
     out = tmp / name
     command = [
         str(Path(sys.executable).parent / "swift"), "sft", "--model", str(checkpoint), "--model_type", "qwen3_vl",
-        "--template", "hsm_tiny_qwen3_vl", "--dataset", str(data), "--split_dataset_ratio", "0",
+        "--template", "hsm_tiny_qwen3_vl", "--dataset", *data, "--split_dataset_ratio", "0",
         "--tuner_type", "full", "--num_train_epochs", str(epochs), "--per_device_train_batch_size", str(BATCH),
         "--gradient_accumulation_steps", "1", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
         "--warmup_ratio", "0", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
         "--dataloader_num_workers", "0", "--dataset_num_proc", "1", "--use_cpu", "true", "--check_model", "false",
-        "--seed", "0", "--output_dir", str(out),
+        "--seed", "0", "--output_dir", str(out), "--dataset_shuffle", "false",
         "--external_plugins", str(plugin_path()), str(TEMPLATE_PLUGIN),
     ]
     env = {**os.environ, "HSM_CONFIG": str(config)}
@@ -73,17 +137,44 @@ def step_losses(run_dir: Path) -> list[float]:
     return [line["loss"] for line in lines if "loss" in line]
 
 
+def test_provenance_from_ms_swift_loader(tmp_path):
+    """ms-swift's own loader on `target.jsonl src.jsonl#3`: the target's rows and each source's drawn rows."""
+    from swift.dataset import load_dataset
+
+    from hsm.integrations.swift import provenance
+
+    corpus = synthesize(tmp_path / "corpus", n_target=5, n_source=6, n_val=1)
+    target, source = swift_dataset(corpus["bbu"], tmp_path / "bbu.jsonl"), swift_dataset(corpus["lvis"], tmp_path / "src.jsonl")
+    train, _ = load_dataset([str(target), f"{source}#3"], shuffle=True, seed=0)
+    target_rows, sources = provenance(train, "bbu")
+    assert len(target_rows) == 5 and [(s.name, len(s.rows)) for s in sources] == [("src", 3)]
+    texts = {json.dumps(json.loads(line)["messages"]) for line in target.read_text().splitlines()}
+    assert {json.dumps(train[i]["messages"]) for i in target_rows} == texts  # exactly the target file's rows
+    assert set(target_rows).isdisjoint(sources[0].rows) and sorted([*target_rows, *sources[0].rows]) == list(range(8))
+    assert provenance(train, str(target))[0] == target_rows  # the entry's path names it too
+    with pytest.raises(ValueError, match="must name exactly one --dataset entry"):
+        provenance(train, "coco")
+
+
 def test_swift_sft_with_hsm_plugin(tmp_path):
     checkpoint = build_checkpoint(tmp_path / "ckpt", "qwen3_vl")
     corpus = synthesize(tmp_path / "corpus", n_target=N_ROWS, n_source=1, n_val=1)
     data = swift_dataset(corpus["bbu"], tmp_path / "train.jsonl")
+    entries = [str(data)]  # one entry: the target, whatever its file name
 
-    mined = swift_sft(tmp_path, "mined", checkpoint, data, mining=True, epochs=2)
+    mined = swift_sft(tmp_path, "mined", checkpoint, entries, mining=True, epochs=2)
     hsm_dir = mined / "hsm"
     events = pa.concat_tables([pq.read_table(p) for p in sorted(hsm_dir.glob("events/epoch=*/rank=0/*.parquet"))])
     epoch0 = events.filter(pc.equal(events.column("epoch"), 0))
     assert sorted(epoch0.column("base_idx").to_pylist()) == list(range(N_ROWS))  # every row once in epoch 0
     assert set(epoch0.column("dataset").to_pylist()) == {"bbu"}
+    # Box-aware signals from the same pass, for both answer formats: step 0 ran the untrained weights.
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    first = epoch0.filter(pc.equal(epoch0.column("global_step"), 0)).to_pylist()
+    assert {e["base_idx"] % 2 for e in first} == {0, 1}  # JSON rows and objects rows
+    for event, oracle in zip(first, recomputed_box_losses(checkpoint, [rows[e["base_idx"]] for e in first])):
+        for key in ("loss", "loss_sum", "coord_loss", "label_loss"):
+            assert event[key] == pytest.approx(oracle[key], rel=1e-4, abs=1e-5), (key, event["base_idx"])
     plan = pq.read_table(hsm_dir / "plans" / "epoch=1" / "plan.parquet").to_pylist()
     hard = {r["base_idx"] for r in plan if r["is_hard"]}
     # The plan's hard set is the 2 rows with the highest epoch-0 loss (score = mean of one observation).
@@ -96,7 +187,7 @@ def test_swift_sft_with_hsm_plugin(tmp_path):
     assert min(counts[i] for i in hard) > max(counts[i] for i in range(N_ROWS) if i not in hard)
 
     # ms-swift's logged loss with hsm's events on equals the run with mining disabled, step for step in epoch 0.
-    plain = swift_sft(tmp_path, "plain", checkpoint, data, mining=False, epochs=1)
+    plain = swift_sft(tmp_path, "plain", checkpoint, entries, mining=False, epochs=1)
     assert not (plain / "hsm" / "events").exists()
     steps_per_epoch = N_ROWS // BATCH
     mined_losses, plain_losses = step_losses(mined), step_losses(plain)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -12,6 +18,7 @@ pytest.importorskip("trl")
 
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling  # noqa: E402
 
 from hsm.config import MiningConfig, SelectorConfig  # noqa: E402
 from hsm.integrations.trl import HsmSFTTrainer, detection_dataset  # noqa: E402
@@ -25,6 +32,58 @@ def sft_config(out, epochs):
     return SFTConfig(output_dir=str(out), num_train_epochs=epochs, per_device_train_batch_size=4, learning_rate=0.01,
                      lr_scheduler_type="constant", logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
                      seed=0, max_length=None, dataloader_num_workers=0)
+
+
+def box_token_positions(tokenizer, input_ids: list[int], answer: str) -> tuple[set[int], set[int]]:
+    """Oracle, independent of hsm's scanners: the answer's coordinate and label tokens in ``input_ids``.
+
+    Coordinates and labels are found in the JSON answer by parsing it (``json.loads``) and locating each value's
+    text in writing order with ``str.find``; the answer's tokens are found in the ids by a plain scan.
+    """
+    import json
+
+    spans = []  # (start, end, role)
+    cursor = 0
+    for obj in json.loads(answer):
+        cursor = answer.index("[", answer.index('"bbox_2d"', cursor))
+        for value in obj["bbox_2d"]:
+            at = answer.index(str(value), cursor)
+            spans.append((at, at + len(str(value)), "coord"))
+            cursor = at + len(str(value))
+        text = json.dumps(obj["label"])[1:-1]
+        at = answer.index('"', answer.index(":", answer.index('"label"', cursor))) + 1  # the value's opening quote
+        spans.append((at, at + len(text), "label"))
+        cursor = at + len(text) + 1
+    encoded = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
+    run = encoded["input_ids"]
+    first = next(i for i in range(len(input_ids)) if input_ids[i:i + len(run)] == run)
+    coords, labels = set(), set()
+    for k, (start, end) in enumerate(encoded["offset_mapping"]):
+        roles = {role for s, e, role in spans if s < end and start < e}
+        if "coord" in roles:
+            coords.add(first + k)
+        elif "label" in roles:
+            labels.add(first + k)
+    return coords, labels
+
+
+def recomputed_box_losses(checkpoint, processor, rows: list[dict]) -> list[dict]:
+    """Per-sample loss, coord_loss, label_loss, loss_sum of the untrained model, each row alone, in float64."""
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+    collator = DataCollatorForVisionLanguageModeling(processor)
+    out = []
+    for row in rows:
+        answer = row["messages"][-1]["content"][0]["text"]
+        batch = collator([dict(row)])
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0].double()
+        ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0]
+        nll = {t: -torch.log_softmax(logits[t - 1], -1)[labels[t]].item() for t in range(1, len(ids)) if labels[t] != -100}
+        coords, label_tokens = box_token_positions(processor.tokenizer, ids, answer)
+        out.append({"loss": sum(nll.values()) / len(nll), "loss_sum": sum(nll.values()),
+                    "coord_loss": sum(nll[t] for t in coords) / len(coords),
+                    "label_loss": sum(nll[t] for t in label_tokens) / len(label_tokens)})
+    return out
 
 
 class InOrderSFTTrainer(SFTTrainer):
@@ -50,6 +109,12 @@ def test_hsm_sft_trainer_logs_plans_and_keeps_trl_loss(tmp_path):
     events = pa.concat_tables([pq.read_table(p) for p in sorted((out / "hsm").glob("events/epoch=*/rank=0/*.parquet"))])
     epoch0 = events.filter(pc.equal(events.column("epoch"), 0)).sort_by([("global_step", "ascending"), ("position", "ascending")])
     assert sorted(epoch0.column("sample_id").to_pylist()) == sorted(dataset["id"])  # every row once
+    # Box-aware signals from the same pass: step 0 ran the untrained weights, recomputed here row by row.
+    first = epoch0.filter(pc.equal(epoch0.column("global_step"), 0)).to_pylist()
+    expected = recomputed_box_losses(checkpoint, processor, [dataset[e["base_idx"]] for e in first])
+    for event, oracle in zip(first, expected):
+        for key in ("loss", "loss_sum", "coord_loss", "label_loss"):
+            assert event[key] == pytest.approx(oracle[key], rel=1e-4, abs=1e-5), key
     plan = pq.read_table(out / "hsm" / "plans" / "epoch=1" / "plan.parquet").to_pylist()
     hard = {r["base_idx"] for r in plan if r["is_hard"]}
     assert len(hard) == 2
@@ -72,3 +137,39 @@ def test_hsm_sft_trainer_logs_plans_and_keeps_trl_loss(tmp_path):
     plain_losses = [h["loss"] for h in plain.state.log_history if "loss" in h]
     assert len(plain_losses) == 2
     assert hsm_losses[:2] == pytest.approx(plain_losses, rel=1e-6)
+
+
+def torchrun_trl(checkpoint: Path, jsonl: Path, out: Path, epochs: int, mining: str) -> list[dict]:
+    torchrun = Path(sys.executable).parent / "torchrun"
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "tests/dist_trl.py", str(checkpoint), str(jsonl),
+                           str(out), str(epochs), mining], cwd=root, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_hsm_sft_trainer_on_two_ranks(tmp_path):
+    checkpoint = build_checkpoint(tmp_path / "ckpt", "qwen3_vl")
+    corpus = synthesize(tmp_path / "corpus", n_target=8, n_source=1, n_val=1)
+    on = torchrun_trl(checkpoint, corpus["bbu"], tmp_path / "on", 2, "on")
+    off = torchrun_trl(checkpoint, corpus["bbu"], tmp_path / "off", 1, "off")
+    assert [r["backend"] for r in on] == ["gloo", "gloo"] and on[0]["expected"] == on[1]["expected"]
+
+    parts = sorted((tmp_path / "on" / "hsm" / "events").glob("epoch=*/rank=*/*.parquet"))
+    events = pa.concat_tables([pq.read_table(p) for p in parts]).to_pylist()
+    epoch0 = [e for e in events if e["epoch"] == 0]
+    assert {e["rank"] for e in epoch0} == {0, 1}  # events from both ranks
+    assert sorted(e["base_idx"] for e in epoch0) == list(range(8))  # every row once over the two ranks
+    plans = sorted((tmp_path / "on" / "hsm" / "plans").glob("epoch=*/plan.parquet"))
+    assert [p.parent.name for p in plans] == ["epoch=1", "epoch=2"]  # one plan per epoch boundary, on rank 0's disk
+    hard = {r["base_idx"] for r in pq.read_table(plans[0]).to_pylist() if r["is_hard"]}
+    assert hard == {e["base_idx"] for e in sorted(epoch0, key=lambda e: -e["loss"])[:2]}
+    epoch1 = [e for e in events if e["epoch"] == 1]
+    assert epoch1 and {e["rank"] for e in epoch1} == {0, 1}
+    assert all(e["drawn_as_hard"] == (e["base_idx"] in hard) for e in epoch1)
+
+    # Mining on equals mining off step for step in epoch 0 (2 optimizer steps of 2 ranks x 2 rows).
+    losses_on = [h["loss"] for h in on[0]["log_history"] if "loss" in h]
+    losses_off = [h["loss"] for h in off[0]["log_history"] if "loss" in h]
+    assert len(losses_off) == 2 and losses_on[:2] == pytest.approx(losses_off, rel=1e-6)

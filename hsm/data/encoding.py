@@ -8,6 +8,7 @@ prompt leaks into the next.
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ __all__ = [
     "answer_char_roles",
     "token_roles_from_offsets",
     "Template",
+    "grounding_char_roles",
+    "answer_roles_in_ids",
 ]
 
 IGNORE_INDEX = -100
@@ -142,3 +145,72 @@ class Template:
         roles = np.zeros(len(input_ids), dtype=np.int8)
         roles[len(input_ids) - len(tail_ids):] = token_roles_from_offsets(np.asarray(tail["offset_mapping"]), char_roles)
         return roles
+
+
+# Qwen-VL's grounding tags: ms-swift's default (``QWENVL_BBOX_FORMAT=legacy``) rendering of ``objects`` rows.
+_QWEN_REF = re.compile(r"<\|object_ref_start\|>(.*?)<\|object_ref_end\|>", re.S)
+_QWEN_BOX = re.compile(r"<\|box_start\|>(.*?)<\|box_end\|>", re.S)
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+
+
+def grounding_char_roles(text: str) -> np.ndarray:
+    """:func:`answer_char_roles` of ``text``, plus Qwen-VL's grounding tags.
+
+    Inside ``<|object_ref_start|>...<|object_ref_end|>`` every character is a label; inside
+    ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>`` the numbers are coordinates. JSON answers
+    (``bbox_2d`` / ``label`` keys) are scanned as by :func:`answer_char_roles`.
+
+    Args:
+        text: an assistant answer as the model sees it.
+    """
+    roles = answer_char_roles(text)
+    for match in _QWEN_REF.finditer(text):
+        roles[match.start(1):match.end(1)] = ROLE_LABEL
+    for match in _QWEN_BOX.finditer(text):
+        for number in _NUMBER.finditer(match.group(1)):
+            roles[match.start(1) + number.start():match.start(1) + number.end()] = ROLE_COORD
+    return roles
+
+
+def _find_run(ids: np.ndarray, run: np.ndarray, start: int) -> int:
+    """First index ``>= start`` where ``run`` occurs in ``ids`` as a contiguous run, else -1."""
+    if len(run) == 0 or len(run) > len(ids) - start:
+        return -1
+    windows = np.lib.stride_tricks.sliding_window_view(ids[start:], len(run))
+    hits = np.flatnonzero((windows == run).all(axis=1))
+    return start + int(hits[0]) if len(hits) else -1
+
+
+def answer_roles_in_ids(tokenizer, input_ids, answers) -> tuple[np.ndarray, int]:
+    """Token roles of an already encoded sequence, from its answer texts located in it by their tokens.
+
+    Each answer is tokenised alone with offsets; its ids are looked up as a contiguous run of
+    ``input_ids`` (after the previous answer's run, so several assistant turns map in order), and the
+    run gets the roles of its characters (:func:`grounding_char_roles`) by offsets
+    (:func:`token_roles_from_offsets`). Every other token is :data:`ROLE_OTHER`.
+
+    Args:
+        tokenizer: a fast tokenizer (offset mapping), the one that encoded ``input_ids``.
+        input_ids: one row's ids (padding included).
+        answers: the row's assistant texts, in order.
+
+    Returns:
+        ``(roles, missing)``: ``int8`` roles aligned with ``input_ids``, and how many answers were not
+        found (tokenised differently in context); their tokens stay :data:`ROLE_OTHER`.
+    """
+    if not tokenizer.is_fast:
+        raise ValueError(f"{type(tokenizer).__name__}: token roles need a fast tokenizer (offset mapping)")
+    ids = np.asarray(input_ids, dtype=np.int64)
+    roles = np.zeros(len(ids), dtype=np.int8)
+    cursor, missing = 0, 0
+    for answer in answers:
+        encoded = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
+        run = np.asarray(encoded["input_ids"], dtype=np.int64)
+        at = _find_run(ids, run, cursor)
+        if at < 0:
+            missing += 1
+            continue
+        roles[at:at + len(run)] = token_roles_from_offsets(np.asarray(encoded["offset_mapping"]),
+                                                           grounding_char_roles(answer))
+        cursor = at + len(run)
+    return roles, missing

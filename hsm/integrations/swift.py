@@ -13,8 +13,12 @@ ms-swift's ``Seq2SeqTrainer`` that:
   (``template.data_collator``) so each row's ``(dataset, base_idx, sample_id)`` rides in the batch;
 - replaces ms-swift's ``BatchSamplerShard`` in ``get_train_dataloader`` with batches of hsm's
   plan-driven schedule (``DataLoaderShard`` is kept, so ms-swift's device placement and ``set_epoch`` work);
-- leaves ms-swift's loss untouched and computes per-sample loss / token accuracy from the logits of the same
-  forward pass (the model's cross-entropy, recomputed per token without gradient; no second forward);
+- leaves ms-swift's loss untouched and computes per-sample loss, token accuracy, ``coord_loss``, ``label_loss``
+  and ``loss_sum`` from the logits of the same forward pass (the cross-entropy recomputed per token without
+  gradient, one chunk of float32 logits at a time; from the last hidden states under ``--use_liger_kernel``;
+  no second forward), token roles from the decoded assistant turns (JSON ``bbox_2d`` answers and the
+  ``<|object_ref_start|>``/``<|box_start|>`` tags ms-swift renders ``objects`` rows into);
+- refuses ``--packing`` and ``--padding_free`` at start-up (one row must be one sample);
 - plans at epoch end with hsm's mining callback.
 
 With mining disabled in ``hsm.yaml`` the trainer only trains on hsm's schedule (the reference for
@@ -29,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["register", "plugin_path", "HsmSwiftTrainer", "ScheduleBatchSampler"]
+__all__ = ["register", "plugin_path", "provenance", "HsmSwiftTrainer", "ScheduleBatchSampler"]
 
 CONFIG_ENV = "HSM_CONFIG"
 
@@ -79,54 +83,101 @@ def _load_hsm_config():
     return load_config(path)
 
 
+def _refuse_packing(trainer) -> None:
+    # Packed / padding-free rows hold several samples: one row's identity could not stand for them.
+    template = trainer.template
+    packed = type(trainer.train_dataset).__name__ in ("PackingDataset", "IterablePackingDataset")
+    for flag, on in (("--packing", packed or getattr(template, "packing", False)),
+                     ("--padding_free", getattr(template, "padding_free", False))):
+        if on:
+            raise ValueError(f"swift sft {flag} true: hsm needs one sample per row (each row's id rides in the "
+                             f"batch); drop {flag} when training with the hsm plugin")
+    if template.sequence_parallel_size > 1:
+        raise NotImplementedError("hsm's schedule is not wired into ms-swift's sequence-parallel loader")
+
+
+def _roles_like_labels(roles: torch.Tensor, full_labels: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """Trim ``roles`` as ms-swift's ``prepare_logits_to_keep`` trimmed the labels (suffix, or the supervised
+    positions of a batch of one), so they stay aligned with the kept logits."""
+    keep = inputs.get("logits_to_keep")
+    if keep is None:
+        return roles
+    if isinstance(keep, torch.Tensor):
+        selected = (full_labels != -100)[0].cpu()
+        return torch.nn.functional.pad(roles[:, selected], (1, 0))
+    return roles[:, -int(keep):]
+
+
+def _entry_name(tag: str) -> str:
+    # A path entry (`--dataset data/coco.jsonl`) is named by its file stem, a hub entry by its id.
+    return Path(tag).stem if ("/" in tag or "." in tag) and Path(tag).suffix else tag
+
+
+def provenance(raw, target: str):
+    """``(target_rows, sources)`` of ms-swift's train set from the ``dataset`` column ms-swift 4.6 tags every row
+    with (its ``--dataset`` entry, before sampling, splitting and shuffling), or None without that column.
+
+    The entry whose tag, file name or file stem is ``target`` is the target; every other entry is a source
+    (:class:`hsm.integrations.common.Part` named by its file stem or hub id). ``base_idx`` is a row's position
+    among its entry's rows in ms-swift's train set (stable while the flags, ``--data_seed`` and files are).
+
+    Args:
+        raw: ms-swift's train rows before encoding (``LazyLLMDataset.dataset``).
+        target: ``fusion_config.target.name`` of ``hsm.yaml``.
+    """
+    from hsm.config import ConfigError
+    from hsm.integrations.common import Part
+
+    if "dataset" not in getattr(raw, "column_names", ()):
+        return None
+    rows_of: dict[str, list[int]] = {}
+    for i, tag in enumerate(raw["dataset"]):
+        rows_of.setdefault(tag, []).append(i)
+    matches = [tag for tag in rows_of if target in (tag, Path(tag).name, _entry_name(tag))]
+    if len(rows_of) == 1 and not matches:
+        return list(range(len(raw))), []  # one entry: it is the target, whatever its name
+    if len(matches) != 1:
+        raise ConfigError(os.environ.get(CONFIG_ENV, CONFIG_ENV), [
+            f"custom.fusion_config.target.name: '{target}' must name exactly one --dataset entry (its path, file "
+            f"name or stem); the entries are {sorted(rows_of)}"])
+    sources = [Part(_entry_name(tag), rows, [f"{_entry_name(tag)}:{k}" for k in range(len(rows))])
+               for tag, rows in rows_of.items() if tag != matches[0]]
+    return rows_of[matches[0]], sources
+
+
 def _trainer_class():
     from swift.trainers import Seq2SeqTrainer
 
-    from hsm.train import distributed
     from hsm.config import MiningConfig
-    from hsm.integrations.common import MetaCollator, SlotDataset, single_target_fusion
-    from hsm.data.sampler import HsmSampler
-    from hsm.train.stats import per_sample_stats, token_losses
-    from hsm.train.trainer import HsmTrainerMixin, resume_attempt, write_dataset_info
+    from hsm.integrations.common import attach
+    from hsm.train import distributed
+    from hsm.train.stats import chunked_token_stats, hidden_token_stats, per_sample_stats
+    from hsm.train.trainer import HsmTrainerMixin
 
     class HsmSwiftTrainer(HsmTrainerMixin, Seq2SeqTrainer):
         """ms-swift's ``Seq2SeqTrainer`` on hsm's schedule, logging hsm's per-sample events."""
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
+            _refuse_packing(self)
             cfg = _load_hsm_config()
             name = cfg.target_name or "train"
-            rows = self.train_dataset
-            self.train_dataset = slots = SlotDataset(rows, name, [f"{name}:{i}" for i in range(len(rows))])
-            self.data_collator = MetaCollator(self.data_collator)
-            mining = cfg.mining
-            hsm_dir = Path(self.args.output_dir) / "hsm"
+            self.hsm_is_mining = cfg.mining is not None
             # The same schedule seed with mining on or off, so switching it on does not reshuffle epoch 0.
             seed = (cfg.custom.hard_sample_mining or MiningConfig()).seed
             # ms-swift's loader is not accelerate-prepared (its BatchSamplerShard shards by rank itself), so the
-            # sampler deals this rank's batches of the global schedule itself.
-            sampler = HsmSampler(sizes=[len(slots)], ratios=[], target=slots.info, seed=seed,
-                                 batch_size=self.args.per_device_train_batch_size,
-                                 hsm_dir=hsm_dir if mining is not None else None, world=distributed.current_world())
-            fusion = single_target_fusion(name)
-            self.hsm_is_mining = mining is not None
-            if self.is_world_process_zero():
-                hsm_dir.mkdir(parents=True, exist_ok=True)
-                write_dataset_info(hsm_dir, _Sizes(slots))
-            if mining is None:
-                self.use_sampler(sampler, fusion)
-                return
-            self.setup_hsm(mining=mining, fusion=fusion, hsm_dir=hsm_dir, sampler=sampler,
-                           num_train_epochs=self.args.num_train_epochs, attempt=resume_attempt(hsm_dir),
-                           run_id=Path(self.args.output_dir).name)
-            # ms-swift keeps its own loss; hsm only reads the logits.
-            self.compute_loss_func = None
+            # sampler deals this rank's batches of the global schedule itself. No answers getter: ms-swift labels
+            # only the assistant turns, so the roles come from the decoded supervised runs (as its template
+            # rendered them, ``objects`` rows included).
+            tokenizer = self.template.tokenizer if self.hsm_is_mining else None
+            found = provenance(getattr(self.train_dataset, "dataset", None), name)
+            target_rows, sources = found if found is not None else (None, [])
+            attach(self, self.train_dataset, name, mining=cfg.mining, seed=seed, tokenizer=tokenizer,
+                   world=distributed.current_world(), target_rows=target_rows, sources=sources)
 
         def get_train_dataloader(self, skip_batches=0):
             from swift.dataloader import DataLoaderShard
 
-            if self.template.sequence_parallel_size > 1:
-                raise NotImplementedError("hsm's schedule is not wired into ms-swift's sequence-parallel loader")
             args = self.args
             batch_sampler = ScheduleBatchSampler(self.hsm_sampler, self._train_batch_size)
             if skip_batches > 0:
@@ -137,25 +188,45 @@ def _trainer_class():
                                    collate_fn=self.data_collator, num_workers=args.dataloader_num_workers,
                                    pin_memory=args.dataloader_pin_memory)
 
+        def _prepare_inputs(self, inputs):
+            full_labels = inputs.get("labels") if isinstance(inputs, dict) else None
+            inputs = super()._prepare_inputs(inputs)
+            meta = self._hsm_meta
+            if meta is not None and meta.get("token_roles") is not None and full_labels is not None:
+                meta["token_roles"] = _roles_like_labels(meta["token_roles"], full_labels, inputs)
+            return inputs
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             meta = self.take_hsm_meta(inputs)
             if not self.hsm_is_mining or meta is None or not self.model.training:
                 return Seq2SeqTrainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
             labels = inputs["labels"]  # already trimmed to the kept logits when ms-swift uses logits_to_keep
-            loss, outputs = Seq2SeqTrainer.compute_loss(self, model, inputs, True, num_items_in_batch)
-            with torch.no_grad():
-                stats = per_sample_stats(*token_losses(outputs.logits.detach(), labels))
-            self._hsm_pending.append((meta, stats, self.state.global_step, self._position_offset(labels.shape[0])))
-            if len(self._hsm_pending) >= 32:
-                self.hsm_drain()
+            hidden = []
+            handle = None
+            if self.args.use_liger_kernel:
+                # Liger's fused linear cross-entropy never builds the logits: keep the decoder's last hidden states.
+                norm = self.template.get_base_model(model).get_decoder().norm
+                handle = norm.register_forward_hook(lambda module, args, output: hidden.append(output))
+            try:
+                loss, outputs = Seq2SeqTrainer.compute_loss(self, model, inputs, True, num_items_in_batch)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            # The statistics hold one chunk of float32 logits at a time, beside ms-swift's own.
+            if getattr(outputs, "logits", None) is not None:
+                token_stats = chunked_token_stats(outputs.logits, labels)
+            elif hidden:
+                lm_head = self.accelerator.unwrap_model(model).get_output_embeddings()
+                keep = inputs.get("logits_to_keep")
+                last = hidden[-1][:, keep] if isinstance(keep, torch.Tensor) else hidden[-1][:, -labels.shape[1]:]
+                token_stats = hidden_token_stats(last, lm_head, labels)
+            else:
+                raise RuntimeError("hsm: ms-swift's forward returned neither logits nor (under liger) hidden states")
+            stats = per_sample_stats(*token_stats, meta.pop("token_roles", None))
+            self.record_stats(meta, stats, self.state.global_step)
             return (loss, outputs) if return_outputs else loss
 
     return HsmSwiftTrainer
-
-
-class _Sizes:
-    def __init__(self, slots):
-        self.names, self.sizes, self.target_info = [slots.name], [len(slots)], slots.info
 
 
 def __getattr__(name: str):

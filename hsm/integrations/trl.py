@@ -13,9 +13,10 @@ Usage (``pip install 'hsm[trl]'``)::
 
 ``dataset`` is TRL's VLM format: rows with ``messages`` and ``images`` (plus an optional ``id`` column, the
 stable sample id; else ``<dataset_name>:<row>``). TRL's own collator does the encoding; hsm only wraps it so each
-row's identity rides in the batch, trains on the plan-driven schedule (the hsm sampler) and plans at epoch end
-(hsm's mining callback). The loss is TRL's own, unchanged: per-sample loss and token accuracy come from the same
-fused LM-head pass (``outputs.log_probs``, ``label_mask``, ``is_top1``) that TRL computes its loss from.
+row's identity and its answer-token roles ride in the batch, trains on the plan-driven schedule (the hsm sampler)
+and plans at epoch end (hsm's mining callback). The loss is TRL's own, unchanged: per-sample loss, token accuracy,
+``coord_loss``, ``label_loss`` and ``loss_sum`` come from the same fused LM-head pass (``outputs.log_probs``,
+``label_mask``, ``is_top1``) that TRL computes its loss from. ``mining=None`` trains on hsm's schedule only.
 """
 
 from __future__ import annotations
@@ -28,44 +29,53 @@ from packaging.version import Version
 from trl import SFTTrainer
 
 from hsm.config import MiningConfig
-from hsm.integrations.common import MetaCollator, SlotDataset, single_target_fusion
-from hsm.data.sampler import HsmSampler
+from hsm.integrations.common import attach
 from hsm.train.stats import per_sample_stats
-from hsm.train.trainer import HsmTrainerMixin, resume_attempt, write_dataset_info
+from hsm.train.trainer import HsmTrainerMixin
 
-__all__ = ["HsmSFTTrainer", "detection_dataset"]
+__all__ = ["HsmSFTTrainer", "detection_dataset", "assistant_texts"]
 
 # The per-sample statistics are read from SFTTrainer's fused LM-head outputs (log_probs, label_mask, is_top1).
 _MIN_TRL = "1.16"
 if Version(trl.__version__) < Version(_MIN_TRL):
     raise ImportError(f"hsm.integrations.trl needs trl>={_MIN_TRL} (SFTTrainer's fused LM head); found {trl.__version__}")
 
-_FLUSH_EVERY_STEPS = 32
+
+def assistant_texts(row: dict) -> list[str]:
+    """The assistant turns' texts of a TRL conversational row (``messages``), in order.
+
+    Args:
+        row: a dataset row with ``messages``; content a string or a list of ``{"type": "text", "text": ...}`` parts.
+    """
+    texts = []
+    for message in row.get("messages") or []:
+        if message.get("role") != "assistant":
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+        elif content:
+            texts.append("".join(part.get("text") or "" for part in content if part.get("type") == "text"))
+    return texts
 
 
 class HsmSFTTrainer(HsmTrainerMixin, SFTTrainer):
     """``SFTTrainer`` that logs per-sample events and trains on hsm's plan-driven schedule."""
 
-    def __init__(self, *args, mining: MiningConfig, dataset_name: str = "train", id_column: str = "id",
+    def __init__(self, *args, mining: MiningConfig | None, dataset_name: str = "train", id_column: str = "id",
                  hsm_dir: str | Path | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.args.packing or self.args.padding_free:
+            flag = "packing" if self.args.packing else "padding_free"
+            raise ValueError(f"SFTConfig.{flag}=True: hsm needs one sample per row (each row's id rides in the batch); "
+                             f"set {flag}=False")
         rows = self.train_dataset
-        ids = list(rows[id_column]) if id_column in rows.column_names else [f"{dataset_name}:{i}" for i in range(len(rows))]
-        slots = SlotDataset(rows, dataset_name, [str(i) for i in ids])
-        self.train_dataset = slots
-        self.data_collator = MetaCollator(self.data_collator)
-        fusion = single_target_fusion(dataset_name)
-        hsm_dir = Path(hsm_dir) if hsm_dir is not None else Path(self.args.output_dir) / "hsm"
-        sampler = HsmSampler(sizes=[len(slots)], ratios=[], target=slots.info, seed=mining.seed,
-                             batch_size=self.args.per_device_train_batch_size, hsm_dir=hsm_dir)
-        if self.is_world_process_zero():
-            hsm_dir.mkdir(parents=True, exist_ok=True)
-            write_dataset_info(hsm_dir, _DatasetSizes(slots))
-        self.setup_hsm(mining=mining, fusion=fusion, hsm_dir=hsm_dir, sampler=sampler,
-                       num_train_epochs=self.args.num_train_epochs, attempt=resume_attempt(hsm_dir),
-                       run_id=Path(self.args.output_dir).name)
-        # TRL's own loss stays: the statistics come from its fused pass, not from hsm's compute_loss_func.
-        self.compute_loss_func = None
+        ids = list(rows[id_column]) if id_column in rows.column_names else None
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        # The same schedule seed with mining on or off, so switching it on does not reshuffle epoch 0.
+        seed = (mining or MiningConfig()).seed
+        attach(self, rows, dataset_name, mining=mining, seed=seed, sample_ids=ids, hsm_dir=hsm_dir,
+               tokenizer=tokenizer if mining is not None else None, answers=assistant_texts)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -75,7 +85,7 @@ class HsmSFTTrainer(HsmTrainerMixin, SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # hsm's _prepare_inputs has already taken the batch's metadata out of the model inputs.
         meta = self.take_hsm_meta(inputs)
-        if meta is None or not self.model.training:
+        if meta is None or not self.model.training or not hasattr(self, "hsm_writer"):
             return SFTTrainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
         fused = []
 
@@ -91,22 +101,11 @@ class HsmSFTTrainer(HsmTrainerMixin, SFTTrainer):
         if len(fused) != 1:
             raise RuntimeError(f"hsm expected one fused LM-head forward per step from SFTTrainer, saw {len(fused)}")
         out = fused[0]
+        # TRL's fused head scores labels[:, 1:] without building the logits: the statistics cost no extra memory.
         mask = out.label_mask.bool()
-        stats = per_sample_stats(-out.log_probs, mask, out.is_top1.bool() & mask)
-        n = mask.shape[0]
-        self._hsm_pending.append((meta, stats, self.state.global_step, self._position_offset(n)))
-        if len(self._hsm_pending) >= _FLUSH_EVERY_STEPS:
-            self.hsm_drain()
+        stats = per_sample_stats(-out.log_probs, mask, out.is_top1.bool() & mask, meta.pop("token_roles", None))
+        self.record_stats(meta, stats, self.state.global_step)
         return result
-
-
-class _DatasetSizes:
-    """The two attributes :func:`hsm.train.trainer.write_dataset_info` reads, for a single-target dataset."""
-
-    def __init__(self, slots: SlotDataset):
-        self.names = [slots.name]
-        self.sizes = [len(slots)]
-        self.target_info = slots.info
 
 
 def detection_dataset(jsonl: str | Path, *, system: str, user: str, coord_format: str = "rel1000"):

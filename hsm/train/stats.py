@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from hsm.data.encoding import IGNORE_INDEX, ROLE_COORD, ROLE_LABEL
 
-__all__ = ["STAT_ROWS", "token_losses", "per_sample_stats"]
+__all__ = ["STAT_ROWS", "token_losses", "per_sample_stats", "CHUNK_TOKENS", "chunked_token_stats", "hidden_token_stats"]
 
 # The rows of per_sample_stats, in order.
 STAT_ROWS = ("loss", "token_acc", "n_tokens", "coord_loss", "label_loss", "loss_sum")
@@ -67,3 +67,63 @@ def per_sample_stats(losses: torch.Tensor, mask: torch.Tensor, correct: torch.Te
             mean = (losses * selected).sum(dim=1) / count.clamp(min=1.0)
             by_role.append(torch.where(count > 0, mean, nan))
         return torch.stack([total / safe, correct.sum(dim=1).float() / safe, n, by_role[0], by_role[1], total])
+
+
+# Positions per chunk of the statistics-only cross-entropy: at Qwen-VL's vocabulary (151,936) one float32 chunk is
+# 156 MB, against 2.5 GB for the logits of batch 2 x 2,048 tokens.
+CHUNK_TOKENS = 256
+
+
+def _chunked(project, labels: torch.Tensor, chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(losses, mask, correct)`` like :func:`token_losses`, from ``project(row, start, end)``: the logits that
+    predict ``labels[row, start + 1:end + 1]``. One chunk of float32 logits lives at a time."""
+    shift_labels = labels[:, 1:]
+    batch, length = shift_labels.shape
+    losses = torch.zeros((batch, length), dtype=torch.float32, device=labels.device)
+    correct = torch.zeros((batch, length), dtype=torch.bool, device=labels.device)
+    for row in range(batch):
+        for start in range(0, length, chunk_tokens):
+            end = min(length, start + chunk_tokens)
+            logits = project(row, start, end)
+            target = shift_labels[row, start:end].to(logits.device)
+            losses[row, start:end] = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX,
+                                                     reduction="none").to(losses.device)
+            correct[row, start:end] = (logits.argmax(dim=-1) == target).to(correct.device)
+            del logits
+    mask = shift_labels != IGNORE_INDEX
+    return losses, mask, correct & mask
+
+
+@torch.no_grad()
+def chunked_token_stats(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`token_losses` without gradient, for a trainer that keeps its own loss.
+
+    The cross-entropy runs over ``chunk_tokens`` positions of one row at a time, so at most one chunk of
+    float32 logits exists beside the trainer's own (never a full float32 copy).
+
+    Args:
+        logits: ``[batch, seq, vocab]``, any dtype (not modified).
+        labels: ``[batch, seq]``, unshifted, -100 where not supervised.
+        chunk_tokens: positions per chunk.
+
+    Naive equivalent: ``token_losses(logits.detach(), labels)`` (per-token values equal).
+    """
+    return _chunked(lambda row, start, end: logits[row, start:end], labels, chunk_tokens)
+
+
+@torch.no_grad()
+def hidden_token_stats(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor,
+                       chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`token_losses` without gradient from the last hidden states, for losses that never materialise the
+    logits (fused / chunked LM-head losses): ``lm_head`` is applied to ``chunk_tokens`` positions at a time.
+
+    Args:
+        hidden: ``[batch, seq, hidden]``, the decoder's final (normed) hidden states.
+        lm_head: the model's output embeddings (``model.get_output_embeddings()``), LoRA-wrapped or not.
+        labels: ``[batch, seq]``, unshifted, -100 where not supervised.
+        chunk_tokens: positions per chunk.
+
+    Naive equivalent: ``token_losses(lm_head(hidden), labels)`` for a model without logit scaling or softcapping.
+    """
+    return _chunked(lambda row, start, end: lm_head(hidden[row, start:end]), labels, chunk_tokens)

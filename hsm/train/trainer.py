@@ -28,7 +28,15 @@ from hsm.mining.planner import plan_epoch
 from hsm.data.sampler import HsmSampler
 from hsm.train.stats import per_sample_stats, token_losses
 
-__all__ = ["HsmTrainerMixin", "MiningCallback", "SamplerEpochCallback", "make_trainer_class", "FusionSamplerMixin"]
+__all__ = [
+    "HsmTrainerMixin",
+    "MiningCallback",
+    "SamplerEpochCallback",
+    "make_trainer_class",
+    "FusionSamplerMixin",
+    "resume_attempt",
+    "write_dataset_info",
+]
 
 _FLUSH_EVERY_STEPS = 32
 _TELEMETRY = ("augmented", "object_capped", "oversize", "aug_dropped", "input_len", "drawn_as_hard")
@@ -107,10 +115,27 @@ class HsmTrainerMixin(FusionSamplerMixin):
     """Logs per-sample loss/token accuracy while training on the plan-driven schedule."""
 
     def setup_hsm(self, *, mining: MiningConfig, fusion: FusionConfig, hsm_dir: Path, sampler: HsmSampler,
-                  num_train_epochs: float, attempt: int, run_id: str) -> None:
-        if self.compute_loss_func is not None:
-            raise ValueError("hsm computes the training loss itself; this Trainer already has a compute_loss_func")
-        self.compute_loss_func = self._hsm_loss
+                  num_train_epochs: float, attempt: int, run_id: str, owns_loss: bool = True) -> None:
+        """Start logging events and planning on ``sampler``'s schedule.
+
+        Args:
+            mining: the mining configuration (mode, selector, metric, ...).
+            fusion: the datasets trained on; ``fusion.target.name`` is the one mined.
+            hsm_dir: where events, plans and ``dataset.json`` live (``<output_dir>/hsm``).
+            sampler: the plan-driven schedule this Trainer reads its training rows by.
+            num_train_epochs: epochs of the run (``activate_after_pct`` counts them).
+            attempt: :func:`resume_attempt` of ``hsm_dir`` (0 for a fresh run).
+            run_id: the run's name in the events.
+            owns_loss: True (``hsm train``): hsm computes the training loss through the Trainer's
+                ``compute_loss_func`` and the statistics from the same cross-entropy pass. False (a
+                trainer with its own loss, e.g. TRL or ms-swift): the loss is left alone and the trainer's
+                ``compute_loss`` hands each micro-batch's statistics to :meth:`record_stats`.
+        """
+        if owns_loss:
+            if self.compute_loss_func is not None:
+                raise ValueError("hsm computes the training loss itself; this Trainer already has a compute_loss_func "
+                                 "(pass owns_loss=False and call record_stats from your compute_loss)")
+            self.compute_loss_func = self._hsm_loss
         self.use_sampler(sampler, fusion, log_prefix=mining.log_prefix)
         self.hsm_mining, self.hsm_dir = mining, hsm_dir
         self.hsm_num_epochs = num_train_epochs
@@ -120,6 +145,19 @@ class HsmTrainerMixin(FusionSamplerMixin):
         self._hsm_loss_meta: dict | None = None  # the batch whose loss compute_loss is computing
         self._hsm_micro = (-1, 0)
         self.add_callback(MiningCallback(self))
+
+    def record_stats(self, meta: dict, stats: torch.Tensor, step: int) -> None:
+        """Queue one micro-batch's per-sample statistics for the event log (moved to the host in bulk).
+
+        Args:
+            meta: the batch's ``hsm_meta`` (from :meth:`take_hsm_meta`): lists of ``sample_id``,
+                ``dataset``, ``base_idx``, ``epoch``, ``aug_seed``, ``drawn_as_hard``, one entry per sample.
+            stats: ``[len(STAT_ROWS), batch]`` from :func:`hsm.train.stats.per_sample_stats`, on any device.
+            step: the Trainer's ``state.global_step`` the micro-batch belongs to.
+        """
+        self._hsm_pending.append((meta, stats, step, self._position_offset(stats.shape[1], step)))
+        if len(self._hsm_pending) >= _FLUSH_EVERY_STEPS:
+            self.hsm_drain()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._hsm_loss_meta = self.take_hsm_meta(inputs)
@@ -146,17 +184,15 @@ class HsmTrainerMixin(FusionSamplerMixin):
         meta, self._hsm_loss_meta = self._hsm_loss_meta, None
         if self.model.training and meta is not None:
             stats = per_sample_stats(losses, mask, correct, meta.pop("token_roles", None))
-            self._hsm_pending.append((meta, stats, self.state.global_step, self._position_offset(labels.shape[0])))
-            if len(self._hsm_pending) >= _FLUSH_EVERY_STEPS:
-                self.hsm_drain()
+            self.record_stats(meta, stats, self.state.global_step)
         return loss
 
-    def _position_offset(self, batch_size: int) -> int:
+    def _position_offset(self, batch_size: int, global_step: int) -> int:
         # Under gradient accumulation several micro-batches share a global_step;
         # positions continue across them so (epoch, global_step, rank, position) stays unique.
         step, offset = self._hsm_micro
-        if step != self.state.global_step:
-            step, offset = self.state.global_step, 0
+        if step != global_step:
+            step, offset = global_step, 0
         self._hsm_micro = (step, offset + batch_size)
         return offset
 
@@ -329,6 +365,9 @@ def resume_attempt(hsm_dir: Path) -> int:
     """One more than the highest attempt in the event log (0 for a fresh run), agreed over ranks.
 
     Collective: without a shared file system each rank sees only its own parts.
+
+    Args:
+        hsm_dir: the run's hsm directory (its ``events/`` are read).
     """
     import pyarrow.parquet as pq
 
@@ -343,6 +382,14 @@ def resume_attempt(hsm_dir: Path) -> int:
 
 
 def write_dataset_info(hsm_dir: Path, dataset: FusionDataset) -> None:
+    """Write ``<hsm_dir>/dataset.json``: the target's identity (name, size, fingerprint) and every dataset's size.
+
+    Args:
+        hsm_dir: the run's hsm directory.
+        dataset: anything with ``names`` and ``sizes`` (target first, in fusion order) and ``target_info``
+            (a :class:`hsm.mining.plan.DatasetInfo`): a :class:`FusionDataset`, or an integration's
+            :class:`hsm.integrations.common.SlotDataset`.
+    """
     datasets = [{"name": n, "size": s} for n, s in zip(dataset.names, dataset.sizes)]  # target first, fusion order
     write_json_atomic({"target": dataset.target_info.to_dict(), "datasets": datasets}, hsm_dir / "dataset.json")
 
