@@ -195,6 +195,9 @@ def test_startup_check_names_a_foreign_file_a_truncated_part_and_an_empty_state(
     with pytest.raises(CorruptEventFile, match=part.name):
         plan_epoch(hsm_dir, 3, MINING, TARGET, refold=True)
     part.write_bytes(intact)
+    (plan_dir(hsm_dir, 3) / "manifest.json").unlink()  # a resume would otherwise train epoch 3 without a plan
+    with pytest.raises(RunFileError, match="plan without its manifest"):
+        check_run_files(hsm_dir)
     state_path(hsm_dir, 1).write_bytes(b"")
     with pytest.raises(RunFileError, match=r"state/epoch=1/state\.parquet"):
         check_run_files(hsm_dir)
