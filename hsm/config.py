@@ -334,6 +334,9 @@ class ModelConfig(_Strict):
     hidden_size: int = Field(64, ge=8, description="Tiny model only: text hidden size.")
     num_layers: int = Field(2, ge=1, description="Tiny model only: text layers.")
     vision_depth: int = Field(1, ge=1, description="Tiny model only: vision blocks.")
+    vision_hidden_size: int = Field(32, ge=8, description="Tiny model only: vision hidden size (MLP twice that).")
+    patch_size: int = Field(16, ge=2, description="Tiny model only: vision patch side in pixels (merge 2: one "
+                            "visual token per 2 * patch_size square).")
     torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weight dtype on load; auto keeps the checkpoint's (float32 for the built-in tiny model)."
     )
