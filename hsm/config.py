@@ -20,6 +20,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from hsm.metrics import METRIC_NAMES, METRICS
+
 __all__ = [
     "ConfigError",
     "SelectorConfig",
@@ -30,6 +32,7 @@ __all__ = [
     "SourceConfig",
     "FusionConfig",
     "DetectionEvalConfig",
+    "DetF1Config",
     "CustomConfig",
     "LoraConfig",
     "ModelConfig",
@@ -117,10 +120,10 @@ class MiningConfig(_Strict):
     mode: Literal["reweight", "fixed_set", "dynamic"] = Field(
         "reweight", description="reweight (seeds 001/002), fixed_set (seed 003), dynamic (seed 000)."
     )
-    metric: Literal["loss", "token_acc", "coord_loss", "label_loss", "loss_sum"] | None = Field(
-        None, description="Difficulty signal: loss, or 1 - token_acc, or the box-aware event columns coord_loss "
-        "(CE over coordinate tokens), label_loss (over label tokens), loss_sum (summed over answer tokens; "
-        "events where it is null are not observations). Default: token_acc for dynamic, else loss."
+    metric: Literal[METRIC_NAMES] | None = Field(  # one row of hsm.metrics.METRICS per name
+        None, description="Difficulty signal (hsm.metrics): " + "; ".join(f"{m.name}: {m.doc}" for m in METRICS.values())
+        + ". Events where a nullable metric is null are not observations; det_f1 is measured every custom.det_f1.every "
+        "epochs. Default: token_acc for dynamic, else loss."
     )
     aggregate: Literal["ema", "mean", "epoch_ema", "last"] = Field(
         "ema", description="Score: ema (per observation, after 3 observations; else mean), mean, epoch_ema "
@@ -285,12 +288,21 @@ class DetectionEvalConfig(_Strict):
         raise ValueError(f"must be 'epoch' or a number of optimizer steps >= 1, got {value!r}")
 
 
+class DetF1Config(_Strict):
+    """``custom.det_f1``: how the ``det_f1`` metric is measured (read only when mining on ``det_f1``)."""
+
+    every: int = Field(1, ge=1, description="Measure at the end of epochs 0, every, 2*every, ... (not after the last).")
+    batch_size: int = Field(32, ge=1, description="Generation batch size per rank.")
+    max_new_tokens: int = Field(512, ge=1, description="Generation length limit per answer.")
+
+
 class CustomConfig(_Strict):
     """``custom``: hsm's own sections."""
 
     hard_sample_mining: MiningConfig | None = Field(None, description="Hard-sample mining (absent = disabled).")
     fusion_config: FusionConfig | None = Field(None, description="The unified fusion loader.")
     detection_eval: DetectionEvalConfig | None = Field(None, description="Detection metrics during training (absent = off).")
+    det_f1: DetF1Config = Field(default_factory=DetF1Config, description="Measuring the det_f1 mining metric.")
 
     @model_validator(mode="after")
     def _detection_eval_datasets(self) -> "CustomConfig":
