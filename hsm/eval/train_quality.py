@@ -89,9 +89,14 @@ class DetF1Callback(TrainerCallback):
         index = np.arange(world.rank, len(records), world.world_size, dtype=np.int64)
         mine = [records[i] for i in index]
         categories = sorted({obj.label for record in records for obj in record.objects})
-        answers = generate_answers(t.model, self.processor, mine, dataset.prompts[0],
-                                   max_new_tokens=self.config.max_new_tokens, batch_size=self.config.batch_size,
-                                   max_image_side=dataset.fusion.max_image_side)
+        # Batches of images with equally many objects end their answers together (no batch waits for one long answer).
+        order = sorted(range(len(mine)), key=lambda k: len(mine[k].objects))
+        generated = generate_answers(t.model, self.processor, [mine[k] for k in order], dataset.prompts[0],
+                                     max_new_tokens=self.config.max_new_tokens, batch_size=self.config.batch_size,
+                                     max_image_side=dataset.fusion.max_image_side)
+        answers: list[str] = [""] * len(mine)
+        for k, answer in zip(order, generated):
+            answers[k] = answer
         resized = [None] * len(mine)
         if self.coord_format == "abs":
             from hsm.data.answer import resized_size
