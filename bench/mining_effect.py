@@ -32,14 +32,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PRESETS = {
-    # 16 visual tokens (64 px, patch 8, merge 2), 1.24M parameters; 6 epochs of 4,000 = 1,500 steps.
-    "cpu": {"size": 64, "patch": 8, "n_train": 4000, "n_val": 48, "hidden": 128, "layers": 4, "vision_depth": 2,
+    # 16 visual tokens (64 px, patch 8, merge 2: one token per grid cell), 0.98M parameters;
+    # 6 epochs of 2,000 images = 750 steps (5 plans).
+    "cpu": {"size": 64, "patch": 8, "n_train": 2000, "n_val": 48, "hidden": 128, "layers": 4, "vision_depth": 2,
             "vision_hidden": 64, "batch": 16, "lr": 3e-3, "warmup": 100, "epochs": 6, "eval_batch": 96,
-            "max_new_tokens": 200, "det_every": 2},
-    # The experiment's schedule on this shared 2-core machine: half the images, 750 steps (6 epochs: 5 plans).
-    "cpu-short": {"size": 64, "patch": 8, "n_train": 2000, "n_val": 48, "hidden": 128, "layers": 4, "vision_depth": 2,
-                  "vision_hidden": 64, "batch": 16, "lr": 3e-3, "warmup": 100, "epochs": 6, "eval_batch": 96,
-                  "max_new_tokens": 200, "det_every": 3},
+            "max_new_tokens": 200, "det_every": 3},
     # Not run yet (no GPU in the session that wrote it): 128 px (64 visual tokens), a wider model, more steps.
     "gpu": {"size": 128, "patch": 8, "n_train": 40000, "n_val": 200, "hidden": 384, "layers": 8, "vision_depth": 4,
             "vision_hidden": 128, "batch": 64, "lr": 1e-3, "warmup": 500, "epochs": 8, "eval_batch": 256,

@@ -185,9 +185,10 @@ def synthesize_slices(out_dir: str | Path, *, n_train: int = 240, n_val_per_slic
 
 
 # The grid corpus of bench/mining_effect.py (synthesize_grid): objects snapped to a grid of
-# GRID_CELL px squares on a grey background; a class is a colour and a shape, so a tiny model
-# learns it from a few visual tokens. The rare class is a square of nearly the first colour.
-GRID_CELL = 8
+# GRID_CELL px squares (one visual token of the tiny model at patch 8, merge 2) on a grey
+# background; a class is a colour and a shape. Small objects are half a cell on a half-cell
+# grid (finer than a visual token); the rare class is a square of nearly the first colour.
+GRID_CELL = 16
 GRID_CLASSES = {  # label -> (colour, shape); shape 0 square, 1 circle
     "bolt": ((210, 50, 50), 0), "cable": ((210, 50, 50), 1),
     "label": ((50, 90, 210), 0), "screw": ((50, 90, 210), 1),
@@ -195,15 +196,19 @@ GRID_CLASSES = {  # label -> (colour, shape); shape 0 square, 1 circle
 }
 GRID_RARE = "crack"
 GRID_SLICES = ("clean", "rare", "small", "crowded", "low_contrast", "noise")
-_GRID_SHARES = {"rare": 0.04, "small": 0.10, "crowded": 0.10, "low_contrast": 0.10, "noise": 0.05}
+_GRID_SHARES = {"rare": 0.04, "small": 0.06, "crowded": 0.06, "low_contrast": 0.06, "noise": 0.04}
 _GREY = 128
-_LOW_CONTRAST = 0.3  # low_contrast objects: this fraction of their colour's distance from the grey
+_LOW_CONTRAST = 0.35  # low_contrast objects: this fraction of their colour's distance from the grey
+# slice -> (object count range, side range in units, unit in px); ranges are half-open
+_LAYOUTS = {"clean": ((1, 4), (1, 3), GRID_CELL), "small": ((1, 4), (1, 2), GRID_CELL // 2),
+            "crowded": ((5, 8), (1, 2), GRID_CELL)}
 
 
-def _grid_objects(rng: np.random.Generator, slice_name: str, cells: int) -> list[tuple[str, tuple[int, int, int, int]]]:
+def _grid_objects(rng: np.random.Generator, slice_name: str, size: int) -> list[tuple[str, tuple[int, int, int, int]]]:
     """Non-overlapping grid-aligned objects of one slice, in raster order (top to bottom, left to right)."""
     common = [c for c in GRID_CLASSES if c != GRID_RARE]
-    count, sides = {"crowded": ((6, 9), (1, 3)), "small": ((1, 5), (1, 2))}.get(slice_name, ((1, 5), (2, 5)))
+    count, sides, unit = _LAYOUTS.get(slice_name, _LAYOUTS["clean"])
+    cells = size // unit
     n = int(rng.integers(*count))
     taken = np.zeros((cells, cells), dtype=bool)
     out = []
@@ -219,7 +224,7 @@ def _grid_objects(rng: np.random.Generator, slice_name: str, cells: int) -> list
     if slice_name == "rare":
         out[0] = (GRID_RARE, out[0][1])
     out.sort(key=lambda o: (o[1][1], o[1][0]))
-    return [(label, tuple(v * GRID_CELL for v in box)) for label, box in out]
+    return [(label, tuple(v * unit for v in box)) for label, box in out]
 
 
 def render_grid_image(rng: np.random.Generator, size: int, objects, *, contrast: float = 1.0):
@@ -236,7 +241,7 @@ def render_grid_image(rng: np.random.Generator, size: int, objects, *, contrast:
 
 
 def _corrupt(rng: np.random.Generator, objects, size: int):
-    """The noise slice's train labels: one object's box shifted by 1-2 cells, or its label swapped."""
+    """The noise slice's train labels: one object's box shifted by one cell (clipped to the image), or its label swapped."""
     objects = list(objects)
     k = int(rng.integers(len(objects)))
     label, (x1, y1, x2, y2) = objects[k]
@@ -244,9 +249,9 @@ def _corrupt(rng: np.random.Generator, objects, size: int):
         swap = {"bolt": "label", "label": "bolt", "cable": "screw", "screw": "cable"}
         objects[k] = (swap[label], (x1, y1, x2, y2))
     else:
-        dx, dy = (int(v) * GRID_CELL for v in rng.choice([-2, -1, 1, 2], 2))
-        dx = int(np.clip(dx, -x1, size - x2))
-        dy = int(np.clip(dy, -y1, size - y2))
+        # One cell along each axis, toward the inside where the box touches a border.
+        dx, dy = ((GRID_CELL if lo < GRID_CELL else -GRID_CELL if hi > size - GRID_CELL else int(rng.choice([-1, 1])) * GRID_CELL)
+                  for lo, hi in ((x1, x2), (y1, y2)))
         objects[k] = (label, (x1 + dx, y1 + dy, x2 + dx, y2 + dy))
     return objects
 
@@ -256,11 +261,11 @@ def synthesize_grid(out_dir: str | Path, *, n_train: int = 4000, n_val_per_slice
     """The mining-effect corpus: target ``bbu`` only, hard slices known by construction.
 
     Train slices (default shares): ``rare`` 4% (one object is ``crack``, a square of
-    nearly ``bolt``'s colour), ``small`` 10% (1-4 objects of one cell), ``crowded``
-    10% (6-8 objects of 1-2 cells), ``low_contrast`` 10% (colours at 30% contrast),
-    ``noise`` 5% (clean images whose label lists one shifted box or swapped label),
-    ``clean`` the rest (1-4 objects of 2-4 cells). Val holds ``n_val_per_slice``
-    images of every slice but ``noise``, with true labels. Writes
+    nearly ``bolt``'s colour), ``small`` 6% (1-3 objects of half a cell on a half-cell
+    grid), ``crowded`` 6% (5-7 objects of one cell), ``low_contrast`` 6% (clean layouts,
+    colours at 35% contrast), ``noise`` 4% (clean images whose label list has one box
+    shifted by a cell or one label swapped), ``clean`` the rest (1-3 objects of 1-2 cells).
+    Val holds ``n_val_per_slice`` images of every slice but ``noise``, with true labels. Writes
     ``<out>/bbu/{train,val}.jsonl``, the images and ``<out>/bbu/slices.json``
     (``{"train": {id: slice}, "val": {id: slice}, "shares": {...}, "noise": {id: true objects}}``).
 
@@ -290,7 +295,7 @@ def synthesize_grid(out_dir: str | Path, *, n_train: int = 4000, n_val_per_slice
     for split, names in (("train", train), ("val", val)):
         lines, info[split] = [], {}
         for i, name in enumerate(names):
-            truth = _grid_objects(rng, "clean" if name in ("noise", "low_contrast") else name, size // GRID_CELL)
+            truth = _grid_objects(rng, "clean" if name in ("noise", "low_contrast") else name, size)
             contrast = _LOW_CONTRAST if name == "low_contrast" else 1.0
             record_id, image = f"bbu-{split}-{i:05d}", f"images/{split}-{i:05d}.png"
             render_grid_image(rng, size, truth, contrast=contrast).save(root / image)
