@@ -57,7 +57,7 @@ ARMS: dict[str, dict | None] = {
     "label_loss": {**BASE, "mode": "reweight", "metric": "label_loss", **SELECT},
     "det_f1": {**BASE, "mode": "reweight", "metric": "det_f1", "aggregate": "last", **SELECT},
     "dynamic": {**BASE, "mode": "dynamic", "hard_pool_frac": 0.2},
-    "fixed_set": {**BASE, "mode": "fixed_set", "metric": "loss", "hard_sample_size": 800, "regular_sample_size": 1600},
+    "fixed_set": {**BASE, "mode": "fixed_set", "metric": "loss", "hard_sample_size": 400, "regular_sample_size": 800},
     "loss_suspects": {**BASE, "mode": "reweight", "metric": "loss", "exclude_suspects": True, **SELECT},
 }
 # In order of priority (an experiment cut short keeps the first ones).
