@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from hsm.utf8 import NotUtf8Error, read_utf8
+from hsm.metrics import METRIC_NAMES, METRICS
 
 __all__ = [
     "ConfigError",
@@ -32,6 +33,7 @@ __all__ = [
     "SourceConfig",
     "FusionConfig",
     "DetectionEvalConfig",
+    "DetF1Config",
     "CustomConfig",
     "LoraConfig",
     "ModelConfig",
@@ -119,10 +121,10 @@ class MiningConfig(_Strict):
     mode: Literal["reweight", "fixed_set", "dynamic"] = Field(
         "reweight", description="reweight (seeds 001/002), fixed_set (seed 003), dynamic (seed 000)."
     )
-    metric: Literal["loss", "token_acc", "coord_loss", "label_loss", "loss_sum"] | None = Field(
-        None, description="Difficulty signal: loss, or 1 - token_acc, or the box-aware event columns coord_loss "
-        "(CE over coordinate tokens), label_loss (over label tokens), loss_sum (summed over answer tokens; "
-        "events where it is null are not observations). Default: token_acc for dynamic, else loss."
+    metric: Literal[METRIC_NAMES] | None = Field(  # one row of hsm.metrics.METRICS per name
+        None, description="Difficulty signal (hsm.metrics): " + "; ".join(f"{m.name}: {m.doc}" for m in METRICS.values())
+        + ". Events where a nullable metric is null are not observations; det_f1 is measured every custom.det_f1.every "
+        "epochs. Default: token_acc for dynamic, else loss."
     )
     aggregate: Literal["ema", "mean", "epoch_ema", "last"] = Field(
         "ema", description="Score: ema (per observation, after 3 observations; else mean), mean, epoch_ema "
@@ -287,12 +289,21 @@ class DetectionEvalConfig(_Strict):
         raise ValueError(f"must be 'epoch' or a number of optimizer steps >= 1, got {value!r}")
 
 
+class DetF1Config(_Strict):
+    """``custom.det_f1``: how the ``det_f1`` metric is measured (read only when mining on ``det_f1``)."""
+
+    every: int = Field(1, ge=1, description="Measure at the end of epochs 0, every, 2*every, ... (not after the last).")
+    batch_size: int = Field(32, ge=1, description="Generation batch size per rank.")
+    max_new_tokens: int = Field(512, ge=1, description="Generation length limit per answer.")
+
+
 class CustomConfig(_Strict):
     """``custom``: hsm's own sections."""
 
     hard_sample_mining: MiningConfig | None = Field(None, description="Hard-sample mining (absent = disabled).")
     fusion_config: FusionConfig | None = Field(None, description="The unified fusion loader.")
     detection_eval: DetectionEvalConfig | None = Field(None, description="Detection metrics during training (absent = off).")
+    det_f1: DetF1Config = Field(default_factory=DetF1Config, description="Measuring the det_f1 mining metric.")
 
     @model_validator(mode="after")
     def _detection_eval_datasets(self) -> "CustomConfig":
@@ -336,6 +347,9 @@ class ModelConfig(_Strict):
     hidden_size: int = Field(64, ge=8, description="Tiny model only: text hidden size.")
     num_layers: int = Field(2, ge=1, description="Tiny model only: text layers.")
     vision_depth: int = Field(1, ge=1, description="Tiny model only: vision blocks.")
+    vision_hidden_size: int = Field(32, ge=8, description="Tiny model only: vision hidden size (MLP twice that).")
+    patch_size: int = Field(16, ge=2, description="Tiny model only: vision patch side in pixels (merge 2: one "
+                            "visual token per 2 * patch_size square).")
     torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weight dtype on load; auto keeps the checkpoint's (float32 for the built-in tiny model)."
     )

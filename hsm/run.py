@@ -135,6 +135,13 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
         trainer.setup_hsm(mining=mining, fusion=fusion, hsm_dir=hsm_dir, sampler=sampler,
                           num_train_epochs=args.num_train_epochs, attempt=resume_attempt(hsm_dir),
                           run_id=_agreed_run_id(output_dir.name))
+        if mining.metric == "det_f1":  # its events must be logged before the mining callback plans the epoch
+            from hsm.eval.train_quality import DetF1Callback
+            from hsm.train.trainer import MiningCallback
+
+            callbacks = trainer.callback_handler.callbacks
+            at = next(i for i, c in enumerate(callbacks) if isinstance(c, MiningCallback))
+            callbacks.insert(at, DetF1Callback(trainer, cfg.custom.det_f1, processor, cfg.model.coord_format))
     else:
         trainer.use_sampler(sampler, fusion)
     if cfg.custom.detection_eval is not None and cfg.custom.detection_eval.enabled:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from hsm.metrics import NULLABLE_EVENT_COLUMNS
+
 __all__ = [
     "EVENT_SCHEMA",
     "STATE_SCHEMA",
@@ -40,9 +42,8 @@ EVENT_SCHEMA = pa.schema(
         # Added by issue 8 (box-aware difficulty). Nullable columns are optional:
         # logs written before them still read, with nulls. Null also means the
         # sample had no such tokens (e.g. an empty answer has no coordinates).
-        pa.field("coord_loss", pa.float32(), nullable=True),
-        pa.field("label_loss", pa.float32(), nullable=True),
-        pa.field("loss_sum", pa.float32(), nullable=True),
+        # coord_loss, label_loss, loss_sum (issue 8), det_f1 (issue 17): hsm.metrics.
+        *(pa.field(name, pa.float32(), nullable=True) for name in NULLABLE_EVENT_COLUMNS),
     ]
 )
 

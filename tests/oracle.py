@@ -21,6 +21,8 @@ def metric_value(r: dict, metric: str) -> float | None:
     if metric == "token_acc":
         return 1.0 - float(r["token_acc"])
     value = r.get(metric)
+    if metric == "det_f1":  # an F1: difficulty 1 - F1
+        return None if value is None else 1.0 - float(value)
     return None if value is None else float(value)
 
 

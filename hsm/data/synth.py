@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CLASS_NAMES", "DOMAINS", "DEFAULT_PROMPTS", "SLICES", "render_image", "synthesize", "synthesize_slices"]
+__all__ = ["CLASS_NAMES", "DOMAINS", "DEFAULT_PROMPTS", "SLICES", "GRID_CLASSES", "GRID_SLICES", "render_image",
+           "render_grid_image", "synthesize", "synthesize_slices", "synthesize_grid"]
 
 # name -> (classes, background tint)
 DOMAINS = {
@@ -180,4 +181,133 @@ def synthesize_slices(out_dir: str | Path, *, n_train: int = 240, n_val_per_slic
     paths["coco"].write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     paths["slices"] = root / "slices.json"
     paths["slices"].write_text(json.dumps({**slice_map, "shares": shares}, indent=1), encoding="utf-8")
+    return paths
+
+
+# The grid corpus of bench/mining_effect.py (synthesize_grid): objects snapped to a grid of
+# GRID_CELL px squares (one visual token of the tiny model at patch 8, merge 2) on a grey
+# background; a class is a colour and a shape. Small objects are half a cell on a half-cell
+# grid (finer than a visual token); the rare class is a square of nearly the first colour.
+GRID_CELL = 16
+GRID_CLASSES = {  # label -> (colour, shape); shape 0 square, 1 circle
+    "bolt": ((210, 50, 50), 0), "cable": ((210, 50, 50), 1),
+    "label": ((50, 90, 210), 0), "screw": ((50, 90, 210), 1),
+    "crack": ((210, 95, 50), 0),
+}
+GRID_RARE = "crack"
+GRID_SLICES = ("clean", "rare", "small", "crowded", "low_contrast", "noise")
+_GRID_SHARES = {"rare": 0.04, "small": 0.06, "crowded": 0.06, "low_contrast": 0.06, "noise": 0.04}
+_GREY = 128
+_LOW_CONTRAST = 0.35  # low_contrast objects: this fraction of their colour's distance from the grey
+# slice -> (object count range, side range in units, unit in px); ranges are half-open
+_LAYOUTS = {"clean": ((1, 4), (1, 3), GRID_CELL), "small": ((1, 4), (1, 2), GRID_CELL // 2),
+            "crowded": ((5, 8), (1, 2), GRID_CELL)}
+
+
+def _grid_objects(rng: np.random.Generator, slice_name: str, size: int) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """Non-overlapping grid-aligned objects of one slice, in raster order (top to bottom, left to right)."""
+    common = [c for c in GRID_CLASSES if c != GRID_RARE]
+    count, sides, unit = _LAYOUTS.get(slice_name, _LAYOUTS["clean"])
+    cells = size // unit
+    n = int(rng.integers(*count))
+    taken = np.zeros((cells, cells), dtype=bool)
+    out = []
+    for _ in range(50 * n):
+        if len(out) == n:
+            break
+        side = int(rng.integers(*sides))
+        x, y = int(rng.integers(0, cells - side + 1)), int(rng.integers(0, cells - side + 1))
+        if taken[y:y + side, x:x + side].any():
+            continue
+        taken[y:y + side, x:x + side] = True
+        out.append((str(rng.choice(common)), (x, y, x + side, y + side)))
+    if slice_name == "rare":
+        out[0] = (GRID_RARE, out[0][1])
+    out.sort(key=lambda o: (o[1][1], o[1][0]))
+    return [(label, tuple(v * unit for v in box)) for label, box in out]
+
+
+def render_grid_image(rng: np.random.Generator, size: int, objects, *, contrast: float = 1.0):
+    """Grey noisy background, solid squares and circles; ``contrast`` < 1 pulls colours toward the grey."""
+    from PIL import Image, ImageDraw
+
+    image = Image.fromarray(np.clip(rng.normal(_GREY, 6, (size, size, 3)), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for label, (x1, y1, x2, y2) in objects:
+        colour, shape = GRID_CLASSES[label]
+        fill = tuple(int(round(_GREY + contrast * (c - _GREY))) for c in colour)
+        (draw.rectangle if shape == 0 else draw.ellipse)([x1, y1, x2 - 1, y2 - 1], fill=fill)
+    return image
+
+
+def _corrupt(rng: np.random.Generator, objects, size: int):
+    """The noise slice's train labels: one object's box shifted by one cell (clipped to the image), or its label swapped."""
+    objects = list(objects)
+    k = int(rng.integers(len(objects)))
+    label, (x1, y1, x2, y2) = objects[k]
+    if rng.random() < 0.5:
+        swap = {"bolt": "label", "label": "bolt", "cable": "screw", "screw": "cable"}
+        objects[k] = (swap[label], (x1, y1, x2, y2))
+    else:
+        # One cell along each axis, toward the inside where the box touches a border.
+        dx, dy = ((GRID_CELL if lo < GRID_CELL else -GRID_CELL if hi > size - GRID_CELL else int(rng.choice([-1, 1])) * GRID_CELL)
+                  for lo, hi in ((x1, x2), (y1, y2)))
+        objects[k] = (label, (x1 + dx, y1 + dy, x2 + dx, y2 + dy))
+    return objects
+
+
+def synthesize_grid(out_dir: str | Path, *, n_train: int = 4000, n_val_per_slice: int = 48, size: int = 64,
+                    seed: int = 0, shares: dict[str, float] | None = None) -> dict[str, Path]:
+    """The mining-effect corpus: target ``bbu`` only, hard slices known by construction.
+
+    Train slices (default shares): ``rare`` 4% (one object is ``crack``, a square of
+    nearly ``bolt``'s colour), ``small`` 6% (1-3 objects of half a cell on a half-cell
+    grid), ``crowded`` 6% (5-7 objects of one cell), ``low_contrast`` 6% (clean layouts,
+    colours at 35% contrast), ``noise`` 4% (clean images whose label list has one box
+    shifted by a cell or one label swapped), ``clean`` the rest (1-3 objects of 1-2 cells).
+    Val holds ``n_val_per_slice`` images of every slice but ``noise``, with true labels. Writes
+    ``<out>/bbu/{train,val}.jsonl``, the images and ``<out>/bbu/slices.json``
+    (``{"train": {id: slice}, "val": {id: slice}, "shares": {...}, "noise": {id: true objects}}``).
+
+    Args:
+        out_dir: where to write.
+        n_train: train images.
+        n_val_per_slice: val images per slice.
+        size: image side (a multiple of ``GRID_CELL``).
+        seed: corpus seed.
+        shares: train share per hard slice (clean takes the rest).
+    """
+    if size % GRID_CELL:
+        raise ValueError(f"size: {size} is not a multiple of the grid cell {GRID_CELL}")
+    out_dir = Path(out_dir)
+    shares = dict(_GRID_SHARES if shares is None else shares)
+    shares["clean"] = 1.0 - sum(v for k, v in shares.items() if k != "clean")
+    rng = np.random.default_rng([seed, 17])
+    counts = {name: int(round(shares.get(name, 0.0) * n_train)) for name in GRID_SLICES if name != "clean"}
+    counts["clean"] = n_train - sum(counts.values())
+    train = [name for name in GRID_SLICES for _ in range(counts[name])]
+    train = [train[i] for i in rng.permutation(len(train))]
+    val = [name for name in GRID_SLICES if name != "noise" for _ in range(n_val_per_slice)]
+    root = out_dir / "bbu"
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    info: dict = {"shares": shares, "noise": {}}
+    for split, names in (("train", train), ("val", val)):
+        lines, info[split] = [], {}
+        for i, name in enumerate(names):
+            truth = _grid_objects(rng, "clean" if name in ("noise", "low_contrast") else name, size)
+            contrast = _LOW_CONTRAST if name == "low_contrast" else 1.0
+            record_id, image = f"bbu-{split}-{i:05d}", f"images/{split}-{i:05d}.png"
+            render_grid_image(rng, size, truth, contrast=contrast).save(root / image)
+            shown = _corrupt(rng, truth, size) if name == "noise" else truth
+            if name == "noise":
+                info["noise"][record_id] = [[label, list(box)] for label, box in truth]
+            lines.append({"id": record_id, "image": image, "width": size, "height": size,
+                          "objects": [{"label": label, "bbox": list(box)} for label, box in shown]})
+            info[split][record_id] = name
+        key = "bbu" if split == "train" else "bbu_val"
+        paths[key] = root / f"{split}.jsonl"
+        paths[key].write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    paths["slices"] = root / "slices.json"
+    paths["slices"].write_text(json.dumps(info, indent=1), encoding="utf-8")
     return paths

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hsm.io import file_sha256, open_parquet, write_parquet_atomic
+from hsm.metrics import NULLABLE_EVENT_COLUMNS
 from hsm.schemas import EVENT_SCHEMA, SchemaError, check_schema, conform
 
 __all__ = [
@@ -43,7 +44,7 @@ __all__ = [
     "drop_duplicate_events",
 ]
 
-_NULLABLE_STATS = ("coord_loss", "label_loss", "loss_sum")
+_NULLABLE_STATS = NULLABLE_EVENT_COLUMNS  # hsm.metrics: coord_loss, label_loss, loss_sum, det_f1
 PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 # run_id and dataset repeat on every row; sample_id is unique per part, where a
 # dictionary would only add a page. Statistics only where readers prune on them.
@@ -135,6 +136,7 @@ class EventWriter:
         coord_loss: Any = None,
         label_loss: Any = None,
         loss_sum: Any = None,
+        det_f1: Any = None,
     ) -> None:
         """Buffer one micro-batch; ``position`` is ``position_offset`` + the index in the batch.
 
@@ -161,6 +163,7 @@ class EventWriter:
                 "coord_loss": coord_loss,
                 "label_loss": label_loss,
                 "loss_sum": loss_sum,
+                "det_f1": det_f1,
                 "position_offset": position_offset,
                 "n": n,
             }
@@ -227,7 +230,7 @@ class EventWriter:
             "drawn_as_hard": pa.array(column("drawn_as_hard", np.bool_)),
         }
         for name in _NULLABLE_STATS:
-            values = np.concatenate([np.full(b["n"], np.nan, np.float32) if b[name] is None
+            values = np.concatenate([np.full(b["n"], np.nan, np.float32) if b.get(name) is None
                                      else np.asarray(b[name], dtype=np.float32).reshape(-1) for b in batches])
             arrays[name] = pa.array(values, type=pa.float32(), from_pandas=True)  # NaN -> null
         return pa.Table.from_arrays([arrays[f.name] for f in EVENT_SCHEMA], schema=EVENT_SCHEMA)

@@ -48,6 +48,7 @@ from hsm.mining.plan import (
     run_lock,
     stage_plan,
 )
+from hsm.metrics import difficulty, metric as metric_info
 from hsm.schemas import EVENT_SCHEMA, PLAN_SCHEMA, SAMPLE_ID_SCHEMA, SchemaError, check_schema, conform
 from hsm.mining.select import rank_order, select_plan
 from hsm.mining.suspects import data_map, read_epoch_metrics
@@ -171,24 +172,18 @@ def _events_root(hsm_dir: Path) -> Path:
 
 def event_columns(metric: str) -> tuple[str, ...]:
     """The event columns a fold with ``metric`` reads (the rest of the contract is checked, not loaded)."""
-    value = {"loss": "loss", "token_acc": "token_acc"}.get(metric, metric)
     return tuple(dict.fromkeys(("attempt", "epoch", "global_step", "rank", "position", "dataset", "base_idx",
-                                "sample_id", "loss", value)))
+                                "sample_id", "loss", metric_column(metric))))
 
 
 def metric_column(metric: str) -> str:
-    """The event column ``metric`` reads."""
-    return "token_acc" if metric == "token_acc" else metric
+    """The event column ``metric`` reads (``hsm.metrics.METRICS``)."""
+    return metric_info(metric).column
 
 
 def metric_values(events: pa.Table, metric: str) -> np.ndarray:
-    """The difficulty ``x`` of every event as float64: ``loss``, ``1 - token_acc`` or the named column."""
-    if metric == "token_acc":
-        values = 1.0 - events.column("token_acc").to_numpy().astype(np.float64)
-    else:
-        values = events.column(metric).to_numpy(zero_copy_only=False).astype(np.float64)
-    values += 0.0  # -0.0 becomes 0.0: a fold may sum a single value onto 0.0
-    return values
+    """The difficulty ``x`` of every event as float64: the column, or ``1 - column`` for accuracies and F1."""
+    return difficulty(metric, events.column(metric_column(metric)).to_numpy(zero_copy_only=False))
 
 
 @dataclass

@@ -100,7 +100,7 @@ def build_processor(cfg: ModelConfig):
     from transformers import Qwen2VLImageProcessorPil
 
     image_processor = Qwen2VLImageProcessorPil(
-        patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        patch_size=cfg.patch_size, temporal_patch_size=2, merge_size=2, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
         size={"shortest_edge": cfg.image_min_pixels, "longest_edge": cfg.image_max_pixels},
     )
     return _processor_class()(image_processor=image_processor, tokenizer=build_tokenizer(), chat_template=CHAT_TEMPLATE)
@@ -124,7 +124,8 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int = 0):
                                 "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter], "mrope_interleaved": True},
         },
         vision_config={
-            "depth": cfg.vision_depth, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 16,
+            "depth": cfg.vision_depth, "hidden_size": cfg.vision_hidden_size,
+            "intermediate_size": 2 * cfg.vision_hidden_size, "num_heads": 2, "patch_size": cfg.patch_size,
             "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": hidden,
             "num_position_embeddings": 256, "deepstack_visual_indexes": [0],
         },

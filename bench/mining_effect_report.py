@@ -1,0 +1,167 @@
+"""Tables, verdicts and the plot of ``bench/mining_effect.py`` from the run files a work directory holds.
+
+    python bench/mining_effect.py --from-dir DIR --doc docs/mining_effect.md
+
+Every number is over the seeds an arm finished; paired differences use the seeds both
+the arm and uniform finished (same corpus, init and schedule seed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["load_runs", "summarize", "verdicts", "markdown", "plot", "render"]
+
+METRICS = (("AP50", "mAP50"), ("mAP", "mAP@[.5:.95]"), ("recall50", "recall@0.5"))
+HARD = ("rare", "small", "crowded", "low_contrast")
+
+
+def load_runs(out: Path) -> list[dict]:
+    """Every finished run of ``out/runs``, ordered by seed then arm file name."""
+    return [json.loads(p.read_text()) for p in sorted((Path(out) / "runs").glob("seed-*.json"))]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def summarize(runs: list[dict], arm_order: list[str] | None = None) -> dict:
+    """``table[(arm, slice, metric)]`` = mean, std, paired diff to uniform and its std, seeds."""
+    arms = list(dict.fromkeys([a for a in (arm_order or []) if any(r["arm"] == a for r in runs)]
+                              + [r["arm"] for r in runs]))
+    slices = list(runs[0]["val"]) if runs else []
+    base = {r["seed"]: r for r in runs if r["arm"] == "uniform"}
+    table = {}
+    for arm in arms:
+        mine = {r["seed"]: r for r in runs if r["arm"] == arm}
+        for name in slices:
+            for key, _ in METRICS:
+                mean, std = _mean_std([r["val"][name][key] for r in mine.values()])
+                diff, diff_std = _mean_std([mine[s]["val"][name][key] - base[s]["val"][name][key] for s in mine if s in base])
+                table[(arm, name, key)] = {"mean": mean, "std": std, "diff": diff, "diff_std": diff_std,
+                                           "n": len(mine), "n_paired": len([s for s in mine if s in base])}
+    return {"arms": arms, "slices": slices, "table": table}
+
+
+def verdicts(summary: dict, key: str = "AP50") -> dict[str, str]:
+    """The issue's rule: an arm helps a hard slice when its paired gain exceeds 2 paired std,
+    with overall no worse than 1 std (of the paired overall difference)."""
+    table, out = summary["table"], {}
+    for arm in summary["arms"]:
+        if arm == "uniform":
+            continue
+        total = table[(arm, "overall", key)]
+        if total["n_paired"] < 2:
+            out[arm] = f"undecided ({total['n_paired']} paired seed(s))"
+            continue
+        wins = [f"{name} {table[(arm, name, key)]['diff']:+.3f}" for name in HARD if name in summary["slices"]
+                and table[(arm, name, key)]["diff"] > 2 * table[(arm, name, key)]["diff_std"] > 0]
+        losses = [f"{name} {table[(arm, name, key)]['diff']:+.3f}" for name in (*HARD, "clean") if name in summary["slices"]
+                  and -table[(arm, name, key)]["diff"] > 2 * table[(arm, name, key)]["diff_std"] > 0]
+        overall_ok = total["diff"] >= -total["diff_std"]
+        text = ("helps " + ", ".join(wins) if wins and overall_ok else
+                "gains on " + ", ".join(wins) + " but overall worse" if wins else "no significant gain")
+        out[arm] = text + (f"; hurts {', '.join(losses)}" if losses else "") + f" (overall {total['diff']:+.3f})"
+    return out
+
+
+def _cell(c: dict, paired: bool) -> str:
+    text = f"{c['mean']:.3f} ± {c['std']:.3f}" if not math.isnan(c["std"]) else f"{c['mean']:.3f}"
+    if paired and c["n_paired"]:
+        text += f"<br>Δ {c['diff']:+.3f}" + (f" ± {c['diff_std']:.3f}" if not math.isnan(c["diff_std"]) else "")
+    return text
+
+
+def markdown(runs: list[dict], summary: dict) -> str:
+    """The metric tables, verdicts, compute and suspects as markdown."""
+    table, slices = summary["table"], summary["slices"]
+    lines = []
+    for key, title in METRICS:
+        lines += [f"**val {title}** per slice: mean ± std over seeds; Δ = paired difference to uniform (mean ± std)", "",
+                  "| arm | seeds | " + " | ".join(slices) + " |", "|---" * (len(slices) + 2) + "|"]
+        for arm in summary["arms"]:
+            n = table[(arm, slices[0], key)]["n"]
+            lines.append(f"| {arm} | {n} | " + " | ".join(_cell(table[(arm, s, key)], arm != "uniform") for s in slices) + " |")
+        lines.append("")
+    on_ap50 = verdicts(summary, "AP50")
+    lines += ["**Verdict** (mAP50; helps = hard-slice gain > 2 paired std, overall no worse than 1 paired std)", "",
+              "| arm | verdict |", "|---|---|"]
+    lines += [f"| {arm} | {text} |" for arm, text in on_ap50.items()] + [""]
+    lines += compute_table(runs, summary["arms"])
+    return "\n".join(lines) + "\n"
+
+
+def compute_table(runs: list[dict], arms: list[str]) -> list[str]:
+    """Steps, supervised tokens relative to uniform, seconds, det_f1 cost, suspects vs the injected noise."""
+    tokens_uniform = {r["seed"]: r["supervised_tokens"] for r in runs if r["arm"] == "uniform"}
+    lines = ["| arm | optimizer steps | supervised tokens vs uniform | seconds per run | det_f1 pass seconds (total) "
+             "| suspects: n / precision / recall vs injected noise | noise share of the last hard set |",
+             "|---|---|---|---|---|---|---|"]
+    for arm in arms:
+        mine = [r for r in runs if r["arm"] == arm]
+        ratio = [r["supervised_tokens"] / tokens_uniform[r["seed"]] for r in mine if r["seed"] in tokens_uniform]
+        det = [r["det_f1_seconds"] for r in mine if r.get("det_f1_seconds")]
+        sus = [r["suspects"] for r in mine if r.get("suspects")]
+        sus_text = (f"{statistics.fmean(s['n_suspects'] for s in sus):.0f} / {statistics.fmean(s['precision'] for s in sus):.2f}"
+                    f" / {statistics.fmean(s['recall'] for s in sus):.2f}") if sus else "-"
+        hard = [s["hard_set_noise_share"] for s in sus if "hard_set_noise_share" in s]
+        cells = [str(sorted({r["global_step"] for r in mine})), f"{statistics.fmean(ratio):.3f}" if ratio else "-",
+                 f"{statistics.fmean(r['seconds'] for r in mine):.0f}", f"{statistics.fmean(det):.0f}" if det else "-",
+                 sus_text, f"{statistics.fmean(hard):.3f}" if hard else "-"]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def plot(summary: dict, path: Path, title: str) -> None:
+    """Per-slice mAP50 difference to uniform, mean ± paired std over seeds, one bar per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table, slices = summary["table"], summary["slices"]
+    arms = [a for a in summary["arms"] if a != "uniform"]
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    width = 0.8 / max(len(arms), 1)
+    for k, arm in enumerate(arms):
+        means = [table[(arm, s, "AP50")]["diff"] for s in slices]
+        stds = [np.nan_to_num(table[(arm, s, "AP50")]["diff_std"]) for s in slices]
+        ax.bar(np.arange(len(slices)) + k * width, means, width, yerr=stds, label=arm, capsize=2)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(np.arange(len(slices)) + 0.4 - width / 2, slices)
+    ax.set_ylabel("Δ val mAP50 vs uniform")
+    ax.legend(fontsize=8, ncol=4)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def render(out: Path, doc: Path | None) -> None:
+    """Print the tables of ``out``'s runs; with ``doc``, also write them there, the plot and the raw JSON beside it."""
+    from bench.mining_effect import DEFAULT_ARMS
+
+    runs = load_runs(out)
+    if not runs:
+        print(f"{out}: no finished runs")
+        return
+    summary = summarize(runs, DEFAULT_ARMS)
+    text = markdown(runs, summary)
+    print(text)
+    if doc is not None:
+        doc.parent.mkdir(parents=True, exist_ok=True)
+        stem = doc.with_suffix("")
+        (stem.parent / (stem.name + "_table.md")).write_text(text)
+        (stem.parent / (stem.name + "_runs.json")).write_text(json.dumps(runs, indent=1))
+        preset = runs[0].get("preset", {})
+        seeds = sorted({r["seed"] for r in runs})
+        plot(summary, stem.parent / (stem.name + ".png"),
+             f"{preset.get('name', '?')} preset: {runs[0]['global_step']} steps, seeds {seeds}; "
+             "paired Δ mAP50 to uniform, mean ± std over seeds")
