@@ -20,7 +20,6 @@ __all__ = [
     "SchemaError",
     "check_schema",
     "conform",
-    "decode_dictionaries",
 ]
 
 EVENT_SCHEMA = pa.schema(
@@ -138,11 +137,3 @@ def conform(table: pa.Table, expected: pa.Schema, where: str, *, keep_dictionary
             raise SchemaError(f"{where}: column '{field.name}' has {column.null_count} nulls")
         columns.append(column)
     return pa.Table.from_arrays(columns, names=expected.names)
-
-
-def decode_dictionaries(table: pa.Table) -> pa.Table:
-    """``table`` with every dictionary-encoded column decoded to its value type."""
-    for i, field in enumerate(table.schema):
-        if pa.types.is_dictionary(field.type):
-            table = table.set_column(i, field.name, table.column(i).cast(field.type.value_type))
-    return table

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from hsm.mining.plan import file_sha256
+from hsm.io import file_sha256
 from hsm.utf8 import NotUtf8Error, decode_utf8_line
 
 __all__ = ["DetectionObject", "Record", "RecordError", "json_lines", "read_jsonl", "validate_jsonl", "file_fingerprint", "readable_records",

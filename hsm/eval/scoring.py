@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from hsm.eval.metrics import DatasetScore, score_dataset
-from hsm.mining.plan import write_bytes_atomic, write_json_atomic
+from hsm.io import write_bytes_atomic, write_json_atomic
 from hsm.data.records import Record, json_lines, read_jsonl
 
 __all__ = [
@@ -133,7 +133,7 @@ def score_records_file(records_path: str | Path, answers: list[str | None], coor
 
 def write_dataset(score: DatasetScore, directory: str | Path, name: str) -> None:
     """Write gt.json, detections.json, per_sample.parquet and metrics.json under ``directory``."""
-    from hsm.mining.events import write_parquet_atomic
+    from hsm.io import write_parquet_atomic
 
     directory = Path(directory)
     for payload, file_name in ((score.ground_truth, "gt.json"), (score.detections, "detections.json")):

@@ -38,9 +38,7 @@ __all__ = [
     "part_checksums",
     "read_epoch_events",
     "supersede_attempts",
-    "write_parquet_atomic",  # re-exported from hsm.io (removed later)
     "PART_WRITE_OPTIONS",
-    "PLANNER_COLUMNS",
     "drop_duplicate_events",
 ]
 
@@ -338,11 +336,6 @@ def _read_part(path: Path, epoch: int, columns: Sequence[str] | None, dictionari
     if table.num_rows and (pc.min(epochs).as_py() != epoch or pc.max(epochs).as_py() != epoch):
         raise CorruptEventFile(f"{path}: holds events of another epoch than its partition epoch={epoch}")
     return table
-
-
-# What planning and epoch telemetry read; the rest of the contract is checked, not loaded.
-PLANNER_COLUMNS = ("attempt", "epoch", "global_step", "rank", "position", "dataset", "base_idx", "sample_id",
-                   "loss", "token_acc", "drawn_as_hard")
 
 
 def read_epoch_events(

@@ -52,10 +52,6 @@ __all__ = [
     "manifest_digest",
     "read_manifest",
     "load_plan",
-    # Re-exported from hsm.io for callers not yet moved (removed later).
-    "file_sha256",
-    "write_json_atomic",
-    "write_bytes_atomic",
 ]
 
 PLAN_VERSION = 1
@@ -140,6 +136,16 @@ def remove_stale_temps(hsm_dir: str | Path) -> list[Path]:
     return removed
 
 
+def _new_staging(final: Path) -> Path:
+    """An empty hidden staging directory beside ``final`` (this process's own; a leftover is replaced)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".{final.name}.staging-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    return staging
+
+
 def stage_plan(hsm_dir: str | Path, epoch: int, table: pa.Table, manifest: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     """Write plan and manifest into a hidden staging directory beside ``plans/epoch=E``.
 
@@ -147,11 +153,7 @@ def stage_plan(hsm_dir: str | Path, epoch: int, table: pa.Table, manifest: dict[
     makes it the plan. Nothing a reader looks at changes until then.
     """
     final = plan_dir(hsm_dir, epoch)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".{final.name}.staging-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
+    staging = _new_staging(final)
     try:
         path = staging / "plan.parquet"
         table = conform(table, PLAN_SCHEMA, str(final / "plan.parquet"), keep_dictionary=True)
@@ -175,12 +177,7 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
 
 def stage_plan_bytes(hsm_dir: str | Path, epoch: int, plan_bytes: bytes, manifest_bytes: bytes) -> Path:
     """A plan received as bytes (broadcast from rank 0) staged for :func:`publish_plan`."""
-    final = plan_dir(hsm_dir, epoch)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".{final.name}.staging-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
+    staging = _new_staging(plan_dir(hsm_dir, epoch))
     try:
         write_bytes_atomic(plan_bytes, staging / "plan.parquet")
         write_bytes_atomic(manifest_bytes, staging / "manifest.json")

@@ -47,8 +47,6 @@ __all__ = [
     "read_epoch_metrics",
     "data_map",
     "metric_label",
-    "suspects_for_plan",
-    "exclude_suspects",
 ]
 
 MIN_EPOCHS = 3
@@ -185,18 +183,3 @@ def data_map(per_epoch: pa.Table, *, min_epochs: int = MIN_EPOCHS, top_frac: flo
         is_suspect = mapped & (mean >= top) & (variability <= v_median)
     return DataMap(samples.astype(np.int64), [ids[k] for k in first], counts.astype(np.int64), mean, variability,
                    region, is_suspect, thresholds)
-
-
-def suspects_for_plan(hsm_dir: str | Path, epoch: int, target: str, metric: str, base_idx: np.ndarray,
-                      *, skip_corrupt: bool = False) -> np.ndarray:
-    """Mask over the plan rows ``base_idx``: suspects by the events of epochs ``< epoch``."""
-    dm = data_map(read_epoch_metrics(hsm_dir, range(epoch), target, metric, skip_corrupt=skip_corrupt))
-    return np.isin(base_idx, dm.base_idx[dm.is_suspect])
-
-
-def exclude_suspects(scores: np.ndarray, is_suspect: np.ndarray) -> np.ndarray:
-    """Scores with the suspects set to NaN, which ranks last: selection passes over them.
-
-    The caller then forces ``is_hard = False`` and ``weight = 1`` on the suspects.
-    """
-    return np.where(is_suspect, np.nan, scores)

@@ -100,7 +100,7 @@ def write_suspects_csv(rows: list[dict[str, Any]], path: Path) -> None:
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    from hsm.mining.plan import write_bytes_atomic
+    from hsm.io import write_bytes_atomic
 
     write_bytes_atomic(buffer.getvalue().encode("utf-8"), path)
 
@@ -151,7 +151,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, epoch: i
         epoch: the plan epoch the galleries and weight histogram show (default: the latest).
         top_k: cards in each gallery (hardest and easiest).
     """
-    from hsm.mining.plan import write_bytes_atomic
+    from hsm.io import write_bytes_atomic
 
     run = load_run(run_dir, epoch=epoch)
     out = Path(out) if out is not None else Path(run_dir) / "report.html"
