@@ -15,6 +15,7 @@ from hsm.data.synth import render_grid_image
 from hsm.eval.train_quality import POSITION_BASE, sample_f1
 from hsm.metrics import METRIC_NAMES, METRICS
 from hsm.mining.events import read_epoch_events
+from hsm.mining.state import read_state_info
 from hsm.run import train
 from hsm.schemas import EVENT_SCHEMA
 
@@ -102,5 +103,8 @@ def test_det_f1_events_fold_and_plan_equal_the_oracle(tmp_path, empty_and_full):
     expected = oracle.plan(state, "t", mining, 1)
     assert {r["base_idx"]: (r["is_hard"], r["weight"]) for r in plan} == expected
     assert {i for i, (hard, _) in expected.items() if hard} == {1, 3, 5, 7, 9, 11}
+    # The epoch's mean train loss (plateau detection) is over the training rows only (det_f1 rows are NaN).
+    mean_loss = read_state_info(hsm_dir, 0).epoch_stats[0]["mean_loss"]
+    assert mean_loss == pytest.approx(sum(r["loss"] for r in trained) / len(trained), rel=1e-6)
     passes = [c for c in summary["trainer"].callback_handler.callbacks if type(c).__name__ == "DetF1Callback"]
     assert passes[0].passes == 1 and passes[0].seconds > 0

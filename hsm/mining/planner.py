@@ -273,6 +273,13 @@ def range_bounds(sample_keys: list[np.ndarray], n_ranges: int) -> np.ndarray:
     return np.unique(pool[(np.arange(1, n_ranges) * len(pool)) // n_ranges])
 
 
+def finite_mean_loss(events: pa.Table) -> float | None:
+    """Mean ``loss`` of the training steps' events: ``det_f1`` rows carry NaN loss and do not count."""
+    loss = events.column("loss").to_numpy(zero_copy_only=False).astype(np.float64)
+    loss = loss[np.isfinite(loss)]
+    return float(loss.mean()) if len(loss) else None
+
+
 def _fold_in_memory(read, epoch: int, state, names: list[str], mining: MiningConfig, fold, *,
                     per_epoch: bool) -> EpochFold:
     events = read.table
@@ -282,7 +289,7 @@ def _fold_in_memory(read, epoch: int, state, names: list[str], mining: MiningCon
         observed = events.filter(pc.is_valid(column))  # no such tokens: not an observation of this metric
     codes, names = dataset_codes(observed.column("dataset"), names)
     out = fold(state, _keyed(observed, codes, mining.metric), epoch=epoch, ema_decay=mining.ema_decay, per_epoch=per_epoch)
-    mean_loss = float(pc.mean(events.column("loss").cast(pa.float64())).as_py()) if events.num_rows else None
+    mean_loss = finite_mean_loss(events)
     return EpochFold(state=out.select(list(fold_columns(mining.aggregate))), ids=_new_ids(out, names, observed.column("sample_id")),
                      names=names, n_events=events.num_rows, mean_loss=mean_loss,
                      skipped=[str(path) for path, _ in read.skipped])
@@ -385,7 +392,7 @@ def fold_out_of_core(
     bounds = range_bounds(keys, n_buckets)
     del sample, sampled, keys
 
-    n_events, loss_sum = 0, 0.0
+    n_events, n_losses, loss_sum = 0, 0, 0.0
     paths = [spill_dir / f"bucket-{b:04d}.arrow" for b in range(len(bounds) + 1)]
     writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
     spill_schema = pa.schema([("key", pa.int64()), ("x", pa.float64()), ("global_step", pa.int64()), ("rank", pa.int32()),
@@ -401,7 +408,10 @@ def fold_out_of_core(
                         best, on=list(_ATTEMPT_KEY), how="semi").get_column("row").sort()
                     events = events.take(keep.to_arrow())
                 n_events += events.num_rows
-                loss_sum += float(np.sum(events.column("loss").to_numpy().astype(np.float64)))
+                loss = events.column("loss").to_numpy(zero_copy_only=False).astype(np.float64)
+                loss = loss[np.isfinite(loss)]  # det_f1 rows carry NaN loss: not training steps
+                n_losses += len(loss)
+                loss_sum += float(loss.sum())
                 column = events.column(metric)
                 if column.null_count:
                     events = events.filter(pc.is_valid(column))
@@ -443,7 +453,7 @@ def fold_out_of_core(
     new_ids = pa.concat_tables(ids) if ids else SAMPLE_ID_SCHEMA.empty_table()
     del states, ids
     return EpochFold(state=new_state, ids=new_ids, names=names, n_events=n_events,
-                     mean_loss=loss_sum / n_events if n_events else None, skipped=skipped)
+                     mean_loss=loss_sum / n_losses if n_losses else None, skipped=skipped)
 
 
 def fold_pending(

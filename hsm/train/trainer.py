@@ -319,6 +319,7 @@ def epoch_telemetry(trainer: HsmTrainerMixin, epoch: int, result) -> dict[str, f
     # The planner has just read this epoch's events to fold them; reuse them.
     events = result.last_events if result.last_events is not None else read_epoch_events(trainer.hsm_dir, epoch).table
     target = events.filter(pc.equal(events.column("dataset"), trainer.hsm_fusion.target.name))
+    target = target.filter(pc.is_finite(target.column("loss")))  # draws only: det_f1 rows carry NaN loss
     acc = target.column("token_acc").to_numpy()
     hard = target.column("drawn_as_hard").to_numpy(zero_copy_only=False)
     used = trainer.hsm_sampler.plan
