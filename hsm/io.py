@@ -36,6 +36,7 @@ __all__ = [
     "publish_dir",
     "restore_dirs",
     "is_temp_name",
+    "temp_writer_pid",
 ]
 
 
@@ -68,6 +69,14 @@ def temp_name(path: str | Path) -> Path:
     """A hidden name beside ``path``, unique to this process and thread: ``.NAME.PID.TID.tmp``."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{_TEMP_SUFFIX}")
+
+
+def temp_writer_pid(name: str) -> int | None:
+    """The process id in a :func:`temp_name` (``.NAME.PID.TID.tmp``), None for any other name."""
+    parts = name.split(".")
+    if not name.startswith(".") or not name.endswith(_TEMP_SUFFIX) or len(parts) < 5 or not parts[-3].isdigit():
+        return None
+    return int(parts[-3])
 
 
 def is_temp_name(name: str) -> bool:

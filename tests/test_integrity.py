@@ -221,3 +221,21 @@ def test_train_refuses_a_foreign_event_file_before_step_0(tmp_path):
     assert result.exit_code == 2, result.output
     assert "part-00000.parquet" in result.output and "not an hsm event part" in result.output
     assert not (out / "hsm" / "events" / "epoch=0" / "rank=0" / "part-00001.parquet").exists()
+
+
+def test_an_event_writer_removes_its_ranks_dead_temp_files_only(tmp_path):
+    from hsm.io import temp_name
+    from hsm.mining.events import EventWriter, event_dir
+
+    dead = 2**22 + 7  # above Linux's default pid_max: no live process has it
+    part = event_dir(tmp_path, 0, rank=0) / "part-00003.parquet"
+    part.parent.mkdir(parents=True)
+    stale = part.with_name(f".{part.name}.{dead}.140.tmp")
+    stale.write_bytes(b"half a part")
+    mine = temp_name(part)  # this process's own, as if in flight on another thread
+    mine.write_bytes(b"in flight")
+    other_rank = event_dir(tmp_path, 0, rank=1) / f".part-00000.parquet.{dead}.140.tmp"
+    other_rank.parent.mkdir(parents=True)
+    other_rank.write_bytes(b"rank 1's")
+    EventWriter(tmp_path, run_id="r", rank=0).close()
+    assert not stale.exists() and mine.exists() and other_rank.exists()

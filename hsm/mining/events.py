@@ -12,6 +12,7 @@ the events of the highest attempt count (:func:`supersede_attempts`).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,13 +24,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hsm.io import file_sha256, open_parquet, write_parquet_atomic
+from hsm.io import file_sha256, open_parquet, temp_writer_pid, write_parquet_atomic
 from hsm.metrics import NULLABLE_EVENT_COLUMNS
 from hsm.schemas import EVENT_SCHEMA, SchemaError, check_schema, conform
 
 __all__ = [
     "keyed_write_options",
     "EventWriter",
+    "remove_stale_event_temps",
     "CorruptEventFile",
     "EventRead",
     "event_dir",
@@ -83,6 +85,21 @@ def keyed_write_options(schema: pa.Schema, *, sorted_column: str, dictionary: tu
     }
 
 
+def remove_stale_event_temps(hsm_dir: str | Path, rank: int) -> list[Path]:
+    """Remove the temp files killed writers of ``rank`` left in its own event folders.
+
+    Each rank is the only writer of ``events/epoch=*/rank=R``, so its temp files of
+    another process are a dead writer's; this process's own (in flight) are kept.
+    """
+    removed = []
+    for path in Path(hsm_dir).glob(f"events/epoch=*/rank={rank}/.*"):
+        pid = temp_writer_pid(path.name)
+        if pid is not None and pid != os.getpid():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 class EventWriter:
     """Per-rank, background-flushed writer of the event log.
 
@@ -116,6 +133,7 @@ class EventWriter:
         self._pending: list[Future] = []
         self.rows_written = 0
         self.parts_written = 0
+        remove_stale_event_temps(self.hsm_dir, rank)
 
     def append(
         self,
