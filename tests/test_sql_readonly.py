@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -87,7 +88,10 @@ def test_a_flipped_byte_in_an_event_part_is_named_not_shown(tmp_path):
     write_rows(tmp_path / "hsm", random_rows(np.random.default_rng(6), n_target=12, n_epochs=2, n_ranks=1, max_obs=2))
     part = next((tmp_path / "hsm" / "events").rglob("part-*.parquet"))
     data = bytearray(part.read_bytes())
-    data[len(data) // 3] ^= 0x5A  # DuckDB reads Parquet without verifying page checksums
+    chunk = next(c for c in (pq.ParquetFile(part).metadata.row_group(0).column(i) for i in range(18))
+                 if c.path_in_schema == "loss")
+    # The last bytes of the loss column's data page (DuckDB reads Parquet without verifying page checksums).
+    data[chunk.data_page_offset + chunk.total_compressed_size - 2] ^= 0x5A
     part.write_bytes(bytes(data))
     result = _sql(tmp_path, "SELECT sum(loss) FROM events")
     assert result.exit_code == 2 and part.name in result.output, result.output
