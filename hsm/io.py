@@ -37,6 +37,7 @@ __all__ = [
     "restore_dirs",
     "is_temp_name",
     "temp_writer_pid",
+    "epoch_partitions",
 ]
 
 
@@ -69,6 +70,19 @@ def temp_name(path: str | Path) -> Path:
     """A hidden name beside ``path``, unique to this process and thread: ``.NAME.PID.TID.tmp``."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{_TEMP_SUFFIX}")
+
+
+def epoch_partitions(root: str | Path) -> dict[int, Path]:
+    """Hive partitions ``root/epoch=E`` (folders only; hidden staging names never match), by epoch."""
+    root = Path(root)
+    if not root.is_dir():
+        return {}
+    found = {}
+    for child in root.iterdir():
+        name, _, value = child.name.partition("=")
+        if name == "epoch" and value.isdigit() and child.is_dir():
+            found[int(value)] = child
+    return found
 
 
 def temp_writer_pid(name: str) -> int | None:

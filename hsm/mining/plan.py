@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hsm.io import (
+    epoch_partitions,
     file_sha256,
     is_temp_name,
     open_parquet,
@@ -365,15 +366,7 @@ def _verified_checksum(path: Path, manifest: dict[str, Any], fix: str) -> str:
 
 def plan_epochs(hsm_dir: str | Path) -> list[int]:
     """Epochs with a published plan directory ``plans/epoch=E``, ascending (staging directories are hidden)."""
-    root = Path(hsm_dir) / "plans"
-    if not root.is_dir():
-        return []
-    epochs = []
-    for child in root.iterdir():
-        name, _, value = child.name.partition("=")
-        if name == "epoch" and value.isdigit() and child.is_dir():
-            epochs.append(int(value))
-    return sorted(epochs)
+    return sorted(epoch_partitions(Path(hsm_dir) / "plans"))
 
 
 def verify_plan(hsm_dir: str | Path, epoch: int) -> dict[str, Any] | None:

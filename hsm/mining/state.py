@@ -49,7 +49,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hsm.io import ChecksumMismatch, file_sha256, open_parquet, write_json_atomic, write_parquet_atomic
+from hsm.io import ChecksumMismatch, epoch_partitions, file_sha256, open_parquet, write_json_atomic, write_parquet_atomic
 from hsm.mining.events import keyed_write_options
 from hsm.schemas import SAMPLE_ID_SCHEMA, STATE_SCHEMA, SchemaError, conform
 
@@ -176,15 +176,8 @@ def sample_ids_path(hsm_dir: str | Path, epoch: int) -> Path:
 
 def find_states(hsm_dir: str | Path) -> list[int]:
     """Epochs that have a committed state file, ascending."""
-    root = Path(hsm_dir) / "state"
-    if not root.is_dir():
-        return []
-    epochs = []
-    for child in root.iterdir():
-        name, _, value = child.name.partition("=")
-        if name == "epoch" and value.isdigit() and (child / "state.parquet").is_file():
-            epochs.append(int(value))
-    return sorted(epochs)
+    return sorted(e for e, folder in epoch_partitions(Path(hsm_dir) / "state").items()
+                  if (folder / "state.parquet").is_file())
 
 
 def _info_from(meta: dict | None, path: Path) -> StateInfo:
