@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -82,7 +83,9 @@ def test_bad_inputs_exit_nonzero_with_a_message(run_dir, tmp_path):
     assert result.exit_code == 0 and "skipped 1 corrupt" in result.output
     result = runner.invoke(app, ["sql", "--run-dir", str(run_dir), "no_such_query"])
     assert result.exit_code == 2 and "known:" in result.output
-    result = runner.invoke(app, ["sql", "--run-dir", str(run_dir), "-e", "SELECT nope FROM plans"])
+    result = runner.invoke(app, ["sql", "--run-dir", str(run_dir), "-e", "SELECT count(*) FROM events"])
+    assert result.exit_code == 2 and part.name in result.output and "--skip-corrupt" in result.output
+    result = runner.invoke(app, ["sql", "--run-dir", str(run_dir), "--skip-corrupt", "-e", "SELECT nope FROM plans"])
     assert result.exit_code == 2 and "nope" in result.output
 
 
@@ -145,3 +148,41 @@ def test_demo_refuses_to_clear_a_run_directory_that_is_not_an_hsm_run(tmp_path):
     assert result.exit_code == 2
     assert "is not an hsm run" in result.output and keep.read_text() == "mine"
     assert not (tmp_path / "data").exists()  # refused before the corpus was written
+
+
+def _tmpfs(path: Path, size_kib: int) -> bool:
+    path.mkdir(parents=True)
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("size_kib", [96, 1024])
+def test_disk_full_during_train_is_a_clear_error_naming_the_file(tmp_path, size_kib):
+    """The output file system fills up mid-run (events, plan or checkpoint): exit 2, one message naming
+    the file that could not be written, no traceback, no half-written plan published."""
+    from hsm.data.synth import synthesize
+
+    corpus = synthesize(tmp_path / "corpus", n_target=24, n_source=8, n_val=2)
+    mount = tmp_path / "full"
+    if not _tmpfs(mount, size_kib):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "hsm.cli.app", "train", "configs/demo.yaml", f"training.output_dir={mount}/run",
+             f"custom.fusion_config.target.train_jsonl={corpus['bbu']}", "custom.fusion_config.target.val_jsonl=null",
+             f"custom.fusion_config.sources.0.train_jsonl={corpus['lvis']}",
+             f"custom.fusion_config.sources.1.train_jsonl={corpus['coco']}", "training.report_to=[]",
+             "training.num_train_epochs=3"],
+            capture_output=True, text=True, timeout=600)
+        text = " ".join((result.stdout + result.stderr).split())
+        assert result.returncode == 2, text[-2000:]
+        assert "Traceback" not in text and "No space left on device" in text and str(mount) in text
+        plans = mount / "run" / "hsm" / "plans"
+        if plans.is_dir():  # every published plan is whole: a manifest beside each plan, no staging left
+            for folder in plans.iterdir():
+                assert not folder.name.startswith("."), folder
+                assert (folder / "plan.parquet").is_file() == (folder / "manifest.json").is_file()
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -10,6 +10,7 @@ One uninterrupted mining run per launcher is the reference for three questions:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -149,6 +150,10 @@ def test_ranks_without_a_shared_file_system_plan_from_every_rank(tmp_path, corpu
     assert shipped == own and shipped  # rank 1's parts reached rank 0's disk
     for path in own:
         assert (node0 / path).read_bytes() == (node1 / path).read_bytes()
+        # The shipped part is recorded in rank 0's copy of rank 1's ledger, with rank 1's own digest.
+        ledger0 = json.loads((node0 / path).with_name("_sha256.json").read_text())
+        ledger1 = json.loads((node1 / path).with_name("_sha256.json").read_text())
+        assert ledger0[path.name] == ledger1[path.name] == hashlib.sha256((node1 / path).read_bytes()).hexdigest()
     assert plan_files(node0) == plan_files(node1)  # the plan travelled back
     # The plans are those of the union of both ranks' logs, planned offline.
     union = tmp_path / "union" / "hsm"

@@ -82,6 +82,62 @@ def test_flipped_bytes_in_an_event_page_are_an_error_naming_the_part(hsm_dir):
     assert str(part) in " ".join(map(str, skipped.skipped_files))
 
 
+def _flip_in_footer(path) -> None:
+    """Flip one byte of a column's max statistic in the footer: every page still verifies, the file still opens."""
+    meta = pq.ParquetFile(path).metadata
+    footer_len = int.from_bytes(path.read_bytes()[-8:-4], "little")
+    data = bytearray(path.read_bytes())
+    footer = data[-8 - footer_len:-8]
+    stats = meta.row_group(0).column(meta.schema.names.index("global_step")).statistics
+    needle = np.int64(stats.max).tobytes()
+    at = len(data) - 8 - footer_len + footer.index(needle)
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_footer_byte_of_an_unfolded_part_is_an_error_in_plan_and_sql(hsm_dir):
+    """Page checksums do not cover the footer; the part's sha256, recorded when it was written, does."""
+    part = list_event_files(hsm_dir, 2)[0]
+    _flip_in_footer(part)
+    pq.ParquetFile(part, page_checksum_verification=True).read()  # still readable: pages verify
+    with pytest.raises(CorruptEventFile, match=f"{part.name}: sha256 differs from the one recorded when it was written"):
+        plan_epoch(hsm_dir, 3, MINING, TARGET)
+    run_dir = hsm_dir.parent
+    result = runner.invoke(app, ["sql", "--run-dir", str(run_dir), "-e", "SELECT count(*) FROM events"])
+    assert result.exit_code == 2 and part.name in result.output and "_sha256.json" in result.output
+    skipped = plan_epoch(hsm_dir, 3, MINING, TARGET, skip_corrupt=True)
+    assert str(part) in skipped.skipped_files
+
+
+def test_a_deleted_event_part_is_an_error_not_a_smaller_log(hsm_dir):
+    part = list_event_files(hsm_dir, 1)[-1]
+    part.unlink()
+    with pytest.raises(CorruptEventFile, match=f"{part.name}: recorded in .*_sha256.json but missing"):
+        plan_epoch(hsm_dir, 3, MINING, TARGET)
+    result = runner.invoke(app, ["sql", "--run-dir", str(hsm_dir.parent), "-e", "SELECT count(*) FROM events"])
+    assert result.exit_code == 2 and "but missing" in result.output
+
+
+def test_a_part_committed_without_its_ledger_entry_is_page_checked_and_recorded_by_the_next_writer(hsm_dir):
+    """A writer killed between the part's rename and its ledger entry: the part is read with page checksums,
+    and the rank's next writer (a resume) records it, so later damage to it is caught."""
+    from hsm.mining.events import LEDGER, EventWriter, recorded_digests
+
+    part = list_event_files(hsm_dir, 2)[0]
+    ledger = part.parent / LEDGER
+    entries = json.loads(ledger.read_text())
+    del entries[part.name]
+    ledger.write_text(json.dumps(entries))
+    clean = plan_epoch(hsm_dir, 3, MINING, TARGET, refold=True).plan  # unrecorded: trusted after page checks
+    rank = int(part.parent.name.split("=")[1])
+    EventWriter(hsm_dir, run_id="test-run", rank=rank, attempt=1).close()
+    assert recorded_digests(part.parent)[part.name] == file_sha256(part)
+    assert plan_epoch(hsm_dir, 3, MINING, TARGET, refold=True).plan.equals(clean)
+    _flip_in_footer(part)
+    with pytest.raises(CorruptEventFile, match=part.name):
+        plan_epoch(hsm_dir, 3, MINING, TARGET, refold=True)
+
+
 def test_flipped_bytes_in_the_id_table_are_an_error(hsm_dir):
     plan_epoch(hsm_dir, 2, MINING, TARGET)
     path = sample_ids_path(hsm_dir, 0)

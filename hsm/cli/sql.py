@@ -21,6 +21,8 @@ def sql(
     list_queries: bool = typer.Option(False, "--list", help="List the shipped queries and exit."),
     fmt: str = typer.Option("table", "--format", help="table, csv or json."),
     limit: int = typer.Option(200, "--limit", min=1, help="Rows printed in table format."),
+    skip_corrupt: bool = typer.Option(False, "--skip-corrupt",
+                                      help="Leave damaged event parts out of the event views (warned) instead of refusing."),
 ) -> None:
     """Run a shipped query or your own SQL over the views events, events_raw, state, plans, manifests."""
     from hsm.io import ChecksumMismatch
@@ -48,7 +50,7 @@ def sql(
     import duckdb
 
     try:
-        con = connect(run_dir)
+        con = connect(run_dir, skip_corrupt=skip_corrupt)
     except (PlanError, ChecksumMismatch, CorruptEventFile, SchemaError) as e:
         raise fail("sql", str(e)) from e
     try:

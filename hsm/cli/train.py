@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import List, Optional
 
@@ -10,6 +11,38 @@ import typer
 from hsm.cli.common import console, fail
 
 __all__ = ["train"]
+
+_WRITE_FAILURES = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
+                   errno.EROFS: "Read-only file system", errno.EFBIG: "File too large"}
+
+
+def _nearly_full(directory: Path) -> str | None:
+    """"No space left on device" when the file system under ``directory`` has under 1 MiB free
+    (torch.save reports a full disk as "unexpected pos" of its zip writer)."""
+    import shutil
+
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return None
+    return f"No space left on device: {free} bytes free" if free < (1 << 20) else None
+
+
+def _write_failure(error: BaseException) -> str | None:
+    """The OS write failure behind ``error`` (its chain, or the text a non-Python writer put in its message)."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _WRITE_FAILURES:
+            return _WRITE_FAILURES[seen.errno]
+        for text in _WRITE_FAILURES.values():
+            if text in str(seen):
+                return text
+        if "file write failed" in str(seen):  # torch.save's PytorchStreamWriter
+            return "file write failed"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def train(
@@ -45,6 +78,15 @@ def train(
     except OSError as e:  # read-only directory, a file where a directory must go, disk full
         raise fail("train", f"{e.filename or cfg.training.get('output_dir')}: cannot write ({e.strerror or e}); "
                             "choose another training.output_dir or fix the permissions") from e
+    except Exception as e:
+        failure = _write_failure(e) or _nearly_full(Path(str(cfg.training.get("output_dir"))))
+        if failure is None:
+            raise
+        # A library's own writer (safetensors, torch.save) reports the OS error in its message only.
+        out = Path(str(cfg.training.get("output_dir")))
+        raise fail("train", f"{out}: cannot write ({failure}) while saving under it ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:300]}); free space or choose another training.output_dir, "
+                            "then resume from the last whole checkpoint") from e
     trainer = summary["trainer"]
     if not trainer.is_world_process_zero():
         return

@@ -10,12 +10,13 @@ after a whole epoch of training.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pyarrow as pa
 
-from hsm.io import ChecksumMismatch, file_sha256, open_parquet
-from hsm.mining.events import CorruptEventFile, event_dir, list_event_files
+from hsm.io import ChecksumMismatch, open_parquet
+from hsm.mining.events import CorruptEventFile, event_dir, recorded_digests, verified_checksums
 from hsm.mining.plan import PlanError, plan_epochs, verify_plan
 from hsm.mining.state import find_states, is_committed, read_state_info, sample_ids_path, verify_state
 from hsm.schemas import EVENT_SCHEMA, SchemaError, check_schema
@@ -77,14 +78,17 @@ def check_run_files(hsm_dir: str | Path) -> int:
     return checked
 
 
-def verify_event_log(hsm_dir: str | Path) -> int:
+def verify_event_log(hsm_dir: str | Path, *, skip_corrupt: bool = False) -> list[Path]:
     """Check every event part's bytes, for readers that do not verify pages themselves (DuckDB).
 
-    A part of a folded epoch is checked against the sha256 its state recorded; any
-    other part is read once with page checksums verified. Returns the parts checked.
+    A part is compared with the sha256 its folder's ledger recorded when it was written
+    (every byte, the footer too), else with the one its state recorded at folding; a part
+    neither knows is read once with page checksums verified. Returns the good parts; with
+    ``skip_corrupt`` a bad one is left out with a warning.
 
     Raises:
-        CorruptEventFile: naming the part and the fix.
+        CorruptEventFile: without ``skip_corrupt``, naming the part (a changed, missing or
+            unreadable one) and the fix.
     """
     hsm_dir = Path(hsm_dir)
     recorded: dict[str, str] = {}
@@ -93,20 +97,38 @@ def verify_event_log(hsm_dir: str | Path) -> int:
             verify_state(hsm_dir, epoch)
             recorded.update(read_state_info(hsm_dir, epoch).event_sha256)
     root = hsm_dir / "events"
-    parts = [p for e in sorted(_partition_epochs(root)) for p in list_event_files(hsm_dir, e)]
-    for path in parts:
-        expected = recorded.get(str(path.relative_to(root)))
-        if expected is not None:
-            if file_sha256(path) != expected:
-                raise CorruptEventFile(f"{path}: sha256 differs from the one recorded when its epoch was folded "
-                                       "(the file changed on disk); restore it, or remove it and hsm plan --refold")
-            continue
-        check_event_part(path)
-        try:
-            open_parquet(path).read()
-        except (pa.ArrowException, OSError) as e:
-            raise CorruptEventFile(f"{path}: damaged page ({e}); remove it or plan with --skip-corrupt") from e
-    return len(parts)
+    good = []
+    for epoch in sorted(_partition_epochs(root)):
+        verified, _ = verified_checksums(hsm_dir, epoch, skip_corrupt=skip_corrupt)
+        ledgers = {}
+        for path, digest in verified.items():
+            if path.parent not in ledgers:
+                ledgers[path.parent] = recorded_digests(path.parent)
+            try:
+                _check_unrecorded(path, digest, ledgers[path.parent], recorded.get(str(path.relative_to(root))))
+            except CorruptEventFile as e:
+                if not skip_corrupt:
+                    raise
+                warnings.warn(f"hsm: skipping event file {e}", stacklevel=2)
+                continue
+            good.append(path)
+    return good
+
+
+def _check_unrecorded(path: Path, digest: str, ledger: dict[str, str], folded: str | None) -> None:
+    """A part the ledger does not cover: its state's sha256 when folded, else a read with page checksums."""
+    if path.name in ledger:
+        return  # every byte matched the ledger
+    if folded is not None:
+        if digest != folded:
+            raise CorruptEventFile(f"{path}: sha256 differs from the one recorded when its epoch was folded "
+                                   "(the file changed on disk); restore it, or remove it and hsm plan --refold")
+        return
+    check_event_part(path)
+    try:
+        open_parquet(path).read()
+    except (pa.ArrowException, OSError) as e:
+        raise CorruptEventFile(f"{path}: damaged page ({e}); remove it or plan with --skip-corrupt") from e
 
 
 def verify_sample_ids(hsm_dir: str | Path) -> None:

@@ -4,6 +4,14 @@ Layout: ``<hsm_dir>/events/epoch=E/rank=R/part-NNNNN.parquet``. Each part is
 written to a hidden temporary name and renamed, so a reader never sees half a
 file; readers ignore anything not named ``part-NNNNN.parquet``.
 
+Integrity: after each part the writer records the part's sha256 in its folder's
+ledger ``_sha256.json`` (``{part name: sha256}``, replaced atomically). Page
+checksums cover data pages, not the footer; the ledger covers every byte, and it
+names deleted parts. Readers compare each part against it (:func:`verified_checksums`);
+a part the ledger does not know (a writer killed between the part and its entry,
+or a run older than the ledger) is read with page checksums only, and the rank's
+next writer records it.
+
 Resume rule: when a run resumes from a checkpoint, the new ``attempt`` re-logs
 the steps after the checkpoint; for every ``(epoch, global_step, rank)`` only
 the events of the highest attempt count (:func:`supersede_attempts`).
@@ -12,6 +20,7 @@ the events of the highest attempt count (:func:`supersede_attempts`).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import warnings
@@ -24,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hsm.io import file_sha256, open_parquet, temp_writer_pid, write_parquet_atomic
+from hsm.io import file_sha256, open_parquet, temp_writer_pid, write_json_atomic, write_parquet_atomic
 from hsm.metrics import NULLABLE_EVENT_COLUMNS
 from hsm.schemas import EVENT_SCHEMA, SchemaError, check_schema, conform
 
@@ -36,6 +45,10 @@ __all__ = [
     "EventRead",
     "event_dir",
     "list_event_files",
+    "LEDGER",
+    "recorded_digests",
+    "record_digests",
+    "verified_checksums",
     "events_digest",
     "part_checksums",
     "read_epoch_events",
@@ -46,6 +59,7 @@ __all__ = [
 
 _NULLABLE_STATS = NULLABLE_EVENT_COLUMNS  # hsm.metrics: coord_loss, label_loss, loss_sum, det_f1
 PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+LEDGER = "_sha256.json"
 # run_id and dataset repeat on every row; sample_id is unique per part, where a
 # dictionary would only add a page. Statistics only where readers prune on them.
 PART_WRITE_OPTIONS = {
@@ -100,6 +114,44 @@ def remove_stale_event_temps(hsm_dir: str | Path, rank: int) -> list[Path]:
     return removed
 
 
+def recorded_digests(rank_dir: Path) -> dict[str, str]:
+    """The ledger of one ``rank=R`` folder: ``{part name: sha256}`` (empty when it has none).
+
+    Raises:
+        CorruptEventFile: the ledger is not a JSON object of names to hex digests.
+    """
+    path = Path(rank_dir) / LEDGER
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise CorruptEventFile(f"{path}: unreadable part ledger ({e}); restore it, or delete it to trust the parts "
+                               "as they are (page checksums only)") from e
+    if not isinstance(data, dict) or not all(isinstance(v, str) and len(v) == 64 for v in data.values()):
+        raise CorruptEventFile(f"{path}: not a part ledger ({{part name: sha256}}); restore it, or delete it to trust "
+                               "the parts as they are (page checksums only)")
+    return data
+
+
+def record_digests(rank_dir: Path, digests: dict[str, str]) -> None:
+    """Add ``{part name: sha256}`` to the folder's ledger (rewritten atomically; one writer per folder)."""
+    write_json_atomic({**recorded_digests(rank_dir), **digests}, Path(rank_dir) / LEDGER)
+
+
+def record_unrecorded_parts(hsm_dir: str | Path, rank: int) -> dict[str, str]:
+    """Record the parts of ``rank``'s folders that its ledgers lack (a writer killed between the
+    part and its entry, or a run from before the ledger); returns them as ``{path: sha256}``."""
+    added = {}
+    for rank_dir in sorted(Path(hsm_dir).glob(f"events/epoch=*/rank={rank}")):
+        known = recorded_digests(rank_dir)
+        new = {p.name: file_sha256(p) for p in sorted(rank_dir.iterdir()) if PART_RE.match(p.name) and p.name not in known}
+        if new:
+            record_digests(rank_dir, new)
+            added.update({str(rank_dir / name): digest for name, digest in new.items()})
+    return added
+
+
 class EventWriter:
     """Per-rank, background-flushed writer of the event log.
 
@@ -134,6 +186,7 @@ class EventWriter:
         self.rows_written = 0
         self.parts_written = 0
         remove_stale_event_temps(self.hsm_dir, rank)
+        record_unrecorded_parts(self.hsm_dir, rank)
 
     def append(
         self,
@@ -210,6 +263,7 @@ class EventWriter:
         table = self._to_table(epoch, batches)
         path = event_dir(self.hsm_dir, epoch, self.rank) / f"part-{part:05d}.parquet"
         write_parquet_atomic(table, path, compression_level=self.compression_level, **PART_WRITE_OPTIONS)
+        record_digests(path.parent, {path.name: file_sha256(path)})  # the part is committed first: see LEDGER
         self.rows_written += table.num_rows
         self.parts_written += 1
 
@@ -302,7 +356,63 @@ def list_event_files(hsm_dir: str | Path, epoch: int, rank: int | None = None) -
 
 def part_checksums(files: Sequence[Path], root: Path) -> dict[str, str]:
     """``{path relative to root: sha256}`` of each part, for the state's provenance (what was folded)."""
-    return {str(path.relative_to(root)): file_sha256(path) for path in sorted(files)}
+    return {str(path.relative_to(root)): _sha256(path) for path in sorted(files)}
+
+
+# sha256 of parts this process read, by (path, inode, size, mtime): a part is hashed once per
+# fold (verified before reading, then the state's provenance), not twice.
+_HASHED: dict[tuple, str] = {}
+
+
+def _sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        if len(_HASHED) > 100_000:
+            _HASHED.clear()
+        _HASHED[key] = file_sha256(path)
+    return _HASHED[key]
+
+
+def verified_checksums(hsm_dir: str | Path, epoch: int, *, skip_corrupt: bool = False) -> tuple[dict[Path, str], list[tuple[Path, str]]]:
+    """Every part of ``epoch`` checked against its folder's ledger.
+
+    Returns ``({part: sha256}, skipped)``: the parts whose bytes match their recorded
+    sha256 or that the ledger does not know (read later with page checksums), and, with
+    ``skip_corrupt``, ``(part, why)`` of each part that differs or is recorded but gone.
+
+    Raises:
+        CorruptEventFile: without ``skip_corrupt``, the first such part, named, with the fix.
+    """
+    root = event_dir(hsm_dir, epoch)
+    good: dict[Path, str] = {}
+    skipped: list[tuple[Path, str]] = []
+    files = list_event_files(hsm_dir, epoch)
+    by_dir: dict[Path, list[Path]] = {}
+    for path in files:
+        by_dir.setdefault(path.parent, []).append(path)
+    rank_dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("rank=")) if root.is_dir() else []
+    for rank_dir in rank_dirs:
+        recorded = recorded_digests(rank_dir)
+        problems = []
+        for path in by_dir.get(rank_dir, []):
+            digest = _sha256(path)
+            expected = recorded.get(path.name)
+            if expected is not None and digest != expected:
+                problems.append((path, f"{path}: sha256 differs from the one recorded when it was written "
+                                       f"({rank_dir / LEDGER}): the file changed on disk"))
+            else:
+                good[path] = digest
+        present = {p.name for p in by_dir.get(rank_dir, [])}
+        for name in sorted(set(recorded) - present):
+            problems.append((rank_dir / name, f"{rank_dir / name}: recorded in {rank_dir / LEDGER} but missing "
+                                              "(deleted or moved)"))
+        for path, why in problems:
+            if not skip_corrupt:
+                raise CorruptEventFile(f"{why}; restore it, or re-run with --skip-corrupt to leave it out")
+            warnings.warn(f"hsm: skipping event file {why}", stacklevel=2)
+            skipped.append((path, why))
+    return good, skipped
 
 
 def events_digest(files: Sequence[Path], root: Path, checksums: dict[str, str] | None = None) -> str:
@@ -362,7 +472,8 @@ def read_epoch_events(
 ) -> EventRead:
     """Read, validate and de-duplicate (by attempt) all events of one epoch.
 
-    A corrupt or truncated part raises :class:`CorruptEventFile` naming it; with
+    A corrupt or truncated part, or one whose bytes differ from its ledger entry (or that
+    the ledger records but is gone), raises :class:`CorruptEventFile` naming it; with
     ``skip_corrupt`` it is skipped with a warning and reported in ``skipped``.
     ``columns`` loads a subset (it must include attempt, epoch, global_step and
     rank); every part's schema is still checked against the whole contract.
@@ -370,8 +481,11 @@ def read_epoch_events(
     stored (the planner maps them to codes; decoding 10M names costs more than the rest).
     """
     files = list_event_files(hsm_dir, epoch)
-    tables, paths, skipped = [], [], []
+    verified, skipped = verified_checksums(hsm_dir, epoch, skip_corrupt=skip_corrupt)
+    tables, paths = [], []
     for path in files:
+        if path not in verified:
+            continue
         try:
             tables.append(_read_part(path, epoch, columns, dictionaries))
             paths.append(path)

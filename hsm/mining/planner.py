@@ -35,6 +35,7 @@ from hsm.mining.events import (
     list_event_files,
     part_checksums,
     read_epoch_events,
+    verified_checksums,
     supersede_attempts,
 )
 from hsm.io import write_json_atomic
@@ -522,10 +523,12 @@ def fold_pending(
                 folder = fold
                 if engine == "duckdb":  # DuckDB may spill inside a range too
                     folder = functools.partial(fold, memory_limit=f"{max(budget >> 21, 64)}MB", temp_directory=spill)
+                verified, unverified = verified_checksums(hsm_dir, epoch, skip_corrupt=skip_corrupt)
                 epoch_fold = fold_out_of_core(
-                    files, epoch, state, names, mining, folder, n_buckets=n_buckets, spill_dir=Path(spill),
-                    skip_corrupt=skip_corrupt, per_epoch=per_epoch,
+                    [f for f in files if f in verified], epoch, state, names, mining, folder, n_buckets=n_buckets,
+                    spill_dir=Path(spill), skip_corrupt=skip_corrupt, per_epoch=per_epoch,
                 )
+                epoch_fold.skipped += [str(path) for path, _ in unverified]
             result.last_events = None
         else:
             read = read_epoch_events(hsm_dir, epoch, skip_corrupt=skip_corrupt, columns=event_columns(mining.metric),

@@ -97,7 +97,7 @@ def _state_files(root: Path) -> list[Path]:
     return [state_path(root, epoch) for epoch in find_states(root)]
 
 
-def connect(run_dir: str | Path) -> duckdb.DuckDBPyConnection:
+def connect(run_dir: str | Path, *, skip_corrupt: bool = False) -> duckdb.DuckDBPyConnection:
     """A read-only, in-memory DuckDB connection with hsm's views over ``<run_dir>/hsm``.
 
     - ``events_raw``: every logged event, all attempts.
@@ -113,15 +113,16 @@ def connect(run_dir: str | Path) -> duckdb.DuckDBPyConnection:
     ``ChecksumMismatch``, ``CorruptEventFile`` or ``SchemaError`` naming the file). Then the connection is confined: it may read
     only those files (``allowed_paths``, ``enable_external_access=false``), installs and
     loads no extension, and its configuration is locked; run statements through
-    :func:`run_query`, which refuses anything but queries.
+    :func:`run_query`, which refuses anything but queries. ``skip_corrupt`` leaves damaged
+    event parts out of the event views (with a warning) instead of refusing the run.
     """
     root = Path(run_dir) / "hsm"
     plan_files, manifest_files = _verified_plans(root)
     state_files = _state_files(root)
-    verify_event_log(root)  # DuckDB does not verify Parquet page checksums: check the bytes first
+    # DuckDB does not verify Parquet page checksums: check the bytes first
+    part_files = sorted(verify_event_log(root, skip_corrupt=skip_corrupt))
     verify_sample_ids(root)
     con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
-    part_files = sorted(root.glob("events/epoch=*/rank=*/part-*.parquet"))
     if part_files:
         con.execute(f"CREATE VIEW events_raw AS SELECT * FROM read_parquet({_files(part_files)}, hive_partitioning = false)")
     else:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from hsm.train import distributed
-from hsm.mining.events import event_dir, list_event_files
+from hsm.mining.events import event_dir, list_event_files, record_digests, recorded_digests
 from hsm.io import file_sha256, write_bytes_atomic
 
 __all__ = ["EventSyncError", "rank_inventory", "missing_parts", "sync_epoch_events"]
@@ -28,11 +28,16 @@ class EventSyncError(RuntimeError):
 
 
 def rank_inventory(hsm_dir: str | Path, epoch: int, rank: int) -> dict:
-    """``{"rank", "parts": [{"name", "size", "sha256", "rows"}]}`` of this rank's parts of ``epoch``."""
+    """``{"rank", "parts": [{"name", "size", "sha256", "recorded", "rows"}]}`` of this rank's parts of ``epoch``.
+
+    ``sha256`` is the bytes' digest now, ``recorded`` the one the rank's ledger holds (None if none):
+    a receiver records ``recorded`` (so a part that rotted before shipping stays detectably corrupt).
+    """
     parts = []
+    ledger = recorded_digests(event_dir(hsm_dir, epoch, rank))
     for path in list_event_files(hsm_dir, epoch, rank=rank):
         parts.append({"name": path.name, "size": path.stat().st_size, "sha256": file_sha256(path),
-                      "rows": pq.ParquetFile(path).metadata.num_rows})
+                      "recorded": ledger.get(path.name), "rows": pq.ParquetFile(path).metadata.num_rows})
     return {"rank": rank, "parts": parts}
 
 
@@ -105,6 +110,7 @@ def sync_epoch_events(hsm_dir: str | Path, epoch: int, world) -> dict[str, int]:
                 if file_sha256(target) != expected[name]["sha256"]:
                     target.unlink()
                     raise EventSyncError(f"{target}: the bytes shipped from rank {rank} do not match its sha256")
+                record_digests(target.parent, {name: expected[name]["recorded"] or expected[name]["sha256"]})
     parts = sum(len(i["parts"]) for i in inventories)
     rows = sum(p["rows"] for i in inventories for p in i["parts"])
     return {"ranks": len(inventories), "parts": parts, "rows": rows, "shipped": len(wanted)}
