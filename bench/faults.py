@@ -180,8 +180,25 @@ def concurrent(base: Path, work: Path, trials: int) -> list[tuple[str, str, str]
              f"{refused} refused at once by the run lock; published plan = a winner's, never torn")]
 
 
+def _damage(path: Path, how: str) -> None:
+    """``mid``: 4 bytes flipped mid-file; ``footer``: one byte flipped mid-footer (Parquet); ``delete``: the file removed."""
+    if how == "delete":
+        path.unlink()
+        return
+    data = bytearray(path.read_bytes())
+    if how == "footer":
+        footer = int.from_bytes(data[-8:-4], "little")
+        data[len(data) - 8 - footer // 2] ^= 0x01
+    else:
+        at = len(data) // 2
+        for i in range(4):
+            data[min(at + i, len(data) - 1)] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
 def corruptions(base: Path, work: Path) -> list[tuple[str, str, str]]:
-    """Every file of the run corrupted in turn (4 bytes flipped, same size); `hsm plan --epoch 3` and `hsm sql`."""
+    """Every file of the run damaged in turn (4 bytes flipped mid-file, a Parquet footer byte flipped,
+    the file deleted); `hsm plan --epoch 3` and `hsm sql`."""
     reference = work / "corrupt-ref"
     shutil.copytree(base, reference)
     hsm(reference, "plan", "--epoch", "3", "--force", check=True)
@@ -191,25 +208,21 @@ def corruptions(base: Path, work: Path) -> list[tuple[str, str, str]]:
     for rel in files:
         if rel.name == "config.yaml":
             continue
-        run = work / "corrupt"
-        shutil.copytree(base, run)
-        path = run / rel
-        data = bytearray(path.read_bytes())
-        at = len(data) // 2
-        for i in range(4):
-            data[min(at + i, len(data) - 1)] ^= 0x5A
-        path.write_bytes(bytes(data))
-        plan = hsm(run, "plan", "--epoch", "3", "--force")
-        outcome_plan = _judge(plan, published(run).get(3) == want_plan, rel)
-        view = hsm(run, "sql", "plan_summary", "--format", "csv")
-        outcome_sql = _judge(view, view.stdout == want_sql, rel)
-        kind = str(rel.parts[1]) + "/" + rel.name.split("-")[0]
-        by_kind.setdefault(kind, Counter()).update([outcome_plan, outcome_sql])
-        if SILENT in (outcome_plan, outcome_sql):
-            print(f"  corrupt {rel}: plan {outcome_plan}, sql {outcome_sql}", file=sys.stderr)
-        shutil.rmtree(run)
+        for how in ("mid", "footer", "delete") if rel.suffix == ".parquet" else ("mid", "delete"):
+            run = work / "corrupt"
+            shutil.copytree(base, run)
+            _damage(run / rel, how)
+            plan = hsm(run, "plan", "--epoch", "3", "--force")
+            outcome_plan = _judge(plan, published(run).get(3) == want_plan, rel)
+            view = hsm(run, "sql", "plan_summary", "--format", "csv")
+            outcome_sql = _judge(view, view.stdout == want_sql, rel)
+            kind = f"{how} {rel.parts[1]}/{rel.name.split('-')[0]}"
+            by_kind.setdefault(kind, Counter()).update([outcome_plan, outcome_sql])
+            if SILENT in (outcome_plan, outcome_sql):
+                print(f"  {how} {rel}: plan {outcome_plan}, sql {outcome_sql}", file=sys.stderr)
+            shutil.rmtree(run)
     for kind, outcomes in sorted(by_kind.items()):
-        rows.append((f"corrupt {kind} (plan + sql)", _summary(outcomes), ""))
+        rows.append((f"{kind} (plan + sql)", _summary(outcomes), ""))
     return rows
 
 
@@ -291,13 +304,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20, help="Concurrent-planner trials.")
     parser.add_argument("--only-disk-full", action="store_true", help="Run the disk-full cases only.")
+    parser.add_argument("--only-corruptions", action="store_true", help="Run the corruption cases only.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="hsm-faults-") as tmp:
         work = Path(tmp)
         base = make_run(work / "base")
         rows = []
-        if args.only_disk_full:
-            rows += disk_full(base)
+        if args.only_disk_full or args.only_corruptions:
+            rows += disk_full(base) if args.only_disk_full else corruptions(base, work)
             _print(rows)
             return
         rows += kill_points(base, work)

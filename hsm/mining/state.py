@@ -268,6 +268,9 @@ def read_sample_ids(
     for epoch in range(up_to_epoch + 1):
         path = sample_ids_path(hsm_dir, epoch)
         if not path.is_file():
+            if state_path(hsm_dir, epoch).is_file():  # every fold writes its epoch's id table (empty or not)
+                raise SchemaError(f"{path}: missing, though the state of epoch {epoch} was folded with it; "
+                                  "restore it, or rebuild both with hsm plan --refold")
             continue
         try:
             part = _read_ids(path, dataset, wanted)
