@@ -106,7 +106,8 @@ def recomputed_box_losses(checkpoint: Path, rows: list[dict]) -> list[dict]:
     return out
 
 
-def swift_sft(tmp: Path, name: str, checkpoint: Path, data: list[str], *, mining: bool, epochs: int) -> Path:
+def swift_sft(tmp: Path, name: str, checkpoint: Path, data: list[str], *, mining: bool, epochs: int,
+              tuner: str = "full", save: str = "no") -> Path:
     config = tmp / f"{name}.yaml"
     config.write_text(
         "custom:\n"
@@ -118,9 +119,9 @@ def swift_sft(tmp: Path, name: str, checkpoint: Path, data: list[str], *, mining
     command = [
         str(Path(sys.executable).parent / "swift"), "sft", "--model", str(checkpoint), "--model_type", "qwen3_vl",
         "--template", "hsm_tiny_qwen3_vl", "--dataset", *data, "--split_dataset_ratio", "0",
-        "--tuner_type", "full", "--num_train_epochs", str(epochs), "--per_device_train_batch_size", str(BATCH),
+        "--tuner_type", tuner, "--num_train_epochs", str(epochs), "--per_device_train_batch_size", str(BATCH),
         "--gradient_accumulation_steps", "1", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
-        "--warmup_ratio", "0", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
+        "--warmup_ratio", "0", "--logging_steps", "1", "--save_strategy", save, "--report_to", "none",
         "--dataloader_num_workers", "0", "--dataset_num_proc", "1", "--use_cpu", "true", "--check_model", "false",
         "--seed", "0", "--output_dir", str(out), "--dataset_shuffle", "false",
         "--external_plugins", str(plugin_path()), str(TEMPLATE_PLUGIN),
@@ -198,3 +199,56 @@ def test_swift_sft_with_hsm_plugin(tmp_path):
         rows = epoch0.filter(pc.equal(epoch0.column("global_step"), step)).to_pylist()
         weighted = sum(r["loss"] * r["n_tokens"] for r in rows) / sum(r["n_tokens"] for r in rows)
         assert weighted == pytest.approx(loss, rel=1e-4)
+
+
+@pytest.mark.parametrize("tuner", ["full", "lora"])
+def test_hsm_eval_run_reads_swift_checkpoints(tmp_path, tuner):
+    """`hsm eval run` on the checkpoint folder `swift sft` wrote (full weights, or its LoRA adapter folder):
+    the weights evaluated are ms-swift's trained ones (LoRA merged as W + B A * alpha / r, by hand here)."""
+    import yaml
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+    from typer.testing import CliRunner
+
+    from hsm.cli.app import app
+    from hsm.config import load_config
+    from hsm.eval.generation import load_checkpoint
+
+    base = build_checkpoint(tmp_path / "ckpt", "qwen3_vl")
+    corpus = synthesize(tmp_path / "corpus", n_target=N_ROWS, n_source=1, n_val=2)
+    data = swift_dataset(corpus["bbu"], tmp_path / "train.jsonl")
+    run_dir = swift_sft(tmp_path, tuner, base, [str(data)], mining=False, epochs=1, tuner=tuner, save="epoch")
+    (checkpoint,) = run_dir.glob("checkpoint-*")
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(base)},
+        "custom": {"fusion_config": {"target": {"name": "bbu", "train_jsonl": str(corpus["bbu"]),
+                                                "val_jsonl": str(corpus["bbu"].with_name("val.jsonl"))},
+                                     "domain_prompts": {"target": {"system": "You are a detection assistant.",
+                                                                   "user": "Detect all objects."}}}}}))
+    loaded, _ = load_checkpoint(load_config(config).model, checkpoint)
+    got = loaded.state_dict()
+    base_weights = AutoModelForImageTextToText.from_pretrained(base).state_dict()
+    if tuner == "full":
+        want = AutoModelForImageTextToText.from_pretrained(checkpoint).state_dict()
+    else:
+        adapter = json.loads((checkpoint / "adapter_config.json").read_text())
+        scale = adapter["lora_alpha"] / adapter["r"]
+        tensors = load_file(checkpoint / "adapter_model.safetensors")
+        want = dict(base_weights)
+        for key, a in tensors.items():
+            if ".lora_A." not in key:
+                continue
+            b = tensors[key.replace(".lora_A.", ".lora_B.")]
+            name = key.split("base_model.model.", 1)[1].replace(".lora_A.weight", ".weight")
+            target = next(k for k in want if k.endswith(name))
+            want[target] = want[target] + (b @ a) * scale
+        assert any(not torch.equal(want[k], base_weights[k]) for k in want)  # the adapters changed something
+    assert got.keys() == want.keys()
+    assert all(torch.allclose(got[k], want[k], atol=1e-5) for k in want)
+    assert not all(torch.equal(got[k], base_weights[k]) for k in got)
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, ["eval", "run", str(config), "--checkpoint", str(checkpoint), "--out", str(out),
+                                      "--max-new-tokens", "16", "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    assert len((out / "bbu" / "answers.jsonl").read_text().splitlines()) == 2

@@ -173,3 +173,58 @@ def test_hsm_sft_trainer_on_two_ranks(tmp_path):
     losses_on = [h["loss"] for h in on[0]["log_history"] if "loss" in h]
     losses_off = [h["loss"] for h in off[0]["log_history"] if "loss" in h]
     assert len(losses_off) == 2 and losses_on[:2] == pytest.approx(losses_off, rel=1e-6)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_hsm_eval_run_reads_trl_checkpoints(tmp_path, lora):
+    """`hsm eval run` on the checkpoint-N folder TRL wrote (full weights, or a peft adapter folder):
+    the model it evaluates is the trained one, and its answers are the trained model's own greedy answers."""
+    import yaml
+    from peft import LoraConfig
+    from typer.testing import CliRunner
+
+    from hsm.cli.app import app
+    from hsm.config import load_config
+    from hsm.data.encoding import resolve_prompts
+    from hsm.data.records import read_jsonl
+    from hsm.eval.generation import generate_answers, load_checkpoint
+
+    base = build_checkpoint(tmp_path / "base", "qwen3_vl")
+    corpus = synthesize(tmp_path / "corpus", n_target=8, n_source=1, n_val=3)
+    system, user = DEFAULT_PROMPTS["target"]
+    processor = AutoProcessor.from_pretrained(base)
+    args = sft_config(tmp_path / "trl", 1)
+    args.save_strategy, args.learning_rate = "epoch", 0.05
+    peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if lora else None
+    trainer = HsmSFTTrainer(model=AutoModelForImageTextToText.from_pretrained(base), args=args, peft_config=peft,
+                            train_dataset=detection_dataset(corpus["bbu"], system=system, user=user),
+                            processing_class=processor, mining=None, dataset_name="bbu")
+    trainer.train()
+    checkpoint = next((tmp_path / "trl").glob("checkpoint-*"))
+    assert (checkpoint / ("adapter_config.json" if lora else "config.json")).is_file()
+    trained = trainer.model.merge_and_unload() if lora else trainer.model
+
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(base)},
+        "custom": {"fusion_config": {"target": {"name": "bbu", "train_jsonl": str(corpus["bbu"]),
+                                                "val_jsonl": str(corpus["bbu"].with_name("val.jsonl"))},
+                                     "domain_prompts": {"target": {"system": system, "user": user}}}}}))
+    cfg = load_config(config)
+    loaded, loaded_processor = load_checkpoint(cfg.model, checkpoint)
+    want = {k: v for k, v in trained.state_dict().items()}
+    got = loaded.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)  # the trained weights, not the base's
+    assert not all(torch.equal(got[k], v) for k, v in AutoModelForImageTextToText.from_pretrained(base).state_dict().items())
+
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, ["eval", "run", str(config), "--checkpoint", str(checkpoint), "--out", str(out),
+                                      "--max-new-tokens", "24", "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(corpus["bbu"].with_name("val.jsonl"))
+    answers = [json.loads(line) for line in (out / "bbu" / "answers.jsonl").read_text().splitlines()]
+    expected = generate_answers(trained.eval(), processor, records, resolve_prompts(cfg.custom.fusion_config, "bbu"),
+                                max_new_tokens=24, batch_size=2, max_image_side=cfg.custom.fusion_config.max_image_side)
+    assert [a["answer"] for a in answers] == expected
+    assert json.loads((out / "bbu" / "metrics.json").read_text())
