@@ -151,13 +151,13 @@ def measure(kind: str, hsm_dir: Path, sample: int) -> dict:
     start = time.perf_counter()
     extra = {}
     if kind == "fold-0":
-        from hsm.mining.planner import fold_pending
+        from hsm.mining.update import fold_pending
 
         if not (hsm_dir / "state" / "epoch=0" / "state.parquet").exists():
             fold_pending(hsm_dir, 0, _mining("polars"))
     elif kind.startswith("hsm1-"):
         from hsm.mining.events import list_event_files as files_of
-        from hsm.mining.planner import DEFAULT_MEMORY_LIMIT, buckets_for
+        from hsm.mining.fold import DEFAULT_MEMORY_LIMIT, buckets_for
 
         buckets = buckets_for(files_of(hsm_dir, 0), None, DEFAULT_MEMORY_LIMIT)
         return _timed_plan(hsm_dir, 1, kind[5:], start, buckets=buckets)
@@ -234,18 +234,20 @@ def _digest(*paths: Path) -> str:
     return h.hexdigest()[:16]
 
 
-_PHASES = ("read_state", "fold_table", "read_epoch_events", "_fold_in_memory", "fold_out_of_core", "write_sample_ids",
+_PHASES = ("read_state", "fold_table", "read_epoch_events", "fold_in_memory", "fold_out_of_core", "write_sample_ids",
            "disk_table", "write_state", "build_plan_table", "write_plan")
 
 
 def _timed_phases() -> dict[str, float]:
-    """Wrap the planner's phases (module attributes of hsm.mining.planner) to sum their wall seconds into the returned dict."""
+    """Wrap the planner's phases (attributes of the modules that call them) to sum their wall seconds into the returned dict."""
     import functools
-
-    import hsm.mining.planner as planner
+    import importlib
+    import importlib.util
 
     totals: dict[str, float] = {}
-    for name in _PHASES:
+    callers = [importlib.import_module(m) for m in ("hsm.mining.planner", "hsm.mining.update", "hsm.mining.plan_table")
+               if importlib.util.find_spec(m) is not None]
+    for planner, name in ((module, name) for module in callers for name in _PHASES):
         inner = getattr(planner, name, None)
         if inner is None:
             continue
@@ -332,7 +334,7 @@ def ensure_previous_state(hsm_dir: Path, impl: Path | None = None) -> None:
     if impl is not None:
         run_child("fold-0", hsm_dir, 0, impl)
         return
-    from hsm.mining.planner import fold_pending
+    from hsm.mining.update import fold_pending
 
     fold_pending(hsm_dir, 0, _mining("polars")).wait()  # reuses a stored, current state
 

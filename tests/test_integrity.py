@@ -20,7 +20,8 @@ from hsm.config import MiningConfig
 from hsm.io import ChecksumMismatch, file_sha256
 from hsm.mining.events import CorruptEventFile, list_event_files
 from hsm.mining.plan import PlanError, RunLocked, load_plan, plan_dir, read_plan_table
-from hsm.mining.planner import OutputError, plan_epoch
+from hsm.mining.planner import plan_epoch
+from hsm.mining.update import OutputError
 from hsm.mining.state import read_sample_ids, sample_ids_path, state_path
 from hsm.schemas import SchemaError
 

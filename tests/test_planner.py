@@ -248,7 +248,7 @@ def test_out_of_core_fold_is_byte_identical(tmp_path, engine, aggregate):
                 pq.write_table(pq.read_table(part), part, write_statistics=False)
             for ledger in (hsm_dir / "events").rglob("_sha256.json"):
                 ledger.unlink()  # another writer keeps no ledger: its parts are read with page checksums
-        from hsm.mining.planner import fold_pending
+        from hsm.mining.update import fold_pending
 
         folded = fold_pending(hsm_dir, 2, mining, engine=engine, memory_limit=limit, temp_directory=tmp_path)
         folded.wait()

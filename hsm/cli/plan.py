@@ -59,7 +59,8 @@ def plan(
     from hsm.io import ChecksumMismatch
     from hsm.mining.events import CorruptEventFile
     from hsm.mining.plan import DatasetInfo, PlanError, RunLocked
-    from hsm.mining.planner import EmptyEpochs, OutputError, PlanConflict, plan_epoch
+    from hsm.mining.planner import EmptyEpochs, PlanConflict, plan_epoch
+    from hsm.mining.update import OutputError
     from hsm.schemas import SchemaError
     from hsm.mining.state import StateMismatch
 

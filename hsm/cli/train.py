@@ -66,7 +66,7 @@ def train(
     from hsm.mining.checks import RunFileError
     from hsm.mining.events import CorruptEventFile
     from hsm.mining.plan import PlanError, RunLocked
-    from hsm.mining.planner import OutputError
+    from hsm.mining.update import OutputError
     from hsm.data.records import RecordError
     from hsm.run import train as run_training
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from hsm.data.records import Record
