@@ -174,7 +174,12 @@ def concurrent(base: Path, work: Path, trials: int) -> list[tuple[str, str, str]
         refused += len(lost)
         clear = all("another hsm plan or training is writing this run" in err for err in lost)
         winners = {expected[k] for (code, _), k in zip(results, (4, 7)) if code == 0}
-        outcomes[OK if clear and final in winners and codes[0] == 0 else SILENT] += 1
+        outcome = OK if clear and final in winners and codes[0] == 0 else SILENT
+        if outcome == SILENT:
+            print(f"  race {trial}: exit codes {[c for c, _ in results]}, published "
+                  f"{'a winner' if final in winners else 'other'}; stderr: "
+                  + " | ".join(err.strip()[-300:] for _, err in results), file=sys.stderr)
+        outcomes[outcome] += 1
         shutil.rmtree(run)
     return [(f"2 concurrent hsm plan x {trials}", _summary(outcomes),
              f"{refused} refused at once by the run lock; published plan = a winner's, never torn")]
@@ -305,11 +310,15 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20, help="Concurrent-planner trials.")
     parser.add_argument("--only-disk-full", action="store_true", help="Run the disk-full cases only.")
     parser.add_argument("--only-corruptions", action="store_true", help="Run the corruption cases only.")
+    parser.add_argument("--only-concurrent", action="store_true", help="Run the concurrent-planner cases only.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="hsm-faults-") as tmp:
         work = Path(tmp)
         base = make_run(work / "base")
         rows = []
+        if args.only_concurrent:
+            _print(concurrent(base, work, args.trials))
+            return
         if args.only_disk_full or args.only_corruptions:
             rows += disk_full(base) if args.only_disk_full else corruptions(base, work)
             _print(rows)
