@@ -34,7 +34,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hsm.mining.events import PART_WRITE_OPTIONS, EventWriter, list_event_files
+from hsm.mining.event_writer import EventWriter
+
+from hsm.mining.events import PART_WRITE_OPTIONS, list_event_files
 from hsm.schemas import EVENT_SCHEMA
 
 TARGET, SOURCES = "target", ("lvis", "coco")

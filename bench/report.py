@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 
 from hsm.config import MiningConfig
-from hsm.mining.events import EventWriter
+from hsm.mining.event_writer import EventWriter
 from hsm.mining.planner import plan_epoch
 from hsm.data.synth import synthesize
 

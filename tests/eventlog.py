@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hsm.mining.events import EventWriter
+from hsm.mining.event_writer import EventWriter
 
 TARGET = "tgt"
 SOURCES = ("src_a", "src_b")

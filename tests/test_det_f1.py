@@ -14,7 +14,7 @@ from hsm.data.records import read_jsonl
 from hsm.data.synth import render_grid_image
 from hsm.eval.train_quality import POSITION_BASE, sample_f1
 from hsm.metrics import METRIC_NAMES, METRICS
-from hsm.mining.events import read_epoch_events
+from hsm.mining.event_reader import read_epoch_events
 from hsm.mining.state import read_state_info
 from hsm.run import train
 from hsm.schemas import EVENT_SCHEMA

@@ -13,7 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eventlog import random_rows, write_rows
-from hsm.mining.events import CorruptEventFile, EventWriter, list_event_files, read_epoch_events, supersede_attempts
+from hsm.mining.event_reader import read_epoch_events, supersede_attempts
+from hsm.mining.event_writer import EventWriter
+from hsm.mining.events import CorruptEventFile, list_event_files
 from hsm.schemas import EVENT_SCHEMA
 from oracle import effective_events
 

@@ -122,7 +122,8 @@ def test_a_deleted_event_part_is_an_error_not_a_smaller_log(hsm_dir):
 def test_a_part_committed_without_its_ledger_entry_is_page_checked_and_recorded_by_the_next_writer(hsm_dir):
     """A writer killed between the part's rename and its ledger entry: the part is read with page checksums,
     and the rank's next writer (a resume) records it, so later damage to it is caught."""
-    from hsm.mining.events import LEDGER, EventWriter, recorded_digests
+    from hsm.mining.event_writer import EventWriter
+    from hsm.mining.ledger import LEDGER, recorded_digests
 
     part = list_event_files(hsm_dir, 2)[0]
     ledger = part.parent / LEDGER
@@ -282,7 +283,8 @@ def test_train_refuses_a_foreign_event_file_before_step_0(tmp_path):
 
 def test_an_event_writer_removes_its_ranks_dead_temp_files_only(tmp_path):
     from hsm.io import temp_name
-    from hsm.mining.events import EventWriter, event_dir
+    from hsm.mining.event_writer import EventWriter
+    from hsm.mining.events import event_dir
 
     dead = 2**22 + 7  # above Linux's default pid_max: no live process has it
     part = event_dir(tmp_path, 0, rank=0) / "part-00003.parquet"

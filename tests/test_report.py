@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from browser import find_chromium, load_page, page_url
 from hsm.cli.app import app
 from hsm.config import MiningConfig
-from hsm.mining.events import EventWriter
+from hsm.mining.event_writer import EventWriter
 from hsm.mining.planner import plan_epoch
 from hsm.data.records import read_jsonl
 from hsm.report import build_report

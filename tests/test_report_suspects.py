@@ -133,7 +133,7 @@ def test_epoch_metrics_token_acc_is_one_minus():
 
 def _write_metric_run(root, metric: str):
     """4 epochs of target events with every metric column; sample 0 stays hardest by ``metric`` and flat."""
-    from hsm.mining.events import EventWriter
+    from hsm.mining.event_writer import EventWriter
 
     rng = np.random.default_rng({"loss": 1, "token_acc": 2, "loss_sum": 3}[metric])
     hsm_dir = root / "hsm"

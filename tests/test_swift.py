@@ -107,7 +107,7 @@ def recomputed_box_losses(checkpoint: Path, rows: list[dict]) -> list[dict]:
 
 
 def swift_sft(tmp: Path, name: str, checkpoint: Path, data: list[str], *, mining: bool, epochs: int,
-              tuner: str = "full", save: str = "no") -> Path:
+              tuner: str = "full", save: str = "no", ranks: int = 1) -> Path:
     config = tmp / f"{name}.yaml"
     config.write_text(
         "custom:\n"
@@ -127,6 +127,8 @@ def swift_sft(tmp: Path, name: str, checkpoint: Path, data: list[str], *, mining
         "--external_plugins", str(plugin_path()), str(TEMPLATE_PLUGIN),
     ]
     env = {**os.environ, "HSM_CONFIG": str(config)}
+    if ranks > 1:  # ms-swift's own launcher: it re-runs itself under torchrun
+        env.update(NPROC_PER_NODE=str(ranks), MASTER_PORT=str(29500 + os.getpid() % 1000), OMP_NUM_THREADS="1")
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     (run_dir,) = out.glob("v*-*")
@@ -252,3 +254,34 @@ def test_hsm_eval_run_reads_swift_checkpoints(tmp_path, tuner):
                                       "--max-new-tokens", "16", "--batch-size", "2"])
     assert result.exit_code == 0, result.output
     assert len((out / "bbu" / "answers.jsonl").read_text().splitlines()) == 2
+
+
+def test_swift_sft_on_two_ranks(tmp_path):
+    """`swift sft` with NPROC_PER_NODE=2 (gloo on CPU): events from both ranks, one plan, epoch-1 draws follow it,
+    and the loss with mining on equals mining off step for step in epoch 0."""
+    n_rows = 16
+    checkpoint = build_checkpoint(tmp_path / "ckpt", "qwen3_vl")
+    corpus = synthesize(tmp_path / "corpus", n_target=n_rows, n_source=1, n_val=1)
+    data = swift_dataset(corpus["bbu"], tmp_path / "train.jsonl")
+    mined = swift_sft(tmp_path, "mined", checkpoint, [str(data)], mining=True, epochs=2, ranks=2)
+    events = pa.concat_tables([pq.read_table(p) for p in sorted((mined / "hsm").glob("events/epoch=*/rank=*/*.parquet"))])
+    assert set(events.column("rank").to_pylist()) == {0, 1}
+    epoch0 = events.filter(pc.equal(events.column("epoch"), 0)).to_pylist()
+    assert sorted(e["base_idx"] for e in epoch0) == list(range(n_rows))  # each row once, across the two ranks
+    per_step = {}
+    for e in epoch0:
+        per_step.setdefault(e["global_step"], set()).add(e["rank"])
+    assert all(ranks == {0, 1} for ranks in per_step.values())  # every step trained on both ranks
+    plans = sorted(p.parent.name for p in (mined / "hsm" / "plans").glob("epoch=*/plan.parquet"))
+    assert plans == ["epoch=1"]
+    plan = pq.read_table(mined / "hsm" / "plans" / "epoch=1" / "plan.parquet").to_pylist()
+    hard = {r["base_idx"] for r in plan if r["is_hard"]}
+    by_loss = sorted(epoch0, key=lambda e: -e["loss"])
+    assert hard == {e["base_idx"] for e in by_loss[:2]}  # top_k 2 over both ranks' events
+    epoch1 = events.filter(pc.equal(events.column("epoch"), 1)).to_pylist()
+    assert epoch1 and all(e["drawn_as_hard"] == (e["base_idx"] in hard) for e in epoch1)
+    assert {e["rank"] for e in epoch1} == {0, 1}
+    plain = swift_sft(tmp_path, "plain", checkpoint, [str(data)], mining=False, epochs=1, ranks=2)
+    steps = n_rows // (2 * BATCH)
+    assert step_losses(plain) == pytest.approx(step_losses(mined)[:steps], rel=1e-6)
+    assert len(step_losses(plain)) == steps

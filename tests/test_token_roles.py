@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from hsm.config import ModelConfig
 from hsm.data.answer import ROLE_COORD, ROLE_LABEL, ROLE_OTHER, answer_char_roles, format_answer
 from hsm.data.encoding import IGNORE_INDEX, Template, token_roles_from_offsets
-from hsm.mining.events import EventWriter, read_epoch_events
+from hsm.mining.event_reader import read_epoch_events
+from hsm.mining.event_writer import EventWriter
 from hsm.schemas import EVENT_SCHEMA
 from hsm.train.stats import STAT_ROWS, per_sample_stats, token_losses
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from hsm.io import ChecksumMismatch, open_parquet
-from hsm.mining.events import CorruptEventFile, event_dir, recorded_digests, verified_checksums
+from hsm.mining.events import CorruptEventFile, event_dir
+from hsm.mining.ledger import recorded_digests, verified_checksums
 from hsm.mining.plan import PlanError, plan_epochs, verify_plan
 from hsm.mining.state import find_states, is_committed, read_state_info, sample_ids_path, verify_state
 from hsm.schemas import EVENT_SCHEMA, SchemaError, check_schema

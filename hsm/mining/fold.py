@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 
 from hsm.config import MiningConfig
 from hsm.metrics import difficulty, metric as metric_info
-from hsm.mining.events import CorruptEventFile, drop_duplicate_events, supersede_attempts
+from hsm.mining.event_reader import drop_duplicate_events, supersede_attempts
+from hsm.mining.events import CorruptEventFile
 from hsm.mining.state import IDX_BITS, IDX_MASK, dataset_codes, encode_keys, fold_columns
 from hsm.schemas import EVENT_SCHEMA, SAMPLE_ID_SCHEMA, SchemaError, check_schema, conform
 

@@ -112,7 +112,7 @@ def epoch_metrics(events: pa.Table, target: str, metric: str) -> pa.Table:
 def read_epoch_metrics(hsm_dir: str | Path, epochs: range | list[int], target: str, metric: str,
                        *, skip_corrupt: bool = False) -> pa.Table:
     """:func:`epoch_metrics` over the events of ``epochs`` read from ``<hsm_dir>/events``."""
-    from hsm.mining.events import read_epoch_events
+    from hsm.mining.event_reader import read_epoch_events
 
     parts = []
     for epoch in epochs:

@@ -19,7 +19,9 @@ import pyarrow.compute as pc
 
 from hsm.config import MiningConfig
 from hsm.mining.engines import ENGINES
-from hsm.mining.events import events_digest, list_event_files, part_checksums, read_epoch_events, verified_checksums
+from hsm.mining.event_reader import read_epoch_events
+from hsm.mining.events import list_event_files
+from hsm.mining.ledger import events_digest, part_checksums, verified_checksums
 from hsm.mining.fold import (
     DEFAULT_MEMORY_LIMIT,
     buckets_for,

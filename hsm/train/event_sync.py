@@ -17,7 +17,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from hsm.train import distributed
-from hsm.mining.events import event_dir, list_event_files, record_digests, recorded_digests
+from hsm.mining.events import event_dir, list_event_files
+from hsm.mining.ledger import record_digests, recorded_digests
 from hsm.io import file_sha256, write_bytes_atomic
 
 __all__ = ["EventSyncError", "rank_inventory", "missing_parts", "sync_epoch_events"]

@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerCallback
 
 from hsm.train import distributed
 from hsm.config import FusionConfig, MiningConfig
-from hsm.mining.events import EventWriter
+from hsm.mining.event_writer import EventWriter
 from hsm.data.fusion import FusionDataset
 from hsm.io import file_sha256, write_json_atomic
 from hsm.mining.plan import plan_dir, publish_plan, stage_plan_bytes
@@ -107,8 +107,10 @@ class SamplerEpochCallback(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         logs = fusion_telemetry(self.trainer)
-        if distributed.on_main(distributed.current_world()):
-            self.trainer.log({f"{self.trainer.hsm_log_prefix}{k}": float(v) for k, v in logs.items()})
+        # On every rank, as the Trainer itself calls log (only the main process writes): ms-swift's log
+        # is a collective (all_gather_object of its metric names), so a main-only call would deadlock or
+        # pair with the next hsm collective.
+        self.trainer.log({f"{self.trainer.hsm_log_prefix}{k}": float(v) for k, v in logs.items()})
 
 
 class HsmTrainerMixin(FusionSamplerMixin):
@@ -314,7 +316,7 @@ def epoch_telemetry(trainer: HsmTrainerMixin, epoch: int, result) -> dict[str, f
     """
     import pyarrow.compute as pc
 
-    from hsm.mining.events import read_epoch_events
+    from hsm.mining.event_reader import read_epoch_events
 
     # The planner has just read this epoch's events to fold them; reuse them.
     events = result.last_events if result.last_events is not None else read_epoch_events(trainer.hsm_dir, epoch).table
