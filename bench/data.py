@@ -83,7 +83,7 @@ def child(hsm_dir: Path, n: int, with_plan: bool) -> dict:
 def loader_throughput(items: int) -> list[tuple[str, float]]:
     import torch
 
-    from hsm.config import parse_config
+    from hsm.config_load import parse_config
     from hsm.data.fusion import DetectionCollator, FusionDataset
     from hsm.train.model import build_processor
     from hsm.data.sampler import HsmSampler

@@ -154,6 +154,7 @@ def concurrent(base: Path, work: Path, trials: int) -> list[tuple[str, str, str]
         expected[k] = published(run)[3]
         shutil.rmtree(run)
     outcomes, refused = Counter(), 0
+    original = published(base)[3]
     for trial in range(trials):
         run = work / f"race{trial}"
         shutil.copytree(base, run)
@@ -174,7 +175,10 @@ def concurrent(base: Path, work: Path, trials: int) -> list[tuple[str, str, str]
         refused += len(lost)
         clear = all("another hsm plan or training is writing this run" in err for err in lost)
         winners = {expected[k] for (code, _), k in zip(results, (4, 7)) if code == 0}
-        outcome = OK if clear and final in winners and codes[0] == 0 else SILENT
+        if clear and codes[0] == 0:
+            outcome = OK if final in winners else SILENT
+        else:  # nobody won: every process refused (a clear error) and the run's plan is the one it had
+            outcome = ERROR if clear and final == original else SILENT
         if outcome == SILENT:
             print(f"  race {trial}: exit codes {[c for c, _ in results]}, published "
                   f"{'a winner' if final in winners else 'other'}; stderr: "

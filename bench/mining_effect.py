@@ -177,7 +177,7 @@ def train_one(seed: int, arm: str, preset: dict, out: Path) -> dict:
     """Train one arm on one seed, score it on val; the run's result row."""
     import torch
 
-    from hsm.config import parse_config
+    from hsm.config_load import parse_config
     from hsm.run import train
 
     corpus = corpus_paths(out, seed, preset)

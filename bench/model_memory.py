@@ -27,7 +27,7 @@ VARIANTS = {
 
 CHILD = r"""
 import json, resource, sys, torch
-from hsm.config import load_config
+from hsm.config_load import load_config
 from hsm.run import train
 cfg = load_config(sys.argv[1], sys.argv[2:])
 summary = train(cfg)

@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments
 
-from hsm.config import MiningConfig, parse_config
+from hsm.config import MiningConfig
+
+from hsm.config_load import parse_config
 from hsm.data.fusion import DetectionCollator, FusionDataset
 from hsm.train.model import build_model, build_processor
 from hsm.data.sampler import HsmSampler

@@ -5,7 +5,7 @@ import sys
 
 import torch.distributed as dist
 
-from hsm.config import load_config
+from hsm.config_load import load_config
 from hsm.eval.evaluate import evaluate_model, select_datasets
 from hsm.train.model import build_model, build_processor
 

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from hsm.config import load_config
+from hsm.config_load import load_config
 from hsm.run import train
 
 corpus, out, extra = sys.argv[1], sys.argv[2].replace("{rank}", os.environ.get("RANK", "0")), sys.argv[3:]

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hsm.config import ConfigError, apply_overrides, load_config, parse_config
+from hsm.config import ConfigError
+
+from hsm.config_load import apply_overrides, load_config, parse_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from hsm.data.augment import augment, derive_aug_seed
-from hsm.config import AugmentationConfig, ModelConfig, parse_config
+from hsm.config import AugmentationConfig, ModelConfig
+from hsm.config_load import parse_config
 from hsm.data.encoding import IGNORE_INDEX, Template, format_answer, resolve_prompts
 from hsm.data.fusion import FusionDataset, Slot
 from hsm.train.model import build_processor

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import oracle
-from hsm.config import parse_config
+from hsm.config_load import parse_config
 from hsm.data.records import read_jsonl
 from hsm.data.synth import render_grid_image
 from hsm.eval.train_quality import POSITION_BASE, sample_f1

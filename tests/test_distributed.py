@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hsm.config import load_config
+from hsm.config_load import load_config
 from hsm.mining.plan import DatasetInfo, load_plan
 from hsm.mining.planner import plan_epoch
 from hsm.data.schedule import build_schedule

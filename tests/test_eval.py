@@ -167,7 +167,7 @@ def test_abs_needs_the_processor(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from hsm.config import load_config
+    from hsm.config_load import load_config
     from hsm.run import train
     from hsm.data.synth import synthesize
 
@@ -289,7 +289,8 @@ def test_evaluation_schedule():
     ({"max_samples": 0}, "custom.detection_eval.max_samples"),
 ])
 def test_detection_eval_config_errors_name_the_key(section, message):
-    from hsm.config import ConfigError, parse_config
+    from hsm.config import ConfigError
+    from hsm.config_load import parse_config
 
     with pytest.raises(ConfigError) as error:
         parse_config({"custom": {"fusion_config": {"target": {"name": "bbu"}}, "detection_eval": {"enabled": True, **section}}})

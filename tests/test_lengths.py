@@ -12,7 +12,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from hsm.cli.app import app
-from hsm.config import ModelConfig, parse_config
+from hsm.config import ModelConfig
+from hsm.config_load import parse_config
 from hsm.data.fusion import FusionDataset, Slot
 from hsm.data.lengths import record_lengths
 from hsm.data.synth import synthesize

@@ -12,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from hsm.config import ModelConfig, load_config
+from hsm.config import ModelConfig
+
+from hsm.config_load import load_config
 from hsm.data.answer import format_answer, resize_factor, resized_size
 from hsm.train.model import build_checkpoint, component_of, load_model_and_processor
 from hsm.run import train
@@ -54,7 +56,8 @@ def logged_events(out) -> pa.Table:
 
 
 def test_model_keys_are_validated_with_their_paths():
-    from hsm.config import ConfigError, parse_config
+    from hsm.config import ConfigError
+    from hsm.config_load import parse_config
 
     with pytest.raises(ConfigError) as e:
         parse_config({"model": {"torch_dtype": "bf16", "attn_implementation": "flash3", "freeze_llm": "maybe",

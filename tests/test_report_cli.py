@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from eventlog import TARGET, random_rows, write_rows
 from hsm.cli.app import app
-from hsm.config import load_config, small_target_warning
+from hsm.config import small_target_warning
+from hsm.config_load import load_config
 from hsm.data.records import read_jsonl
 
 runner = CliRunner()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hsm.config import load_config
+from hsm.config_load import load_config
 from hsm.mining.planner import plan_epoch
 from hsm.run import train
 from hsm.mining.suspects import data_map, read_epoch_metrics

@@ -213,7 +213,7 @@ def test_hsm_eval_run_reads_swift_checkpoints(tmp_path, tuner):
     from typer.testing import CliRunner
 
     from hsm.cli.app import app
-    from hsm.config import load_config
+    from hsm.config_load import load_config
     from hsm.eval.generation import load_checkpoint
 
     base = build_checkpoint(tmp_path / "ckpt", "qwen3_vl")
@@ -273,7 +273,7 @@ def test_swift_sft_on_two_ranks(tmp_path):
         per_step.setdefault(e["global_step"], set()).add(e["rank"])
     assert all(ranks == {0, 1} for ranks in per_step.values())  # every step trained on both ranks
     plans = sorted(p.parent.name for p in (mined / "hsm" / "plans").glob("epoch=*/plan.parquet"))
-    assert plans == ["epoch=1"]
+    assert plans == ["epoch=1", "epoch=2"]  # one plan per epoch end, written once (rank 0), on the shared disk
     plan = pq.read_table(mined / "hsm" / "plans" / "epoch=1" / "plan.parquet").to_pylist()
     hard = {r["base_idx"] for r in plan if r["is_hard"]}
     by_loss = sorted(epoch0, key=lambda e: -e["loss"])

@@ -208,7 +208,7 @@ def test_new_event_columns_written_null_for_nan_and_old_logs_still_read(tmp_path
 
 @pytest.mark.slow
 def test_training_writes_box_statistics(tmp_path):
-    from hsm.config import load_config
+    from hsm.config_load import load_config
     from hsm.run import train
     from hsm.data.synth import synthesize
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
-from hsm.config import load_config
+from hsm.config_load import load_config
 from hsm.data.fusion import DetectionCollator, FusionDataset
 from hsm.train.model import build_model, build_processor
 from hsm.mining.planner import plan_epoch

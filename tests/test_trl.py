@@ -184,7 +184,7 @@ def test_hsm_eval_run_reads_trl_checkpoints(tmp_path, lora):
     from typer.testing import CliRunner
 
     from hsm.cli.app import app
-    from hsm.config import load_config
+    from hsm.config_load import load_config
     from hsm.data.encoding import resolve_prompts
     from hsm.data.records import read_jsonl
     from hsm.eval.generation import generate_answers, load_checkpoint

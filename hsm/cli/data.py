@@ -113,7 +113,8 @@ def _processor_and_max_length(model_cfg):
 def _length_problems(jsonl: Path, config: Path) -> list[str]:
     """Records of ``jsonl`` longer than the model of ``config`` takes, with the dataset's prompts and cap
     (the dataset whose train_jsonl or val_jsonl is ``jsonl``; else the target's prompts and no cap)."""
-    from hsm.config import ConfigError, load_config
+    from hsm.config import ConfigError
+    from hsm.config_load import load_config
     from hsm.data.encoding import Template, resolve_prompts
     from hsm.data.lengths import length_problems
     from hsm.data.records import readable_records

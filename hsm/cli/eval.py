@@ -17,7 +17,8 @@ eval_app = typer.Typer(help="Detection metrics (COCO mAP/AR, parse failures, dup
 
 def _processor(spec: str):
     """The processor behind ``--processor``: a training config's model, the tiny one, or a local directory."""
-    from hsm.config import ModelConfig, load_config
+    from hsm.config import ModelConfig
+    from hsm.config_load import load_config
 
     if spec.endswith((".yaml", ".yml")):
         model_cfg = load_config(spec).model
@@ -88,7 +89,9 @@ def run(
     """Generate greedily with a checkpoint on each dataset's val_jsonl, then score the answers."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from hsm.config import ConfigError, load_config
+    from hsm.config import ConfigError
+
+    from hsm.config_load import load_config
     from hsm.data.records import RecordError
 
     try:

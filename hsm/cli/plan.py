@@ -55,7 +55,8 @@ def plan(
     ),
 ) -> None:
     """Update the state from events of epochs < N not yet folded, and write the plan for epoch N."""
-    from hsm.config import ConfigError, load_config
+    from hsm.config import ConfigError
+    from hsm.config_load import load_config
     from hsm.io import ChecksumMismatch
     from hsm.mining.events import CorruptEventFile
     from hsm.mining.plan import DatasetInfo, PlanError, RunLocked

@@ -50,7 +50,8 @@ def train(
     overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VALUE overrides with dotted keys."),
 ) -> None:
     """Fine-tune with hard-sample mining (or plain fusion training when mining is off)."""
-    from hsm.config import ConfigError, load_config
+    from hsm.config import ConfigError
+    from hsm.config_load import load_config
 
     import warnings
 

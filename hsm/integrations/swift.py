@@ -75,7 +75,8 @@ class ScheduleBatchSampler:
 
 
 def _load_hsm_config():
-    from hsm.config import ConfigError, load_config
+    from hsm.config import ConfigError
+    from hsm.config_load import load_config
 
     path = os.environ.get(CONFIG_ENV)
     if not path:

@@ -276,8 +276,8 @@ class MiningCallback(TrainerCallback):
             publish_plan(stage_plan_bytes(t.hsm_dir, epoch + 1, plan_bytes, manifest_bytes), t.hsm_dir, epoch + 1)
         t.hsm_sampler.expect_plan(epoch + 1, manifest["checksum"])
         logs["plan_seconds"] = time.perf_counter() - started
-        if distributed.on_main(world):
-            t.log({f"{t.hsm_mining.log_prefix}{k}": float(v) for k, v in logs.items()})
+        # Every rank calls log, as the Trainer does (the main process writes): see SamplerEpochCallback.
+        t.log({f"{t.hsm_mining.log_prefix}{k}": float(v) for k, v in logs.items()})
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer.hsm_drain()

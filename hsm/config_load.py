@@ -1,0 +1,203 @@
+"""Loading the configuration: YAML, ``KEY=VALUE`` overrides, relative paths, every problem at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from hsm.config import ConfigError, HsmConfig
+from hsm.utf8 import NotUtf8Error, read_utf8
+
+__all__ = ["LEGACY_LOADER_NAMES", "load_config", "parse_config", "apply_overrides", "resolve_paths"]
+
+LEGACY_LOADER_NAMES = ("MultiSourceFusionDataset", "multi_source_fusion", "multi_source")
+_LEGACY_MESSAGE = (
+    "the legacy multi-source loader ({name}) was removed; custom.fusion_config always "
+    "uses the unified fusion loader (hsm.data.fusion.FusionDataset): delete this key"
+)
+
+
+def _describe_error(error: dict[str, Any], model: type[BaseModel]) -> str:
+    path = ".".join(str(part) for part in error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent = _model_at(model, error["loc"][:-1])
+        accepted = ", ".join(sorted(parent.model_fields)) if parent is not None else "?"
+        return f"{path}: unknown key (accepted here: {accepted})"
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    message = error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+        # A model validator names its own key as "key: text".
+        key, sep, rest = message.partition(": ")
+        if sep and " " not in key:
+            path = f"{path}.{key}" if path else key
+            message = rest
+    return f"{path}: {message} (got {error.get('input')!r})" if kind != "value_error" else f"{path}: {message}"
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part)
+        if field is None:
+            return None
+        current = _unwrap_model(field.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _unwrap_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _legacy_problems(raw: dict[str, Any]) -> list[str]:
+    problems = []
+    custom = raw.get("custom") if isinstance(raw.get("custom"), dict) else {}
+    for key in LEGACY_LOADER_NAMES:
+        if key in custom:
+            problems.append(f"custom.{key}: " + _LEGACY_MESSAGE.format(name=key))
+    fusion = custom.get("fusion_config")
+    if isinstance(fusion, dict):
+        for key in ("loader", "dataset_class", "legacy", "use_legacy_loader"):
+            if key in fusion:
+                problems.append(
+                    f"custom.fusion_config.{key}: " + _LEGACY_MESSAGE.format(name=f"{key}={fusion[key]!r}")
+                )
+    return problems
+
+
+def parse_config(raw: Any, source: str = "<config>") -> HsmConfig:
+    """Validate a mapping into :class:`HsmConfig`, raising :class:`ConfigError` with all problems."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [f"<root>: expected a mapping, got {type(raw).__name__}"])
+    problems = _legacy_problems(raw)
+    if problems:
+        raise ConfigError(source, problems)
+    try:
+        return HsmConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(source, [_describe_error(err, HsmConfig) for err in e.errors()]) from e
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=VALUE`` overrides (VALUE parsed as YAML) to a nested mapping, in place.
+
+    A numeric path part indexes a list (``custom.fusion_config.sources.0.ratio=0.5``).
+    """
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError("<overrides>", [f"{item!r}: expected KEY=VALUE with a dotted KEY"])
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError("<overrides>", [f"{key}: value {text!r} is not valid YAML ({e})"]) from e
+        parts = key.split(".")
+        node: Any = raw
+        for depth, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                node = node[_list_index(node, part, parts[: depth + 1])]
+                continue
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, (dict, list)):
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError("<overrides>", [f"{key}: {where} is a value ({child!r}), not a mapping"])
+            node = child
+        if isinstance(node, list):
+            node[_list_index(node, parts[-1], parts)] = value
+        else:
+            node[parts[-1]] = value
+    return raw
+
+
+def _list_index(node: list, part: str, parts: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError("<overrides>", [f"{'.'.join(parts)}: no list element {part!r} (length {len(node)})"])
+    return int(part)
+
+
+_TRAINING_PATH_KEYS = ("output_dir", "logging_dir", "resume_from_checkpoint")
+
+
+def _absolute(value: Any, base: Path) -> Any:
+    if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+        return str((base / value).resolve())
+    return value
+
+
+def resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make every relative path in a raw config absolute against ``base``, in place.
+
+    The paths: ``training.output_dir``, ``training.logging_dir``,
+    ``training.resume_from_checkpoint`` (when a string), ``deepspeed`` (when a string),
+    ``model.name_or_path`` (only when ``base / value`` exists: it may be a hub id),
+    and every dataset's ``train_jsonl`` and ``val_jsonl``. Other values are left
+    for validation to judge.
+    """
+    training = raw.get("training")
+    if isinstance(training, dict):
+        for key in _TRAINING_PATH_KEYS:
+            if key in training:
+                training[key] = _absolute(training[key], base)
+    if isinstance(raw.get("deepspeed"), str):
+        raw["deepspeed"] = _absolute(raw["deepspeed"], base)
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("name_or_path"), str):
+        name = model["name_or_path"]
+        if name and not Path(name).is_absolute() and (base / name).exists():
+            model["name_or_path"] = str((base / name).resolve())
+    custom = raw.get("custom")
+    fusion = custom.get("fusion_config") if isinstance(custom, dict) else None
+    if isinstance(fusion, dict):
+        sources = fusion.get("sources")
+        for dataset in [fusion.get("target"), *(sources if isinstance(sources, list) else [])]:
+            if isinstance(dataset, dict):
+                for key in ("train_jsonl", "val_jsonl"):
+                    if key in dataset:
+                        dataset[key] = _absolute(dataset[key], base)
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> HsmConfig:
+    """Read a YAML file, apply overrides, validate.
+
+    Relative paths written in the file resolve against the file's directory;
+    relative paths given as ``KEY=VALUE`` overrides resolve against the working
+    directory (where the command was typed). See :func:`resolve_paths` for the keys.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(read_utf8(path))
+    except FileNotFoundError as e:
+        raise ConfigError(str(path), ["file not found"]) from e
+    except NotUtf8Error as e:
+        raise ConfigError(str(path), [str(e)]) from e
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), [f"not valid YAML: {e}"]) from e
+    raw = raw if isinstance(raw, dict) else ({} if raw is None else raw)
+    if isinstance(raw, dict):
+        resolve_paths(raw, path.resolve().parent)
+    raw = apply_overrides(raw, overrides or [])
+    if isinstance(raw, dict):
+        resolve_paths(raw, Path.cwd())
+    config = parse_config(raw, str(path))
+    config._source = str(path)
+    return config
