@@ -81,7 +81,12 @@ def _legacy_problems(raw: dict[str, Any]) -> list[str]:
 
 
 def parse_config(raw: Any, source: str = "<config>") -> HsmConfig:
-    """Validate a mapping into :class:`HsmConfig`, raising :class:`ConfigError` with all problems."""
+    """Validate a mapping into :class:`HsmConfig`, raising :class:`ConfigError` with all problems.
+
+    Args:
+        raw: the mapping (YAML already read).
+        source: where it came from, for the error messages.
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -99,6 +104,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     """Apply ``a.b.c=VALUE`` overrides (VALUE parsed as YAML) to a nested mapping, in place.
 
     A numeric path part indexes a list (``custom.fusion_config.sources.0.ratio=0.5``).
+
+    Args:
+        raw: the mapping to change.
+        overrides: ``KEY=VALUE`` strings with dotted keys.
+
+    Raises:
+        ConfigError: an override without ``=``, or a path through a non-mapping.
     """
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -182,6 +194,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> HsmConf
     Relative paths written in the file resolve against the file's directory;
     relative paths given as ``KEY=VALUE`` overrides resolve against the working
     directory (where the command was typed). See :func:`resolve_paths` for the keys.
+
+    Args:
+        path: the YAML file.
+        overrides: ``KEY=VALUE`` strings with dotted keys (``training.num_train_epochs=3``).
+
+    Raises:
+        ConfigError: every problem at once, each with its dotted key.
     """
     path = Path(path)
     try:

@@ -80,7 +80,15 @@ def training_arguments(cfg: HsmConfig):
 
 
 def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
-    """Build model, data and Trainer from ``cfg`` and train. Returns a summary."""
+    """Build model, data and Trainer from ``cfg`` and train. Returns a summary.
+
+    Args:
+        cfg: the validated config (:func:`hsm.config_load.load_config`).
+        base_trainer: the ``transformers.Trainer`` subclass to build on (default ``Trainer``).
+
+    Returns:
+        ``{"trainer", "global_step", "train_loss", "output_dir", "hsm_dir", "mining"}``.
+    """
     from transformers import Trainer
 
     from hsm.data.fusion import DetectionCollator, EvalDataset, FusionDataset

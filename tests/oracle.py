@@ -128,3 +128,31 @@ def _ceil_decimal(value: float, n: int) -> int:
     from decimal import ROUND_CEILING, Decimal
 
     return int((Decimal(repr(value)) * n).to_integral_value(rounding=ROUND_CEILING))
+
+
+def plan_from_rows(manifest: dict, base_idx, is_hard, weight, n_target: int):
+    """A :class:`hsm.mining.plan.Plan` from rows ``(base_idx, is_hard, weight)`` over ``n_target`` samples
+    (a naive scatter, as the planner's dense plan should be)."""
+    import numpy as np
+
+    from hsm.mining.plan import Plan
+
+    base_idx = np.asarray(base_idx, dtype=np.int64)
+    if len(base_idx) and (base_idx.min() < 0 or base_idx.max() >= n_target):
+        raise ValueError(f"base_idx outside [0, {n_target})")
+    dense_weight = None if manifest["mode"] == "dynamic" else np.full(n_target, float(manifest["default_weight"]))
+    dense_hard = np.zeros(n_target, dtype=bool)
+    if dense_weight is not None:
+        dense_weight[base_idx] = weight
+    dense_hard[base_idx] = is_hard
+    return Plan(manifest=manifest, weight=dense_weight, is_hard=dense_hard)
+
+
+def pack_slots(codes, base_idx, is_hard, dtype, idx_bits: int):
+    """Packed schedule slots of ``dtype``: ``code << (idx_bits + 1) | is_hard << idx_bits | base_idx``."""
+    import numpy as np
+
+    out = np.asarray(codes).astype(dtype) << (idx_bits + 1)
+    out |= np.asarray(is_hard).astype(dtype) << idx_bits
+    out |= np.asarray(base_idx).astype(dtype)
+    return out

@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eventlog import TARGET, random_rows, sample_id, write_rows
+from oracle import plan_from_rows
 from hsm.config import MiningConfig
-from hsm.mining.plan import DatasetInfo, Plan, PlanError, load_plan, plan_dir, write_plan
+from hsm.mining.plan import DatasetInfo, PlanError, load_plan, plan_dir, write_plan
 from hsm.mining.planner import plan_epoch
 from hsm.mining.state import StateMismatch
 
@@ -144,7 +145,7 @@ def test_dense_load_is_a_scatter_of_the_rows(n, data, batch_rows, mode, sorted_f
         assert loaded.n_target == n and loaded.is_hard.tolist() == dense_hard
         assert loaded.hard_idx.tolist() == [i for i in range(n) if dense_hard[i]]
         assert loaded.weight is None if mode == "dynamic" else loaded.weight.tolist() == dense_weight
-    rebuilt = Plan.from_rows(plan.manifest, np.array(rows, dtype=np.int64), np.array(is_hard, dtype=bool), np.array(weight), n)
+    rebuilt = plan_from_rows(plan.manifest, np.array(rows, dtype=np.int64), np.array(is_hard, dtype=bool), np.array(weight), n)
     assert rebuilt.is_hard.tolist() == dense_hard
     assert rebuilt.weight is None if mode == "dynamic" else rebuilt.weight.tolist() == dense_weight
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hsm.mining.plan import Plan
+from oracle import pack_slots, plan_from_rows
 from hsm.data.schedule import (
     CHUNK_SLOTS,
     Schedule,
@@ -18,7 +18,6 @@ from hsm.data.schedule import (
     cycled_target,
     epoch_length,
     hard_slots_per_batch,
-    pack_slots,
     random_permutation,
     shard_positions,
     slot_bits,
@@ -38,7 +37,7 @@ def make_plan(mode, n, hard_idx, weight_hard=3.0, *, target_epoch_size=None, fra
         weight, default = np.ones(n), 1.0
     manifest = {"mode": mode, "triggered": True, "default_weight": default, "target_epoch_size": target_epoch_size,
                 "hard_pool_frac": frac, "checksum": "x"}
-    return Plan.from_rows(manifest, base, is_hard, weight, n)
+    return plan_from_rows(manifest, base, is_hard, weight, n)
 
 
 # Chunks of a few slots cross every chunk boundary with tiny epochs; the default is what runs.

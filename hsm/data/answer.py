@@ -76,6 +76,14 @@ def format_answer(boxes, labels, width: int, height: int, coord_format: str, res
     in the processor's resized image (``resized=(w, h)``, Qwen2.5-VL convention).
 
     Each coordinate is ``round(pixel * s)`` with ``s`` from :func:`answer_scale`.
+
+    Args:
+        boxes: ``[x1, y1, x2, y2]`` in original-image pixels.
+        labels: one label per box.
+        width: the original image width.
+        height: the original image height.
+        coord_format: ``rel1000`` or ``abs``.
+        resized: the processor-resized ``(w, h)`` for ``abs``.
     """
     answer_scale(coord_format, width, height, resized)  # rejects an unknown format
     items = []
@@ -235,6 +243,9 @@ def parse_answer(text: str) -> ParsedAnswer:
 
     The naive equivalent for a clean answer: ``[(o["bbox_2d"], o["label"]) for o in
     json.loads(text)]``.
+
+    Args:
+        text: the model's raw answer.
     """
     if not isinstance(text, str):
         return ParsedAnswer()

@@ -51,7 +51,7 @@ from hsm.mining.plan import Plan
 from hsm.world import World
 
 __all__ = ["Schedule", "World", "build_schedule", "systematic_counts", "source_quota", "shard_positions",
-           "epoch_length", "cycled_target", "hard_slots_per_batch", "random_permutation", "slot_bits", "pack_slots",
+           "epoch_length", "cycled_target", "hard_slots_per_batch", "random_permutation", "slot_bits",
            "CHUNK_SLOTS"]
 
 _SOURCE_STREAM, _TARGET_STREAM, _SHUFFLE_STREAM, _HARD_STREAM, _REGULAR_STREAM, _CYCLE_STREAM = 2, 3, 4, 5, 6, 8
@@ -80,14 +80,6 @@ def slot_bits(max_size: int, n_codes: int) -> tuple[np.dtype, int]:
     if max_size > 1 << _IDX_BITS_64 or code_bits > 63 - 1 - _IDX_BITS_64:
         raise ValueError(f"datasets of {max_size} samples with {n_codes} codes do not fit a 64-bit slot")
     return np.dtype(np.int64), _IDX_BITS_64
-
-
-def pack_slots(codes: np.ndarray, base_idx: np.ndarray, is_hard: np.ndarray, dtype: np.dtype, idx_bits: int) -> np.ndarray:
-    """Packed slots of ``dtype``: ``code << (idx_bits + 1) | is_hard << idx_bits | base_idx``."""
-    out = np.asarray(codes).astype(dtype) << (idx_bits + 1)
-    out |= np.asarray(is_hard).astype(dtype) << idx_bits
-    out |= np.asarray(base_idx).astype(dtype)
-    return out
 
 
 @dataclass(frozen=True)

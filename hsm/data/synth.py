@@ -68,7 +68,17 @@ def _objects(rng, classes, width, height, hard: bool):
 
 def synthesize(out_dir: str | Path, *, n_target: int = 96, n_source: int = 48, n_val: int = 16,
                hard_fraction: float = 0.2, size: int = 64, seed: int = 0) -> dict[str, Path]:
-    """Write ``<out>/<domain>/{train,val}.jsonl`` and images; returns domain -> train JSONL."""
+    """Write ``<out>/<domain>/{train,val}.jsonl`` and images; returns domain -> train JSONL.
+
+    Args:
+        out_dir: where to write.
+        n_target: target (``bbu``) train images.
+        n_source: train images of each source (``lvis``, ``coco``).
+        n_val: val images per domain.
+        hard_fraction: share of target images with many small objects.
+        size: image side in pixels.
+        seed: corpus seed.
+    """
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
     paths = {}

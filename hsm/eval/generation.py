@@ -18,6 +18,14 @@ def load_checkpoint(model_cfg: ModelConfig, checkpoint: str | Path):
     The model comes from the checkpoint; the processor too when it holds one
     (``preprocessor_config.json``), else from ``model_cfg``: the tiny model's is built
     in code, a real model's is read from ``model.name_or_path``.
+
+    Args:
+        model_cfg: the model config (the base for a LoRA checkpoint; the tiny processor).
+        checkpoint: a ``checkpoint-N`` folder: full weights (``config.json``) or a peft
+            adapter folder (``adapter_config.json``), from ``hsm train``, TRL or ms-swift.
+
+    Raises:
+        FileNotFoundError: the folder holds neither.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -60,6 +68,16 @@ def generate_answers(model, processor, records: list[Record], prompts: Prompts, 
     Prompts are left-padded so every row continues from its own last token; the
     answer is the decoded new tokens without special tokens. The model is put in
     eval mode for the call and restored.
+
+    Args:
+        model: the model (any ``generate``-capable VLM).
+        processor: its processor.
+        records: what to answer, one image each.
+        prompts: system and user prompt.
+        max_new_tokens: generation limit per answer.
+        batch_size: rows per ``generate`` call.
+        max_image_side: images larger than this are refused (as in training).
+        on_batch: called with the number of rows after each batch.
     """
     import torch
 

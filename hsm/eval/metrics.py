@@ -203,6 +203,14 @@ def score_dataset(records: list[Record], image_names: list[str], answers: list[s
     processor-resized size (``coord_format: abs``). The per-sample table has, at IoU 0.5:
     ``tp``, ``fp`` (unmatched boxes, unknown labels included), ``fn``, and
     ``mean_iou`` (mean IoU of the matches, NaN without one).
+
+    Args:
+        records: the ground truth.
+        image_names: each record's image name in the COCO files.
+        answers: one raw answer per record (None: missing).
+        coord_format: ``rel1000`` or ``abs``.
+        resized: per record, the processor-resized ``(w, h)`` (``abs`` only).
+        sample_ids: per record, its id in the per-sample table (default: the record ids).
     """
     if len(answers) != len(records):
         raise ValueError(f"{len(answers)} answers for {len(records)} records")

@@ -110,7 +110,14 @@ class HsmSFTTrainer(HsmTrainerMixin, SFTTrainer):
 
 def detection_dataset(jsonl: str | Path, *, system: str, user: str, coord_format: str = "rel1000"):
     """hsm detection JSONL -> a TRL VLM dataset: ``id``, ``images`` (one image) and ``messages``
-    (system, user with the image, assistant answer in hsm's answer format)."""
+    (system, user with the image, assistant answer in hsm's answer format).
+
+    Args:
+        jsonl: hsm detection records (``hsm data validate`` checks them).
+        system: the system prompt.
+        user: the user prompt, after the image.
+        coord_format: ``rel1000`` (Qwen2-VL, Qwen3-VL) or ``abs``.
+    """
     import datasets
 
     from hsm.data.encoding import format_answer

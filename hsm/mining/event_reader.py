@@ -72,6 +72,13 @@ def read_epoch_events(
     rank); every part's schema is still checked against the whole contract.
     ``dictionaries`` keeps ``dataset`` and ``run_id`` dictionary-encoded as they are
     stored (the planner maps them to codes; decoding 10M names costs more than the rest).
+
+    Args:
+        hsm_dir: the run's ``hsm`` directory.
+        epoch: the epoch to read.
+        skip_corrupt: skip damaged parts with a warning instead of raising.
+        columns: the columns to load (default all).
+        dictionaries: keep ``dataset`` and ``run_id`` dictionary-encoded.
     """
     files = list_event_files(hsm_dir, epoch)
     verified, skipped = verified_checksums(hsm_dir, epoch, skip_corrupt=skip_corrupt)

@@ -242,20 +242,6 @@ class Plan:
     weight: np.ndarray | None
     is_hard: np.ndarray
 
-    @classmethod
-    def from_rows(cls, manifest: dict[str, Any], base_idx: np.ndarray, is_hard: np.ndarray, weight: np.ndarray,
-                  n_target: int) -> Plan:
-        """The plan of the rows ``(base_idx, is_hard, weight)`` over ``n_target`` samples (naive: a scatter)."""
-        base_idx = np.asarray(base_idx, dtype=np.int64)
-        if len(base_idx) and (base_idx.min() < 0 or base_idx.max() >= n_target):
-            raise ValueError(f"base_idx outside [0, {n_target})")
-        dense_weight = None if manifest["mode"] == "dynamic" else np.full(n_target, float(manifest["default_weight"]))
-        dense_hard = np.zeros(n_target, dtype=bool)
-        if dense_weight is not None:
-            dense_weight[base_idx] = weight
-        dense_hard[base_idx] = is_hard
-        return cls(manifest=manifest, weight=dense_weight, is_hard=dense_hard)
-
     @property
     def n_target(self) -> int:
         return len(self.is_hard)

@@ -111,7 +111,15 @@ def epoch_metrics(events: pa.Table, target: str, metric: str) -> pa.Table:
 
 def read_epoch_metrics(hsm_dir: str | Path, epochs: range | list[int], target: str, metric: str,
                        *, skip_corrupt: bool = False) -> pa.Table:
-    """:func:`epoch_metrics` over the events of ``epochs`` read from ``<hsm_dir>/events``."""
+    """:func:`epoch_metrics` over the events of ``epochs`` read from ``<hsm_dir>/events``.
+
+    Args:
+        hsm_dir: the run's ``hsm`` directory.
+        epochs: the epochs to read.
+        target: the mined dataset's name.
+        metric: the difficulty metric (``hsm.metrics``).
+        skip_corrupt: skip damaged event parts with a warning.
+    """
     from hsm.mining.event_reader import read_epoch_events
 
     parts = []
@@ -142,6 +150,11 @@ def data_map(per_epoch: pa.Table, *, min_epochs: int = MIN_EPOCHS, top_frac: flo
     Naive equivalent, per sample ``i``: ``xs = [x for (j, e, x) in rows if j == i]``;
     ``mean = statistics.fmean(xs)``; ``variability = statistics.pstdev(xs)``; then the
     quantile rules of the module docstring.
+
+    Args:
+        per_epoch: :func:`epoch_metrics` rows ``(base_idx, sample_id, epoch, x)``.
+        min_epochs: epochs a sample needs to be a suspect.
+        top_frac: the share of samples on each extreme the rules look at.
     """
     base_idx = per_epoch.column("base_idx").to_numpy()
     epoch = per_epoch.column("epoch").to_numpy().astype(np.int64)

@@ -209,6 +209,16 @@ def build_checkpoint(out_dir, arch: str = "qwen3_vl", *, hidden_size: int = 64, 
     ``arch`` is ``qwen2_5_vl`` (``Qwen2_5_VLForConditionalGeneration``, patch 14, resize factor 28) or
     ``qwen3_vl`` (``Qwen3VLForConditionalGeneration``, patch 16, factor 32). The directory loads with
     ``AutoModelForImageTextToText`` / ``AutoProcessor`` like a downloaded one. Returns the directory.
+
+    Args:
+        out_dir: the directory to write (created).
+        arch: ``qwen3_vl`` or ``qwen2_5_vl``.
+        hidden_size: the text model's hidden size.
+        num_layers: text decoder layers.
+        vision_depth: vision transformer blocks.
+        min_pixels: the processor's minimum image pixels.
+        max_pixels: the processor's maximum image pixels.
+        seed: seed of the random weights.
     """
     from pathlib import Path
 
@@ -400,7 +410,12 @@ def model_callbacks(cfg: ModelConfig, processor) -> list:
 
 def load_adapter_checkpoint(cfg: ModelConfig, checkpoint):
     """A LoRA checkpoint (``adapter_config.json``, no ``config.json``) as a plain model: the base from
-    ``cfg.name_or_path`` with the adapters (and ``modules_to_save``) merged in."""
+    ``cfg.name_or_path`` with the adapters (and ``modules_to_save``) merged in.
+
+    Args:
+        cfg: the model config; ``name_or_path`` is the base the adapters were trained on.
+        checkpoint: the adapter folder (``hsm train``, TRL or ms-swift).
+    """
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 

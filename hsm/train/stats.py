@@ -49,6 +49,12 @@ def per_sample_stats(losses: torch.Tensor, mask: torch.Tensor, correct: torch.Te
     - ``loss_sum``: the sum of the sample's token losses (crowded answers weigh more).
 
     Naive equivalent of ``coord_loss[i]``: ``losses[i][mask[i] & (token_roles[i, 1:] == ROLE_COORD)].mean()``.
+
+    Args:
+        losses: ``[batch, seq - 1]`` token losses (unreduced cross-entropy of the shifted labels).
+        mask: ``[batch, seq - 1]`` supervised tokens (label != -100).
+        correct: ``[batch, seq - 1]`` argmax == label.
+        token_roles: ``[batch, seq]`` token roles aligned with the unshifted labels, or None.
     """
     with torch.no_grad():
         losses = losses.detach()
