@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from stage import stage_impl  # bench/ is on sys.path when a bench runs as a script
+
 SOURCES = [1_000_000] * 4
 RATIOS = [0.1, 0.2, 0.3, 0.4]
 
@@ -110,17 +112,6 @@ def loader_throughput(items: int) -> list[tuple[str, float]]:
         seen = sum(len(batch["hsm_meta"]["sample_id"]) for batch in loader)
         rows.append((f"2 workers + collate, augmentation {'on' if aug else 'off'}", seen / (time.perf_counter() - start)))
     return rows
-
-
-def stage_impl(tree: Path, workdir: Path) -> Path:
-    """``tree``'s hsm, sql/ and cli/ laid out as one importable ``hsm`` package under ``workdir``."""
-    staged = workdir / "before-impl"
-    shutil.rmtree(staged, ignore_errors=True)
-    shutil.copytree(tree / "hsm", staged / "hsm")
-    for extra in ("sql", "cli"):
-        if (tree / extra).is_dir():
-            shutil.copytree(tree / extra, staged / "hsm" / extra, dirs_exist_ok=True)
-    return staged
 
 
 def run_child(kind: str, hsm_dir: Path, n: int, impl: Path | None) -> dict:

@@ -34,8 +34,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from stage import stage_impl  # bench/ is on sys.path when a bench runs as a script
 from hsm.mining.event_writer import EventWriter
-
 from hsm.mining.events import PART_WRITE_OPTIONS, list_event_files
 from hsm.schemas import EVENT_SCHEMA
 
@@ -272,17 +272,6 @@ def _rss_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def stage_impl(tree: Path, workdir: Path, name: str = "before-impl") -> Path:
-    """``tree``'s hsm as one importable package under ``workdir`` (older trees kept sql/ and cli/ beside it)."""
-    staged = workdir / name
-    shutil.rmtree(staged, ignore_errors=True)
-    shutil.copytree(tree / "hsm", staged / "hsm")
-    for outside in ("sql", "cli"):
-        if (tree / outside).is_dir():
-            shutil.copytree(tree / outside, staged / "hsm" / outside, dirs_exist_ok=True)
-    return staged
 
 
 def ewm_parity(n_samples: int = 20_000, k: int = 4) -> list[tuple[float, int]]:
