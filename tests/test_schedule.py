@@ -10,20 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from oracle import pack_slots, plan_from_rows
-from hsm.data.schedule import (
-    CHUNK_SLOTS,
-    Schedule,
-    World,
-    build_schedule,
-    cycled_target,
-    epoch_length,
-    hard_slots_per_batch,
-    random_permutation,
-    shard_positions,
-    slot_bits,
-    source_quota,
-    systematic_counts,
-)
+from hsm.data.draws import epoch_length, source_quota, systematic_counts
+from hsm.data.mixer import hard_slots_per_batch
+from hsm.data.schedule import Schedule, build_schedule, shard_positions, slot_bits
+from hsm.data.shuffles import CHUNK_SLOTS, cycled_target, random_permutation
+from hsm.world import World
 
 
 def make_plan(mode, n, hard_idx, weight_hard=3.0, *, target_epoch_size=None, frac=0.3, regular_idx=()):

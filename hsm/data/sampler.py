@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from hsm.mining.plan import DatasetInfo, Plan, PlanError, load_plan, plan_dir
-from hsm.data.schedule import Schedule, World, build_schedule, epoch_length, shard_positions
+from hsm.data.draws import epoch_length
+from hsm.data.schedule import Schedule, build_schedule, shard_positions
+from hsm.world import World
 
 __all__ = ["HsmSampler"]
 
