@@ -182,11 +182,31 @@ def fold_out_of_core(
     against the matching slice of the key-sorted state. A sample's events all fall in one
     range, so the state equals the in-memory fold's, byte for byte.
     """
-    import polars as pl
+    scan = _scan_parts(files, epoch, skip_corrupt)
+    names = list(names) + sorted(scan.names - set(names))
+    best = _kept_attempts(scan.parts, scan.spans)
+    bounds = _key_bounds(scan.sample, state, names, n_buckets)
+    del scan.sample, scan.spans
+    paths = [spill_dir / f"bucket-{b:04d}.arrow" for b in range(len(bounds) + 1)]
+    spilled = _spill(scan.parts, mining, names, bounds, best, paths)
+    new_state, first_seen = _fold_ranges(paths, spilled.written, state, bounds, names, mining, fold, epoch=epoch,
+                                         per_epoch=per_epoch)
+    return EpochFold(state=new_state, ids=first_seen, names=names, n_events=spilled.n_events,
+                     mean_loss=spilled.loss_sum / spilled.n_losses if spilled.n_losses else None, skipped=scan.skipped)
 
-    columns = event_columns(mining.metric)
-    metric = metric_column(mining.metric)
-    parts, skipped, spans, sample, new_names = [], [], [], [], set()
+
+@dataclass
+class _Scan:
+    parts: list[tuple[Path, pq.ParquetFile]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    spans: list[tuple[dict, int]] = field(default_factory=list)  # (column spans, index in parts) of non-empty parts
+    sample: list[pa.Table] = field(default_factory=list)  # a strided sample of each part's (dataset, base_idx)
+    names: set[str] = field(default_factory=set)  # the dataset names the parts hold
+
+
+def _scan_parts(files: list[Path], epoch: int, skip_corrupt: bool) -> _Scan:
+    """Pass 0: each part's footer, spans of attempt/rank/step/epoch, dataset names and a key sample."""
+    scan = _Scan()
     for path in files:
         try:
             part = pq.ParquetFile(path, read_dictionary=["dataset"], page_checksum_verification=True)
@@ -198,42 +218,51 @@ def fold_out_of_core(
             if not skip_corrupt:
                 raise CorruptEventFile(f"{path}: not readable as events ({e}); re-run with --skip-corrupt to skip it") from e
             warnings.warn(f"hsm: skipping corrupt event file {path}: {e}", stacklevel=2)
-            skipped.append(str(path))
+            scan.skipped.append(str(path))
             continue
         if head.num_rows and bounds_of is None:
             bounds_of = {c: pc.min_max(head.column(c)).as_py() for c in ("attempt", "rank", "global_step", "epoch")}
         if head.num_rows and bounds_of["epoch"] != {"min": epoch, "max": epoch}:
             raise CorruptEventFile(f"{path}: holds events of another epoch than its partition epoch={epoch}")
-        new_names |= {v for c in head.column("dataset").chunks for v in c.dictionary.to_pylist()}
+        scan.names |= {v for c in head.column("dataset").chunks for v in c.dictionary.to_pylist()}
         if head.num_rows:
-            spans.append((bounds_of, len(parts)))
-        sample.append(head.select(["dataset", "base_idx"]).take(pa.array(np.arange(0, head.num_rows, 101))))
-        parts.append((path, part))
+            scan.spans.append((bounds_of, len(scan.parts)))
+        scan.sample.append(head.select(["dataset", "base_idx"]).take(pa.array(np.arange(0, head.num_rows, 101))))
+        scan.parts.append((path, part))
         del head
-    names = list(names) + sorted(new_names - set(names))
+    return scan
+
+
+def _kept_attempts(parts: list[tuple[Path, pq.ParquetFile]], spans: list[tuple[dict, int]]):
+    """The event log's rules across parts: duplicate parts are an error (``drop_duplicate_events``),
+    and with several attempts the ``(global_step, rank, attempt)`` keys that count (a Polars frame),
+    else None (every event counts)."""
+    import polars as pl
+
     identity = ["attempt", "global_step", "rank", "position"]
-    # Parts that could repeat each other's events (same attempt and rank, overlapping steps): compare rows.
+
     def group(span: dict) -> tuple | None:
         single = span["attempt"]["min"] == span["attempt"]["max"] and span["rank"]["min"] == span["rank"]["max"]
         return (span["attempt"]["min"], span["rank"]["min"]) if single else None
 
+    # Parts that could repeat each other's events (same attempt and rank, overlapping steps): compare rows.
     for i, (a, a_index) in enumerate(spans):
         for b, b_index in spans[:i]:
             overlap = a["global_step"]["min"] <= b["global_step"]["max"] and b["global_step"]["min"] <= a["global_step"]["max"]
             if overlap and (group(a) is None or group(b) is None or group(a) == group(b)):
                 pair = [parts[b_index], parts[a_index]]
                 drop_duplicate_events([part.read(columns=identity) for _, part in pair], [p for p, _ in pair], skip=False)
-    best = None
-    if len({(s_["attempt"]["min"], s_["attempt"]["max"]) for s_, _ in spans}) > 1 or any(
-            s_["attempt"]["min"] != s_["attempt"]["max"] for s_, _ in spans):
-        # Several attempts (a resumed run): per (global_step, rank), only the highest attempt counts.
-        rows = pa.concat_tables([part.read(columns=["attempt", "global_step", "rank"]) for _, part in parts])
-        kept = supersede_attempts(rows.append_column("epoch", pa.array(np.zeros(rows.num_rows, np.int32))))
-        best = pl.from_arrow(kept.select(_ATTEMPT_KEY)).unique()
-        del rows, kept
-    del spans
+    if len({(s["attempt"]["min"], s["attempt"]["max"]) for s, _ in spans}) <= 1 and all(
+            s["attempt"]["min"] == s["attempt"]["max"] for s, _ in spans):
+        return None
+    # Several attempts (a resumed run): per (global_step, rank), only the highest attempt counts.
+    rows = pa.concat_tables([part.read(columns=["attempt", "global_step", "rank"]) for _, part in parts])
+    kept = supersede_attempts(rows.append_column("epoch", pa.array(np.zeros(rows.num_rows, np.int32))))
+    return pl.from_arrow(kept.select(_ATTEMPT_KEY)).unique()
 
-    # Bucket bounds: key quantiles of the state and of a strided sample of the events.
+
+def _key_bounds(sample: list[pa.Table], state: pa.Table | None, names: list[str], n_buckets: int) -> np.ndarray:
+    """Bucket bounds: key quantiles of the state and of a strided sample of the events."""
     sampled = pa.concat_tables(sample) if sample else None
     keys = []
     if sampled is not None and sampled.num_rows:
@@ -241,14 +270,30 @@ def fold_out_of_core(
         keys.append(encode_keys(codes, sampled.column("base_idx").to_numpy()))
     if state is not None and state.num_rows:
         keys.append(state.column("key").to_numpy()[:: max(1, state.num_rows // 100_000)])
-    bounds = range_bounds(keys, n_buckets)
-    del sample, sampled, keys
+    return range_bounds(keys, n_buckets)
 
+
+@dataclass
+class _Spilled:
+    written: set[int]  # buckets with a spill file
+    n_events: int
+    n_losses: int
+    loss_sum: float
+
+
+_SPILL_SCHEMA = pa.schema([("key", pa.int64()), ("x", pa.float64()), ("global_step", pa.int64()), ("rank", pa.int32()),
+                           ("position", pa.int32()), ("sample_id", pa.string())])
+
+
+def _spill(parts: list[tuple[Path, pq.ParquetFile]], mining: MiningConfig, names: list[str], bounds: np.ndarray,
+           best, paths: list[Path]) -> _Spilled:
+    """Pass 1: stream the parts, keep the events that count, append each to its key range's IPC file."""
+    import polars as pl
+
+    columns = event_columns(mining.metric)
+    metric = metric_column(mining.metric)
     n_events, n_losses, loss_sum = 0, 0, 0.0
-    paths = [spill_dir / f"bucket-{b:04d}.arrow" for b in range(len(bounds) + 1)]
     writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
-    spill_schema = pa.schema([("key", pa.int64()), ("x", pa.float64()), ("global_step", pa.int64()), ("rank", pa.int32()),
-                              ("position", pa.int32()), ("sample_id", pa.string())])
     try:
         for path, part in parts:
             present = [c for c in columns if c in part.schema_arrow.names]
@@ -267,7 +312,7 @@ def fold_out_of_core(
                 column = events.column(metric)
                 if column.null_count:
                     events = events.filter(pc.is_valid(column))
-                codes, known = dataset_codes(events.column("dataset"), names)
+                codes, _ = dataset_codes(events.column("dataset"), names)
                 rows = keyed(events, codes, mining.metric).append_column("sample_id", events.column("sample_id"))
                 bucket = np.searchsorted(bounds, rows.column("key").to_numpy(), side="right").astype(np.uint16)
                 order = np.argsort(bucket, kind="stable")  # a radix sort for 16-bit keys
@@ -276,20 +321,25 @@ def fold_out_of_core(
                 for b in range(len(paths)):
                     if edges[b + 1] > edges[b]:
                         if b not in writers:
-                            writers[b] = pa.ipc.new_file(paths[b], spill_schema)
-                        writers[b].write_table(ordered.slice(edges[b], edges[b + 1] - edges[b]).cast(spill_schema))
+                            writers[b] = pa.ipc.new_file(paths[b], _SPILL_SCHEMA)
+                        writers[b].write_table(ordered.slice(edges[b], edges[b + 1] - edges[b]).cast(_SPILL_SCHEMA))
                 del events, rows, ordered
     finally:
         for writer in writers.values():
             writer.close()
+    return _Spilled(written=set(writers), n_events=n_events, n_losses=n_losses, loss_sum=loss_sum)
 
+
+def _fold_ranges(paths: list[Path], written: set[int], state: pa.Table | None, bounds: np.ndarray, names: list[str],
+                 mining: MiningConfig, fold, *, epoch: int, per_epoch: bool) -> tuple[pa.Table, pa.Table]:
+    """Pass 2: fold each key range's spill file against the matching slice of the key-sorted state."""
     states, ids = [], []
     state_keys = state.column("key").to_numpy() if state is not None else np.zeros(0, dtype=np.int64)
     cut = np.searchsorted(state_keys, bounds)
     starts, stops = np.r_[0, cut], np.r_[cut, len(state_keys)]
     for b, path in enumerate(paths):
         piece = state.slice(int(starts[b]), int(stops[b] - starts[b])) if state is not None else None
-        if b not in writers:
+        if b not in written:
             if piece is not None and piece.num_rows:
                 states.append(piece.select(list(fold_columns(mining.aggregate))))
             continue
@@ -302,7 +352,4 @@ def fold_out_of_core(
         del events, out
         path.unlink()
     new_state = pa.concat_tables(states)  # one chunk per range: no second copy of the state
-    first_seen = pa.concat_tables(ids) if ids else SAMPLE_ID_SCHEMA.empty_table()
-    del states, ids
-    return EpochFold(state=new_state, ids=first_seen, names=names, n_events=n_events,
-                     mean_loss=loss_sum / n_losses if n_losses else None, skipped=skipped)
+    return new_state, (pa.concat_tables(ids) if ids else SAMPLE_ID_SCHEMA.empty_table())
