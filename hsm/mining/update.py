@@ -24,6 +24,7 @@ from hsm.mining.events import list_event_files
 from hsm.mining.ledger import events_digest, part_checksums, verified_checksums
 from hsm.mining.fold import (
     DEFAULT_MEMORY_LIMIT,
+    EpochFold,
     buckets_for,
     event_columns,
     fold_in_memory,
@@ -49,7 +50,7 @@ from hsm.mining.state import (
 )
 from hsm.schemas import SAMPLE_ID_SCHEMA, SchemaError
 
-__all__ = ["OutputError", "Folded", "fold_pending", "id_lookup", "writing"]
+__all__ = ["OutputError", "Folded", "fold_pending", "reusable_prefix", "id_lookup", "writing"]
 
 
 class OutputError(RuntimeError):
@@ -125,21 +126,7 @@ def fold_pending(
     engine = engine or mining.engine
     fold = ENGINES[engine]
     per_epoch = mining.aggregate in PER_EPOCH_AGGREGATES
-    params = (mining.metric, mining.ema_decay, mining.aggregate)
-    # The longest prefix of epochs whose state is stored and whose events are unchanged.
-    valid = -1
-    stored = set(find_states(hsm_dir))
-    for epoch in range(0, up_to_epoch + 1):
-        if refold or epoch not in stored or not is_committed(hsm_dir, epoch):
-            break
-        info = read_state_info(hsm_dir, epoch)
-        if info.version != STATE_VERSION:
-            break  # written before the id table: refold from the event log
-        info.check_params(*params, where=str(state_path(hsm_dir, epoch)))
-        digest = events_digest(list_event_files(hsm_dir, epoch), _events_root(hsm_dir))
-        if info.events_digest != digest:
-            break
-        valid = epoch
+    valid = -1 if refold else reusable_prefix(hsm_dir, up_to_epoch, mining)
     state, info, names = None, None, []
     if valid >= 0:
         verify_state(hsm_dir, valid)  # a float rewritten in place keeps the size: the bytes decide
@@ -155,16 +142,8 @@ def fold_pending(
         if n_buckets > 1:
             if state is None and not files:
                 continue
-            with tempfile.TemporaryDirectory(prefix=f"hsm-fold-e{epoch}-", dir=temp_directory) as spill:
-                folder = fold
-                if engine == "duckdb":  # DuckDB may spill inside a range too
-                    folder = functools.partial(fold, memory_limit=f"{max(budget >> 21, 64)}MB", temp_directory=spill)
-                verified, unverified = verified_checksums(hsm_dir, epoch, skip_corrupt=skip_corrupt)
-                epoch_fold = fold_out_of_core(
-                    [f for f in files if f in verified], epoch, state, names, mining, folder, n_buckets=n_buckets,
-                    spill_dir=Path(spill), skip_corrupt=skip_corrupt, per_epoch=per_epoch,
-                )
-                epoch_fold.skipped += [str(path) for path, _ in unverified]
+            epoch_fold = _fold_spilled(hsm_dir, epoch, files, state, names, mining, engine, budget, n_buckets,
+                                       temp_directory=temp_directory, skip_corrupt=skip_corrupt, per_epoch=per_epoch)
             result.last_events = None
         else:
             read = read_epoch_events(hsm_dir, epoch, skip_corrupt=skip_corrupt, columns=event_columns(mining.metric),
@@ -200,6 +179,43 @@ def fold_pending(
         result.folded_epochs.append(epoch)
     result.state, result.info, result.reused_epoch = state, info, valid
     return result
+
+
+def reusable_prefix(hsm_dir: Path, up_to_epoch: int, mining: MiningConfig) -> int:
+    """The last epoch of the longest prefix whose state is stored, committed, of this version and
+    these parameters, and folded from the event parts that are there now (names, sizes, sha256); -1 if none."""
+    params = (mining.metric, mining.ema_decay, mining.aggregate)
+    valid = -1
+    stored = set(find_states(hsm_dir))
+    for epoch in range(0, up_to_epoch + 1):
+        if epoch not in stored or not is_committed(hsm_dir, epoch):
+            break
+        info = read_state_info(hsm_dir, epoch)
+        if info.version != STATE_VERSION:
+            break  # written before the id table: refold from the event log
+        info.check_params(*params, where=str(state_path(hsm_dir, epoch)))
+        digest = events_digest(list_event_files(hsm_dir, epoch), _events_root(hsm_dir))
+        if info.events_digest != digest:
+            break
+        valid = epoch
+    return valid
+
+
+def _fold_spilled(hsm_dir: Path, epoch: int, files: list[Path], state, names: list[str], mining: MiningConfig,
+                  engine: str, budget: int, n_buckets: int, *, temp_directory, skip_corrupt: bool,
+                  per_epoch: bool) -> EpochFold:
+    """One epoch folded out of core, its parts verified against their ledgers first."""
+    fold = ENGINES[engine]
+    with tempfile.TemporaryDirectory(prefix=f"hsm-fold-e{epoch}-", dir=temp_directory) as spill:
+        if engine == "duckdb":  # DuckDB may spill inside a range too
+            fold = functools.partial(fold, memory_limit=f"{max(budget >> 21, 64)}MB", temp_directory=spill)
+        verified, unverified = verified_checksums(hsm_dir, epoch, skip_corrupt=skip_corrupt)
+        epoch_fold = fold_out_of_core(
+            [f for f in files if f in verified], epoch, state, names, mining, fold, n_buckets=n_buckets,
+            spill_dir=Path(spill), skip_corrupt=skip_corrupt, per_epoch=per_epoch,
+        )
+    epoch_fold.skipped += [str(path) for path, _ in unverified]
+    return epoch_fold
 
 
 _STATE_SLICE_ROWS = 1 << 20  # one row group each
