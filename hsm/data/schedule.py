@@ -196,7 +196,17 @@ def build_schedule(
                                            dtype=dtype), chunk_slots)
         deal(pieces, starts, per_chunk[:, 0], slots, np.random.default_rng([seed, epoch, _DEAL_STREAM]))
 
-    source_rng = np.random.default_rng([seed, epoch, _SOURCE_STREAM])
+    _lay_out_chunks(slots, starts, sizes, per_chunk, regular_per_chunk, source_sizes, mode=mode, mixer=mixer,
+                    idx_bits=idx_bits, shuffle_rng=shuffle_rng,
+                    source_rng=np.random.default_rng([seed, epoch, _SOURCE_STREAM]))
+    return Schedule(slots=slots, epoch=epoch, shortfall=mixer.shortfall if mixer is not None else 0, idx_bits=idx_bits)
+
+
+def _lay_out_chunks(slots: np.ndarray, starts: np.ndarray, sizes: np.ndarray, per_chunk: np.ndarray,
+                    regular_per_chunk: np.ndarray | None, source_sizes: list[int], *, mode: str | None,
+                    mixer: BatchMixer | None, idx_bits: int, shuffle_rng: np.random.Generator,
+                    source_rng: np.random.Generator) -> None:
+    """Each chunk in cache: its dealt target slots, its source draws, one shuffle (then the mixer's fill)."""
     buffer = np.empty(int(sizes.max(initial=0)), dtype=np.int64)
     for j, (lo, size) in enumerate(zip(starts.tolist(), sizes.tolist())):
         work = buffer[:size]
@@ -210,7 +220,7 @@ def build_schedule(
             work[:n_regular] = slots[lo:lo + n_regular]
             work[n_regular:n_tgt] = 1 << idx_bits
         filled = n_tgt
-        for s, (source_size, quota) in enumerate(zip(source_sizes, quotas)):
+        for s, source_size in enumerate(source_sizes):
             k = int(per_chunk[j, 1 + s])
             drawn = work[filled:filled + k]
             drawn[:] = source_rng.integers(0, max(source_size, 1), k, dtype=np.int64)
@@ -220,7 +230,6 @@ def build_schedule(
         if mixer is not None:
             mixer.fill(work)
         slots[lo:lo + size] = work
-    return Schedule(slots=slots, epoch=epoch, shortfall=mixer.shortfall if mixer is not None else 0, idx_bits=idx_bits)
 
 
 def shard_positions(n_slots: int, batch_size: int, world: World) -> np.ndarray:
