@@ -85,6 +85,10 @@ def test_bad_inputs_exit_nonzero_with_a_message(run_dir, tmp_path):
     assert result.exit_code == 2 and "known:" in result.output
     result = runner.invoke(app, ["sql", "--run-dir", str(run_dir), "-e", "SELECT count(*) FROM events"])
     assert result.exit_code == 2 and part.name in result.output and "--skip-corrupt" in result.output
+    result = runner.invoke(app, ["sql", "--run-dir", str(run_dir), "--skip-corrupt", "--format", "csv", "-e",
+                                 "SELECT count(*) AS n FROM events"])
+    # The damaged part is left out with a warning on stderr; stdout stays the CSV alone.
+    assert result.exit_code == 0 and result.stdout.splitlines()[0] == "n" and part.name in result.stderr
     result = runner.invoke(app, ["sql", "--run-dir", str(run_dir), "--skip-corrupt", "-e", "SELECT nope FROM plans"])
     assert result.exit_code == 2 and "nope" in result.output
 

@@ -49,10 +49,17 @@ def sql(
         raise fail("sql", e.args[0]) from e
     import duckdb
 
-    try:
-        con = connect(run_dir, skip_corrupt=skip_corrupt)
-    except (PlanError, ChecksumMismatch, CorruptEventFile, SchemaError) as e:
-        raise fail("sql", str(e)) from e
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            con = connect(run_dir, skip_corrupt=skip_corrupt)
+        except (PlanError, ChecksumMismatch, CorruptEventFile, SchemaError) as e:
+            raise fail("sql", str(e)) from e
+    # On stderr: stdout is the query's table, CSV or JSON.
+    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
+        typer.echo(f"warning: {message}", err=True)
     try:
         result = run_query(con, text)
         if result is None:

@@ -93,8 +93,9 @@ def _with_sample_ids(hsm_dir: Path, epoch: int, plan: pa.Table) -> pa.Table:
     return joined.sort_by([("base_idx", "ascending")])
 
 
-def load_run(run_dir: str | Path, *, epoch: int | None = None) -> RunData:
-    """Read a run for the report; ``epoch`` picks the plan shown (default: the latest)."""
+def load_run(run_dir: str | Path, *, epoch: int | None = None, skip_corrupt: bool = False) -> RunData:
+    """Read a run for the report; ``epoch`` picks the plan shown (default: the latest); ``skip_corrupt``
+    leaves damaged event parts out (warned) instead of refusing the run."""
     import duckdb
 
     from hsm.mining.queries import connect
@@ -122,7 +123,7 @@ def load_run(run_dir: str | Path, *, epoch: int | None = None) -> RunData:
     target = latest["target"]["name"]
     metric = latest.get("metric") or "loss"
     try:
-        con = connect(run_dir)  # checks plans, states, event parts and id tables first
+        con = connect(run_dir, skip_corrupt=skip_corrupt)  # checks plans, states, event parts and id tables first
     except (ValueError, RuntimeError) as e:
         raise ReportError(str(e)) from e
     try:

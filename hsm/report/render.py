@@ -142,7 +142,7 @@ def render_html(context: dict[str, Any]) -> str:
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None, *, epoch: int | None = None,
-                 top_k: int = 12) -> ReportResult:
+                 top_k: int = 12, skip_corrupt: bool = False) -> ReportResult:
     """Write ``out`` (default ``RUN_DIR/report.html``) and ``suspects.csv`` beside it.
 
     Args:
@@ -150,10 +150,11 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, epoch: i
         out: the HTML file to write.
         epoch: the plan epoch the galleries and weight histogram show (default: the latest).
         top_k: cards in each gallery (hardest and easiest).
+        skip_corrupt: leave damaged event parts out (warned) instead of refusing the run.
     """
     from hsm.io import write_bytes_atomic
 
-    run = load_run(run_dir, epoch=epoch)
+    run = load_run(run_dir, epoch=epoch, skip_corrupt=skip_corrupt)
     out = Path(out) if out is not None else Path(run_dir) / "report.html"
     records, records_problem = _records(run)
     plan = run.plans[run.epoch]
