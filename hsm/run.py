@@ -95,7 +95,7 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
     from hsm.data.lengths import check_record_lengths, model_max_length
     from hsm.train.model import load_model_and_processor, model_callbacks
     from hsm.data.sampler import HsmSampler
-    from hsm.train.trainer import make_trainer_class, resume_attempt, write_dataset_info
+    from hsm.train.trainer import make_trainer_class, write_dataset_info
 
     if cfg.custom.fusion_config is None:
         raise ConfigError(cfg.source, ["custom.fusion_config: required by hsm train (the datasets to train on)"])
@@ -137,19 +137,7 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
         (hsm_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
         write_dataset_info(hsm_dir, dataset)
     if mining is not None:
-        from hsm.mining.checks import check_run_files
-
-        check_run_files(hsm_dir)  # before step 0: a bad part or state fails now, not after an epoch
-        trainer.setup_hsm(mining=mining, fusion=fusion, hsm_dir=hsm_dir, sampler=sampler,
-                          num_train_epochs=args.num_train_epochs, attempt=resume_attempt(hsm_dir),
-                          run_id=_agreed_run_id(output_dir.name))
-        if mining.metric == "det_f1":  # its events must be logged before the mining callback plans the epoch
-            from hsm.eval.train_quality import DetF1Callback
-            from hsm.train.trainer import MiningCallback
-
-            callbacks = trainer.callback_handler.callbacks
-            at = next(i for i, c in enumerate(callbacks) if isinstance(c, MiningCallback))
-            callbacks.insert(at, DetF1Callback(trainer, cfg.custom.det_f1, processor, cfg.model.coord_format))
+        _attach_mining(trainer, cfg, sampler, hsm_dir, processor, args.num_train_epochs, output_dir.name)
     else:
         trainer.use_sampler(sampler, fusion)
     if cfg.custom.detection_eval is not None and cfg.custom.detection_eval.enabled:
@@ -162,6 +150,25 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
     distributed.barrier()
     return {"output_dir": str(output_dir), "hsm_dir": str(hsm_dir), "train_loss": result.training_loss,
             "global_step": result.global_step, "mining": mining is not None, "trainer": trainer}
+
+
+def _attach_mining(trainer, cfg: HsmConfig, sampler, hsm_dir: Path, processor, num_train_epochs: float, run_name: str):
+    """Check the run's files, hand the trainer its mining state and, for ``det_f1``, the callback that logs it."""
+    from hsm.mining.checks import check_run_files
+    from hsm.train.trainer import resume_attempt
+
+    mining, fusion = cfg.mining, cfg.custom.fusion_config
+    check_run_files(hsm_dir)  # before step 0: a bad part or state fails now, not after an epoch
+    trainer.setup_hsm(mining=mining, fusion=fusion, hsm_dir=hsm_dir, sampler=sampler,
+                      num_train_epochs=num_train_epochs, attempt=resume_attempt(hsm_dir),
+                      run_id=_agreed_run_id(run_name))
+    if mining.metric == "det_f1":  # its events must be logged before the mining callback plans the epoch
+        from hsm.eval.train_quality import DetF1Callback
+        from hsm.train.trainer import MiningCallback
+
+        callbacks = trainer.callback_handler.callbacks
+        at = next(i for i, c in enumerate(callbacks) if isinstance(c, MiningCallback))
+        callbacks.insert(at, DetF1Callback(trainer, cfg.custom.det_f1, processor, cfg.model.coord_format))
 
 
 def _agreed_run_id(local: str) -> str:

@@ -1,8 +1,8 @@
 """Two real processes under torchrun (gloo, CPU) through the real Trainer, DDP and DeepSpeed ZeRO-2.
 
 One uninterrupted mining run per launcher is the reference for three questions:
-- its epoch 0 equals a run with mining off step for step (loss and grad norm), with
-  and without gradient accumulation: mining never rescales the loss on N ranks;
+- its epoch 0 equals a run with mining off step for step (loss and grad norm), DDP
+  without and ZeRO-2 with gradient accumulation 2: mining never rescales the loss on N ranks;
 - every slot of the global schedule is logged once and both ranks hold the same plans;
 - a run resumed from a mid-epoch checkpoint trains on the same batches and writes
   the same plans as the uninterrupted run, and no earlier plan changes.
@@ -35,8 +35,8 @@ ROOT = Path(__file__).parent.parent
 N_TARGET, N_SOURCE = 16, 8
 LAUNCHES = {
     # launcher: (extra overrides, gradient accumulation, optimizer steps per epoch, mid-epoch checkpoint)
-    "ddp": ([], 2, 2, 5),
-    "zero2": (["deepspeed=configs/deepspeed_zero2.json"], 1, 3, 8),
+    "ddp": ([], 1, 3, 8),
+    "zero2": (["deepspeed=configs/deepspeed_zero2.json"], 2, 2, 5),
 }
 
 

@@ -55,11 +55,9 @@ def plan(
     ),
 ) -> None:
     """Update the state from events of epochs < N not yet folded, and write the plan for epoch N."""
-    from hsm.config import ConfigError
-    from hsm.config_load import load_config
     from hsm.io import ChecksumMismatch
     from hsm.mining.events import CorruptEventFile
-    from hsm.mining.plan import DatasetInfo, PlanError, RunLocked
+    from hsm.mining.plan import PlanError, RunLocked
     from hsm.mining.planner import EmptyEpochs, PlanConflict, plan_epoch
     from hsm.mining.update import OutputError
     from hsm.schemas import SchemaError
@@ -73,9 +71,34 @@ def plan(
         limit_bytes = _parse_bytes(memory_limit)
         if limit_bytes is None:
             raise fail("plan", f"--memory-limit must be a size such as 4GB or 512MB, got {memory_limit!r}")
-    config_path = config or hsm_dir / "config.yaml"
     if engine is not None and engine not in ("polars", "duckdb"):
         raise fail("plan", f"--engine must be polars or duckdb, got {engine!r}")
+    cfg, mining, dataset, num_epochs = _planning_inputs(hsm_dir, config or hsm_dir / "config.yaml", num_epochs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = plan_epoch(
+                hsm_dir, epoch, mining, cfg.target_name, engine=engine, num_train_epochs=num_epochs,
+                dataset=dataset, skip_corrupt=skip_corrupt, write=not dry_run, dump_dir=run_dir,
+                force=force, allow_empty=allow_empty, memory_limit=limit_bytes, temp_directory=temp_dir, refold=refold,
+            )
+        except (CorruptEventFile, PlanError, SchemaError, StateMismatch, PlanConflict, EmptyEpochs, OutputError,
+                RunLocked, ChecksumMismatch, ValueError) as e:
+            raise fail("plan", _without_delete_advice(str(e)) if dry_run else str(e)) from e
+        except OSError as e:  # the run's lock file or a directory could not be created (disk full, read-only)
+            raise fail("plan", f"{e.filename or hsm_dir}: cannot write ({e.strerror or e}); free space or fix "
+                               "the permissions, then re-run") from e
+    for warning in caught:
+        console.print(f"[yellow]warning:[/] {warning.message}")
+    _print_summary(result, hsm_dir)
+
+
+def _planning_inputs(hsm_dir: Path, config_path: Path, num_epochs: float | None):
+    """The run's config, its enabled mining section, its target's identity and the epochs it planned."""
+    from hsm.config import ConfigError
+    from hsm.config_load import load_config
+    from hsm.mining.plan import DatasetInfo
+
     try:
         cfg = load_config(config_path)
     except ConfigError as e:
@@ -95,23 +118,7 @@ def plan(
         num_epochs = float(json.loads(run_info.read_text())["num_train_epochs"])
     if num_epochs is None and "num_train_epochs" in cfg.training:
         num_epochs = float(cfg.training["num_train_epochs"])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            result = plan_epoch(
-                hsm_dir, epoch, mining, cfg.target_name, engine=engine, num_train_epochs=num_epochs,
-                dataset=dataset, skip_corrupt=skip_corrupt, write=not dry_run, dump_dir=run_dir,
-                force=force, allow_empty=allow_empty, memory_limit=limit_bytes, temp_directory=temp_dir, refold=refold,
-            )
-        except (CorruptEventFile, PlanError, SchemaError, StateMismatch, PlanConflict, EmptyEpochs, OutputError,
-                RunLocked, ChecksumMismatch, ValueError) as e:
-            raise fail("plan", _without_delete_advice(str(e)) if dry_run else str(e)) from e
-        except OSError as e:  # the run's lock file or a directory could not be created (disk full, read-only)
-            raise fail("plan", f"{e.filename or hsm_dir}: cannot write ({e.strerror or e}); free space or fix "
-                               "the permissions, then re-run") from e
-    for warning in caught:
-        console.print(f"[yellow]warning:[/] {warning.message}")
-    _print_summary(result, hsm_dir)
+    return cfg, mining, dataset, num_epochs
 
 
 def _without_delete_advice(message: str) -> str:

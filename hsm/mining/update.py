@@ -127,13 +127,7 @@ def fold_pending(
     fold = ENGINES[engine]
     per_epoch = mining.aggregate in PER_EPOCH_AGGREGATES
     valid = -1 if refold else reusable_prefix(hsm_dir, up_to_epoch, mining)
-    state, info, names = None, None, []
-    if valid >= 0:
-        verify_state(hsm_dir, valid)  # a float rewritten in place keeps the size: the bytes decide
-        disk, info = read_state(hsm_dir, valid, columns=("dataset", "base_idx", *fold_columns(mining.aggregate)[1:]))
-        names = list(info.datasets)
-        state = fold_table(disk, names, mining.aggregate)
-        del disk  # base_idx, dataset and score are not carried: free them before folding
+    state, info, names = _carried_state(hsm_dir, valid, mining) if valid >= 0 else (None, None, [])
     result = Folded(state=None, info=None)
     budget = memory_limit if memory_limit is not None else DEFAULT_MEMORY_LIMIT
     for epoch in range(valid + 1, up_to_epoch + 1):
@@ -179,6 +173,16 @@ def fold_pending(
         result.folded_epochs.append(epoch)
     result.state, result.info, result.reused_epoch = state, info, valid
     return result
+
+
+def _carried_state(hsm_dir: Path, epoch: int, mining: MiningConfig):
+    """The stored state of ``epoch`` as the fold carries it, its info and dataset names; its bytes verified first."""
+    verify_state(hsm_dir, epoch)  # a float rewritten in place keeps the size: the bytes decide
+    disk, info = read_state(hsm_dir, epoch, columns=("dataset", "base_idx", *fold_columns(mining.aggregate)[1:]))
+    names = list(info.datasets)
+    state = fold_table(disk, names, mining.aggregate)
+    del disk  # base_idx, dataset and score are not carried: free them before folding
+    return state, info, names
 
 
 def reusable_prefix(hsm_dir: Path, up_to_epoch: int, mining: MiningConfig) -> int:
