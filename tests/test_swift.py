@@ -30,6 +30,7 @@ from hsm.data.synth import synthesize  # noqa: E402
 pytestmark = pytest.mark.slow
 
 TEMPLATE_PLUGIN = Path(__file__).parent / "swift_plugins" / "tiny_qwen3_vl_template.py"
+CPU_PADDING_FREE_PLUGIN = Path(__file__).parent / "swift_plugins" / "cpu_padding_free.py"
 N_ROWS, BATCH = 8, 4
 
 
@@ -106,8 +107,9 @@ def recomputed_box_losses(checkpoint: Path, rows: list[dict]) -> list[dict]:
     return out
 
 
-def swift_sft(tmp: Path, name: str, checkpoint: Path, data: list[str], *, mining: bool, epochs: int,
-              tuner: str = "full", save: str = "no", ranks: int = 1) -> Path:
+def run_swift_sft(tmp: Path, name: str, checkpoint: Path, data: list[str], *, mining: bool, epochs: int,
+                  tuner: str = "full", save: str = "no", ranks: int = 1, flags: tuple[str, ...] = (),
+                  plugins: tuple[Path, ...] = (), env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     config = tmp / f"{name}.yaml"
     config.write_text(
         "custom:\n"
@@ -124,14 +126,19 @@ def swift_sft(tmp: Path, name: str, checkpoint: Path, data: list[str], *, mining
         "--warmup_ratio", "0", "--logging_steps", "1", "--save_strategy", save, "--report_to", "none",
         "--dataloader_num_workers", "0", "--dataset_num_proc", "1", "--use_cpu", "true", "--check_model", "false",
         "--seed", "0", "--output_dir", str(out), "--dataset_shuffle", "false",
-        "--external_plugins", str(plugin_path()), str(TEMPLATE_PLUGIN),
+        *flags, "--external_plugins", str(plugin_path()), str(TEMPLATE_PLUGIN), *map(str, plugins),
     ]
-    env = {**os.environ, "HSM_CONFIG": str(config)}
+    env = {**os.environ, **(env or {}), "HSM_CONFIG": str(config)}
     if ranks > 1:  # ms-swift's own launcher: it re-runs itself under torchrun
         env.update(NPROC_PER_NODE=str(ranks), MASTER_PORT=str(29500 + os.getpid() % 1000), OMP_NUM_THREADS="1")
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+
+
+def swift_sft(tmp: Path, name: str, checkpoint: Path, data: list[str], **kwargs) -> Path:
+    """:func:`run_swift_sft`, which must succeed; its run directory."""
+    result = run_swift_sft(tmp, name, checkpoint, data, **kwargs)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    (run_dir,) = out.glob("v*-*")
+    (run_dir,) = (tmp / name).glob("v*-*")
     return run_dir
 
 
@@ -159,13 +166,21 @@ def test_provenance_from_ms_swift_loader(tmp_path):
         provenance(train, "coco")
 
 
-def test_swift_sft_with_hsm_plugin(tmp_path):
+@pytest.fixture(scope="module")
+def mined_run(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """``(checkpoint, data, run_dir)``: `swift sft` with the hsm plugin, mining on, 2 epochs of N_ROWS rows in
+    batches of BATCH (padded batches), shared by the tests that compare against it."""
+    tmp_path = tmp_path_factory.mktemp("mined")
     checkpoint = build_checkpoint(tmp_path / "ckpt", "qwen3_vl")
     corpus = synthesize(tmp_path / "corpus", n_target=N_ROWS, n_source=1, n_val=1)
     data = swift_dataset(corpus["bbu"], tmp_path / "train.jsonl")
-    entries = [str(data)]  # one entry: the target, whatever its file name
+    # One --dataset entry: the target, whatever its file name.
+    return checkpoint, data, swift_sft(tmp_path, "mined", checkpoint, [str(data)], mining=True, epochs=2)
 
-    mined = swift_sft(tmp_path, "mined", checkpoint, entries, mining=True, epochs=2)
+
+def test_swift_sft_with_hsm_plugin(tmp_path, mined_run):
+    checkpoint, data, mined = mined_run
+    entries = [str(data)]
     hsm_dir = mined / "hsm"
     events = pa.concat_tables([pq.read_table(p) for p in sorted(hsm_dir.glob("events/epoch=*/rank=0/*.parquet"))])
     epoch0 = events.filter(pc.equal(events.column("epoch"), 0))
@@ -201,6 +216,36 @@ def test_swift_sft_with_hsm_plugin(tmp_path):
         rows = epoch0.filter(pc.equal(epoch0.column("global_step"), step)).to_pylist()
         weighted = sum(r["loss"] * r["n_tokens"] for r in rows) / sum(r["n_tokens"] for r in rows)
         assert weighted == pytest.approx(loss, rel=1e-4)
+
+
+def epoch_events(run_dir: Path, epoch: int) -> dict[tuple[int, str], dict]:
+    """One run's events of ``epoch``, by (global_step, sample_id)."""
+    parts = sorted((run_dir / "hsm").glob(f"events/epoch={epoch}/*/*.parquet"))
+    events = pa.concat_tables([pq.read_table(p) for p in parts])
+    return {(e["global_step"], e["sample_id"]): e for e in events.to_pylist()}
+
+
+def test_swift_sft_padding_free_events_equal_a_padded_run(tmp_path, mined_run):
+    """`--padding_free true` (each batch one flattened row): one event per sample, equal to the padded run's epoch 0
+    (same samples, steps and weights) to 1e-4; `--packing true` is refused at start-up, naming the flag."""
+    checkpoint, data, padded = mined_run
+    log = tmp_path / "packed.log"
+    free = swift_sft(tmp_path, "free", checkpoint, [str(data)], mining=True, epochs=1, flags=("--padding_free", "true"),
+                     plugins=(CPU_PADDING_FREE_PLUGIN,), env={"HSM_TEST_PACKED_LOG": str(log)})
+    assert set(log.read_text().split()) == {str(BATCH)}  # every batch was one row of BATCH sequences
+    want, got = epoch_events(padded, 0), epoch_events(free, 0)
+    assert len(want) == N_ROWS and got.keys() == want.keys()  # the same samples at the same steps
+    for key, event in got.items():
+        for column in ("loss", "token_acc", "coord_loss", "label_loss", "loss_sum"):
+            assert event[column] == pytest.approx(want[key][column], rel=1e-4, abs=1e-5), (column, key)
+        assert (event["n_tokens"], event["position"], event["base_idx"]) == (
+            want[key]["n_tokens"], want[key]["position"], want[key]["base_idx"])
+    steps = N_ROWS // BATCH
+    assert step_losses(free) == pytest.approx(step_losses(padded)[:steps], rel=1e-4)  # ms-swift's own loss
+
+    packed = run_swift_sft(tmp_path, "packed", checkpoint, [str(data)], mining=True, epochs=1,
+                           flags=("--packing", "true"), plugins=(CPU_PADDING_FREE_PLUGIN,))
+    assert packed.returncode != 0 and "swift sft --packing true: ms-swift bins rows into fixed packs" in packed.stderr
 
 
 @pytest.mark.parametrize("tuner", ["full", "lora"])

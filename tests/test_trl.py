@@ -139,6 +139,16 @@ def test_hsm_sft_trainer_logs_plans_and_keeps_trl_loss(tmp_path):
     assert hsm_losses[:2] == pytest.approx(plain_losses, rel=1e-6)
 
 
+@pytest.mark.parametrize("flag", ["padding_free", "packing"])
+def test_hsm_sft_trainer_refuses_packing_and_padding_free_at_start_up(tmp_path, flag):
+    """TRL 1.16 refuses both for vision datasets, and a packed row is no longer one sample: hsm says so, naming the
+    flag, before TRL builds anything (no model is needed to get the error)."""
+    args = sft_config(tmp_path, 1)
+    setattr(args, flag, True)
+    with pytest.raises(ValueError, match=rf"^SFTConfig\.{flag}=True: .*set {flag}=False"):
+        HsmSFTTrainer(model=None, args=args, train_dataset=None, mining=None)
+
+
 def torchrun_trl(checkpoint: Path, jsonl: Path, out: Path, epochs: int, mining: str) -> list[dict]:
     torchrun = Path(sys.executable).parent / "torchrun"
     root = Path(__file__).parent.parent

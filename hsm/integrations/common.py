@@ -5,8 +5,11 @@
 :class:`SlotDataset` read by hsm's schedule slots, its collator a :class:`MetaCollator` that carries each
 row's identity (``hsm_meta``) and answer-token roles past it, and the mixin logs events and plans at epoch end.
 The trainer's ``compute_loss`` then calls :meth:`~hsm.train.trainer.HsmTrainerMixin.take_hsm_meta`, computes
-:func:`hsm.train.stats.per_sample_stats` from its own pass and hands them to
-:meth:`~hsm.train.trainer.HsmTrainerMixin.record_stats`.
+:func:`sample_stats` from its own pass and hands them to :meth:`~hsm.train.trainer.HsmTrainerMixin.record_stats`.
+
+A padding-free batch (a collator that concatenates the batch's samples into one row, positions restarting at 0 for
+each) still carries one ``hsm_meta`` entry per sample, in order: :class:`MetaCollator` adds which sample each token's
+label belongs to (``token_sample``), and :func:`sample_stats` splits the statistics by it.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from hsm.config import FusionConfig, MiningConfig, SourceConfig, TargetConfig
 from hsm.data.encoding import IGNORE_INDEX, answer_roles_in_ids
 from hsm.data.sampler import HsmSampler
 from hsm.mining.plan import DatasetInfo
+from hsm.train.stats import packed_sample_stats, per_sample_stats, sequence_index, token_samples
 from hsm.train.trainer import resume_attempt, write_dataset_info
 
-__all__ = ["attach", "Part", "SlotDataset", "MetaCollator", "fingerprint_ids", "supervised_runs"]
+__all__ = ["attach", "Part", "SlotDataset", "MetaCollator", "fingerprint_ids", "supervised_runs", "packed_layout",
+           "sample_stats"]
 
 _TELEMETRY_DEFAULTS = {"augmented": False, "object_capped": False, "oversize": False, "aug_dropped": 0}
 
@@ -119,13 +124,70 @@ def supervised_runs(tokenizer, input_ids: np.ndarray, labels: np.ndarray) -> lis
             for run in np.split(supervised, breaks)]
 
 
+def packed_layout(batch: dict, n_samples: int) -> tuple[torch.Tensor, list[int]]:
+    """``(token_sample, lengths)`` of a padding-free batch: ``n_samples`` samples concatenated into fewer rows.
+
+    ``token_sample`` is :func:`hsm.train.stats.token_samples` of the batch's text positions (``text_position_ids``,
+    ms-swift's Qwen-VL templates, else ``position_ids``); ``lengths`` are the samples' token counts.
+
+    Args:
+        batch: the collated batch (``input_ids``, ``labels``, positions), on the host.
+        n_samples: the items collated into it, in order.
+
+    Raises:
+        ValueError: the batch has no 2-D positions to split it by, a row does not start a sample, it holds fewer
+            sequences than samples, or a sequence past the last sample has supervised labels.
+    """
+    positions = batch.get("text_position_ids")
+    if positions is None:
+        positions = batch.get("position_ids")
+    rows = batch["input_ids"].shape[0]
+    if positions is None or positions.dim() != 2:
+        raise ValueError(f"hsm: a padding-free batch ({n_samples} samples in {rows} row(s)) carries no 2-D "
+                         "position_ids or text_position_ids to split its samples by")
+    positions = positions.cpu()
+    if (positions[:, 0] != 0).any():
+        raise ValueError("hsm: a padding-free row does not start at position 0, so its first sample's start is unknown")
+    index = sequence_index(positions)
+    n_sequences = int(index[-1, -1]) + 1
+    labels = batch.get("labels")
+    past = index >= n_samples
+    if n_sequences < n_samples or (labels is not None and (labels.cpu()[past] != IGNORE_INDEX).any()):
+        raise ValueError(f"hsm: a padding-free batch of {n_samples} samples holds {n_sequences} position-0 restarts "
+                         "(fewer than its samples, or more with supervised labels past the last sample); hsm cannot "
+                         "tell its samples apart")
+    lengths = torch.bincount(index[~past], minlength=n_samples)
+    return token_samples(positions, n_samples), lengths.tolist()
+
+
+def sample_stats(losses: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor, meta: dict) -> torch.Tensor:
+    """``[6, n_samples]`` statistics of one batch, one column per entry of ``meta`` (pops its ``token_roles`` and
+    ``token_sample``): :func:`hsm.train.stats.per_sample_stats` of a padded batch, or split by the sequence
+    boundaries with :func:`hsm.train.stats.packed_sample_stats` when the batch was padding-free.
+
+    Args:
+        losses: ``[rows, seq - 1]`` token losses of the shifted labels.
+        mask: ``[rows, seq - 1]`` supervised tokens.
+        correct: ``[rows, seq - 1]`` argmax == label.
+        meta: the batch's ``hsm_meta``.
+    """
+    roles = meta.pop("token_roles", None)
+    owners = meta.pop("token_sample", None)
+    if owners is None:
+        return per_sample_stats(losses, mask, correct, roles)
+    return packed_sample_stats(losses, mask, correct, owners, len(meta["sample_id"]), roles)
+
+
 class MetaCollator:
     """Wraps a collator: pops ``hsm_meta`` from each item, collates the rest, adds ``batch['hsm_meta']`` (lists).
 
-    With a ``tokenizer``, ``batch['hsm_meta']['token_roles']`` (``[batch, seq]`` int8, aligned with
+    With a ``tokenizer``, ``batch['hsm_meta']['token_roles']`` (``[rows, seq]`` int8, aligned with
     ``batch['input_ids']``) gives each token's role for ``coord_loss`` / ``label_loss``: the answers of each item
     (``answers(item)``, read before the inner collator sees the item; None: the decoded supervised runs of the
     collated row) are located in the collated ids by their tokens.
+
+    When the inner collator is padding-free (fewer rows than items), ``batch['hsm_meta']['token_sample']``
+    (:func:`packed_layout`) says which item each label belongs to, and ``input_len`` is each item's own length.
     """
 
     def __init__(self, inner: Callable[[list[dict]], dict], tokenizer=None,
@@ -138,19 +200,28 @@ class MetaCollator:
     def __call__(self, items: list[dict]) -> dict:
         metas = [item.pop("hsm_meta", None) for item in items]
         texts = [self.answers(item) for item in items] if self.tokenizer is not None and self.answers else None
+        items = list(items)  # ms-swift's padding-free collator replaces the list's contents with the packed row
+        n_items = len(items)
         batch = self.inner(items)
         if metas and metas[0] is not None:
             meta = {key: [m[key] for m in metas] for key in metas[0]}
-            mask = batch.get("attention_mask")
-            meta["input_len"] = mask.sum(dim=1).tolist() if mask is not None else [0] * len(items)
+            input_ids = batch.get("input_ids")
+            if input_ids is not None and input_ids.shape[0] != n_items:
+                meta["token_sample"], meta["input_len"] = packed_layout(batch, n_items)
+            else:
+                mask = batch.get("attention_mask")
+                meta["input_len"] = mask.sum(dim=1).tolist() if mask is not None else [0] * n_items
             if self.tokenizer is not None:
-                meta["token_roles"] = self._roles(batch, texts)
+                meta["token_roles"] = self._roles(batch, texts, meta.get("token_sample"))
             batch["hsm_meta"] = meta
         return batch
 
-    def _roles(self, batch: dict, texts: list[list[str]] | None) -> torch.Tensor:
+    def _roles(self, batch: dict, texts: list[list[str]] | None, owners: torch.Tensor | None) -> torch.Tensor:
         input_ids = batch["input_ids"].cpu().numpy()
         labels = batch["labels"].cpu().numpy() if "labels" in batch else None
+        if texts is not None and owners is not None:
+            # A padding-free row holds several items: its answers are theirs, in order.
+            texts = [[text for i in sorted(set(row[row >= 0].tolist())) for text in texts[i]] for row in owners]
         roles = np.zeros(input_ids.shape, dtype=np.int8)
         missing = 0
         for i, ids in enumerate(input_ids):

@@ -18,7 +18,13 @@ ms-swift's ``Seq2SeqTrainer`` that:
   gradient, one chunk of float32 logits at a time; from the last hidden states under ``--use_liger_kernel``;
   no second forward), token roles from the decoded assistant turns (JSON ``bbox_2d`` answers and the
   ``<|object_ref_start|>``/``<|box_start|>`` tags ms-swift renders ``objects`` rows into);
-- refuses ``--packing`` and ``--padding_free`` at start-up (one row must be one sample);
+- supports ``--padding_free true``: ms-swift's collator concatenates a batch's samples into one row (positions
+  restarting at 0 for each, ``text_position_ids`` / ``cu_seq_lens_q``) while every sample stays one dataset row,
+  so each sample's identity still rides in the batch in order, and the statistics are split by the sequence
+  boundaries into one event per sample, equal to a padded run's;
+- refuses ``--packing true`` at start-up: ms-swift's ``PackingDataset`` bins rows into fixed packs before training,
+  and a pack is what a loader draws, so hsm's schedule could no longer draw or re-weight one sample at a time
+  (use ``--padding_free true`` for the same padding-free batches);
 - plans at epoch end with hsm's mining callback.
 
 With mining disabled in ``hsm.yaml`` the trainer only trains on hsm's schedule (the reference for
@@ -85,28 +91,46 @@ def _load_hsm_config():
 
 
 def _refuse_packing(trainer) -> None:
-    # Packed / padding-free rows hold several samples: one row's identity could not stand for them.
+    # A pack is one dataset item of several rows: hsm's schedule, which draws rows, could not hold.
+    # (--padding_free alone keeps one row per sample and is split by its sequence boundaries.)
     template = trainer.template
     packed = type(trainer.train_dataset).__name__ in ("PackingDataset", "IterablePackingDataset")
-    for flag, on in (("--packing", packed or getattr(template, "packing", False)),
-                     ("--padding_free", getattr(template, "padding_free", False))):
-        if on:
-            raise ValueError(f"swift sft {flag} true: hsm needs one sample per row (each row's id rides in the "
-                             f"batch); drop {flag} when training with the hsm plugin")
+    if packed or template.packing:
+        raise ValueError("swift sft --packing true: ms-swift bins rows into fixed packs before training and its loader "
+                         "draws packs, so hsm's schedule could no longer draw or re-weight one sample at a time; "
+                         "drop --packing (use --padding_free true for padding-free batches) when training with the "
+                         "hsm plugin")
     if template.sequence_parallel_size > 1:
         raise NotImplementedError("hsm's schedule is not wired into ms-swift's sequence-parallel loader")
 
 
-def _roles_like_labels(roles: torch.Tensor, full_labels: torch.Tensor, inputs: dict) -> torch.Tensor:
-    """Trim ``roles`` as ms-swift's ``prepare_logits_to_keep`` trimmed the labels (suffix, or the supervised
-    positions of a batch of one), so they stay aligned with the kept logits."""
+def _like_labels(values: torch.Tensor, full_labels: torch.Tensor, inputs: dict, fill: int = 0) -> torch.Tensor:
+    """Trim per-token ``values`` (roles, owning samples) as ms-swift's ``prepare_logits_to_keep`` trimmed the labels
+    (suffix, or the supervised positions of a one-row batch, after one ``fill``), so they stay aligned with the kept
+    logits."""
     keep = inputs.get("logits_to_keep")
     if keep is None:
-        return roles
+        return values
     if isinstance(keep, torch.Tensor):
         selected = (full_labels != -100)[0].cpu()
-        return torch.nn.functional.pad(roles[:, selected], (1, 0))
-    return roles[:, -int(keep):]
+        return torch.nn.functional.pad(values[:, selected], (1, 0), value=fill)
+    return values[:, -int(keep):]
+
+
+def _token_stats(trainer, model, inputs: dict, labels: torch.Tensor, outputs, hidden: list):
+    """``(losses, mask, correct)`` of ms-swift's forward without gradient: from its logits, one float32 chunk at a time
+    beside ms-swift's own, or (under liger, which never builds the logits) from the decoder's kept last hidden
+    states."""
+    from hsm.train.stats import chunked_token_stats, hidden_token_stats
+
+    if getattr(outputs, "logits", None) is not None:
+        return chunked_token_stats(outputs.logits, labels)
+    if hidden:
+        lm_head = trainer.accelerator.unwrap_model(model).get_output_embeddings()
+        keep = inputs.get("logits_to_keep")
+        last = hidden[-1][:, keep] if isinstance(keep, torch.Tensor) else hidden[-1][:, -labels.shape[1]:]
+        return hidden_token_stats(last, lm_head, labels)
+    raise RuntimeError("hsm: ms-swift's forward returned neither logits nor (under liger) hidden states")
 
 
 def _entry_name(tag: str) -> str:
@@ -150,9 +174,8 @@ def _trainer_class():
     from swift.trainers import Seq2SeqTrainer
 
     from hsm.config import MiningConfig
-    from hsm.integrations.common import attach
+    from hsm.integrations.common import attach, sample_stats
     from hsm.train import distributed
-    from hsm.train.stats import chunked_token_stats, hidden_token_stats, per_sample_stats
     from hsm.train.trainer import HsmTrainerMixin
 
     class HsmSwiftTrainer(HsmTrainerMixin, Seq2SeqTrainer):
@@ -193,8 +216,10 @@ def _trainer_class():
             full_labels = inputs.get("labels") if isinstance(inputs, dict) else None
             inputs = super()._prepare_inputs(inputs)
             meta = self._hsm_meta
-            if meta is not None and meta.get("token_roles") is not None and full_labels is not None:
-                meta["token_roles"] = _roles_like_labels(meta["token_roles"], full_labels, inputs)
+            if meta is not None and full_labels is not None:
+                for key, fill in (("token_roles", 0), ("token_sample", -1)):
+                    if meta.get(key) is not None:
+                        meta[key] = _like_labels(meta[key], full_labels, inputs, fill)
             return inputs
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -213,17 +238,7 @@ def _trainer_class():
             finally:
                 if handle is not None:
                     handle.remove()
-            # The statistics hold one chunk of float32 logits at a time, beside ms-swift's own.
-            if getattr(outputs, "logits", None) is not None:
-                token_stats = chunked_token_stats(outputs.logits, labels)
-            elif hidden:
-                lm_head = self.accelerator.unwrap_model(model).get_output_embeddings()
-                keep = inputs.get("logits_to_keep")
-                last = hidden[-1][:, keep] if isinstance(keep, torch.Tensor) else hidden[-1][:, -labels.shape[1]:]
-                token_stats = hidden_token_stats(last, lm_head, labels)
-            else:
-                raise RuntimeError("hsm: ms-swift's forward returned neither logits nor (under liger) hidden states")
-            stats = per_sample_stats(*token_stats, meta.pop("token_roles", None))
+            stats = sample_stats(*_token_stats(self, model, inputs, labels, outputs, hidden), meta)
             self.record_stats(meta, stats, self.state.global_step)
             return (loss, outputs) if return_outputs else loss
 

@@ -17,6 +17,11 @@ row's identity and its answer-token roles ride in the batch, trains on the plan-
 and plans at epoch end (hsm's mining callback). The loss is TRL's own, unchanged: per-sample loss, token accuracy,
 ``coord_loss``, ``label_loss`` and ``loss_sum`` come from the same fused LM-head pass (``outputs.log_probs``,
 ``label_mask``, ``is_top1``) that TRL computes its loss from. ``mining=None`` trains on hsm's schedule only.
+
+``SFTConfig.packing`` and ``SFTConfig.padding_free`` are refused at start-up, before TRL builds anything: TRL 1.16
+refuses both for vision datasets itself, and packing bins rows into fixed packed rows that hsm's schedule could not
+draw one sample at a time. (The statistics themselves split padding-free batches: ms-swift's ``--padding_free true``
+is supported, see :mod:`hsm.integrations.swift`.)
 """
 
 from __future__ import annotations
@@ -26,11 +31,10 @@ from typing import Any
 
 import trl
 from packaging.version import Version
-from trl import SFTTrainer
+from trl import SFTConfig, SFTTrainer
 
 from hsm.config import MiningConfig
-from hsm.integrations.common import attach
-from hsm.train.stats import per_sample_stats
+from hsm.integrations.common import attach, sample_stats
 from hsm.train.trainer import HsmTrainerMixin
 
 __all__ = ["HsmSFTTrainer", "detection_dataset", "assistant_texts"]
@@ -59,16 +63,27 @@ def assistant_texts(row: dict) -> list[str]:
     return texts
 
 
+def _refuse_packing(args: SFTConfig | None) -> None:
+    """Refuse, before TRL builds anything, the SFTConfig flags hsm cannot follow samples through."""
+    if args is None:
+        return
+    if args.packing:
+        raise ValueError("SFTConfig.packing=True: TRL packs rows into fixed packed rows before training, so hsm's "
+                         "schedule could no longer draw or re-weight one sample at a time (and TRL 1.16 refuses "
+                         "packing for vision datasets); set packing=False")
+    if args.padding_free:
+        raise ValueError("SFTConfig.padding_free=True: TRL 1.16's SFTTrainer refuses padding-free training for vision "
+                         "datasets, and hsm's TRL integration is its vision-language path; set padding_free=False "
+                         "(ms-swift's --padding_free true works with hsm)")
+
+
 class HsmSFTTrainer(HsmTrainerMixin, SFTTrainer):
     """``SFTTrainer`` that logs per-sample events and trains on hsm's plan-driven schedule."""
 
     def __init__(self, *args, mining: MiningConfig | None, dataset_name: str = "train", id_column: str = "id",
                  hsm_dir: str | Path | None = None, **kwargs):
+        _refuse_packing(kwargs.get("args", args[1] if len(args) > 1 else None))
         super().__init__(*args, **kwargs)
-        if self.args.packing or self.args.padding_free:
-            flag = "packing" if self.args.packing else "padding_free"
-            raise ValueError(f"SFTConfig.{flag}=True: hsm needs one sample per row (each row's id rides in the batch); "
-                             f"set {flag}=False")
         rows = self.train_dataset
         ids = list(rows[id_column]) if id_column in rows.column_names else None
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
@@ -103,7 +118,7 @@ class HsmSFTTrainer(HsmTrainerMixin, SFTTrainer):
         out = fused[0]
         # TRL's fused head scores labels[:, 1:] without building the logits: the statistics cost no extra memory.
         mask = out.label_mask.bool()
-        stats = per_sample_stats(-out.log_probs, mask, out.is_top1.bool() & mask, meta.pop("token_roles", None))
+        stats = sample_stats(-out.log_probs, mask, out.is_top1.bool() & mask, meta)
         self.record_stats(meta, stats, self.state.global_step)
         return result
 

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from hsm.data.encoding import IGNORE_INDEX, ROLE_COORD, ROLE_LABEL
 
-__all__ = ["STAT_ROWS", "token_losses", "per_sample_stats", "CHUNK_TOKENS", "chunked_token_stats", "hidden_token_stats"]
+__all__ = ["STAT_ROWS", "token_losses", "per_sample_stats", "CHUNK_TOKENS", "chunked_token_stats", "hidden_token_stats",
+           "sequence_index", "token_samples", "packed_sample_stats"]
 
 # The rows of per_sample_stats, in order.
 STAT_ROWS = ("loss", "token_acc", "n_tokens", "coord_loss", "label_loss", "loss_sum")
@@ -73,6 +74,86 @@ def per_sample_stats(losses: torch.Tensor, mask: torch.Tensor, correct: torch.Te
             mean = (losses * selected).sum(dim=1) / count.clamp(min=1.0)
             by_role.append(torch.where(count > 0, mean, nan))
         return torch.stack([total / safe, correct.sum(dim=1).float() / safe, n, by_role[0], by_role[1], total])
+
+
+def sequence_index(position_ids: torch.Tensor) -> torch.Tensor:
+    """``[rows, seq]`` int64: the number of the packed sequence each token is in, counted in row-major order.
+
+    A sequence starts wherever ``position_ids`` is 0: TRL's and ms-swift's padding-free collators restart the
+    positions at every sample in one row (and pad with 0, so each padding token reads as a sequence of its own:
+    padding must come after the last sample). A token before its row's first 0 gets the previous row's last
+    sequence; callers check that every row starts at 0.
+
+    Naive equivalent: ``k = -1; for row in position_ids: for p in row: k += p == 0; out.append(k)``.
+
+    Args:
+        position_ids: ``[rows, seq]`` text positions (for Qwen-VL's M-RoPE batches, the text row).
+    """
+    return (position_ids == 0).flatten().cumsum(0).view(position_ids.shape) - 1
+
+
+def token_samples(position_ids: torch.Tensor, n_samples: int) -> torch.Tensor:
+    """``[rows, seq]`` int64, aligned with the unshifted labels: the packed sample each label belongs to, -1 for
+    labels that no position of their own sample predicts (each sample's first token) and for tokens past the
+    ``n_samples``-th sequence (padding).
+
+    Naive equivalent of ``out[r, t]``: ``-1 if position_ids[r, t] == 0 or k >= n_samples else k`` with
+    ``k = sequence_index(position_ids)[r, t]``.
+
+    Args:
+        position_ids: ``[rows, seq]`` positions restarting at 0 for every sample (see :func:`sequence_index`).
+        n_samples: the samples the batch holds, in order (the rest of the sequences are padding).
+    """
+    index = sequence_index(position_ids)
+    return torch.where((position_ids == 0) | (index >= n_samples), -1, index)
+
+
+def packed_sample_stats(losses: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor, owners: torch.Tensor,
+                        n_samples: int, token_roles: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`per_sample_stats` of a padding-free or packed batch: ``[6, n_samples]``, one column per packed sample,
+    each computed as if the sample had been its own row.
+
+    A label counts for sample ``i`` when ``owners`` (:func:`token_samples`) says it is ``i``'s: the label of each
+    sample's first token, which only the previous sample's last position "predicts", counts for none. One
+    ``index_add_`` per row of :data:`STAT_ROWS`: no host sync, no loop over samples.
+
+    Naive equivalent of column ``i``: :func:`per_sample_stats` of a one-row batch holding only the positions ``t``
+    with ``owners[:, 1:][t] == i`` (``tests/test_packing.py`` holds it to each sample computed alone).
+
+    Args:
+        losses: ``[rows, seq - 1]`` token losses of the shifted labels.
+        mask: ``[rows, seq - 1]`` supervised tokens.
+        correct: ``[rows, seq - 1]`` argmax == label.
+        owners: ``[rows, seq]`` from :func:`token_samples`, aligned with the unshifted labels.
+        n_samples: the number of packed samples (columns of the result).
+        token_roles: ``[rows, seq]`` token roles aligned with the unshifted labels, or None.
+    """
+    with torch.no_grad():
+        owner = owners[:, 1:].to(mask.device, non_blocking=True)
+        belongs = owner >= 0
+        bins = torch.where(belongs, owner, n_samples).flatten()  # bin n_samples collects what belongs to none
+        counted = (mask & belongs).flatten()
+        losses = torch.where(counted, losses.detach().flatten().float(), 0.0)
+
+        def per_sample(values: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(n_samples + 1, dtype=torch.float32, device=mask.device).index_add_(
+                0, bins, values.float())[:n_samples]
+
+        n = per_sample(counted)
+        safe = n.clamp(min=1.0)
+        total = per_sample(losses)
+        nan = torch.full_like(total, float("nan"))
+        by_role = []
+        roles = token_roles[:, 1:].to(mask.device, non_blocking=True).flatten() if token_roles is not None else None
+        for role in (ROLE_COORD, ROLE_LABEL):
+            if roles is None:
+                by_role.append(nan)
+                continue
+            selected = (roles == role) & counted
+            count = per_sample(selected)
+            by_role.append(torch.where(count > 0, per_sample(losses * selected) / count.clamp(min=1.0), nan))
+        accurate = per_sample(correct.flatten() & counted)
+        return torch.stack([total / safe, accurate / safe, n, by_role[0], by_role[1], total])
 
 
 # Positions per chunk of the statistics-only cross-entropy: at Qwen-VL's vocabulary (151,936) one float32 chunk is
