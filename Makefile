@@ -57,4 +57,4 @@ $(SWIFT_VENV)/.installed: pyproject.toml
 	touch $@
 
 test-swift: $(SWIFT_VENV)/.installed
-	$(SWIFT_VENV)/bin/python -m pytest -q -n 0 tests/test_swift.py
+	$(SWIFT_VENV)/bin/python -m pytest -q -n 0 tests/integrations/test_swift.py

@@ -8,9 +8,9 @@ The deepforest wheel ships annotated aerial images of three NEON sites (YELL, OS
    so the two small OSBS/SOAP tiles give more than a handful of rows), splits each ``instances.json`` by image
    file-name prefix (``2019_YELL_`` -> target ``yell``; ``OSBS_``, ``SOAP_`` -> source ``osbs_soap``), imports
    both with ``hsm data import-coco`` and writes ms-swift's grounding JSONL (even rows ``bbox_2d`` JSON answers,
-   odd rows ``objects`` rows; as ``swift_dataset`` in ``tests/test_swift.py``);
+   odd rows ``objects`` rows; as ``swift_dataset`` in ``tests/integrations/test_swift.py``);
 2. runs the real ``swift sft`` CLI with ``--dataset yell.jsonl osbs_soap.jsonl#N`` on the tiny Qwen3-VL
-   (``build_checkpoint(path, "qwen3_vl")``) with the flags of ``swift_sft`` in ``tests/test_swift.py``, mining on
+   (``build_checkpoint(path, "qwen3_vl")``) with the flags of ``swift_sft`` in ``tests/integrations/test_swift.py``, mining on
    (reweight, ``coord_loss``, start_epoch 1, percentile 0.2, hard_weight 3);
 3. checks the run with ``hsm sql`` over its hsm dir and prints each query and its table: per epoch and dataset
    the rows drawn (target = its size, source = N exactly), ``drawn_as_hard`` never true for the source, the
@@ -29,7 +29,7 @@ The ``swift sft`` command it runs (printed in full), in short::
 
     HSM_CONFIG=hsm.yaml swift sft --model tiny-qwen3-vl --model_type qwen3_vl --template hsm_tiny_qwen3_vl \\
         --dataset swift_data/yell.jsonl swift_data/osbs_soap.jsonl#50 --split_dataset_ratio 0 ... \\
-        --external_plugins "$(python -m hsm.integrations.swift)" tests/swift_plugins/tiny_qwen3_vl_template.py
+        --external_plugins "$(python -m hsm.integrations.swift)" tests/integrations/swift_plugins/tiny_qwen3_vl_template.py
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TEMPLATE_PLUGIN = REPO / "tests" / "swift_plugins" / "tiny_qwen3_vl_template.py"
+TEMPLATE_PLUGIN = REPO / "tests" / "integrations" / "swift_plugins" / "tiny_qwen3_vl_template.py"
 BIN = Path(sys.executable).parent
 TARGET, SOURCE = "yell", "osbs_soap"
 # entry -> (chip side, file-name prefixes of its site(s))
@@ -79,7 +79,7 @@ def split_coco(coco_json: Path, prefixes: tuple[str, ...], out: Path) -> dict:
 
 
 def swift_jsonl(hsm_jsonl: Path, out: Path) -> int:
-    """hsm detection JSONL -> ms-swift grounding JSONL, as ``swift_dataset`` in tests/test_swift.py."""
+    """hsm detection JSONL -> ms-swift grounding JSONL, as ``swift_dataset`` in tests/integrations/test_swift.py."""
     from hsm.data.encoding import format_answer
     from hsm.data.records import read_jsonl
 

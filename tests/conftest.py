@@ -1,5 +1,62 @@
+"""Shared test fixtures: the synthetic corpus and the demo config pointed at it.
+
+Test helpers (``oracle``, ``eventlog``, ``browser``) import as top-level modules: this folder is on
+``sys.path``. Tests mirror the package: ``tests/<package>/test_<module>.py``.
+"""
+
 import sys
 from pathlib import Path
 
-# Test helpers (oracle, eventlog, tiny model builders) import as top-level modules.
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+
+
+@pytest.fixture(scope="session")
+def make_corpus(tmp_path_factory):
+    """``make_corpus(n_target, n_source, n_val)``: :func:`hsm.data.synth.synthesize`'s paths, built once per
+    session and size. Shared between tests: read it, never write into it (copy it first)."""
+    from hsm.data.synth import synthesize
+
+    built: dict[tuple[int, int, int], dict[str, Path]] = {}
+
+    def make(n_target: int, n_source: int, n_val: int) -> dict[str, Path]:
+        key = (n_target, n_source, n_val)
+        if key not in built:
+            built[key] = synthesize(tmp_path_factory.mktemp(f"corpus-{n_target}-{n_source}-{n_val}"),
+                                    n_target=n_target, n_source=n_source, n_val=n_val)
+        return built[key]
+
+    return make
+
+
+def corpus_overrides(corpus: dict[str, Path], *, val: bool = False) -> list[str]:
+    """``configs/demo.yaml`` overrides that train on ``corpus`` (target ``bbu``, sources ``lvis`` and ``coco``)."""
+    val_jsonl = corpus["bbu"].with_name("val.jsonl") if val else "null"
+    return [f"custom.fusion_config.target.train_jsonl={corpus['bbu']}",
+            f"custom.fusion_config.target.val_jsonl={val_jsonl}",
+            f"custom.fusion_config.sources.0.train_jsonl={corpus['lvis']}",
+            f"custom.fusion_config.sources.1.train_jsonl={corpus['coco']}"]
+
+
+@pytest.fixture(scope="session")
+def demo_config():
+    """``demo_config(corpus, out, *overrides, val=False)``: ``configs/demo.yaml`` on ``corpus``, writing to
+    ``out``, batch 4, no checkpoints or report, then ``overrides`` (they win)."""
+    from hsm.config_load import load_config
+
+    def load(corpus: dict[str, Path], out: Path, *overrides: str, val: bool = False):
+        return load_config(DEMO_CONFIG, [*corpus_overrides(corpus, val=val), f"training.output_dir={out}",
+                                         "training.per_device_train_batch_size=4", "training.save_strategy='no'",
+                                         "training.report_to=[]", *overrides])
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def demo_overrides():
+    """``demo_overrides(corpus, val=False)``: the ``hsm train configs/demo.yaml`` arguments that train on ``corpus``."""
+    return corpus_overrides

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
-__all__ = ["console", "fail", "hsm_dir_of", "print_table"]
+__all__ = ["console", "fail", "hsm_dir_of", "print_table", "print_warning", "printed_warnings"]
 
 console = Console(highlight=False)
 _stderr = Console(stderr=True, highlight=False)
@@ -19,6 +22,24 @@ def fail(command: str, message: str, code: int = 2) -> "typer.Exit":
     _stderr.print(f"[bold red]hsm {command}: error:[/] {message}", markup=True, soft_wrap=True)
     sys.stderr.flush()
     return typer.Exit(code)
+
+
+def print_warning(message: str, *, stderr: bool = False) -> None:
+    """``warning: MESSAGE``, on stdout or (where stdout carries a table, CSV or JSON) on stderr."""
+    if stderr:
+        typer.echo(f"warning: {message}", err=True)
+    else:
+        console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+
+
+@contextmanager
+def printed_warnings(*, stderr: bool = False) -> Iterator[None]:
+    """Collect the ``UserWarning``s raised in the block; when it succeeds, print each distinct message once."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        yield
+    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
+        print_warning(message, stderr=stderr)
 
 
 def hsm_dir_of(run_dir: Path) -> Path:

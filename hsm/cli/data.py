@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from hsm.cli.common import console, fail
+from hsm.cli.common import console, fail, print_warning
 
 __all__ = ["data_app"]
 
@@ -40,7 +40,7 @@ def import_coco(
     except RecordError as e:
         raise fail("data import-coco", str(e)) from e
     for line in result.warnings():
-        console.print(f"[yellow]warning:[/] {line}", soft_wrap=True)
+        print_warning(line)
     console.print(f"wrote {result.n_train} records to {result.train_path.resolve()}", soft_wrap=True)
     if result.val_path is not None:
         console.print(f"wrote {result.n_val} records to {result.val_path.resolve()}", soft_wrap=True)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
-from hsm.cli.common import console, fail, hsm_dir_of, print_table
+from hsm.cli.common import console, fail, hsm_dir_of, print_table, printed_warnings
 
 __all__ = ["plan"]
 
@@ -74,8 +73,7 @@ def plan(
     if engine is not None and engine not in ("polars", "duckdb"):
         raise fail("plan", f"--engine must be polars or duckdb, got {engine!r}")
     cfg, mining, dataset, num_epochs = _planning_inputs(hsm_dir, config or hsm_dir / "config.yaml", num_epochs)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with printed_warnings():
         try:
             result = plan_epoch(
                 hsm_dir, epoch, mining, cfg.target_name, engine=engine, num_train_epochs=num_epochs,
@@ -88,8 +86,6 @@ def plan(
         except OSError as e:  # the run's lock file or a directory could not be created (disk full, read-only)
             raise fail("plan", f"{e.filename or hsm_dir}: cannot write ({e.strerror or e}); free space or fix "
                                "the permissions, then re-run") from e
-    for warning in caught:
-        console.print(f"[yellow]warning:[/] {warning.message}")
     _print_summary(result, hsm_dir)
 
 

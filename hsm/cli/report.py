@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from hsm.cli.common import console, fail
+from hsm.cli.common import console, fail, printed_warnings
 
 __all__ = ["report"]
 
@@ -23,16 +23,11 @@ def report(
     """Difficulty plots, galleries of the hardest and easiest samples, the data map and label-noise suspects."""
     from hsm.report import ReportError, build_report
 
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with printed_warnings():
         try:
             result = build_report(run_dir, out, epoch=epoch, top_k=top, skip_corrupt=skip_corrupt)
         except ReportError as e:
             raise fail("report", str(e)) from e
-    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
-        console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
     console.print(f"wrote {result.html}", soft_wrap=True)
     console.print(f"  {result.n_cards} hardest/easiest cards, {result.n_suspects} label-noise suspect(s): "
                   f"{result.suspects_csv}", soft_wrap=True)

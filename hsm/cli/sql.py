@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from hsm.cli.common import console, fail, print_table
+from hsm.cli.common import console, fail, print_table, printed_warnings
 
 __all__ = ["sql"]
 
@@ -49,17 +49,11 @@ def sql(
         raise fail("sql", e.args[0]) from e
     import duckdb
 
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with printed_warnings(stderr=True):  # stdout is the query's table, CSV or JSON
         try:
             con = connect(run_dir, skip_corrupt=skip_corrupt)
         except (PlanError, ChecksumMismatch, CorruptEventFile, SchemaError) as e:
             raise fail("sql", str(e)) from e
-    # On stderr: stdout is the query's table, CSV or JSON.
-    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
-        typer.echo(f"warning: {message}", err=True)
     try:
         result = run_query(con, text)
         if result is None:

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from hsm.cli.common import console, fail
+from hsm.cli.common import console, fail, printed_warnings
 
 __all__ = ["train"]
 
@@ -53,16 +53,11 @@ def train(
     from hsm.config import ConfigError
     from hsm.config_load import load_config
 
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
+    with printed_warnings():
         try:
             cfg = load_config(config, overrides or [])
         except ConfigError as e:
             raise fail("train", str(e)) from e
-    for warning in caught:
-        console.print(f"[yellow]warning:[/] {warning.message}", soft_wrap=True)
     from hsm.io import ChecksumMismatch
     from hsm.mining.checks import RunFileError
     from hsm.mining.events import CorruptEventFile

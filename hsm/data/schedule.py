@@ -233,16 +233,20 @@ def _lay_out_chunks(slots: np.ndarray, starts: np.ndarray, sizes: np.ndarray, pe
 
 
 def shard_positions(n_slots: int, batch_size: int, world: World) -> np.ndarray:
-    """Positions of this rank's slots: whole batches dealt round robin.
+    """Positions of this rank's slots: whole batches dealt round robin, no slot repeated.
 
-    The last round is completed with batches from the start of the schedule, so
-    every rank gets the same number of batches (as accelerate's even_batches does);
-    the union over ranks of the first ``n_slots`` dealt positions is every position once.
+    As ms-swift's ``BatchSamplerShard`` deals (every rank the same number of batches, a shorter
+    last batch, nothing trained twice): the slots left after the last whole round are split
+    evenly, each rank taking one shorter batch of them, and the fewer than ``world_size`` slots
+    that remain are not trained this epoch. Repeating slots to even the ranks out (accelerate's
+    ``even_batches``) would log a sample twice and draw the first batch's datasets beyond their share.
     """
     if world.world_size == 1 or n_slots == 0:
         return np.arange(n_slots, dtype=np.int64)
-    n_batches = -(-n_slots // batch_size)
-    rounds = -(-n_batches // world.world_size)
-    batches = np.arange(rounds) * world.world_size + world.rank
+    per_round = world.world_size * batch_size
+    rounds = n_slots // per_round
+    batches = np.arange(rounds, dtype=np.int64) * world.world_size + world.rank
     positions = (batches[:, None] * batch_size + np.arange(batch_size)[None, :]).reshape(-1)
-    return positions % n_slots
+    share = (n_slots - rounds * per_round) // world.world_size
+    tail = rounds * per_round + world.rank * share + np.arange(share, dtype=np.int64)
+    return np.concatenate([positions, tail])

@@ -118,7 +118,7 @@ def packed_sample_stats(losses: torch.Tensor, mask: torch.Tensor, correct: torch
     ``index_add_`` per row of :data:`STAT_ROWS`: no host sync, no loop over samples.
 
     Naive equivalent of column ``i``: :func:`per_sample_stats` of a one-row batch holding only the positions ``t``
-    with ``owners[:, 1:][t] == i`` (``tests/test_packing.py`` holds it to each sample computed alone).
+    with ``owners[:, 1:][t] == i`` (``tests/integrations/test_packing.py`` holds it to each sample computed alone).
 
     Args:
         losses: ``[rows, seq - 1]`` token losses of the shifted labels.

@@ -13,40 +13,32 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
-from hsm.config_load import load_config
 from hsm.data.fusion import DetectionCollator, FusionDataset
 from hsm.train.model import build_model, build_processor
 from hsm.mining.planner import plan_epoch
 from hsm.run import train
 from hsm.schemas import EVENT_SCHEMA
-from hsm.data.synth import synthesize
 from hsm.train.trainer import HsmTrainerMixin, make_trainer_class
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return synthesize(tmp_path_factory.mktemp("corpus"), n_target=24, n_source=8, n_val=4)
+def corpus(make_corpus):
+    return make_corpus(24, 8, 4)
 
 
-def demo_config(corpus, out, *, mining: bool, epochs: int = 3, extra=()):
-    overrides = [
-        f"custom.fusion_config.target.train_jsonl={corpus['bbu']}",
-        "custom.fusion_config.target.val_jsonl=null",
-        f"custom.fusion_config.sources.0.train_jsonl={corpus['lvis']}",
-        f"custom.fusion_config.sources.1.train_jsonl={corpus['coco']}",
-        f"training.output_dir={out}", f"training.num_train_epochs={epochs}", "training.per_device_train_batch_size=4",
-        "training.report_to=[tensorboard]", "training.save_strategy='no'", "training.logging_steps=1",
-        f"custom.hard_sample_mining.enabled={'true' if mining else 'false'}", *extra,
-    ]
-    return load_config("configs/demo.yaml", overrides)
+@pytest.fixture
+def run_config(demo_config):
+    def load(corpus, out, *, mining: bool, epochs: int = 3, extra=()):
+        return demo_config(corpus, out, f"training.num_train_epochs={epochs}", "training.report_to=[tensorboard]",
+                           "training.logging_steps=1", f"custom.hard_sample_mining.enabled={'true' if mining else 'false'}",
+                           *extra)
+
+    return load
 
 
-def batch_and_model(corpus):
-    cfg = load_config("configs/demo.yaml", [f"custom.fusion_config.target.train_jsonl={corpus['bbu']}",
-                                            f"custom.fusion_config.sources.0.train_jsonl={corpus['lvis']}",
-                                            f"custom.fusion_config.sources.1.train_jsonl={corpus['coco']}"])
+def batch_and_model(cfg):
     processor = build_processor(cfg.model)
     dataset = FusionDataset(cfg.custom.fusion_config, processor, cfg.model)
     items = [dataset[(0, i, False, 0, i)] for i in range(3)] + [dataset[(1, 0, False, 0, 3)]]
@@ -54,8 +46,8 @@ def batch_and_model(corpus):
 
 
 @pytest.mark.parametrize("num_items", [None, 37])
-def test_mixin_loss_equals_plain_trainer_and_recombines(tmp_path, corpus, num_items):
-    batch, model = batch_and_model(corpus)
+def test_mixin_loss_equals_plain_trainer_and_recombines(tmp_path, corpus, num_items, demo_config):
+    batch, model = batch_and_model(demo_config(corpus, tmp_path))
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], gradient_accumulation_steps=2)
     plain = Trainer(model=model, args=args)
     hsm_trainer = make_trainer_class(Trainer, mining=True)(model=model, args=args)
@@ -85,7 +77,7 @@ def test_mixin_loss_equals_plain_trainer_and_recombines(tmp_path, corpus, num_it
     assert recombined.item() == pytest.approx(got.item(), rel=1e-5)
 
 
-def test_disabled_mining_leaves_training_unchanged(tmp_path, corpus):
+def test_disabled_mining_leaves_training_unchanged(tmp_path, corpus, run_config):
     seen: list[set] = []
     import hsm.train.model as model_module  # train() imports it at call time: watch the model it builds
 
@@ -98,7 +90,7 @@ def test_disabled_mining_leaves_training_unchanged(tmp_path, corpus):
 
     model_module.load_model_and_processor = load_and_watch
     try:
-        off = train(demo_config(corpus, tmp_path / "off", mining=False, epochs=1))
+        off = train(run_config(corpus, tmp_path / "off", mining=False, epochs=1))
     finally:
         model_module.load_model_and_processor = build
     # hsm_meta never reaches model.forward (Qwen-VL's **kwargs would swallow it silently).
@@ -106,7 +98,7 @@ def test_disabled_mining_leaves_training_unchanged(tmp_path, corpus):
     # Fusion telemetry is logged with mining off too.
     assert hsm_logs(off["trainer"], "fusion/bbu/items") == [24.0] and hsm_logs(off["trainer"], "fusion/coco/items") == [6.0]
     assert hsm_logs(off["trainer"], "fusion/epoch_size") == [36.0]
-    on = train(demo_config(corpus, tmp_path / "on", mining=True, epochs=1))
+    on = train(run_config(corpus, tmp_path / "on", mining=True, epochs=1))
     assert not isinstance(off["trainer"], HsmTrainerMixin)
     assert off["trainer"].compute_loss_func is None
     assert not (tmp_path / "off" / "hsm" / "events").exists()
@@ -117,9 +109,9 @@ def test_disabled_mining_leaves_training_unchanged(tmp_path, corpus):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_end_to_end_mining(tmp_path, corpus):
+def test_end_to_end_mining(tmp_path, corpus, run_config):
     out = tmp_path / "run"
-    summary = train(demo_config(corpus, out, mining=True, epochs=3))
+    summary = train(run_config(corpus, out, mining=True, epochs=3))
     hsm_dir = out / "hsm"
     parts = sorted(hsm_dir.glob("events/epoch=*/rank=0/part-*.parquet"))
     assert parts and pq.read_schema(parts[0]).equals(EVENT_SCHEMA, check_metadata=False)
@@ -129,7 +121,7 @@ def test_end_to_end_mining(tmp_path, corpus):
     # The in-training plan equals hsm plan run offline on the same events.
     offline = tmp_path / "offline" / "hsm"
     shutil.copytree(hsm_dir / "events", offline / "events")
-    cfg = demo_config(corpus, out, mining=True)
+    cfg = run_config(corpus, out, mining=True)
     result = plan_epoch(offline, 2, cfg.mining, "bbu")
     assert result.plan.to_pylist() == pq.read_table(hsm_dir / "plans" / "epoch=2" / "plan.parquet").to_pylist()
     assert set(result.plan.column("dataset").to_pylist()) == {"bbu"}
@@ -188,7 +180,7 @@ def hsm_logs(trainer, key: str) -> list[float]:
     return [h[f"hsm/{key}"] for h in trainer.state.log_history if f"hsm/{key}" in h]
 
 
-def test_fixed_set_epochs_keep_the_length_the_trainer_counted(tmp_path, corpus):
+def test_fixed_set_epochs_keep_the_length_the_trainer_counted(tmp_path, corpus, run_config):
     # target_epoch_size below the target size used to end the run early; above it, starved the sources.
     for size in (10,):  # the pure schedule tests cover sizes above the target
         out = tmp_path / f"size{size}"
@@ -197,7 +189,7 @@ def test_fixed_set_epochs_keep_the_length_the_trainer_counted(tmp_path, corpus):
                  "custom.hard_sample_mining.hard_sample_size=3", "custom.hard_sample_mining.regular_sample_size=2",
                  "custom.hard_sample_mining.start_epoch=2",
                  f"training.max_steps={3 * steps_per_epoch}", "training.num_train_epochs=1"]
-        cfg = demo_config(corpus, out, mining=True, epochs=1, extra=extra)
+        cfg = run_config(corpus, out, mining=True, epochs=1, extra=extra)
         summary = train(cfg)
         assert summary["global_step"] == 3 * steps_per_epoch  # the run reaches max_steps
         by_epoch = epoch_events(out)
@@ -213,11 +205,11 @@ def test_fixed_set_epochs_keep_the_length_the_trainer_counted(tmp_path, corpus):
         assert len(set(cycle)) == min(len(cycle), 24)
 
 
-def test_activate_after_pct_counts_the_epochs_max_steps_runs(tmp_path, corpus):
+def test_activate_after_pct_counts_the_epochs_max_steps_runs(tmp_path, corpus, run_config):
     out = tmp_path / "run"
     # num_train_epochs=1 would make it 0.75 epochs (epoch 1 applies); max_steps runs 2 epochs: 1.5.
     extra = ["custom.hard_sample_mining.activate_after_pct=0.75", "training.num_train_epochs=1", "training.max_steps=18"]
-    train(demo_config(corpus, out, mining=True, epochs=1, extra=extra))  # 9 steps per epoch: 2 epochs
+    train(run_config(corpus, out, mining=True, epochs=1, extra=extra))  # 9 steps per epoch: 2 epochs
     manifests = {e: json.loads((out / "hsm" / "plans" / f"epoch={e}" / "manifest.json").read_text()) for e in (1, 2)}
     assert not manifests[1]["triggered"] and "2.0 epochs" in manifests[1]["trigger_reason"]
     # Offline, hsm plan triggers as training did (hsm/run.json keeps the epochs the Trainer ran).

@@ -27,10 +27,9 @@ from hsm.config_load import load_config
 from hsm.mining.plan import DatasetInfo, load_plan
 from hsm.mining.planner import plan_epoch
 from hsm.data.schedule import build_schedule
-from hsm.data.synth import synthesize
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # 16 target + 2 x 4 source slots = 24 per epoch; 2 ranks x 4 per micro-batch = 3 micro-batches per rank.
 N_TARGET, N_SOURCE = 16, 8
 LAUNCHES = {
@@ -68,10 +67,8 @@ def plan_files(run: Path) -> dict[int, bytes]:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    synthesize(root, n_target=N_TARGET, n_source=N_SOURCE, n_val=2)
-    return root
+def corpus(make_corpus):
+    return make_corpus(N_TARGET, N_SOURCE, 2)["bbu"].parents[1]  # the corpus root dist_train.py reads
 
 
 @pytest.mark.parametrize("launcher", list(LAUNCHES))

@@ -261,19 +261,13 @@ def test_startup_check_names_a_foreign_file_a_truncated_part_and_an_empty_state(
         check_run_files(hsm_dir)
 
 
-def test_train_refuses_a_foreign_event_file_before_step_0(tmp_path):
+def test_train_refuses_a_foreign_event_file_before_step_0(tmp_path, make_corpus, demo_overrides):
     out = tmp_path / "out"
     foreign = out / "hsm" / "events" / "epoch=0" / "rank=0" / "part-00000.parquet"
     foreign.parent.mkdir(parents=True)
     pq.write_table(pa.table({"x": [1, 2]}), foreign)
-    from hsm.data.synth import synthesize
-
-    corpus = tmp_path / "corpus"
-    synthesize(corpus, n_target=8, n_source=4, n_val=0)
     result = runner.invoke(app, [
-        "train", "configs/demo.yaml", f"custom.fusion_config.target.train_jsonl={corpus}/bbu/train.jsonl",
-        "custom.fusion_config.target.val_jsonl=null", f"custom.fusion_config.sources.0.train_jsonl={corpus}/lvis/train.jsonl",
-        f"custom.fusion_config.sources.1.train_jsonl={corpus}/coco/train.jsonl", f"training.output_dir={out}",
+        "train", "configs/demo.yaml", *demo_overrides(make_corpus(8, 4, 0)), f"training.output_dir={out}",
         "training.report_to=[]",
     ])
     assert result.exit_code == 2, result.output

@@ -207,19 +207,11 @@ def test_new_event_columns_written_null_for_nan_and_old_logs_still_read(tmp_path
 
 
 @pytest.mark.slow
-def test_training_writes_box_statistics(tmp_path):
-    from hsm.config_load import load_config
+def test_training_writes_box_statistics(tmp_path, make_corpus, demo_config):
     from hsm.run import train
-    from hsm.data.synth import synthesize
 
-    corpus = synthesize(tmp_path / "corpus", n_target=8, n_source=4, n_val=2)
-    cfg = load_config("configs/demo.yaml", [
-        f"custom.fusion_config.target.train_jsonl={corpus['bbu']}", "custom.fusion_config.target.val_jsonl=null",
-        f"custom.fusion_config.sources.0.train_jsonl={corpus['lvis']}",
-        f"custom.fusion_config.sources.1.train_jsonl={corpus['coco']}",
-        f"training.output_dir={tmp_path / 'run'}", "training.num_train_epochs=1", "training.per_device_train_batch_size=4",
-        "training.report_to=[]", "training.save_strategy='no'", "custom.hard_sample_mining.enabled=true",
-    ])
+    cfg = demo_config(make_corpus(8, 4, 2), tmp_path / "run", "training.num_train_epochs=1",
+                      "custom.hard_sample_mining.enabled=true")
     train(cfg)
     events = read_epoch_events(tmp_path / "run" / "hsm", 0).table
     assert events.num_rows >= 8

@@ -14,11 +14,9 @@ from PIL import Image
 
 from hsm.config import ModelConfig
 
-from hsm.config_load import load_config
 from hsm.data.answer import format_answer, resize_factor, resized_size
 from hsm.train.model import build_checkpoint, component_of, load_model_and_processor
 from hsm.run import train
-from hsm.data.synth import synthesize
 
 pytestmark = pytest.mark.slow
 
@@ -32,19 +30,17 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return synthesize(tmp_path_factory.mktemp("corpus"), n_target=8, n_source=4, n_val=2)
+def corpus(make_corpus):
+    return make_corpus(8, 4, 2)
 
 
-def run_config(corpus, checkpoint, out, *extra):
-    return load_config("configs/demo.yaml", [
-        f"custom.fusion_config.target.train_jsonl={corpus['bbu']}", "custom.fusion_config.target.val_jsonl=null",
-        f"custom.fusion_config.sources.0.train_jsonl={corpus['lvis']}",
-        f"custom.fusion_config.sources.1.train_jsonl={corpus['coco']}",
-        f"model.name_or_path={checkpoint}", f"training.output_dir={out}", "training.num_train_epochs=1",
-        "training.per_device_train_batch_size=4", "training.report_to=[]", "training.save_strategy='no'",
-        "training.learning_rate=0.05", "custom.fusion_config.augmentation.enabled=false", *extra,
-    ])
+@pytest.fixture
+def run_config(demo_config):
+    def load(corpus, checkpoint, out, *extra):
+        return demo_config(corpus, out, f"model.name_or_path={checkpoint}", "training.num_train_epochs=1",
+                           "training.learning_rate=0.05", "custom.fusion_config.augmentation.enabled=false", *extra)
+
+    return load
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -120,7 +116,7 @@ def test_pixel_limits_reach_the_loaded_processor(checkpoints, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_lora_step_changes_only_adapters_under_reentrant_checkpointing(tmp_path, corpus, checkpoints, arch):
+def test_lora_step_changes_only_adapters_under_reentrant_checkpointing(tmp_path, corpus, checkpoints, arch, run_config):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
@@ -165,7 +161,7 @@ def test_lora_step_changes_only_adapters_under_reentrant_checkpointing(tmp_path,
 
 
 @pytest.mark.parametrize("arch,frozen", [("qwen2_5_vl", ("vision", "aligner")), ("qwen3_vl", ("vision", "llm"))])
-def test_freezing_leaves_frozen_weights_bit_identical(tmp_path, corpus, checkpoints, arch, frozen):
+def test_freezing_leaves_frozen_weights_bit_identical(tmp_path, corpus, checkpoints, arch, frozen, run_config):
     from transformers import AutoModelForImageTextToText
 
     out = tmp_path / "run"

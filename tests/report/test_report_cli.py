@@ -81,7 +81,7 @@ def test_relative_paths_resolve_from_the_config_file(tmp_path, monkeypatch):
 
 
 def test_demo_config_output_dir_is_inside_the_repository():
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     cfg = load_config(repo / "configs" / "demo.yaml")
     assert Path(cfg.training["output_dir"]) == repo / "demo_run" / "run"
 

@@ -121,7 +121,7 @@ def test_train_rejects_bad_training_values_before_writing_anything(tmp_path):
     assert not out.exists()
 
 
-def test_train_rejects_values_training_cannot_run_with_and_unwritable_output(tmp_path):
+def test_train_rejects_values_training_cannot_run_with_and_unwritable_output(tmp_path, make_corpus, demo_overrides):
     out = tmp_path / "out"
     result = runner.invoke(app, ["train", "configs/demo.yaml", f"training.output_dir={out}", "training.per_device_train_batch_size=0",
                                  "training.gradient_accumulation_steps=0", "training.learning_rate=-1"])
@@ -132,13 +132,8 @@ def test_train_rejects_values_training_cannot_run_with_and_unwritable_output(tmp
         assert problem in text
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    from hsm.data.synth import synthesize
-
-    corpus = synthesize(tmp_path / "corpus", n_target=4, n_source=2, n_val=1)
     result = runner.invoke(app, ["train", "configs/demo.yaml", f"training.output_dir={blocker}/run",
-                                 f"custom.fusion_config.target.train_jsonl={corpus['bbu']}", "custom.fusion_config.target.val_jsonl=null",
-                                 f"custom.fusion_config.sources.0.train_jsonl={corpus['lvis']}",
-                                 f"custom.fusion_config.sources.1.train_jsonl={corpus['coco']}"])
+                                 *demo_overrides(make_corpus(4, 2, 1))])
     assert result.exit_code == 2, result.output
     assert "cannot write" in " ".join(result.output.split()) and "Traceback" not in result.output
 
@@ -163,21 +158,17 @@ def _tmpfs(path: Path, size_kib: int) -> bool:
 
 
 @pytest.mark.parametrize("size_kib", [96, 1024])
-def test_disk_full_during_train_is_a_clear_error_naming_the_file(tmp_path, size_kib):
+def test_disk_full_during_train_is_a_clear_error_naming_the_file(tmp_path, size_kib, make_corpus, demo_overrides):
     """The output file system fills up mid-run (events, plan or checkpoint): exit 2, one message naming
     the file that could not be written, no traceback, no half-written plan published."""
-    from hsm.data.synth import synthesize
-
-    corpus = synthesize(tmp_path / "corpus", n_target=24, n_source=8, n_val=2)
+    corpus = make_corpus(24, 8, 2)
     mount = tmp_path / "full"
     if not _tmpfs(mount, size_kib):
         pytest.skip("needs root to mount a small tmpfs")
     try:
         result = subprocess.run(
             [sys.executable, "-m", "hsm.cli.app", "train", "configs/demo.yaml", f"training.output_dir={mount}/run",
-             f"custom.fusion_config.target.train_jsonl={corpus['bbu']}", "custom.fusion_config.target.val_jsonl=null",
-             f"custom.fusion_config.sources.0.train_jsonl={corpus['lvis']}",
-             f"custom.fusion_config.sources.1.train_jsonl={corpus['coco']}", "training.report_to=[]",
+             *demo_overrides(corpus), "training.report_to=[]",
              "training.num_train_epochs=3"],
             capture_output=True, text=True, timeout=600)
         text = " ".join((result.stdout + result.stderr).split())

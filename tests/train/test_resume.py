@@ -12,19 +12,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from hsm.data.synth import synthesize
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STEPS_PER_EPOCH = 9  # 24 target + 2 x 6 source slots, batches of 4
 
 
-def command(corpus: Path, out: Path, *extra: str) -> list[str]:
+def command(corpus: list[str], out: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "hsm.cli.app", "train", "configs/demo.yaml",
-        f"custom.fusion_config.target.train_jsonl={corpus}/bbu/train.jsonl", "custom.fusion_config.target.val_jsonl=null",
-        f"custom.fusion_config.sources.0.train_jsonl={corpus}/lvis/train.jsonl",
-        f"custom.fusion_config.sources.1.train_jsonl={corpus}/coco/train.jsonl",
+        sys.executable, "-m", "hsm.cli.app", "train", "configs/demo.yaml", *corpus,
         f"training.output_dir={out}", "training.num_train_epochs=3", "training.per_device_train_batch_size=4",
         "training.save_strategy=steps", "training.save_steps=3", "training.save_total_limit=null",
         "training.report_to=[]", *extra,
@@ -35,9 +31,8 @@ def plans(run: Path) -> dict[int, list[dict]]:
     return {e: pq.read_table(run / "hsm" / "plans" / f"epoch={e}" / "plan.parquet").to_pylist() for e in (1, 2, 3)}
 
 
-def test_sigkill_and_resume_gives_the_uninterrupted_plans(tmp_path):
-    corpus = tmp_path / "corpus"
-    synthesize(corpus, n_target=24, n_source=8, n_val=2)
+def test_sigkill_and_resume_gives_the_uninterrupted_plans(tmp_path, make_corpus, demo_overrides):
+    corpus = demo_overrides(make_corpus(24, 8, 2))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     straight = tmp_path / "straight"
     subprocess.run(command(corpus, straight), cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)

@@ -151,7 +151,7 @@ def test_hsm_sft_trainer_refuses_packing_and_padding_free_at_start_up(tmp_path, 
 
 def torchrun_trl(checkpoint: Path, jsonl: Path, out: Path, epochs: int, mining: str) -> list[dict]:
     torchrun = Path(sys.executable).parent / "torchrun"
-    root = Path(__file__).parent.parent
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
     done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "tests/dist_trl.py", str(checkpoint), str(jsonl),
                            str(out), str(epochs), mining], cwd=root, capture_output=True, text=True, timeout=600, env=env)

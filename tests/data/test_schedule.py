@@ -118,18 +118,33 @@ def test_other_epoch_other_schedule():
     assert not np.array_equal(a.base_idx, b.base_idx)
 
 
+def dealt_by_hand(n_slots: int, batch: int, world_size: int) -> list[list[int]]:
+    """ms-swift's dealing, slowly: whole batches to rank 0, 1, ... while a whole round is left; then
+    each rank takes an equal shorter batch of the rest; the last < world_size slots are not dealt."""
+    ranks: list[list[int]] = [[] for _ in range(world_size)]
+    start = 0
+    while n_slots - start >= world_size * batch:
+        for r in range(world_size):
+            ranks[r].extend(range(start, start + batch))
+            start += batch
+    share = (n_slots - start) // world_size
+    for r in range(world_size):
+        ranks[r].extend(range(start, start + share))
+        start += share
+    return ranks
+
+
 @settings(max_examples=100, deadline=None)
 @given(n_slots=st.integers(1, 300), batch=st.integers(1, 8), world_size=st.integers(1, 8))
-def test_rank_shards_union_is_the_global_schedule(n_slots, batch, world_size):
-    shards = [shard_positions(n_slots, batch, World(r, world_size)) for r in range(world_size)]
-    assert len({len(s) for s in shards}) == 1  # every rank steps the same number of times
-    dealt = []
-    rounds = len(shards[0]) // batch if world_size > 1 else 1
-    for k in range(rounds if world_size > 1 else 1):
-        for shard in shards:
-            dealt.extend(shard[k * batch:(k + 1) * batch].tolist() if world_size > 1 else shard.tolist())
-    assert dealt[:n_slots] == list(range(n_slots))  # whole batches dealt round robin, in order
-    assert set(dealt) == set(range(n_slots))
+def test_rank_shards_deal_whole_batches_and_never_repeat_a_slot(n_slots, batch, world_size):
+    shards = [shard_positions(n_slots, batch, World(r, world_size)).tolist() for r in range(world_size)]
+    assert shards == dealt_by_hand(n_slots, batch, world_size)
+    # As ms-swift's BatchSamplerShard: n // world_size slots per rank, so every rank steps the same number of
+    # times; no slot twice; the fewer than world_size slots not dealt are the schedule's last.
+    assert all(len(s) == n_slots // world_size for s in shards)
+    dealt = [p for s in shards for p in s]
+    assert len(dealt) == len(set(dealt)) and sorted(dealt) == list(range(len(dealt)))
+    assert n_slots - len(dealt) < world_size
 
 
 @settings(max_examples=100, deadline=None)
@@ -200,9 +215,10 @@ def test_dynamic_hard_share_is_the_configured_one_at_every_batch_and_world_size(
         for start in range(0, len(s), batch):  # each batch as even as its size allows
             t = int(target[start:start + batch].sum())
             assert abs(int(s.is_hard[start:start + batch].sum()) - frac * t) < 1
-    # What the ranks train on (whole batches dealt round robin) holds every slot of the schedule.
+    # What the ranks train on (whole batches dealt round robin) holds every slot of the schedule but
+    # the fewer than `world` last ones, each once.
     dealt = np.concatenate([shard_positions(len(s), batch, World(r, world)) for r in range(world)])
-    assert set(dealt.tolist()) == set(range(len(s)))
+    assert len(set(dealt.tolist())) == len(dealt) and set(dealt.tolist()) == set(range(len(s) - len(s) % world))
 
 
 def test_batch_size_one_still_mixes_hard_samples():

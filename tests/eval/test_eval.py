@@ -166,22 +166,16 @@ def test_abs_needs_the_processor(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from hsm.config_load import load_config
+def trained(tmp_path_factory, make_corpus, demo_config):
     from hsm.run import train
-    from hsm.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("eval_run")
-    corpus = synthesize(root / "corpus", n_target=8, n_source=4, n_val=3)
-    cfg = load_config("configs/demo.yaml", [
-        f"custom.fusion_config.target.train_jsonl={corpus['bbu']}",
-        f"custom.fusion_config.target.val_jsonl={corpus['bbu'].with_name('val.jsonl')}",
-        f"custom.fusion_config.sources.0.train_jsonl={corpus['lvis']}",
-        f"custom.fusion_config.sources.1.train_jsonl={corpus['coco']}",
-        f"training.output_dir={root / 'run'}", "training.num_train_epochs=1", "training.per_device_train_batch_size=4",
-        "training.save_strategy='no'", "training.logging_steps=1", "custom.hard_sample_mining.enabled=false",
-        "custom.detection_eval={enabled: true, every: 1, max_samples: 2, max_new_tokens: 4, batch_size: 2}",
-    ])
+    corpus = make_corpus(8, 4, 3)
+    cfg = demo_config(corpus, root / "run", "training.num_train_epochs=1", "training.logging_steps=1",
+                      "training.report_to=[tensorboard]", "custom.hard_sample_mining.enabled=false",
+                      "custom.detection_eval={enabled: true, every: 1, max_samples: 2, max_new_tokens: 4, batch_size: 2}",
+                      val=True)
+    (root / "val.jsonl").symlink_to(corpus["bbu"].with_name("val.jsonl"))
     summary = train(cfg)
     summary["trainer"].save_model(str(root / "ckpt"))
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
@@ -210,7 +204,7 @@ def test_eval_run_generates_then_scores_with_the_same_code(trained):
     result = runner.invoke(app, ["eval", "run", str(root / "cfg.yaml"), "--checkpoint", str(root / "ckpt"),
                                  "--max-new-tokens", "6", "--batch-size", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    val = root / "corpus" / "bbu" / "val.jsonl"
+    val = root / "val.jsonl"
     ids = [json.loads(line)["id"] for line in val.read_text().splitlines()]
     lines = [json.loads(line) for line in (out / "bbu" / "answers.jsonl").read_text().splitlines()]
     assert [line["id"] for line in lines] == ids
@@ -260,7 +254,7 @@ def test_two_ranks_split_generation_and_rank0_scores_all(tmp_path):
 
     from hsm.data.synth import synthesize
 
-    root = Path(__file__).parent.parent
+    root = Path(__file__).resolve().parents[2]
     synthesize(tmp_path / "corpus", n_target=2, n_source=1, n_val=3)
     out = tmp_path / "out"
     out.mkdir()

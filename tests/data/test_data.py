@@ -16,7 +16,6 @@ from hsm.data.fusion import FusionDataset, Slot
 from hsm.train.model import build_processor
 from hsm.data.coco import import_coco
 from hsm.data.records import RecordError, read_jsonl
-from hsm.data.synth import synthesize
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +24,8 @@ def processor():
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return synthesize(tmp_path_factory.mktemp("corpus"), n_target=12, n_source=6, n_val=3)
+def corpus(make_corpus):
+    return make_corpus(12, 6, 3)
 
 
 def write_lines(path, lines):
