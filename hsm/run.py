@@ -133,6 +133,8 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
         target_epoch_size=target_epoch_size,
     )
     if trainer.is_world_process_zero():
+        if not args.dataloader_drop_last:
+            sampler.warn_if_ranks_repeat(args.world_size)
         hsm_dir.mkdir(parents=True, exist_ok=True)
         (hsm_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
         write_dataset_info(hsm_dir, dataset)

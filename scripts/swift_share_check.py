@@ -16,14 +16,13 @@ The deepforest wheel ships annotated aerial images of three NEON sites (YELL, OS
    the rows drawn (target = its size, source = N exactly), ``drawn_as_hard`` never true for the source, the
    plans hold target rows only, hard target rows are drawn more often than regular ones in epochs >= 1 and
    each draw's ``drawn_as_hard`` equals the plan's ``is_hard``, sample ids ``<dataset>:<base_idx>`` with the
-   source's ``base_idx`` in ``[0, N)``; on several ranks it also splits each epoch's draws into the schedule's
-   own slots and the wrap-around batches hsm's rank sharding repeats to complete the last round; and it ties the
-   ids to files with ms-swift's own ``load_dataset``. Exits 1 if any check fails (a trained share off by
-   wrap-around repeats included, unless ``--allow-wrap``). Results: ``docs/swift_real_share.md``.
+   source's ``base_idx`` in ``[0, N)`` (on N ranks a share may lack only the fewer than N last slots of an
+   epoch, which hsm, as ms-swift, does not deal); and it ties the ids to files with ms-swift's own
+   ``load_dataset``. Exits 1 if any check fails. Results: ``docs/swift_real_share.md``.
 
     .venv-swift/bin/python scripts/swift_share_check.py --work /tmp/swiftshare --source-n 50 --epochs 3
     .venv-swift/bin/python scripts/swift_share_check.py --work /tmp/swiftshare --source-n 50 --epochs 3 --ranks 2
-    .venv-swift/bin/python scripts/swift_share_check.py --ranks 2 --check-only --allow-wrap   # the existing run
+    .venv-swift/bin/python scripts/swift_share_check.py --ranks 2 --check-only   # the existing run
 
 The ``swift sft`` command it runs (printed in full), in short::
 
@@ -221,25 +220,6 @@ FROM plans p LEFT JOIN d ON d.epoch = p.epoch AND d.base_idx = p.base_idx
 WHERE p.dataset = '{target}' AND p.epoch IN (SELECT DISTINCT epoch FROM events)
 GROUP BY p.epoch, p.is_hard ORDER BY p.epoch, p.is_hard
 """
-# Multi-rank: hsm's shard_positions deals whole batches round robin and completes the last round with batches from the
-# start of the schedule (as accelerate's even_batches), so slot p = ((rounds - 1) * world + rank) * batch + position of
-# the epoch's last step is schedule position p - slots when p >= slots (gradient accumulation 1). This splits each
-# epoch's draws into the schedule's own slots and those wrap-around repeats, and checks each repeat against the
-# event of the schedule slot it repeats.
-WRAP = """
-WITH e AS (SELECT *, min(global_step) OVER (PARTITION BY epoch) AS first_step,
-                  max(global_step) OVER (PARTITION BY epoch) AS last_step,
-                  ((({rounds} - 1) * {world} + rank) * {batch} + position) - {slots} AS q
-           FROM events),
-w AS (SELECT *, global_step = last_step AND q >= 0 AS wrapped FROM e)
-SELECT w.epoch, w.dataset, count(*) AS draws, count(*) FILTER (WHERE NOT w.wrapped) AS schedule_draws,
-       count(*) FILTER (WHERE w.wrapped) AS wrap_draws,
-       count(f.base_idx) FILTER (WHERE w.wrapped) AS wrap_repeats_slot
-FROM w LEFT JOIN e f ON w.wrapped AND f.epoch = w.epoch AND f.global_step = w.first_step + (w.q // {batch}) // {world}
-     AND f.rank = (w.q // {batch}) % {world} AND f.position = w.q % {batch}
-     AND f.dataset = w.dataset AND f.base_idx = w.base_idx
-GROUP BY w.epoch, w.dataset ORDER BY w.epoch, w.dataset
-"""
 IDS = """
 SELECT dataset, count(DISTINCT base_idx) AS base_idx_values, count(DISTINCT sample_id) AS sample_ids,
        count(DISTINCT (base_idx, sample_id)) AS pairs,
@@ -249,28 +229,26 @@ FROM events GROUP BY dataset ORDER BY dataset
 """
 
 
-def check(run_dir: Path, sizes: dict[str, int], n_source: int, epochs: int, allow_wrap: bool) -> list[str]:
-    """Run the queries; the list of failed checks (empty when every share and id holds)."""
+def check(run_dir: Path, sizes: dict[str, int], n_source: int, epochs: int) -> list[str]:
+    """Run the queries; the list of failed checks (empty when every share and id holds).
+
+    On N ranks hsm deals the schedule as ms-swift's ``BatchSamplerShard`` would: no slot twice, and the
+    ``slots % N`` last slots of an epoch (fewer than N) not trained; those are the only draws a share may lack.
+    """
     problems = []
     shares = sql(run_dir, SHARES)
     want = {TARGET: sizes[TARGET], SOURCE: n_source}
     world = max(r["ranks"] for r in shares)
-    slots = sum(want.values())
-    rounds = -(-(-(-slots // BATCH)) // world)
-    wrap = sql(run_dir, WRAP.format(rounds=rounds, world=world, batch=BATCH, slots=slots)) if world > 1 else []
+    undealt = sum(want.values()) % world
     for epoch in range(epochs):
         got = {r["dataset"]: r for r in shares if r["epoch"] == epoch}
         if set(got) != set(want):
             problems.append(f"epoch {epoch}: datasets {sorted(got)} drawn, expected {sorted(want)}")
-        for name, count in want.items():
-            row = got.get(name)
-            split = next((r for r in wrap if r["epoch"] == epoch and r["dataset"] == name), None)
-            if split is not None and (split["schedule_draws"] != count or split["wrap_repeats_slot"] != split["wrap_draws"]):
-                problems.append(f"epoch {epoch}: {name}: {split['schedule_draws']} schedule draws (share {count}), "
-                                f"{split['wrap_repeats_slot']} of {split['wrap_draws']} wrap draws repeat their slot")
-            if row is not None and row["draws"] != count and not (allow_wrap and split is not None):
-                extra = f" ({split['wrap_draws']} of them wrap-around repeats)" if split is not None else ""
-                problems.append(f"epoch {epoch}: {name} drawn {row['draws']} times{extra}, its share is {count}")
+            continue
+        short = {name: count - got[name]["draws"] for name, count in want.items()}
+        if any(v < 0 for v in short.values()) or sum(short.values()) != undealt:
+            problems.append(f"epoch {epoch}: draws {({n: got[n]['draws'] for n in want})}, shares {want} "
+                            f"({undealt} last slot(s) undealt on {world} ranks)")
         if SOURCE in got and got[SOURCE]["drawn_as_hard"]:
             problems.append(f"epoch {epoch}: {got[SOURCE]['drawn_as_hard']} source draws marked drawn_as_hard")
         if epoch == 0 and TARGET in got and got[TARGET]["distinct_rows"] != sizes[TARGET]:
@@ -311,9 +289,6 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=1, help="NPROC_PER_NODE (gloo on CPU)")
     parser.add_argument("--name", help="run name under WORK/runs (default: ranks<R>)")
     parser.add_argument("--check-only", action="store_true", help="check the existing run, do not train")
-    parser.add_argument("--allow-wrap", action="store_true",
-                        help="multi-rank: count the wrap-around batches hsm adds to complete the last round as padding "
-                             "(check the shares on the schedule's own slots); default: a trained share must be exact")
     args = parser.parse_args()
     name = args.name or f"ranks{args.ranks}"
     data = prepare(args.work, args.wheel)
@@ -324,7 +299,7 @@ def main() -> None:
         (run_dir,) = (args.work / "runs" / name).glob("v*-*")
     else:
         run_dir, _ = swift_sft(args.work, name, data, args.source_n, args.epochs, args.ranks)
-    problems = check(run_dir, sizes, args.source_n, args.epochs, args.allow_wrap) + file_coverage(run_dir, data, args.source_n)
+    problems = check(run_dir, sizes, args.source_n, args.epochs) + file_coverage(run_dir, data, args.source_n)
     print()
     for problem in problems:
         print(f"FAIL: {problem}")

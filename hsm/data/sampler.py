@@ -10,6 +10,7 @@ it yields this rank's batches itself (:func:`hsm.data.schedule.shard_positions`)
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -107,3 +108,17 @@ class HsmSampler(torch.utils.data.Sampler):
         if self.world is None or self.world.world_size == 1:
             return self.epoch_length
         return len(shard_positions(self.epoch_length, self.batch_size, self.world))
+
+    def warn_if_ranks_repeat(self, world_size: int) -> int:
+        """Under an accelerate-prepared loader on ``world_size`` ranks: warn when accelerate will even the ranks
+        out by repeating slots (``even_batches``: the epoch's first slots trained, and logged, twice). Returns
+        the number of repeated slots per epoch (0: none, no warning)."""
+        per_round = world_size * self.batch_size
+        repeats = -self.epoch_length % per_round if world_size > 1 and self.world is None else 0
+        if repeats:
+            warnings.warn(
+                f"hsm: an epoch of {self.epoch_length} slots on {world_size} ranks x batch {self.batch_size}: accelerate "
+                f"repeats the epoch's first {repeats} slot(s) to give every rank whole batches; they are trained and "
+                f"logged twice per epoch (an extra observation each, and their datasets drawn beyond their share). "
+                f"An epoch length that is a multiple of {per_round} has no repeats", stacklevel=2)
+        return repeats

@@ -281,6 +281,8 @@ def attach(trainer, rows, name: str, *, mining: MiningConfig | None, seed: int, 
     fusion = FusionConfig(target=TargetConfig(name=name),
                           sources=[SourceConfig(name=part.name, ratio=ratio) for part, ratio in zip(sources, ratios)])
     if trainer.is_world_process_zero():
+        if not trainer.args.dataloader_drop_last:
+            sampler.warn_if_ranks_repeat(trainer.args.world_size)  # world=None only: accelerate deals the ranks
         hsm_dir.mkdir(parents=True, exist_ok=True)
         write_dataset_info(hsm_dir, slots)
     if mining is None:

@@ -1,0 +1,56 @@
+"""The sampler on N ranks: what accelerate's batch sharding really repeats, and what hsm's own dealing drops."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+import pytest
+from accelerate.data_loader import BatchSamplerShard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.data import BatchSampler
+
+from hsm.data.sampler import HsmSampler
+from hsm.mining.plan import DatasetInfo
+from hsm.world import World
+
+
+def sampler(n_target: int, n_source: int, batch: int, world: World | None = None) -> HsmSampler:
+    ratios = [n_source / n_target] if n_source else []
+    sizes = [n_target, n_source] if n_source else [n_target]
+    return HsmSampler(sizes=sizes, ratios=ratios, target=DatasetInfo("t", n_target), seed=3, batch_size=batch,
+                      world=world)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_target=st.integers(1, 40), n_source=st.integers(0, 20), batch=st.integers(1, 5), ranks=st.integers(2, 4))
+def test_the_repeat_warning_counts_what_accelerate_repeats(n_target, n_source, batch, ranks):
+    one = sampler(n_target, n_source, batch)
+    assert one.warn_if_ranks_repeat(1) == 0  # one process: accelerate does not shard
+    dealt = Counter()
+    for rank in range(ranks):  # accelerate's own sharding, as the Trainer prepares the loader (even_batches)
+        shard = BatchSamplerShard(BatchSampler(one, batch, drop_last=False), num_processes=ranks, process_index=rank)
+        dealt.update(slot[-1] for b in shard for slot in b)  # slot[-1]: its position in the epoch
+    assert set(dealt) == set(range(one.epoch_length))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        repeats = one.warn_if_ranks_repeat(ranks)
+    assert repeats == sum(dealt.values()) - one.epoch_length
+    assert (len(caught) == 1) == (repeats > 0)
+    if repeats:
+        assert f"repeats the epoch's first {repeats} slot(s)" in str(caught[0].message)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_a_sampler_that_deals_its_ranks_repeats_nothing_and_keeps_source_shares(ranks):
+    # ms-swift's case: 146 target rows and a source of 50 (its #50), batch 4; the schedule holds 146 + 50.
+    shards = [list(sampler(146, 50, 4, World(r, ranks))) for r in range(ranks)]
+    assert len({len(s) for s in shards}) == 1
+    positions = [slot[-1] for s in shards for slot in s]
+    assert len(positions) == len(set(positions)) == 196 - 196 % ranks
+    counts = Counter(slot[0] for s in shards for slot in s)
+    whole = Counter(slot[0] for slot in sampler(146, 50, 4))
+    assert whole == {0: 146, 1: 50}
+    assert sum(whole[c] - counts[c] for c in whole) == 196 % ranks  # only the < ranks last slots go untrained
+    assert sampler(146, 50, 4, World(0, ranks)).warn_if_ranks_repeat(ranks) == 0  # it deals itself: never repeats
