@@ -8,7 +8,7 @@ The deepforest wheel ships annotated aerial images of three NEON sites (YELL, OS
    so the two small OSBS/SOAP tiles give more than a handful of rows), splits each ``instances.json`` by image
    file-name prefix (``2019_YELL_`` -> target ``yell``; ``OSBS_``, ``SOAP_`` -> source ``osbs_soap``), imports
    both with ``hsm data import-coco`` and writes ms-swift's grounding JSONL (even rows ``bbox_2d`` JSON answers,
-   odd rows ``objects`` rows; as ``swift_dataset`` in ``tests/integrations/test_swift.py``);
+   odd rows ``objects`` rows: ``hsm.integrations.swift.write_grounding_jsonl``);
 2. runs the real ``swift sft`` CLI with ``--dataset yell.jsonl osbs_soap.jsonl#N`` on the tiny Qwen3-VL
    (``build_checkpoint(path, "qwen3_vl")``) with the flags of ``swift_sft`` in ``tests/integrations/test_swift.py``, mining on
    (reweight, ``coord_loss``, start_epoch 1, percentile 0.2, hard_weight 3);
@@ -77,30 +77,10 @@ def split_coco(coco_json: Path, prefixes: tuple[str, ...], out: Path) -> dict:
     return subset
 
 
-def swift_jsonl(hsm_jsonl: Path, out: Path) -> int:
-    """hsm detection JSONL -> ms-swift grounding JSONL, as ``swift_dataset`` in tests/integrations/test_swift.py."""
-    from hsm.data.encoding import format_answer
-    from hsm.data.records import read_jsonl
-
-    records = read_jsonl(hsm_jsonl)
-    with out.open("w", encoding="utf-8") as f:
-        for i, record in enumerate(records):
-            boxes, labels = [o.bbox for o in record.objects], [o.label for o in record.objects]
-            if i % 2 == 0:
-                answer = format_answer(boxes, labels, record.width, record.height, "rel1000")
-                objects = {"ref": [], "bbox": []}
-            else:
-                answer = "<ref-object><bbox>" * len(boxes)
-                objects = {"ref": labels, "bbox": [[round(v) for v in b] for b in boxes]}
-            row = {"messages": [{"role": "user", "content": "<image>Detect all objects."},
-                                {"role": "assistant", "content": answer}], "images": [str(record.image.resolve())],
-                   "objects": objects}
-            f.write(json.dumps(row) + "\n")
-    return len(records)
-
-
 def prepare(work: Path, wheel: Path) -> dict[str, Path]:
     """COCO chips per site -> ``hsm data import-coco`` -> ms-swift JSONL; returns entry -> ms-swift JSONL."""
+    from hsm.integrations.swift import write_grounding_jsonl
+
     out = {}
     for name, (chip, prefixes) in SPLITS.items():
         coco_dir = work / f"coco{chip}"
@@ -114,7 +94,7 @@ def prepare(work: Path, wheel: Path) -> dict[str, Path]:
         result = run([BIN / "hsm", "data", "import-coco", work / "coco" / f"{name}.json", "--images",
                       coco_dir / "images", "--out", hsm_jsonl, "--id-prefix", name])
         print(f"$ hsm data import-coco coco/{name}.json ...\n{result.stdout.strip()}")
-        rows = swift_jsonl(hsm_jsonl, swift_file)
+        rows = write_grounding_jsonl(hsm_jsonl, swift_file)
         print(f"{name}: {len(subset['images'])} chips ({chip} px, {', '.join(prefixes)}), "
               f"{len(subset['annotations'])} boxes -> {rows} rows in {swift_file}")
         out[name] = swift_file

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["register", "plugin_path", "provenance", "HsmSwiftTrainer", "ScheduleBatchSampler"]
+__all__ = ["register", "plugin_path", "provenance", "write_grounding_jsonl", "HsmSwiftTrainer", "ScheduleBatchSampler"]
 
 CONFIG_ENV = "HSM_CONFIG"
 
@@ -136,6 +136,41 @@ def _token_stats(trainer, model, inputs: dict, labels: torch.Tensor, outputs, hi
 def _entry_name(tag: str) -> str:
     # A path entry (`--dataset data/coco.jsonl`) is named by its file stem, a hub entry by its id.
     return Path(tag).stem if ("/" in tag or "." in tag) and Path(tag).suffix else tag
+
+
+def write_grounding_jsonl(records_jsonl: str | Path, out: str | Path, *,
+                          formats: tuple[str, ...] = ("bbox_2d", "objects"), prompt: str = "Detect all objects.") -> int:
+    """hsm detection JSONL -> ms-swift's grounding JSONL (``messages``, ``images``, ``objects``); the rows written.
+
+    Row ``i`` takes ``formats[i % len(formats)]``: ``bbox_2d``, the answer as Qwen's JSON text (0-1000
+    coordinates), or ``objects``, ms-swift's ``<ref-object><bbox>`` placeholders that its template fills from
+    the ``objects`` column. Image paths are written absolute.
+
+    Args:
+        records_jsonl: hsm records (:func:`hsm.data.records.read_jsonl`).
+        out: the ms-swift JSONL to write.
+        formats: the answer formats, cycled over the rows.
+        prompt: the user turn after ``<image>``.
+    """
+    import json
+
+    from hsm.data.encoding import format_answer
+    from hsm.data.records import read_jsonl
+
+    records = read_jsonl(records_jsonl)
+    with Path(out).open("w", encoding="utf-8") as f:
+        for i, record in enumerate(records):
+            boxes, labels = [o.bbox for o in record.objects], [o.label for o in record.objects]
+            if formats[i % len(formats)] == "bbox_2d":
+                answer = format_answer(boxes, labels, record.width, record.height, "rel1000")
+                objects = {"ref": [], "bbox": []}
+            else:
+                answer = "<ref-object><bbox>" * len(boxes)
+                objects = {"ref": labels, "bbox": [[round(v) for v in b] for b in boxes]}
+            row = {"messages": [{"role": "user", "content": f"<image>{prompt}"}, {"role": "assistant", "content": answer}],
+                   "images": [str(Path(record.image).resolve())], "objects": objects}
+            f.write(json.dumps(row) + "\n")
+    return len(records)
 
 
 def provenance(raw, target: str):

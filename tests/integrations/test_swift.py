@@ -21,10 +21,8 @@ import torch
 
 pytest.importorskip("swift")
 
-from hsm.data.encoding import format_answer  # noqa: E402
-from hsm.integrations.swift import plugin_path  # noqa: E402
+from hsm.integrations.swift import plugin_path, write_grounding_jsonl  # noqa: E402
 from hsm.train.model import build_checkpoint  # noqa: E402
-from hsm.data.records import read_jsonl  # noqa: E402
 from hsm.data.synth import synthesize  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -37,19 +35,7 @@ N_ROWS, BATCH = 8, 4
 def swift_dataset(jsonl: Path, out: Path) -> Path:
     """hsm detection JSONL -> ms-swift's grounding JSONL (what a user already has): even rows with the answer as
     ``bbox_2d`` JSON text, odd rows in ms-swift's ``objects`` format (``<ref-object><bbox>`` placeholders)."""
-    with out.open("w", encoding="utf-8") as f:
-        for i, record in enumerate(read_jsonl(jsonl)):
-            boxes, labels = [o.bbox for o in record.objects], [o.label for o in record.objects]
-            if i % 2 == 0:
-                answer = format_answer(boxes, labels, record.width, record.height, "rel1000")
-                objects = {"ref": [], "bbox": []}
-            else:
-                answer = "<ref-object><bbox>" * len(boxes)
-                objects = {"ref": labels, "bbox": [[round(v) for v in b] for b in boxes]}
-            row = {"messages": [{"role": "user", "content": "<image>Detect all objects."},
-                                {"role": "assistant", "content": answer}], "images": [str(record.image)],
-                   "objects": objects}
-            f.write(json.dumps(row) + "\n")
+    write_grounding_jsonl(jsonl, out, formats=("bbox_2d", "objects"))
     return out
 
 
