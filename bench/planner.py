@@ -78,6 +78,7 @@ def epoch_events(rng, epoch: int, n_events: int, n_target: int) -> list[pa.Table
             # Box-aware columns, as a detection run logs them.
             "coord_loss": (loss * 0.6).astype(np.float32), "label_loss": (loss * 0.4).astype(np.float32),
             "loss_sum": (loss * n_tok).astype(np.float32),
+            "det_f1": pa.nulls(n, pa.float32()),  # logged only by det_f1 runs
         },
         schema=EVENT_SCHEMA,
     )
