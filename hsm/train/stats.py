@@ -27,13 +27,15 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")``.
     """
     shift_labels = labels[:, 1:]
-    shift_logits = logits[:, :-1]
+    # Shift the labels, not the logits (as transformers' own loss does): logits[:, :-1] would copy the
+    # logits, and their gradient, once more; at a 151,936-token vocabulary that copy was most of the cost.
+    padded = F.pad(shift_labels, (0, 1), value=IGNORE_INDEX)
     losses = F.cross_entropy(
-        shift_logits.flatten(0, 1).float(), shift_labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view(shift_labels.shape)
+        logits.flatten(0, 1).float(), padded.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(padded.shape)[:, :-1]
     mask = shift_labels != IGNORE_INDEX
     with torch.no_grad():
-        correct = (shift_logits.argmax(dim=-1) == shift_labels) & mask
+        correct = (logits.argmax(dim=-1)[:, :-1] == shift_labels) & mask
     return losses, mask, correct
 
 
@@ -162,23 +164,27 @@ CHUNK_TOKENS = 256
 
 
 def _chunked(project, labels: torch.Tensor, chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(losses, mask, correct)`` like :func:`token_losses`, from ``project(row, start, end)``: the logits that
-    predict ``labels[row, start + 1:end + 1]``. One chunk of float32 logits lives at a time."""
+    """``(losses, mask, correct)`` like :func:`token_losses`, from ``project(row, positions)``: the logits at
+    ``positions`` of ``row`` (they predict ``labels[row, positions + 1]``). Only supervised positions are
+    projected, ``chunk_tokens`` at a time: one chunk of float32 logits lives at a time, and the prompt and
+    image tokens (most of a VLM row) cost nothing. Which positions are supervised is read on the host once
+    (one small transfer per batch)."""
     shift_labels = labels[:, 1:]
     batch, length = shift_labels.shape
     losses = torch.zeros((batch, length), dtype=torch.float32, device=labels.device)
     correct = torch.zeros((batch, length), dtype=torch.bool, device=labels.device)
-    for row in range(batch):
-        for start in range(0, length, chunk_tokens):
-            end = min(length, start + chunk_tokens)
-            logits = project(row, start, end)
-            target = shift_labels[row, start:end].to(logits.device)
-            losses[row, start:end] = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX,
-                                                     reduction="none").to(losses.device)
-            correct[row, start:end] = (logits.argmax(dim=-1) == target).to(correct.device)
-            del logits
     mask = shift_labels != IGNORE_INDEX
-    return losses, mask, correct & mask
+    supervised = mask.cpu()
+    for row in range(batch):
+        where = torch.nonzero(supervised[row]).flatten()
+        for start in range(0, len(where), chunk_tokens):
+            positions = where[start:start + chunk_tokens].to(labels.device)
+            logits = project(row, positions)
+            target = shift_labels[row, positions].to(logits.device)
+            losses[row, positions] = F.cross_entropy(logits.float(), target, reduction="none").to(losses.device)
+            correct[row, positions] = (logits.argmax(dim=-1) == target).to(correct.device)
+            del logits
+    return losses, mask, correct
 
 
 @torch.no_grad()
@@ -196,7 +202,7 @@ def chunked_token_stats(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens
 
     Naive equivalent: ``token_losses(logits.detach(), labels)`` (per-token values equal).
     """
-    return _chunked(lambda row, start, end: logits[row, start:end], labels, chunk_tokens)
+    return _chunked(lambda row, positions: logits[row, positions], labels, chunk_tokens)
 
 
 @torch.no_grad()
@@ -213,4 +219,4 @@ def hidden_token_stats(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: t
 
     Naive equivalent: ``token_losses(lm_head(hidden), labels)`` for a model without logit scaling or softcapping.
     """
-    return _chunked(lambda row, start, end: lm_head(hidden[row, start:end]), labels, chunk_tokens)
+    return _chunked(lambda row, positions: lm_head(hidden[row, positions]), labels, chunk_tokens)
