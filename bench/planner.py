@@ -149,6 +149,9 @@ def measure(kind: str, hsm_dir: Path, sample: int) -> dict:
     work, not the interpreter loading DuckDB or hsm.
     """
     import duckdb  # noqa: F401
+    import hsm.mining.engines.duckdb_engine  # noqa: F401  (every engine's library: polars, duckdb)
+    import hsm.mining.engines.numpy_engine  # noqa: F401
+    import hsm.mining.engines.polars_engine  # noqa: F401
     import hsm.mining.planner  # noqa: F401
 
     start = time.perf_counter()
@@ -365,6 +368,8 @@ def main() -> None:
     parser.add_argument("--wide", type=int, nargs=2, metavar=("EVENTS", "SAMPLES"),
                         help="Instead: one epoch of EVENTS events over SAMPLES samples, folded out of core.")
     parser.add_argument("--wide-engines", nargs="+", default=["polars"])
+    parser.add_argument("--engines", nargs="+", default=["polars", "duckdb", "numpy"],
+                        help="Engines of the installed (or --impl) hsm to time; the first is the parity reference.")
     parser.add_argument("--phases", action="store_true", help="Also time the planner's phases in one more after run.")
     args = parser.parse_args()
     if args.child:
@@ -387,7 +392,7 @@ def main() -> None:
         kinds = [("duckdb-scan", "duckdb-scan", hsm_dir, None)]
         if impl is not None:
             kinds += [(f"before: {k}", k, before_dir(hsm_dir), impl) for k in ("hsm-polars", "hsm-duckdb")]
-        kinds += [(k, k, hsm_dir, after) for k in ("hsm-polars", "hsm-duckdb")]
+        kinds += [(f"hsm-{e}", f"hsm-{e}", hsm_dir, after) for e in args.engines]
         # Interleave the repeats so machine load drifts hit every measurement alike.
         runs: dict[str, list] = {label: [] for label, *_ in kinds}
         for _ in range(args.repeats):
@@ -396,9 +401,8 @@ def main() -> None:
         for label, measured in runs.items():
             results[label] = {"seconds": statistics.median(r["seconds"] for r in measured),
                               "rss_mb": max(r["rss_mb"] for r in measured)}
-        digests = {label: {r["digest"] for r in runs[label]} for label in ("hsm-polars", "hsm-duckdb")}
-        parity.append((size, digests["hsm-polars"] == digests["hsm-duckdb"] and len(digests["hsm-polars"]) == 1,
-                       sorted(digests["hsm-polars"] | digests["hsm-duckdb"])))
+        digests = set().union(*({r["digest"] for r in runs[f"hsm-{e}"]} for e in args.engines))
+        parity.append((size, len(digests) == 1, sorted(digests)))
         if args.phases:
             phase_rows.append((size, run_child("hsm-polars", hsm_dir, 0, after, phases=True)))
         sample = min(args.naive_sample, n_events)
@@ -417,7 +421,7 @@ def main() -> None:
         mark = "*" if extrapolated else ""
         print(f"{size:>10} {kind:<26} {seconds:>8.2f}{mark} {ratio:>8.2f} {speedup:>8.1f}x {rss:>12.0f}")
     for size, same, digests in parity:
-        print(f"{size:>10} engine parity (plan + state sha256, polars vs duckdb, every repeat): "
+        print(f"{size:>10} engine parity (plan + state sha256, {', '.join(args.engines)}, every repeat): "
               f"{'byte-identical' if same else 'DIFFERENT'} {' '.join(digests)}")
     for size, measured in phase_rows:
         phases = measured["phases"] or {}

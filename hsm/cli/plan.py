@@ -32,7 +32,7 @@ def plan(
     run_dir: Path = typer.Option(..., "--run-dir", help="The run's output directory (holds hsm/)."),
     epoch: int = typer.Option(..., "--epoch", min=1, help="Epoch the plan is for; built from epochs < N."),
     config: Optional[Path] = typer.Option(None, "--config", help="Config YAML (default: RUN_DIR/hsm/config.yaml)."),
-    engine: Optional[str] = typer.Option(None, "--engine", help="polars or duckdb (default: the config's)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="polars, duckdb or numpy (default: the config's)."),
     num_epochs: Optional[float] = typer.Option(None, "--num-epochs", help="Planned epochs, for activate_after_pct."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Compute and print; write nothing."),
     skip_corrupt: bool = typer.Option(
@@ -55,6 +55,7 @@ def plan(
 ) -> None:
     """Update the state from events of epochs < N not yet folded, and write the plan for epoch N."""
     from hsm.io import ChecksumMismatch
+    from hsm.mining.engines import ENGINES
     from hsm.mining.events import CorruptEventFile
     from hsm.mining.plan import PlanError, RunLocked
     from hsm.mining.planner import EmptyEpochs, PlanConflict, plan_epoch
@@ -70,8 +71,8 @@ def plan(
         limit_bytes = _parse_bytes(memory_limit)
         if limit_bytes is None:
             raise fail("plan", f"--memory-limit must be a size such as 4GB or 512MB, got {memory_limit!r}")
-    if engine is not None and engine not in ("polars", "duckdb"):
-        raise fail("plan", f"--engine must be polars or duckdb, got {engine!r}")
+    if engine is not None and engine not in ENGINES:
+        raise fail("plan", f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     cfg, mining, dataset, num_epochs = _planning_inputs(hsm_dir, config or hsm_dir / "config.yaml", num_epochs)
     with printed_warnings():
         try:

@@ -74,18 +74,19 @@ class EventWriter:
         aug_seed: Any,
         drawn_as_hard: Any,
         position_offset: int = 0,
-        coord_loss: Any = None,
-        label_loss: Any = None,
-        loss_sum: Any = None,
-        det_f1: Any = None,
+        **metrics: Any,
     ) -> None:
         """Buffer one micro-batch; ``position`` is ``position_offset`` + the index in the batch.
 
         Array arguments may be numpy arrays or lists; strings stay as given
-        until the background thread encodes them. The nullable statistics
-        (``coord_loss``, ``label_loss``, ``loss_sum``) are written as null where
-        they are None or NaN.
+        until the background thread encodes them. ``metrics`` are the nullable event
+        columns of :data:`hsm.metrics.METRICS` (``coord_loss``, ``label_loss``, ``loss_sum``,
+        ``det_f1``, ...), written as null where absent, None or NaN.
         """
+        unknown = sorted(set(metrics) - set(NULLABLE_EVENT_COLUMNS))
+        if unknown:
+            raise TypeError(f"EventWriter.append: no event column {unknown} (nullable metric columns: "
+                            f"{', '.join(NULLABLE_EVENT_COLUMNS)})")
         self._raise_background_error()
         n = len(sample_id)
         if n == 0:
@@ -101,10 +102,7 @@ class EventWriter:
                 "n_tokens": n_tokens,
                 "aug_seed": aug_seed,
                 "drawn_as_hard": drawn_as_hard,
-                "coord_loss": coord_loss,
-                "label_loss": label_loss,
-                "loss_sum": loss_sum,
-                "det_f1": det_f1,
+                **metrics,
                 "position_offset": position_offset,
                 "n": n,
             }

@@ -26,7 +26,7 @@ from hsm.io import file_sha256, write_json_atomic
 from hsm.mining.plan import plan_dir, publish_plan, stage_plan_bytes
 from hsm.mining.planner import plan_epoch
 from hsm.data.sampler import HsmSampler
-from hsm.train.stats import per_sample_stats, token_losses
+from hsm.train.stats import STAT_ROWS, per_sample_stats, token_losses
 
 __all__ = [
     "HsmTrainerMixin",
@@ -207,14 +207,13 @@ class HsmTrainerMixin(FusionSamplerMixin):
         start = 0
         for meta, s, step, offset in pending:
             n = s.shape[1]
-            loss, acc, n_tokens, coord_loss, label_loss, loss_sum = stats[:, start:start + n]
+            rows = dict(zip(STAT_ROWS, stats[:, start:start + n]))
             start += n
             self.hsm_writer.append(
                 epoch=int(meta["epoch"][0]), global_step=step,
-                dataset=meta["dataset"], base_idx=meta["base_idx"], sample_id=meta["sample_id"], loss=loss,
-                token_acc=acc, n_tokens=n_tokens.astype(np.int32), aug_seed=meta["aug_seed"],
-                drawn_as_hard=meta["drawn_as_hard"], position_offset=offset,
-                coord_loss=coord_loss, label_loss=label_loss, loss_sum=loss_sum,
+                dataset=meta["dataset"], base_idx=meta["base_idx"], sample_id=meta["sample_id"],
+                n_tokens=rows.pop("n_tokens").astype(np.int32), aug_seed=meta["aug_seed"],
+                drawn_as_hard=meta["drawn_as_hard"], position_offset=offset, **rows,
             )
 
 

@@ -154,6 +154,22 @@ def test_parts_sharing_a_step_at_a_flush_boundary_are_not_duplicates(tmp_path):
     assert read_epoch_events(tmp_path, 0).table.num_rows == 4
 
 
+def test_append_takes_every_registered_metric_column_and_refuses_others(tmp_path):
+    from hsm.metrics import NULLABLE_EVENT_COLUMNS
+
+    base = dict(epoch=0, global_step=0, dataset=["tgt"] * 2, base_idx=np.arange(2), sample_id=["a", "b"],
+                loss=np.ones(2), token_acc=np.ones(2), n_tokens=np.ones(2), aug_seed=np.zeros(2),
+                drawn_as_hard=np.zeros(2, bool))
+    with EventWriter(tmp_path, run_id="r", rank=0) as writer:
+        with pytest.raises(TypeError, match="coord_los"):
+            writer.append(**base, coord_los=np.ones(2))  # a typo is not silently dropped
+        writer.append(**base, **{name: [float(i), np.nan] for i, name in enumerate(NULLABLE_EVENT_COLUMNS)})
+    table = read_epoch_events(tmp_path, 0).table
+    assert table.num_rows == 2  # the refused call wrote nothing
+    for i, name in enumerate(NULLABLE_EVENT_COLUMNS):
+        assert table.column(name).to_pylist() == [float(i), None], name
+
+
 def test_event_sync_inventory_skips_only_the_local_ranks_own_parts(tmp_path):
     """Rank 0 trusts the inventory it just took of its own parts, and still checks every other rank's bytes."""
     from hsm.train.event_sync import missing_parts, rank_inventory

@@ -14,10 +14,13 @@ from hypothesis import strategies as st
 
 from eventlog import TARGET, random_rows, write_rows
 from hsm.config import MiningConfig
+from hsm.mining.engines import ENGINES
 from hsm.mining.planner import plan_epoch
 from hsm.mining.state import find_states, read_sample_ids, read_state
 from oracle import full_state, stale_adjusted
 from oracle import plan as oracle_plan
+
+ENGINE_NAMES = tuple(ENGINES)  # polars first: the others are compared with it
 
 MODES = [
     {"mode": "reweight", "selector": {"mode": "top_k", "k": 4}},
@@ -93,7 +96,7 @@ def test_engines_equal_oracle(tmp_path_factory, seed, n_target, n_epochs, n_rank
     scores = {k[1]: v["score"] for k, v in expected_state.items() if k[0] == TARGET}
     expected_plan = oracle_plan(expected_state, TARGET, mining, n_epochs)
     plans, states = {}, {}
-    for engine in ("polars", "duckdb"):
+    for engine in ENGINE_NAMES:
         hsm_dir = tmp_path_factory.mktemp(engine) / "hsm"
         write_rows(hsm_dir, rows, flush_rows=int(rng.integers(1, 9)))
         result = plan_epoch(hsm_dir, n_epochs, mining, TARGET, engine=engine)
@@ -103,12 +106,13 @@ def test_engines_equal_oracle(tmp_path_factory, seed, n_target, n_epochs, n_rank
         assert set(result.plan.column("dataset").to_pylist()) <= {TARGET}
         plans[engine] = pq.read_table(hsm_dir / "plans" / f"epoch={n_epochs}" / "plan.parquet")
         states[engine] = pq.read_table(hsm_dir / "state" / f"epoch={last}" / "state.parquet")
-    assert plans["polars"].equals(plans["duckdb"]), "engines disagree"
-    assert states["polars"].equals(states["duckdb"]), "engine states disagree"
+    for engine in ENGINE_NAMES[1:]:
+        assert plans["polars"].equals(plans[engine]), f"engines disagree: polars, {engine}"
+        assert states["polars"].equals(states[engine]), f"engine states disagree: polars, {engine}"
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(seed=st.integers(0, 2**32 - 1), n_epochs=st.integers(2, 4), engine=st.sampled_from(["polars", "duckdb"]))
+@given(seed=st.integers(0, 2**32 - 1), n_epochs=st.integers(2, 4), engine=st.sampled_from(ENGINE_NAMES))
 def test_incremental_fold_equals_full_recomputation(tmp_path_factory, seed, n_epochs, engine):
     rng = np.random.default_rng(seed)
     rows = random_rows(rng, n_target=10, n_epochs=n_epochs, n_ranks=2, max_obs=3)
@@ -199,7 +203,7 @@ def test_box_metrics_epoch_aggregates_and_staleness_equal_oracle(
     scores = {k[1]: v["score"] for k, v in adjusted.items() if k[0] == TARGET}
     expected_plan = oracle_plan(expected_state, TARGET, mining, n_epochs)
     files = {}
-    for engine in ("polars", "duckdb"):
+    for engine in ENGINE_NAMES:
         hsm_dir = tmp_path_factory.mktemp(engine) / "hsm"
         write_parts(hsm_dir, rows)
         with warnings.catch_warnings():
@@ -213,7 +217,8 @@ def test_box_metrics_epoch_aggregates_and_staleness_equal_oracle(
             assert got_scores[idx] == pytest.approx(want, rel=1e-9, abs=1e-12), (engine, idx)
         files[engine] = [pq.read_table(hsm_dir / "plans" / f"epoch={n_epochs}" / "plan.parquet"),
                          pq.read_table(hsm_dir / "state" / f"epoch={last}" / "state.parquet")]
-    assert all(a.equals(b) for a, b in zip(files["polars"], files["duckdb"])), "engines disagree"
+    for engine in ENGINE_NAMES[1:]:
+        assert all(a.equals(b) for a, b in zip(files["polars"], files[engine])), f"engines disagree: polars, {engine}"
 
 
 def test_epoch_ema_is_not_dominated_by_the_first_epoch(tmp_path):
@@ -233,7 +238,7 @@ def test_epoch_ema_is_not_dominated_by_the_first_epoch(tmp_path):
     assert want["last"] < want["epoch_ema"] < 3.3 < 4.5 < want["ema"]
 
 
-@pytest.mark.parametrize("engine", ["polars", "duckdb"])
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
 @pytest.mark.parametrize("aggregate", ["ema", "epoch_ema"])
 def test_out_of_core_fold_is_byte_identical(tmp_path, engine, aggregate):
     rng = np.random.default_rng(17)

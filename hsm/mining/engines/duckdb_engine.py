@@ -8,7 +8,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from hsm.mining.engines.polars_engine import output_columns
+from hsm.mining.engines.kernels import output_columns
 from hsm.mining.state import EPOCH_COLUMNS, FOLD_COLUMNS
 
 __all__ = ["fold_epoch", "planner_sql"]

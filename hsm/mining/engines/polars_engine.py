@@ -21,48 +21,10 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from hsm.mining.engines.kernels import ORDER, continue_sequential, output_columns
 from hsm.mining.state import EPOCH_COLUMNS, FOLD_COLUMNS
 
-__all__ = ["fold_epoch", "continue_sequential", "output_columns", "OUTPUT_COLUMNS", "EPOCH_OUTPUT_COLUMNS"]
-
-# What a fold returns: the new state, plus this epoch's observation count ``k`` and the
-# event row of each sample's first observation this epoch (``first_row``, -1 if none).
-OUTPUT_COLUMNS = (*FOLD_COLUMNS, "k", "first_row")
-EPOCH_OUTPUT_COLUMNS = (*FOLD_COLUMNS, *EPOCH_COLUMNS, "k", "first_row")
-_ORDER = ("key", "global_step", "rank", "position")
-
-
-def output_columns(per_epoch: bool) -> tuple[str, ...]:
-    """What a fold returns, with or without the per-epoch aggregates.
-
-    Args:
-        per_epoch: whether the state carries ``n_epochs``, ``epoch_mean`` and ``epoch_ema``.
-    """
-    return EPOCH_OUTPUT_COLUMNS if per_epoch else OUTPUT_COLUMNS
-
-
-def continue_sequential(starts: np.ndarray, lengths: np.ndarray, x: np.ndarray, ema: np.ndarray, total: np.ndarray,
-                        decay: float) -> None:
-    """Fold observations ``2..k`` of each group into ``ema`` and ``total``, in place.
-
-    Group ``g``'s observations are ``x[starts[g] : starts[g] + lengths[g]]``, in order;
-    ``ema[g]`` and ``total[g]`` already hold the fold of the first one. Vectorised over
-    groups, sequential within a group: ``ema = decay * ema + (1 - decay) * v; total = total + v``.
-
-    Args:
-        starts: first observation of each group in ``x``.
-        lengths: observations of each group (>= 1).
-        x: every observation, grouped and ordered.
-        ema: per group, updated in place.
-        total: per group, updated in place.
-        decay: the EMA's decay.
-    """
-    for j in range(1, int(lengths.max(initial=1))):
-        active = np.flatnonzero(lengths > j)
-        values = x[starts[active] + j]
-        ema[active] = decay * ema[active] + (1.0 - decay) * values
-        total[active] = total[active] + values
-
+__all__ = ["fold_epoch"]
 
 def _carried(state: pa.Table | None, per_epoch: bool) -> pl.LazyFrame:
     if state is not None:
@@ -93,7 +55,7 @@ def _observation_order(events: pl.DataFrame) -> pl.DataFrame:
     if unordered.is_empty():
         return by_key.select(columns).set_sorted("key")
     flagged = pl.col("key").is_in(unordered.implode())
-    repaired = by_key.filter(flagged).sort(list(_ORDER)).select(columns).set_sorted("key")
+    repaired = by_key.filter(flagged).sort(list(ORDER)).select(columns).set_sorted("key")
     # A multi-column sort does not flag its first column sorted; the flag makes the group-by a scan (20x).
     return by_key.filter(~flagged).select(columns).set_sorted("key").merge_sorted(repaired, key="key").set_sorted("key")
 
@@ -115,7 +77,7 @@ def fold_epoch(
         :func:`output_columns`, sorted by ``key``: every previous and every new sample.
     """
     d = float(ema_decay)
-    ordered = _observation_order(pl.from_arrow(events.select(list(_ORDER) + ["x"])))
+    ordered = _observation_order(pl.from_arrow(events.select(list(ORDER) + ["x"])))
     groups = ordered.lazy().group_by("key", maintain_order=True).agg(
         k=pl.len().cast(pl.Int64), first_row=pl.col("row").first().cast(pl.Int64),
         x_first=pl.col("x").first(), x_last=pl.col("x").last(),
