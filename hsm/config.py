@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import warnings
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,27 +36,7 @@ __all__ = [
     "HsmConfig",
     "mining_config_hash",
     "small_target_warning",
-    "decimal_fraction",
-    "ceil_share",
 ]
-
-def decimal_fraction(value: float) -> Fraction:
-    """``value`` as the decimal the user wrote: ``Fraction(str(0.07))`` is exactly 7/100.
-
-    ``str`` of a float is its shortest round-tripping decimal, which is what YAML
-    (or a ``KEY=VALUE`` override) held.
-    """
-    return Fraction(str(value))
-
-
-def ceil_share(value: float, n: int) -> int:
-    """``ceil(value * n)`` computed exactly on the decimal ``value``.
-
-    Naive (wrong) equivalent: ``math.ceil(value * n)``, which gives 106 for
-    ``0.07 * 1500`` because the float product is 105.00000000000001.
-    """
-    return math.ceil(decimal_fraction(value) * n)
-
 
 class ConfigError(ValueError):
     """Invalid configuration; ``problems`` holds one line per bad key."""
@@ -173,20 +151,6 @@ class MiningConfig(_Strict):
         if self.mode == "fixed_set" and self.hard_sample_size + self.regular_sample_size == 0:
             raise ValueError("hard_sample_size: fixed_set needs hard_sample_size + regular_sample_size >= 1")
         return self
-
-    def n_hard(self, n_eligible: int) -> int | None:
-        """Size of the hard set for ``n_eligible`` samples, or None for threshold selection."""
-        if self.mode == "fixed_set":
-            return min(self.hard_sample_size, n_eligible)
-        if self.mode == "dynamic":
-            if self.hard_pool_k is not None:
-                return min(self.hard_pool_k, n_eligible)
-            return min(ceil_share(self.hard_pool_frac, n_eligible), n_eligible)
-        if self.selector.mode == "top_k":
-            return min(self.selector.k, n_eligible)
-        if self.selector.mode == "percentile":
-            return min(ceil_share(self.selector.value, n_eligible), n_eligible)
-        return None
 
 
 class PromptConfig(_Strict):

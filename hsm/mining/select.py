@@ -11,8 +11,10 @@ when ties at the selection boundary need the strings.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable, Union
 
 import numpy as np
@@ -21,12 +23,50 @@ import pyarrow.compute as pc
 
 from hsm.config import MiningConfig, small_target_warning
 
-__all__ = ["SampleIds", "Selection", "hardest_mask", "rank_order", "draw_regular", "select_plan", "REGULAR_DRAW_STREAM"]
+__all__ = ["SampleIds", "Selection", "ceil_share", "hard_count", "hardest_mask", "rank_order", "draw_regular", "select_plan", "REGULAR_DRAW_STREAM"]
 
 # Domain separation of the plan-time RNG from the schedule-time RNGs.
 REGULAR_DRAW_STREAM = 1
 
 SampleIds = Union[pa.Array, Callable[[np.ndarray], pa.Array], None]
+
+
+def _decimal_fraction(value: float) -> Fraction:
+    """``value`` as the decimal the user wrote: ``Fraction(str(0.07))`` is exactly 7/100.
+
+    ``str`` of a float is its shortest round-tripping decimal, which is what YAML
+    (or a ``KEY=VALUE`` override) held.
+    """
+    return Fraction(str(value))
+
+
+def ceil_share(value: float, n: int) -> int:
+    """``ceil(value * n)`` computed exactly on the decimal ``value``.
+
+    Naive (wrong) equivalent: ``math.ceil(value * n)``, which gives 106 for
+    ``0.07 * 1500`` because the float product is 105.00000000000001.
+    """
+    return math.ceil(_decimal_fraction(value) * n)
+
+
+def hard_count(mining: MiningConfig, n_eligible: int) -> int | None:
+    """Size of the hard set for ``n_eligible`` samples, or None for threshold selection.
+
+    Args:
+        mining: the mining config (its mode, selector, hard_sample_size, hard_pool_k / hard_pool_frac).
+        n_eligible: target samples the selection chooses from.
+    """
+    if mining.mode == "fixed_set":
+        return min(mining.hard_sample_size, n_eligible)
+    if mining.mode == "dynamic":
+        if mining.hard_pool_k is not None:
+            return min(mining.hard_pool_k, n_eligible)
+        return min(ceil_share(mining.hard_pool_frac, n_eligible), n_eligible)
+    if mining.selector.mode == "top_k":
+        return min(mining.selector.k, n_eligible)
+    if mining.selector.mode == "percentile":
+        return min(ceil_share(mining.selector.value, n_eligible), n_eligible)
+    return None
 
 
 def _ids_at(sample_ids: SampleIds, rows: np.ndarray) -> pa.Array:
@@ -83,7 +123,7 @@ def draw_regular(candidates: np.ndarray, n: int, *, seed: int, epoch: int) -> np
 
 
 def _hard_mask(scores: np.ndarray, sample_ids: SampleIds, mining: MiningConfig) -> np.ndarray:
-    n_hard = mining.n_hard(len(scores))
+    n_hard = hard_count(mining, len(scores))
     if n_hard is None:
         return _ranked_scores(scores) >= mining.selector.threshold
     return hardest_mask(scores, sample_ids, n_hard)

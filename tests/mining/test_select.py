@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hsm.config import MiningConfig
-from hsm.mining.select import draw_regular, hardest_mask, select_plan
+from hsm.mining.select import draw_regular, hard_count, hardest_mask, select_plan
 from hsm.mining.trigger import plateau_epoch, should_apply
 
 from oracle import _ceil_decimal
@@ -105,10 +105,10 @@ def test_triggers():
 def test_percentile_is_exact_on_the_decimal_the_user_wrote():
     # 0.07 * 1500 is 105.00000000000001 as floats; the user asked for 7% of 1500 = 105.
     mining = MiningConfig(enabled=True, selector={"mode": "percentile", "value": 0.07})
-    assert mining.n_hard(1500) == 105
+    assert hard_count(mining, 1500) == 105
     dynamic = MiningConfig(enabled=True, mode="dynamic", hard_pool_frac=0.07)
-    assert dynamic.n_hard(1500) == 105
+    assert hard_count(dynamic, 1500) == 105
     # Every two-digit fraction of N = 100 is an exact count.
     for hundredths in range(1, 100):
         value = hundredths / 100
-        assert MiningConfig(enabled=True, selector={"mode": "percentile", "value": value}).n_hard(100) == hundredths
+        assert hard_count(MiningConfig(enabled=True, selector={"mode": "percentile", "value": value}), 100) == hundredths
