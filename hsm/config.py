@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +37,18 @@ __all__ = [
     "HsmConfig",
     "mining_config_hash",
     "small_target_warning",
+    "decimal_fraction",
 ]
+
+
+def decimal_fraction(value: float) -> Fraction:
+    """``value`` as the decimal the user wrote: ``Fraction(str(0.07))`` is exactly 7/100.
+
+    ``str`` of a float is its shortest round-tripping decimal, which is what YAML
+    (or a ``KEY=VALUE`` override) held.
+    """
+    return Fraction(str(value))
+
 
 class ConfigError(ValueError):
     """Invalid configuration; ``problems`` holds one line per bad key."""

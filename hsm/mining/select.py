@@ -14,14 +14,13 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Callable, Union
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from hsm.config import MiningConfig, small_target_warning
+from hsm.config import MiningConfig, decimal_fraction, small_target_warning
 
 __all__ = ["SampleIds", "Selection", "ceil_share", "hard_count", "hardest_mask", "rank_order", "draw_regular", "select_plan", "REGULAR_DRAW_STREAM"]
 
@@ -31,22 +30,13 @@ REGULAR_DRAW_STREAM = 1
 SampleIds = Union[pa.Array, Callable[[np.ndarray], pa.Array], None]
 
 
-def _decimal_fraction(value: float) -> Fraction:
-    """``value`` as the decimal the user wrote: ``Fraction(str(0.07))`` is exactly 7/100.
-
-    ``str`` of a float is its shortest round-tripping decimal, which is what YAML
-    (or a ``KEY=VALUE`` override) held.
-    """
-    return Fraction(str(value))
-
-
 def ceil_share(value: float, n: int) -> int:
     """``ceil(value * n)`` computed exactly on the decimal ``value``.
 
     Naive (wrong) equivalent: ``math.ceil(value * n)``, which gives 106 for
     ``0.07 * 1500`` because the float product is 105.00000000000001.
     """
-    return math.ceil(_decimal_fraction(value) * n)
+    return math.ceil(decimal_fraction(value) * n)
 
 
 def hard_count(mining: MiningConfig, n_eligible: int) -> int | None:
