@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Metric", "METRICS", "METRIC_NAMES", "NULLABLE_EVENT_COLUMNS", "metric", "difficulty"]
+__all__ = ["Metric", "METRICS", "METRIC_NAMES", "NULLABLE_EVENT_COLUMNS", "metric", "difficulty", "sql_difficulty"]
 
 
 @dataclass(frozen=True)
@@ -77,3 +77,18 @@ def difficulty(name: str, values: np.ndarray) -> np.ndarray:
     out = 1.0 - out if metric(name).flip else out.copy()
     out += 0.0  # -0.0 becomes 0.0: a fold may sum a single value onto 0.0
     return out
+
+
+def sql_difficulty(name_sql: str) -> str:
+    """A SQL expression: each event row's difficulty in the metric that ``name_sql`` names.
+
+    What :func:`difficulty` computes, as a ``CASE`` over :data:`METRICS` (``hsm sql``'s
+    ``event_values`` view uses it, so the shipped queries follow the registry). NULL where
+    the row did not observe the metric, or for a name the registry does not know.
+
+    Args:
+        name_sql: a SQL expression giving a metric name (e.g. the latest manifest's ``metric``).
+    """
+    cases = " ".join(f"WHEN '{m.name}' THEN {'1.0 - ' if m.flip else ''}CAST({m.column} AS DOUBLE)"
+                     for m in METRICS.values())
+    return f"CASE {name_sql} {cases} END"

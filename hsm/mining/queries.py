@@ -13,6 +13,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from hsm.metrics import sql_difficulty
 from hsm.mining.checks import verify_event_log, verify_sample_ids
 from hsm.mining.plan import plan_dir, plan_epochs, verify_plan
 from hsm.mining.state import find_states, is_committed, state_path, verify_state
@@ -107,6 +108,9 @@ def connect(run_dir: str | Path, *, skip_corrupt: bool = False) -> duckdb.DuckDB
       and ``sample_id`` joined from ``sample_ids`` (the files hold only the keys).
     - ``plans``: every plan, with ``epoch`` = the epoch it is for, and ``sample_id`` joined.
     - ``manifests``: the plan manifests.
+    - ``event_values``: ``events`` plus ``metric`` (the latest plan's, ``loss`` before any plan)
+      and ``value``, the row's difficulty in it (``1 - token_acc`` for ``token_acc``; NULL where
+      the row did not observe it): :func:`hsm.metrics.sql_difficulty`.
     Views over missing files are empty, with the right columns. Plans are checked against
     their manifests, states against their checksum records, event parts and id tables
     against their recorded sha256 or page checksums first (``PlanError``,
@@ -161,6 +165,10 @@ def connect(run_dir: str | Path, *, skip_corrupt: bool = False) -> duckdb.DuckDB
             "{'eligible': 0, 'hard': 0, 'regular_drawn': 0} AS counts, {'min': 0.0, 'max': 0.0} AS weights, "
             "NULL::VARCHAR AS checksum, NULL::VARCHAR AS engine) WHERE false"
         )
+    # The events in the latest plan's metric (loss before any plan), as the planner reads it.
+    latest_metric = "(SELECT coalesce((SELECT metric FROM manifests ORDER BY epoch DESC LIMIT 1), 'loss'))"
+    con.execute(f"CREATE VIEW event_values AS SELECT *, {latest_metric} AS metric, "
+                f"{sql_difficulty(latest_metric)} AS value FROM events")
     _confine(con, [*part_files, *id_files, *state_files, *plan_files, *manifest_files])
     return con
 

@@ -21,9 +21,9 @@ variability, Cartography's hard-to-learn corner: ``mean >= q(mean, 1 - top_frac)
 learns, the metric of a learnable sample falls, so it moves (variability); a
 wrongly labelled sample stays high and moves little.
 
-``x`` is in the plan's metric and its units (``metric`` in the manifest): ``1 - token_acc``
-for ``token_acc``, else the metric's own column (``loss``, ``loss_sum``, ``coord_loss``,
-``label_loss``); a null is not an observation. This module is the definition;
+``x`` is in the plan's metric and its units (``metric`` in the manifest), as the registry
+(:mod:`hsm.metrics`) defines it: ``1 - token_acc`` for ``token_acc``, ``1 - det_f1`` for
+``det_f1``, else the metric's own column; a null is not an observation. This module is the definition;
 ``sql/suspects.sql`` (``hsm sql suspects``) computes the same list in DuckDB from the
 latest manifest's metric, and tests hold both to a naive loop and to each other. Pure functions over numpy/Arrow; :func:`read_epoch_metrics` is the
 only one that touches files.
@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from hsm.metrics import metric as metric_row
 
 __all__ = [
     "MIN_EPOCHS",
@@ -52,7 +54,6 @@ __all__ = [
 MIN_EPOCHS = 3
 TOP_FRAC = 0.1
 REGIONS = ("easy", "medium", "hard", "ambiguous")
-_METRICS = ("loss", "token_acc", "coord_loss", "label_loss", "loss_sum")
 _METRIC_COLUMNS = ("attempt", "epoch", "global_step", "rank", "dataset", "base_idx", "sample_id", "loss", "token_acc")
 
 
@@ -86,16 +87,14 @@ def epoch_metrics(events: pa.Table, target: str, metric: str) -> pa.Table:
 
     ``events`` must already be de-duplicated by attempt. Returns columns
     ``base_idx, sample_id, epoch, value`` sorted by ``(base_idx, epoch)``;
-    ``value`` is ``1 - token_acc`` for ``token_acc``, else the metric's own column
-    (``loss``, ``coord_loss``, ``label_loss``, ``loss_sum``); a null value is not an observation.
+    ``value`` is the registry's difficulty (``1 - token_acc`` for ``token_acc``, ``1 - det_f1``
+    for ``det_f1``, else the metric's own column); a null value is not an observation.
     """
-    if metric not in _METRICS:
-        raise ValueError(f"metric must be one of {', '.join(_METRICS)}, got {metric!r}")
+    row = metric_row(metric)  # ValueError naming the registry's metrics
     rows = events.filter(pc.equal(events.column("dataset").cast(pa.string()), target))
-    column = "token_acc" if metric == "token_acc" else metric
-    rows = rows.filter(pc.is_valid(rows.column(column)))
-    value = rows.column(column).cast(pa.float64())
-    if metric == "token_acc":
+    rows = rows.filter(pc.is_valid(rows.column(row.column)))
+    value = rows.column(row.column).cast(pa.float64())
+    if row.flip:
         value = pc.subtract(1.0, value)
     table = pa.table({
         "base_idx": rows.column("base_idx"), "sample_id": rows.column("sample_id").cast(pa.string()),
@@ -124,7 +123,8 @@ def read_epoch_metrics(hsm_dir: str | Path, epochs: range | list[int], target: s
 
     parts = []
     for epoch in epochs:
-        columns = _METRIC_COLUMNS if metric in ("loss", "token_acc") else (*_METRIC_COLUMNS, metric)
+        column = metric_row(metric).column
+        columns = _METRIC_COLUMNS if column in _METRIC_COLUMNS else (*_METRIC_COLUMNS, column)
         events = read_epoch_events(hsm_dir, epoch, skip_corrupt=skip_corrupt, columns=columns).table
         if events.num_rows:
             parts.append(epoch_metrics(events, target, metric))
@@ -136,12 +136,14 @@ def read_epoch_metrics(hsm_dir: str | Path, epochs: range | list[int], target: s
 
 def metric_label(metric: str) -> str:
     """What the per-epoch value ``x`` of ``metric`` is, for axes and captions: ``1 - token_acc``
-    for ``token_acc``, else the metric's own name (``loss_sum`` is a sum over tokens, not a mean).
+    for ``token_acc`` (``1 - column`` for every flipped metric of the registry), else the metric's
+    own name (``loss_sum`` is a sum over tokens, not a mean).
 
     Args:
         metric: the plan's metric.
     """
-    return "1 - token_acc" if metric == "token_acc" else metric
+    row = metric_row(metric)
+    return f"1 - {row.column}" if row.flip else metric
 
 
 def data_map(per_epoch: pa.Table, *, min_epochs: int = MIN_EPOCHS, top_frac: float = TOP_FRAC) -> DataMap:

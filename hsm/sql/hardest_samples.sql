@@ -14,13 +14,8 @@ top AS (
 ),
 history AS (
     SELECT sample_id, epoch,
-           avg(CASE (SELECT name FROM metric)
-                   WHEN 'token_acc' THEN 1.0 - CAST(token_acc AS DOUBLE)
-                   WHEN 'coord_loss' THEN CAST(coord_loss AS DOUBLE)
-                   WHEN 'label_loss' THEN CAST(label_loss AS DOUBLE)
-                   WHEN 'loss_sum' THEN CAST(loss_sum AS DOUBLE)
-                   ELSE CAST(loss AS DOUBLE) END) AS value
-    FROM events
+           avg(value) AS value
+    FROM event_values
     WHERE sample_id IN (SELECT sample_id FROM top)
     GROUP BY ALL
 )

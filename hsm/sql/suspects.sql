@@ -1,18 +1,13 @@
 -- Label-noise suspects (Dataset Cartography) on the plan's metric: target samples drawn in >= 3 epochs, in the top 10% by mean per-epoch metric, with variability <= the median.
 -- The same list as hsm.mining.suspects (report, suspects.csv): per (sample, epoch) the mean of the plan's metric
--- (1 - token_acc for token_acc, else the metric's own column: loss, coord_loss, label_loss or loss_sum), nulls not observed.
+-- (event_values.value: 1 - token_acc for token_acc, 1 - det_f1 for det_f1, else the metric's own column), nulls not observed.
 WITH metric AS (
     SELECT coalesce((SELECT metric FROM manifests ORDER BY epoch DESC LIMIT 1), 'loss') AS name
 ),
 observed AS (
     SELECT base_idx, sample_id, epoch,
-           CASE (SELECT name FROM metric)
-               WHEN 'token_acc' THEN 1.0 - CAST(token_acc AS DOUBLE)
-               WHEN 'coord_loss' THEN CAST(coord_loss AS DOUBLE)
-               WHEN 'label_loss' THEN CAST(label_loss AS DOUBLE)
-               WHEN 'loss_sum' THEN CAST(loss_sum AS DOUBLE)
-               ELSE CAST(loss AS DOUBLE) END AS value
-    FROM events
+           value
+    FROM event_values
     WHERE dataset IN (SELECT DISTINCT dataset FROM plans)
 ),
 per_epoch AS (

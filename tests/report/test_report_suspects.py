@@ -135,7 +135,7 @@ def _write_metric_run(root, metric: str):
     """4 epochs of target events with every metric column; sample 0 stays hardest by ``metric`` and flat."""
     from hsm.mining.event_writer import EventWriter
 
-    rng = np.random.default_rng({"loss": 1, "token_acc": 2, "loss_sum": 3}[metric])
+    rng = np.random.default_rng({"loss": 1, "token_acc": 2, "loss_sum": 3, "det_f1": 4}[metric])
     hsm_dir = root / "hsm"
     with EventWriter(hsm_dir, run_id="r", rank=0, attempt=0) as writer:
         for epoch in range(4):
@@ -147,13 +147,14 @@ def _write_metric_run(root, metric: str):
                 loss = rng.uniform(0.1, 2.0, len(idx)) * 0.8 ** epoch
                 acc = rng.uniform(0.3, 1.0, len(idx))
                 loss_sum = [float(a * b) if rng.random() > 0.15 else None for a, b in zip(loss, n_tokens)]
+                det_f1 = [float(a) if rng.random() > 0.5 else None for a in rng.uniform(0.2, 1.0, len(idx))]
                 for k, i in enumerate(idx):
                     if i == 0:  # the planted suspect, by whichever metric the plan uses
-                        loss[k], acc[k], loss_sum[k], n_tokens[k] = 5.0, 0.05, 500.0, 100
+                        loss[k], acc[k], loss_sum[k], n_tokens[k], det_f1[k] = 5.0, 0.05, 500.0, 100, 0.02
                 writer.append(epoch=epoch, global_step=epoch * 1000 + step, dataset=[TARGET] * len(idx), base_idx=idx,
                               sample_id=[f"t{i}" for i in idx], loss=loss.tolist(), token_acc=acc.tolist(),
                               n_tokens=n_tokens.tolist(), aug_seed=[0] * len(idx), drawn_as_hard=[False] * len(idx),
-                              loss_sum=loss_sum)
+                              loss_sum=loss_sum, det_f1=det_f1)
     config = {"custom": {"hard_sample_mining": {"enabled": True, "selector": {"k": 5}, "metric": metric},
                          "fusion_config": {"target": {"name": TARGET}}}}
     (hsm_dir / "config.yaml").write_text(yaml.safe_dump(config))
@@ -161,7 +162,7 @@ def _write_metric_run(root, metric: str):
     return hsm_dir
 
 
-@pytest.mark.parametrize("metric", ["loss", "token_acc", "loss_sum"])
+@pytest.mark.parametrize("metric", ["loss", "token_acc", "loss_sum", "det_f1"])
 def test_one_suspect_list_for_sql_report_and_csv(tmp_path, metric):
     import csv
 
@@ -181,5 +182,5 @@ def test_one_suspect_list_for_sql_report_and_csv(tmp_path, metric):
     rows = list(csv.DictReader(report.suspects_csv.open(newline="")))
     assert [int(r["base_idx"]) for r in rows] == [row["base_idx"] for row in from_sql]
     assert {r["metric"] for r in rows} == {metric}
-    label = "1 - token_acc" if metric == "token_acc" else metric
+    label = {"token_acc": "1 - token_acc", "det_f1": "1 - det_f1"}.get(metric, metric)
     assert f"per-epoch mean {label} (the plan's metric" in report.html.read_text()

@@ -33,3 +33,24 @@ def test_views_join_sample_id_onto_state_and_plans(tmp_path):
     assert {(d, i) for d, i, _ in ids} == observed and len(ids) == len(observed)
     # The hardest samples query, which joins events on sample_id, still works through the views.
     assert con.sql("SELECT count(*) FROM plans p JOIN events e USING (sample_id)").fetchall()[0][0] > 0
+
+
+def test_event_values_are_the_latest_plans_metric_as_difficulty(tmp_path):
+    rows = random_rows(np.random.default_rng(7), n_target=12, n_epochs=2, n_ranks=2, max_obs=2)
+    hsm_dir = tmp_path / "hsm"
+    write_rows(hsm_dir, rows)
+    con = connect(tmp_path)  # before any plan: loss
+    got = con.sql("SELECT DISTINCT metric FROM event_values").fetchall()
+    assert got == [("loss",)]
+    plan_epoch(hsm_dir, 2, MiningConfig(enabled=True, selector={"k": 3}, metric="token_acc"), TARGET)
+    con = connect(tmp_path)
+    got = con.sql("SELECT epoch, global_step, rank, position, metric, value FROM event_values").fetchall()
+    # Every attempt kept by the events view, with 1 - token_acc (as float32 was logged) as its value.
+    kept = {}
+    for r in rows:
+        key = (r["epoch"], r["global_step"], r["rank"])
+        kept[key] = max(kept.get(key, -1), r["attempt"])
+    want = {(r["epoch"], r["global_step"], r["rank"], r["position"]): 1.0 - float(np.float32(r["token_acc"]))
+            for r in rows if r["attempt"] == kept[(r["epoch"], r["global_step"], r["rank"])]}
+    assert {g[:4]: g[5] for g in got} == want
+    assert {g[4] for g in got} == {"token_acc"}
