@@ -49,15 +49,15 @@ def score(
     out: Path = typer.Option(Path("eval_out"), "--out", help="Output folder (one subfolder per dataset)."),
 ) -> None:
     """Score answers produced by any engine against the records."""
-    from hsm.data.answer import COORD_FORMATS
+    from hsm.data.answer import COORD_FORMATS, needs_resized
     from hsm.config import ConfigError
     from hsm.eval.scoring import AnswerError, read_answers, record_keys, score_records_file, summary_table, write_dataset, write_metrics
     from hsm.data.records import RecordError, read_jsonl
 
     if coord_format not in COORD_FORMATS:
         raise fail("eval score", f"--coord-format must be one of {', '.join(COORD_FORMATS)}, got {coord_format!r}")
-    if coord_format == "abs" and processor is None:
-        raise fail("eval score", "--coord-format abs needs --processor (the resize that produced the answer's pixels)")
+    if needs_resized(coord_format) and processor is None:
+        raise fail("eval score", f"--coord-format {coord_format} needs --processor (the resize that produced the answer's pixels)")
     name = name or records.stem
     try:
         rows = read_jsonl(records, check_images=False)

@@ -27,6 +27,7 @@ from hsm.data.json_values import MAX_DEPTH, decode_value, skip_ws
 
 __all__ = [
     "COORD_FORMATS",
+    "needs_resized",
     "PARSE_STATUSES",
     "ParsedAnswer",
     "format_answer",
@@ -43,6 +44,10 @@ __all__ = [
 ]
 
 COORD_FORMATS = ("rel1000", "abs")
+# The formats whose coordinates are pixels of the processor-resized image: writing or reading
+# them needs the processor's resize (:func:`resized_size`). Every caller asks :func:`needs_resized`,
+# so a new format is this table and :func:`answer_scale`.
+_RESIZED_FORMATS = frozenset({"abs"})
 # ok: one complete JSON list; bare_objects: objects without an enclosing list;
 # truncated: the list (or object run) stops early, complete objects kept;
 # failed: no list or object found; missing: no answer at all (set by evaluation).
@@ -55,6 +60,17 @@ _START = re.compile(r'\[|\{(?=[ \t\n\r]*["}])')
 _BRACKET_RUN = re.compile(r"[\[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
 _FAST_TRIES = 4
+
+
+def needs_resized(coord_format: str) -> bool:
+    """Whether answers in ``coord_format`` are in pixels of the processor-resized image.
+
+    Args:
+        coord_format: one of :data:`COORD_FORMATS`.
+    """
+    if coord_format not in COORD_FORMATS:
+        raise ValueError(f"coord_format must be one of {COORD_FORMATS}, got {coord_format!r}")
+    return coord_format in _RESIZED_FORMATS
 
 
 def answer_scale(coord_format: str, width: int, height: int, resized: tuple[int, int] | None = None) -> tuple[float, float]:

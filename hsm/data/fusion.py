@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hsm.data.answer import resized_size
+from hsm.data.answer import needs_resized, resized_size
 from hsm.data.augment import augment, curriculum_strength, derive_aug_seed
 from hsm.config import AugmentationConfig, FusionConfig, MiningConfig, ModelConfig
 from hsm.data.encoding import Template, format_answer, resolve_prompts
@@ -135,7 +135,7 @@ class FusionDataset:
             image, boxes, labels, dropped = augment(image, boxes, labels, policy, seed=aug_seed, strength=strength)
         height, width = image.shape[:2]
         resized = None
-        if self.model_cfg.coord_format == "abs":
+        if needs_resized(self.model_cfg.coord_format):
             resized = resized_size(self.template.processor, width, height)  # the processor's own factor and limits
         answer = format_answer(boxes, labels, width, height, self.model_cfg.coord_format, resized)
         prompts = self.prompts[code]

@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from hsm.data.answer import format_answer, resized_size
+from hsm.data.answer import format_answer, needs_resized, resized_size
 from hsm.data.encoding import Prompts, Template
 from hsm.data.fusion import FusionDataset, cap_objects
 from hsm.data.records import Record, RecordError
@@ -90,7 +90,7 @@ def record_lengths(template: Template, prompts: Prompts, records: list[Record], 
     answers, visual = [], np.zeros(len(records), dtype=np.int64)
     for i, record in enumerate(records):
         boxes, labels, _ = cap_objects(record, cap, seed=seed, code=code, base_idx=i)
-        resized = resized_size(processor, record.width, record.height) if coord_format == "abs" else None
+        resized = resized_size(processor, record.width, record.height) if needs_resized(coord_format) else None
         answers.append(_HEADER + format_answer(boxes, labels, record.width, record.height, coord_format, resized) + _END)
         visual[i] = visual_token_count(processor, record.width, record.height)
     tails = processor.tokenizer(answers, add_special_tokens=False)["input_ids"] if answers else []

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from hsm.eval.metrics import DatasetScore, score_dataset
 from hsm.io import write_bytes_atomic, write_json_atomic
+from hsm.data.answer import needs_resized
 from hsm.data.records import Record, json_lines, read_jsonl
 
 __all__ = [
@@ -118,12 +119,12 @@ def score_records_file(records_path: str | Path, answers: list[str | None], coor
     ``records``: the file's records already read, or their first ``n`` (``max_samples``).
     ``coord_format: abs`` needs ``processor`` (its resize, :func:`hsm.data.answer.resized_size`).
     """
-    if coord_format == "abs" and processor is None:
-        raise ValueError("coord_format 'abs' needs the processor that resized the images (--processor)")
+    if needs_resized(coord_format) and processor is None:
+        raise ValueError(f"coord_format {coord_format!r} needs the processor that resized the images (--processor)")
     if records is None:
         records = read_jsonl(records_path, check_images=False)
     resized = None
-    if coord_format == "abs":
+    if needs_resized(coord_format):
         from hsm.data.answer import resized_size
 
         resized = [resized_size(processor, r.width, r.height) for r in records]

@@ -20,6 +20,7 @@ import numpy as np
 from transformers import TrainerCallback
 
 from hsm.config import DetF1Config
+from hsm.data.answer import needs_resized
 from hsm.data.fusion import sample_id_of
 from hsm.data.records import Record
 from hsm.eval.generation import generate_answers
@@ -98,7 +99,7 @@ class DetF1Callback(TrainerCallback):
         for k, answer in zip(order, generated):
             answers[k] = answer
         resized = [None] * len(mine)
-        if self.coord_format == "abs":
+        if needs_resized(self.coord_format):
             from hsm.data.answer import resized_size
 
             resized = [resized_size(self.processor, r.width, r.height) for r in mine]

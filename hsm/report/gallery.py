@@ -81,7 +81,7 @@ def record_thumbnails(record: Record, prediction: dict[str, Any] | None, coord_f
     """
     from PIL import Image, ImageDraw
 
-    from hsm.data.answer import answer_boxes_to_pixels, parse_answer
+    from hsm.data.answer import answer_boxes_to_pixels, needs_resized, parse_answer
 
     with Image.open(record.image) as img:
         img.draft("RGB", (side, side))
@@ -90,7 +90,7 @@ def record_thumbnails(record: Record, prediction: dict[str, Any] | None, coord_f
     labels = [o.label for o in record.objects]
     gt = data_uri(_encode(rgb, scaled_boxes(record, size), GT_COLOR, side, *size, Image, ImageDraw, labels))
     pred = None
-    if prediction is not None and prediction.get("answer") is not None and coord_format == "rel1000":
+    if prediction is not None and prediction.get("answer") is not None and not needs_resized(coord_format):
         parsed = parse_answer(prediction["answer"])
         pixels = answer_boxes_to_pixels(parsed.boxes, record.width, record.height, coord_format)
         sx, sy = size[0] / record.width, size[1] / record.height

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers import Qwen2VLImageProcessorPil
 
-from hsm.data.answer import PARSE_STATUSES, answer_boxes_to_pixels, format_answer, parse_answer, resize_factor, resized_size
+from hsm.data.answer import PARSE_STATUSES, answer_boxes_to_pixels, answer_scale, format_answer, parse_answer, resize_factor, resized_size
 
 LABELS = st.text(alphabet=st.characters(blacklist_characters="`", blacklist_categories=("Cs",)), min_size=1, max_size=8)
 # Prose around an answer: anything without brackets, braces or backticks.
@@ -321,3 +321,13 @@ def test_parse_time_is_linear_in_the_text(piece, size):
 @pytest.mark.parametrize("text", ["[" * 1000, "{" * 1_000_000, "[" * 1_000_000, "[" * 5000 + "]" * 5000])
 def test_hostile_answers_parse_quickly(text):
     assert _best_time(text, repeats=1) < 2.0
+
+
+def test_needs_resized_is_true_only_for_pixel_formats_and_refuses_unknown_ones():
+    from hsm.data.answer import COORD_FORMATS, needs_resized
+
+    # abs answers are pixels of the resized image: a 2x resize doubles them, rel1000 ignores it.
+    assert [needs_resized(f) for f in COORD_FORMATS] == [
+        answer_scale(f, 100, 50, (200, 100)) != answer_scale(f, 100, 50, None) for f in COORD_FORMATS]
+    with pytest.raises(ValueError, match="rel100"):
+        needs_resized("rel100")
