@@ -104,18 +104,9 @@ def merge_slots(prev_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np
 def fold_epoch(
     state: pa.Table | None, events: pa.Table, *, epoch: int, ema_decay: float, per_epoch: bool = False
 ) -> pa.Table:
-    """Fold one epoch of (deduplicated) events into ``state``.
-
-    Args:
-        state: the previous state, ``FOLD_COLUMNS`` sorted by unique ``key``, or None.
-        events: this epoch's events: ``key``, ``x`` (float64 metric value), ``global_step``,
-            ``rank``, ``position``.
-        epoch: the epoch being folded; written to ``last_epoch``.
-        ema_decay: ``decay`` of :mod:`hsm.mining.state`.
-        per_epoch: also fold ``n_epochs``, ``epoch_mean`` and ``epoch_ema`` (``state`` has them).
-
-    Returns:
-        :func:`output_columns`, sorted by ``key``: every previous and every new sample.
+    """Fold one epoch of (deduplicated) events into ``state``: the engine contract of
+    :mod:`hsm.mining.engines` (arguments and result as in the polars engine's ``fold_epoch``),
+    computed with :func:`merge_slots`, whole-array passes and the in-order kernel.
     """
     d = float(ema_decay)
     prev_keys = state.column("key").to_numpy() if state is not None else np.zeros(0, dtype=np.int64)
