@@ -101,6 +101,33 @@ def merge_slots(prev_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np
     return merged, prev_at, slots
 
 
+def _fold_repeats(events: pa.Table, slot: np.ndarray, k: np.ndarray, x: np.ndarray, d: float, *, n_obs: np.ndarray,
+                  mean: np.ndarray, ema: np.ndarray, last: np.ndarray, first_row: np.ndarray,
+                  epoch_sum: np.ndarray | None) -> None:
+    """Fold the samples observed ``k > 1`` times this epoch, in place: their events put in
+    observation order (an integer lexsort of that subset only), then the state's rules."""
+    multi = np.flatnonzero((k > 1)[slot])
+    if not len(multi):
+        return
+    columns = [events.column(c).to_numpy()[multi] for c in ("position", "rank", "global_step")]
+    order = multi[np.lexsort((*columns, slot[multi]))]
+    slot_sorted = slot[order]
+    starts = np.flatnonzero(np.r_[True, slot_sorted[1:] != slot_sorted[:-1]])
+    lengths = np.diff(np.r_[starts, len(order)])
+    group = slot_sorted[starts]
+    g_n = n_obs[group]
+    g_ema = np.where(g_n == 0, x[order[starts]], d * ema[group] + (1.0 - d) * x[order[starts]])
+    g_sum = x[order[starts]].copy()
+    continue_sequential(starts, lengths, x[order], g_ema, g_sum, d)
+    n_obs[group] = g_n + lengths
+    mean[group] = (mean[group] * g_n + g_sum) / (g_n + lengths)
+    ema[group] = g_ema
+    last[group] = x[order[starts + lengths - 1]]
+    first_row[group] = order[starts]
+    if epoch_sum is not None:
+        epoch_sum[group] = g_sum
+
+
 def fold_epoch(
     state: pa.Table | None, events: pa.Table, *, epoch: int, ema_decay: float, per_epoch: bool = False
 ) -> pa.Table:
@@ -156,25 +183,8 @@ def fold_epoch(
     del x_at, single
 
     # Samples observed several times: order their events, fold sequentially.
-    multi = np.flatnonzero((k > 1)[slot])
-    if len(multi):
-        columns = [events.column(c).to_numpy()[multi] for c in ("position", "rank", "global_step")]
-        order = multi[np.lexsort((*columns, slot[multi]))]
-        slot_sorted = slot[order]
-        starts = np.flatnonzero(np.r_[True, slot_sorted[1:] != slot_sorted[:-1]])
-        lengths = np.diff(np.r_[starts, len(order)])
-        group = slot_sorted[starts]
-        g_n = n_obs[group]
-        g_ema = np.where(g_n == 0, x[order[starts]], d * ema[group] + (1.0 - d) * x[order[starts]])
-        g_sum = x[order[starts]].copy()
-        continue_sequential(starts, lengths, x[order], g_ema, g_sum, d)
-        n_obs[group] = g_n + lengths
-        mean[group] = (mean[group] * g_n + g_sum) / (g_n + lengths)
-        ema[group] = g_ema
-        last[group] = x[order[starts + lengths - 1]]
-        first_row[group] = order[starts]
-        if per_epoch:
-            epoch_sum[group] = g_sum
+    _fold_repeats(events, slot, k, x, d, n_obs=n_obs, mean=mean, ema=ema, last=last, first_row=first_row,
+                  epoch_sum=epoch_sum)
     seen = k > 0
     last_epoch[seen] = epoch
     out = {"key": keys, "n_obs": n_obs, "mean": mean, "ema": ema, "last": last, "last_epoch": last_epoch,
