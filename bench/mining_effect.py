@@ -32,9 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PRESETS = {
     # 16 visual tokens (64 px, patch 8, merge 2: one token per grid cell), 0.98M parameters;
-    # 7 epochs of 4,000 images = 1,750 steps (6 plans). At 1,500 steps uniform reached clean mAP50 0.48.
+    # 10 epochs of 4,000 images = 2,500 steps (9 plans). 1,750 steps left two of three seeds short of
+    # clean mAP50 0.5 (docs/mining_effect.md, History).
     "cpu": {"size": 64, "patch": 8, "n_train": 4000, "n_val": 48, "hidden": 128, "layers": 4, "vision_depth": 2,
-            "vision_hidden": 64, "batch": 16, "lr": 3e-3, "warmup": 100, "epochs": 7, "eval_batch": 96,
+            "vision_hidden": 64, "batch": 16, "lr": 3e-3, "warmup": 100, "epochs": 10, "eval_batch": 96,
             "max_new_tokens": 200, "det_every": 3},
     # Not run yet (no GPU in the session that wrote it): 128 px (64 visual tokens), a wider model, more steps.
     "gpu": {"size": 128, "patch": 8, "n_train": 40000, "n_val": 200, "hidden": 384, "layers": 8, "vision_depth": 4,
