@@ -92,13 +92,16 @@ def test_cli_from_the_wheel(installed, run_dir, tmp_path):
     hsm = installed / "hsm"
     assert "plan" in _run([hsm, "--help"], cwd=tmp_path).stdout
     _run([hsm, "plan", "--run-dir", run_dir, "--epoch", "2"], cwd=tmp_path)
-    # The default engine and the SQL one (its query is package data) agree byte for byte on the next plan.
-    other = tmp_path / "other"
+    # The default engine, the SQL one (its query is package data) and numpy agree byte for byte on the next plan.
+    other, third = tmp_path / "other", tmp_path / "third"
     shutil.copytree(run_dir, other)
+    shutil.copytree(run_dir, third)
     _run([hsm, "plan", "--run-dir", run_dir, "--epoch", "3", "--engine", "duckdb"], cwd=tmp_path)
     _run([hsm, "plan", "--run-dir", other, "--epoch", "3"], cwd=tmp_path)
+    _run([hsm, "plan", "--run-dir", third, "--epoch", "3", "--engine", "numpy"], cwd=tmp_path)
     plan = Path("hsm", "plans", "epoch=3", "plan.parquet")
     assert pq.read_table(run_dir / plan).equals(pq.read_table(other / plan))
+    assert pq.read_table(third / plan).equals(pq.read_table(other / plan))
     trend = json.loads(_run([hsm, "sql", "--run-dir", run_dir, "difficulty_trend", "--format", "json"], cwd=tmp_path).stdout)
     assert {row["epoch"] for row in trend} == {2, 3}
     out = tmp_path / "report.html"

@@ -192,20 +192,17 @@ def import_coco(coco_json: str | Path, images_dir: str | Path, out: str | Path, 
 
 
 def _write_all(targets: list[tuple[Path, list]]) -> None:
-    """Each JSONL through a temp file; all renamed in only once all are written."""
-    written = []
-    try:
-        for path, chosen in targets:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            with tmp.open("w", encoding="utf-8") as f:
-                for image_path, record in chosen:
-                    relative = os.path.relpath(image_path.resolve(), path.parent.resolve())
-                    f.write(json.dumps({"id": record["id"], "image": relative, "width": record["width"],
-                                        "height": record["height"], "objects": record["objects"]}) + "\n")
-            written.append((tmp, path))
-        for tmp, path in written:
-            tmp.replace(path)
-    finally:
-        for tmp, _ in written:
-            tmp.unlink(missing_ok=True)
+    """Every JSONL built in memory first, then each written atomically (:func:`hsm.io.write_bytes_atomic`):
+    a failure while building leaves no file written."""
+    from hsm.io import write_bytes_atomic
+
+    contents = []
+    for path, chosen in targets:
+        lines = []
+        for image_path, record in chosen:
+            relative = os.path.relpath(image_path.resolve(), path.parent.resolve())
+            lines.append(json.dumps({"id": record["id"], "image": relative, "width": record["width"],
+                                     "height": record["height"], "objects": record["objects"]}) + "\n")
+        contents.append((path, "".join(lines).encode("utf-8")))
+    for path, data in contents:
+        write_bytes_atomic(data, path)
