@@ -84,15 +84,6 @@ def merge_shards(shards: list[list]) -> list:
     return merged
 
 
-def _gather(values: list[str], world) -> list[list[str]]:
-    """Every rank's list, on every rank (JSON bytes by broadcast; no pickle)."""
-    if world.world_size == 1:
-        return [values]
-    mine = json.dumps(values).encode("utf-8")
-    return [json.loads(distributed.broadcast_bytes(mine if world.rank == src else None, src=src))
-            for src in range(world.world_size)]
-
-
 def evaluate_model(model, processor, fusion: FusionConfig, datasets: list[EvalSplit], out_dir: str | Path,
                    coord_format: str, *, max_new_tokens: int, batch_size: int, max_samples: int | None = None,
                    on_batch: Callable[[str, int, int], None] | None = None) -> dict[str, dict]:
@@ -120,7 +111,8 @@ def evaluate_model(model, processor, fusion: FusionConfig, datasets: list[EvalSp
         answers = generate_answers(model, processor, mine, resolve_prompts(fusion, dataset.name),
                                    max_new_tokens=max_new_tokens, batch_size=batch_size,
                                    max_image_side=fusion.max_image_side, on_batch=progress)
-        shards = _gather(answers, world)
+        # Every rank's answers on every rank, as JSON bytes (no pickle).
+        shards = [json.loads(b) for b in distributed.all_gather_bytes(json.dumps(answers).encode("utf-8"))]
         if not distributed.on_main(world):
             continue
         ordered = merge_shards(shards)

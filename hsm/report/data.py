@@ -189,8 +189,10 @@ def read_predictions(run_dir: Path, target: str) -> dict[str, dict[str, Any]]:
 
 
 def order_by_score(plan: pa.Table, *, hardest: bool) -> np.ndarray:
-    """Row indices in rank order: score desc (or asc for the easiest), then sample_id asc."""
-    import pyarrow.compute as pc
+    """Row indices in the planner's rank order (:func:`hsm.mining.select.rank_order`): score desc,
+    then sample_id asc, a NaN score last; for the easiest, score asc with NaN still last."""
+    from hsm.mining.select import rank_order
 
-    direction = "descending" if hardest else "ascending"
-    return pc.sort_indices(plan, sort_keys=[("score", direction), ("sample_id", "ascending")]).to_numpy()
+    scores = plan.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+    ids = plan.column("sample_id").combine_chunks()
+    return rank_order(scores if hardest else -scores, ids, np.arange(len(scores)))

@@ -7,8 +7,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from browser import find_chromium, load_page, page_url
@@ -192,3 +195,17 @@ def test_eval_output_beside_the_ground_truth(run_dir, tmp_path):
     assert f'<dd class="labels">{numbered(o.label for o in record.objects)}</dd>' in card
     assert f'<dd class="predicted-labels">{numbered(labels)}</dd>' in card
     assert 'class="predicted-labels"' not in first.html.read_text()  # no eval output, no predicted labels
+
+
+@settings(max_examples=50, deadline=None)
+@given(scores=st.lists(st.one_of(st.sampled_from([0.0, 1.0, 2.5, float("nan")]), st.floats(-5, 5)), max_size=12),
+       hardest=st.booleans())
+def test_report_order_is_the_planners_rank_order_with_nan_last(scores, hardest):
+    from hsm.report.data import order_by_score
+
+    ids = [f"s{(7 * i) % 13:02d}" for i in range(len(scores))]  # ties broken by id, not by row
+    plan = pa.table({"score": pa.array(scores, pa.float64()), "sample_id": ids})
+    observed = [i for i in range(len(scores)) if scores[i] == scores[i]]
+    naive = sorted(observed, key=lambda i: ((-scores[i] if hardest else scores[i]), ids[i]))
+    naive += sorted((i for i in range(len(scores)) if i not in observed), key=lambda i: ids[i])
+    assert order_by_score(plan, hardest=hardest).tolist() == naive
