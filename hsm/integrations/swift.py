@@ -157,19 +157,22 @@ def write_grounding_jsonl(records_jsonl: str | Path, out: str | Path, *,
     from hsm.data.encoding import format_answer
     from hsm.data.records import read_jsonl
 
+    from hsm.io import write_bytes_atomic
+
     records = read_jsonl(records_jsonl)
-    with Path(out).open("w", encoding="utf-8") as f:
-        for i, record in enumerate(records):
-            boxes, labels = [o.bbox for o in record.objects], [o.label for o in record.objects]
-            if formats[i % len(formats)] == "bbox_2d":
-                answer = format_answer(boxes, labels, record.width, record.height, "rel1000")
-                objects = {"ref": [], "bbox": []}
-            else:
-                answer = "<ref-object><bbox>" * len(boxes)
-                objects = {"ref": labels, "bbox": [[round(v) for v in b] for b in boxes]}
-            row = {"messages": [{"role": "user", "content": f"<image>{prompt}"}, {"role": "assistant", "content": answer}],
-                   "images": [str(Path(record.image).resolve())], "objects": objects}
-            f.write(json.dumps(row) + "\n")
+    lines = []
+    for i, record in enumerate(records):
+        boxes, labels = [o.bbox for o in record.objects], [o.label for o in record.objects]
+        if formats[i % len(formats)] == "bbox_2d":
+            answer = format_answer(boxes, labels, record.width, record.height, "rel1000")
+            objects = {"ref": [], "bbox": []}
+        else:
+            answer = "<ref-object><bbox>" * len(boxes)
+            objects = {"ref": labels, "bbox": [[round(v) for v in b] for b in boxes]}
+        row = {"messages": [{"role": "user", "content": f"<image>{prompt}"}, {"role": "assistant", "content": answer}],
+               "images": [str(Path(record.image).resolve())], "objects": objects}
+        lines.append(json.dumps(row) + "\n")
+    write_bytes_atomic("".join(lines).encode("utf-8"), out)  # all rows or none
     return len(records)
 
 
