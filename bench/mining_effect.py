@@ -36,15 +36,15 @@ PRESETS = {
     # clean mAP50 0.5 (docs/mining_effect.md, History).
     "cpu": {"size": 64, "patch": 8, "n_train": 4000, "n_val": 48, "hidden": 128, "layers": 4, "vision_depth": 2,
             "vision_hidden": 64, "batch": 16, "lr": 3e-3, "warmup": 100, "epochs": 10, "eval_batch": 96,
-            "max_new_tokens": 200, "det_every": 3},
+            "max_new_tokens": 200, "det_every": 3, "curve_from": 5},
     # Not run yet (no GPU in the session that wrote it): 128 px (64 visual tokens), a wider model, more steps.
     "gpu": {"size": 128, "patch": 8, "n_train": 40000, "n_val": 200, "hidden": 384, "layers": 8, "vision_depth": 4,
             "vision_hidden": 128, "batch": 64, "lr": 1e-3, "warmup": 500, "epochs": 8, "eval_batch": 256,
-            "max_new_tokens": 400, "det_every": 2},
+            "max_new_tokens": 400, "det_every": 2, "curve_from": 4},
     # A smoke test of the whole path in a minute (learns nothing).
     "smoke": {"size": 64, "patch": 8, "n_train": 64, "n_val": 4, "hidden": 32, "layers": 1, "vision_depth": 1,
               "vision_hidden": 16, "batch": 16, "lr": 3e-3, "warmup": 2, "epochs": 3, "eval_batch": 24,
-              "max_new_tokens": 40, "det_every": 1},
+              "max_new_tokens": 40, "det_every": 1, "curve_from": 2},
 }
 SELECT = {"selector": {"mode": "percentile", "value": 0.2}, "hard_weight": 3.0}
 BASE = {"enabled": True, "start_epoch": 1}
@@ -102,12 +102,39 @@ def run_config(corpus: dict, out: Path, mining: dict | None, preset: dict, seed:
     return {"model": model, "training": training, "custom": custom}
 
 
-def counting_trainer():
-    """A ``transformers.Trainer`` that counts the supervised tokens it trains on."""
-    from transformers import Trainer
+def counting_trainer(curve: dict | None = None):
+    """A ``transformers.Trainer`` that counts the supervised tokens it trains on.
+
+    With ``curve`` (``corpus``, ``slices``, ``shares``, ``preset``, ``from_epoch``), it also scores
+    val at the end of every epoch from ``from_epoch`` on (greedy answers, no training RNG drawn)
+    and keeps ``(global_step, overall, clean)`` mAP50 in ``trainer.curve``: the steps an arm needs
+    to reach uniform's final mAP50.
+    """
+    from transformers import Trainer, TrainerCallback
+
+    class CurveCallback(TrainerCallback):
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            if curve is None or state.epoch is None or round(state.epoch) < curve["from_epoch"]:
+                return
+            import torch
+
+            rng = torch.get_rng_state()
+            per_slice = detection(self.trainer, curve["corpus"], curve["slices"], curve["preset"])
+            torch.set_rng_state(rng)
+            total = overall(per_slice, curve["shares"])
+            self.trainer.curve.append((state.global_step, total["AP50"], per_slice["clean"]["AP50"]))
 
     class CountingTrainer(Trainer):
         supervised_tokens = 0
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.curve: list[tuple[int, float, float]] = []
+            if curve is not None:
+                self.add_callback(CurveCallback(self))
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:
@@ -188,7 +215,11 @@ def train_one(seed: int, arm: str, preset: dict, out: Path) -> dict:
     cuda = torch.cuda.is_available()
     started = time.perf_counter()
     cfg = parse_config(run_config(corpus, out / f"run-{seed}-{arm}", ARMS[arm], preset, seed, cuda), f"arm {arm}")
-    summary = train(cfg, base_trainer=counting_trainer())
+    curve = None
+    if preset.get("curve_from", 0) > 0 and ARMS[arm] is not None:  # mining arms only: uniform needs its final value
+        curve = {"corpus": corpus, "slices": info["val"], "shares": info["shares"], "preset": preset,
+                 "from_epoch": int(preset["curve_from"])}
+    summary = train(cfg, base_trainer=counting_trainer(curve))
     trainer = summary["trainer"]
     trained = time.perf_counter() - started
     per_slice = detection(trainer, corpus, info["val"], preset)
@@ -199,7 +230,7 @@ def train_one(seed: int, arm: str, preset: dict, out: Path) -> dict:
             "train_seconds": trained, "seconds": time.perf_counter() - started, "val": per_slice,
             "supervised_tokens": trainer.supervised_tokens, "det_f1_seconds": det_cost[0] if det_cost else None,
             "suspects": suspects_found(Path(summary["hsm_dir"]), preset["epochs"], set(info["noise"])),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "curve": trainer.curve}
 
 
 def run_parallel(args, preset: dict) -> None:

@@ -95,7 +95,27 @@ def markdown(runs: list[dict], summary: dict) -> str:
               "| arm | verdict |", "|---|---|"]
     lines += [f"| {arm} | {text} |" for arm, text in on_ap50.items()] + [""]
     lines += compute_table(runs, summary["arms"])
+    lines += steps_to_match(runs, summary["arms"])
     return "\n".join(lines) + "\n"
+
+
+def steps_to_match(runs: list[dict], arms: list[str]) -> list[str]:
+    """Per mining arm and seed: the first epoch-end step whose overall mAP50 reaches uniform's final one."""
+    final = {r["seed"]: r["val"]["overall"]["AP50"] for r in runs if r["arm"] == "uniform"}
+    rows = []
+    for arm in arms:
+        for r in sorted((r for r in runs if r["arm"] == arm and r.get("curve") and r["seed"] in final),
+                        key=lambda r: r["seed"]):
+            target = final[r["seed"]]
+            reached = next((step for step, total, _ in r["curve"] if total >= target), None)
+            points = ", ".join(f"{step}: {total:.3f}" for step, total, _ in r["curve"])
+            when = f"{reached} ({reached / r['global_step']:.0%} of the steps)" if reached else "not reached"
+            rows.append(f"| {arm} | {r['seed']} | {target:.3f} | {when} | {points} |")
+    if not rows:
+        return []
+    return ["**Steps to reach uniform's final overall mAP50** (val scored at epoch ends; the compute an arm saves)", "",
+            "| arm | seed | uniform's final overall mAP50 | first step at or above it | overall mAP50 by step |",
+            "|---|---|---|---|---|", *rows, ""]
 
 
 def compute_table(runs: list[dict], arms: list[str]) -> list[str]:
