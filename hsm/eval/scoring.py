@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from hsm.eval.metrics import DatasetScore, score_dataset
 from hsm.io import write_bytes_atomic, write_json_atomic
-from hsm.data.answer import needs_resized
+from hsm.data.answer import needs_resized, resized_size
 from hsm.data.records import Record, json_lines, read_jsonl
 
 __all__ = [
@@ -125,8 +125,6 @@ def score_records_file(records_path: str | Path, answers: list[str | None], coor
         records = read_jsonl(records_path, check_images=False)
     resized = None
     if needs_resized(coord_format):
-        from hsm.data.answer import resized_size
-
         resized = [resized_size(processor, r.width, r.height) for r in records]
     names = read_image_names(records_path)[: len(records)]
     return score_dataset(records, names, answers, coord_format, resized, record_keys(records))

@@ -20,7 +20,7 @@ import numpy as np
 from transformers import TrainerCallback
 
 from hsm.config import DetF1Config
-from hsm.data.answer import needs_resized
+from hsm.data.answer import needs_resized, resized_size
 from hsm.data.fusion import sample_id_of
 from hsm.data.records import Record
 from hsm.eval.generation import generate_answers
@@ -100,8 +100,6 @@ class DetF1Callback(TrainerCallback):
             answers[k] = answer
         resized = [None] * len(mine)
         if needs_resized(self.coord_format):
-            from hsm.data.answer import resized_size
-
             resized = [resized_size(self.processor, r.width, r.height) for r in mine]
         f1 = np.array([sample_f1(a, r, self.coord_format, categories, z) for a, r, z in zip(answers, mine, resized)],
                       dtype=np.float32)

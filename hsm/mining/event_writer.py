@@ -23,6 +23,8 @@ from hsm.schemas import EVENT_SCHEMA
 
 __all__ = ["EventWriter"]
 
+_METRIC_COLUMNS = frozenset(NULLABLE_EVENT_COLUMNS)
+
 
 class EventWriter:
     """Per-rank, background-flushed writer of the event log.
@@ -83,7 +85,7 @@ class EventWriter:
         columns of :data:`hsm.metrics.METRICS` (``coord_loss``, ``label_loss``, ``loss_sum``,
         ``det_f1``, ...), written as null where absent, None or NaN.
         """
-        unknown = sorted(set(metrics) - set(NULLABLE_EVENT_COLUMNS))
+        unknown = sorted(metrics.keys() - _METRIC_COLUMNS)
         if unknown:
             raise TypeError(f"EventWriter.append: no event column {unknown} (nullable metric columns: "
                             f"{', '.join(NULLABLE_EVENT_COLUMNS)})")
