@@ -107,8 +107,9 @@ def counting_trainer(curve: dict | None = None):
 
     With ``curve`` (``corpus``, ``slices``, ``shares``, ``preset``, ``from_epoch``), it also scores
     val at the end of every epoch from ``from_epoch`` on (greedy answers, no training RNG drawn)
-    and keeps ``(global_step, overall, clean)`` mAP50 in ``trainer.curve``: the steps an arm needs
-    to reach uniform's final mAP50.
+    and keeps ``(global_step, overall, clean, supervised_tokens)`` in ``trainer.curve`` (mAP50s and the
+    tokens trained on so far): the steps an arm needs to reach uniform's final mAP50, and its mAP50 at
+    uniform's token count.
     """
     from transformers import Trainer, TrainerCallback
 
@@ -125,14 +126,15 @@ def counting_trainer(curve: dict | None = None):
             per_slice = detection(self.trainer, curve["corpus"], curve["slices"], curve["preset"])
             torch.set_rng_state(rng)
             total = overall(per_slice, curve["shares"])
-            self.trainer.curve.append((state.global_step, total["AP50"], per_slice["clean"]["AP50"]))
+            self.trainer.curve.append((state.global_step, total["AP50"], per_slice["clean"]["AP50"],
+                                       self.trainer.supervised_tokens))
 
     class CountingTrainer(Trainer):
         supervised_tokens = 0
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.curve: list[tuple[int, float, float]] = []
+            self.curve: list[tuple[int, float, float, int]] = []
             if curve is not None:
                 self.add_callback(CurveCallback(self))
 

@@ -96,6 +96,7 @@ def markdown(runs: list[dict], summary: dict) -> str:
     lines += [f"| {arm} | {text} |" for arm, text in on_ap50.items()] + [""]
     lines += compute_table(runs, summary["arms"])
     lines += steps_to_match(runs, summary["arms"])
+    lines += equal_tokens(runs, summary["arms"])
     return "\n".join(lines) + "\n"
 
 
@@ -107,8 +108,8 @@ def steps_to_match(runs: list[dict], arms: list[str]) -> list[str]:
         for r in sorted((r for r in runs if r["arm"] == arm and r.get("curve") and r["seed"] in final),
                         key=lambda r: r["seed"]):
             target = final[r["seed"]]
-            reached = next((step for step, total, _ in r["curve"] if total >= target), None)
-            points = ", ".join(f"{step}: {total:.3f}" for step, total, _ in r["curve"])
+            reached = next((point[0] for point in r["curve"] if point[1] >= target), None)
+            points = ", ".join(f"{point[0]}: {point[1]:.3f}" for point in r["curve"])
             when = f"{reached} ({reached / r['global_step']:.0%} of the steps)" if reached else "not reached"
             rows.append(f"| {arm} | {r['seed']} | {target:.3f} | {when} | {points} |")
     if not rows:
@@ -116,6 +117,30 @@ def steps_to_match(runs: list[dict], arms: list[str]) -> list[str]:
     return ["**Steps to reach uniform's final overall mAP50** (val scored at epoch ends; the compute an arm saves)", "",
             "| arm | seed | uniform's final overall mAP50 | first step at or above it | overall mAP50 by step |",
             "|---|---|---|---|---|", *rows, ""]
+
+
+def equal_tokens(runs: list[dict], arms: list[str], over: float = 1.02) -> list[str]:
+    """Arms that train on more supervised tokens than uniform: their overall mAP50 at uniform's final token count.
+
+    The value is the last epoch-end curve point whose tokens do not exceed uniform's (curves record
+    the tokens trained on so far); ``-`` where the curve starts later than that.
+    """
+    uniform = {r["seed"]: r for r in runs if r["arm"] == "uniform"}
+    rows = []
+    for arm in arms:
+        for r in sorted((r for r in runs if r["arm"] == arm and r["seed"] in uniform), key=lambda r: r["seed"]):
+            base = uniform[r["seed"]]
+            if r["supervised_tokens"] <= over * base["supervised_tokens"]:
+                continue
+            points = [p for p in r.get("curve") or [] if len(p) > 3 and p[3] <= base["supervised_tokens"]]
+            at = f"{points[-1][1]:.3f} (step {points[-1][0]})" if points else "-"
+            rows.append(f"| {arm} | {r['seed']} | {r['supervised_tokens'] / base['supervised_tokens']:.3f} "
+                        f"| {base['val']['overall']['AP50']:.3f} | {r['val']['overall']['AP50']:.3f} | {at} |")
+    if not rows:
+        return []
+    return [f"**At equal supervised tokens** (arms training on more than {over:g}x uniform's tokens)", "",
+            "| arm | seed | tokens vs uniform | uniform's final overall mAP50 | arm's final | arm's at uniform's tokens |",
+            "|---|---|---|---|---|---|", *rows, ""]
 
 
 def compute_table(runs: list[dict], arms: list[str]) -> list[str]:
