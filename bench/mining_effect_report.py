@@ -22,8 +22,27 @@ HARD = ("rare", "small", "crowded", "low_contrast")
 
 
 def load_runs(out: Path) -> list[dict]:
-    """Every finished run of ``out/runs``, ordered by seed then arm file name."""
-    return [json.loads(p.read_text()) for p in sorted((Path(out) / "runs").glob("seed-*.json"))]
+    """Every finished run of ``out/runs``, ordered by seed then arm file name.
+
+    Curves written before they recorded tokens get them from the run's event log: the
+    ``n_tokens`` of the training events before each point's step (their total equals the
+    trainer's supervised-token count).
+    """
+    runs = [json.loads(p.read_text()) for p in sorted((Path(out) / "runs").glob("seed-*.json"))]
+    for run in runs:
+        events = Path(out) / f"run-{run['seed']}-{run['arm']}" / "hsm" / "events"
+        if any(len(point) == 3 for point in run.get("curve") or []) and events.is_dir():
+            run["curve"] = [[*point[:3], tokens_before(events, point[0])] for point in run["curve"]]
+    return runs
+
+
+def tokens_before(events: Path, step: int) -> int:
+    """Supervised tokens of the training events logged before optimizer step ``step``."""
+    import duckdb
+
+    source = f"read_parquet('{events.as_posix()}/**/*.parquet', hive_partitioning = true)"
+    rows = duckdb.connect().sql(f"SELECT coalesce(sum(n_tokens), 0) FROM {source} WHERE global_step < {int(step)}")
+    return int(rows.fetchall()[0][0])
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
