@@ -33,7 +33,28 @@ def load_runs(out: Path) -> list[dict]:
         events = Path(out) / f"run-{run['seed']}-{run['arm']}" / "hsm" / "events"
         if any(len(point) == 3 for point in run.get("curve") or []) and events.is_dir():
             run["curve"] = [[*point[:3], tokens_before(events, point[0])] for point in run["curve"]]
+        if "hard_set_mix" not in run:
+            run["hard_set_mix"] = hard_set_mix(Path(out), run)
     return runs
+
+
+def hard_set_mix(out: Path, run: dict) -> dict[str, float] | None:
+    """Share of each train slice in the hard set of the run's last used plan, and in train (``None`` without a plan)."""
+    import pyarrow.parquet as pq
+
+    hsm_dir = out / f"run-{run['seed']}-{run['arm']}" / "hsm"
+    plan = hsm_dir / "plans" / f"epoch={run['preset']['epochs'] - 1}" / "plan.parquet"
+    slices = out / f"data-{run['seed']}" / "bbu" / "slices.json"
+    if not (plan.is_file() and slices.is_file() and (hsm_dir / "sample_ids").is_dir()):
+        return None
+    slice_of = json.loads(slices.read_text())["train"]
+    ids = pq.read_table(hsm_dir / "sample_ids").to_pydict()
+    sample_id = dict(zip(ids["base_idx"], ids["sample_id"]))
+    table = pq.read_table(plan, columns=["base_idx", "is_hard"]).to_pydict()
+    hard = [slice_of[sample_id[i]] for i, h in zip(table["base_idx"], table["is_hard"]) if h]
+    names = sorted(set(slice_of.values()))
+    train = list(slice_of.values())
+    return {"hard": {n: hard.count(n) / len(hard) for n in names}, "train": {n: train.count(n) / len(train) for n in names}}
 
 
 def tokens_before(events: Path, step: int) -> int:
@@ -116,6 +137,7 @@ def markdown(runs: list[dict], summary: dict) -> str:
     lines += compute_table(runs, summary["arms"])
     lines += steps_to_match(runs, summary["arms"])
     lines += equal_tokens(runs, summary["arms"])
+    lines += mix_table(runs, summary["arms"])
     return "\n".join(lines) + "\n"
 
 
@@ -136,6 +158,23 @@ def steps_to_match(runs: list[dict], arms: list[str]) -> list[str]:
     return ["**Steps to reach uniform's final overall mAP50** (val scored at epoch ends; the compute an arm saves)", "",
             "| arm | seed | uniform's final overall mAP50 | first step at or above it | overall mAP50 by step |",
             "|---|---|---|---|---|", *rows, ""]
+
+
+def mix_table(runs: list[dict], arms: list[str]) -> list[str]:
+    """Per arm, the mean share of each train slice in the last hard set, against the slice's share of train."""
+    mixes = {arm: [r["hard_set_mix"]["hard"] for r in runs if r["arm"] == arm and r.get("hard_set_mix")] for arm in arms}
+    mixes = {arm: m for arm, m in mixes.items() if m}
+    if not mixes:
+        return []
+    train = next(r["hard_set_mix"]["train"] for r in runs if r.get("hard_set_mix"))
+    names = sorted(train)
+    lines = ["**What each signal calls hard**: slice shares of the last hard set (the top 20%), mean over seeds", "",
+             "| arm | seeds | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|",
+             "| (share of train) | | " + " | ".join(f"{train[n]:.3f}" for n in names) + " |"]
+    for arm, m in mixes.items():
+        lines.append(f"| {arm} | {len(m)} | " + " | ".join(f"{statistics.fmean(x.get(n, 0.0) for x in m):.3f}"
+                                                      for n in names) + " |")
+    return lines + [""]
 
 
 def equal_tokens(runs: list[dict], arms: list[str], over: float = 1.02) -> list[str]:
