@@ -38,7 +38,7 @@ def load_runs(out: Path) -> list[dict]:
     return runs
 
 
-def hard_set_mix(out: Path, run: dict) -> dict[str, float] | None:
+def hard_set_mix(out: Path, run: dict) -> dict[str, dict[str, float]] | None:
     """Share of each train slice in the hard set of the run's last used plan, and in train (``None`` without a plan)."""
     import pyarrow.parquet as pq
 
