@@ -182,10 +182,22 @@ def overall(per_slice: dict[str, dict[str, float]], shares: dict[str, float]) ->
     return {k: sum(weights[s] * per_slice[s][k] for s in per_slice) / total for k in METRICS}
 
 
+def last_hard_ids(hsm_dir: Path, epochs: int) -> set[str] | None:
+    """Sample ids of the hard set of the last plan training used (``None`` without one), read through hsm's verified readers."""
+    from hsm.mining.plan import read_plan_table
+    from hsm.mining.plan_table import hard_set
+    from hsm.mining.state import read_sample_ids
+
+    if not (hsm_dir / "plans" / f"epoch={epochs - 1}").is_dir():
+        return None
+    _, plan = read_plan_table(hsm_dir, epochs - 1, columns=["base_idx", "is_hard"])
+    ids = read_sample_ids(hsm_dir, epochs - 1).to_pydict()
+    sample_id = dict(zip(ids["base_idx"], ids["sample_id"]))
+    return {sample_id[i] for i in hard_set(plan)}
+
+
 def suspects_found(hsm_dir: Path, epochs: int, noise: set[str]) -> dict | None:
     """The data map's label-noise suspects (on loss) against the injected noise, and noise in the last hard set."""
-    import pyarrow.parquet as pq
-
     from hsm.mining.suspects import data_map, read_epoch_metrics
 
     if not (hsm_dir / "events").is_dir():
@@ -194,13 +206,8 @@ def suspects_found(hsm_dir: Path, epochs: int, noise: set[str]) -> dict | None:
     found = {str(s) for s in np.asarray(dm.sample_id)[dm.is_suspect]} if hasattr(dm, "sample_id") else set()
     hit = len(found & noise)
     out = {"n_suspects": len(found), "precision": hit / len(found) if found else 0.0, "recall": hit / len(noise)}
-    plan = hsm_dir / "plans" / f"epoch={epochs - 1}" / "plan.parquet"
-    ids = hsm_dir / "sample_ids"
-    if plan.is_file() and ids.is_dir():
-        table = pq.read_table(plan).to_pydict()
-        id_rows = pq.read_table(ids).to_pydict()
-        by_idx = dict(zip(id_rows["base_idx"], id_rows["sample_id"]))
-        hard = {by_idx.get(i) for i, h in zip(table["base_idx"], table["is_hard"]) if h}
+    hard = last_hard_ids(hsm_dir, epochs)
+    if hard is not None:
         out["hard_set_noise_share"] = len(hard & noise) / len(hard) if hard else 0.0
     return out
 

@@ -30,9 +30,10 @@ def load_runs(out: Path) -> list[dict]:
     """
     runs = [json.loads(p.read_text()) for p in sorted((Path(out) / "runs").glob("seed-*.json"))]
     for run in runs:
-        events = Path(out) / f"run-{run['seed']}-{run['arm']}" / "hsm" / "events"
-        if any(len(point) == 3 for point in run.get("curve") or []) and events.is_dir():
-            run["curve"] = [[*point[:3], tokens_before(events, point[0])] for point in run["curve"]]
+        hsm_dir = Path(out) / f"run-{run['seed']}-{run['arm']}" / "hsm"
+        if any(len(point) == 3 for point in run.get("curve") or []) and (hsm_dir / "events").is_dir():
+            run["curve"] = [[*point[:3], tokens_before(hsm_dir, run["preset"]["epochs"], point[0])]
+                            for point in run["curve"]]
         if "hard_set_mix" not in run:
             run["hard_set_mix"] = hard_set_mix(Path(out), run)
     return runs
@@ -40,30 +41,29 @@ def load_runs(out: Path) -> list[dict]:
 
 def hard_set_mix(out: Path, run: dict) -> dict[str, dict[str, float]] | None:
     """Share of each train slice in the hard set of the run's last used plan, and in train (``None`` without a plan)."""
-    import pyarrow.parquet as pq
+    from bench.mining_effect import last_hard_ids
 
-    hsm_dir = out / f"run-{run['seed']}-{run['arm']}" / "hsm"
-    plan = hsm_dir / "plans" / f"epoch={run['preset']['epochs'] - 1}" / "plan.parquet"
     slices = out / f"data-{run['seed']}" / "bbu" / "slices.json"
-    if not (plan.is_file() and slices.is_file() and (hsm_dir / "sample_ids").is_dir()):
+    hard_ids = last_hard_ids(out / f"run-{run['seed']}-{run['arm']}" / "hsm", run["preset"]["epochs"])
+    if hard_ids is None or not slices.is_file():
         return None
     slice_of = json.loads(slices.read_text())["train"]
-    ids = pq.read_table(hsm_dir / "sample_ids").to_pydict()
-    sample_id = dict(zip(ids["base_idx"], ids["sample_id"]))
-    table = pq.read_table(plan, columns=["base_idx", "is_hard"]).to_pydict()
-    hard = [slice_of[sample_id[i]] for i, h in zip(table["base_idx"], table["is_hard"]) if h]
+    hard = [slice_of[i] for i in hard_ids]
     names = sorted(set(slice_of.values()))
     train = list(slice_of.values())
     return {"hard": {n: hard.count(n) / len(hard) for n in names}, "train": {n: train.count(n) / len(train) for n in names}}
 
 
-def tokens_before(events: Path, step: int) -> int:
-    """Supervised tokens of the training events logged before optimizer step ``step``."""
-    import duckdb
+def tokens_before(hsm_dir: Path, epochs: int, step: int) -> int:
+    """Supervised tokens of the training events logged before optimizer step ``step`` (hsm's verified event reader)."""
+    from hsm.mining.event_reader import read_epoch_events
 
-    source = f"read_parquet('{events.as_posix()}/**/*.parquet', hive_partitioning = true)"
-    rows = duckdb.connect().sql(f"SELECT coalesce(sum(n_tokens), 0) FROM {source} WHERE global_step < {int(step)}")
-    return int(rows.fetchall()[0][0])
+    total = 0
+    for epoch in range(epochs):
+        table = read_epoch_events(hsm_dir, epoch, columns=["attempt", "epoch", "global_step", "rank", "n_tokens"]).table
+        steps = table.column("global_step").to_numpy()
+        total += int(table.column("n_tokens").to_numpy()[steps < step].sum())
+    return total
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
