@@ -7,6 +7,7 @@ import torch.distributed as dist
 
 from hsm.config_load import load_config
 from hsm.eval.evaluate import evaluate_model, select_datasets
+from hsm.train import distributed
 from hsm.train.model import build_model, build_processor
 
 corpus, out = sys.argv[1], sys.argv[2]
@@ -19,4 +20,4 @@ results = evaluate_model(model, processor, fusion, select_datasets(fusion, ["tar
                          max_new_tokens=3, batch_size=2, max_samples=3)
 with open(f"{out}/rank{dist.get_rank()}.json", "w") as f:
     json.dump({"datasets": sorted(results)}, f)
-dist.destroy_process_group()
+distributed.destroy_process_group()  # barrier first: rank 1 is done while rank 0 still scores

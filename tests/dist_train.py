@@ -32,7 +32,6 @@ with open(Path(out) / f"rank{trainer.args.process_index}.json", "w") as f:
                "deepspeed": trainer.is_deepspeed_enabled, "zero_stage": zero_stage,
                "backend": __import__("torch").distributed.get_backend(),
                "log_history": trainer.state.log_history}, f)
-import torch.distributed as dist  # noqa: E402
+from hsm.train import distributed  # noqa: E402
 
-if dist.is_initialized():
-    dist.destroy_process_group()
+distributed.destroy_process_group()

@@ -15,6 +15,7 @@ from trl import SFTConfig
 from hsm.config import MiningConfig, SelectorConfig
 from hsm.data.synth import DEFAULT_PROMPTS
 from hsm.integrations.trl import HsmSFTTrainer, detection_dataset
+from hsm.train import distributed
 
 checkpoint, jsonl, out, epochs, mining = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 system, user = DEFAULT_PROMPTS["target"]
@@ -32,5 +33,4 @@ with open(out / f"rank{trainer.args.process_index}.json", "w") as f:
     json.dump({"expected": {str(k): v for k, v in trainer.hsm_sampler._expected.items()},
                "backend": dist.get_backend(), "world_size": dist.get_world_size(),
                "log_history": trainer.state.log_history}, f)
-if dist.is_initialized():
-    dist.destroy_process_group()
+distributed.destroy_process_group()

@@ -83,9 +83,15 @@ def train(
         raise fail("train", f"{out}: cannot write ({failure}) while saving under it ({type(e).__name__}: "
                             f"{' '.join(str(e).split())[:300]}); free space or choose another training.output_dir, "
                             "then resume from the last whole checkpoint") from e
+    from hsm.train import distributed
+
     trainer = summary["trainer"]
-    if not trainer.is_world_process_zero():
-        return
+    if trainer.is_world_process_zero():
+        _print_summary(summary)
+    distributed.destroy_process_group()
+
+
+def _print_summary(summary: dict) -> None:
     run_dir = Path(summary["output_dir"]).resolve()
     summary = dict(summary, hsm_dir=str(Path(summary["hsm_dir"]).resolve()))
     console.print(f"\n[bold]hsm train done[/]: {summary['global_step']} steps, train loss {summary['train_loss']:.4f}", soft_wrap=True)
@@ -96,6 +102,3 @@ def train(
         console.print(f"  look into it: hsm sql --run-dir {run_dir} difficulty_trend   (hsm sql --list for more)", soft_wrap=True)
         console.print(f"  report:      hsm report --run-dir {run_dir}", soft_wrap=True)
     console.print(f"  tensorboard: tensorboard --logdir {run_dir}", soft_wrap=True)
-    from hsm.train import distributed
-
-    distributed.destroy_process_group()

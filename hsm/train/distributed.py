@@ -38,10 +38,17 @@ def _device():
 
 
 def destroy_process_group() -> None:
-    """Tear down the process group at the end of a run (nothing in one process)."""
+    """Tear down the process group at the end of a successful run, on every rank (nothing in one process).
+
+    The ranks meet at a barrier first: a rank that tears gloo down while a peer is still busy (rank 0 scoring
+    after the last all-gather) can abort in gloo's threads ("terminate called without an active exception"),
+    and so can a rank that exits without tearing it down at all. Call it only when every rank got here: after
+    an exception on one rank the others would wait at the barrier until the process group's timeout.
+    """
     if is_initialized():
         import torch.distributed as dist
 
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -163,3 +163,22 @@ def test_ranks_without_a_shared_file_system_plan_from_every_rank(tmp_path, corpu
         assert offline.plan.to_pylist() == pq.read_table(node0 / "hsm" / "plans" / f"epoch={epoch}" / "plan.parquet").to_pylist()
     logged = {(e["global_step"], e["rank"], e["position"]) for e in events(node0)}
     assert {r for _, r, _ in logged} == {0, 1} and len(logged) == 2 * 24
+
+
+def test_readme_torchrun_command_trains_and_ends_on_every_rank(tmp_path, corpus):
+    """The README's multi-GPU line (`torchrun ... -m hsm.cli.app train cfg.yaml`), 2 ranks on gloo: both ranks
+    exit 0 after tearing the process group down together, and only rank 0 prints the summary."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    out = tmp_path / "run"
+    done = subprocess.run([
+        str(torchrun), "--nproc_per_node", "2", "-m", "hsm.cli.app", "train", "configs/demo.yaml",
+        f"custom.fusion_config.target.train_jsonl={corpus}/bbu/train.jsonl", "custom.fusion_config.target.val_jsonl=null",
+        f"custom.fusion_config.sources.0.train_jsonl={corpus}/lvis/train.jsonl",
+        f"custom.fusion_config.sources.1.train_jsonl={corpus}/coco/train.jsonl", f"training.output_dir={out}",
+        "training.num_train_epochs=2", "training.per_device_train_batch_size=4", "training.save_strategy='no'",
+        "training.report_to=[]"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("hsm train done") == 1, done.stdout[-2000:]
+    assert "terminate called" not in done.stderr
+    assert {e["rank"] for e in events(out)} == {0, 1} and (out / "hsm" / "plans" / "epoch=1" / "plan.parquet").is_file()
