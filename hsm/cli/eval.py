@@ -104,15 +104,21 @@ def run(
     from hsm.eval.generation import load_checkpoint
     from hsm.eval.scoring import summary_table
 
+    from hsm.train import distributed
+
+    # Under torchrun each rank generates on its shard of every val set; rank 0 gathers, scores and writes.
+    distributed.init_from_launcher()
+    main = distributed.on_main(distributed.current_world())
     try:
         names = [n for item in datasets or ["target"] for n in item.split(",") if n]
         chosen = select_datasets(cfg.custom.fusion_config, names)
         model, processor = load_checkpoint(cfg.model, checkpoint)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise fail("eval run", str(e)) from e
+    model.to(distributed.local_device())
     out = out or default_eval_dir(checkpoint)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
+                  console=console, disable=not main) as progress:
         tasks: dict[str, int] = {}
 
         def on_batch(name: str, done: int, total: int) -> None:
@@ -126,5 +132,7 @@ def run(
                                      on_batch=on_batch)
         except (RecordError, FileNotFoundError) as e:
             raise fail("eval run", str(e)) from e
-    console.print(summary_table(results))
-    console.print(f"wrote {out}/<dataset>/(answers.jsonl, gt.json, detections.json, per_sample.parquet, metrics.json)")
+    distributed.destroy_process_group()
+    if main:
+        console.print(summary_table(results))
+        console.print(f"wrote {out}/<dataset>/(answers.jsonl, gt.json, detections.json, per_sample.parquet, metrics.json)")

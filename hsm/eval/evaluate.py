@@ -91,8 +91,17 @@ def evaluate_model(model, processor, fusion: FusionConfig, datasets: list[EvalSp
 
     ``on_batch(dataset, done, total)`` reports progress. Returns ``{dataset: metrics}``
     on rank 0 and ``{}`` on the other ranks.
+
+    Raises:
+        RuntimeError: a launcher's environment names several ranks but no process group exists
+            (each rank would score only its shard); :func:`hsm.train.distributed.init_from_launcher`.
     """
     world = distributed.current_world()
+    if world.world_size > 1 and not distributed.is_initialized():
+        raise RuntimeError(
+            f"WORLD_SIZE={world.world_size} in the environment (a launcher such as torchrun) but no torch.distributed "
+            "process group: every rank would score only its own shard of the val set; call "
+            "hsm.train.distributed.init_from_launcher() first (hsm eval run does)")
     out_dir = Path(out_dir)
     results: dict[str, dict] = {}
     for dataset in datasets:

@@ -8,7 +8,7 @@ import os
 
 from hsm.world import World
 
-__all__ = ["current_world", "is_initialized", "barrier", "broadcast_bytes", "all_gather_bytes", "all_reduce_sum",
+__all__ = ["current_world", "is_initialized", "init_from_launcher", "launched_world_size", "local_device", "barrier", "broadcast_bytes", "all_gather_bytes", "all_reduce_sum",
            "all_reduce_max", "on_main", "destroy_process_group"]
 
 
@@ -25,6 +25,37 @@ def current_world() -> World:
 
         return World(dist.get_rank(), dist.get_world_size())
     return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def launched_world_size() -> int:
+    """The world size a launcher (torchrun, accelerate, deepspeed) put in the environment; 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_from_launcher() -> bool:
+    """Join the process group the launcher describes in the environment (NCCL on GPUs, else gloo).
+
+    For commands that run outside a Trainer (``hsm eval run``); the Trainer joins it itself. Returns
+    whether this call created the group (nothing to do in one process or when it exists).
+    """
+    if is_initialized() or launched_world_size() <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
+def local_device() -> str:
+    """This process's device: its GPU (``cuda:LOCAL_RANK``) when there is one, else the CPU."""
+    import torch
+
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
 
 
 def _device():

@@ -246,27 +246,44 @@ def test_merge_shards_undoes_shard(items, world_size):
 
 
 @pytest.mark.slow
-def test_two_ranks_split_generation_and_rank0_scores_all(tmp_path):
+def test_eval_run_on_two_ranks_equals_one_process(trained, tmp_path):
+    """`torchrun --nproc_per_node 2 -m hsm.cli.app eval run ...` (gloo): each rank generates its shard, rank 0
+    gathers, scores and writes; the files equal a single process's, and the summary is printed once."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    from hsm.data.synth import synthesize
-
-    root = Path(__file__).resolve().parents[2]
-    synthesize(tmp_path / "corpus", n_target=2, n_source=1, n_val=3)
-    out = tmp_path / "out"
-    out.mkdir()
+    root, _ = trained
+    args = ["eval", "run", str(root / "cfg.yaml"), "--checkpoint", str(root / "ckpt"), "--max-new-tokens", "6",
+            "--batch-size", "1", "--max-samples", "3"]
+    one = runner.invoke(app, [*args, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
     torchrun = Path(sys.executable).parent / "torchrun"
-    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "tests/dist_eval.py", str(tmp_path / "corpus"), str(out)],
-                          cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "hsm.cli.app", *args, "--out", str(tmp_path / "two")],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert [json.loads((out / f"rank{r}.json").read_text())["datasets"] for r in (0, 1)] == [["bbu"], []]
-    val = (tmp_path / "corpus" / "bbu" / "val.jsonl").read_text().splitlines()
-    answers = [json.loads(line) for line in (out / "bbu" / "answers.jsonl").read_text().splitlines()]
-    assert [a["id"] for a in answers] == [json.loads(line)["id"] for line in val]  # 3 records over 2 ranks, in order
-    assert json.loads((out / "metrics.json").read_text())["bbu"]["n_images"] == 3
+    assert done.stdout.count("wrote ") == 1 and "terminate called" not in done.stderr
+    answers = (tmp_path / "two" / "bbu" / "answers.jsonl").read_text()
+    assert answers == (tmp_path / "one" / "bbu" / "answers.jsonl").read_text() and answers.count("\n") == 3
+    for name in ("metrics.json", "bbu/detections.json", "bbu/gt.json"):
+        assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text(), name
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["bbu"]["n_images"] == 3
+
+
+def test_evaluation_under_a_launcher_without_a_process_group_is_refused(tmp_path, monkeypatch):
+    """WORLD_SIZE=2 without a process group would let rank 0 score half the val set as if it were all of it."""
+    from hsm.config import FusionConfig
+    from hsm.eval.evaluate import EvalSplit, evaluate_model
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    fusion = FusionConfig.model_validate({"target": {"name": "bbu"}})
+    with pytest.raises(RuntimeError, match="WORLD_SIZE=2 .* no torch.distributed process group"):
+        evaluate_model(None, None, fusion, [EvalSplit("bbu", tmp_path / "val.jsonl")], tmp_path / "out", "rel1000",
+                       max_new_tokens=1, batch_size=1)
+    assert not (tmp_path / "out").exists()
 
 
 def test_evaluation_schedule():
