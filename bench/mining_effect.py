@@ -57,6 +57,8 @@ ARMS: dict[str, dict | None] = {
     "label_loss": {**BASE, "mode": "reweight", "metric": "label_loss", **SELECT},
     "det_f1": {**BASE, "mode": "reweight", "metric": "det_f1", "aggregate": "last", **SELECT},
     "dynamic": {**BASE, "mode": "dynamic", "hard_pool_frac": 0.2},
+    # The pool (the 400 hardest, 10%) is half the per-batch share (20%): each pooled image is drawn twice an epoch.
+    "dynamic_k400": {**BASE, "mode": "dynamic", "hard_pool_frac": 0.2, "hard_pool_k": 400},
     "fixed_set": {**BASE, "mode": "fixed_set", "metric": "loss", "hard_sample_size": 800, "regular_sample_size": 1600},
     "loss_suspects": {**BASE, "mode": "reweight", "metric": "loss", "exclude_suspects": True, **SELECT},
 }
