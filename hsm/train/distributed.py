@@ -8,8 +8,8 @@ import os
 
 from hsm.world import World
 
-__all__ = ["current_world", "is_initialized", "init_from_launcher", "launched_world_size", "local_device", "barrier", "broadcast_bytes", "all_gather_bytes", "all_reduce_sum",
-           "all_reduce_max", "on_main", "destroy_process_group"]
+__all__ = ["current_world", "is_initialized", "init_from_launcher", "local_device", "barrier", "broadcast_bytes",
+           "all_gather_bytes", "all_reduce_sum", "all_reduce_max", "on_main", "destroy_process_group"]
 
 
 def is_initialized() -> bool:
@@ -27,18 +27,13 @@ def current_world() -> World:
     return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
 
 
-def launched_world_size() -> int:
-    """The world size a launcher (torchrun, accelerate, deepspeed) put in the environment; 1 without one."""
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
 def init_from_launcher() -> bool:
     """Join the process group the launcher describes in the environment (NCCL on GPUs, else gloo).
 
     For commands that run outside a Trainer (``hsm eval run``); the Trainer joins it itself. Returns
     whether this call created the group (nothing to do in one process or when it exists).
     """
-    if is_initialized() or launched_world_size() <= 1:
+    if is_initialized() or current_world().world_size <= 1:  # the launcher's WORLD_SIZE
         return False
     import torch
     import torch.distributed as dist
