@@ -34,8 +34,7 @@ _EXPORTS: dict[str, str] = {
     "run_query": "hsm.mining.queries",
     "shipped_queries": "hsm.mining.queries",
     "QueryRefused": "hsm.mining.queries",
-    # training (imports torch and transformers on first use)
-    "train": "hsm.run",
+    # training (imports torch and transformers on first use); `hsm train CONFIG` is the command-line trainer
     "HsmTrainerMixin": "hsm.train.trainer",
     "per_sample_stats": "hsm.train.stats",
     "chunked_token_stats": "hsm.train.stats",
@@ -55,7 +54,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names resolve l
     from hsm.integrations.trl import HsmSFTTrainer, detection_dataset
     from hsm.mining.planner import PlanResult, plan_epoch
     from hsm.mining.queries import QueryRefused, connect, run_query, shipped_queries
-    from hsm.run import train
     from hsm.train.stats import chunked_token_stats, per_sample_stats
     from hsm.train.trainer import HsmTrainerMixin
 

@@ -56,3 +56,9 @@ def test_readme_recipes_import_from_hsm_only():
                if line.strip().startswith(("from hsm", "import hsm"))]
     assert imports, "the README has no Python recipe"
     assert all(line.startswith("from hsm import ") or line == "import hsm" for line in imports), imports
+
+
+def test_no_export_is_shadowed_by_a_subpackage():
+    # Importing hsm.train.x sets the attribute hsm.train to the subpackage: an export of that name would be lost.
+    packages = {p.parent.name for p in (REPO / "hsm").glob("*/__init__.py")} | {p.stem for p in (REPO / "hsm").glob("*.py")}
+    assert not packages & set(hsm.__all__)
