@@ -160,6 +160,7 @@ def run_query(con: duckdb.DuckDBPyConnection, text: str) -> QueryResult | None:
     outcome: dict[str, object] = {}
 
     def work() -> None:
+        relation = None
         try:
             result = None
             for statement in statements:
@@ -168,15 +169,21 @@ def run_query(con: duckdb.DuckDBPyConnection, text: str) -> QueryResult | None:
             outcome["result"] = result
         except BaseException as e:  # handed to the waiting thread, raised there
             outcome["error"] = e
+        finally:
+            # A relation kept alive (by the traceback's frame) keeps the connection busy: close() would refuse.
+            relation = None
+            done.set()
 
-    worker = threading.Thread(target=work, name="hsm-sql-query", daemon=True)
-    worker.start()
+    # Waiting on an Event, not Thread.join: a join that Ctrl-C interrupts can report the thread ended early.
+    done = threading.Event()
+    threading.Thread(target=work, name="hsm-sql-query", daemon=True).start()
     try:
-        while worker.is_alive():
-            worker.join(0.05)
+        while not done.wait(0.05):
+            pass
     except KeyboardInterrupt:
         con.interrupt()
-        worker.join()
+        done.wait()
+        outcome.clear()
         raise QueryInterrupted("interrupted (Ctrl-C); nothing was written") from None
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
