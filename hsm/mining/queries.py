@@ -266,13 +266,21 @@ def _check_schemas(files: list[Path], schema: pa.Schema) -> None:
 _EPOCH = pa.field("epoch", pa.int32())
 
 
+# Names repeated on every row: read as Arrow dictionaries, which DuckDB takes in 1.5-2x less time than
+# decoded strings (sample_id, nearly unique, is faster decoded).
+_DICTIONARY_COLUMNS = ("run_id", "dataset")
+
+
 def _dataset(files: list[Path], schema: pa.Schema, *, epoch_from: Path | None = None) -> ds.Dataset:
     """An Arrow dataset over ``files`` read as ``schema`` (a missing nullable column reads as nulls);
     with ``epoch_from``, ``epoch`` is taken from the ``epoch=E`` folder under it."""
+    names = [c for c in _DICTIONARY_COLUMNS if c in schema.names]
+    schema = pa.schema([f.with_type(pa.dictionary(pa.int32(), f.type)) if f.name in names else f for f in schema])
+    parquet = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=names))
     if epoch_from is None:
-        return ds.dataset([str(p) for p in files], schema=schema, format="parquet")
+        return ds.dataset([str(p) for p in files], schema=schema, format=parquet)
     partitioning = ds.partitioning(pa.schema([_EPOCH]), flavor="hive")
-    return ds.dataset([str(p) for p in files], schema=schema.append(_EPOCH), format="parquet",
+    return ds.dataset([str(p) for p in files], schema=schema.append(_EPOCH), format=parquet,
                       partitioning=partitioning, partition_base_dir=str(epoch_from))
 
 
@@ -355,9 +363,13 @@ def connect(run_dir: str | Path, *, skip_corrupt: bool = False, timeout_s: float
     con.register("_plan_files", _dataset(plan_files, PLAN_SCHEMA, epoch_from=root / "plans"))
     con.register("_manifests", _manifest_table(manifests, root))
     con.execute("CREATE VIEW events_raw AS SELECT * FROM _event_files")
+    # Per (epoch, global_step, rank) the rows of the highest attempt. Written as a semi join (DuckDB's
+    # own rewrite of QUALIFY attempt = max(attempt) OVER (...) for files): over an Arrow scan, whose
+    # size DuckDB cannot estimate, the window it would keep takes 2-3x longer.
     con.execute(
-        "CREATE VIEW events AS SELECT * FROM events_raw "
-        "QUALIFY attempt = max(attempt) OVER (PARTITION BY epoch, global_step, rank)"
+        "CREATE VIEW events AS SELECT * FROM events_raw AS r SEMI JOIN ("
+        "SELECT epoch, global_step, rank, max(attempt) AS attempt FROM events_raw GROUP BY ALL) AS m "
+        "ON r.epoch = m.epoch AND r.global_step = m.global_step AND r.rank = m.rank AND r.attempt = m.attempt"
     )
     # A refold may list a sample again in a later epoch's part until that epoch is refolded: first one wins.
     con.execute(
