@@ -11,7 +11,11 @@ from typing import Optional
 import typer
 from hsm.cli.common import console, fail, print_table, printed_warnings
 
-__all__ = ["sql"]
+__all__ = ["sql", "DEFAULT_TIMEOUT_S", "DEFAULT_MEMORY_LIMIT"]
+
+DEFAULT_TIMEOUT_S = 300.0
+# hsm.mining.queries.DEFAULT_MEMORY_LIMIT (not imported here: the CLI starts without duckdb).
+DEFAULT_MEMORY_LIMIT = "50%"
 
 
 def sql(
@@ -23,9 +27,9 @@ def sql(
     limit: int = typer.Option(200, "--limit", min=1, help="Rows printed in table format."),
     skip_corrupt: bool = typer.Option(False, "--skip-corrupt",
                                       help="Leave damaged event parts out of the event views (warned) instead of refusing."),
-    timeout_s: float = typer.Option(300.0, "--timeout", min=0.001, metavar="SECONDS",
+    timeout_s: float = typer.Option(DEFAULT_TIMEOUT_S, "--timeout", min=0.001, metavar="SECONDS",
                                     help="Stop a query that runs longer than this (Ctrl-C stops it at once)."),
-    memory_limit: str = typer.Option("50%", "--memory-limit",
+    memory_limit: str = typer.Option(DEFAULT_MEMORY_LIMIT, "--memory-limit",
                                      help="DuckDB's memory limit, e.g. 4GB or 50% (of RAM; DuckDB's own default is 80%)."),
 ) -> None:
     """Run a shipped query or your own SQL over the views events, events_raw, event_values, sample_ids,

@@ -219,3 +219,14 @@ def test_ctrl_c_interrupts_a_running_query_at_once(run_dir, tmp_path):
     assert time.monotonic() - sent < 10
     assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr, stderr
     assert list(tmp_path.glob("hsm-sql-*")) == []
+
+
+def test_sql_called_as_a_function_with_the_defaults_runs(run_dir, capsys):
+    """``hsm demo`` calls ``sql`` directly: the CLI's defaults are plain values, the library's limit the same."""
+    from hsm.cli import sql as sql_cli
+    from hsm.mining import queries
+
+    assert sql_cli.DEFAULT_MEMORY_LIMIT == queries.DEFAULT_MEMORY_LIMIT
+    sql_cli.sql(name="plan_summary", run_dir=run_dir, execute=None, list_queries=False, fmt="csv", limit=30,
+                skip_corrupt=False, timeout_s=sql_cli.DEFAULT_TIMEOUT_S, memory_limit=sql_cli.DEFAULT_MEMORY_LIMIT)
+    assert capsys.readouterr().out.startswith("epoch,")
