@@ -44,6 +44,7 @@ __all__ = [
     "shipped_queries",
     "query_text",
     "connect",
+    "check_reads",
     "run_query",
     "QueryResult",
     "QueryRefused",
@@ -99,15 +100,16 @@ _EXPLAIN = re.compile(_LEADING + r"EXPLAIN\s+(?:ANALY[SZ]E\s+)?(?P<inner>.*)\Z",
 _KEYWORD = re.compile(_LEADING + r"(?P<word>[A-Za-z_]+)", re.DOTALL)
 
 
-def _is_select(con: duckdb.DuckDBPyConnection, text: str) -> bool:
-    """Whether DuckDB's parser reads ``text`` as SELECT statements only (what ``json_serialize_sql`` accepts)."""
-    serialized = con.execute("SELECT json_serialize_sql(?::VARCHAR)", [text]).fetchall()[0][0]
-    return not json.loads(serialized)["error"]
+def _not_select(con: duckdb.DuckDBPyConnection, text: str) -> str | None:
+    """None if DuckDB's parser reads ``text`` as SELECT statements only (what ``json_serialize_sql``
+    accepts), else its reason."""
+    serialized = json.loads(con.execute("SELECT json_serialize_sql(?::VARCHAR)", [text]).fetchall()[0][0])
+    return serialized.get("error_message", "not a SELECT") if serialized["error"] else None
 
 
 def _keyword(text: str) -> str:
     match = _KEYWORD.match(text)
-    return match["word"].upper() if match else "empty"
+    return match["word"].upper() if match else "(...)"
 
 
 def check_reads(con: duckdb.DuckDBPyConnection, text: str) -> list[str]:
@@ -129,11 +131,17 @@ def check_reads(con: duckdb.DuckDBPyConnection, text: str) -> list[str]:
         query = statement.query
         explain = _EXPLAIN.match(query) if statement.type == duckdb.StatementType.EXPLAIN else None
         inner = explain["inner"] if explain else query
-        if statement.type in (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN) and _is_select(con, inner):
+        reading = statement.type in (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
+        why = _not_select(con, inner) if reading else "not a query"
+        if why is None:
             checked.append(query)
             continue
         kind = f"EXPLAIN {_keyword(inner)}" if explain else _keyword(query)
-        raise QueryRefused(f"{kind} statements are refused: hsm sql is read-only over the run's views "
+        detail = f" ({why})" if statement.type == duckdb.StatementType.SELECT else ""
+        if statement.type == duckdb.StatementType.MULTI:
+            # A PIVOT without an IN list first creates a type from the data: not a plain read.
+            detail = " (DuckDB runs it as several statements; a PIVOT needs an explicit IN list, e.g. ON epoch IN (0, 1))"
+        raise QueryRefused(f"{kind} statements are refused{detail}: hsm sql is read-only over the run's views "
                            f"({', '.join(VIEWS)}); write a SELECT")
     return checked
 

@@ -230,3 +230,12 @@ def test_sql_called_as_a_function_with_the_defaults_runs(run_dir, capsys):
     sql_cli.sql(name="plan_summary", run_dir=run_dir, execute=None, list_queries=False, fmt="csv", limit=30,
                 skip_corrupt=False, timeout_s=sql_cli.DEFAULT_TIMEOUT_S, memory_limit=sql_cli.DEFAULT_MEMORY_LIMIT)
     assert capsys.readouterr().out.startswith("epoch,")
+
+
+def test_reads_dont_need_a_select_keyword_and_pivot_needs_an_in_list(run_dir):
+    for text in ("FROM events LIMIT 1", "DESCRIBE events", "SUMMARIZE plans", "WITH e AS (FROM events) SELECT 1",
+                 "PIVOT events ON epoch IN (0, 1) USING count(*) GROUP BY dataset"):
+        result = _sql(run_dir, text)
+        assert result.exit_code == 0, (text, result.output)
+    result = _sql(run_dir, "PIVOT events ON epoch USING count(*)")  # creates an ENUM type first
+    assert result.exit_code == 2 and "PIVOT statements are refused" in result.output and "IN list" in result.output
