@@ -258,8 +258,9 @@ def _check_known_epochs(root: Path, parts: list[Path]) -> None:
                 ledgers[path.parent] = recorded_digests(path.parent)
         if not any(p.name in ledgers[p.parent] or str(p.relative_to(events)) in folded for p in paths):
             raise RunConfinementError(
-                f"{folder}: no part ledger (_sha256.json) and no state of this run records its parts; not written "
-                "by this run (copied or linked from another?): move it out of the run")
+                f"{folder}: no part ledger (_sha256.json) and no state of this run records its parts; if it came "
+                "from another run, move it out; if this run wrote it (a writer killed before its first ledger "
+                "entry), resuming the training records it")
 
 
 def _check_schemas(files: list[Path], schema: pa.Schema) -> None:
@@ -361,10 +362,10 @@ def connect(run_dir: str | Path, *, skip_corrupt: bool = False, timeout_s: float
     try:
         con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False,
                                      "temp_directory": temp_dir})
+        weakref.finalize(con, shutil.rmtree, temp_dir, ignore_errors=True)  # with the connection
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
-    weakref.finalize(con, shutil.rmtree, temp_dir, ignore_errors=True)
     con.register("_event_files", _dataset(part_files, EVENT_SCHEMA))
     con.register("_sample_id_files", _dataset(id_files, SAMPLE_ID_SCHEMA, epoch_from=root / "sample_ids"))
     con.register("_state_files", _dataset(state_files, STATE_SCHEMA, epoch_from=root / "state"))
