@@ -60,14 +60,16 @@ def sql(
         raise fail("sql", e.args[0]) from e
     import duckdb
 
+    try:  # DuckDB parses the limit (4GB, 50%, ...): ask it before reading the run
+        duckdb.connect().execute("SET memory_limit = ?", [memory_limit]).close()
+    except duckdb.Error as e:
+        raise fail("sql", f"--memory-limit {memory_limit!r}: {e}") from e
     try:
         with printed_warnings(stderr=True):  # stdout is the query's table, CSV or JSON
             try:
                 con = connect(run_dir, skip_corrupt=skip_corrupt, timeout_s=timeout_s, memory_limit=memory_limit)
             except (PlanError, ChecksumMismatch, CorruptEventFile, SchemaError, RunConfinementError) as e:
                 raise fail("sql", str(e)) from e
-            except duckdb.Error as e:  # the limits are DuckDB's to parse
-                raise fail("sql", f"--memory-limit {memory_limit!r}: {e}") from e
         try:
             result = run_query(con, text)
         finally:
