@@ -18,9 +18,11 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -305,6 +307,136 @@ def hostile_sql(base: Path, work: Path) -> list[tuple[str, str, str]]:
              "other paths: DuckDB permission error")]
 
 
+def _run_bytes(run: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def confined_sql(base: Path, work: Path) -> list[tuple[str, str, str]]:
+    """``hsm sql`` read-only and confined: statements that write or read past the views, links and
+    folders from outside the run, off-schema files, a runaway query (timeout, Ctrl-C). Each must exit
+    non-zero with a clear message, write nothing (every byte of the run and of ``work`` compared) and
+    print no traceback; an event log without the nullable metric columns must read."""
+    run = work / "confined"
+    shutil.copytree(base, run)
+    hsm_dir = run / "hsm"
+    part = next((hsm_dir / "events").rglob("part-*.parquet"))
+    manifest = next((hsm_dir / "plans").rglob("manifest.json"))
+    notes = work / ".tmp" / "notes.txt"
+    notes.parent.mkdir(exist_ok=True)
+    notes.write_text("outside the run")
+    statements = [
+        f"EXPLAIN ANALYZE COPY (SELECT 1 AS x) TO '{part}' (FORMAT parquet, USE_TMP_FILE false)",
+        f"SELECT 1; COPY (SELECT * FROM plans) TO '{part}' (FORMAT parquet); SELECT 2",
+        f"COPY (SELECT '{{}}' AS m) TO '{manifest}' (FORMAT csv, QUOTE '', HEADER false)",
+        f"SELECT sha256(content) FROM read_blob('{manifest}')",
+        "SELECT content FROM read_blob('/etc/hostname')",
+        f"SELECT content FROM read_text('{notes}')",
+        "INSTALL httpfs",
+    ]
+    outcomes, writes, tracebacks = Counter(), 0, 0
+
+    def judge(done: subprocess.CompletedProcess, codes: tuple[int, ...] = (2,)) -> None:
+        nonlocal writes, tracebacks, before
+        wrote = _run_bytes(run) != before or sorted(work.iterdir()) != listing
+        writes += wrote
+        tracebacks += "Traceback" in done.stderr or done.returncode == 1
+        outcomes[ERROR if done.returncode in codes and not wrote else SILENT] += 1
+        if wrote:  # the next case starts from the undisturbed run
+            print(f"  wrote: {done.args}", file=sys.stderr)
+            shutil.rmtree(run)
+            shutil.copytree(base, run)
+            before = _run_bytes(run)
+
+    before, listing = _run_bytes(run), sorted(work.iterdir())
+    cwd = os.getcwd()
+    os.chdir(work)  # DuckDB's default temp folder is <cwd>/.tmp
+    try:
+        for statement in statements:
+            judge(hsm(run, "sql", "-e", statement))
+    finally:
+        os.chdir(cwd)
+    judge(hsm(run, "sql", "-e", "SELECT count(*) FROM range(1000000000000)", "--timeout", "2"))
+    # Ctrl-C in a real process: SIGINT once the query runs; exit 130 within seconds.
+    argv = [sys.executable, "-m", "hsm.cli.app", "sql", "--run-dir", str(run), "-e",
+            "SELECT count(*) FROM range(1000000000000)"]
+    private = work / "tmpdir"
+    private.mkdir()
+    listing = sorted(work.iterdir())
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(private)})
+    deadline = time.monotonic() + 60
+    while not list(private.glob("hsm-sql-*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    try:
+        stdout, stderr = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+        stderr += "\n(still running 30 s after SIGINT: killed)"
+    judge(subprocess.CompletedProcess(argv, process.returncode, stdout, stderr), codes=(130,))
+    rows = [(f"hostile statements, timeout, Ctrl-C ({sum(outcomes.values())})", _summary(outcomes),
+             f"{writes} writes, {tracebacks} tracebacks: EXPLAIN ANALYZE COPY, scripts, COPY (FORMAT csv), "
+             "read_blob / read_text outside the views, INSTALL refused; --timeout 2 and SIGINT stop range(1e12)")]
+
+    outcomes, writes, tracebacks = Counter(), 0, 0
+    other = work / "other"
+    write_rows(other / "hsm", random_rows(np.random.default_rng(11), n_target=8, n_epochs=1, n_ranks=1, max_obs=2))
+    foreign_ids = next((base / "hsm" / "sample_ids").rglob("*.parquet"))  # another run's id table
+
+    def link_ids(run: Path) -> None:
+        (run / "hsm" / "sample_ids" / "epoch=99").mkdir()
+        (run / "hsm" / "sample_ids" / "epoch=99" / "sample_ids.parquet").symlink_to(foreign_ids)
+
+    def link_events(run: Path) -> None:
+        (run / "hsm" / "events" / "epoch=7").symlink_to(other / "hsm" / "events" / "epoch=0")
+
+    def copy_events(run: Path) -> None:
+        shutil.copytree(other / "hsm" / "events" / "epoch=0", run / "hsm" / "events" / "epoch=7")
+        for ledger in (run / "hsm" / "events" / "epoch=7").rglob("_sha256.json"):
+            ledger.unlink()
+
+    def off_schema(run: Path) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = run / "hsm" / "sample_ids" / "epoch=99" / "sample_ids.parquet"
+        path.parent.mkdir()
+        pq.write_table(pa.table({"dataset": [TARGET], "base_idx": pa.array([1], pa.int32()), "sample_id": ["x"]}), path)
+
+    for change in (link_ids, link_events, copy_events, off_schema):
+        shutil.rmtree(run)
+        shutil.copytree(base, run)
+        change(run)
+        before, listing = _run_bytes(run), sorted(work.iterdir())
+        done = hsm(run, "sql", "plan_summary", "--format", "csv")
+        judge(done)
+        if done.returncode != 2 or "epoch=" not in done.stderr:
+            print(f"  {change.__name__}: exit {done.returncode} {done.stderr[-200:]}", file=sys.stderr)
+    rows.append((f"run files from outside the run ({sum(outcomes.values())})", _summary(outcomes),
+                 f"{writes} writes, {tracebacks} tracebacks: id table and events folder linked from another run, "
+                 "events folder copied without ledger, off-schema id table; each named"))
+
+    # A log written without the nullable box-aware columns (an older log, another tool) reads them as NULL.
+    from hsm.io import file_sha256
+    from hsm.metrics import NULLABLE_EVENT_COLUMNS
+    from hsm.mining.ledger import record_digests
+    import pyarrow.parquet as pq
+
+    old = work / "old-log"
+    write_rows(old / "hsm", random_rows(np.random.default_rng(12), n_target=8, n_epochs=2, n_ranks=1, max_obs=2))
+    for path in (old / "hsm" / "events").rglob("part-*.parquet"):
+        table = pq.read_table(path)
+        pq.write_table(table.drop_columns([c for c in NULLABLE_EVENT_COLUMNS if c in table.column_names]), path)
+        record_digests(path.parent, {path.name: file_sha256(path)})
+    done = hsm(old, "sql", "-e", "SELECT count(coord_loss) AS c, count(value) AS v FROM event_values", "--format", "csv")
+    outcome = OK if done.returncode == 0 and done.stdout.split()[1].startswith("0,") else f"exit {done.returncode}"
+    rows.append(("event log without the nullable metric columns: `event_values`", f"{outcome} 1",
+                 "read as NULL, as `hsm plan` reads them"))
+    return rows
+
+
 def _summary(outcomes: Counter) -> str:
     return ", ".join(f"{name} {count}" for name, count in outcomes.most_common())
 
@@ -315,6 +447,7 @@ def main() -> None:
     parser.add_argument("--only-disk-full", action="store_true", help="Run the disk-full cases only.")
     parser.add_argument("--only-corruptions", action="store_true", help="Run the corruption cases only.")
     parser.add_argument("--only-concurrent", action="store_true", help="Run the concurrent-planner cases only.")
+    parser.add_argument("--only-sql", action="store_true", help="Run the hostile and confined hsm sql cases only.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="hsm-faults-") as tmp:
         work = Path(tmp)
@@ -322,6 +455,9 @@ def main() -> None:
         rows = []
         if args.only_concurrent:
             _print(concurrent(base, work, args.trials))
+            return
+        if args.only_sql:
+            _print(hostile_sql(base, work) + confined_sql(base, work))
             return
         if args.only_disk_full or args.only_corruptions:
             rows += disk_full(base) if args.only_disk_full else corruptions(base, work)
@@ -332,6 +468,7 @@ def main() -> None:
         rows += corruptions(base, work)
         rows += disk_full(base)
         rows += hostile_sql(base, work)
+        rows += confined_sql(base, work)
     _print(rows)
 
 

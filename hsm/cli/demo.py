@@ -17,7 +17,7 @@ def demo(
     config: Path = typer.Option(Path("configs/demo.yaml"), "--config", help="Demo config."),
 ) -> None:
     """Synthesize the corpus, train with mining on, show the difficulty trend with hsm sql, write the report."""
-    from hsm.cli.sql import sql
+    from hsm.cli.sql import DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT_S, sql
     from hsm.cli.train import train
     from hsm.data.synth import synthesize
 
@@ -37,7 +37,8 @@ def demo(
                    f"training.output_dir={(out / 'run').resolve()}"])
     for query in ("plan_summary", "difficulty_trend", "hard_set_churn"):
         console.print(f"\n[bold]$ hsm sql --run-dir {out / 'run'} {query}[/]")
-        sql(name=query, run_dir=out / "run", execute=None, list_queries=False, fmt="table", limit=30)
+        sql(name=query, run_dir=out / "run", execute=None, list_queries=False, fmt="table", limit=30,
+            skip_corrupt=False, timeout_s=DEFAULT_TIMEOUT_S, memory_limit=DEFAULT_MEMORY_LIMIT)
     from hsm.cli.report import report
 
     console.print(f"\n[bold]$ hsm report --run-dir {out / 'run'}[/]")

@@ -1,4 +1,4 @@
-"""``hsm sql``: DuckDB over a run's events, state and plans."""
+"""``hsm sql``: DuckDB over a run's events, state and plans, read-only, confined to the run, time-limited."""
 
 from __future__ import annotations
 
@@ -11,7 +11,11 @@ from typing import Optional
 import typer
 from hsm.cli.common import console, fail, print_table, printed_warnings
 
-__all__ = ["sql"]
+__all__ = ["sql", "DEFAULT_TIMEOUT_S", "DEFAULT_MEMORY_LIMIT"]
+
+DEFAULT_TIMEOUT_S = 300.0
+# hsm.mining.queries.DEFAULT_MEMORY_LIMIT (not imported here: the CLI starts without duckdb).
+DEFAULT_MEMORY_LIMIT = "50%"
 
 
 def sql(
@@ -23,13 +27,20 @@ def sql(
     limit: int = typer.Option(200, "--limit", min=1, help="Rows printed in table format."),
     skip_corrupt: bool = typer.Option(False, "--skip-corrupt",
                                       help="Leave damaged event parts out of the event views (warned) instead of refusing."),
+    timeout_s: float = typer.Option(DEFAULT_TIMEOUT_S, "--timeout", min=0.001, metavar="SECONDS",
+                                    help="Stop a query that runs longer than this (Ctrl-C stops it at once)."),
+    memory_limit: str = typer.Option(DEFAULT_MEMORY_LIMIT, "--memory-limit",
+                                     help="DuckDB's memory limit, e.g. 4GB or 50% (of RAM; DuckDB's own default is 80%)."),
 ) -> None:
-    """Run a shipped query or your own SQL over the views events, events_raw, state, plans, manifests."""
+    """Run a shipped query or your own SQL over the views events, events_raw, event_values, sample_ids,
+    state, plans, manifests. Only queries run (SELECT, WITH, DESCRIBE, SUMMARIZE, SHOW, EXPLAIN of a
+    query); DuckDB reads nothing outside the run's checked files and writes nothing."""
     from hsm.io import ChecksumMismatch
     from hsm.mining.events import CorruptEventFile
     from hsm.mining.plan import PlanError
     from hsm.schemas import SchemaError
-    from hsm.mining.queries import QueryRefused, connect, query_text, run_query, shipped_queries
+    from hsm.mining.queries import (QueryInterrupted, QueryRefused, RunConfinementError, connect, query_text,
+                                    run_query, shipped_queries)
 
     if list_queries:
         for query, description in shipped_queries().items():
@@ -49,24 +60,36 @@ def sql(
         raise fail("sql", e.args[0]) from e
     import duckdb
 
-    with printed_warnings(stderr=True):  # stdout is the query's table, CSV or JSON
-        try:
-            con = connect(run_dir, skip_corrupt=skip_corrupt)
-        except (PlanError, ChecksumMismatch, CorruptEventFile, SchemaError) as e:
-            raise fail("sql", str(e)) from e
+    try:  # DuckDB parses the limit (4GB, 50%, ...): ask it before reading the run
+        duckdb.connect().execute("SET memory_limit = ?", [memory_limit]).close()
+    except duckdb.Error as e:
+        raise fail("sql", f"--memory-limit {memory_limit!r}: {e}") from e
     try:
-        result = run_query(con, text)
-        if result is None:
-            return
-        columns = result.columns
-        rows = result.fetchall()
+        with printed_warnings(stderr=True):  # stdout is the query's table, CSV or JSON
+            try:
+                con = connect(run_dir, skip_corrupt=skip_corrupt, timeout_s=timeout_s, memory_limit=memory_limit)
+            except (PlanError, ChecksumMismatch, CorruptEventFile, SchemaError, RunConfinementError) as e:
+                raise fail("sql", str(e)) from e
+        try:
+            result = run_query(con, text)
+        finally:
+            con.close()
+    except (KeyboardInterrupt, QueryInterrupted) as e:
+        raise fail("sql", f"{name or 'query'}: interrupted (Ctrl-C); nothing was written", code=130) from e
     except QueryRefused as e:
         raise fail("sql", f"{name or 'query'}: {e}") from e
+    except duckdb.InterruptException as e:
+        raise fail("sql", f"{name or 'query'}: stopped after --timeout {timeout_s:g} s ({e}); narrow the query "
+                          "or raise --timeout") from e
+    except duckdb.OutOfMemoryException as e:
+        raise fail("sql", f"{name or 'query'}: {e} (--memory-limit {memory_limit}); narrow the query or raise "
+                          "--memory-limit") from e
     except duckdb.PermissionException as e:
         raise fail("sql", f"{name or 'query'}: {e} (hsm sql reads only the run's views)") from e
     except duckdb.Error as e:
         raise fail("sql", f"{name or 'query'}: {e}") from e
-    _print(columns, rows, fmt, limit)
+    if result is not None:
+        _print(result.columns, result.rows, fmt, limit)
 
 
 def _cell(value, full: bool) -> str:
