@@ -19,7 +19,10 @@ from hsm.mining.plan import plan_dir, plan_epochs, verify_plan
 from hsm.mining.state import find_states, is_committed, state_path, verify_state
 from hsm.schemas import EVENT_SCHEMA, PLAN_SCHEMA, SAMPLE_ID_SCHEMA, STATE_SCHEMA
 
-__all__ = ["shipped_queries", "query_text", "connect", "run_query", "QueryRefused"]
+__all__ = ["shipped_queries", "query_text", "connect", "run_query", "QueryRefused", "MEASUREMENT_POSITION"]
+
+# hsm.eval.train_quality.POSITION_BASE: where det_f1 measurement rows' positions start (no training batch reaches it).
+MEASUREMENT_POSITION = 1 << 24
 
 
 def shipped_queries() -> dict[str, str]:
@@ -102,14 +105,16 @@ def connect(run_dir: str | Path, *, skip_corrupt: bool = False) -> duckdb.DuckDB
     """A read-only, in-memory DuckDB connection with hsm's views over ``<run_dir>/hsm``.
 
     - ``events_raw``: every logged event, all attempts.
-    - ``events``: the events that count: per ``(epoch, global_step, rank)`` the highest attempt.
+    - ``events``: the training draws that count: per ``(epoch, global_step, rank)`` the highest attempt.
+    - ``measurements``: the ``det_f1`` measurement rows (positions from :data:`MEASUREMENT_POSITION`, ``loss``
+      NaN), deduplicated alike; not draws, so kept out of ``events``.
     - ``sample_ids``: the id table, ``(dataset, base_idx, sample_id, first_epoch)``.
     - ``state``: every state snapshot, with ``epoch`` = the epoch it was folded after,
       and ``sample_id`` joined from ``sample_ids`` (the files hold only the keys).
     - ``plans``: every plan, with ``epoch`` = the epoch it is for, and ``sample_id`` joined.
     - ``manifests``: the plan manifests.
     - ``event_values``: ``events`` plus ``metric`` (the latest plan's, ``loss`` before any plan)
-      and ``value``, the row's difficulty in it (``1 - token_acc`` for ``token_acc``; NULL where
+      and ``value``, the row's difficulty in it (training draws and measurement rows, as the planner reads them) (``1 - token_acc`` for ``token_acc``; NULL where
       the row did not observe it): :func:`hsm.metrics.sql_difficulty`.
     Views over missing files are empty, with the right columns. Plans are checked against
     their manifests, states against their checksum records, event parts and id tables
@@ -131,10 +136,11 @@ def connect(run_dir: str | Path, *, skip_corrupt: bool = False) -> duckdb.DuckDB
         con.execute(f"CREATE VIEW events_raw AS SELECT * FROM read_parquet({_files(part_files)}, hive_partitioning = false)")
     else:
         con.register("events_raw", EVENT_SCHEMA.empty_table())
-    con.execute(
-        "CREATE VIEW events AS SELECT * FROM events_raw "
-        "QUALIFY attempt = max(attempt) OVER (PARTITION BY epoch, global_step, rank)"
-    )
+    counted = ("(SELECT * FROM events_raw "
+               "QUALIFY attempt = max(attempt) OVER (PARTITION BY epoch, global_step, rank))")
+    # det_f1 measurement rows are not training draws: kept apart, so draw counts and mean losses hold draws only.
+    con.execute(f"CREATE VIEW events AS SELECT * FROM {counted} WHERE position < {MEASUREMENT_POSITION}")
+    con.execute(f"CREATE VIEW measurements AS SELECT * FROM {counted} WHERE position >= {MEASUREMENT_POSITION}")
     id_files = sorted(root.glob("sample_ids/epoch=*/sample_ids.parquet"))
     if id_files:
         # A refold may list a sample again in a later epoch's part until that epoch is refolded: first one wins.
@@ -168,7 +174,7 @@ def connect(run_dir: str | Path, *, skip_corrupt: bool = False) -> duckdb.DuckDB
     # The events in the latest plan's metric (loss before any plan), as the planner reads it.
     latest_metric = "(SELECT coalesce((SELECT metric FROM manifests ORDER BY epoch DESC LIMIT 1), 'loss'))"
     con.execute(f"CREATE VIEW event_values AS SELECT *, {latest_metric} AS metric, "
-                f"{sql_difficulty(latest_metric)} AS value FROM events")
+                f"{sql_difficulty(latest_metric)} AS value FROM {counted}")
     _confine(con, [*part_files, *id_files, *state_files, *plan_files, *manifest_files])
     return con
 
