@@ -138,8 +138,11 @@ def row_contents(rows) -> list[dict]:
         records = [rows[i] for i in range(len(rows))]
     out = []
     for row in records:
+        # ms-swift stores messages and objects as JSON text in Arrow (its Json feature), decoded only on access.
+        messages = [json.loads(m) if isinstance(m, str) else m for m in row.get("messages") or []]
         objects = row.get("objects")
-        out.append({"images": _image_names(row.get("images")), "answer": "\n".join(assistant_texts(row)),
+        objects = json.loads(objects) if isinstance(objects, str) else objects
+        out.append({"images": _image_names(row.get("images")), "answer": "\n".join(assistant_texts({"messages": messages})),
                     "objects": json.dumps(objects, sort_keys=True) if objects else None})
     return out
 
