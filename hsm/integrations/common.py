@@ -43,8 +43,8 @@ from hsm.train.stats import packed_sample_stats, per_sample_stats, sequence_inde
 from hsm.train.trainer import resume_attempt
 
 __all__ = ["attach", "Part", "SlotDataset", "MetaCollator", "fingerprint_ids", "fingerprint_contents", "supervised_runs",
-           "packed_layout", "sample_stats", "assistant_texts", "row_contents", "answer_mask", "refuse_unsupported",
-           "write_run_files", "SAMPLES_FILE"]
+           "packed_layout", "sample_stats", "assistant_texts", "row_contents", "answer_mask", "supervised_answer_mask",
+           "refuse_unsupported", "write_run_files", "SAMPLES_FILE"]
 
 SAMPLES_FILE = "samples.parquet"
 
@@ -283,7 +283,7 @@ def sample_stats(losses: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor
     owners = meta.pop("token_sample", None)
     answers = meta.pop("answer_mask", None)
     if answers is not None:
-        mask = mask & answers[:, 1:].to(mask.device, non_blocking=True)
+        mask = mask & answers[:, 1:].to(mask.device, non_blocking=True).bool()
         losses, correct = torch.where(mask, losses.detach(), 0.0), correct & mask
     if owners is None:
         return per_sample_stats(losses, mask, correct, roles)
@@ -320,6 +320,32 @@ def answer_mask(tokenizer, input_ids, answers: Sequence[str]) -> np.ndarray:
     return keep if answers else np.ones(len(ids), dtype=bool)
 
 
+def supervised_answer_mask(tokenizer, input_ids, labels) -> np.ndarray:
+    """``bool`` per token of one encoded row: its supervised tokens (``labels != -100``, unshifted) less each
+    supervised run's trailing whitespace-only tokens (the ``\n`` ms-swift's template supervises after
+    ``<|im_end|>``), so a run counts its answer and end-of-turn token, as ``hsm train`` supervises them.
+
+    Naive equivalent: for each contiguous run of supervised positions, drop positions from its end while
+    ``tokenizer.decode([input_ids[t]]).strip() == ""``.
+
+    Args:
+        tokenizer: the tokenizer that encoded the row.
+        input_ids: the row's ids.
+        labels: the row's unshifted labels.
+    """
+    keep = np.asarray(labels) != IGNORE_INDEX
+    supervised = np.flatnonzero(keep)
+    if not len(supervised):
+        return keep
+    ends = np.append(supervised[np.flatnonzero(np.diff(supervised) > 1)], supervised[-1])
+    for end in ends:
+        t = int(end)
+        while t >= 0 and keep[t] and not tokenizer.decode([int(input_ids[t])]).strip():
+            keep[t] = False
+            t -= 1
+    return keep
+
+
 class MetaCollator:
     """Wraps a collator: pops ``hsm_meta`` from each item, collates the rest, adds ``batch['hsm_meta']`` (lists).
 
@@ -331,8 +357,9 @@ class MetaCollator:
     When the inner collator is padding-free (fewer rows than items), ``batch['hsm_meta']['token_sample']``
     (:func:`packed_layout`) says which item each label belongs to, and ``input_len`` is each item's own length.
 
-    With an ``answers`` getter, ``batch['hsm_meta']['answer_mask']`` (``[rows, seq]`` bool) marks the tokens the
-    statistics count (:func:`answer_mask`). The batch comes back a plain ``dict`` (TRL's collator returns a
+    With a ``tokenizer``, ``batch['hsm_meta']['answer_mask']`` (``[rows, seq]`` int8) marks the tokens the
+    statistics count: :func:`answer_mask` of the ``answers`` texts, or without a getter (a trainer that supervises
+    only the assistant turns) :func:`supervised_answer_mask`. The batch comes back a plain ``dict`` (TRL's collator returns a
     ``BatchFeature``), so the trainer's ``_prepare_inputs`` finds ``hsm_meta`` in it.
     """
 
@@ -361,17 +388,20 @@ class MetaCollator:
                 meta["input_len"] = mask.sum(dim=1).tolist() if mask is not None else [0] * n_items
             if self.tokenizer is not None:
                 meta["token_roles"] = self._roles(batch, texts, meta.get("token_sample"))
-                if texts is not None:
-                    meta["answer_mask"] = self._answer_mask(batch, texts, meta.get("token_sample"))
+                meta["answer_mask"] = self._answer_mask(batch, texts, meta.get("token_sample"))
             batch["hsm_meta"] = meta
         return batch
 
-    def _answer_mask(self, batch: dict, texts: list[list[str]], owners: torch.Tensor | None) -> torch.Tensor:
+    def _answer_mask(self, batch: dict, texts: list[list[str]] | None, owners: torch.Tensor | None) -> torch.Tensor:
         input_ids = batch["input_ids"].cpu().numpy()
-        if owners is not None:
-            texts = [[text for i in sorted(set(row[row >= 0].tolist())) for text in texts[i]] for row in owners]
-        return torch.from_numpy(np.stack([answer_mask(self.tokenizer, ids, answers)
-                                          for ids, answers in zip(input_ids, texts)]))
+        if texts is None:
+            labels = batch["labels"].cpu().numpy()
+            rows = [supervised_answer_mask(self.tokenizer, ids, row) for ids, row in zip(input_ids, labels)]
+        else:
+            if owners is not None:
+                texts = [[text for i in sorted(set(row[row >= 0].tolist())) for text in texts[i]] for row in owners]
+            rows = [answer_mask(self.tokenizer, ids, answers) for ids, answers in zip(input_ids, texts)]
+        return torch.from_numpy(np.stack(rows).astype(np.int8))
 
     def _roles(self, batch: dict, texts: list[list[str]] | None, owners: torch.Tensor | None) -> torch.Tensor:
         input_ids = batch["input_ids"].cpu().numpy()

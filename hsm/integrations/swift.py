@@ -301,7 +301,7 @@ def _trainer_class():
             inputs = super()._prepare_inputs(inputs)
             meta = self._hsm_meta
             if meta is not None and full_labels is not None:
-                for key, fill in (("token_roles", 0), ("token_sample", -1)):
+                for key, fill in (("token_roles", 0), ("token_sample", -1), ("answer_mask", 0)):
                     if meta.get(key) is not None:
                         meta[key] = _like_labels(meta[key], full_labels, inputs, fill)
             return inputs
