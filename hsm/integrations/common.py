@@ -42,8 +42,8 @@ from hsm.mining.plan import DatasetInfo
 from hsm.train.stats import packed_sample_stats, per_sample_stats, sequence_index, token_samples
 from hsm.train.trainer import resume_attempt
 
-__all__ = ["attach", "Part", "SlotDataset", "MetaCollator", "fingerprint_ids", "fingerprint_contents", "supervised_runs",
-           "packed_layout", "sample_stats", "assistant_texts", "row_contents", "answer_mask", "supervised_answer_mask",
+__all__ = ["attach", "Part", "SlotDataset", "MetaCollator", "fingerprint_ids", "fingerprint_contents",
+           "supervised_runs", "packed_layout", "sample_stats", "assistant_texts", "row_contents", "answer_mask", "supervised_answer_mask",
            "refuse_unsupported", "write_run_files", "SAMPLES_FILE"]
 
 SAMPLES_FILE = "samples.parquet"
@@ -66,7 +66,7 @@ def fingerprint_contents(sample_ids: Sequence[str], contents: Sequence[dict]) ->
     An id that is a position (ms-swift's ``<name>:<row>``) then changes the fingerprint when the row at that
     position changes (another shuffle, another file), so a plan built for other rows is refused.
 
-    Naive equivalent: ``sha256("".join(f"{id}\0{json.dumps(content, sort_keys=True)}\0" for ...))``.
+    Naive equivalent: ``sha256("".join(f"{id}\\0{json.dumps(content, sort_keys=True)}\\0" for ...))``.
 
     Args:
         sample_ids: one id per row.
@@ -142,7 +142,8 @@ def row_contents(rows) -> list[dict]:
         messages = [json.loads(m) if isinstance(m, str) else m for m in row.get("messages") or []]
         objects = row.get("objects")
         objects = json.loads(objects) if isinstance(objects, str) else objects
-        out.append({"images": _image_names(row.get("images")), "answer": "\n".join(assistant_texts({"messages": messages})),
+        answer = "\n".join(assistant_texts({"messages": messages}))
+        out.append({"images": _image_names(row.get("images")), "answer": answer,
                     "objects": json.dumps(objects, sort_keys=True) if objects else None})
     return out
 
@@ -310,8 +311,10 @@ def answer_mask(tokenizer, input_ids, answers: Sequence[str]) -> np.ndarray:
     cursor = 0
     for answer in answers:
         run = np.asarray(tokenizer(answer, add_special_tokens=False)["input_ids"], dtype=np.int64)
-        windows = np.lib.stride_tricks.sliding_window_view(ids[cursor:], len(run)) if 0 < len(run) <= len(ids) - cursor else None
-        hits = np.flatnonzero((windows == run).all(axis=1)) if windows is not None else []
+        hits: Sequence[int] = []
+        if 0 < len(run) <= len(ids) - cursor:
+            windows = np.lib.stride_tricks.sliding_window_view(ids[cursor:], len(run))
+            hits = np.flatnonzero((windows == run).all(axis=1))
         if not len(hits):
             return np.ones(len(ids), dtype=bool)
         start = cursor + int(hits[0])
@@ -322,7 +325,7 @@ def answer_mask(tokenizer, input_ids, answers: Sequence[str]) -> np.ndarray:
 
 def supervised_answer_mask(tokenizer, input_ids, labels) -> np.ndarray:
     """``bool`` per token of one encoded row: its supervised tokens (``labels != -100``, unshifted) less each
-    supervised run's trailing whitespace-only tokens (the ``\n`` ms-swift's template supervises after
+    supervised run's trailing whitespace-only tokens (the newline ms-swift's template supervises after
     ``<|im_end|>``), so a run counts its answer and end-of-turn token, as ``hsm train`` supervises them.
 
     Naive equivalent: for each contiguous run of supervised positions, drop positions from its end while
@@ -359,8 +362,8 @@ class MetaCollator:
 
     With a ``tokenizer``, ``batch['hsm_meta']['answer_mask']`` (``[rows, seq]`` int8) marks the tokens the
     statistics count: :func:`answer_mask` of the ``answers`` texts, or without a getter (a trainer that supervises
-    only the assistant turns) :func:`supervised_answer_mask`. The batch comes back a plain ``dict`` (TRL's collator returns a
-    ``BatchFeature``), so the trainer's ``_prepare_inputs`` finds ``hsm_meta`` in it.
+    only the assistant turns) :func:`supervised_answer_mask`. The batch comes back a plain ``dict`` (TRL's
+    collator returns a ``BatchFeature``), so the trainer's ``_prepare_inputs`` finds ``hsm_meta`` in it.
     """
 
     def __init__(self, inner: Callable[[list[dict]], dict], tokenizer=None,
