@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q torchvision==0.28.0
 	# PyPI's torchvision is a CUDA build: let its Python transforms import on CPU torch (tools/torchvision_cpu.py).
-	$(MAKE) --no-print-directory torchvision-shim VENV=$(VENV)
+	$(MAKE) --no-print-directory torchvision-shim SHIM_VENV=$(VENV)
 	# dev brings pytest, import-linter (lint-imports) and playwright (it drives Debian's chromium: no `playwright install`).
 	$(BIN)/pip install -q -e '.[train,dev,trl]'
 	$(BIN)/pip install -q --no-build-isolation 'deepspeed>=0.16'
@@ -39,10 +39,12 @@ bench: install
 clean:
 	rm -rf $(VENV) .venv-swift .cache demo_run
 
-# Installs tools/torchvision_cpu.py into $(VENV) as a .pth import hook.
+# Installs tools/torchvision_cpu.py into $(SHIM_VENV) as a .pth import hook. Its own variable: a sub-make given
+# VENV=.venv-swift would redefine the .venv-swift/.installed rule ("overriding recipe" warnings).
+SHIM_VENV ?= $(VENV)
 torchvision-shim:
-	cp tools/torchvision_cpu.py "$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_hsm_torchvision_cpu.py"
-	echo "import _hsm_torchvision_cpu" > "$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_hsm_torchvision_cpu.pth"
+	cp tools/torchvision_cpu.py "$$($(SHIM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_hsm_torchvision_cpu.py"
+	echo "import _hsm_torchvision_cpu" > "$$($(SHIM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_hsm_torchvision_cpu.pth"
 
 # hsm inside ms-swift: its own environment (ms-swift 4.6 pins transformers<5.20, trl<1.0, peft<0.21).
 SWIFT_VENV := .venv-swift
@@ -51,7 +53,7 @@ $(SWIFT_VENV)/.installed: pyproject.toml
 	$(SWIFT_VENV)/bin/pip install -q --upgrade pip
 	$(SWIFT_VENV)/bin/pip install -q torch==2.13.0
 	$(SWIFT_VENV)/bin/pip install -q torchvision==0.28.0
-	$(MAKE) --no-print-directory torchvision-shim VENV=$(SWIFT_VENV)
+	$(MAKE) --no-print-directory torchvision-shim SHIM_VENV=$(SWIFT_VENV)
 	$(SWIFT_VENV)/bin/pip install -q ms-swift==4.6.0 'qwen_vl_utils>=0.0.14'
 	$(SWIFT_VENV)/bin/pip install -q -e '.[train,dev]' 'transformers<5.20' 'trl<1.0' 'peft<0.21'
 	touch $@

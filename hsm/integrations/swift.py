@@ -27,9 +27,18 @@ ms-swift's ``Seq2SeqTrainer`` that:
   (use ``--padding_free true`` for the same padding-free batches);
 - plans at epoch end with hsm's mining callback.
 
+- refuses ``--streaming true`` (an ``IterableDataset`` has no rows to draw) and ``metric: det_f1`` (it needs
+  ``hsm train``'s generation pass), and validates ``hsm.yaml`` when ms-swift imports the plugin, before the model
+  and the data load.
+
 With mining disabled in ``hsm.yaml`` the trainer only trains on hsm's schedule (the reference for
 "hsm does not change the loss"). Sample ids are ``<name>:<row>`` over ms-swift's final train dataset (after
-its own loading, mixing and splitting), so they are stable only while those flags and files are.
+its own loading, mixing and splitting), so they are stable only while those flags and files are; the dataset
+fingerprint covers what each id names (image paths, answer, ``objects``), so a plan is refused when another
+shuffle or file puts other rows at those positions. The run's ``hsm/`` (under ms-swift's
+``OUTPUT_DIR/vN-<timestamp>/``) holds ``config.yaml`` (``hsm.yaml`` resolved) and ``samples.parquet`` (each
+``base_idx``'s image and answer: the mapping from ms-swift's positions to the records), so ``hsm plan``,
+``hsm sql`` and ``hsm report`` work on it with no flags.
 """
 
 from __future__ import annotations
@@ -39,7 +48,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["register", "plugin_path", "provenance", "write_grounding_jsonl", "HsmSwiftTrainer", "ScheduleBatchSampler"]
+__all__ = ["register", "plugin_path", "provenance", "write_grounding_jsonl", "refuse_arguments", "HsmSwiftTrainer",
+           "ScheduleBatchSampler"]
 
 CONFIG_ENV = "HSM_CONFIG"
 
@@ -50,10 +60,49 @@ def plugin_path() -> Path:
 
 
 def register() -> None:
-    """Make ``swift sft`` (task ``causal_lm``) build :class:`HsmSwiftTrainer`: ms-swift's own trainer registry."""
+    """Make ``swift sft`` (task ``causal_lm``) build :class:`HsmSwiftTrainer`: ms-swift's own trainer registry.
+
+    ms-swift imports the plugin while it parses its arguments, before it loads the model and the data: the hsm
+    config (``HSM_CONFIG``) is validated here, so a mistake in it fails in seconds, and the ``swift sft`` flags
+    hsm cannot follow (``--packing``, ``--streaming``) are refused in the argument check that runs right after the
+    plugins load (before ms-swift's own flash-attention check for ``--packing``).
+    """
+    from swift.arguments.sft_args import SftArguments
     from swift.trainers import TrainerFactory
 
+    from hsm.integrations.common import refuse_unsupported
+
+    cfg = _load_hsm_config()
+    refuse_unsupported(cfg.mining, "ms-swift", cfg.source)
     TrainerFactory.TRAINER_MAPPING["causal_lm"] = f"{__name__}.HsmSwiftTrainer"
+    check_padding_free = SftArguments._check_padding_free
+    if getattr(check_padding_free, "hsm_checked", False):  # the plugin is imported again in dataloader workers
+        return
+
+    def refuse_then_check(args) -> None:
+        refuse_arguments(args.packing, args.streaming)
+        check_padding_free(args)
+
+    refuse_then_check.hsm_checked = True
+    SftArguments._check_padding_free = refuse_then_check
+
+
+def refuse_arguments(packing: bool, streaming: bool) -> None:
+    """Refuse the ``swift sft`` flags whose datasets hsm's schedule cannot draw one row at a time.
+
+    Args:
+        packing: ``--packing``: ms-swift bins rows into fixed packs, and its loader draws packs.
+        streaming: ``--streaming``: an ``IterableDataset``, with no length and no row to index.
+    """
+    if packing:
+        raise ValueError("swift sft --packing true: ms-swift bins rows into fixed packs before training and its loader "
+                         "draws packs, so hsm's schedule could no longer draw or re-weight one sample at a time; "
+                         "drop --packing (use --padding_free true for padding-free batches) when training with the "
+                         "hsm plugin")
+    if streaming:
+        raise ValueError("swift sft --streaming true: ms-swift then reads the dataset as an IterableDataset, with no "
+                         "length and no row hsm's schedule could draw or re-weight; drop --streaming when training "
+                         "with the hsm plugin")
 
 
 class ScheduleBatchSampler:
@@ -95,11 +144,7 @@ def _refuse_packing(trainer) -> None:
     # (--padding_free alone keeps one row per sample and is split by its sequence boundaries.)
     template = trainer.template
     packed = type(trainer.train_dataset).__name__ in ("PackingDataset", "IterablePackingDataset")
-    if packed or template.packing:
-        raise ValueError("swift sft --packing true: ms-swift bins rows into fixed packs before training and its loader "
-                         "draws packs, so hsm's schedule could no longer draw or re-weight one sample at a time; "
-                         "drop --packing (use --padding_free true for padding-free batches) when training with the "
-                         "hsm plugin")
+    refuse_arguments(packed or template.packing, not hasattr(trainer.train_dataset, "__len__"))
     if template.sequence_parallel_size > 1:
         raise NotImplementedError("hsm's schedule is not wired into ms-swift's sequence-parallel loader")
 
@@ -235,7 +280,8 @@ def _trainer_class():
             found = provenance(getattr(self.train_dataset, "dataset", None), name)
             target_rows, sources = found if found is not None else (None, [])
             attach(self, self.train_dataset, name, mining=cfg.mining, seed=seed, tokenizer=tokenizer,
-                   world=distributed.current_world(), target_rows=target_rows, sources=sources)
+                   world=distributed.current_world(), target_rows=target_rows, sources=sources,
+                   raw=getattr(self.train_dataset, "dataset", None), config=cfg, stack="ms-swift")
 
         def get_train_dataloader(self, skip_batches=0):
             from swift.dataloader import DataLoaderShard
@@ -255,7 +301,7 @@ def _trainer_class():
             inputs = super()._prepare_inputs(inputs)
             meta = self._hsm_meta
             if meta is not None and full_labels is not None:
-                for key, fill in (("token_roles", 0), ("token_sample", -1)):
+                for key, fill in (("token_roles", 0), ("token_sample", -1), ("answer_mask", 0)):
                     if meta.get(key) is not None:
                         meta[key] = _like_labels(meta[key], full_labels, inputs, fill)
             return inputs

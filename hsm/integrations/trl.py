@@ -16,7 +16,10 @@ stable sample id; else ``<dataset_name>:<row>``). TRL's own collator does the en
 row's identity and its answer-token roles ride in the batch, trains on the plan-driven schedule (the hsm sampler)
 and plans at epoch end (hsm's mining callback). The loss is TRL's own, unchanged: per-sample loss, token accuracy,
 ``coord_loss``, ``label_loss`` and ``loss_sum`` come from the same fused LM-head pass (``outputs.log_probs``,
-``label_mask``, ``is_top1``) that TRL computes its loss from. ``mining=None`` trains on hsm's schedule only.
+``label_mask``, ``is_top1``) that TRL computes its loss from, over the assistant answers' tokens only (TRL also
+trains on the prompt unless told otherwise). ``mining=None`` trains on hsm's schedule only. The run's ``hsm/``
+holds what ``hsm plan`` and ``hsm report`` need (``config.yaml``, ``samples.parquet``), so both work on it with no
+flags. ``metric: det_f1`` is refused: it needs ``hsm train``'s own generation pass.
 
 ``SFTConfig.packing`` and ``SFTConfig.padding_free`` are refused at start-up, before TRL builds anything: TRL 1.16
 refuses both for vision datasets itself, and packing bins rows into fixed packed rows that hsm's schedule could not
@@ -34,33 +37,15 @@ from packaging.version import Version
 from trl import SFTConfig, SFTTrainer
 
 from hsm.config import MiningConfig
-from hsm.integrations.common import attach, sample_stats
+from hsm.integrations.common import assistant_texts, attach, refuse_unsupported, sample_stats
 from hsm.train.trainer import HsmTrainerMixin
 
-__all__ = ["HsmSFTTrainer", "detection_dataset", "assistant_texts"]
+__all__ = ["HsmSFTTrainer", "detection_dataset", "assistant_texts"]  # assistant_texts: hsm.integrations.common
 
 # The per-sample statistics are read from SFTTrainer's fused LM-head outputs (log_probs, label_mask, is_top1).
 _MIN_TRL = "1.16"
 if Version(trl.__version__) < Version(_MIN_TRL):
     raise ImportError(f"hsm.integrations.trl needs trl>={_MIN_TRL} (SFTTrainer's fused LM head); found {trl.__version__}")
-
-
-def assistant_texts(row: dict) -> list[str]:
-    """The assistant turns' texts of a TRL conversational row (``messages``), in order.
-
-    Args:
-        row: a dataset row with ``messages``; content a string or a list of ``{"type": "text", "text": ...}`` parts.
-    """
-    texts = []
-    for message in row.get("messages") or []:
-        if message.get("role") != "assistant":
-            continue
-        content = message.get("content")
-        if isinstance(content, str):
-            texts.append(content)
-        elif content:
-            texts.append("".join(part.get("text") or "" for part in content if part.get("type") == "text"))
-    return texts
 
 
 def _refuse_packing(args: SFTConfig | None) -> None:
@@ -83,6 +68,7 @@ class HsmSFTTrainer(HsmTrainerMixin, SFTTrainer):
     def __init__(self, *args, mining: MiningConfig | None, dataset_name: str = "train", id_column: str = "id",
                  hsm_dir: str | Path | None = None, **kwargs):
         _refuse_packing(kwargs.get("args", args[1] if len(args) > 1 else None))
+        refuse_unsupported(mining, "TRL")  # before TRL builds anything
         super().__init__(*args, **kwargs)
         rows = self.train_dataset
         ids = list(rows[id_column]) if id_column in rows.column_names else None
@@ -90,7 +76,7 @@ class HsmSFTTrainer(HsmTrainerMixin, SFTTrainer):
         # The same schedule seed with mining on or off, so switching it on does not reshuffle epoch 0.
         seed = (mining or MiningConfig()).seed
         attach(self, rows, dataset_name, mining=mining, seed=seed, sample_ids=ids, hsm_dir=hsm_dir,
-               tokenizer=tokenizer if mining is not None else None, answers=assistant_texts)
+               tokenizer=tokenizer if mining is not None else None, answers=assistant_texts, stack="TRL")
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

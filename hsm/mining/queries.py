@@ -50,11 +50,14 @@ __all__ = [
     "QueryRefused",
     "QueryInterrupted",
     "RunConfinementError",
+    "MEASUREMENT_POSITION",
 ]
 
-VIEWS = ("events", "events_raw", "event_values", "sample_ids", "state", "plans", "manifests")
+VIEWS = ("events", "events_raw", "measurements", "event_values", "sample_ids", "state", "plans", "manifests")
 # DuckDB's own default is 80% of RAM; a query over a run shares the machine with training.
 DEFAULT_MEMORY_LIMIT = "50%"
+# hsm.eval.train_quality.POSITION_BASE: where det_f1 measurement rows' positions start (no training batch reaches it).
+MEASUREMENT_POSITION = 1 << 24
 
 
 def shipped_queries() -> dict[str, str]:
@@ -317,14 +320,16 @@ def connect(run_dir: str | Path, *, skip_corrupt: bool = False, timeout_s: float
 
     - ``events_raw``: every logged event, all attempts (a nullable metric column missing in
       older parts reads as NULL).
-    - ``events``: the events that count: per ``(epoch, global_step, rank)`` the highest attempt.
+    - ``events``: the training draws that count: per ``(epoch, global_step, rank)`` the highest attempt.
+    - ``measurements``: the ``det_f1`` measurement rows (positions from :data:`MEASUREMENT_POSITION`, ``loss``
+      NaN), deduplicated alike; not draws, so kept out of ``events``.
     - ``sample_ids``: the id table, ``(dataset, base_idx, sample_id, first_epoch)``.
     - ``state``: every state snapshot, with ``epoch`` = the epoch it was folded after,
       and ``sample_id`` joined from ``sample_ids`` (the files hold only the keys).
     - ``plans``: every plan, with ``epoch`` = the epoch it is for, and ``sample_id`` joined.
     - ``manifests``: the plan manifests.
     - ``event_values``: ``events`` plus ``metric`` (the latest plan's, ``loss`` before any plan)
-      and ``value``, the row's difficulty in it (``1 - token_acc`` for ``token_acc``; NULL where
+      and ``value``, the row's difficulty in it, over training draws and measurement rows as the planner reads them (``1 - token_acc`` for ``token_acc``; NULL where
       the row did not observe it): :func:`hsm.metrics.sql_difficulty`.
 
     Views over missing files are empty, with the right columns. First every symlink under
@@ -376,10 +381,13 @@ def connect(run_dir: str | Path, *, skip_corrupt: bool = False, timeout_s: float
     # own rewrite of QUALIFY attempt = max(attempt) OVER (...) for files): over an Arrow scan, whose
     # size DuckDB cannot estimate, the window it would keep takes 2-3x longer.
     con.execute(
-        "CREATE VIEW events AS SELECT * FROM events_raw AS r SEMI JOIN ("
+        "CREATE VIEW _counted AS SELECT * FROM events_raw AS r SEMI JOIN ("
         "SELECT epoch, global_step, rank, max(attempt) AS attempt FROM events_raw GROUP BY ALL) AS m "
         "ON r.epoch = m.epoch AND r.global_step = m.global_step AND r.rank = m.rank AND r.attempt = m.attempt"
     )
+    # det_f1 measurement rows are not training draws: kept apart, so draw counts and mean losses hold draws only.
+    con.execute(f"CREATE VIEW events AS SELECT * FROM _counted WHERE position < {MEASUREMENT_POSITION}")
+    con.execute(f"CREATE VIEW measurements AS SELECT * FROM _counted WHERE position >= {MEASUREMENT_POSITION}")
     # A refold may list a sample again in a later epoch's part until that epoch is refolded: first one wins.
     con.execute(
         "CREATE VIEW sample_ids AS SELECT dataset, base_idx, sample_id, epoch AS first_epoch FROM _sample_id_files "
@@ -395,7 +403,7 @@ def connect(run_dir: str | Path, *, skip_corrupt: bool = False, timeout_s: float
     # The events in the latest plan's metric (loss before any plan), as the planner reads it.
     latest_metric = "(SELECT coalesce((SELECT metric FROM manifests ORDER BY epoch DESC LIMIT 1), 'loss'))"
     con.execute(f"CREATE VIEW event_values AS SELECT *, {latest_metric} AS metric, "
-                f"{sql_difficulty(latest_metric)} AS value FROM events")
+                f"{sql_difficulty(latest_metric)} AS value FROM _counted")
     _confine(con, timeout_s=timeout_s, memory_limit=memory_limit)
     return con
 

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 
 from hsm.mining.suspects import DataMap, data_map, read_epoch_metrics
 
-__all__ = ["ReportError", "SampleStats", "RunData", "load_run", "read_predictions", "order_by_score"]
+__all__ = ["ReportError", "SampleStats", "RunData", "load_run", "read_predictions", "order_by_score", "SampleRecords",
+           "read_sample_records"]
 
 
 class ReportError(ValueError):
@@ -196,3 +197,57 @@ def order_by_score(plan: pa.Table, *, hardest: bool) -> np.ndarray:
     scores = plan.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
     ids = plan.column("sample_id").combine_chunks()
     return rank_order(scores if hardest else -scores, ids, np.arange(len(scores)))
+
+class SampleRecords:
+    """The target's records by ``base_idx``, built from ``hsm/samples.parquet`` (written by the TRL and ms-swift
+    integrations: each ``base_idx``'s image path and answer as the trainer held them, after its own loading and
+    shuffling) one at a time, when a card needs it.
+
+    Boxes come from ms-swift's ``objects`` column (pixels) when the row has one, else from the answer text
+    (:func:`hsm.data.answer.parse_answer`, in ``coord_format``); the image size is read from the file's header.
+    """
+
+    def __init__(self, table: pa.Table, coord_format: str, where: str):
+        self.rows = table.sort_by([("base_idx", "ascending")]).to_pylist()
+        self.coord_format = coord_format
+        self.where = where
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, base_idx: int):
+        from PIL import Image
+
+        from hsm.data.answer import answer_boxes_to_pixels, parse_answer
+        from hsm.data.records import DetectionObject, Record
+
+        row = self.rows[base_idx]
+        image = Path(row["image"] or "")
+        width = height = 1
+        if row["image"] and image.is_file():
+            with Image.open(image) as img:  # the header only
+                width, height = img.size
+        objects = json.loads(row["objects"]) if row["objects"] else None
+        if objects and objects.get("bbox"):
+            boxes, labels = [tuple(map(float, b)) for b in objects["bbox"]], list(objects.get("ref") or [])
+        else:
+            parsed = parse_answer(row["answer"] or "")
+            boxes = [tuple(b) for b in answer_boxes_to_pixels(parsed.boxes, width, height, self.coord_format).tolist()]
+            labels = list(parsed.labels)
+        labels += [""] * (len(boxes) - len(labels))
+        return Record(image=image, width=width, height=height, id=row["sample_id"],
+                      objects=tuple(DetectionObject(label, box) for label, box in zip(labels, boxes)),
+                      where=f"{self.where} base_idx {base_idx}")
+
+
+def read_sample_records(hsm_dir: Path, coord_format: str = "rel1000") -> SampleRecords | None:
+    """:class:`SampleRecords` of ``hsm_dir/samples.parquet``, or None when the run has none (``hsm train`` runs
+    name their target ``train_jsonl`` in the config instead)."""
+    path = hsm_dir / "samples.parquet"
+    if not path.is_file():
+        return None
+    try:
+        table = pq.read_table(path, columns=["base_idx", "sample_id", "image", "answer", "objects"])
+    except (pa.ArrowException, OSError) as e:
+        raise ReportError(f"{path}: not a readable hsm samples table ({e})") from e
+    return SampleRecords(table, coord_format, str(path))

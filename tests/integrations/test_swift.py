@@ -66,7 +66,8 @@ def oracle_roles(tokenizer, ids: list[int], positions: list[int]) -> dict[int, s
 
 
 def recomputed_box_losses(checkpoint: Path, rows: list[dict]) -> list[dict]:
-    """Per-sample losses of the untrained model, each row encoded alone by ms-swift's own template, in float64."""
+    """Per-sample losses of the untrained model, each row encoded alone by ms-swift's own template, in float64,
+    over the supervised tokens up to the answer's `<|im_end|>` (ms-swift also supervises the newline after it)."""
     from swift.model import get_model_processor
     from swift.template import get_template
 
@@ -83,11 +84,14 @@ def recomputed_box_losses(checkpoint: Path, rows: list[dict]) -> list[dict]:
             logits = model.eval()(**{k: v for k, v in batch.items() if k != "labels"}).logits[0].double()
         ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
         positions = [t for t in range(1, len(ids)) if labels[t] != -100]
+        im_end = max(t for t in positions if ids[t] == processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        assert positions[-1] > im_end  # ms-swift supervises more than the answer
+        positions = [t for t in positions if t <= im_end]
         nll = {t: -torch.log_softmax(logits[t - 1], -1)[labels[t]].item() for t in positions}
         roles = oracle_roles(processor.tokenizer, ids, positions)
         mean = {role: [nll[t] for t in positions if roles[t] == role] for role in ("coord", "label")}
         assert mean["coord"] and mean["label"], row
-        out.append({"loss": sum(nll.values()) / len(nll), "loss_sum": sum(nll.values()),
+        out.append({"loss": sum(nll.values()) / len(nll), "loss_sum": sum(nll.values()), "n_tokens": len(nll),
                     "coord_loss": sum(mean["coord"]) / len(mean["coord"]),
                     "label_loss": sum(mean["label"]) / len(mean["label"])})
     return out
@@ -95,14 +99,15 @@ def recomputed_box_losses(checkpoint: Path, rows: list[dict]) -> list[dict]:
 
 def run_swift_sft(tmp: Path, name: str, checkpoint: Path, data: list[str], *, mining: bool, epochs: int,
                   tuner: str = "full", save: str = "no", ranks: int = 1, flags: tuple[str, ...] = (),
-                  plugins: tuple[Path, ...] = (), env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+                  plugins: tuple[Path, ...] = (), env: dict[str, str] | None = None,
+                  config_text: str | None = None) -> subprocess.CompletedProcess:
     config = tmp / f"{name}.yaml"
-    config.write_text(
+    config.write_text(config_text or (
         "custom:\n"
         f"  hard_sample_mining: {{enabled: {str(mining).lower()}, mode: reweight, metric: loss, start_epoch: 1,"
         " selector: {mode: top_k, k: 2}, hard_weight: 3.0}\n"
         "  fusion_config: {target: {name: bbu}}\n"
-    )
+    ))
     out = tmp / name
     command = [
         str(Path(sys.executable).parent / "swift"), "sft", "--model", str(checkpoint), "--model_type", "qwen3_vl",
@@ -177,6 +182,7 @@ def test_swift_sft_with_hsm_plugin(tmp_path, mined_run):
     first = epoch0.filter(pc.equal(epoch0.column("global_step"), 0)).to_pylist()
     assert {e["base_idx"] % 2 for e in first} == {0, 1}  # JSON rows and objects rows
     for event, oracle in zip(first, recomputed_box_losses(checkpoint, [rows[e["base_idx"]] for e in first])):
+        assert event["n_tokens"] == oracle["n_tokens"]
         for key in ("loss", "loss_sum", "coord_loss", "label_loss"):
             assert event[key] == pytest.approx(oracle[key], rel=1e-4, abs=1e-5), (key, event["base_idx"])
     plan = pq.read_table(hsm_dir / "plans" / "epoch=1" / "plan.parquet").to_pylist()
@@ -197,11 +203,6 @@ def test_swift_sft_with_hsm_plugin(tmp_path, mined_run):
     mined_losses, plain_losses = step_losses(mined), step_losses(plain)
     assert len(plain_losses) == steps_per_epoch
     assert mined_losses[:steps_per_epoch] == pytest.approx(plain_losses, rel=1e-6)
-    # And the events are the same pass: per-sample losses recombine into the logged step loss.
-    for step, loss in enumerate(mined_losses[:steps_per_epoch]):
-        rows = epoch0.filter(pc.equal(epoch0.column("global_step"), step)).to_pylist()
-        weighted = sum(r["loss"] * r["n_tokens"] for r in rows) / sum(r["n_tokens"] for r in rows)
-        assert weighted == pytest.approx(loss, rel=1e-4)
 
 
 def epoch_events(run_dir: Path, epoch: int) -> dict[tuple[int, str], dict]:
@@ -232,6 +233,110 @@ def test_swift_sft_padding_free_events_equal_a_padded_run(tmp_path, mined_run):
     packed = run_swift_sft(tmp_path, "packed", checkpoint, [str(data)], mining=True, epochs=1,
                            flags=("--packing", "true"), plugins=(CPU_PADDING_FREE_PLUGIN,))
     assert packed.returncode != 0 and "swift sft --packing true: ms-swift bins rows into fixed packs" in packed.stderr
+
+
+def test_swift_run_is_a_whole_run_for_plan_report_and_sql(tmp_path, mined_run):
+    """`hsm plan`, `hsm report` and `hsm sql` on a `swift sft` run with no flags: the config is hsm.yaml resolved,
+    the plan equals training's, and each base_idx (a position in ms-swift's train set) shows its own image and boxes."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from hsm.cli.app import app
+    from hsm.config_load import load_config
+    from hsm.data.records import read_jsonl
+    from hsm.report.data import read_sample_records
+
+    _, data, mined = mined_run
+    run = tmp_path / "run"
+    shutil.copytree(mined, run)
+    config = load_config(run / "hsm" / "config.yaml")
+    assert config.mining.selector.k == 2 and config.mining.hard_weight == 3.0 and config.target_name == "bbu"
+    trained = pq.read_table(run / "hsm" / "plans" / "epoch=2" / "plan.parquet")
+    shutil.rmtree(run / "hsm" / "plans" / "epoch=2")
+    runner = CliRunner()
+    planned = runner.invoke(app, ["plan", "--run-dir", str(run), "--epoch", "2"])
+    assert planned.exit_code == 0, planned.output
+    assert pq.read_table(run / "hsm" / "plans" / "epoch=2" / "plan.parquet").equals(trained)
+    reported = runner.invoke(app, ["report", "--run-dir", str(run)])
+    assert reported.exit_code == 0, reported.output
+    html = (run / "report.html").read_text()
+    assert "no record for this sample" not in html and "image not found" not in html and "names no target" not in html
+    assert html.count("data:image/jpeg") >= 2 * N_ROWS
+    records = {r.image: r for r in read_jsonl(data.parent / "corpus" / "bbu" / "train.jsonl")}
+    shown = read_sample_records(run / "hsm")
+    assert len(shown) == N_ROWS and {shown[i].image for i in range(N_ROWS)} == set(records)
+    for base_idx in range(N_ROWS):  # JSON answers (0-1000) and objects rows (pixels) alike
+        got = shown[base_idx]
+        want = records[got.image]
+        assert [o.label for o in got.objects] == [o.label for o in want.objects]
+        for mine, theirs in zip(got.objects, want.objects):
+            assert mine.bbox == pytest.approx(theirs.bbox, abs=want.width / 1000 + 0.5)
+    queried = runner.invoke(app, ["sql", "--run-dir", str(run), "dataset_breakdown"])
+    assert queried.exit_code == 0 and "bbu" in queried.output, queried.output
+
+
+_MINING = "custom:\n  hard_sample_mining: {enabled: true, %s}\n  fusion_config: {target: {name: bbu}}\n"
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ({"streaming": True, "max_steps": 2}, "swift sft --streaming true: ms-swift then reads the dataset as an IterableDataset"),
+    ({"packing": True}, "swift sft --packing true: ms-swift bins rows into fixed packs"),
+], ids=["streaming", "packing"])
+def test_swift_arguments_refuse_streaming_and_packing(tmp_path, monkeypatch, flags, message):
+    """ms-swift's own argument parsing with the hsm plugin: refused there, before ms-swift's flash-attention check
+    (`--packing` on a CPU) and long before the model and data load (no traceback from inside training)."""
+    from swift.arguments import SftArguments
+
+    config = tmp_path / "hsm.yaml"
+    config.write_text(_MINING % "metric: loss")
+    monkeypatch.setenv("HSM_CONFIG", str(config))
+    checkpoint = build_checkpoint(tmp_path / "ckpt", "qwen3_vl")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SftArguments(model=str(checkpoint), model_type="qwen3_vl", dataset=[str(tmp_path / "train.jsonl")],
+                     use_cpu=True, output_dir=str(tmp_path / "out"), report_to=["none"],
+                     external_plugins=[str(plugin_path())], **flags)
+
+
+def test_swift_plugin_refuses_det_f1(tmp_path, monkeypatch):
+    from hsm.config import ConfigError
+    from hsm.integrations.swift import register
+
+    config = tmp_path / "hsm.yaml"
+    config.write_text(_MINING % "metric: det_f1")
+    monkeypatch.setenv("HSM_CONFIG", str(config))
+    with pytest.raises(ConfigError, match="metric: 'det_f1' is measured by hsm train's own generation pass, which ms-swift"):
+        register()
+
+
+def test_swift_sft_reports_a_bad_hsm_config_before_loading_the_model(tmp_path):
+    """The hsm config is checked when ms-swift imports the plugin: a mistake names its key even though the model
+    path does not exist (ms-swift has not looked at it yet)."""
+    corpus = synthesize(tmp_path / "corpus", n_target=4, n_source=1, n_val=1)
+    data = swift_dataset(corpus["bbu"], tmp_path / "train.jsonl")
+    done = run_swift_sft(tmp_path, "refused", tmp_path / "no-such-model", [str(data)], mining=True, epochs=1,
+                         config_text=_MINING % "selector: {mode: top_k, k: -1}")
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and "custom.hard_sample_mining.selector.k" in output, output[-3000:]
+
+
+def test_fingerprint_under_ms_swift_follows_its_shuffle(tmp_path):
+    """Positional ids over ms-swift's train set: `--dataset_shuffle true` puts other rows at the same positions, so
+    the fingerprint changes; the same load gives the same fingerprint."""
+    from swift.dataset import load_dataset
+
+    from hsm.integrations.common import SlotDataset, row_contents
+
+    corpus = synthesize(tmp_path / "corpus", n_target=12, n_source=1, n_val=1)
+    data = swift_dataset(corpus["bbu"], tmp_path / "train.jsonl")
+
+    def fingerprint(shuffle: bool) -> str:
+        train, _ = load_dataset([str(data)], shuffle=shuffle, seed=0)
+        ids = [f"bbu:{i}" for i in range(len(train))]
+        return SlotDataset(train, "bbu", ids, target_contents=row_contents(train)).info.fingerprint
+
+    assert fingerprint(False) == fingerprint(False)
+    assert fingerprint(True) != fingerprint(False)
 
 
 @pytest.mark.parametrize("tuner", ["full", "lora"])

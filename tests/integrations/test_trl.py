@@ -67,8 +67,19 @@ def box_token_positions(tokenizer, input_ids: list[int], answer: str) -> tuple[s
     return coords, labels
 
 
+def answer_positions(tokenizer, input_ids: list[int]) -> list[int]:
+    """Oracle: the positions of the last assistant turn's content and its ``<|im_end|>``, found by walking the ids
+    from the last ``<|im_start|>`` past the ``assistant\n`` header (what hsm train supervises)."""
+    im_start, im_end = tokenizer.convert_tokens_to_ids("<|im_start|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")
+    start = max(t for t, i in enumerate(input_ids) if i == im_start)
+    header = len(tokenizer("assistant\n", add_special_tokens=False)["input_ids"])
+    end = input_ids.index(im_end, start + 1 + header)
+    return list(range(start + 1 + header, end + 1))
+
+
 def recomputed_box_losses(checkpoint, processor, rows: list[dict]) -> list[dict]:
-    """Per-sample loss, coord_loss, label_loss, loss_sum of the untrained model, each row alone, in float64."""
+    """Per-sample loss, coord_loss, label_loss, loss_sum, n_tokens of the untrained model over the answer's tokens
+    (TRL itself trains on the prompt too), each row alone, in float64."""
     model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
     collator = DataCollatorForVisionLanguageModeling(processor)
     out = []
@@ -78,9 +89,10 @@ def recomputed_box_losses(checkpoint, processor, rows: list[dict]) -> list[dict]
         with torch.no_grad():
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0].double()
         ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0]
-        nll = {t: -torch.log_softmax(logits[t - 1], -1)[labels[t]].item() for t in range(1, len(ids)) if labels[t] != -100}
+        assert (labels[:-1] != -100).sum() > len(answer_positions(processor.tokenizer, ids))  # TRL trains on more
+        nll = {t: -torch.log_softmax(logits[t - 1], -1)[labels[t]].item() for t in answer_positions(processor.tokenizer, ids)}
         coords, label_tokens = box_token_positions(processor.tokenizer, ids, answer)
-        out.append({"loss": sum(nll.values()) / len(nll), "loss_sum": sum(nll.values()),
+        out.append({"loss": sum(nll.values()) / len(nll), "loss_sum": sum(nll.values()), "n_tokens": len(nll),
                     "coord_loss": sum(nll[t] for t in coords) / len(coords),
                     "label_loss": sum(nll[t] for t in label_tokens) / len(label_tokens)})
     return out
@@ -93,26 +105,39 @@ class InOrderSFTTrainer(SFTTrainer):
         return torch.utils.data.SequentialSampler(self.train_dataset)
 
 
-def test_hsm_sft_trainer_logs_plans_and_keeps_trl_loss(tmp_path):
+MINING = MiningConfig(enabled=True, mode="reweight", metric="loss", start_epoch=1,
+                      selector=SelectorConfig(mode="top_k", k=2), hard_weight=3.0)
+
+
+@pytest.fixture(scope="module")
+def trl_run(tmp_path_factory) -> dict:
+    """One HsmSFTTrainer run, mining on, 2 epochs of 8 rows in batches of 4, shared by the tests that read it."""
+    tmp_path = tmp_path_factory.mktemp("trl")
     checkpoint = build_checkpoint(tmp_path / "ckpt", "qwen3_vl")
     corpus = synthesize(tmp_path / "corpus", n_target=8, n_source=1, n_val=1)
     system, user = DEFAULT_PROMPTS["target"]
     dataset = detection_dataset(corpus["bbu"], system=system, user=user)
     processor = AutoProcessor.from_pretrained(checkpoint)
-    mining = MiningConfig(enabled=True, mode="reweight", metric="loss", start_epoch=1,
-                          selector=SelectorConfig(mode="top_k", k=2), hard_weight=3.0)
-
     out = tmp_path / "hsm"
     trainer = HsmSFTTrainer(model=AutoModelForImageTextToText.from_pretrained(checkpoint), args=sft_config(out, 2),
-                            train_dataset=dataset, processing_class=processor, mining=mining, dataset_name="bbu")
+                            train_dataset=dataset, processing_class=processor, mining=MINING, dataset_name="bbu")
     trainer.train()
     events = pa.concat_tables([pq.read_table(p) for p in sorted((out / "hsm").glob("events/epoch=*/rank=0/*.parquet"))])
+    return {"tmp": tmp_path, "checkpoint": checkpoint, "corpus": corpus, "dataset": dataset, "processor": processor,
+            "out": out, "trainer": trainer, "events": events, "prompts": (system, user)}
+
+
+def test_hsm_sft_trainer_logs_plans_and_keeps_trl_loss(tmp_path, trl_run):
+    checkpoint, dataset, processor = trl_run["checkpoint"], trl_run["dataset"], trl_run["processor"]
+    out, trainer, events = trl_run["out"], trl_run["trainer"], trl_run["events"]
     epoch0 = events.filter(pc.equal(events.column("epoch"), 0)).sort_by([("global_step", "ascending"), ("position", "ascending")])
     assert sorted(epoch0.column("sample_id").to_pylist()) == sorted(dataset["id"])  # every row once
-    # Box-aware signals from the same pass: step 0 ran the untrained weights, recomputed here row by row.
+    # Box-aware signals from the same pass, over the answer's tokens only: step 0 ran the untrained weights,
+    # recomputed here row by row.
     first = epoch0.filter(pc.equal(epoch0.column("global_step"), 0)).to_pylist()
     expected = recomputed_box_losses(checkpoint, processor, [dataset[e["base_idx"]] for e in first])
     for event, oracle in zip(first, expected):
+        assert event["n_tokens"] == oracle["n_tokens"]
         for key in ("loss", "loss_sum", "coord_loss", "label_loss"):
             assert event[key] == pytest.approx(oracle[key], rel=1e-4, abs=1e-5), key
     plan = pq.read_table(out / "hsm" / "plans" / "epoch=1" / "plan.parquet").to_pylist()
@@ -122,12 +147,7 @@ def test_hsm_sft_trainer_logs_plans_and_keeps_trl_loss(tmp_path):
     epoch1 = events.filter(pc.equal(events.column("epoch"), 1)).to_pylist()
     assert {e["base_idx"] for e in epoch1 if e["drawn_as_hard"]} == hard
     assert all(e["drawn_as_hard"] == (e["base_idx"] in hard) for e in epoch1)
-    # The per-sample losses recombine into TRL's logged step loss (token-weighted mean).
     hsm_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    for step, loss in enumerate(hsm_losses[:2], start=1):
-        rows = epoch0.filter(pc.equal(epoch0.column("global_step"), step - 1)).to_pylist()
-        weighted = sum(r["loss"] * r["n_tokens"] for r in rows) / sum(r["n_tokens"] for r in rows)
-        assert weighted == pytest.approx(loss, rel=1e-4)
 
     # A plain SFTTrainer on the same rows in hsm's epoch-0 order gives the same loss, step for step.
     ordered = dataset.select(epoch0.column("base_idx").to_pylist())
@@ -137,6 +157,115 @@ def test_hsm_sft_trainer_logs_plans_and_keeps_trl_loss(tmp_path):
     plain_losses = [h["loss"] for h in plain.state.log_history if "loss" in h]
     assert len(plain_losses) == 2
     assert hsm_losses[:2] == pytest.approx(plain_losses, rel=1e-6)
+
+
+def test_trl_statistics_count_the_tokens_hsm_train_supervises(trl_run):
+    """The same record's n_tokens under TRL (which trains on the prompt too) and under hsm train's own encoding."""
+    from PIL import Image
+
+    from hsm.data.encoding import Template
+    from hsm.data.records import read_jsonl
+
+    records = read_jsonl(trl_run["corpus"]["bbu"])
+    system, user = trl_run["prompts"]
+    template = Template(trl_run["processor"], system)
+    epoch0 = trl_run["events"].filter(pc.equal(trl_run["events"].column("epoch"), 0)).to_pylist()
+    for event in epoch0:
+        row = trl_run["dataset"][event["base_idx"]]
+        with Image.open(records[event["base_idx"]].image) as image:
+            encoded = template.encode(image.convert("RGB"), user, row["messages"][-1]["content"][0]["text"], system)
+        assert event["n_tokens"] == int((encoded["labels"] != -100).sum()), event["sample_id"]
+
+
+def test_trl_run_is_a_whole_run_for_plan_report_and_sql(tmp_path, trl_run):
+    """`hsm plan`, `hsm report` and `hsm sql` on a TRL run with no flags: the config is the one trained with, the
+    plan equals training's, and the report's gallery shows every card's image with the record's own boxes."""
+    import shutil
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from hsm.cli.app import app
+    from hsm.config_load import load_config
+    from hsm.data.records import read_jsonl
+    from hsm.report.data import read_sample_records
+
+    run = tmp_path / "run"
+    shutil.copytree(trl_run["out"], run)
+    config = load_config(run / "hsm" / "config.yaml")
+    assert config.mining == MINING and config.target_name == "bbu"
+    trained = pq.read_table(run / "hsm" / "plans" / "epoch=2" / "plan.parquet")
+    shutil.rmtree(run / "hsm" / "plans" / "epoch=2")
+    runner = CliRunner()
+    planned = runner.invoke(app, ["plan", "--run-dir", str(run), "--epoch", "2"])
+    assert planned.exit_code == 0, planned.output
+    assert pq.read_table(run / "hsm" / "plans" / "epoch=2" / "plan.parquet").equals(trained)
+    reported = runner.invoke(app, ["report", "--run-dir", str(run)])
+    assert reported.exit_code == 0, reported.output
+    html = (run / "report.html").read_text()
+    assert "no record for this sample" not in html and "image not found" not in html and "names no target" not in html
+    assert html.count("data:image/jpeg") >= 16  # 8 hardest and 8 easiest cards, each with its image
+    records = read_jsonl(trl_run["corpus"]["bbu"])
+    shown = read_sample_records(run / "hsm", yaml.safe_load((run / "hsm" / "config.yaml").read_text())["model"]["coord_format"])
+    assert len(shown) == len(records)
+    for base_idx, record in enumerate(records):  # TRL's row i is the JSONL's line i
+        got = shown[base_idx]
+        assert (got.image, got.width, got.height) == (record.image, record.width, record.height)
+        assert [o.label for o in got.objects] == [o.label for o in record.objects]
+        for mine, want in zip(got.objects, record.objects):  # rel1000 rounding: within a thousandth of the side
+            assert mine.bbox == pytest.approx(want.bbox, abs=record.width / 1000 + 1e-9)
+    queried = runner.invoke(app, ["sql", "--run-dir", str(run), "dataset_breakdown"])
+    assert queried.exit_code == 0 and "bbu" in queried.output, queried.output
+
+
+def test_trl_fusion_telemetry_counts_the_epoch(trl_run):
+    """hsm/fusion/<target>/items, input_len_mean and drawn_as_hard per epoch: the epoch's draws (the events), their
+    mean length (each row collated alone by TRL's collator) and how many were drawn as hard."""
+    collator = DataCollatorForVisionLanguageModeling(trl_run["processor"])
+    length = [int(collator([dict(row)])["attention_mask"].sum()) for row in trl_run["dataset"]]
+    logged = [h for h in trl_run["trainer"].state.log_history if "hsm/fusion/bbu/items" in h]
+    events = trl_run["events"].to_pylist()
+    assert len(logged) == 2
+    for epoch, logs in enumerate(logged):
+        drawn = [e for e in events if e["epoch"] == epoch]
+        assert logs["hsm/fusion/bbu/items"] == len(drawn) == 8
+        assert logs["hsm/fusion/bbu/drawn_as_hard"] == sum(e["drawn_as_hard"] for e in drawn)
+        assert logs["hsm/fusion/bbu/input_len_mean"] == pytest.approx(sum(length[e["base_idx"]] for e in drawn) / len(drawn))
+    assert logged[1]["hsm/fusion/bbu/drawn_as_hard"] > 0
+
+
+def test_hsm_sft_trainer_refuses_det_f1_at_start_up(tmp_path):
+    """det_f1 needs hsm train's generation pass: refused before TRL builds anything, naming the stack."""
+    from hsm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"metric: 'det_f1' .* TRL does not run"):
+        HsmSFTTrainer(model=None, args=sft_config(tmp_path, 1), train_dataset=None,
+                      mining=MiningConfig(enabled=True, metric="det_f1"))
+
+
+def test_fingerprint_changes_when_what_an_id_names_changes(tmp_path):
+    """Positional ids (`bbu:<row>`) over the same file in another order name other images: another fingerprint;
+    the same rows give the same one, and an edited answer another."""
+    from hsm.integrations.common import SlotDataset, row_contents
+
+    corpus = synthesize(tmp_path / "corpus", n_target=6, n_source=1, n_val=1)
+    lines = corpus["bbu"].read_text().splitlines(keepends=True)
+    shuffled = corpus["bbu"].with_name("shuffled.jsonl")  # beside the images its relative paths name
+    shuffled.write_text("".join(lines[::-1]))
+    system, user = DEFAULT_PROMPTS["target"]
+
+    def fingerprint(dataset) -> str:
+        ids = [f"bbu:{i}" for i in range(len(dataset))]
+        return SlotDataset(dataset, "bbu", ids, target_contents=row_contents(dataset)).info.fingerprint
+
+    plain = detection_dataset(corpus["bbu"], system=system, user=user)
+    assert fingerprint(plain) == fingerprint(detection_dataset(corpus["bbu"], system=system, user=user))
+    assert fingerprint(plain) != fingerprint(detection_dataset(shuffled, system=system, user=user))
+    edited = corpus["bbu"].with_name("edited.jsonl")
+    edited.write_text("".join(lines).replace('"label": "', '"label": "x', 1))
+    assert fingerprint(plain) != fingerprint(detection_dataset(edited, system=system, user=user))
+    contents = row_contents(plain)
+    assert [c["images"] for c in contents] == [[str(r["images"][0].filename)] for r in plain]
 
 
 @pytest.mark.parametrize("flag", ["padding_free", "packing"])

@@ -98,7 +98,7 @@ def test_install_is_named_as_such_and_the_message_lists_every_view(run_dir):
     assert result.exit_code == 2, result.output
     assert "INSTALL statements are refused" in result.output and "LOAD" not in result.output
     listed = re.search(r"views \(([^)]*)\)", result.output.replace("\n", " "))[1]
-    assert set(re.split(r",\s*", listed)) == {"events", "events_raw", "event_values", "sample_ids", "state",
+    assert set(re.split(r",\s*", listed)) == {"events", "events_raw", "measurements", "event_values", "sample_ids", "state",
                                               "plans", "manifests"}
 
 
