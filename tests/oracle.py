@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -78,10 +79,15 @@ def stale_adjusted(state: dict[tuple, dict], target: str, mining, epoch: int) ->
     return out
 
 
-def rank(state: dict[tuple, dict], target: str) -> list[tuple]:
-    """Eligible target keys in rank order: score descending, then sample_id."""
+def tie_key(seed: int, sample_id: str) -> str:
+    """The first 16 hex digits of ``sha256(f"{seed}:{sample_id}")``."""
+    return hashlib.sha256(f"{seed}:{sample_id}".encode("utf-8")).hexdigest()[:16]
+
+
+def rank(state: dict[tuple, dict], target: str, seed: int) -> list[tuple]:
+    """Eligible target keys in rank order: score descending, then the tie key, then sample_id."""
     keys = [k for k in state if k[0] == target]
-    return sorted(keys, key=lambda k: (-state[k]["score"], state[k]["sample_id"]))
+    return sorted(keys, key=lambda k: (-state[k]["score"], tie_key(seed, state[k]["sample_id"]), state[k]["sample_id"]))
 
 
 def plan(state: dict[tuple, dict], target: str, mining, epoch: int) -> dict[int, tuple[bool, float]]:
@@ -90,9 +96,11 @@ def plan(state: dict[tuple, dict], target: str, mining, epoch: int) -> dict[int,
     flagged = set()
     if mining.stale_after is not None and mining.stale_policy == "flag":
         flagged = {k for k in state if k[0] == target and (epoch - 1) - state[k]["last_epoch"] >= mining.stale_after}
-    every = rank(state, target)
+    every = rank(state, target, mining.seed)
     ranked = [k for k in every if k not in flagged]
     n = len(ranked)
+    if len({state[k]["score"] for k in ranked}) == 1:  # no signal: nothing hard, every weight 1
+        return {k[1]: (False, 1.0) for k in every}
     if mining.mode == "fixed_set":
         hard = ranked[: min(mining.hard_sample_size, n)]
     elif mining.mode == "dynamic":

@@ -261,7 +261,9 @@ class Plan:
 
     @property
     def triggered(self) -> bool:
-        return bool(self.manifest["triggered"])
+        """Whether the schedule follows this plan: its trigger fired and its metric carried a signal
+        (a ``no_signal`` plan marks nothing hard, so the epoch is drawn as without a plan)."""
+        return bool(self.manifest["triggered"]) and not self.manifest.get("no_signal", False)
 
 
 # Rows per record batch read: the rows live one small batch at a time (a reader thread per column
