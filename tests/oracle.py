@@ -18,13 +18,14 @@ def effective_events(rows: list[dict]) -> list[dict]:
 
 
 def metric_value(r: dict, metric: str) -> float | None:
-    """The observation ``x`` of one event, or None when the event carries no value for ``metric``."""
-    if metric == "token_acc":
-        return 1.0 - float(r["token_acc"])
+    """The observation ``x`` of one event, or None when the event carries no value for ``metric``
+    or a NaN or infinite one (neither is an observation)."""
     value = r.get(metric)
-    if metric == "det_f1":  # an F1: difficulty 1 - F1
-        return None if value is None else 1.0 - float(value)
-    return None if value is None else float(value)
+    if value is None or not math.isfinite(float(value)):
+        return None
+    if metric in ("token_acc", "det_f1"):  # accuracies and F1: difficulty 1 - value
+        return 1.0 - float(value)
+    return float(value)
 
 
 def full_state(rows: list[dict], *, metric: str, decay: float, aggregate: str) -> dict[tuple, dict]:

@@ -27,6 +27,7 @@ from hsm.io import (
     open_parquet,
     publish_dir,
     restore_dirs,
+    strict_json,
     write_bytes_atomic,
     write_json_atomic,
     write_parquet_atomic,
@@ -161,7 +162,9 @@ def stage_plan(hsm_dir: str | Path, epoch: int, table: pa.Table, manifest: dict[
         write_parquet_atomic(table, path, **keyed_write_options(table.schema, sorted_column="base_idx",
                                                                  dictionary=("dataset", "n_obs", "weight"),
                                                                  statistics=("base_idx",)))
-        manifest = dict(manifest, plan_version=PLAN_VERSION, epoch=epoch, checksum=file_sha256(path), rows=table.num_rows)
+        # Strict JSON before the digest, so the digest covers what the file holds.
+        manifest = strict_json(dict(manifest, plan_version=PLAN_VERSION, epoch=epoch, checksum=file_sha256(path),
+                                    rows=table.num_rows))
         manifest["manifest_sha256"] = manifest_digest(manifest)
         write_json_atomic(manifest, staging / "manifest.json")
     except BaseException:

@@ -259,6 +259,8 @@ def _plan_from(hsm_dir: Path, epoch: int, mining: MiningConfig, target: str, fol
             "hard": int(selection.is_hard.sum()),
             "regular_drawn": selection.n_regular,
             "weight_sum": float(weights.sum()),
+            # Events of epoch N-1 whose metric value was NaN or infinite: not observations.
+            "nonfinite": int(info.epoch_stats.get(epoch - 1, {}).get("n_nonfinite", 0)),
         },
         "weights": {"min": float(weights.min()) if len(weights) else None, "max": float(weights.max()) if len(weights) else None},
         "scores": {"hard": _stats(hard_scores), "regular": _stats(regular_scores)},

@@ -49,7 +49,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hsm.io import ChecksumMismatch, epoch_partitions, file_sha256, open_parquet, write_json_atomic, write_parquet_atomic
+from hsm.io import (
+    ChecksumMismatch,
+    epoch_partitions,
+    file_sha256,
+    open_parquet,
+    strict_json,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from hsm.mining.events import keyed_write_options
 from hsm.schemas import SAMPLE_ID_SCHEMA, STATE_SCHEMA, SchemaError, conform
 
@@ -114,7 +122,7 @@ class StateInfo:
 
     def to_json(self) -> str:
         payload = self.__dict__ | {"epoch_stats": {str(k): v for k, v in self.epoch_stats.items()}}
-        return json.dumps(payload, sort_keys=True)
+        return json.dumps(strict_json(payload), sort_keys=True, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> "StateInfo":

@@ -27,7 +27,7 @@ wrongly labelled sample stays high and moves little.
 
 ``x`` is in the plan's metric and its units (``metric`` in the manifest), as the registry
 (:mod:`hsm.metrics`) defines it: ``1 - token_acc`` for ``token_acc``, ``1 - det_f1`` for
-``det_f1``, else the metric's own column; a null is not an observation. This module is the definition;
+``det_f1``, else the metric's own column; a null, NaN or infinite value is not an observation. This module is the definition;
 ``sql/suspects.sql`` (``hsm sql suspects``) computes the same list in DuckDB from the
 latest manifest's metric, and tests hold both to a naive loop and to each other. Pure functions over numpy/Arrow; :func:`read_epoch_metrics` is the
 only one that touches files.
@@ -93,11 +93,14 @@ def epoch_metrics(events: pa.Table, target: str, metric: str) -> pa.Table:
     ``events`` must already be de-duplicated by attempt. Returns columns
     ``base_idx, sample_id, epoch, value`` sorted by ``(base_idx, epoch)``;
     ``value`` is the registry's difficulty (``1 - token_acc`` for ``token_acc``, ``1 - det_f1``
-    for ``det_f1``, else the metric's own column); a null value is not an observation.
+    for ``det_f1``, else the metric's own column); a null, NaN or infinite value is not an observation.
     """
     row = metric_row(metric)  # ValueError naming the registry's metrics
     rows = events.filter(pc.equal(events.column("dataset").cast(pa.string()), target))
     rows = rows.filter(pc.is_valid(rows.column(row.column)))
+    finite = pc.is_finite(rows.column(row.column))
+    if not pc.all(finite).as_py():  # NaN or infinite: not an observation
+        rows = rows.filter(finite)
     value = rows.column(row.column).cast(pa.float64())
     if row.flip:
         value = pc.subtract(1.0, value)

@@ -1,6 +1,6 @@
 -- Label-noise suspects (Dataset Cartography) on the plan's metric: target samples drawn in >= 3 epochs, in the top 10% by mean per-epoch metric (a tie never floods it), with variability <= the median.
 -- The same list as hsm.mining.suspects (report, suspects.csv): per (sample, epoch) the mean of the plan's metric
--- (event_values.value: 1 - token_acc for token_acc, 1 - det_f1 for det_f1, else the metric's own column), nulls not observed.
+-- (event_values.value: 1 - token_acc for token_acc, 1 - det_f1 for det_f1, else the metric's own column), nulls, NaN and inf not observed.
 WITH metric AS (
     SELECT coalesce((SELECT metric FROM manifests ORDER BY epoch DESC LIMIT 1), 'loss') AS name
 ),
@@ -13,7 +13,7 @@ observed AS (
 per_epoch AS (
     SELECT base_idx, min(sample_id) AS sample_id, epoch, avg(value) AS value
     FROM observed
-    WHERE value IS NOT NULL
+    WHERE value IS NOT NULL AND isfinite(value)
     GROUP BY base_idx, epoch
 ),
 mapped AS (
