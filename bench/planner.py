@@ -146,8 +146,13 @@ def measure(kind: str, hsm_dir: Path, sample: int) -> dict:
     """Run one measurement in this process; returns seconds and peak RSS.
 
     Modules are imported before the clock starts (every row alike): the rows time the
-    work, not the interpreter loading DuckDB or hsm.
+    work, not the interpreter loading DuckDB or hsm. That includes pandas: pyarrow imports
+    it on its first array conversion (0.4-1.3 s on the development VM), which every
+    process that plans pays once, whatever it does.
     """
+    import pyarrow as pa_warm
+
+    pa_warm.array([0])  # pyarrow's lazy pandas import, before the clock
     import duckdb  # noqa: F401
     import hsm.mining.engines.duckdb_engine  # noqa: F401  (every engine's library: polars, duckdb)
     import hsm.mining.engines.numpy_engine  # noqa: F401

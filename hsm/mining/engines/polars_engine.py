@@ -1,17 +1,16 @@
-"""The Polars engine's epoch fold: Polars orders, groups and joins; one numpy loop continues the EMA.
+"""The Polars engine's epoch fold: Polars orders and groups the events; the shared kernel folds them.
 
 Polars puts every sample's events in observation order (a sort on ``key, global_step,
-rank, position``), groups them (count, first event row, first and last value), joins
-the groups onto the carried state and computes every rule of :mod:`hsm.mining.state`
-as column expressions. The one step it has no operation for is the EMA (and the
-in-order sum) over a sample's second and later observations, which
-:func:`continue_sequential` runs in numpy, vectorised over samples.
+rank, position``) and groups them (count, first event row); the groups' keys are merged
+with the carried state's (both sorted, :func:`merge_sorted_keys`), and
+:func:`finish_fold`, the kernel the numpy engine uses too, applies every rule of
+:mod:`hsm.mining.state`.
 
-Why not ``ewm_mean(alpha=1 - decay, adjust=False)``: Polars updates the average as
+Why the EMA is not ``ewm_mean(alpha=1 - decay, adjust=False)``: Polars updates the average as
 ``m + (v - m) * (alpha / ((1 - alpha) + alpha))``, the state's rule is
 ``decay * m + (1 - decay) * v``. Same value in exact arithmetic, not in floating
 point: over 20,000 samples of 4 observations seeded with a carried EMA, 4-56% of the
-results differ in the last bit depending on ``decay`` (docs/benchmarks.md, issue 15),
+results differ in the last bit depending on ``decay`` (docs/benchmarks.md),
 so the two engines would no longer agree bit for bit with each other and the oracle.
 """
 
@@ -21,19 +20,9 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from hsm.mining.engines.kernels import ORDER, continue_sequential, output_columns
-from hsm.mining.state import EPOCH_COLUMNS, FOLD_COLUMNS
+from hsm.mining.engines.kernels import ORDER, finish_fold, merge_sorted_keys
 
 __all__ = ["fold_epoch"]
-
-def _carried(state: pa.Table | None, per_epoch: bool) -> pl.LazyFrame:
-    if state is not None:
-        return pl.from_arrow(state.select(list(FOLD_COLUMNS + (EPOCH_COLUMNS if per_epoch else ())))).lazy()
-    schema = {"key": pl.Int64, "n_obs": pl.Int64, "mean": pl.Float64, "ema": pl.Float64, "last": pl.Float64,
-              "last_epoch": pl.Int32}
-    if per_epoch:
-        schema.update(n_epochs=pl.Int32, epoch_mean=pl.Float64, epoch_ema=pl.Float64)
-    return pl.LazyFrame(schema=schema)
 
 
 def _observation_order(events: pl.DataFrame) -> pl.DataFrame:
@@ -76,55 +65,16 @@ def fold_epoch(
     Returns:
         :func:`output_columns`, sorted by ``key``: every previous and every new sample.
     """
-    d = float(ema_decay)
     ordered = _observation_order(pl.from_arrow(events.select(list(ORDER) + ["x"])))
-    groups = ordered.lazy().group_by("key", maintain_order=True).agg(
-        k=pl.len().cast(pl.Int64), first_row=pl.col("row").first().cast(pl.Int64),
-        x_first=pl.col("x").first(), x_last=pl.col("x").last(),
-    )
-    n_prev, k = pl.col("n_obs").fill_null(0), pl.col("k").fill_null(0)
-    seen = k > 0
-    # The first observation of this epoch, for every observed sample (the whole fold when k == 1).
-    # Both sides sorted by key and flagged so: Polars joins them by merging.
-    joined = (_carried(state, per_epoch).set_sorted("key").join(groups.set_sorted("key"), on="key", how="full",
-                                                                  coalesce=True)
-              .sort("key")
-              .with_columns(
-                  ema_first=pl.when(n_prev == 0).then(pl.col("x_first"))
-                  .otherwise(pl.lit(d) * pl.col("ema") + pl.lit(1.0 - d) * pl.col("x_first")))
-              .collect())
-
-    # Observations 2..k: the numpy kernel (Polars has no bit-exact operation for it, see the module doc).
-    counts = joined.get_column("k").fill_null(0).to_numpy()
-    ema_first = joined.get_column("ema_first").to_numpy(writable=True)
-    total = joined.get_column("x_first").to_numpy(writable=True)
-    multi = np.flatnonzero(counts > 1)
-    if len(multi):
-        starts = np.cumsum(counts) - counts
-        g_ema, g_total = ema_first[multi], total[multi]
-        continue_sequential(starts[multi], counts[multi], ordered.get_column("x").to_numpy(), g_ema, g_total, d)
-        ema_first[multi], total[multi] = g_ema, g_total
-
-    folded = joined.lazy().with_columns(ema_new=pl.Series(ema_first), total=pl.Series(total))
-    columns = [
-        pl.col("key"),
-        (n_prev + k).alias("n_obs"),
-        pl.when(seen).then((pl.col("mean").fill_null(0.0) * n_prev + pl.col("total")) / (n_prev + k))
-        .otherwise(pl.col("mean")).alias("mean"),
-        pl.when(seen).then(pl.col("ema_new")).otherwise(pl.col("ema")).alias("ema"),
-        pl.when(seen).then(pl.col("x_last")).otherwise(pl.col("last")).alias("last"),
-        pl.when(seen).then(pl.lit(epoch, pl.Int32)).otherwise(pl.col("last_epoch")).cast(pl.Int32).alias("last_epoch"),
-        k.alias("k"),
-        pl.col("first_row").fill_null(-1).alias("first_row"),
-    ]
-    if per_epoch:
-        epoch_mean = pl.col("total") / k
-        columns += [
-            pl.when(seen).then(pl.col("n_epochs").fill_null(0) + 1).otherwise(pl.col("n_epochs"))
-            .cast(pl.Int32).alias("n_epochs"),
-            pl.when(seen).then(epoch_mean).otherwise(pl.col("epoch_mean")).alias("epoch_mean"),
-            pl.when(seen).then(pl.lit(d) * pl.col("epoch_ema").fill_null(0.0) + pl.lit(1.0 - d) * epoch_mean)
-            .otherwise(pl.col("epoch_ema")).alias("epoch_ema"),
-        ]
-    out = folded.select(columns).collect()
-    return out.select(list(output_columns(per_epoch))).to_arrow().combine_chunks()
+    groups = ordered.group_by("key", maintain_order=True).agg(k=pl.len(), first_row=pl.col("row").first())
+    group_keys = groups.get_column("key").to_numpy()
+    prev_keys = state.column("key").to_numpy() if state is not None else np.zeros(0, dtype=np.int64)
+    keys, prev_at, group_at = merge_sorted_keys(prev_keys, group_keys)
+    k = np.zeros(len(keys), dtype=np.int64)
+    k[group_at] = groups.get_column("k").to_numpy()
+    starts = np.zeros(len(keys), dtype=np.int64)
+    starts[group_at] = np.cumsum(k[group_at]) - k[group_at]  # groups are in key order, as their events
+    first_row = np.full(len(keys), -1, dtype=np.int64)
+    first_row[group_at] = groups.get_column("first_row").to_numpy()
+    x = ordered.get_column("x").to_numpy()
+    return finish_fold(state, prev_at, keys, k, starts, x, first_row, epoch=epoch, decay=ema_decay, per_epoch=per_epoch)
