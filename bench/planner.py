@@ -160,6 +160,7 @@ def measure(kind: str, hsm_dir: Path, sample: int) -> dict:
 
     pa_warm.array([0])  # pyarrow's lazy pandas import, before the clock
     import duckdb  # noqa: F401
+    import filelock  # noqa: F401  (the run lock's library, imported by plan_epoch on first use)
     import hsm.mining.engines.duckdb_engine  # noqa: F401  (every engine's library: polars, duckdb)
     import hsm.mining.engines.numpy_engine  # noqa: F401
     import hsm.mining.engines.polars_engine  # noqa: F401
