@@ -146,15 +146,27 @@ def measure(kind: str, hsm_dir: Path, sample: int) -> dict:
     """Run one measurement in this process; returns seconds and peak RSS.
 
     Modules are imported before the clock starts (every row alike): the rows time the
-    work, not the interpreter loading DuckDB or hsm.
+    work, not the interpreter loading DuckDB or hsm. That includes pandas: pyarrow imports
+    it on its first array conversion (0.4-1.3 s on the development VM), which every
+    process that plans pays once, whatever it does.
     """
+    if kind == "pyarrow-first-array":  # what the warm-up below keeps off the clock
+        import pyarrow as pa_cold
+
+        start = time.perf_counter()
+        pa_cold.array([0])
+        return {"seconds": time.perf_counter() - start, "rss_mb": _rss_mb()}
+    import pyarrow as pa_warm
+
+    pa_warm.array([0])  # pyarrow's lazy pandas import, before the clock
     import duckdb  # noqa: F401
+    import filelock  # noqa: F401  (the run lock's library, imported by plan_epoch on first use)
     import hsm.mining.engines.duckdb_engine  # noqa: F401  (every engine's library: polars, duckdb)
     import hsm.mining.engines.numpy_engine  # noqa: F401
     import hsm.mining.engines.polars_engine  # noqa: F401
     import hsm.mining.planner  # noqa: F401
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     extra = {}
     if kind == "fold-0":
         from hsm.mining.update import fold_pending
@@ -166,18 +178,18 @@ def measure(kind: str, hsm_dir: Path, sample: int) -> dict:
         from hsm.mining.fold import DEFAULT_MEMORY_LIMIT, buckets_for
 
         buckets = buckets_for(files_of(hsm_dir, 0), None, DEFAULT_MEMORY_LIMIT)
-        return _timed_plan(hsm_dir, 1, kind[5:], start, buckets=buckets)
+        return _timed_plan(hsm_dir, 1, kind[5:], start, cpu, buckets=buckets)
     elif kind.startswith("duckdb-scan"):
         extra = {"groups": _duckdb_groups(list_event_files(hsm_dir, 0 if kind.endswith("-0") else 1))}
     elif kind.startswith("hsm-"):
         phases = _timed_phases() if os.environ.get("HSM_BENCH_PHASES") else None
-        return _timed_plan(hsm_dir, 2, kind[4:], start, phases=phases)
+        return _timed_plan(hsm_dir, 2, kind[4:], start, cpu, phases=phases)
     elif kind == "naive-dict":
         # The seeds' design: a dict of running stats per sample_id, updated per event.
         files = list_event_files(hsm_dir, 1)
         table = pa.concat_tables([pq.read_table(f, columns=["sample_id", "loss"]) for f in files]).slice(0, sample)
         ids, losses = table.column("sample_id").to_pylist(), table.column("loss").to_pylist()
-        start = time.perf_counter()  # time the tracker, not the read
+        start, cpu = time.perf_counter(), time.process_time()  # time the tracker, not the read
         tracker: dict[str, list] = {}
         decay = 0.9
         for sid, loss in zip(ids, losses):
@@ -206,18 +218,20 @@ def measure(kind: str, hsm_dir: Path, sample: int) -> dict:
         writer.close()
         shutil.rmtree(tmp)
         return {"seconds": seconds, "per_sample_us": seconds / (calls * batch) * 1e6, "rss_mb": _rss_mb()}
-    return {"seconds": time.perf_counter() - start, "rss_mb": _rss_mb(), **extra}
+    return {"seconds": time.perf_counter() - start, "cpu": time.process_time() - cpu, "rss_mb": _rss_mb(), **extra}
 
 
-def _timed_plan(hsm_dir: Path, epoch: int, engine: str, start: float, **extra) -> dict:
-    """``plan_epoch`` for ``epoch`` with ``engine``; seconds since ``start``, peak RSS and the files' digest."""
+def _timed_plan(hsm_dir: Path, epoch: int, engine: str, start: float, cpu: float, **extra) -> dict:
+    """``plan_epoch`` for ``epoch`` with ``engine``; seconds since ``start`` (wall) and ``cpu`` (CPU
+    seconds of every thread: steadier than wall on a shared machine), peak RSS and the files' digest."""
     from hsm.mining.planner import plan_epoch
 
     result = plan_epoch(hsm_dir, epoch, _mining(engine), TARGET)
     seconds = time.perf_counter() - start
     digest = _digest(hsm_dir / "plans" / f"epoch={epoch}" / "plan.parquet",
                      hsm_dir / "state" / f"epoch={epoch - 1}" / "state.parquet")
-    return {"seconds": seconds, "rss_mb": _rss_mb(), "hard": result.manifest["counts"]["hard"], "digest": digest, **extra}
+    return {"seconds": seconds, "cpu": time.process_time() - cpu, "rss_mb": _rss_mb(),
+            "hard": result.manifest["counts"]["hard"], "digest": digest, **extra}
 
 
 def _duckdb_groups(files: list[Path]) -> int:
@@ -400,6 +414,7 @@ def main() -> None:
                 runs[label].append(run_child(kind, directory, 0, version))
         for label, measured in runs.items():
             results[label] = {"seconds": statistics.median(r["seconds"] for r in measured),
+                              "cpu": statistics.median(r["cpu"] for r in measured),
                               "rss_mb": max(r["rss_mb"] for r in measured)}
         digests = set().union(*({r["digest"] for r in runs[f"hsm-{e}"]} for e in args.engines))
         parity.append((size, len(digests) == 1, sorted(digests)))
@@ -407,19 +422,23 @@ def main() -> None:
             phase_rows.append((size, run_child("hsm-polars", hsm_dir, 0, after, phases=True)))
         sample = min(args.naive_sample, n_events)
         naive = run_child("naive-dict", hsm_dir, sample)
-        results["naive-dict"] = {"seconds": naive["seconds"] * n_events / sample, "rss_mb": naive["rss_mb"], "extrapolated": sample < n_events}
-        floor = results["duckdb-scan"]["seconds"]
+        results["naive-dict"] = {"seconds": naive["seconds"] * n_events / sample, "cpu": naive["cpu"] * n_events / sample,
+                                 "rss_mb": naive["rss_mb"], "extrapolated": sample < n_events}
+        floor, cpu_floor = results["duckdb-scan"]["seconds"], results["duckdb-scan"]["cpu"]
         for kind, r in results.items():
-            rows.append((size, kind, r["seconds"], r["seconds"] / floor, results["naive-dict"]["seconds"] / r["seconds"], r["rss_mb"], r.get("extrapolated", False)))
-        rows.append((size, "bytes/event on disk", bytes_per_event, None, None, None, False))
+            rows.append((size, kind, r["seconds"], r["seconds"] / floor, results["naive-dict"]["seconds"] / r["seconds"],
+                         r["rss_mb"], r.get("extrapolated", False), r["cpu"], r["cpu"] / cpu_floor))
+        rows.append((size, "bytes/event on disk", bytes_per_event, None, None, None, False, None, None))
     append = run_child("append", args.workdir, 800_000)
-    print(f"\n{'events':>10} {'measure':<26} {'seconds':>9} {'x floor':>8} {'vs naive':>9} {'peak RSS MB':>12}")
-    for size, kind, seconds, ratio, speedup, rss, extrapolated in rows:
+    first_array = run_child("pyarrow-first-array", args.workdir, 0)
+    print(f"\n{'events':>10} {'measure':<26} {'seconds':>9} {'x floor':>8} {'vs naive':>9} {'peak RSS MB':>12} "
+          f"{'CPU s':>8} {'CPU x floor':>12}")
+    for size, kind, seconds, ratio, speedup, rss, extrapolated, cpu, cpu_ratio in rows:
         if ratio is None:
             print(f"{size:>10} {kind:<26} {seconds:>9.1f}")
             continue
         mark = "*" if extrapolated else ""
-        print(f"{size:>10} {kind:<26} {seconds:>8.2f}{mark} {ratio:>8.2f} {speedup:>8.1f}x {rss:>12.0f}")
+        print(f"{size:>10} {kind:<26} {seconds:>8.2f}{mark} {ratio:>8.2f} {speedup:>8.1f}x {rss:>12.0f} {cpu:>8.2f} {cpu_ratio:>12.2f}")
     for size, same, digests in parity:
         print(f"{size:>10} engine parity (plan + state sha256, {', '.join(args.engines)}, every repeat): "
               f"{'byte-identical' if same else 'DIFFERENT'} {' '.join(digests)}")
@@ -429,6 +448,8 @@ def main() -> None:
               + ", ".join(f"{name} {seconds:.2f}" for name, seconds in phases.items()))
     print("\nPolars ewm_mean(alpha=1-decay, adjust=False) vs the state's rule, 20000 samples of 4 observations: "
           + ", ".join(f"decay {d}: {n} differ" for d, n in ewm_parity()))
+    print(f"\npyarrow's first array in a fresh process (its lazy pandas import; kept off every row's clock): "
+          f"{first_array['seconds']:.2f} s")
     print(f"\nEventWriter.append on the calling thread: {append['per_sample_us']:.2f} us per sample (batches of 8)")
     print("* extrapolated linearly from a subsample; floor = bare DuckDB group-by over the same files")
 

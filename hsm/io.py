@@ -31,6 +31,7 @@ __all__ = [
     "temp_name",
     "write_bytes_atomic",
     "write_json_atomic",
+    "strict_json",
     "write_parquet_atomic",
     "open_parquet",
     "publish_dir",
@@ -122,9 +123,26 @@ def write_bytes_atomic(data: bytes, path: str | Path) -> None:
         raise
 
 
+def strict_json(payload: Any) -> Any:
+    """``payload`` with every non-finite float (NaN, +-inf) replaced by None, so it is strict JSON.
+
+    ``json.dumps`` writes NaN and Infinity by default, which JSON does not allow (other
+    readers, DuckDB's ``read_json`` among them, refuse them); a missing number is null.
+    """
+    if isinstance(payload, float):
+        return payload if payload == payload and payload not in (float("inf"), float("-inf")) else None
+    if isinstance(payload, dict):
+        return {key: strict_json(value) for key, value in payload.items()}
+    if isinstance(payload, (list, tuple)):
+        return [strict_json(value) for value in payload]
+    return payload
+
+
 def write_json_atomic(payload: Any, path: str | Path) -> None:
-    """Write ``payload`` as indented, key-sorted JSON atomically (:func:`write_bytes_atomic`)."""
-    write_bytes_atomic((json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8"), path)
+    """Write ``payload`` as indented, key-sorted, strict JSON (:func:`strict_json`) atomically
+    (:func:`write_bytes_atomic`)."""
+    text = json.dumps(strict_json(payload), indent=2, sort_keys=True, allow_nan=False)
+    write_bytes_atomic((text + "\n").encode("utf-8"), path)
 
 
 def write_parquet_atomic(table: pa.Table | Iterable[pa.Table], path: str | Path, **options: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -17,13 +18,14 @@ def effective_events(rows: list[dict]) -> list[dict]:
 
 
 def metric_value(r: dict, metric: str) -> float | None:
-    """The observation ``x`` of one event, or None when the event carries no value for ``metric``."""
-    if metric == "token_acc":
-        return 1.0 - float(r["token_acc"])
+    """The observation ``x`` of one event, or None when the event carries no value for ``metric``
+    or a NaN or infinite one (neither is an observation)."""
     value = r.get(metric)
-    if metric == "det_f1":  # an F1: difficulty 1 - F1
-        return None if value is None else 1.0 - float(value)
-    return None if value is None else float(value)
+    if value is None or not math.isfinite(float(value)):
+        return None
+    if metric in ("token_acc", "det_f1"):  # accuracies and F1: difficulty 1 - value
+        return 1.0 - float(value)
+    return float(value)
 
 
 def full_state(rows: list[dict], *, metric: str, decay: float, aggregate: str) -> dict[tuple, dict]:
@@ -78,10 +80,15 @@ def stale_adjusted(state: dict[tuple, dict], target: str, mining, epoch: int) ->
     return out
 
 
-def rank(state: dict[tuple, dict], target: str) -> list[tuple]:
-    """Eligible target keys in rank order: score descending, then sample_id."""
+def tie_key(seed: int, sample_id: str) -> str:
+    """The first 16 hex digits of ``sha256(f"{seed}:{sample_id}")``."""
+    return hashlib.sha256(f"{seed}:{sample_id}".encode("utf-8")).hexdigest()[:16]
+
+
+def rank(state: dict[tuple, dict], target: str, seed: int) -> list[tuple]:
+    """Eligible target keys in rank order: score descending, then the tie key, then sample_id."""
     keys = [k for k in state if k[0] == target]
-    return sorted(keys, key=lambda k: (-state[k]["score"], state[k]["sample_id"]))
+    return sorted(keys, key=lambda k: (-state[k]["score"], tie_key(seed, state[k]["sample_id"]), state[k]["sample_id"]))
 
 
 def plan(state: dict[tuple, dict], target: str, mining, epoch: int) -> dict[int, tuple[bool, float]]:
@@ -90,9 +97,11 @@ def plan(state: dict[tuple, dict], target: str, mining, epoch: int) -> dict[int,
     flagged = set()
     if mining.stale_after is not None and mining.stale_policy == "flag":
         flagged = {k for k in state if k[0] == target and (epoch - 1) - state[k]["last_epoch"] >= mining.stale_after}
-    every = rank(state, target)
+    every = rank(state, target, mining.seed)
     ranked = [k for k in every if k not in flagged]
     n = len(ranked)
+    if len({state[k]["score"] for k in ranked}) == 1:  # no signal: nothing hard, every weight 1
+        return {k[1]: (False, 1.0) for k in every}
     if mining.mode == "fixed_set":
         hard = ranked[: min(mining.hard_sample_size, n)]
     elif mining.mode == "dynamic":

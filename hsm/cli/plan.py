@@ -134,6 +134,9 @@ def _print_summary(result, hsm_dir: Path) -> None:
         console.print(f"  [yellow]skipped {len(result.skipped_files)} corrupt part(s)[/]")
     trigger = "[green]applies[/]" if m["triggered"] else "[yellow]not applied[/]"
     console.print(f"  mode {m['mode']} on {m['metric']}: {trigger} ({m['trigger_reason']})")
+    if m.get("no_signal"):
+        console.print(f"  [yellow]no signal[/]: every eligible {m['metric']} score is equal, so nothing is marked hard "
+                      "and the epoch is drawn as without a plan")
     counts = m["counts"]
     regular = counts["eligible"] - counts["hard"]
     print_table(

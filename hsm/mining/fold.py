@@ -36,6 +36,7 @@ __all__ = [
     "metric_column",
     "metric_values",
     "new_ids",
+    "observations",
     "range_bounds",
 ]
 
@@ -54,6 +55,23 @@ def metric_column(metric: str) -> str:
 def metric_values(events: pa.Table, metric: str) -> np.ndarray:
     """The difficulty ``x`` of every event as float64: the column, or ``1 - column`` for accuracies and F1."""
     return difficulty(metric, events.column(metric_column(metric)).to_numpy(zero_copy_only=False))
+
+
+def observations(events: pa.Table, metric: str) -> tuple[pa.Table, int]:
+    """The events that observe ``metric``, and how many carry a non-finite value of it.
+
+    An event whose value is null (no such tokens, or a metric another step measures) or
+    non-finite (NaN, +-inf: a diverged step) is not an observation: it changes no
+    sample's state. Null values are expected and not counted; non-finite ones are
+    counted (``n_nonfinite`` in the epoch's statistics, the manifest and the telemetry).
+    Naive equivalent: ``[e for e in events if e[metric] is not None and math.isfinite(e[metric])]``.
+    """
+    column = events.column(metric_column(metric))
+    finite = np.isfinite(column.to_numpy(zero_copy_only=False))  # a null reads as NaN here
+    n_nonfinite = int(len(finite) - finite.sum()) - column.null_count
+    if n_nonfinite == 0 and column.null_count == 0:
+        return events, 0
+    return events.filter(pa.array(finite)), n_nonfinite
 
 
 # Bytes a fold needs in memory per event and per state row: 10M events folded in memory
@@ -75,6 +93,7 @@ class EpochFold:
     n_events: int
     mean_loss: float | None
     skipped: list[str] = field(default_factory=list)
+    n_nonfinite: int = 0  # events whose metric value was NaN or infinite (not observations)
 
 
 def buckets_for(files: list[Path], state: pa.Table | None, budget: int) -> int:
@@ -135,16 +154,13 @@ def fold_in_memory(read, epoch: int, state, names: list[str], mining: MiningConf
                     per_epoch: bool) -> EpochFold:
     """Fold one epoch read whole (:func:`hsm.mining.events.read_epoch_events`) into ``state`` with the engine ``fold``."""
     events = read.table
-    observed = events
-    column = events.column(metric_column(mining.metric))
-    if column.null_count:
-        observed = events.filter(pc.is_valid(column))  # no such tokens: not an observation of this metric
+    observed, n_nonfinite = observations(events, mining.metric)
     codes, names = dataset_codes(observed.column("dataset"), names)
     out = fold(state, keyed(observed, codes, mining.metric), epoch=epoch, ema_decay=mining.ema_decay, per_epoch=per_epoch)
     mean_loss = finite_mean_loss(events)
     return EpochFold(state=out.select(list(fold_columns(mining.aggregate))), ids=new_ids(out, names, observed.column("sample_id")),
                      names=names, n_events=events.num_rows, mean_loss=mean_loss,
-                     skipped=[str(path) for path, _ in read.skipped])
+                     skipped=[str(path) for path, _ in read.skipped], n_nonfinite=n_nonfinite)
 
 
 def _footer_spans(part: pq.ParquetFile, columns: tuple[str, ...]) -> dict[str, dict[str, int]] | None:
@@ -192,7 +208,8 @@ def fold_out_of_core(
     new_state, first_seen = _fold_ranges(paths, spilled.written, state, bounds, names, mining, fold, epoch=epoch,
                                          per_epoch=per_epoch)
     return EpochFold(state=new_state, ids=first_seen, names=names, n_events=spilled.n_events,
-                     mean_loss=spilled.loss_sum / spilled.n_losses if spilled.n_losses else None, skipped=scan.skipped)
+                     mean_loss=spilled.loss_sum / spilled.n_losses if spilled.n_losses else None, skipped=scan.skipped,
+                     n_nonfinite=spilled.n_nonfinite)
 
 
 @dataclass
@@ -279,6 +296,7 @@ class _Spilled:
     n_events: int
     n_losses: int
     loss_sum: float
+    n_nonfinite: int
 
 
 _SPILL_SCHEMA = pa.schema([("key", pa.int64()), ("x", pa.float64()), ("global_step", pa.int64()), ("rank", pa.int32()),
@@ -291,8 +309,7 @@ def _spill(parts: list[tuple[Path, pq.ParquetFile]], mining: MiningConfig, names
     import polars as pl
 
     columns = event_columns(mining.metric)
-    metric = metric_column(mining.metric)
-    n_events, n_losses, loss_sum = 0, 0, 0.0
+    n_events, n_losses, loss_sum, n_nonfinite = 0, 0, 0.0, 0
     writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
     try:
         for path, part in parts:
@@ -309,9 +326,8 @@ def _spill(parts: list[tuple[Path, pq.ParquetFile]], mining: MiningConfig, names
                 loss = loss[np.isfinite(loss)]  # det_f1 rows carry NaN loss: not training steps
                 n_losses += len(loss)
                 loss_sum += float(loss.sum())
-                column = events.column(metric)
-                if column.null_count:
-                    events = events.filter(pc.is_valid(column))
+                events, nonfinite = observations(events, mining.metric)
+                n_nonfinite += nonfinite
                 codes, _ = dataset_codes(events.column("dataset"), names)
                 rows = keyed(events, codes, mining.metric).append_column("sample_id", events.column("sample_id"))
                 bucket = np.searchsorted(bounds, rows.column("key").to_numpy(), side="right").astype(np.uint16)
@@ -327,7 +343,8 @@ def _spill(parts: list[tuple[Path, pq.ParquetFile]], mining: MiningConfig, names
     finally:
         for writer in writers.values():
             writer.close()
-    return _Spilled(written=set(writers), n_events=n_events, n_losses=n_losses, loss_sum=loss_sum)
+    return _Spilled(written=set(writers), n_events=n_events, n_losses=n_losses, loss_sum=loss_sum,
+                    n_nonfinite=n_nonfinite)
 
 
 def _fold_ranges(paths: list[Path], written: set[int], state: pa.Table | None, bounds: np.ndarray, names: list[str],

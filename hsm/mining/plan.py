@@ -27,6 +27,7 @@ from hsm.io import (
     open_parquet,
     publish_dir,
     restore_dirs,
+    strict_json,
     write_bytes_atomic,
     write_json_atomic,
     write_parquet_atomic,
@@ -161,7 +162,9 @@ def stage_plan(hsm_dir: str | Path, epoch: int, table: pa.Table, manifest: dict[
         write_parquet_atomic(table, path, **keyed_write_options(table.schema, sorted_column="base_idx",
                                                                  dictionary=("dataset", "n_obs", "weight"),
                                                                  statistics=("base_idx",)))
-        manifest = dict(manifest, plan_version=PLAN_VERSION, epoch=epoch, checksum=file_sha256(path), rows=table.num_rows)
+        # Strict JSON before the digest, so the digest covers what the file holds.
+        manifest = strict_json(dict(manifest, plan_version=PLAN_VERSION, epoch=epoch, checksum=file_sha256(path),
+                                    rows=table.num_rows))
         manifest["manifest_sha256"] = manifest_digest(manifest)
         write_json_atomic(manifest, staging / "manifest.json")
     except BaseException:
@@ -261,7 +264,9 @@ class Plan:
 
     @property
     def triggered(self) -> bool:
-        return bool(self.manifest["triggered"])
+        """Whether the schedule follows this plan: its trigger fired and its metric carried a signal
+        (a ``no_signal`` plan marks nothing hard, so the epoch is drawn as without a plan)."""
+        return bool(self.manifest["triggered"]) and not self.manifest.get("no_signal", False)
 
 
 # Rows per record batch read: the rows live one small batch at a time (a reader thread per column

@@ -248,6 +248,7 @@ def _plan_from(hsm_dir: Path, epoch: int, mining: MiningConfig, target: str, fol
                    else {"name": target, "size": None, "fingerprint": None}),
         "triggered": triggered,
         "trigger_reason": reason,
+        "no_signal": selection.no_signal,
         "default_weight": selection.default_weight,
         "target_epoch_size": selection.target_epoch_size,
         "hard_weight": mining.hard_weight if mining.mode == "reweight" else None,
@@ -258,6 +259,8 @@ def _plan_from(hsm_dir: Path, epoch: int, mining: MiningConfig, target: str, fol
             "hard": int(selection.is_hard.sum()),
             "regular_drawn": selection.n_regular,
             "weight_sum": float(weights.sum()),
+            # Events of epoch N-1 whose metric value was NaN or infinite: not observations.
+            "nonfinite": int(info.epoch_stats.get(epoch - 1, {}).get("n_nonfinite", 0)),
         },
         "weights": {"min": float(weights.min()) if len(weights) else None, "max": float(weights.max()) if len(weights) else None},
         "scores": {"hard": _stats(hard_scores), "regular": _stats(regular_scores)},
@@ -281,7 +284,7 @@ def _plan_from(hsm_dir: Path, epoch: int, mining: MiningConfig, target: str, fol
     if write:
         dump = None
         if mining.dump and dump_dir is not None:
-            dump = functools.partial(_dump_hard, Path(dump_dir), epoch, table, selection.is_hard, mining.metric, sample_ids)
+            dump = functools.partial(_dump_hard, Path(dump_dir), epoch, table, selection.is_hard, mining, sample_ids)
         manifest = _publish(hsm_dir, epoch, table, manifest, folded, dump, Path(dump_dir or ".") / f"hard_samples_epoch_{epoch}.json")
     return PlanResult(epoch=epoch, manifest=manifest, plan=table, folded_epochs=folded.folded_epochs,
                       skipped_files=folded.skipped_files, churn=churn, written=write, last_events=folded.last_events)
@@ -307,11 +310,12 @@ def _publish(hsm_dir: Path, epoch: int, table: pa.Table, manifest: dict[str, Any
     return manifest
 
 
-def _dump_hard(output_dir: Path, epoch: int, table: pa.Table, is_hard: np.ndarray, metric: str, sample_ids) -> None:
+def _dump_hard(output_dir: Path, epoch: int, table: pa.Table, is_hard: np.ndarray, mining: MiningConfig,
+               sample_ids) -> None:
     scores = table.column("score").to_numpy()
     hard = np.flatnonzero(is_hard)
     base_idx = table.column("base_idx").to_numpy()
-    order = rank_order(scores, lambda subset: sample_ids(base_idx[subset]), hard)
+    order = rank_order(scores, lambda subset: sample_ids(base_idx[subset]), hard, seed=mining.seed)
     rows = table.take(pa.array(order)).select(["dataset", "base_idx", "score"])
     rows = rows.append_column("sample_id", sample_ids(base_idx[order])).select(["sample_id", "dataset", "base_idx", "score"])
-    write_json_atomic({"epoch": epoch, "metric": metric, "samples": rows.to_pylist()}, output_dir / f"hard_samples_epoch_{epoch}.json")
+    write_json_atomic({"epoch": epoch, "metric": mining.metric, "samples": rows.to_pylist()}, output_dir / f"hard_samples_epoch_{epoch}.json")

@@ -2,7 +2,11 @@
 
 Pure functions over numpy/Arrow arrays; the planner calls them with the target
 rows of the state, sorted by ``base_idx``. Rank order everywhere: score
-descending, then ``sample_id`` ascending; a NaN score ranks last.
+descending, then the tie key ascending (:func:`tie_keys`: the first 16 hex digits of
+``sha256(f"{seed}:{sample_id}")``), then ``sample_id`` ascending; a NaN score ranks
+last. Samples tied on score are so chosen in a seeded order that does not depend on
+how their ids are spelled. When every eligible score is equal the metric carries no
+signal (:func:`has_no_signal`): nothing is hard and every weight is 1.
 
 ``sample_ids`` is either an Arrow array (one id per score) or a function from row
 indices to their ids: the planner passes a function that reads the id table only
@@ -11,6 +15,7 @@ when ties at the selection boundary need the strings.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -22,7 +27,10 @@ import pyarrow.compute as pc
 
 from hsm.config import MiningConfig, decimal_fraction, small_target_warning
 
-__all__ = ["SampleIds", "Selection", "ceil_share", "hard_count", "hardest_mask", "rank_order", "draw_regular", "select_plan", "REGULAR_DRAW_STREAM"]
+__all__ = [
+    "SampleIds", "Selection", "ceil_share", "hard_count", "hardest_mask", "has_no_signal", "rank_order", "tie_keys",
+    "draw_regular", "select_plan", "REGULAR_DRAW_STREAM",
+]
 
 # Domain separation of the plan-time RNG from the schedule-time RNGs.
 REGULAR_DRAW_STREAM = 1
@@ -71,11 +79,39 @@ def _ranked_scores(scores: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(scores), -np.inf, scores)
 
 
-def hardest_mask(scores: np.ndarray, sample_ids: SampleIds, n: int) -> np.ndarray:
+def tie_keys(sample_ids: pa.Array, seed: int) -> pa.Array:
+    """The tie key of each id: the first 16 hex digits of ``sha256(f"{seed}:{sample_id}")`` (UTF-8).
+
+    Args:
+        sample_ids: string ids.
+        seed: the mining config's ``seed``.
+    """
+    return pa.array([hashlib.sha256(f"{seed}:{sid}".encode("utf-8")).hexdigest()[:16]
+                     for sid in sample_ids.to_pylist()], pa.string())
+
+
+def _tie_order(sample_ids: pa.Array, seed: int) -> np.ndarray:
+    """Indices of ``sample_ids`` by tie key, then id."""
+    table = pa.table({"tie": tie_keys(sample_ids, seed), "sample_id": sample_ids})
+    return pc.sort_indices(table, sort_keys=[("tie", "ascending"), ("sample_id", "ascending")]).to_numpy()
+
+
+def has_no_signal(scores: np.ndarray) -> bool:
+    """Whether every score is equal (NaN equal to NaN), so ranking them carries no information.
+
+    Naive equivalent: ``len(set(scores)) == 1`` (with every NaN one value); False for no scores.
+    """
+    if len(scores) == 0:
+        return False
+    s = _ranked_scores(scores)
+    return bool(s.min() == s.max())
+
+
+def hardest_mask(scores: np.ndarray, sample_ids: SampleIds, n: int, *, seed: int) -> np.ndarray:
     """Mask of the ``n`` first samples in rank order.
 
-    Naive equivalent: ``sorted(range(N), key=lambda i: (-scores[i], sample_ids[i]))[:n]``.
-    Runs in O(N) plus a sort of the samples tied at the boundary score.
+    Naive equivalent: ``sorted(range(N), key=lambda i: (-scores[i], tie_key(seed, sample_ids[i]),
+    sample_ids[i]))[:n]``. Runs in O(N) plus a sort of the samples tied at the boundary score.
     """
     total = len(scores)
     n = max(0, min(n, total))
@@ -89,16 +125,24 @@ def hardest_mask(scores: np.ndarray, sample_ids: SampleIds, n: int) -> np.ndarra
     need = n - int(mask.sum())
     ties = np.flatnonzero(s == boundary)
     if need:
-        order = pc.sort_indices(_ids_at(sample_ids, ties)).to_numpy()
+        order = _tie_order(_ids_at(sample_ids, ties), seed)
         mask[ties[order[:need]]] = True
     return mask
 
 
-def rank_order(scores: np.ndarray, sample_ids: SampleIds, subset: np.ndarray) -> np.ndarray:
-    """Indices ``subset`` sorted into rank order (score desc, sample_id asc)."""
-    table = pa.table({"score": _ranked_scores(scores[subset]), "sample_id": _ids_at(sample_ids, subset)})
-    order = pc.sort_indices(table, sort_keys=[("score", "descending"), ("sample_id", "ascending")])
-    return subset[order.to_numpy()]
+def rank_order(scores: np.ndarray, sample_ids: SampleIds, subset: np.ndarray, *, seed: int | None) -> np.ndarray:
+    """Indices ``subset`` sorted into rank order (score desc, tie key asc, sample_id asc).
+
+    ``seed`` None leaves the tie key out (score, then ``sample_id``): for listings that are
+    not a selection of the mining config.
+    """
+    ids = _ids_at(sample_ids, subset)
+    columns = {"score": _ranked_scores(scores[subset])}
+    if seed is not None:
+        columns["tie"] = tie_keys(ids, seed)
+    columns["sample_id"] = ids
+    keys = [("score", "descending")] + [(name, "ascending") for name in columns if name != "score"]
+    return subset[pc.sort_indices(pa.table(columns), sort_keys=keys).to_numpy()]
 
 
 def draw_regular(candidates: np.ndarray, n: int, *, seed: int, epoch: int) -> np.ndarray:
@@ -116,7 +160,7 @@ def _hard_mask(scores: np.ndarray, sample_ids: SampleIds, mining: MiningConfig) 
     n_hard = hard_count(mining, len(scores))
     if n_hard is None:
         return _ranked_scores(scores) >= mining.selector.threshold
-    return hardest_mask(scores, sample_ids, n_hard)
+    return hardest_mask(scores, sample_ids, n_hard, seed=mining.seed)
 
 
 @dataclass(frozen=True)
@@ -128,6 +172,7 @@ class Selection:
     default_weight: float
     n_regular: int
     target_epoch_size: int | None
+    no_signal: bool = False  # every eligible score equal: nothing hard, every weight 1
 
 
 def select_plan(
@@ -145,8 +190,17 @@ def select_plan(
       every weight is 1 (the schedule mixes per batch).
 
     ``excluded`` rows (``stale_policy: flag``) are never hard; sizes count the others.
+
+    When every score of the samples the hard set is chosen from is equal
+    (:func:`has_no_signal`), the plan marks nothing hard and weighs every sample 1, in
+    every mode; a ``fixed_set`` plan then leaves the target to the uniform draw.
     """
     total = len(scores)
+    chosen_from = scores if excluded is None else scores[~excluded]
+    if has_no_signal(chosen_from):
+        ones = np.ones(total, dtype=np.float64)
+        target_epoch_size = mining.target_epoch_size if mining.mode == "fixed_set" else None
+        return Selection(np.zeros(total, dtype=bool), ones, 1.0, 0, target_epoch_size, no_signal=True)
     if excluded is not None and excluded.any():
         # Flagged (stale) samples are never hard; the hard set is chosen among the others.
         eligible = np.flatnonzero(~excluded)

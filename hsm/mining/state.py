@@ -17,10 +17,10 @@ Per-epoch aggregates (``aggregate: epoch_ema | last``), from the same ``s`` and 
     score = epoch_mean                              for last (the latest epoch's mean)
 
 with ``x = loss``, ``1 - token_acc``, or a box-aware column (``coord_loss``,
-``label_loss``, ``loss_sum``; events where it is null are skipped). Both engines in :mod:`hsm.mining.engines`
-implement exactly these operations in this order, so they agree bit for bit;
+``label_loss``, ``loss_sum``; events where it is null, NaN or infinite are skipped). The engines in
+:mod:`hsm.mining.engines` implement exactly these operations in this order, so they agree bit for bit;
 ``tests/oracle.py`` holds them to a naive full recomputation. The score is
-derived from the state by :func:`score_of`, shared by both engines.
+derived from the state by :func:`score_of`, shared by every engine.
 
 Samples are keyed by one int64, ``code << 40 | base_idx``, where ``code`` indexes
 the run's append-only list of dataset names (:attr:`StateInfo.datasets`). Files:
@@ -49,7 +49,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hsm.io import ChecksumMismatch, epoch_partitions, file_sha256, open_parquet, write_json_atomic, write_parquet_atomic
+from hsm.io import (
+    ChecksumMismatch,
+    epoch_partitions,
+    file_sha256,
+    open_parquet,
+    strict_json,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from hsm.mining.events import keyed_write_options
 from hsm.schemas import SAMPLE_ID_SCHEMA, STATE_SCHEMA, SchemaError, conform
 
@@ -114,7 +122,7 @@ class StateInfo:
 
     def to_json(self) -> str:
         payload = self.__dict__ | {"epoch_stats": {str(k): v for k, v in self.epoch_stats.items()}}
-        return json.dumps(payload, sort_keys=True)
+        return json.dumps(strict_json(payload), sort_keys=True, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> "StateInfo":

@@ -16,14 +16,18 @@ A sample is *mapped* when ``|E_i| >= min_epochs``. Over the mapped samples
              "medium"    otherwise
 
 A *label-noise suspect* is a mapped sample that is persistently hard with low
-variability, Cartography's hard-to-learn corner: ``mean >= q(mean, 1 - top_frac)``
-(the top 10% by mean) and ``variability <= q(variability, 1/2)``. While the model
+variability, Cartography's hard-to-learn corner: in the top ``top_frac`` by mean and
+``variability <= q(variability, 1/2)``. "In the top" counts samples, so a tie cannot
+flood the list: a sample is in it when the mapped samples with a mean ``>=`` its own
+number at most ``ceil(top_frac * n_mapped)`` (for distinct means the same samples as
+``mean >= q(mean, 1 - top_frac)``; a group tied across that count is left out whole,
+and when every mean is equal, the metric carries no signal and nobody is a suspect). While the model
 learns, the metric of a learnable sample falls, so it moves (variability); a
 wrongly labelled sample stays high and moves little.
 
 ``x`` is in the plan's metric and its units (``metric`` in the manifest), as the registry
 (:mod:`hsm.metrics`) defines it: ``1 - token_acc`` for ``token_acc``, ``1 - det_f1`` for
-``det_f1``, else the metric's own column; a null is not an observation. This module is the definition;
+``det_f1``, else the metric's own column; a null, NaN or infinite value is not an observation. This module is the definition;
 ``sql/suspects.sql`` (``hsm sql suspects``) computes the same list in DuckDB from the
 latest manifest's metric, and tests hold both to a naive loop and to each other. Pure functions over numpy/Arrow; :func:`read_epoch_metrics` is the
 only one that touches files.
@@ -39,6 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hsm.metrics import metric as metric_row
+from hsm.mining.select import ceil_share
 
 __all__ = [
     "MIN_EPOCHS",
@@ -88,11 +93,14 @@ def epoch_metrics(events: pa.Table, target: str, metric: str) -> pa.Table:
     ``events`` must already be de-duplicated by attempt. Returns columns
     ``base_idx, sample_id, epoch, value`` sorted by ``(base_idx, epoch)``;
     ``value`` is the registry's difficulty (``1 - token_acc`` for ``token_acc``, ``1 - det_f1``
-    for ``det_f1``, else the metric's own column); a null value is not an observation.
+    for ``det_f1``, else the metric's own column); a null, NaN or infinite value is not an observation.
     """
     row = metric_row(metric)  # ValueError naming the registry's metrics
     rows = events.filter(pc.equal(events.column("dataset").cast(pa.string()), target))
     rows = rows.filter(pc.is_valid(rows.column(row.column)))
+    finite = pc.is_finite(rows.column(row.column))
+    if not pc.all(finite).as_py():  # NaN or infinite: not an observation
+        rows = rows.filter(finite)
     value = rows.column(row.column).cast(pa.float64())
     if row.flip:
         value = pc.subtract(1.0, value)
@@ -151,7 +159,7 @@ def data_map(per_epoch: pa.Table, *, min_epochs: int = MIN_EPOCHS, top_frac: flo
 
     Naive equivalent, per sample ``i``: ``xs = [x for (j, e, x) in rows if j == i]``;
     ``mean = statistics.fmean(xs)``; ``variability = statistics.pstdev(xs)``; then the
-    quantile rules of the module docstring.
+    quantile and count rules of the module docstring.
 
     Args:
         per_epoch: :func:`epoch_metrics` rows ``(base_idx, sample_id, epoch, x)``.
@@ -195,6 +203,10 @@ def data_map(per_epoch: pa.Table, *, min_epochs: int = MIN_EPOCHS, top_frac: flo
                 region[k] = "easy"
             else:
                 region[k] = "medium"
-        is_suspect = mapped & (mean >= top) & (variability <= v_median)
+        # Mapped samples with a mean >= each one's; the top holds those within the count.
+        at_least = np.zeros(len(samples), dtype=np.int64)
+        at_least[mapped] = len(m) - np.searchsorted(np.sort(m), m, side="left")
+        in_top = mapped & (at_least <= ceil_share(top_frac, len(m)))
+        is_suspect = in_top & (variability <= v_median)
     return DataMap(samples.astype(np.int64), [ids[k] for k in first], counts.astype(np.int64), mean, variability,
                    region, is_suspect, thresholds)

@@ -153,7 +153,8 @@ def fold_pending(
         result.skipped_files += epoch_fold.skipped
         stats = dict(info.epoch_stats) if info is not None else {}
         if epoch_fold.n_events:
-            stats[epoch] = {"mean_loss": epoch_fold.mean_loss, "n_events": epoch_fold.n_events}
+            stats[epoch] = {"mean_loss": epoch_fold.mean_loss, "n_events": epoch_fold.n_events,
+                            "n_nonfinite": epoch_fold.n_nonfinite}
         checksums = part_checksums(files, _events_root(hsm_dir))
         info = StateInfo(
             epoch=epoch, metric=mining.metric, ema_decay=mining.ema_decay, aggregate=mining.aggregate,

@@ -196,7 +196,8 @@ def order_by_score(plan: pa.Table, *, hardest: bool) -> np.ndarray:
 
     scores = plan.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
     ids = plan.column("sample_id").combine_chunks()
-    return rank_order(scores if hardest else -scores, ids, np.arange(len(scores)))
+    return rank_order(scores if hardest else -scores, ids, np.arange(len(scores)), seed=None)
+
 
 class SampleRecords:
     """The target's records by ``base_idx``, built from ``hsm/samples.parquet`` (written by the TRL and ms-swift

@@ -117,7 +117,7 @@ def weights_figure(run: RunData) -> bytes:
     labelled: set[float] = set()
     for e in sorted(run.plans):
         manifest = run.manifests[e]
-        if not manifest.get("triggered") or e not in run.draws:
+        if not manifest.get("triggered") or manifest.get("no_signal") or e not in run.draws:
             continue
         plan = run.plans[e]
         idx = plan.column("base_idx").to_numpy()

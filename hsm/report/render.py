@@ -116,6 +116,7 @@ def _facts(run: RunData) -> dict[str, Any]:
         m = run.manifests[e]
         plans.append({
             "epoch": e, "triggered": m.get("triggered"), "reason": m.get("trigger_reason"),
+            "no_signal": bool(m.get("no_signal")),
             "eligible": m["counts"]["eligible"], "hard": m["counts"]["hard"],
             "regular_drawn": m["counts"].get("regular_drawn"),
             "weight_min": m["weights"]["min"], "weight_max": m["weights"]["max"],

@@ -330,6 +330,8 @@ def epoch_telemetry(trainer: HsmTrainerMixin, epoch: int, result) -> dict[str, f
         "epoch": epoch,
         "triggered": float(manifest["triggered"]),
         "num_hard": manifest["counts"]["hard"],
+        "nonfinite": float(manifest["counts"].get("nonfinite", 0)),  # NaN/inf metric values: not observations
+        "no_signal": float(bool(manifest.get("no_signal"))),
         "hard_pool_size": manifest["counts"]["hard"],
         "top_loss_mean": manifest["scores"]["hard"]["mean"] or 0.0,
         "weights/max": manifest["weights"]["max"] or 0.0,

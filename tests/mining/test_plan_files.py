@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eventlog import TARGET, random_rows, sample_id, write_rows
-from oracle import plan_from_rows
+from oracle import plan_from_rows, tie_key
 from hsm.config import MiningConfig
 from hsm.mining.plan import DatasetInfo, PlanError, load_plan, plan_dir, write_plan
 from hsm.mining.planner import plan_epoch
@@ -42,11 +42,13 @@ def test_plan_loads_and_matches_manifest(run):
 
 
 def test_dump_lists_hard_samples_in_rank_order(run, tmp_path):
-    _, _, result = run
+    _, mining, result = run
     dump = json.loads((tmp_path / "hard_samples_epoch_2.json").read_text())
     plan = result.plan.to_pylist()
     # Plans carry no sample_id (the id table does); the log's ids come from eventlog.sample_id.
-    hard = sorted((r for r in plan if r["is_hard"]), key=lambda r: (-r["score"], sample_id(r["dataset"], r["base_idx"])))
+    ids = {r["base_idx"]: sample_id(r["dataset"], r["base_idx"]) for r in plan}
+    hard = sorted((r for r in plan if r["is_hard"]),
+                  key=lambda r: (-r["score"], tie_key(mining.seed, ids[r["base_idx"]]), ids[r["base_idx"]]))
     assert [d["sample_id"] for d in dump["samples"]] == [sample_id(r["dataset"], r["base_idx"]) for r in hard]
     assert set(dump["samples"][0]) == {"sample_id", "dataset", "base_idx", "score"}
 

@@ -277,8 +277,9 @@ def test_out_of_core_fold_is_byte_identical(tmp_path, engine, aggregate):
     decay=st.sampled_from([0.0, 0.5, 0.9, 0.75]),
 )
 def test_polars_and_duckdb_folds_agree_bit_for_bit(prev, events, n_steps, per_epoch, decay):
-    """The Polars fold and the SQL fold on the same keyed tables: equal tables, events in any row order."""
+    """The Polars, numpy and SQL folds on the same keyed tables: equal tables, events in any row order."""
     from hsm.mining.engines.duckdb_engine import fold_epoch as fold_duckdb
+    from hsm.mining.engines.numpy_engine import fold_epoch as fold_numpy
     from hsm.mining.engines.polars_engine import fold_epoch as fold_polars
     from hsm.mining.state import IDX_BITS
 
@@ -300,7 +301,9 @@ def test_polars_and_duckdb_folds_agree_bit_for_bit(prev, events, n_steps, per_ep
     })
     polars_out = fold_polars(state, keyed, epoch=1, ema_decay=decay, per_epoch=per_epoch)
     duckdb_out = fold_duckdb(state, keyed, epoch=1, ema_decay=decay, per_epoch=per_epoch)
+    numpy_out = fold_numpy(state, keyed, epoch=1, ema_decay=decay, per_epoch=per_epoch)
     assert polars_out.combine_chunks().equals(duckdb_out.combine_chunks())
+    assert numpy_out.combine_chunks().equals(duckdb_out.combine_chunks())
 
 
 @settings(max_examples=15, deadline=None)

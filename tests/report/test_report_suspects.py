@@ -18,8 +18,18 @@ from hsm.cli.app import app
 from hsm.config import MiningConfig
 from hsm.mining.planner import plan_epoch
 from hsm.mining.suspects import data_map, epoch_metrics, read_epoch_metrics
+from oracle import _ceil_decimal
 
 runner = CliRunner()
+
+
+def test_a_tie_cannot_flood_the_suspects():
+    # 51 samples over 3 epochs with the same value every epoch (a metric with no signal): none is a suspect.
+    rows = [(i, e, 1.0) for i in range(51) for e in range(3)]
+    assert not data_map(_per_epoch(rows)).is_suspect.any()
+    # Three clear top samples above 48 tied ones: the three, never the tied group.
+    rows = [(i, e, 2.0 if i < 3 else 1.0) for i in range(51) for e in range(3)]
+    assert set(data_map(_per_epoch(rows)).base_idx[data_map(_per_epoch(rows)).is_suspect].tolist()) == {0, 1, 2}
 
 
 def naive_data_map(rows: list[tuple[int, int, float]], min_epochs: int = 3, top_frac: float = 0.1):
@@ -35,7 +45,6 @@ def naive_data_map(rows: list[tuple[int, int, float]], min_epochs: int = 3, top_
     variabilities = [s[1] for s in mapped.values()]
     low, high = np.quantile(means, 1 / 3), np.quantile(means, 2 / 3)
     v_high, v_median = np.quantile(variabilities, 2 / 3), np.quantile(variabilities, 0.5)
-    top = np.quantile(means, 1 - top_frac)
     regions, suspects = {}, set()
     for i, (mean, variability, _) in mapped.items():
         if variability > v_high:
@@ -46,7 +55,9 @@ def naive_data_map(rows: list[tuple[int, int, float]], min_epochs: int = 3, top_
             regions[i] = "easy"
         else:
             regions[i] = "medium"
-        if mean >= top and variability <= v_median:
+        # The top by count: at most ceil(top_frac * n) mapped means are >= this one (a tie never floods it).
+        in_top = sum(1 for m in means if m >= mean) <= _ceil_decimal(top_frac, len(means))
+        if in_top and variability <= v_median:
             suspects.add(i)
     return regions, suspects
 
@@ -184,3 +195,17 @@ def test_one_suspect_list_for_sql_report_and_csv(tmp_path, metric):
     assert {r["metric"] for r in rows} == {metric}
     label = {"token_acc": "1 - token_acc", "det_f1": "1 - det_f1"}.get(metric, metric)
     assert f"per-epoch mean {label} (the plan's metric" in report.html.read_text()
+
+
+def test_sql_suspects_are_not_flooded_by_a_tie(tmp_path):
+    rows = [dict(r, loss=1.0) for r in random_rows(np.random.default_rng(5), n_target=40, n_epochs=4, n_ranks=2,
+                                                    max_obs=2)]
+    write_rows(tmp_path / "hsm", rows)
+    config = {"custom": {"hard_sample_mining": {"enabled": True, "selector": {"k": 5}},
+                         "fusion_config": {"target": {"name": TARGET}}}}
+    (tmp_path / "hsm" / "config.yaml").write_text(yaml.safe_dump(config))
+    assert runner.invoke(app, ["plan", "--run-dir", str(tmp_path), "--epoch", "4"]).exit_code == 0
+    result = runner.invoke(app, ["sql", "--run-dir", str(tmp_path), "suspects", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == []
+    assert not data_map(read_epoch_metrics(tmp_path / "hsm", range(4), TARGET, "loss")).is_suspect.any()

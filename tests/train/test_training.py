@@ -141,7 +141,8 @@ def test_end_to_end_mining(tmp_path, corpus, run_config):
     logged = {k for h in summary["trainer"].state.log_history for k in h}
     for key in ("hard_pool_size", "hard_hit_rate", "hard_pool_coverage", "train_acc_hard_mean", "train_acc_hard_p90",
                 "train_acc_regular_mean", "train_acc_regular_p90", "seen_hard", "seen_regular", "triggered",
-                "top_loss_mean", "num_hard", "weights/max", "weights/min", "shortfall", "fusion/bbu/items"):
+                "top_loss_mean", "num_hard", "weights/max", "weights/min", "shortfall", "fusion/bbu/items",
+                "nonfinite", "no_signal"):
         assert f"hsm/{key}" in logged, key
     assert list(out.glob("runs/*/events.out.tfevents.*"))
     # The scalars' values agree with the event log and the plans.

@@ -3,8 +3,11 @@
 Every engine is a function with the signature of
 :func:`hsm.mining.engines.polars_engine.fold_epoch`, over keyed Arrow tables (no strings);
 they compute the rules documented in :mod:`hsm.mining.state` with the same operations in
-the same order, so their states agree bit for bit. ``ENGINES`` maps the config's ``engine`` value to the function;
-each engine's library is imported on first use only.
+the same order, so their states agree bit for bit. The Polars and numpy engines differ only
+in how they order and group the events; both finish with the one kernel
+:func:`hsm.mining.engines.kernels.finish_fold`. The DuckDB engine is SQL
+(``sql/planner/fold_epoch.sql``). ``ENGINES`` maps the config's ``engine`` value to the
+function; each engine's library is imported on first use only.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ def fold_epoch_duckdb(*args, **kwargs):
 
 
 def fold_epoch_numpy(*args, **kwargs):
-    """:func:`hsm.mining.engines.numpy_engine.fold_epoch` (hand-written numpy, the fastest measured)."""
+    """:func:`hsm.mining.engines.numpy_engine.fold_epoch` (whole-array numpy, no sort of the events)."""
     from hsm.mining.engines.numpy_engine import fold_epoch
 
     return fold_epoch(*args, **kwargs)

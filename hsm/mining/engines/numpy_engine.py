@@ -1,16 +1,14 @@
-"""The ``numpy`` engine: the epoch fold as whole-array numpy, the fastest correct path measured.
+"""The ``numpy`` engine: the epoch fold as whole-array numpy, without a sort of the events.
 
-Not Polars and not SQL: the issue-15 benchmark (docs/benchmarks.md) measured this fold
-1.6x faster than the ``polars`` engine at 1M events on one loaded core, so it stays,
-named for what it is. All three engines agree bit for bit (tests/mining/test_planner.py).
+Not Polars and not SQL, named for what it is; docs/benchmarks.md compares it with the
+others. All three engines agree bit for bit (tests/mining/test_planner.py).
 
 Samples are keyed by one int64 (:mod:`hsm.mining.state`), the state is kept sorted by
 key, and ``base_idx`` is dense within its dataset, so every event finds its state row
 through a direct per-dataset lookup table: no join and no sort. Rows first seen this
-epoch get fresh slots the same way. Samples observed once this epoch (most of them) are
-updated with whole-array arithmetic; only the events of samples observed several times
-are ordered (an integer lexsort of that subset) and folded sequentially, vectorised
-over samples (:func:`hsm.mining.engines.kernels.continue_sequential`).
+epoch get fresh slots the same way. Only the events of samples observed several times
+are ordered (an integer lexsort of that subset); the shared kernel
+(:func:`hsm.mining.engines.kernels.finish_fold`) folds them, as it does for the Polars engine.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from hsm.mining.engines.kernels import continue_sequential, output_columns
+from hsm.mining.engines.kernels import finish_fold
 from hsm.mining.state import IDX_BITS, IDX_MASK
 
 __all__ = ["fold_epoch", "merge_slots"]
@@ -101,97 +99,43 @@ def merge_slots(prev_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np
     return merged, prev_at, slots
 
 
-def _fold_repeats(events: pa.Table, slot: np.ndarray, k: np.ndarray, x: np.ndarray, d: float, *, n_obs: np.ndarray,
-                  mean: np.ndarray, ema: np.ndarray, last: np.ndarray, first_row: np.ndarray,
-                  epoch_sum: np.ndarray | None) -> None:
-    """Fold the samples observed ``k > 1`` times this epoch, in place: their events put in
-    observation order (an integer lexsort of that subset only), then the state's rules."""
+def _repeat_order(events: pa.Table, slot: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """The event rows of the samples observed ``k > 1`` times this epoch, in observation order
+    (by slot, then ``global_step, rank, position``): an integer lexsort of that subset only."""
     multi = np.flatnonzero((k > 1)[slot])
     if not len(multi):
-        return
+        return multi
     columns = [events.column(c).to_numpy()[multi] for c in ("position", "rank", "global_step")]
-    order = multi[np.lexsort((*columns, slot[multi]))]
-    slot_sorted = slot[order]
-    starts = np.flatnonzero(np.r_[True, slot_sorted[1:] != slot_sorted[:-1]])
-    lengths = np.diff(np.r_[starts, len(order)])
-    group = slot_sorted[starts]
-    g_n = n_obs[group]
-    g_ema = np.where(g_n == 0, x[order[starts]], d * ema[group] + (1.0 - d) * x[order[starts]])
-    g_sum = x[order[starts]].copy()
-    continue_sequential(starts, lengths, x[order], g_ema, g_sum, d)
-    n_obs[group] = g_n + lengths
-    mean[group] = (mean[group] * g_n + g_sum) / (g_n + lengths)
-    ema[group] = g_ema
-    last[group] = x[order[starts + lengths - 1]]
-    first_row[group] = order[starts]
-    if epoch_sum is not None:
-        epoch_sum[group] = g_sum
+    return multi[np.lexsort((*columns, slot[multi]))]
 
 
 def fold_epoch(
     state: pa.Table | None, events: pa.Table, *, epoch: int, ema_decay: float, per_epoch: bool = False
 ) -> pa.Table:
     """Fold one epoch of (deduplicated) events into ``state``: the engine contract of
-    :mod:`hsm.mining.engines` (arguments and result as in the polars engine's ``fold_epoch``),
-    computed with :func:`merge_slots`, whole-array passes and the in-order kernel.
+    :mod:`hsm.mining.engines` (arguments and result as in the polars engine's ``fold_epoch``).
+
+    Every event finds its row by :func:`merge_slots`. A sample observed once this epoch
+    (most of them) has its one observation where it is, at its event's row of ``x``; the
+    events of samples observed several times are put in observation order and appended
+    after them. :func:`hsm.mining.engines.kernels.finish_fold` then applies the rules.
     """
-    d = float(ema_decay)
     prev_keys = state.column("key").to_numpy() if state is not None else np.zeros(0, dtype=np.int64)
-    ev_keys = events.column("key").to_numpy()
     x = events.column("x").to_numpy()
-    keys, prev_at, slot = merge_slots(prev_keys, ev_keys)
-    total = len(keys)
-
-    def carried(name: str, dtype, prev_at=prev_at) -> np.ndarray:
-        if state is None:  # nothing carried, and no event observed this metric either
-            return np.zeros(total, dtype=dtype)
-        column = state.column(name).to_numpy()
-        if prev_at is None:
-            return column.astype(dtype, copy=True)
-        out = np.zeros(total, dtype=dtype)
-        out[prev_at] = column
-        return out
-
-    n_obs, mean, ema, last = (carried("n_obs", np.int64), carried("mean", np.float64), carried("ema", np.float64),
-                              carried("last", np.float64))
-    last_epoch = carried("last_epoch", np.int32)
-    if per_epoch:
-        n_epochs, epoch_mean, epoch_ema = (carried("n_epochs", np.int32), carried("epoch_mean", np.float64),
-                                           carried("epoch_ema", np.float64))
-    del prev_at, carried  # the row map is as large as the state
-    k = np.bincount(slot, minlength=total)
-
-    # Samples observed once: the sequential rule with k = 1, as whole-array passes. A sum
-    # over one event is that event exactly (0.0 + x), so one weighted count gathers x and
-    # the event's row for every such sample.
-    single = k == 1
-    x_at = np.bincount(slot, weights=x, minlength=total)
-    first_row = np.bincount(slot, weights=np.arange(len(slot), dtype=np.float64), minlength=total).astype(np.int64)
+    keys, prev_at, slot = merge_slots(prev_keys, events.column("key").to_numpy())
+    k = np.bincount(slot, minlength=len(keys))
+    # A sum over one event is that event exactly, so one weighted count gives the row of
+    # every sample observed once (and a sum, overwritten below, for the others).
+    first_row = np.bincount(slot, weights=np.arange(len(slot), dtype=np.float64), minlength=len(keys)).astype(np.int64)
     first_row[k == 0] = -1
-    update = ema * d
-    update += x_at * (1.0 - d)
-    np.copyto(update, x_at, where=n_obs == 0)
-    np.copyto(ema, update, where=single)
-    np.multiply(mean, n_obs, out=update)
-    update += x_at
-    update /= n_obs + 1
-    np.copyto(mean, update, where=single)
-    del update
-    np.copyto(last, x_at, where=single)
-    n_obs += single
-    epoch_sum = x_at if per_epoch else None
-    del x_at, single
-
-    # Samples observed several times: order their events, fold sequentially.
-    _fold_repeats(events, slot, k, x, d, n_obs=n_obs, mean=mean, ema=ema, last=last, first_row=first_row,
-                  epoch_sum=epoch_sum)
-    seen = k > 0
-    last_epoch[seen] = epoch
-    out = {"key": keys, "n_obs": n_obs, "mean": mean, "ema": ema, "last": last, "last_epoch": last_epoch,
-           "k": k.astype(np.int64), "first_row": first_row}
-    if per_epoch:
-        np.copyto(epoch_mean, epoch_sum / np.maximum(k, 1), where=seen)
-        np.copyto(epoch_ema, d * epoch_ema + (1.0 - d) * epoch_mean, where=seen)
-        n_epochs += seen
-        out.update(n_epochs=n_epochs, epoch_mean=epoch_mean, epoch_ema=epoch_ema)
-    return pa.table({name: out[name] for name in output_columns(per_epoch)})
+    starts = first_row.copy()
+    order = _repeat_order(events, slot, k)
+    if len(order):
+        grouped = slot[order]
+        group_starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
+        group = grouped[group_starts]
+        starts[group] = len(x) + group_starts
+        first_row[group] = order[group_starts]
+        x = np.concatenate([x, x[order]])
+    del slot, order
+    return finish_fold(state, prev_at, keys, k, starts, x, first_row, epoch=epoch, decay=ema_decay, per_epoch=per_epoch)

@@ -1,17 +1,16 @@
-"""The Polars engine's epoch fold: Polars orders, groups and joins; one numpy loop continues the EMA.
+"""The Polars engine's epoch fold: Polars sorts the events; the shared kernel folds them.
 
-Polars puts every sample's events in observation order (a sort on ``key, global_step,
-rank, position``), groups them (count, first event row, first and last value), joins
-the groups onto the carried state and computes every rule of :mod:`hsm.mining.state`
-as column expressions. The one step it has no operation for is the EMA (and the
-in-order sum) over a sample's second and later observations, which
-:func:`continue_sequential` runs in numpy, vectorised over samples.
+Polars puts every sample's events in observation order (a sort on ``key``, then on
+``key, global_step, rank, position`` for the samples seen more than once); the runs of
+equal keys are the samples; their keys are merged with the carried state's (both
+sorted, :func:`merge_sorted_keys`), and :func:`finish_fold`, the kernel the numpy engine
+uses too, applies every rule of :mod:`hsm.mining.state`.
 
-Why not ``ewm_mean(alpha=1 - decay, adjust=False)``: Polars updates the average as
+Why the EMA is not ``ewm_mean(alpha=1 - decay, adjust=False)``: Polars updates the average as
 ``m + (v - m) * (alpha / ((1 - alpha) + alpha))``, the state's rule is
 ``decay * m + (1 - decay) * v``. Same value in exact arithmetic, not in floating
 point: over 20,000 samples of 4 observations seeded with a carried EMA, 4-56% of the
-results differ in the last bit depending on ``decay`` (docs/benchmarks.md, issue 15),
+results differ in the last bit depending on ``decay`` (docs/benchmarks.md),
 so the two engines would no longer agree bit for bit with each other and the oracle.
 """
 
@@ -21,43 +20,35 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from hsm.mining.engines.kernels import ORDER, continue_sequential, output_columns
-from hsm.mining.state import EPOCH_COLUMNS, FOLD_COLUMNS
+from hsm.mining.engines.kernels import ORDER, finish_fold, merge_sorted_keys
 
 __all__ = ["fold_epoch"]
 
-def _carried(state: pa.Table | None, per_epoch: bool) -> pl.LazyFrame:
-    if state is not None:
-        return pl.from_arrow(state.select(list(FOLD_COLUMNS + (EPOCH_COLUMNS if per_epoch else ())))).lazy()
-    schema = {"key": pl.Int64, "n_obs": pl.Int64, "mean": pl.Float64, "ema": pl.Float64, "last": pl.Float64,
-              "last_epoch": pl.Int32}
-    if per_epoch:
-        schema.update(n_epochs=pl.Int32, epoch_mean=pl.Float64, epoch_ema=pl.Float64)
-    return pl.LazyFrame(schema=schema)
 
+def _observation_order(events: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Event rows in observation order: by ``key``, then ``global_step, rank, position``.
 
-def _observation_order(events: pl.DataFrame) -> pl.DataFrame:
-    """``key, x, row`` sorted by ``key, global_step, rank, position`` (``row``: the event's row in ``events``).
+    Returns ``(order, keys, starts, counts)``: the rows, their keys in that order, and where
+    each run of one key (one sample) starts and how long it is.
 
-    A stable sort on ``key`` alone, then the full sort only for the samples whose events
-    it left out of observation order (a sample seen on two ranks, or across parts): at 1M
-    events a four-column sort took 2.2 s, the key sort plus this repair 1.3 s on the
-    loaded development machine. The two parts hold disjoint keys, so merging them by key
-    is the complete order.
+    Polars sorts by ``key`` alone (any order within a key); only the samples observed
+    more than once this epoch need the full order, so only their events (5-15% of an
+    epoch) are sorted again on all four columns and put back into their key's block.
+    At 1M events this took 0.32 CPU seconds against 0.45 for a stable key sort with a
+    repair of the out-of-order samples.
     """
-    by_key = events.with_row_index("row").sort("key", maintain_order=True).set_sorted("key")
-    step, rank, position = pl.col("global_step"), pl.col("rank"), pl.col("position")
-    before = [c.shift(1) for c in (step, rank, position)]
-    earlier = (step < before[0]) | ((step == before[0]) & ((rank < before[1]) | ((rank == before[1]) & (position < before[2]))))
-    unordered = by_key.lazy().filter((pl.col("key") == pl.col("key").shift(1)) & earlier).select(pl.col("key").unique())
-    unordered = unordered.collect().get_column("key")
-    columns = ["key", "x", "row"]
-    if unordered.is_empty():
-        return by_key.select(columns).set_sorted("key")
-    flagged = pl.col("key").is_in(unordered.implode())
-    repaired = by_key.filter(flagged).sort(list(ORDER)).select(columns).set_sorted("key")
-    # A multi-column sort does not flag its first column sorted; the flag makes the group-by a scan (20x).
-    return by_key.filter(~flagged).select(columns).set_sorted("key").merge_sorted(repaired, key="key").set_sorted("key")
+    frame = pl.from_arrow(events.select(list(ORDER)))
+    order = frame.get_column("key").arg_sort().to_numpy().astype(np.int64)
+    keys = events.column("key").to_numpy()[order]
+    is_start = np.ones(len(keys), dtype=bool)
+    is_start[1:] = keys[1:] != keys[:-1]
+    starts = np.flatnonzero(is_start)
+    counts = np.diff(np.r_[starts, len(keys)])
+    repeated = np.flatnonzero(np.repeat(counts > 1, counts))
+    if len(repeated):
+        rows = pl.Series("row", order[repeated])
+        order[repeated] = frame[rows].with_columns(rows).sort(list(ORDER)).get_column("row").to_numpy()
+    return order, keys, starts, counts
 
 
 def fold_epoch(
@@ -76,55 +67,14 @@ def fold_epoch(
     Returns:
         :func:`output_columns`, sorted by ``key``: every previous and every new sample.
     """
-    d = float(ema_decay)
-    ordered = _observation_order(pl.from_arrow(events.select(list(ORDER) + ["x"])))
-    groups = ordered.lazy().group_by("key", maintain_order=True).agg(
-        k=pl.len().cast(pl.Int64), first_row=pl.col("row").first().cast(pl.Int64),
-        x_first=pl.col("x").first(), x_last=pl.col("x").last(),
-    )
-    n_prev, k = pl.col("n_obs").fill_null(0), pl.col("k").fill_null(0)
-    seen = k > 0
-    # The first observation of this epoch, for every observed sample (the whole fold when k == 1).
-    # Both sides sorted by key and flagged so: Polars joins them by merging.
-    joined = (_carried(state, per_epoch).set_sorted("key").join(groups.set_sorted("key"), on="key", how="full",
-                                                                  coalesce=True)
-              .sort("key")
-              .with_columns(
-                  ema_first=pl.when(n_prev == 0).then(pl.col("x_first"))
-                  .otherwise(pl.lit(d) * pl.col("ema") + pl.lit(1.0 - d) * pl.col("x_first")))
-              .collect())
-
-    # Observations 2..k: the numpy kernel (Polars has no bit-exact operation for it, see the module doc).
-    counts = joined.get_column("k").fill_null(0).to_numpy()
-    ema_first = joined.get_column("ema_first").to_numpy(writable=True)
-    total = joined.get_column("x_first").to_numpy(writable=True)
-    multi = np.flatnonzero(counts > 1)
-    if len(multi):
-        starts = np.cumsum(counts) - counts
-        g_ema, g_total = ema_first[multi], total[multi]
-        continue_sequential(starts[multi], counts[multi], ordered.get_column("x").to_numpy(), g_ema, g_total, d)
-        ema_first[multi], total[multi] = g_ema, g_total
-
-    folded = joined.lazy().with_columns(ema_new=pl.Series(ema_first), total=pl.Series(total))
-    columns = [
-        pl.col("key"),
-        (n_prev + k).alias("n_obs"),
-        pl.when(seen).then((pl.col("mean").fill_null(0.0) * n_prev + pl.col("total")) / (n_prev + k))
-        .otherwise(pl.col("mean")).alias("mean"),
-        pl.when(seen).then(pl.col("ema_new")).otherwise(pl.col("ema")).alias("ema"),
-        pl.when(seen).then(pl.col("x_last")).otherwise(pl.col("last")).alias("last"),
-        pl.when(seen).then(pl.lit(epoch, pl.Int32)).otherwise(pl.col("last_epoch")).cast(pl.Int32).alias("last_epoch"),
-        k.alias("k"),
-        pl.col("first_row").fill_null(-1).alias("first_row"),
-    ]
-    if per_epoch:
-        epoch_mean = pl.col("total") / k
-        columns += [
-            pl.when(seen).then(pl.col("n_epochs").fill_null(0) + 1).otherwise(pl.col("n_epochs"))
-            .cast(pl.Int32).alias("n_epochs"),
-            pl.when(seen).then(epoch_mean).otherwise(pl.col("epoch_mean")).alias("epoch_mean"),
-            pl.when(seen).then(pl.lit(d) * pl.col("epoch_ema").fill_null(0.0) + pl.lit(1.0 - d) * epoch_mean)
-            .otherwise(pl.col("epoch_ema")).alias("epoch_ema"),
-        ]
-    out = folded.select(columns).collect()
-    return out.select(list(output_columns(per_epoch))).to_arrow().combine_chunks()
+    order, keys_in_order, group_starts, group_counts = _observation_order(events)
+    prev_keys = state.column("key").to_numpy() if state is not None else np.zeros(0, dtype=np.int64)
+    keys, prev_at, group_at = merge_sorted_keys(prev_keys, keys_in_order[group_starts])
+    k = np.zeros(len(keys), dtype=np.int64)
+    k[group_at] = group_counts
+    starts = np.zeros(len(keys), dtype=np.int64)
+    starts[group_at] = group_starts
+    first_row = np.full(len(keys), -1, dtype=np.int64)
+    first_row[group_at] = order[group_starts]
+    x = events.column("x").to_numpy()[order]
+    return finish_fold(state, prev_at, keys, k, starts, x, first_row, epoch=epoch, decay=ema_decay, per_epoch=per_epoch)

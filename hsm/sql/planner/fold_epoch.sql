@@ -1,11 +1,12 @@
--- Fold one epoch of events into the per-sample state (SPEC section 8, hsm/state.py).
+-- Fold one epoch of events into the per-sample state (the rules of hsm/mining/state.py).
 -- Inputs: view `events` (key, x, global_step, rank, position, row: one epoch, attempts and
 -- duplicates already resolved) and view `state` (key, n_obs, mean, ema, last, last_epoch:
 -- the previous state, possibly empty), and view `state_epochs` (key, n_epochs, epoch_mean,
 -- epoch_ema: the per-epoch aggregates, empty unless aggregate is epoch_ema or last).
 -- Parameters: $decay DOUBLE, $epoch INTEGER.
--- Operations and their order match hsm.mining.engines.polars_engine exactly, so both engines
--- agree bit for bit: the EMA and the sum run sequentially in observation order.
+-- Operations and their order match hsm.mining.engines.kernels.finish_fold (the Polars and numpy
+-- engines' kernel) exactly, so every engine agrees bit for bit: the EMA and the sum run sequentially
+-- in observation order. Events whose value is null, NaN or infinite never reach this query.
 WITH observed AS (
     SELECT key,
            count(*) AS k,
