@@ -92,6 +92,7 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
     from transformers import Trainer
 
     from hsm.data.fusion import DetectionCollator, EvalDataset, FusionDataset
+    from hsm.data.images import check_record_images
     from hsm.data.lengths import check_record_lengths, model_max_length
     from hsm.train.model import load_model_and_processor, model_callbacks
     from hsm.data.sampler import HsmSampler
@@ -114,6 +115,7 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
         if note:
             warnings.warn(f"hsm: {note}", stacklevel=2)
     eval_dataset = EvalDataset(dataset)
+    check_record_images([*dataset.records, *eval_dataset.records.values()], fusion.max_image_side)  # before step 0
     collator = DetectionCollator(processor.tokenizer.pad_token_id)
     trainer_class = make_trainer_class(base_trainer or Trainer, mining=mining is not None)
     try:
