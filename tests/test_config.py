@@ -61,6 +61,19 @@ def test_every_problem_is_reported_at_once():
     assert len(info.value.problems) == 5
 
 
+def test_training_problems_are_reported_with_the_others_only_for_training():
+    raw = {"training": {"learning_rate": "fast"}, "custom": {"hard_sample_mining": {"ema_decay": 7}}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, for_training=True)
+    assert [p.split(":")[0] for p in info.value.problems] == [
+        "custom.hard_sample_mining.ema_decay", "training.output_dir", "training.learning_rate"]
+    with pytest.raises(ConfigError) as info:  # hsm plan and friends never judge the training section
+        parse_config(raw)
+    assert [p.split(":")[0] for p in info.value.problems] == ["custom.hard_sample_mining.ema_decay"]
+    with pytest.raises(ConfigError, match="training.learning_rate"):  # alone, it is still found
+        parse_config({"training": {"output_dir": "o", "learning_rate": "fast"}}, for_training=True)
+
+
 @pytest.mark.parametrize(
     "fusion, key",
     [({"loader": "MultiSourceFusionDataset"}, "custom.fusion_config.loader"), ({"legacy": True}, "custom.fusion_config.legacy")],

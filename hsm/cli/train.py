@@ -55,7 +55,7 @@ def train(
 
     with printed_warnings():
         try:
-            cfg = load_config(config, overrides or [])
+            cfg = load_config(config, overrides or [], for_training=True)
         except ConfigError as e:
             raise fail("train", str(e)) from e
     from hsm.io import ChecksumMismatch

@@ -121,6 +121,20 @@ def test_train_rejects_bad_training_values_before_writing_anything(tmp_path):
     assert not out.exists()
 
 
+def test_train_reports_training_and_custom_problems_together(tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["train", "configs/demo.yaml", f"training.output_dir={out}",
+                                 "training.per_device_train_batch_size=eight", "training.no_such_field=1",
+                                 "custom.hard_sample_mining.ema_decay=7", "custom.fusion_config.sources.0.ratio=-1"])
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "invalid configuration (4 problem(s))" in text
+    for key in ("training.per_device_train_batch_size: 'eight' is not a valid", "training.no_such_field: unknown",
+                "custom.hard_sample_mining.ema_decay", "custom.fusion_config.sources.0.ratio"):
+        assert key in text, key
+    assert not out.exists()
+
+
 def test_train_rejects_values_training_cannot_run_with_and_unwritable_output(tmp_path, make_corpus, demo_overrides):
     out = tmp_path / "out"
     result = runner.invoke(app, ["train", "configs/demo.yaml", f"training.output_dir={out}", "training.per_device_train_batch_size=0",
