@@ -20,6 +20,13 @@ def test_every_shipped_config_loads(path):
     assert config.target_name is not None
 
 
+def test_the_packaged_demo_config_is_configs_demo_yaml():
+    """``hsm demo`` reads the copy inside the package (it must run from a wheel); edit both together."""
+    from hsm.cli.demo import packaged_demo_config
+
+    assert packaged_demo_config().read_bytes() == (Path(__file__).parent.parent / "configs" / "demo.yaml").read_bytes()
+
+
 def test_absent_or_disabled_mining_is_none():
     assert parse_config({}).mining is None
     assert parse_config({"custom": {"hard_sample_mining": {"enabled": False, "mode": "dynamic"}}}).mining is None

@@ -109,6 +109,15 @@ def test_cli_from_the_wheel(installed, run_dir, tmp_path):
     assert "<html" in out.read_text().lower()
 
 
+def test_demo_config_ships_with_the_wheel(installed, tmp_path):
+    """``hsm demo`` outside the repository: its default config is the wheel's own file, and it loads."""
+    code = ("from hsm.cli.demo import packaged_demo_config; from hsm.config_load import load_config; "
+            "p = packaged_demo_config(); load_config(p, for_training=True); print(p)")
+    path = Path(_run([installed / "python", "-c", code], cwd=tmp_path).stdout.strip())
+    assert path.is_file() and path.resolve().is_relative_to(installed.parent.resolve())
+    assert path.read_bytes() == (REPO / "configs" / "demo.yaml").read_bytes()
+
+
 def test_integrations_from_the_wheel(installed, tmp_path):
     python = installed / "python"
     plugin = Path(_run([python, "-m", "hsm.integrations.swift"], cwd=tmp_path).stdout.strip())
