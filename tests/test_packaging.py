@@ -126,6 +126,29 @@ def test_integrations_from_the_wheel(installed, tmp_path):
     assert Path(trl).resolve().is_relative_to(installed.parent.resolve())
 
 
+# Packages whose every release requires one exact torch version: naming one makes pip replace the user's torch.
+TORCH_PINNED = ("torchvision", "torchaudio")
+
+
+def test_no_requirement_can_replace_the_users_torch():
+    """Installing hsm (any extra) keeps an installed torch >= 2.4: no torch-pinned package is required."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = list(project["dependencies"]) + [r for extra in project["optional-dependencies"].values() for r in extra]
+    names = [re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in requirements]
+    assert not set(names) & set(TORCH_PINNED), requirements
+    torch = [r for r, name in zip(requirements, names) if name == "torch"]
+    assert torch and all(re.fullmatch(r"torch>=[\d.]+", r.replace(" ", "")) for r in torch), torch  # a floor, no ceiling
+    # hsm's own code never imports them (transformers' video processor may, when the user installs it).
+    for path in (REPO / "hsm").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & set(TORCH_PINNED), path
+
+
 def test_only_distributed_imports_torch_distributed():
     # The layers contract (pyproject.toml, lint-imports) sees torch only as one external package, so
     # this one rule about a torch submodule is checked here, on every import statement of the package.
