@@ -18,7 +18,7 @@ from hsm.report.data import RunData, load_run, order_by_score
 from hsm.report.gallery import Card, predicted_labels, record_thumbnails
 from hsm.report.plots import REGION_COLORS, data_map_figure, difficulty_figure, weights_figure
 
-__all__ = ["ReportResult", "build_report", "render_html", "write_suspects_csv", "MAX_SUSPECT_THUMBS"]
+__all__ = ["ReportResult", "build_report", "render_html", "write_suspects_csv", "MAX_SUSPECT_THUMBS", "selector_text"]
 
 MAX_SUSPECT_THUMBS = 48
 
@@ -77,6 +77,7 @@ def _cards(run: RunData, records, order: np.ndarray, k: int) -> list[Card]:
             times_drawn=run.stats.times_drawn.get(idx, 0), image=image, predicted=predicted, counts=counts,
             note=note, labels=[o.label for o in record.objects] if record is not None else [],
             predicted_labels=predicted_labels(prediction),
+            n_objects=len(record.objects) if record is not None else None,
         ))
     return cards
 
@@ -119,8 +120,22 @@ def _facts(run: RunData) -> dict[str, Any]:
             "engine": m.get("engine"), "rows": m.get("rows"),
         })
     return {"mode": latest["mode"], "metric": latest.get("metric"), "aggregate": latest.get("aggregate"),
-            "selector": latest.get("selector"), "target": latest.get("target"), "plans": plans,
+            "selector": selector_text(latest.get("selector")), "target": latest.get("target"), "plans": plans,
             "dataset_info": run.dataset_info}
+
+
+# The one selector setting each selector mode reads (the others are left at their defaults and ignored).
+_SELECTOR_SETTING = {"top_k": "k", "percentile": "value", "threshold": "threshold"}
+
+
+def selector_text(selector: dict[str, Any] | None) -> str | None:
+    """``{"mode": "percentile", "k": 500, "value": 0.2, ...}`` -> ``"percentile, value 0.2"``: the mode and
+    the one setting it uses, not the dict (``k`` means nothing to percentile mode)."""
+    if not selector:
+        return None
+    mode = selector.get("mode")
+    key = _SELECTOR_SETTING.get(mode)
+    return f"{mode}, {key} {_fmt(selector.get(key))}" if key else str(mode)
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -191,7 +206,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, epoch: i
         "thresholds": dm.thresholds,
         "n_mapped": int(sum(1 for r in dm.region if r is not None)),
         "n_samples": len(dm.base_idx),
-        "has_predictions": bool(run.predictions),
+        # Said only when a card shown holds a predicted thumbnail (eval output may cover none of them).
+        "has_predictions": any(c.predicted for c in hardest),
         "records_problem": records_problem,
     }
     html = render_html(context)
