@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,18 @@ def _describe_error(error: dict[str, Any], model: type[BaseModel]) -> str:
         if sep and " " not in key:
             path = f"{path}.{key}" if path else key
             message = rest
-    return f"{path}: {message} (got {error.get('input')!r})" if kind != "value_error" else f"{path}: {message}"
+    message = _CLASS_REPR.sub(r"\1", message)  # "<class 'pathlib.Path'>" -> "Path"
+    return f"{path}: {message} (got {_as_written(error.get('input'))})" if kind != "value_error" else f"{path}: {message}"
+
+
+_CLASS_REPR = re.compile(r"<class '(?:[\w]+\.)*(\w+)'>")
+
+
+def _as_written(value: Any) -> str:
+    """A config value as YAML writes it inline (``{x: 1}``, ``[a, b]``), not as a Python repr; strings quoted."""
+    if isinstance(value, (dict, list)):
+        return yaml.safe_dump(value, default_flow_style=True, width=1 << 20, allow_unicode=True).strip()
+    return repr(value)
 
 
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:

@@ -68,6 +68,16 @@ def test_every_problem_is_reported_at_once():
     assert len(info.value.problems) == 5
 
 
+def test_problems_show_values_as_yaml_not_python_reprs():
+    with pytest.raises(ConfigError) as info:
+        parse_config({"custom": {"fusion_config": {"target": {"name": "a", "train_jsonl": {"x": 1}},
+                                                   "sources": {"name": "b"}}}})
+    text = str(info.value)
+    assert "train_jsonl: Input is not a valid path for Path (got {x: 1})" in text
+    assert "sources: Input should be a valid list (got {name: b})" in text
+    assert "{'" not in text and "<class" not in text
+
+
 def test_training_problems_are_reported_with_the_others_only_for_training():
     raw = {"training": {"learning_rate": "fast"}, "custom": {"hard_sample_mining": {"ema_decay": 7}}}
     with pytest.raises(ConfigError) as info:
@@ -105,8 +115,11 @@ def test_overrides_with_dotted_paths(tmp_path):
 
 
 def test_keys_of_another_mode_are_warned_about_once_by_name():
-    with pytest.warns(UserWarning, match=r"target_epoch_size do\(es\) not apply to mode 'reweight'.*fixed_set"):
+    with pytest.warns(UserWarning, match=r"target_epoch_size does not apply to mode 'reweight' and is ignored.*fixed_set"):
         parse_config({"custom": {"hard_sample_mining": {"enabled": True, "target_epoch_size": 650}}})
+    with pytest.warns(UserWarning, match=r"hard_weight, selector do not apply to mode 'dynamic' and are ignored"):
+        parse_config({"custom": {"hard_sample_mining": {"enabled": True, "mode": "dynamic", "hard_weight": 5,
+                                                        "selector": {"k": 7}}}})
     import warnings
 
     with warnings.catch_warnings():

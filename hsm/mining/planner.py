@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hsm.config import MiningConfig, mining_config_hash
+from hsm.config import MiningConfig, describe_selector, mining_config_hash
 from hsm.io import write_json_atomic
 from hsm.mining.events import list_event_files
 from hsm.mining.plan import DatasetInfo, PlanError, plan_dir, publish_plan, read_manifest, read_plan_table, run_lock, stage_plan
@@ -111,6 +111,10 @@ def plan_differences(manifest: dict[str, Any], mining: MiningConfig, target: str
         "selector": mining.selector.model_dump(mode="json") if mining.mode == "reweight" else None,
     }
     stored = dict(manifest, target=(manifest.get("target") or {}).get("name"))
+    # A selector compares and prints as its mode and the one setting that mode reads.
+    asked["selector"] = describe_selector(asked["selector"])
+    if "selector" in stored:
+        stored["selector"] = describe_selector(stored["selector"])
     lines = [f"{key}: existing plan {stored.get(key)!r}, asked {value!r}" for key, value in asked.items()
              if key in stored and stored.get(key) != value]
     config_hash = mining_config_hash(mining, target)

@@ -13,12 +13,13 @@ from typing import Any
 
 import numpy as np
 
+from hsm.config import describe_selector
 from hsm.mining.suspects import metric_label
 from hsm.report.data import RunData, load_run, order_by_score
 from hsm.report.gallery import Card, predicted_labels, record_thumbnails
 from hsm.report.plots import REGION_COLORS, data_map_figure, difficulty_figure, weights_figure
 
-__all__ = ["ReportResult", "build_report", "render_html", "write_suspects_csv", "MAX_SUSPECT_THUMBS", "selector_text"]
+__all__ = ["ReportResult", "build_report", "render_html", "write_suspects_csv", "MAX_SUSPECT_THUMBS"]
 
 MAX_SUSPECT_THUMBS = 48
 
@@ -120,22 +121,8 @@ def _facts(run: RunData) -> dict[str, Any]:
             "engine": m.get("engine"), "rows": m.get("rows"),
         })
     return {"mode": latest["mode"], "metric": latest.get("metric"), "aggregate": latest.get("aggregate"),
-            "selector": selector_text(latest.get("selector")), "target": latest.get("target"), "plans": plans,
+            "selector": describe_selector(latest.get("selector")), "target": latest.get("target"), "plans": plans,
             "dataset_info": run.dataset_info}
-
-
-# The one selector setting each selector mode reads (the others are left at their defaults and ignored).
-_SELECTOR_SETTING = {"top_k": "k", "percentile": "value", "threshold": "threshold"}
-
-
-def selector_text(selector: dict[str, Any] | None) -> str | None:
-    """``{"mode": "percentile", "k": 500, "value": 0.2, ...}`` -> ``"percentile, value 0.2"``: the mode and
-    the one setting it uses, not the dict (``k`` means nothing to percentile mode)."""
-    if not selector:
-        return None
-    mode = selector.get("mode")
-    key = _SELECTOR_SETTING.get(mode)
-    return f"{mode}, {key} {_fmt(selector.get(key))}" if key else str(mode)
 
 
 def _fmt(value: Any, digits: int = 4) -> str:

@@ -257,13 +257,13 @@ def test_red_predictions_are_announced_only_when_a_shown_card_has_them(run_dir, 
 
 
 def test_selector_shows_its_mode_and_the_one_setting_it_uses(run_dir, tmp_path):
-    from hsm.report.render import selector_text
+    from hsm.config import describe_selector
 
     html = build_report(run_dir, tmp_path / "a.html", top_k=2).html.read_text()
-    assert "top_k, k 5" in html and "{&#39;mode&#39;" not in html and "{'mode'" not in html
-    assert selector_text({"mode": "percentile", "k": 500, "value": 0.2, "threshold": None}) == "percentile, value 0.2000"
-    assert selector_text({"mode": "threshold", "k": 500, "value": 0.1, "threshold": 1.5}) == "threshold, threshold 1.5000"
-    assert selector_text(None) is None
+    assert '<td class="l">top_k 5</td>' in html and "{&#39;mode&#39;" not in html and "{'mode'" not in html
+    assert describe_selector({"mode": "percentile", "k": 500, "value": 0.2, "threshold": None}) == "percentile 0.2"
+    assert describe_selector({"mode": "threshold", "k": 500, "value": 0.1, "threshold": 1.5}) == "threshold 1.5"
+    assert describe_selector(None) is None
 
 
 def test_empty_answers_are_flagged_not_sent_for_relabelling(tmp_path):
