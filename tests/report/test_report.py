@@ -292,7 +292,7 @@ CARD_PROBE = """(() => Array.from(document.querySelectorAll('.card')).map(card =
 }))()"""
 
 
-@pytest.mark.parametrize("width", [1300, 700])
+@pytest.mark.parametrize("width", [1300])
 def test_predicted_thumbnail_stays_inside_its_card(run_dir, tmp_path, width):
     import shutil
 
