@@ -94,10 +94,14 @@ def _processor_and_max_length(model_cfg):
     from hsm.data.lengths import model_max_length
 
     if model_cfg.name_or_path == "tiny-qwen3-vl":
+        import torch
+
         from hsm.train.model import build_model, build_processor
 
         processor = build_processor(model_cfg)
-        return processor, model_max_length(build_model(model_cfg, processor.tokenizer).config)
+        with torch.device("meta"):  # only its config is read: no weights allocated or initialised
+            model = build_model(model_cfg, processor.tokenizer)
+        return processor, model_max_length(model.config)
     from transformers import AutoConfig, AutoProcessor
 
     from hsm.train.model import set_pixel_limits
