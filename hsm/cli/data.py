@@ -85,8 +85,13 @@ def validate(
     if problems:
         shown = "\n".join(f"  {p}" for p in problems[:200])
         more = f"\n  ... and {len(problems) - 200} more" if len(problems) > 200 else ""
-        raise fail("data validate", f"{jsonl}: {len(problems)} problem(s) in {count} readable record(s):\n{shown}{more}")
-    console.print(f"{jsonl}: {count} records OK")
+        counts = f"{_count(len(problems), 'problem', 'problems')} in {_count(count, 'readable record', 'readable records')}"
+        raise fail("data validate", f"{jsonl}: {counts}:\n{shown}{more}")
+    console.print(f"{jsonl}: {_count(count, 'record', 'records')} OK")
+
+
+def _count(n: int, singular: str, plural: str) -> str:
+    return f"{n} {singular if n == 1 else plural}"
 
 
 def _processor_and_max_length(model_cfg):

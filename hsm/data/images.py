@@ -155,5 +155,6 @@ def check_record_images(record_lists: Iterable[list[Record]], max_side: int | No
     if problems:
         listed = "\n".join(f"  {p}" for p in problems[:SHOWN])
         more = f"\n  ... and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
-        raise RecordError(f"{len(problems)} image problem(s) before training (run hsm data validate on the JSONL "
+        what = "1 image problem" if len(problems) == 1 else f"{len(problems)} image problems"
+        raise RecordError(f"{what} before training (run hsm data validate on the JSONL "
                           f"for a full decode):\n{listed}{more}")

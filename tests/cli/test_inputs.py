@@ -34,7 +34,7 @@ def test_data_validate_names_the_line_that_is_not_utf8(tmp_path):
     out = _error(runner.invoke(app, ["data", "validate", str(path)]))
     column = path.read_bytes().split(b"\n")[2].index(LATIN1) + 1
     assert f"v.jsonl:3:{column}: not UTF-8 (byte e9" in out and "save the file as UTF-8" in out
-    assert "1 problem(s) in 2 readable record(s)" in out  # the other lines are still checked
+    assert "1 problem in 2 readable records" in out  # the other lines are still checked
 
 
 def test_import_coco_names_the_json_that_is_not_utf8(tmp_path):

@@ -64,7 +64,7 @@ def test_validate_names_every_bad_image_by_line(bad_images):
     result = CliRunner().invoke(app, ["data", "validate", str(path)])
     assert result.exit_code == 2
     out = " ".join(result.output.split())
-    assert f"{len(EXPECTED)} problem(s) in {len(kinds)} readable record(s)" in out
+    assert f"{len(EXPECTED)} problems in {len(kinds)} readable records" in out
     for line, kind in enumerate(kinds, start=1):
         if kind in EXPECTED:
             assert f"d.jsonl:{line}: image " in out and f"{kind}.png" in out and EXPECTED[kind] in out
@@ -101,7 +101,7 @@ def test_start_up_check_lists_every_bad_header(bad_images):
     with pytest.raises(RecordError) as caught:
         check_record_images([records[:3], records[3:]], max_side=None, n_threads=2)
     message = str(caught.value)
-    assert message.startswith("5 image problem(s) before training")
+    assert message.startswith("5 image problems before training")
     for line, kind in enumerate(kinds, start=1):
         assert (f"d.jsonl:{line}: " in message) == (kind not in ("good", "truncated"))
 
