@@ -1,4 +1,5 @@
-"""Fault injection over a small run: kills, concurrent planners, corruption, disk full, hostile ``hsm sql``.
+"""Fault injection over a small run: kills, concurrent planners, corruption, disk full, hostile ``hsm sql``,
+bad images and hostile eval answers.
 
 Every case ends in one of three outcomes, printed as a table:
 
@@ -437,6 +438,67 @@ def confined_sql(base: Path, work: Path) -> list[tuple[str, str, str]]:
     return rows
 
 
+def bad_inputs(work: Path) -> list[tuple[str, str, str]]:
+    """Bad images through `hsm data validate` (each must be named by file:line, exit 2) and hostile answers
+    through `hsm eval score` (each must be counted as a parse problem, exit 0, bounded memory)."""
+    import struct
+    import zlib
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from hsm.cli.app import app
+    from hsm.data.images import decode_bound
+
+    root = work / "inputs"
+    root.mkdir()
+
+    def png_header(path: Path, side: int) -> None:  # a bomb's header: dimensions, no pixel data
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                         + chunk(b"IEND", b""))
+
+    Image.effect_noise((10, 8), 60).convert("RGB").save(root / "full.png")
+    data = (root / "full.png").read_bytes()
+    images = {"0-byte file": (b"", 10, 8), "not an image": (b"hello\n", 10, 8),
+              "truncated PNG": (data[: len(data) // 2], 10, 8), "width/height mismatch": (data, 12, 8)}
+    side = int(decode_bound() ** 0.5) + 10
+    png_header(root / "bomb.png", side)
+    png_header(root / "huge.png", 100_000)
+    cases = [(name, f"{k}.png", w, h) for k, (name, (raw, w, h)) in enumerate(images.items())
+             if (root / f"{k}.png").write_bytes(raw) is not None]
+    cases += [("decompression bomb (over Pillow's bound)", "bomb.png", side, side),
+              ("decompression bomb (over twice the bound)", "huge.png", 100_000, 100_000)]
+    rows, runner = [], CliRunner()
+    for name, image, width, height in cases:
+        jsonl = root / "one.jsonl"
+        good = {"image": "full.png", "width": 10, "height": 8, "objects": []}
+        jsonl.write_text(json.dumps(good) + "\n" + json.dumps({**good, "image": image, "width": width,
+                                                                "height": height}) + "\n")
+        result = runner.invoke(app, ["data", "validate", str(jsonl)])
+        traceback = result.exception is not None and not isinstance(result.exception, SystemExit)
+        named = result.exit_code == 2 and "one.jsonl:2: image" in " ".join(result.output.split())
+        outcome = ERROR if named and not traceback else f"exit {result.exit_code}: {result.output.strip()[-120:]}"
+        rows.append((f"hsm data validate: {name}", f"{outcome} 1", "file:line named, nothing decoded past a bad header"))
+    records = root / "val.jsonl"
+    Image.new("RGB", (100, 100)).save(root / "v.png")
+    records.write_text(json.dumps({"id": "a", "image": "v.png", "width": 100, "height": 100,
+                                   "objects": [{"label": "x", "bbox": [0, 0, 10, 10]}]}) + "\n")
+    answers = {"100,000 boxes in one answer": json.dumps([{"bbox_2d": [0, 0, 100, 100], "label": "x"}] * 100_000),
+               "[[[...]]]": "[[[...]]]", "[[]]": "[[]]"}
+    for name, answer in answers.items():
+        (root / "answers.jsonl").write_text(json.dumps({"id": "a", "answer": answer}) + "\n")
+        result = runner.invoke(app, ["eval", "score", "--records", str(records), "--answers", str(root / "answers.jsonl"),
+                                     "--out", str(root / "eval"), "--name", "v"])
+        metrics = json.loads((root / "eval" / "v" / "metrics.json").read_text())["v"] if result.exit_code == 0 else {}
+        counted = metrics.get("boxes_over_cap", 0) > 0 or metrics.get("parse_failures", 0) == 1
+        outcome = "counted, exit 0" if counted else (SILENT if result.exit_code == 0 else f"exit {result.exit_code}")
+        rows.append((f"hsm eval score: {name}", f"{outcome} 1", "counted as a parse problem (boxes_over_cap / "
+                     "parse_failures)"))
+    return rows
+
+
 def _summary(outcomes: Counter) -> str:
     return ", ".join(f"{name} {count}" for name, count in outcomes.most_common())
 
@@ -448,9 +510,13 @@ def main() -> None:
     parser.add_argument("--only-corruptions", action="store_true", help="Run the corruption cases only.")
     parser.add_argument("--only-concurrent", action="store_true", help="Run the concurrent-planner cases only.")
     parser.add_argument("--only-sql", action="store_true", help="Run the hostile and confined hsm sql cases only.")
+    parser.add_argument("--only-inputs", action="store_true", help="Run the bad-image and hostile-answer cases only.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="hsm-faults-") as tmp:
         work = Path(tmp)
+        if args.only_inputs:
+            _print(bad_inputs(work))
+            return
         base = make_run(work / "base")
         rows = []
         if args.only_concurrent:
@@ -469,6 +535,7 @@ def main() -> None:
         rows += disk_full(base)
         rows += hostile_sql(base, work)
         rows += confined_sql(base, work)
+        rows += bad_inputs(work)
     _print(rows)
 
 

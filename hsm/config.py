@@ -23,6 +23,7 @@ from hsm.metrics import METRIC_NAMES, METRICS
 __all__ = [
     "ConfigError",
     "SelectorConfig",
+    "describe_selector",
     "MiningConfig",
     "PromptConfig",
     "AugmentationConfig",
@@ -80,6 +81,23 @@ class SelectorConfig(_Strict):
         if self.mode == "threshold" and self.threshold is None:
             raise ValueError("threshold: selector.mode 'threshold' needs selector.threshold (a number)")
         return self
+
+
+# The one setting each selector mode reads; the others keep their defaults and mean nothing to it.
+_SELECTOR_SETTING = {"top_k": "k", "percentile": "value", "threshold": "threshold"}
+
+
+def describe_selector(selector: dict | None) -> str | None:
+    """A selector (as in a manifest) for people: its mode and the one setting that mode uses.
+
+    ``{"mode": "percentile", "k": 500, "value": 0.2, "threshold": None}`` -> ``"percentile 0.2"``
+    (``k`` is not shown: percentile mode ignores it). None for no selector (modes other than reweight).
+    """
+    if not selector:
+        return None
+    mode = selector.get("mode")
+    key = _SELECTOR_SETTING.get(mode)
+    return f"{mode} {selector.get(key)}" if key else str(mode)
 
 
 # Keys that only one mode reads; setting one under another mode is warned about.
@@ -154,8 +172,8 @@ class MiningConfig(_Strict):
                          and getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True))
         if ignored and self.enabled:
             warnings.warn(
-                f"custom.hard_sample_mining: {', '.join(ignored)} do(es) not apply to mode '{self.mode}' and "
-                f"is ignored ({'; '.join(f'{k} is for {_MODE_KEYS[k]}' for k in ignored)})",
+                f"custom.hard_sample_mining: {', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply to "
+                f"mode '{self.mode}' and {'is' if len(ignored) == 1 else 'are'} ignored ({'; '.join(f'{k} is for {_MODE_KEYS[k]}' for k in ignored)})",
                 UserWarning, stacklevel=2,
             )
         if self.metric is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 from hsm.config import ConfigError, HsmConfig
 from hsm.utf8 import NotUtf8Error, read_utf8
 
-__all__ = ["LEGACY_LOADER_NAMES", "load_config", "parse_config", "apply_overrides", "resolve_paths"]
+__all__ = ["LEGACY_LOADER_NAMES", "load_config", "parse_config", "apply_overrides", "resolve_paths", "training_problems"]
 
 LEGACY_LOADER_NAMES = ("MultiSourceFusionDataset", "multi_source_fusion", "multi_source")
 _LEGACY_MESSAGE = (
@@ -37,7 +38,18 @@ def _describe_error(error: dict[str, Any], model: type[BaseModel]) -> str:
         if sep and " " not in key:
             path = f"{path}.{key}" if path else key
             message = rest
-    return f"{path}: {message} (got {error.get('input')!r})" if kind != "value_error" else f"{path}: {message}"
+    message = _CLASS_REPR.sub(r"\1", message)  # "<class 'pathlib.Path'>" -> "Path"
+    return f"{path}: {message} (got {_as_written(error.get('input'))})" if kind != "value_error" else f"{path}: {message}"
+
+
+_CLASS_REPR = re.compile(r"<class '(?:[\w]+\.)*(\w+)'>")
+
+
+def _as_written(value: Any) -> str:
+    """A config value as YAML writes it inline (``{x: 1}``, ``[a, b]``), not as a Python repr; strings quoted."""
+    if isinstance(value, (dict, list)):
+        return yaml.safe_dump(value, default_flow_style=True, width=1 << 20, allow_unicode=True).strip()
+    return repr(value)
 
 
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
@@ -80,24 +92,80 @@ def _legacy_problems(raw: dict[str, Any]) -> list[str]:
     return problems
 
 
-def parse_config(raw: Any, source: str = "<config>") -> HsmConfig:
+def parse_config(raw: Any, source: str = "<config>", *, for_training: bool = False) -> HsmConfig:
     """Validate a mapping into :class:`HsmConfig`, raising :class:`ConfigError` with all problems.
 
     Args:
         raw: the mapping (YAML already read).
         source: where it came from, for the error messages.
+        for_training: also check every ``training.*`` value (:func:`training_problems`), so a
+            bad ``training`` key is reported together with the ``custom.*`` ones, not after them.
     """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(source, [f"<root>: expected a mapping, got {type(raw).__name__}"])
     problems = _legacy_problems(raw)
+    if for_training:
+        training = raw.get("training", {})
+        problems += training_problems(training)[1] if isinstance(training, dict) else []
+    try:
+        config = HsmConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = [_describe_error(err, HsmConfig) for err in e.errors()] + problems
+        raise ConfigError(source, problems) from e
     if problems:
         raise ConfigError(source, problems)
-    try:
-        return HsmConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(source, [_describe_error(err, HsmConfig) for err in e.errors()]) from e
+    return config
+
+
+# (key, bound, strictly greater): values TrainingArguments accepts but training cannot run with.
+_TRAINING_RANGES = (
+    ("per_device_train_batch_size", 1, False), ("per_device_eval_batch_size", 1, False),
+    ("gradient_accumulation_steps", 1, False), ("learning_rate", 0, False), ("num_train_epochs", 0, True),
+    ("logging_steps", 0, True), ("save_steps", 0, True), ("warmup_ratio", 0, False), ("weight_decay", 0, False),
+)
+
+
+def _accepts_bool(annotation: Any) -> bool:
+    import typing
+
+    return annotation is bool or bool in typing.get_args(annotation)
+
+
+def training_problems(training: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Type-check every ``training.*`` value against ``TrainingArguments``: ``(coerced values, problems)``.
+
+    One line per problem with its dotted key: unknown fields, a missing ``output_dir``, values
+    of the wrong type, and values ``TrainingArguments`` accepts but training cannot run with
+    (a batch size of 0). Imports transformers: called only for training.
+    """
+    import dataclasses
+    import typing
+
+    from pydantic import TypeAdapter
+    from transformers import TrainingArguments
+
+    hints = typing.get_type_hints(TrainingArguments)
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    problems = [f"training.{k}: unknown TrainingArguments field" for k in sorted(set(training) - known)]
+    if "output_dir" not in training:
+        problems.append("training.output_dir: required key is missing")
+    values = dict(training)
+    for key in sorted(set(training) & known):
+        value = training[key]
+        if isinstance(value, bool) and not _accepts_bool(hints[key]):
+            value = "no" if value is False else "yes"  # YAML 1.1 reads a bare `no` (save_strategy: no) as false
+        try:
+            values[key] = TypeAdapter(hints[key]).validate_python(value)
+        except ValidationError as e:
+            accepted = getattr(hints[key], "__name__", None) or str(hints[key])
+            problems.append(f"training.{key}: {training[key]!r} is not a valid {accepted} ({e.errors()[0]['msg']})")
+    for key, low, strict in _TRAINING_RANGES:
+        value = values.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (value <= low if strict else value < low):
+            problems.append(f"training.{key}: {value!r} must be {'>' if strict else '>='} {low}")
+    return values, problems
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -188,7 +256,7 @@ def resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return raw
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> HsmConfig:
+def load_config(path: str | Path, overrides: list[str] | None = None, *, for_training: bool = False) -> HsmConfig:
     """Read a YAML file, apply overrides, validate.
 
     Relative paths written in the file resolve against the file's directory;
@@ -198,6 +266,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> HsmConf
     Args:
         path: the YAML file.
         overrides: ``KEY=VALUE`` strings with dotted keys (``training.num_train_epochs=3``).
+        for_training: also check the ``training`` section (:func:`parse_config`).
 
     Raises:
         ConfigError: every problem at once, each with its dotted key.
@@ -217,6 +286,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> HsmConf
     raw = apply_overrides(raw, overrides or [])
     if isinstance(raw, dict):
         resolve_paths(raw, Path.cwd())
-    config = parse_config(raw, str(path))
+    config = parse_config(raw, str(path), for_training=for_training)
     config._source = str(path)
     return config

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,49 +19,15 @@ def check_training_values(training: dict[str, Any], source: str = "<config>") ->
     """Type-check every ``training.*`` value against ``TrainingArguments``; returns the coerced values.
 
     Every problem is reported at once with its dotted key, before anything is written
-    (``training.learning_rate=fast`` would otherwise fail deep inside the optimizer).
+    (``training.learning_rate=fast`` would otherwise fail deep inside the optimizer);
+    :func:`hsm.config_load.training_problems` holds the rules.
     """
-    import typing
+    from hsm.config_load import training_problems
 
-    from pydantic import TypeAdapter, ValidationError
-    from transformers import TrainingArguments
-
-    hints = typing.get_type_hints(TrainingArguments)
-    known = {f.name for f in dataclasses.fields(TrainingArguments)}
-    problems = [f"training.{k}: unknown TrainingArguments field" for k in sorted(set(training) - known)]
-    if "output_dir" not in training:
-        problems.append("training.output_dir: required key is missing")
-    values = dict(training)
-    for key in sorted(set(training) & known):
-        value = training[key]
-        if isinstance(value, bool) and not _accepts_bool(hints[key]):
-            value = "no" if value is False else "yes"  # YAML 1.1 reads a bare `no` (save_strategy: no) as false
-        try:
-            values[key] = TypeAdapter(hints[key]).validate_python(value)
-        except ValidationError as e:
-            accepted = getattr(hints[key], "__name__", None) or str(hints[key])
-            problems.append(f"training.{key}: {training[key]!r} is not a valid {accepted} ({e.errors()[0]['msg']})")
-    for key, low, strict in _RANGES:
-        value = values.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and (value <= low if strict else value < low):
-            problems.append(f"training.{key}: {value!r} must be {'>' if strict else '>='} {low}")
+    values, problems = training_problems(training)
     if problems:
         raise ConfigError(source, problems)
     return values
-
-
-# (key, bound, strictly greater): values TrainingArguments accepts but training cannot run with.
-_RANGES = (
-    ("per_device_train_batch_size", 1, False), ("per_device_eval_batch_size", 1, False),
-    ("gradient_accumulation_steps", 1, False), ("learning_rate", 0, False), ("num_train_epochs", 0, True),
-    ("logging_steps", 0, True), ("save_steps", 0, True), ("warmup_ratio", 0, False), ("weight_decay", 0, False),
-)
-
-
-def _accepts_bool(annotation: Any) -> bool:
-    import typing
-
-    return annotation is bool or bool in typing.get_args(annotation)
 
 
 def training_arguments(cfg: HsmConfig):
@@ -92,6 +57,7 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
     from transformers import Trainer
 
     from hsm.data.fusion import DetectionCollator, EvalDataset, FusionDataset
+    from hsm.data.images import check_record_images
     from hsm.data.lengths import check_record_lengths, model_max_length
     from hsm.train.model import load_model_and_processor, model_callbacks
     from hsm.data.sampler import HsmSampler
@@ -114,6 +80,7 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
         if note:
             warnings.warn(f"hsm: {note}", stacklevel=2)
     eval_dataset = EvalDataset(dataset)
+    check_record_images([*dataset.records, *eval_dataset.records.values()], fusion.max_image_side)  # before step 0
     collator = DetectionCollator(processor.tokenizer.pad_token_id)
     trainer_class = make_trainer_class(base_trainer or Trainer, mining=mining is not None)
     try:

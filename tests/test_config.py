@@ -20,6 +20,13 @@ def test_every_shipped_config_loads(path):
     assert config.target_name is not None
 
 
+def test_the_packaged_demo_config_is_configs_demo_yaml():
+    """``hsm demo`` reads the copy inside the package (it must run from a wheel); edit both together."""
+    from hsm.cli.demo import packaged_demo_config
+
+    assert packaged_demo_config().read_bytes() == (Path(__file__).parent.parent / "configs" / "demo.yaml").read_bytes()
+
+
 def test_absent_or_disabled_mining_is_none():
     assert parse_config({}).mining is None
     assert parse_config({"custom": {"hard_sample_mining": {"enabled": False, "mode": "dynamic"}}}).mining is None
@@ -61,6 +68,29 @@ def test_every_problem_is_reported_at_once():
     assert len(info.value.problems) == 5
 
 
+def test_problems_show_values_as_yaml_not_python_reprs():
+    with pytest.raises(ConfigError) as info:
+        parse_config({"custom": {"fusion_config": {"target": {"name": "a", "train_jsonl": {"x": 1}},
+                                                   "sources": {"name": "b"}}}})
+    text = str(info.value)
+    assert "train_jsonl: Input is not a valid path for Path (got {x: 1})" in text
+    assert "sources: Input should be a valid list (got {name: b})" in text
+    assert "{'" not in text and "<class" not in text
+
+
+def test_training_problems_are_reported_with_the_others_only_for_training():
+    raw = {"training": {"learning_rate": "fast"}, "custom": {"hard_sample_mining": {"ema_decay": 7}}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, for_training=True)
+    assert [p.split(":")[0] for p in info.value.problems] == [
+        "custom.hard_sample_mining.ema_decay", "training.output_dir", "training.learning_rate"]
+    with pytest.raises(ConfigError) as info:  # hsm plan and friends never judge the training section
+        parse_config(raw)
+    assert [p.split(":")[0] for p in info.value.problems] == ["custom.hard_sample_mining.ema_decay"]
+    with pytest.raises(ConfigError, match="training.learning_rate"):  # alone, it is still found
+        parse_config({"training": {"output_dir": "o", "learning_rate": "fast"}}, for_training=True)
+
+
 @pytest.mark.parametrize(
     "fusion, key",
     [({"loader": "MultiSourceFusionDataset"}, "custom.fusion_config.loader"), ({"legacy": True}, "custom.fusion_config.legacy")],
@@ -85,8 +115,11 @@ def test_overrides_with_dotted_paths(tmp_path):
 
 
 def test_keys_of_another_mode_are_warned_about_once_by_name():
-    with pytest.warns(UserWarning, match=r"target_epoch_size do\(es\) not apply to mode 'reweight'.*fixed_set"):
+    with pytest.warns(UserWarning, match=r"target_epoch_size does not apply to mode 'reweight' and is ignored.*fixed_set"):
         parse_config({"custom": {"hard_sample_mining": {"enabled": True, "target_epoch_size": 650}}})
+    with pytest.warns(UserWarning, match=r"hard_weight, selector do not apply to mode 'dynamic' and are ignored"):
+        parse_config({"custom": {"hard_sample_mining": {"enabled": True, "mode": "dynamic", "hard_weight": 5,
+                                                        "selector": {"k": 7}}}})
     import warnings
 
     with warnings.catch_warnings():

@@ -109,12 +109,44 @@ def test_cli_from_the_wheel(installed, run_dir, tmp_path):
     assert "<html" in out.read_text().lower()
 
 
+def test_demo_config_ships_with_the_wheel(installed, tmp_path):
+    """``hsm demo`` outside the repository: its default config is the wheel's own file, and it loads."""
+    code = ("from hsm.cli.demo import packaged_demo_config; from hsm.config_load import load_config; "
+            "p = packaged_demo_config(); load_config(p, for_training=True); print(p)")
+    path = Path(_run([installed / "python", "-c", code], cwd=tmp_path).stdout.strip())
+    assert path.is_file() and path.resolve().is_relative_to(installed.parent.resolve())
+    assert path.read_bytes() == (REPO / "configs" / "demo.yaml").read_bytes()
+
+
 def test_integrations_from_the_wheel(installed, tmp_path):
     python = installed / "python"
     plugin = Path(_run([python, "-m", "hsm.integrations.swift"], cwd=tmp_path).stdout.strip())
     assert plugin.is_file() and plugin.resolve().is_relative_to(installed.parent.resolve())
     trl = _run([python, "-c", "import hsm.integrations.trl as m; print(m.__file__)"], cwd=tmp_path).stdout.strip()
     assert Path(trl).resolve().is_relative_to(installed.parent.resolve())
+
+
+# Packages whose every release requires one exact torch version: naming one makes pip replace the user's torch.
+TORCH_PINNED = ("torchvision", "torchaudio")
+
+
+def test_no_requirement_can_replace_the_users_torch():
+    """Installing hsm (any extra) keeps an installed torch >= 2.4: no torch-pinned package is required."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = list(project["dependencies"]) + [r for extra in project["optional-dependencies"].values() for r in extra]
+    names = [re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in requirements]
+    assert not set(names) & set(TORCH_PINNED), requirements
+    torch = [r for r, name in zip(requirements, names) if name == "torch"]
+    assert torch and all(re.fullmatch(r"torch>=[\d.]+", r.replace(" ", "")) for r in torch), torch  # a floor, no ceiling
+    # hsm's own code never imports them (transformers' video processor may, when the user installs it).
+    for path in (REPO / "hsm").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & set(TORCH_PINNED), path
 
 
 def test_only_distributed_imports_torch_distributed():

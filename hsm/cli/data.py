@@ -29,7 +29,8 @@ def import_coco(
     """Convert COCO detection annotations to hsm's JSONL record format.
 
     Only boxes are imported (keypoints, segmentations and unused categories are ignored, and
-    said so). A relative file_name is looked up under --images; an absolute one is used as written.
+    said so). A relative file_name is looked up under --images; an absolute one is used and written as it is.
+    A repeated image id is an error; annotations of unknown images are dropped and named.
     """
     from hsm.data.coco import import_coco as convert
     from hsm.data.records import RecordError
@@ -84,8 +85,13 @@ def validate(
     if problems:
         shown = "\n".join(f"  {p}" for p in problems[:200])
         more = f"\n  ... and {len(problems) - 200} more" if len(problems) > 200 else ""
-        raise fail("data validate", f"{jsonl}: {len(problems)} problem(s) in {count} readable record(s):\n{shown}{more}")
-    console.print(f"{jsonl}: {count} records OK")
+        counts = f"{_count(len(problems), 'problem', 'problems')} in {_count(count, 'readable record', 'readable records')}"
+        raise fail("data validate", f"{jsonl}: {counts}:\n{shown}{more}")
+    console.print(f"{jsonl}: {_count(count, 'record', 'records')} OK")
+
+
+def _count(n: int, singular: str, plural: str) -> str:
+    return f"{n} {singular if n == 1 else plural}"
 
 
 def _processor_and_max_length(model_cfg):
@@ -93,10 +99,14 @@ def _processor_and_max_length(model_cfg):
     from hsm.data.lengths import model_max_length
 
     if model_cfg.name_or_path == "tiny-qwen3-vl":
+        import torch
+
         from hsm.train.model import build_model, build_processor
 
         processor = build_processor(model_cfg)
-        return processor, model_max_length(build_model(model_cfg, processor.tokenizer).config)
+        with torch.device("meta"):  # only its config is read: no weights allocated or initialised
+            model = build_model(model_cfg, processor.tokenizer)
+        return processor, model_max_length(model.config)
     from transformers import AutoConfig, AutoProcessor
 
     from hsm.train.model import set_pixel_limits

@@ -4,23 +4,34 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from hsm.cli.common import console
 
-__all__ = ["demo"]
+__all__ = ["demo", "packaged_demo_config"]
+
+
+def packaged_demo_config() -> Path:
+    """The demo config shipped inside the package (``hsm/cli/demo.yaml``, a copy of ``configs/demo.yaml``
+    that a test keeps equal), so ``hsm demo`` runs from an installed wheel, outside the repository."""
+    from importlib.resources import files
+
+    return Path(str(files("hsm.cli") / "demo.yaml"))
 
 
 def demo(
     out: Path = typer.Option(Path("demo_run"), "--out", help="Where the corpus and the run go."),
-    config: Path = typer.Option(Path("configs/demo.yaml"), "--config", help="Demo config."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", help="Demo config (default: the one shipped with hsm, equal to configs/demo.yaml)."),
 ) -> None:
     """Synthesize the corpus, train with mining on, show the difficulty trend with hsm sql, write the report."""
     from hsm.cli.sql import DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT_S, sql
     from hsm.cli.train import train
     from hsm.data.synth import synthesize
 
+    config = config if config is not None else packaged_demo_config()
     run = out / "run"
     if run.exists():
         if not (run / "hsm" / "run.json").is_file():

@@ -55,7 +55,7 @@ def train(
 
     with printed_warnings():
         try:
-            cfg = load_config(config, overrides or [])
+            cfg = load_config(config, overrides or [], for_training=True)
         except ConfigError as e:
             raise fail("train", str(e)) from e
     from hsm.io import ChecksumMismatch
@@ -101,4 +101,6 @@ def _print_summary(summary: dict) -> None:
         console.print(f"  plans:       {summary['hsm_dir']}/plans/epoch=E/(plan.parquet, manifest.json)", soft_wrap=True)
         console.print(f"  look into it: hsm sql --run-dir {run_dir} difficulty_trend   (hsm sql --list for more)", soft_wrap=True)
         console.print(f"  report:      hsm report --run-dir {run_dir}", soft_wrap=True)
-    console.print(f"  tensorboard: tensorboard --logdir {run_dir}", soft_wrap=True)
+    args = summary["trainer"].args
+    if {"tensorboard", "all"} & set(args.report_to or []):  # only a run that wrote TensorBoard logs
+        console.print(f"  tensorboard: tensorboard --logdir {run_dir}", soft_wrap=True)

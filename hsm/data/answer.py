@@ -33,6 +33,7 @@ __all__ = [
     "format_answer",
     "parse_answer",
     "MAX_DEPTH",
+    "MAX_BOXES",
     "answer_scale",
     "answer_boxes_to_pixels",
     "resize_factor",
@@ -60,6 +61,10 @@ _START = re.compile(r'\[|\{(?=[ \t\n\r]*["}])')
 _BRACKET_RUN = re.compile(r"[\[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
 _FAST_TRIES = 4
+# Boxes kept per answer: every box past it is dropped and counted (``n_over_cap``), so scoring an
+# answer (IoU against its ground truth, duplicates among its boxes) holds at most this many rows.
+# Ten times COCO's maxDets (100): no real answer reaches it, a runaway generation does.
+MAX_BOXES = 1000
 
 
 def needs_resized(coord_format: str) -> bool:
@@ -127,6 +132,7 @@ class ParsedAnswer:
         n_invalid: objects dropped as malformed (not an object, no ``bbox_2d``/``bbox``,
             not 4 finite numbers, no string ``label``).
         n_degenerate: objects dropped because ``x2 <= x1`` or ``y2 <= y1``.
+        n_over_cap: objects past the first :data:`MAX_BOXES` of the answer, dropped unread.
     """
 
     boxes: tuple[tuple[float, float, float, float], ...] = ()
@@ -134,11 +140,12 @@ class ParsedAnswer:
     status: str = "failed"
     n_invalid: int = 0
     n_degenerate: int = 0
+    n_over_cap: int = 0
 
     @property
     def n_objects(self) -> int:
         """Objects the answer held: kept plus dropped."""
-        return len(self.boxes) + self.n_invalid + self.n_degenerate
+        return len(self.boxes) + self.n_invalid + self.n_degenerate + self.n_over_cap
 
 
 def _decode_list(text: str, pos: int, memo: dict) -> tuple[list, str]:
@@ -216,6 +223,14 @@ def _try_fast(text: str, pos: int, memo: dict) -> None:
         pass
 
 
+def _inside_list(text: str, pos: int) -> bool:
+    """Whether the ``[`` at ``pos`` is an element of a list (the text before it, spaces aside, ends in ``[`` or ``,``)."""
+    j = pos - 1
+    while j >= 0 and text[j] in " \t\n\r":  # each space is scanned for one "[" only: linear overall
+        j -= 1
+    return j >= 0 and text[j] in "[,"
+
+
 def _find_objects(text: str) -> tuple[list, str]:
     match = _FENCE.search(text)
     if match is not None:
@@ -229,9 +244,11 @@ def _find_objects(text: str) -> tuple[list, str]:
                 items, ending = memo[pos][0], "complete"  # a JSON list reads as its elements
             else:
                 items, ending = _decode_list(text, pos + 1, memo)
-            # A complete list with no object in it ("[1]", "[see below]") is prose: look further on.
+            # A complete list with no object in it ("[1]", "[see below]") is prose: look further on. An empty
+            # list is the answer "no objects" only on its own: one inside another list ("[[]]") is not.
             has_object = any(isinstance(item, dict) for item in items)
-            if has_object or ending in ("end", "object") or (ending == "complete" and not items):
+            is_empty_answer = ending == "complete" and not items and not _inside_list(text, pos)
+            if has_object or ending in ("end", "object") or is_empty_answer:
                 return items, "ok" if ending == "complete" else "truncated"
         else:
             found = _decode_objects(text, pos, memo)
@@ -250,7 +267,9 @@ def parse_answer(text: str) -> ParsedAnswer:
     Handles text and ```` ```json ```` fences around the list, truncated lists (the
     complete objects are kept), bare objects without a list, ``bbox_2d`` or ``bbox``
     keys (``bbox_2d`` wins when both are present). Malformed and degenerate objects
-    are dropped and counted (:class:`ParsedAnswer`). Labels are not checked against
+    are dropped and counted (:class:`ParsedAnswer`), and so is every object after the
+    first :data:`MAX_BOXES` valid boxes. An empty list is the answer "no objects"
+    (``ok``); an empty list nested in another (``[[]]``) is no answer (``failed``). Labels are not checked against
     any dataset here and duplicates are kept: evaluation counts both.
 
     Linear in the length of the text and iterative: containers nested deeper than
@@ -266,8 +285,12 @@ def parse_answer(text: str) -> ParsedAnswer:
     if not isinstance(text, str):
         return ParsedAnswer()
     items, status = _find_objects(text)
+    n_over_cap = 0
     boxes, labels, n_invalid, n_degenerate = [], [], 0, 0
-    for item in items:
+    for k, item in enumerate(items):
+        if len(boxes) == MAX_BOXES:
+            n_over_cap = len(items) - k
+            break
         box = None
         if isinstance(item, dict):
             box = next((item[k] for k in _BOX_KEYS if k in item), None)
@@ -281,7 +304,7 @@ def parse_answer(text: str) -> ParsedAnswer:
             continue
         boxes.append((x1, y1, x2, y2))
         labels.append(label)
-    return ParsedAnswer(tuple(boxes), tuple(labels), status, n_invalid, n_degenerate)
+    return ParsedAnswer(tuple(boxes), tuple(labels), status, n_invalid, n_degenerate, n_over_cap)
 
 
 def answer_boxes_to_pixels(boxes, width: int, height: int, coord_format: str,

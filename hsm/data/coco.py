@@ -3,8 +3,9 @@
 Only boxes are imported: keypoints, segmentations and categories no kept box uses are
 ignored, and the result says so with counts. Every dropped annotation and missing image
 is named (the first :data:`SHOWN`, and the count). Image paths: a relative ``file_name``
-is looked up under ``images_dir``; an absolute one is used as written (``images_dir``
-does not apply to it) and the result counts those. Nothing is written when no image is
+is looked up under ``images_dir`` and written relative to the JSONL; an absolute one is
+used and written as it is (``images_dir`` does not apply to it) and the result counts those.
+A repeated image id is an error; annotations of an unknown image id are dropped and named. Nothing is written when no image is
 found, unless ``allow_missing``.
 """
 
@@ -21,6 +22,11 @@ from hsm.utf8 import NotUtf8Error, read_utf8
 __all__ = ["CocoImport", "import_coco", "SHOWN"]
 
 SHOWN = 10  # names listed per kind of problem; the count covers the rest
+
+
+def _count(n: int, singular: str, plural: str) -> str:
+    """``"1 category"``, ``"3 categories"``."""
+    return f"{n} {singular if n == 1 else plural}"
 
 
 def _listed(items: list) -> str:
@@ -42,6 +48,8 @@ class CocoImport:
     n_val: int = 0
     crowd_dropped: list = field(default_factory=list)
     zero_area_dropped: list = field(default_factory=list)
+    negative_size_dropped: list = field(default_factory=list)
+    unknown_image_dropped: list = field(default_factory=list)
     outside_dropped: list = field(default_factory=list)
     clipped: list = field(default_factory=list)
     missing_images: list[str] = field(default_factory=list)
@@ -57,25 +65,37 @@ class CocoImport:
     def warnings(self) -> list[str]:
         """One line per kind of dropped, changed or ignored input: its count and the first names."""
         out = []
-        for ids, what in ((self.crowd_dropped, "crowd annotation(s) (iscrowd=1)"),
-                          (self.zero_area_dropped, "zero-area box(es) (width or height <= 0)"),
-                          (self.outside_dropped, "box(es) lying wholly outside their image")):
+        for ids, what in ((self.crowd_dropped, ("crowd annotation", "crowd annotations", "(iscrowd=1)")),
+                          (self.zero_area_dropped, ("zero-area box", "zero-area boxes", "(width or height 0)")),
+                          (self.negative_size_dropped, ("box with a negative size", "boxes with a negative size",
+                                                        "(width or height < 0)")),
+                          (self.outside_dropped, ("box lying wholly outside its image", "boxes lying wholly outside "
+                                                  "their image", "")),
+                          (self.unknown_image_dropped, ("annotation of an unknown image", "annotations of unknown "
+                                                        "images", "(image_id not among the images)"))):
             if ids:
-                out.append(f"dropped {len(ids)} {what}: annotation ids {_listed(ids)}")
+                out.append(f"dropped {_count(len(ids), what[0], what[1])}{' ' + what[2] if what[2] else ''}: "
+                           f"annotation ids {_listed(ids)}")
         if self.clipped:
-            out.append(f"clipped {len(self.clipped)} box(es) to their image bounds: annotation ids {_listed(self.clipped)}")
+            out.append(f"clipped {_count(len(self.clipped), 'box', 'boxes')} to the image bounds: annotation ids "
+                       f"{_listed(self.clipped)}")
         if self.missing_images:
-            out.append(f"skipped {len(self.missing_images)} image(s) whose file is missing: {_listed(self.missing_images)}")
+            out.append(f"skipped {_count(len(self.missing_images), 'image', 'images')} whose file is missing: "
+                       f"{_listed(self.missing_images)}")
         if self.absolute_file_names:
-            out.append(f"{self.absolute_file_names} image(s) have an absolute file_name: used as written, "
+            n = self.absolute_file_names
+            out.append(f"{_count(n, 'image has', 'images have')} an absolute file_name: written as it is (absolute), "
                        "--images applies only to relative names")
         if self.keypoints_ignored:
-            out.append(f"ignored the keypoints of {self.keypoints_ignored} annotation(s): only boxes are imported")
+            out.append(f"ignored the keypoints of {_count(self.keypoints_ignored, 'annotation', 'annotations')}: "
+                       "only boxes are imported")
         if self.segmentations_ignored:
-            out.append(f"ignored the segmentation of {self.segmentations_ignored} annotation(s): only boxes are imported")
+            out.append(f"ignored the segmentation of {_count(self.segmentations_ignored, 'annotation', 'annotations')}: "
+                       "only boxes are imported")
         if self.unused_categories:
-            out.append(f"{len(self.unused_categories)} categor(y/ies) have no imported box and are not in the "
-                       f"records: {_listed(self.unused_categories)}")
+            n = len(self.unused_categories)
+            out.append(f"{_count(n, 'category has', 'categories have')} no imported box and "
+                       f"{'is' if n == 1 else 'are'} not in the records: {_listed(self.unused_categories)}")
         return out
 
 
@@ -92,12 +112,34 @@ def _load(coco_json: Path) -> dict:
     return data
 
 
+def _image_ids(coco_json: Path, images: list) -> set:
+    """The images' ids; a repeated id is an error (its boxes could not be told apart), naming the ids."""
+    seen: dict = {}
+    repeated: dict = {}
+    for k, image in enumerate(images):
+        if not isinstance(image, dict) or "id" not in image:
+            raise RecordError(f"{coco_json}: images[{k}] has no 'id'; not a COCO detection file")
+        if image["id"] in seen:
+            repeated.setdefault(image["id"], [seen[image["id"]]]).append(k)
+        else:
+            seen[image["id"]] = k
+    if repeated:
+        shown = [f"{i} (images{positions})" for i, positions in repeated.items()]
+        raise RecordError(f"{coco_json}: {_count(len(repeated), 'image id is', 'image ids are')} repeated: "
+                          f"{_listed(shown)}; each image needs its own id (annotations name images by id); "
+                          "nothing written")
+    return set(seen)
+
+
 def _objects(anns: list, width: int, height: int, names: dict, result: CocoImport) -> list[dict]:
     """The kept boxes of one image, clipped to it; drops counted in ``result``."""
     objects = []
     for ann in anns:
         x, y, w, h = (float(v) for v in ann["bbox"])
-        if w <= 0 or h <= 0:
+        if w < 0 or h < 0:
+            result.negative_size_dropped.append(ann["_id"])
+            continue
+        if w == 0 or h == 0:
             result.zero_area_dropped.append(ann["_id"])
             continue
         x1, y1 = max(0.0, x), max(0.0, y)
@@ -116,12 +158,14 @@ def import_coco(coco_json: str | Path, images_dir: str | Path, out: str | Path, 
                 allow_missing: bool = False) -> CocoImport:
     """Convert COCO detection annotations (xywh) to hsm JSONL, optionally split into train and val.
 
-    Crowd and zero-area annotations are dropped, boxes are clipped to the image, images
+    Crowd, zero-area and negative-size annotations are dropped, boxes are clipped to the image, images
     whose file is missing are skipped; :meth:`CocoImport.warnings` names them. Record ids
     are ``{id_prefix}-{image_id}`` (default prefix: ``out``'s stem). With ``val_fraction``
     > 0, ``round(val_fraction * n)`` images drawn by ``numpy.random.default_rng(seed)`` go
-    to ``val_out`` (default ``<out stem>_val.jsonl``). Image paths are written relative to
-    the JSONL's folder when possible.
+    to ``val_out`` (default ``<out stem>_val.jsonl``). An absolute ``file_name`` is written
+    as it is; a relative one relative to the JSONL's folder (so the pair can move together).
+    A repeated image id is an error; an annotation whose ``image_id`` names no image is
+    dropped and counted.
 
     Args:
         coco_json: the annotations (``instances_*.json``).
@@ -134,7 +178,7 @@ def import_coco(coco_json: str | Path, images_dir: str | Path, out: str | Path, 
         allow_missing: write (empty) files even when no image is found, instead of raising.
 
     Raises:
-        RecordError: unreadable or non-COCO JSON, an unknown category, or no image found
+        RecordError: unreadable or non-COCO JSON, an unknown category, a repeated image id, or no image found
             (names the first missing files; ``--allow-missing`` writes anyway).
     """
     import numpy as np
@@ -149,6 +193,7 @@ def import_coco(coco_json: str | Path, images_dir: str | Path, out: str | Path, 
     result = CocoImport(out, val_path)
     data = _load(coco_json)
     names = {c["id"]: c["name"] for c in data["categories"]}
+    image_ids = _image_ids(coco_json, data["images"])
     by_image: dict[int, list] = {}
     for k, ann in enumerate(data["annotations"]):
         ann = {**ann, "_id": ann.get("id", f"annotations[{k}]")}
@@ -159,6 +204,9 @@ def import_coco(coco_json: str | Path, images_dir: str | Path, out: str | Path, 
             continue
         if ann.get("category_id") not in names:
             raise RecordError(f"{coco_json}: annotations[{k}] has unknown category_id {ann.get('category_id')}")
+        if ann.get("image_id") not in image_ids:
+            result.unknown_image_dropped.append(ann["_id"])
+            continue
         by_image.setdefault(ann["image_id"], []).append(ann)
     lines = []
     for image in sorted(data["images"], key=lambda i: i["id"]):
@@ -170,7 +218,8 @@ def import_coco(coco_json: str | Path, images_dir: str | Path, out: str | Path, 
             continue
         width, height = int(image["width"]), int(image["height"])
         objects = _objects(by_image.get(image["id"], []), width, height, names, result)
-        lines.append((path, {"id": f"{prefix}-{image['id']}", "width": width, "height": height, "objects": objects}))
+        lines.append((path, {"id": f"{prefix}-{image['id']}", "width": width, "height": height, "objects": objects,
+                               "is_absolute": is_absolute}))
     used = {o["label"] for _, line in lines for o in line["objects"]}
     result.unused_categories = sorted(set(names.values()) - used)
     if not lines and not allow_missing:
@@ -200,8 +249,10 @@ def _write_all(targets: list[tuple[Path, list]]) -> None:
     for path, chosen in targets:
         lines = []
         for image_path, record in chosen:
-            relative = os.path.relpath(image_path.resolve(), path.parent.resolve())
-            lines.append(json.dumps({"id": record["id"], "image": relative, "width": record["width"],
+            # An absolute file_name stays absolute: a relative path up to the root breaks when the JSONL moves.
+            written = str(image_path) if record["is_absolute"] else os.path.relpath(image_path.resolve(),
+                                                                                     path.parent.resolve())
+            lines.append(json.dumps({"id": record["id"], "image": written, "width": record["width"],
                                      "height": record["height"], "objects": record["objects"]}) + "\n")
         contents.append((path, "".join(lines).encode("utf-8")))
     for path, data in contents:

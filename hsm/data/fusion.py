@@ -17,7 +17,7 @@ from hsm.data.augment import augment, curriculum_strength, derive_aug_seed
 from hsm.config import AugmentationConfig, FusionConfig, MiningConfig, ModelConfig
 from hsm.data.encoding import Template, format_answer, resolve_prompts
 from hsm.mining.plan import DatasetInfo
-from hsm.data.records import Record, RecordError, check_image_size, declared_size_problems, file_fingerprint, read_jsonl
+from hsm.data.records import Record, RecordError, declared_size_problems, file_fingerprint, read_jsonl
 
 __all__ = ["Slot", "cap_objects", "FusionDataset", "EvalDataset", "DetectionCollator", "sample_id_of"]
 
@@ -114,17 +114,14 @@ class FusionDataset:
         """
         from PIL import Image
 
+        from hsm.data.images import load_rgb
+
         code = slot.dataset_code
         records = self.records[code] if records is None else records
         if not 0 <= slot.base_idx < len(records):
             raise IndexError(f"base_idx {slot.base_idx} out of range for dataset '{self.names[code]}' (n={len(records)})")
         record = records[slot.base_idx]
-        try:
-            with Image.open(record.image) as img:
-                check_image_size(record, img.size, self.fusion.max_image_side)
-                image = np.asarray(img.convert("RGB"))
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"{record.where}: image {record.image} not found") from e
+        image = load_rgb(record, self.fusion.max_image_side)
         boxes, labels, capped = self.capped_objects(code, slot.base_idx, record)
         policy = self.policies[code]
         use_aug = train and policy.enabled and not (self.mine_clean and slot.is_hard)

@@ -153,30 +153,26 @@ def readable_records(path: str | Path) -> list[Record]:
 
 
 def validate_jsonl(path: str | Path, *, max_side: int | None = None, decode: bool = True) -> tuple[int, list[str]]:
-    """Check every line and (``decode``) every image's real size; returns ``(n_records, problems)``.
+    """Check every line and every image; returns ``(n_records, problems)``.
 
-    Unlike :func:`read_jsonl` it does not stop at the first problem: every bad line is reported.
+    Each image's header is read (format, size against the record, ``max_side``, the decoding
+    bound) and, with ``decode``, its pixels are decoded (a truncated file is found only so):
+    :func:`hsm.data.images.image_problems`. Unlike :func:`read_jsonl` it does not stop at the
+    first problem: every bad line is reported.
     """
-    from PIL import Image
+    from hsm.data.images import header_problems, image_problems
 
     path = Path(path)
     if not path.is_file():
         return 0, [f"{path}: file not found"]
+    check = image_problems if decode else header_problems
     count, problems = 0, []
     for record, problem in _read_lines(path, check_images=True):
         if problem is not None:
             problems.append(problem)
             continue
         count += 1
-        actual = (record.width, record.height)
-        if decode:
-            try:
-                with Image.open(record.image) as img:
-                    actual = img.size
-            except OSError as e:
-                problems.append(f"{record.where}: image {record.image} cannot be decoded ({e})")
-                continue
-        problems += image_size_problems(record, actual, max_side)
+        problems += check(record, max_side)
     if count == 0 and not problems:
         problems.append(f"{path}: no records")
     return count, problems

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from hsm.config import ModelConfig
 from hsm.data.encoding import Prompts, Template
-from hsm.data.records import Record, check_image_size
+from hsm.data.records import Record
 
 __all__ = ["load_checkpoint", "load_image", "generate_answers"]
 
@@ -50,15 +50,17 @@ def load_checkpoint(model_cfg: ModelConfig, checkpoint: str | Path):
 
 
 def load_image(record: Record, max_image_side: int):
-    """The record's image as RGB, checked against the record's size (no resizing here)."""
+    """The record's image as an RGB PIL image, checked against the record's size and decoded with
+    the bound of :func:`hsm.data.images.load_rgb` (no resizing here).
+
+    Raises:
+        RecordError: the image is missing, unreadable or not what the record says (names ``file:line``).
+    """
     from PIL import Image
 
-    try:
-        with Image.open(record.image) as img:
-            check_image_size(record, img.size, max_image_side)
-            return img.convert("RGB")
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{record.where}: image {record.image} not found") from e
+    from hsm.data.images import load_rgb
+
+    return Image.fromarray(load_rgb(record, max_image_side))
 
 
 def generate_answers(model, processor, records: list[Record], prompts: Prompts, *, max_new_tokens: int,

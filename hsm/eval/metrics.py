@@ -6,7 +6,9 @@ COCO sorts detections by score with a stable sort, so ties keep answer order: an
 earlier box of an answer is matched first, and past 100 boxes per image (COCO's
 ``maxDets``) the later ones are not scored. Beside COCO, each sample gets greedy
 matches at IoU 0.5 (TP/FP/FN, the IoU of each match), duplicates and the parse
-problems of its answer, all counted, none silently dropped.
+problems of its answer, all counted, none silently dropped. An answer's boxes past
+:data:`hsm.data.answer.MAX_BOXES` are counted (``over_cap``) and not scored, so
+matching one answer holds at most ``MAX_BOXES x n_ground_truth`` IoUs.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class SamplePrediction:
         n_invalid: malformed objects.
         n_degenerate: empty boxes, before or after clipping to the image.
         n_unknown_label: well-formed boxes whose label is not a dataset category (false positives).
+        n_over_cap: objects past the first :data:`hsm.data.answer.MAX_BOXES` of the answer, not scored.
     """
 
     boxes: np.ndarray
@@ -57,6 +60,7 @@ class SamplePrediction:
     n_invalid: int = 0
     n_degenerate: int = 0
     n_unknown_label: int = 0
+    n_over_cap: int = 0
 
 
 @dataclass
@@ -131,7 +135,7 @@ def predict_sample(answer: str | None, record: Record, coord_format: str, catego
     return SamplePrediction(
         boxes=pixels[keep], labels=[label for label, k in zip(parsed.labels, keep) if k], status=parsed.status,
         n_invalid=parsed.n_invalid, n_degenerate=parsed.n_degenerate + int((~non_empty).sum()),
-        n_unknown_label=int((non_empty & ~known).sum()),
+        n_unknown_label=int((non_empty & ~known).sum()), n_over_cap=parsed.n_over_cap,
     )
 
 
@@ -222,7 +226,7 @@ def score_dataset(records: list[Record], image_names: list[str], answers: list[s
     detections = coco_detections(predictions, categories)
     rows: dict[str, list] = {key: [] for key in (
         "id", "index", "status", "n_pred", "tp", "fp", "fn", "duplicates", "invalid", "degenerate", "unknown_label",
-        "mean_iou")}
+        "over_cap", "mean_iou")}
     matched_ious: list[float] = []
     for index, (record, p) in enumerate(zip(records, predictions)):
         gt_boxes = [o.bbox for o in record.objects]
@@ -242,6 +246,7 @@ def score_dataset(records: list[Record], image_names: list[str], answers: list[s
         rows["invalid"].append(p.n_invalid)
         rows["degenerate"].append(p.n_degenerate)
         rows["unknown_label"].append(p.n_unknown_label)
+        rows["over_cap"].append(p.n_over_cap)
         rows["mean_iou"].append(float(np.mean(ious)) if ious else float("nan"))
     statuses = rows["status"]
     n_pred_total = sum(rows["n_pred"])
@@ -261,6 +266,7 @@ def score_dataset(records: list[Record], image_names: list[str], answers: list[s
         "duplicates": sum(rows["duplicates"]),
         "invalid_objects": sum(rows["invalid"]),
         "degenerate_boxes": sum(rows["degenerate"]),
+        "boxes_over_cap": sum(rows["over_cap"]),
         "truncated": statuses.count("truncated"),
         "bare_objects": statuses.count("bare_objects"),
         "missing_answers": statuses.count("missing"),

@@ -51,6 +51,7 @@ PER_SAMPLE_SCHEMA = pa.schema([
     pa.field("invalid", pa.int32()),        # malformed objects
     pa.field("degenerate", pa.int32()),     # empty boxes (as written or after clipping)
     pa.field("unknown_label", pa.int32()),  # labels outside the dataset's categories
+    pa.field("over_cap", pa.int32()),       # objects past hsm.data.answer.MAX_BOXES, not scored
     pa.field("mean_iou", pa.float64()),     # mean IoU of the matches (NaN without one)
 ])
 
@@ -157,7 +158,7 @@ def summary_table(metrics: dict[str, dict]):
     from rich.table import Table
 
     rows = ["mAP", "AP50", "AP75", "AR100", "mean_best_iou", "precision50", "recall50", "n_images", "n_gt", "n_pred",
-            "parse_failures", "truncated", "bare_objects", "invalid_objects", "degenerate_boxes", "duplicate_rate",
+            "parse_failures", "truncated", "bare_objects", "invalid_objects", "degenerate_boxes", "boxes_over_cap", "duplicate_rate",
             "unknown_labels", "missing_answers"]
     table = Table(title="hsm eval", caption="every box scores 1.0 (VLM answers carry no confidence)")
     table.add_column("metric")

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hsm.config import MiningConfig, mining_config_hash
+from hsm.config import MiningConfig, describe_selector, mining_config_hash
 from hsm.io import write_json_atomic
 from hsm.mining.events import list_event_files
 from hsm.mining.plan import DatasetInfo, PlanError, plan_dir, publish_plan, read_manifest, read_plan_table, run_lock, stage_plan
@@ -31,7 +31,23 @@ from hsm.mining.suspects import data_map, read_epoch_metrics
 from hsm.mining.trigger import should_apply
 from hsm.mining.update import Folded, fold_pending, id_lookup, writing
 
-__all__ = ["PlanResult", "PlanConflict", "EmptyEpochs", "plan_epoch", "plan_differences", "empty_epochs"]
+__all__ = ["PlanResult", "PlanConflict", "EmptyEpochs", "plan_epoch", "plan_differences", "empty_epochs", "epoch_ranges"]
+
+
+def epoch_ranges(epochs) -> str:
+    """Epoch numbers as ranges, for messages: ``[1, 2, 3, 5, 7, 8]`` -> ``"1-3, 5, 7-8"``.
+
+    Naive equivalent: ``", ".join(map(str, sorted(epochs)))``, with every run of consecutive
+    numbers written ``first-last`` (so a message about epochs 5..98 is one range, not 94 numbers).
+    """
+    numbers = sorted(set(int(e) for e in epochs))
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 class PlanConflict(ValueError):
@@ -95,6 +111,10 @@ def plan_differences(manifest: dict[str, Any], mining: MiningConfig, target: str
         "selector": mining.selector.model_dump(mode="json") if mining.mode == "reweight" else None,
     }
     stored = dict(manifest, target=(manifest.get("target") or {}).get("name"))
+    # A selector compares and prints as its mode and the one setting that mode reads.
+    asked["selector"] = describe_selector(asked["selector"])
+    if "selector" in stored:
+        stored["selector"] = describe_selector(stored["selector"])
     lines = [f"{key}: existing plan {stored.get(key)!r}, asked {value!r}" for key, value in asked.items()
              if key in stored and stored.get(key) != value]
     config_hash = mining_config_hash(mining, target)
@@ -204,7 +224,7 @@ def _plan_epoch(hsm_dir: Path, epoch: int, mining: MiningConfig, target: str, *,
             )
     missing = empty_epochs(hsm_dir, epoch - 1)
     if missing:
-        message = (f"{hsm_dir / 'events'}: no events in epochs {', '.join(map(str, missing))} "
+        message = (f"{hsm_dir / 'events'}: no events in epochs {epoch_ranges(missing)} "
                    f"(planning epoch {epoch} folds epochs 0..{epoch - 1})")
         if not allow_empty:
             raise EmptyEpochs(f"{message}; plan an epoch right after the last logged one, or pass --allow-empty")

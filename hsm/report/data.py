@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hsm.mining.suspects import DataMap, data_map, read_epoch_metrics
+from hsm.mining.planner import epoch_ranges
 
 __all__ = ["ReportError", "SampleStats", "RunData", "load_run", "read_predictions", "order_by_score", "SampleRecords",
            "read_sample_records"]
@@ -118,7 +119,7 @@ def load_run(run_dir: str | Path, *, epoch: int | None = None, skip_corrupt: boo
     if epoch is None:
         epoch = max(manifests)
     elif epoch not in manifests:
-        raise ReportError(f"--epoch {epoch}: no plan for it; plans exist for epochs {sorted(manifests)}")
+        raise ReportError(f"--epoch {epoch}: no plan for it; plans exist for epochs {epoch_ranges(manifests)}")
     plans = {e: _with_sample_ids(hsm_dir, e, plan_tables[e]) for e in manifests}
     latest = manifests[max(manifests)]
     target = latest["target"]["name"]

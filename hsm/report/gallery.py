@@ -37,6 +37,7 @@ class Card:
     note: str = ""
     labels: list[str] = field(default_factory=list)  # ground-truth box labels, in box order (numbered on the image)
     predicted_labels: list[str] | None = None  # the eval answer's box labels, when it exists
+    n_objects: int | None = None  # ground-truth boxes; 0 is an empty answer ("[]"), None when there is no record
 
 
 def data_uri(jpeg: bytes) -> str:

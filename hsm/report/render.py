@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from hsm.config import describe_selector
 from hsm.mining.suspects import metric_label
 from hsm.report.data import RunData, load_run, order_by_score, read_sample_records
 from hsm.report.gallery import Card, predicted_labels, record_thumbnails
@@ -81,6 +82,7 @@ def _cards(run: RunData, records, order: np.ndarray, k: int) -> list[Card]:
             times_drawn=run.stats.times_drawn.get(idx, 0), image=image, predicted=predicted, counts=counts,
             note=note, labels=[o.label for o in record.objects] if record is not None else [],
             predicted_labels=predicted_labels(prediction),
+            n_objects=len(record.objects) if record is not None else None,
         ))
     return cards
 
@@ -124,7 +126,7 @@ def _facts(run: RunData) -> dict[str, Any]:
             "engine": m.get("engine"), "rows": m.get("rows"),
         })
     return {"mode": latest["mode"], "metric": latest.get("metric"), "aggregate": latest.get("aggregate"),
-            "selector": latest.get("selector"), "target": latest.get("target"), "plans": plans,
+            "selector": describe_selector(latest.get("selector")), "target": latest.get("target"), "plans": plans,
             "dataset_info": run.dataset_info}
 
 
@@ -196,7 +198,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, epoch: i
         "thresholds": dm.thresholds,
         "n_mapped": int(sum(1 for r in dm.region if r is not None)),
         "n_samples": len(dm.base_idx),
-        "has_predictions": bool(run.predictions),
+        # Said only when a card shown holds a predicted thumbnail (eval output may cover none of them).
+        "has_predictions": any(c.predicted for c in hardest),
         "records_problem": records_problem,
     }
     html = render_html(context)

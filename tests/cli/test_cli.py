@@ -121,6 +121,20 @@ def test_train_rejects_bad_training_values_before_writing_anything(tmp_path):
     assert not out.exists()
 
 
+def test_train_reports_training_and_custom_problems_together(tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["train", "configs/demo.yaml", f"training.output_dir={out}",
+                                 "training.per_device_train_batch_size=eight", "training.no_such_field=1",
+                                 "custom.hard_sample_mining.ema_decay=7", "custom.fusion_config.sources.0.ratio=-1"])
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "invalid configuration (4 problem(s))" in text
+    for key in ("training.per_device_train_batch_size: 'eight' is not a valid", "training.no_such_field: unknown",
+                "custom.hard_sample_mining.ema_decay", "custom.fusion_config.sources.0.ratio"):
+        assert key in text, key
+    assert not out.exists()
+
+
 def test_train_rejects_values_training_cannot_run_with_and_unwritable_output(tmp_path, make_corpus, demo_overrides):
     out = tmp_path / "out"
     result = runner.invoke(app, ["train", "configs/demo.yaml", f"training.output_dir={out}", "training.per_device_train_batch_size=0",
@@ -181,3 +195,52 @@ def test_disk_full_during_train_is_a_clear_error_naming_the_file(tmp_path, size_
                 assert (folder / "plan.parquet").is_file() == (folder / "manifest.json").is_file()
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_epoch_lists_in_messages_are_ranges(run_dir):
+    """A plan asked for far past the log names the empty epochs as one range, not one number each."""
+    result = runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", "99"])
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "no events in epochs 3-98" in text and "4, 5" not in text
+    assert runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", "2"]).exit_code == 0
+    assert runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", "3"]).exit_code == 0
+    report = runner.invoke(app, ["report", "--run-dir", str(run_dir), "--epoch", "99", "--out", str(run_dir / "r.html")])
+    assert report.exit_code == 2 and "plans exist for epochs 2-3" in " ".join(report.output.split())
+
+
+def test_epoch_ranges_expand_to_the_epochs():
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from hsm.mining.planner import epoch_ranges
+
+    @given(st.lists(st.integers(0, 60), max_size=30))
+    def check(epochs):
+        text = epoch_ranges(epochs)
+        expanded = []
+        for part in filter(None, text.split(", ")):
+            first, _, last = part.partition("-")
+            expanded += range(int(first), int(last or first) + 1)
+        assert expanded == sorted(set(epochs))
+        assert len(text.split(", ")) <= len(set(epochs)) or not epochs
+
+    check()
+
+
+@pytest.mark.parametrize("report_to, shown", [([], False), (["tensorboard"], True), (["all"], True)])
+def test_train_summary_suggests_tensorboard_only_when_it_logged_there(tmp_path, report_to, shown):
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    from hsm.cli.common import console
+    from hsm.cli.train import _print_summary
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=report_to if report_to != ["all"] else "none")
+    args.report_to = report_to  # "all" names every installed integration: set it as written
+    summary = {"output_dir": str(tmp_path), "hsm_dir": str(tmp_path / "hsm"), "global_step": 3, "train_loss": 1.0,
+               "mining": True, "trainer": SimpleNamespace(args=args)}
+    with console.capture() as captured:
+        _print_summary(summary)
+    assert ("tensorboard --logdir" in captured.get()) == shown

@@ -34,7 +34,7 @@ def test_data_validate_names_the_line_that_is_not_utf8(tmp_path):
     out = _error(runner.invoke(app, ["data", "validate", str(path)]))
     column = path.read_bytes().split(b"\n")[2].index(LATIN1) + 1
     assert f"v.jsonl:3:{column}: not UTF-8 (byte e9" in out and "save the file as UTF-8" in out
-    assert "1 problem(s) in 2 readable record(s)" in out  # the other lines are still checked
+    assert "1 problem in 2 readable records" in out  # the other lines are still checked
 
 
 def test_import_coco_names_the_json_that_is_not_utf8(tmp_path):
@@ -89,7 +89,9 @@ def _coco_set(tmp_path, n_images: int = 12, absolute: bool = False):
                             "segmentation": [[1, 1, 5, 1, 5, 5]] if i <= 3 else [],
                             "keypoints": [2, 2, 2] if i <= 2 else []})
     annotations += [{"id": 900, "image_id": 1, "category_id": 1, "bbox": [3, 3, 0, 4]},
-                    {"id": 901, "image_id": 2, "category_id": 1, "bbox": [0, 0, 3, 3], "iscrowd": 1}]
+                    {"id": 901, "image_id": 2, "category_id": 1, "bbox": [0, 0, 3, 3], "iscrowd": 1},
+                    {"id": 902, "image_id": 2, "category_id": 1, "bbox": [5, 5, -2, 3]},
+                    {"id": 903, "image_id": 3, "category_id": 1, "bbox": [5, 5, 2, -3]}]
     categories = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "emu"}]
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
@@ -107,7 +109,7 @@ def test_import_coco_with_a_wrong_images_folder_writes_nothing_and_names_the_mis
     assert not out.exists() and not out.with_name("x_val.jsonl").exists()
     allowed = runner.invoke(app, args + ["--allow-missing"])
     assert allowed.exit_code == 0, allowed.output
-    assert "skipped 12 image(s) whose file is missing" in " ".join(allowed.output.split())
+    assert "skipped 12 images whose file is missing" in " ".join(allowed.output.split())
     assert out.read_text() == "" and out.with_name("x_val.jsonl").read_text() == ""
 
 
@@ -117,22 +119,65 @@ def test_import_coco_names_what_it_drops_and_ignores(tmp_path):
                                  "--out", str(tmp_path / "x.jsonl")])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    assert "dropped 1 zero-area box(es) (width or height <= 0): annotation ids 900" in text
-    assert "dropped 1 crowd annotation(s) (iscrowd=1): annotation ids 901" in text
-    assert "ignored the keypoints of 2 annotation(s)" in text
-    assert "ignored the segmentation of 3 annotation(s)" in text
-    assert "2 categor(y/ies) have no imported box and are not in the records: dog, emu" in text
+    assert "dropped 1 zero-area box (width or height 0): annotation ids 900" in text
+    assert "dropped 1 box with a negative size (width or height < 0): annotation ids 902, 903" not in text
+    assert "dropped 2 boxes with a negative size (width or height < 0): annotation ids 902, 903" in text
+    assert "dropped 1 crowd annotation (iscrowd=1): annotation ids 901" in text
+    assert "ignored the keypoints of 2 annotations" in text
+    assert "ignored the segmentation of 3 annotations" in text
+    assert "2 categories have no imported box and are not in the records: dog, emu" in text
+    assert "(y/ies)" not in text and "(s)" not in text
     assert "absolute file_name" not in text
 
 
-def test_import_coco_absolute_file_names_are_used_as_written(tmp_path):
+def test_import_coco_absolute_file_names_are_used_and_written_as_written(tmp_path):
     from hsm.data.records import read_jsonl
 
     coco = _coco_set(tmp_path, n_images=3, absolute=True)
-    out = tmp_path / "x.jsonl"
+    out = tmp_path / "deep" / "er" / "x.jsonl"
     result = runner.invoke(app, ["data", "import-coco", str(coco), "--images", str(tmp_path / "elsewhere"),
                                  "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "3 image(s) have an absolute file_name: used as written, --images applies only to relative names" in \
-        " ".join(result.output.split())
-    assert [r.image.resolve() for r in read_jsonl(out)] == [(tmp_path / "img" / f"{i}.png").resolve() for i in (1, 2, 3)]
+    assert "3 images have an absolute file_name: written as it is (absolute), --images applies only to relative " \
+           "names" in " ".join(result.output.split())
+    written = [json.loads(line)["image"] for line in out.read_text().splitlines()]
+    assert written == [str((tmp_path / "img" / f"{i}.png").resolve()) for i in (1, 2, 3)]
+    moved = tmp_path / "moved.jsonl"  # the JSONL moves; its absolute paths still name the images
+    out.rename(moved)
+    assert [r.image for r in read_jsonl(moved)] == [(tmp_path / "img" / f"{i}.png").resolve() for i in (1, 2, 3)]
+
+
+def test_import_coco_relative_file_names_are_written_relative_to_the_jsonl(tmp_path):
+    coco = _coco_set(tmp_path, n_images=2)
+    out = tmp_path / "x.jsonl"
+    assert runner.invoke(app, ["data", "import-coco", str(coco), "--images", str(tmp_path / "img"),
+                               "--out", str(out)]).exit_code == 0
+    assert [json.loads(line)["image"] for line in out.read_text().splitlines()] == ["img/1.png", "img/2.png"]
+
+
+def test_import_coco_refuses_a_repeated_image_id_and_names_it(tmp_path):
+    coco = _coco_set(tmp_path, n_images=4)
+    data = json.loads(coco.read_text())
+    data["images"][2]["id"] = 1  # images[0] and images[2] both claim id 1
+    coco.write_text(json.dumps(data))
+    out = tmp_path / "x.jsonl"
+    text = _error(runner.invoke(app, ["data", "import-coco", str(coco), "--images", str(tmp_path / "img"),
+                                      "--out", str(out)]))
+    assert "1 image id is repeated: 1 (images[0, 2])" in text and "nothing written" in text
+    assert not out.exists()
+
+
+def test_import_coco_names_annotations_of_unknown_images(tmp_path):
+    coco = _coco_set(tmp_path, n_images=3)
+    data = json.loads(coco.read_text())
+    data["annotations"] += [{"id": 700, "image_id": 99, "category_id": 1, "bbox": [1, 1, 2, 2]},
+                            {"id": 701, "image_id": "1", "category_id": 1, "bbox": [1, 1, 2, 2]}]
+    coco.write_text(json.dumps(data))
+    out = tmp_path / "x.jsonl"
+    result = runner.invoke(app, ["data", "import-coco", str(coco), "--images", str(tmp_path / "img"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert ("dropped 2 annotations of unknown images (image_id not among the images): annotation ids 700, 701"
+            in text)
+    boxes = sum(len(json.loads(line)["objects"]) for line in out.read_text().splitlines())
+    assert boxes == 3  # one kept box per image; the two strays went nowhere

@@ -331,3 +331,25 @@ def test_needs_resized_is_true_only_for_pixel_formats_and_refuses_unknown_ones()
         answer_scale(f, 100, 50, (200, 100)) != answer_scale(f, 100, 50, None) for f in COORD_FORMATS]
     with pytest.raises(ValueError, match="rel100"):
         needs_resized("rel100")
+
+
+@pytest.mark.parametrize("text", ["[[]]", "[[[]]]", "[ [ ] ]", "[[[...]]]", "[1, []]", 'see [[], []]'])
+def test_an_empty_list_nested_in_a_list_is_no_answer(text):
+    parsed = parse_answer(text)
+    assert (parsed.status, parsed.n_objects) == ("failed", 0)
+
+
+@pytest.mark.parametrize("text", ["[]", "No objects: []", "```json\n[]\n```", " [ ] "])
+def test_an_empty_list_on_its_own_means_no_objects(text):
+    parsed = parse_answer(text)
+    assert (parsed.status, parsed.n_objects) == ("ok", 0)
+
+
+def test_boxes_past_the_cap_are_dropped_and_counted():
+    from hsm.data.answer import MAX_BOXES
+
+    n_bad = 3  # malformed objects before the cap: they do not use up its room
+    objects = [{"label": "x"}] * n_bad + [{"bbox_2d": [i, 0, i + 1, 1], "label": "x"} for i in range(MAX_BOXES + 250)]
+    parsed = parse_answer(json.dumps(objects))
+    assert len(parsed.boxes) == MAX_BOXES and parsed.boxes[-1] == (MAX_BOXES - 1, 0, MAX_BOXES, 1)
+    assert (parsed.n_invalid, parsed.n_over_cap, parsed.n_objects) == (n_bad, 250, len(objects))

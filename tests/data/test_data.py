@@ -85,12 +85,12 @@ def test_data_validate_reports_every_bad_line(tmp_path):
     result = CliRunner().invoke(app, ["data", "validate", str(path), "--max-image-side", "32"])
     assert result.exit_code == 2
     out = " ".join(result.output.split())
-    assert "5 problem(s) in 3 readable record(s)" in out
+    assert "5 problems in 3 readable records" in out
     for where, what in ((2, "40x40, the record says 10x8"), (2, "max_image_side=32"), (3, "malformed JSON"),
                         (4, "not found"), (5, "max_image_side=32")):
         assert f"v.jsonl:{where}: " in out and what in out
     ok = CliRunner().invoke(app, ["data", "validate", str(write_lines(tmp_path / "ok.jsonl", [GOOD]))])
-    assert ok.exit_code == 0 and "1 records OK" in " ".join(ok.output.split())
+    assert ok.exit_code == 0 and "1 record OK" in " ".join(ok.output.split())
 
 
 def test_coco_import(tmp_path):

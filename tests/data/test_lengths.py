@@ -90,7 +90,7 @@ def test_data_validate_with_a_config_names_the_record_over_the_model_maximum(tmp
     assert lengths[1] > 4096 >= max(lengths[0], lengths[2])
     assert f"long.jsonl:2: encodes to {lengths[1]} tokens, over the model's maximum of 4096" in text
     assert "set custom.fusion_config.target.max_objects_per_image to at most" in text
-    assert "1 problem(s) in 3 readable record(s)" in text and "long.jsonl:1:" not in text
+    assert "1 problem in 3 readable records" in text and "long.jsonl:1:" not in text
     assert runner.invoke(app, ["data", "validate", str(path)]).exit_code == 0  # without a model, nothing to compare
 
 

@@ -329,3 +329,28 @@ def test_abs_answers_score_through_the_processors_resize(tmp_path):
         scored[coord_format] = json.loads((tmp_path / coord_format / "metrics.json").read_text())["val"]
     assert scored["abs"]["AP50"] == 1.0 and scored["abs"]["tp50"] == sum(len(r[4]) for r in RECORDS)
     assert scored["rel1000"]["AP50"] < 0.5  # the same text read in the wrong format misses
+
+
+def test_an_answer_of_20000_boxes_scores_in_bounded_memory():
+    import tracemalloc
+    from pathlib import Path
+
+    from hsm.data.answer import MAX_BOXES
+    from hsm.data.records import DetectionObject, Record
+    from hsm.eval.metrics import score_dataset
+
+    record = Record(image=Path("a.png"), width=1000, height=1000, id="a", where="r.jsonl:1",
+                    objects=(DetectionObject("x", (0.0, 0.0, 10.0, 10.0)), DetectionObject("x", (20.0, 20.0, 30.0, 30.0))))
+    n = 20_000
+    answer = json.dumps([{"bbox_2d": [0, 0, 10, 10], "label": "x"}] * n)  # rel1000 on 1000 px: the first GT box
+    tracemalloc.start()
+    try:
+        score = score_dataset([record], ["a.png"], [answer], "rel1000")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # One n x n IoU matrix would be 3.2 GB; the answer text and its parsed objects are what remains.
+    assert peak < 200 * 2**20, peak
+    assert score.per_sample["over_cap"] == [n - MAX_BOXES]
+    assert score.metrics["boxes_over_cap"] == n - MAX_BOXES
+    assert (score.metrics["n_pred"], score.metrics["tp50"], score.metrics["fn50"]) == (MAX_BOXES, 1, 1)

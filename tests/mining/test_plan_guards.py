@@ -68,10 +68,21 @@ def test_overwriting_a_plan_built_differently_is_refused(run_dir, tmp_path, chan
     assert manifest.read_text() != before
 
 
+def test_a_different_selector_is_named_by_the_setting_its_mode_uses(run_dir, tmp_path):
+    assert _plan(run_dir, "--epoch", "3").exit_code == 0
+    shutil.rmtree(run_dir / "hsm" / "state")
+    changed = _config(tmp_path / "changed.yaml", selector={"mode": "percentile", "value": 0.25, "k": 500})
+    result = _plan(run_dir, "--epoch", "3", "--config", str(changed))
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "selector: existing plan 'top_k 3', asked 'percentile 0.25'" in text
+    assert "{'mode'" not in text and "500" not in text
+
+
 def test_planning_past_the_logged_epochs_is_refused(run_dir):
     result = _plan(run_dir, "--epoch", "7")
     assert result.exit_code == 2, result.output
-    assert "4, 5, 6" in result.output and "--allow-empty" in result.output
+    assert "epochs 4-6" in result.output and "--allow-empty" in result.output
     assert not (run_dir / "hsm" / "plans").exists() and not (run_dir / "hsm" / "state").exists()
     result = _plan(run_dir, "--epoch", "7", "--allow-empty")
     assert result.exit_code == 0 and "4, 5, 6" in result.output  # still warned

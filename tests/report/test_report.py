@@ -209,3 +209,106 @@ def test_report_order_is_the_planners_rank_order_with_nan_last(scores, hardest):
     naive = sorted(observed, key=lambda i: ((-scores[i] if hardest else scores[i]), ids[i]))
     naive += sorted((i for i in range(len(scores)) if i not in observed), key=lambda i: ids[i])
     assert order_by_score(plan, hardest=hardest).tolist() == naive
+
+
+def _eval_answer_for(run_dir: Path, sample_id: str) -> Path:
+    """``hsm eval score`` output under ``run_dir/eval`` answering ``sample_id`` with its own boxes plus a
+    stray one (the caller removes the folder)."""
+    from hsm.data.answer import format_answer
+
+    train_jsonl = Path(yaml.safe_load((run_dir / "hsm" / "config.yaml").read_text())
+                       ["custom"]["fusion_config"]["target"]["train_jsonl"])
+    record = {r.id: r for r in read_jsonl(train_jsonl, check_images=False)}[sample_id]
+    boxes = [o.bbox for o in record.objects] + [(0.0, 0.0, 3.0, 3.0)]
+    labels = [o.label for o in record.objects] + [record.objects[0].label]
+    eval_dir = run_dir / "eval"
+    eval_dir.mkdir()
+    answers = eval_dir / "answers.jsonl"
+    answers.write_text(json.dumps({"id": sample_id, "answer": format_answer(boxes, labels, record.width,
+                                                                            record.height, "rel1000")}) + "\n")
+    result = runner.invoke(app, ["eval", "score", "--records", str(train_jsonl), "--answers", str(answers),
+                                 "--name", "bbu", "--out", str(eval_dir)])
+    assert result.exit_code == 0, result.output
+    (eval_dir / "bbu" / "answers.jsonl").write_text(answers.read_text())  # as hsm eval run leaves it
+    return eval_dir
+
+
+def _shown_ids(html: str, gallery: str) -> list[str]:
+    part = html.split(f'id="{gallery}-gallery"')[1].split("</section>")[0]
+    return [chunk.split('"')[0] for chunk in part.split('data-sample-id="')[1:]]
+
+
+def test_red_predictions_are_announced_only_when_a_shown_card_has_them(run_dir, tmp_path):
+    import shutil
+
+    html = build_report(run_dir, tmp_path / "a.html", top_k=2).html.read_text()
+    shown = set(_shown_ids(html, "hardest")) | set(_shown_ids(html, "easiest")) | set(_shown_ids(html, "suspects"))
+    train_jsonl = yaml.safe_load((run_dir / "hsm" / "config.yaml").read_text())["custom"]["fusion_config"]["target"]
+    unseen = next(r.id for r in read_jsonl(train_jsonl["train_jsonl"], check_images=False)
+                  if r.id not in shown and r.objects)
+    for sample_id, announced in ((unseen, False), (_shown_ids(html, "hardest")[0], True)):
+        eval_dir = _eval_answer_for(run_dir, sample_id)
+        try:
+            page = build_report(run_dir, tmp_path / "b.html", top_k=2).html.read_text()
+        finally:
+            shutil.rmtree(eval_dir, ignore_errors=True)
+        assert ("predictions from hsm eval in red" in page) == announced, sample_id
+        assert ("predicted boxes" in page) == announced
+
+
+def test_selector_shows_its_mode_and_the_one_setting_it_uses(run_dir, tmp_path):
+    from hsm.config import describe_selector
+
+    html = build_report(run_dir, tmp_path / "a.html", top_k=2).html.read_text()
+    assert '<td class="l">top_k 5</td>' in html and "{&#39;mode&#39;" not in html and "{'mode'" not in html
+    assert describe_selector({"mode": "percentile", "k": 500, "value": 0.2, "threshold": None}) == "percentile 0.2"
+    assert describe_selector({"mode": "threshold", "k": 500, "value": 0.1, "threshold": 1.5}) == "threshold 1.5"
+    assert describe_selector(None) is None
+
+
+def test_empty_answers_are_flagged_not_sent_for_relabelling(tmp_path):
+    """The sample that stays hardest has no objects (answer ``[]``): its card and the section say so."""
+    run = write_run(tmp_path, n_target=24, wrong=3)
+    train_jsonl = Path(yaml.safe_load((run / "hsm" / "config.yaml").read_text())
+                       ["custom"]["fusion_config"]["target"]["train_jsonl"])
+    lines = [json.loads(line) for line in train_jsonl.read_text().splitlines()]
+    lines[3]["objects"] = []
+    train_jsonl.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    html = build_report(run, tmp_path / "r.html", top_k=4).html.read_text()
+    hardest = html.split('id="hardest-gallery"')[1].split("</section>")[0]
+    first_card = hardest.split('class="card"')[1]
+    assert f'data-sample-id="{lines[3]["id"]}"' in first_card and "empty answer (no objects)" in first_card
+    assert hardest.count("empty answer (no objects)") == 1
+    section = html.split('id="hardest"')[1].split('id="hardest-gallery"')[0]
+    assert "1 of these is an image with no objects" in section and "correct negatives rank hard" in section
+
+
+CARD_PROBE = """(() => Array.from(document.querySelectorAll('.card')).map(card => {
+  const box = card.getBoundingClientRect();
+  return Array.from(card.querySelectorAll('img')).map(img => {
+    const r = img.getBoundingClientRect();
+    return {left: r.left - box.left, right: box.right - r.right, width: r.width};
+  });
+}))()"""
+
+
+@pytest.mark.parametrize("width", [1300])
+def test_predicted_thumbnail_stays_inside_its_card(run_dir, tmp_path, width):
+    import shutil
+
+    assert find_chromium(), "chromium is not installed: make test-deps installs it (apt-get install chromium)"
+    first = build_report(run_dir, tmp_path / "a.html", top_k=TOP_K).html.read_text()
+    eval_dir = _eval_answer_for(run_dir, _shown_ids(first, "hardest")[0])
+    try:
+        report = build_report(run_dir, tmp_path / "b.html", top_k=TOP_K)
+    finally:
+        shutil.rmtree(eval_dir, ignore_errors=True)
+    page = load_page(page_url(report.html), CARD_PROBE, width=width)
+    assert page.errors == []
+    pairs = [imgs for imgs in page.probe if len(imgs) == 2]
+    assert pairs, "no card with a predicted thumbnail"
+    for imgs in page.probe:
+        for img in imgs:
+            assert img["left"] >= 0 and img["right"] >= 0 and img["width"] > 20, (width, imgs)
+    for left, right in pairs:  # both thumbnails get the same share of the card
+        assert abs(left["width"] - right["width"]) <= 1, (width, pairs)
