@@ -21,7 +21,7 @@ from hsm.io import ChecksumMismatch, file_sha256
 from hsm.mining.events import CorruptEventFile, list_event_files
 from hsm.mining.plan import PlanError, RunLocked, load_plan, plan_dir, read_plan_table
 from hsm.mining.planner import plan_epoch
-from hsm.mining.update import OutputError
+from hsm.mining.update import HistoryChanged, OutputError
 from hsm.mining.state import read_sample_ids, sample_ids_path, state_path
 from hsm.schemas import SchemaError
 
@@ -76,10 +76,15 @@ def test_flipped_bytes_in_an_event_page_are_an_error_naming_the_part(hsm_dir):
     size = part.stat().st_size
     _flip_in_column(part, "loss")
     assert part.stat().st_size == size
-    # The stored state of epoch 1 is not reused (the part's sha256 changed); the refold verifies pages.
-    with pytest.raises(CorruptEventFile, match=f"{part.name}.*--skip-corrupt"):
+    # The part was folded into the state of epoch 1: its change is an error, not a quiet refold.
+    with pytest.raises(HistoryChanged, match=f"{part.name}: sha256 differs .* epoch 1 was folded(.|\n)*--refold"):
         plan_epoch(hsm_dir, 3, MINING, TARGET)
-    skipped = plan_epoch(hsm_dir, 3, MINING, TARGET, skip_corrupt=True)
+    with pytest.raises(HistoryChanged):
+        plan_epoch(hsm_dir, 3, MINING, TARGET, skip_corrupt=True)  # skipping it would replace history too
+    # Replacing the history is explicit; the refold verifies pages.
+    with pytest.raises(CorruptEventFile, match=f"{part.name}.*--skip-corrupt"):
+        plan_epoch(hsm_dir, 3, MINING, TARGET, refold=True)
+    skipped = plan_epoch(hsm_dir, 3, MINING, TARGET, skip_corrupt=True, refold=True)
     assert str(part) in " ".join(map(str, skipped.skipped_files))
 
 
