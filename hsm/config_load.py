@@ -159,7 +159,7 @@ def resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     """Make every relative path in a raw config absolute against ``base``, in place.
 
     The paths: ``training.output_dir``, ``training.logging_dir``,
-    ``training.resume_from_checkpoint`` (when a string), ``deepspeed`` (when a string),
+    ``training.resume_from_checkpoint`` (when a string other than ``last``), ``deepspeed`` (when a string),
     ``model.name_or_path`` (only when ``base / value`` exists: it may be a hub id),
     and every dataset's ``train_jsonl`` and ``val_jsonl``. Other values are left
     for validation to judge.
@@ -167,8 +167,8 @@ def resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     training = raw.get("training")
     if isinstance(training, dict):
         for key in _TRAINING_PATH_KEYS:
-            if key in training:
-                training[key] = _absolute(training[key], base)
+            if key in training and not (key == "resume_from_checkpoint" and training[key] == "last"):
+                training[key] = _absolute(training[key], base)  # `last`: the newest complete checkpoint, not a path
     if isinstance(raw.get("deepspeed"), str):
         raw["deepspeed"] = _absolute(raw["deepspeed"], base)
     model = raw.get("model")

@@ -266,20 +266,6 @@ def test_startup_check_names_a_foreign_file_a_truncated_part_and_an_empty_state(
         check_run_files(hsm_dir)
 
 
-def test_train_refuses_a_foreign_event_file_before_step_0(tmp_path, make_corpus, demo_overrides):
-    out = tmp_path / "out"
-    foreign = out / "hsm" / "events" / "epoch=0" / "rank=0" / "part-00000.parquet"
-    foreign.parent.mkdir(parents=True)
-    pq.write_table(pa.table({"x": [1, 2]}), foreign)
-    result = runner.invoke(app, [
-        "train", "configs/demo.yaml", *demo_overrides(make_corpus(8, 4, 0)), f"training.output_dir={out}",
-        "training.report_to=[]",
-    ])
-    assert result.exit_code == 2, result.output
-    assert "part-00000.parquet" in result.output and "not an hsm event part" in result.output
-    assert not (out / "hsm" / "events" / "epoch=0" / "rank=0" / "part-00001.parquet").exists()
-
-
 def test_an_event_writer_removes_its_ranks_dead_temp_files_only(tmp_path):
     from hsm.io import temp_name
     from hsm.mining.event_writer import EventWriter
