@@ -363,15 +363,15 @@ def plan_epochs(hsm_dir: str | Path) -> list[int]:
 
 
 def verify_plan(hsm_dir: str | Path, epoch: int) -> dict[str, Any] | None:
-    """The manifest of ``epoch``'s plan after checking the plan file's sha256 against it; None if no plan.
+    """The manifest of ``epoch``'s plan after checking the plan file's sha256 against it and its
+    row and hard counts against the plan's rows; None if no plan.
 
     Raises:
-        PlanError: a plan or manifest alone, or a checksum mismatch.
+        PlanError: a plan or manifest alone, a checksum or count mismatch, an unreadable plan.
     """
-    manifest = read_manifest(hsm_dir, epoch)
-    if manifest is not None:
-        _verified_checksum(plan_dir(hsm_dir, epoch) / "plan.parquet", manifest, f"re-run hsm plan --epoch {epoch}")
-    return manifest
+    if read_manifest(hsm_dir, epoch) is None:
+        return None
+    return read_plan_table(hsm_dir, epoch, columns=["is_hard"])[0]
 
 
 def read_plan_table(hsm_dir: str | Path, epoch: int, columns: list[str] | None = None) -> tuple[dict[str, Any], pa.Table]:
