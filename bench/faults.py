@@ -412,7 +412,9 @@ def tampered_files(base: Path, work: Path) -> list[tuple[str, str, str]]:
             outcomes[_judge(plan, published(run).get(3) == want_plan, rel)] += 1
         if any(o not in (OK, ERROR) for o in outcomes):
             print(f"  {case}: {dict(outcomes)}", file=sys.stderr)
-        rows.append((f"{case} (plan x2, sql, report, start-up)", _summary(outcomes), ""))
+        ran = ["plan x2", "sql"] + (["report"] if "run.json" not in case else []) + (
+            ["start-up"] if not any(name in case for name in ("config.yaml", "dataset.json", "run.json")) else [])
+        rows.append((f"{case} ({', '.join(ran)})", _summary(outcomes), ""))
         shutil.rmtree(run)
     return rows
 

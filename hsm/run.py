@@ -137,13 +137,13 @@ def _start_run(held: contextlib.ExitStack, cfg: HsmConfig, args, hsm_dir: Path) 
     Writes nothing but the lock (and, with ``overwrite_output_dir``, the removal of the old run).
     """
     from hsm.mining.checks import RunFileError, check_run_files, run_contents
-    from hsm.mining.plan import RunLocked, run_lock
+    from hsm.mining.plan import run_lock
     from hsm.train import distributed
     from hsm.train.checkpoints import resolve_resume
 
     _ = args.device  # joins the launcher's process group, so the verdict below reaches every rank
     verdict = b""
-    resume = None
+    resume = failure = None
     if args.process_index == 0:
         created = not hsm_dir.exists()
         try:
@@ -160,17 +160,17 @@ def _start_run(held: contextlib.ExitStack, cfg: HsmConfig, args, hsm_dir: Path) 
                 _remove_run(hsm_dir)
             if cfg.mining is not None:
                 check_run_files(hsm_dir)  # before step 0: a bad part or state fails now, not after an epoch
-        except (ConfigError, RunLocked, RunFileError, RunExists) as e:
+        except Exception as e:  # every rank must hear of it, or the others wait at the next collective
             held.close()
             if created:  # leave no hsm/ behind that holds only the lock file
                 shutil.rmtree(hsm_dir, ignore_errors=True)
-            verdict = f"{type(e).__name__}\0{e}".encode()
-            if distributed.current_world().world_size <= 1:
-                raise
+            failure, verdict = e, f"{type(e).__name__}\0{e}".encode()
     verdict = distributed.broadcast_bytes(verdict)
+    if failure is not None:
+        raise failure
     if verdict:
         name, _, message = verdict.decode().partition("\0")
-        raise RunFileError(message) if name != "RunExists" else RunExists(message)
+        raise RunExists(message) if name == "RunExists" else RunFileError(f"rank 0 refused the start: {message}")
     args.resume_from_checkpoint = distributed.broadcast_bytes((resume or "").encode()).decode() or None
 
 
