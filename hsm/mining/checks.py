@@ -1,7 +1,7 @@
 """Start-up checks of a run's files: what training would otherwise fail on an epoch later.
 
-``hsm train`` calls :func:`check_run_files` before step 0. It reads footers and
-checksums only (no event rows): every event part has the event schema and the sha256
+``hsm train`` calls :func:`check_run_files` before the model loads. It reads footers,
+whole-file sha256s and the plans' ``is_hard`` column (no event rows): every event part has the event schema and the sha256
 its folder's ledger recorded (none recorded missing), every part a committed state
 folded is still the one it folded, every state file and id table matches its
 checksum record and every plan its manifest. A truncated or rewritten part, an
