@@ -499,6 +499,176 @@ def bad_inputs(work: Path) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _with_records(run: Path) -> None:
+    """The run records training writes (config, dataset, epochs), each with its sha256 record."""
+    from hsm.io import write_recorded
+
+    hsm_dir = run / "hsm"
+    write_recorded((hsm_dir / "config.yaml").read_bytes(), hsm_dir / "config.yaml")
+    dataset = {"target": {"name": TARGET, "size": 40, "fingerprint": "f" * 64}, "datasets": [{"name": TARGET, "size": 40}]}
+    write_recorded(json.dumps(dataset).encode(), hsm_dir / "dataset.json")
+    write_recorded(json.dumps({"num_train_epochs": 4.0, "max_steps": 40}).encode(), hsm_dir / "run.json")
+
+
+def _tamper_cases(run: Path) -> dict[str, tuple[str, object]]:
+    """Damage that leaves every file well-formed: ``{case: (path named in the error, damage)}``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hsm.io import file_sha256
+    from hsm.mining.plan import manifest_digest
+
+    hsm_dir = run / "hsm"
+    ids = hsm_dir / "sample_ids" / "epoch=0" / "sample_ids.parquet"
+    part = sorted((hsm_dir / "events" / "epoch=1" / "rank=0").glob("part-*.parquet"))[0]
+    manifest = hsm_dir / "plans" / "epoch=3" / "manifest.json"
+
+    def relabel():
+        table = pq.read_table(ids)
+        names = table.column("sample_id").to_pylist()
+        names[0], names[1] = names[1], names[0]
+        pq.write_table(table.set_column(table.schema.get_field_index("sample_id"), "sample_id", pa.array(names)), ids)
+
+    def rewrite_part():
+        table = pq.read_table(part)
+        pq.write_table(table.set_column(table.schema.get_field_index("loss"), "loss",
+                                        pa.array(np.full(table.num_rows, 9.0, np.float32))), part)
+        ledger = part.parent / "_sha256.json"
+        ledger.write_text(json.dumps({**json.loads(ledger.read_text()), part.name: file_sha256(part)}))
+
+    def recount():
+        m = json.loads(manifest.read_text())
+        m["counts"]["hard"] += 1
+        m["manifest_sha256"] = manifest_digest(m)
+        manifest.write_text(json.dumps(m))
+
+    def edit(name: str, old: bytes, new: bytes):
+        return lambda: (hsm_dir / name).write_bytes((hsm_dir / name).read_bytes().replace(old, new))
+
+    def flip(name: str):
+        def damage():
+            data = bytearray((hsm_dir / name).read_bytes())
+            data[len(data) // 2] ^= 0x80
+            (hsm_dir / name).write_bytes(bytes(data))
+        return damage
+
+    def truncate(name: str):
+        return lambda: (hsm_dir / name).write_bytes((hsm_dir / name).read_bytes()[:-9])
+
+    cases = {
+        "id table relabelled (2 ids swapped)": (ids, relabel),
+        "folded part rewritten, ledger updated": (part, rewrite_part),
+        "folded epoch removed (events/epoch=1)": (part.parent.parent, lambda: shutil.rmtree(part.parent.parent)),
+        "manifest counts.hard edited, own sha256 redone": (manifest, recount),
+    }
+    for name in ("config.yaml", "dataset.json", "run.json"):
+        cases[f"{name} flipped"] = (hsm_dir / name, flip(name))
+        cases[f"{name} truncated"] = (hsm_dir / name, truncate(name))
+    cases["config.yaml edited (k 3 -> 5)"] = (hsm_dir / "config.yaml", edit("config.yaml", b"k: 3", b"k: 5"))
+    cases["dataset.json fingerprint edited"] = (hsm_dir / "dataset.json", edit("dataset.json", b"f" * 64, b"e" * 64))
+    cases["run.json epochs edited"] = (hsm_dir / "run.json", edit("run.json", b"4.0", b"8.0"))
+    return cases
+
+
+def tampered_files(base: Path, work: Path) -> list[tuple[str, str, str]]:
+    """Well-formed damage nothing but a recorded sha256 or count can tell: `hsm plan --epoch 3 --force`
+    (also with `--allow-empty`), `hsm sql plan_summary`, `hsm report` (on the files it reads) and the
+    training start-up check; 0 silent differences and 0 tracebacks expected."""
+    from hsm.mining.checks import RunFileError, check_run_files
+
+    reference = work / "tamper-ref"
+    shutil.copytree(base, reference)
+    _with_records(reference)
+    hsm(reference, "plan", "--epoch", "3", "--force", check=True)
+    want_plan, want_sql = published(reference)[3], sql_view(reference)
+    rows = []
+    for case in _tamper_cases(reference):
+        run = work / "tamper"
+        shutil.copytree(reference, run)
+        named, damage = _tamper_cases(run)[case]
+        damage()
+        rel = named.relative_to(run)
+        outcomes = Counter()
+        # The readers first: a plan that succeeds rewrites what it replaces.
+        view = hsm(run, "sql", "plan_summary", "--format", "csv")
+        outcomes[_judge(view, view.stdout == want_sql, rel)] += 1
+        if "run.json" not in case:  # the report reads the config, the dataset record, the id table, plans, events
+            report = hsm(run, "report", "--out", str(work / "tamper-report.html"))
+            outcomes[_judge(report, False, rel)] += 1
+        if not any(name in case for name in ("config.yaml", "dataset.json", "run.json")):  # training rewrites those
+            try:
+                check_run_files(run / "hsm")
+                outcomes[SILENT] += 1
+            except RunFileError as e:
+                outcomes[ERROR if rel.name in str(e) or str(rel.parent) in str(e) else f"unnamed: {e}"] += 1
+        for flags in (["--force"], ["--force", "--allow-empty"]):
+            plan = hsm(run, "plan", "--epoch", "3", *flags)
+            outcomes[_judge(plan, published(run).get(3) == want_plan, rel)] += 1
+        if any(o not in (OK, ERROR) for o in outcomes):
+            print(f"  {case}: {dict(outcomes)}", file=sys.stderr)
+        ran = ["plan x2", "sql"] + (["report"] if "run.json" not in case else []) + (
+            ["start-up"] if not any(name in case for name in ("config.yaml", "dataset.json", "run.json")) else [])
+        rows.append((f"{case} ({', '.join(ran)})", _summary(outcomes), ""))
+        shutil.rmtree(run)
+    return rows
+
+
+def startup_refusals(work: Path) -> list[tuple[str, str, str]]:
+    """`hsm train` into a folder holding a run, beside a training that holds its lock, and resuming from a
+    half-written checkpoint: each refused before the model loads, the folder's files unchanged."""
+    import time
+
+    from typer.testing import CliRunner
+
+    from hsm.cli.app import app
+    from hsm.data.synth import synthesize
+
+    corpus = synthesize(work / "corpus", n_target=8, n_source=4, n_val=0)
+    data = [f"custom.fusion_config.target.train_jsonl={corpus['bbu']}", "custom.fusion_config.target.val_jsonl=null",
+            f"custom.fusion_config.sources.0.train_jsonl={corpus['lvis']}",
+            f"custom.fusion_config.sources.1.train_jsonl={corpus['coco']}"]
+    run = work / "startup"
+    shutil.copytree(work / "base", run)
+    _with_records(run)
+    complete = run / "checkpoint-6"
+    complete.mkdir()
+    (complete / "model.safetensors").write_bytes(b"")
+    (complete / "trainer_state.json").write_text('{"global_step": 6}')
+    (run / "checkpoint-9").mkdir()  # a save killed before its trainer_state.json
+
+    def files() -> dict[str, bytes]:
+        return {str(p): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+    cases = {"fresh hsm train into a folder holding a run": ([], "already holds an hsm run", None),
+             "resume from a half-written checkpoint-9": ([f"training.resume_from_checkpoint={run / 'checkpoint-9'}"],
+                                                         "checkpoint-6", None),
+             "second hsm train while one holds the lock": (["training.resume_from_checkpoint=last"],
+                                                           "another hsm plan or training", run / "hsm" / ".lock")}
+    import transformers  # noqa: F401  (imported once here: the times below are the refusals' own)
+
+    rows = []
+    for case, (extra, expected, lock) in cases.items():
+        before = files()
+        if lock is not None:  # another process's lock: a child holds it
+            holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                                       "l = FileLock(sys.argv[1]); l.acquire(); print('held', flush=True); time.sleep(120)",
+                                       str(lock)], stdout=subprocess.PIPE, text=True)
+            holder.stdout.readline()
+        started = time.perf_counter()
+        result = CliRunner().invoke(app, ["train", str(ROOT / "configs" / "demo.yaml"), *data,
+                                          f"training.output_dir={run}", "training.report_to=[]", *extra])
+        seconds = time.perf_counter() - started
+        if lock is not None:
+            holder.kill()
+            holder.wait()
+        text = " ".join(result.output.split())
+        traceback = result.exception is not None and not isinstance(result.exception, SystemExit)
+        refused = result.exit_code == 2 and expected in text and files() == before and not traceback
+        rows.append((case, ERROR if refused else (f"exit {result.exit_code}" if not traceback else "TRACEBACK"),
+                     f"refused in {seconds:.1f} s, files unchanged"))
+    return rows
+
+
 def _summary(outcomes: Counter) -> str:
     return ", ".join(f"{name} {count}" for name, count in outcomes.most_common())
 
@@ -511,6 +681,8 @@ def main() -> None:
     parser.add_argument("--only-concurrent", action="store_true", help="Run the concurrent-planner cases only.")
     parser.add_argument("--only-sql", action="store_true", help="Run the hostile and confined hsm sql cases only.")
     parser.add_argument("--only-inputs", action="store_true", help="Run the bad-image and hostile-answer cases only.")
+    parser.add_argument("--only-tampered", action="store_true",
+                        help="Run the well-formed tampering and hsm train start-up cases only.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="hsm-faults-") as tmp:
         work = Path(tmp)
@@ -519,6 +691,9 @@ def main() -> None:
             return
         base = make_run(work / "base")
         rows = []
+        if args.only_tampered:
+            _print(tampered_files(base, work) + startup_refusals(work))
+            return
         if args.only_concurrent:
             _print(concurrent(base, work, args.trials))
             return
@@ -536,6 +711,8 @@ def main() -> None:
         rows += hostile_sql(base, work)
         rows += confined_sql(base, work)
         rows += bad_inputs(work)
+        rows += tampered_files(base, work)
+        rows += startup_refusals(work)
     _print(rows)
 
 

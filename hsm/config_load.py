@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 from hsm.config import ConfigError, HsmConfig
 from hsm.utf8 import NotUtf8Error, read_utf8
 
-__all__ = ["LEGACY_LOADER_NAMES", "load_config", "parse_config", "apply_overrides", "resolve_paths", "training_problems"]
+__all__ = ["OVERWRITE_KEY", "LEGACY_LOADER_NAMES", "load_config", "parse_config", "apply_overrides", "resolve_paths", "training_problems"]
 
 LEGACY_LOADER_NAMES = ("MultiSourceFusionDataset", "multi_source_fusion", "multi_source")
 _LEGACY_MESSAGE = (
@@ -120,6 +120,9 @@ def parse_config(raw: Any, source: str = "<config>", *, for_training: bool = Fal
 
 
 # (key, bound, strictly greater): values TrainingArguments accepts but training cannot run with.
+# ``training.overwrite_output_dir: true`` replaces the hsm run already in ``output_dir`` (hsm's key, not the Trainer's).
+OVERWRITE_KEY = "overwrite_output_dir"
+
 _TRAINING_RANGES = (
     ("per_device_train_batch_size", 1, False), ("per_device_eval_batch_size", 1, False),
     ("gradient_accumulation_steps", 1, False), ("learning_rate", 0, False), ("num_train_epochs", 0, True),
@@ -148,7 +151,12 @@ def training_problems(training: dict[str, Any]) -> tuple[dict[str, Any], list[st
 
     hints = typing.get_type_hints(TrainingArguments)
     known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    training = dict(training)
+    overwrite = training.pop(OVERWRITE_KEY, False)  # hsm's own key (TrainingArguments 5.x has none)
     problems = [f"training.{k}: unknown TrainingArguments field" for k in sorted(set(training) - known)]
+    if not isinstance(overwrite, bool):
+        problems.append(f"training.{OVERWRITE_KEY}: {overwrite!r} is not a boolean (true replaces the hsm run "
+                        "already in output_dir)")
     if "output_dir" not in training:
         problems.append("training.output_dir: required key is missing")
     values = dict(training)
@@ -227,7 +235,7 @@ def resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     """Make every relative path in a raw config absolute against ``base``, in place.
 
     The paths: ``training.output_dir``, ``training.logging_dir``,
-    ``training.resume_from_checkpoint`` (when a string), ``deepspeed`` (when a string),
+    ``training.resume_from_checkpoint`` (when a string other than ``last``), ``deepspeed`` (when a string),
     ``model.name_or_path`` (only when ``base / value`` exists: it may be a hub id),
     and every dataset's ``train_jsonl`` and ``val_jsonl``. Other values are left
     for validation to judge.
@@ -235,8 +243,8 @@ def resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     training = raw.get("training")
     if isinstance(training, dict):
         for key in _TRAINING_PATH_KEYS:
-            if key in training:
-                training[key] = _absolute(training[key], base)
+            if key in training and not (key == "resume_from_checkpoint" and training[key] == "last"):
+                training[key] = _absolute(training[key], base)  # `last`: the newest complete checkpoint, not a path
     if isinstance(raw.get("deepspeed"), str):
         raw["deepspeed"] = _absolute(raw["deepspeed"], base)
     model = raw.get("model")

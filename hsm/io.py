@@ -39,6 +39,9 @@ __all__ = [
     "is_temp_name",
     "temp_writer_pid",
     "epoch_partitions",
+    "checksum_record_path",
+    "write_recorded",
+    "read_recorded",
 ]
 
 
@@ -143,6 +146,52 @@ def write_json_atomic(payload: Any, path: str | Path) -> None:
     (:func:`write_bytes_atomic`)."""
     text = json.dumps(strict_json(payload), indent=2, sort_keys=True, allow_nan=False)
     write_bytes_atomic((text + "\n").encode("utf-8"), path)
+
+
+def checksum_record_path(path: str | Path) -> Path:
+    """Where ``path``'s sha256 record lives: ``config.yaml`` -> ``config.sha256.json`` beside it."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.sha256.json")
+
+
+def write_recorded(data: bytes, path: str | Path) -> None:
+    """Write ``data`` atomically, then its sha256 record (:func:`checksum_record_path`).
+
+    The old record is removed first, so a writer killed in between leaves a file without a
+    record (read as unverified) rather than a record that no longer fits.
+    """
+    path = Path(path)
+    record = checksum_record_path(path)
+    record.unlink(missing_ok=True)
+    write_bytes_atomic(data, path)
+    write_json_atomic({"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}, record)
+
+
+def read_recorded(path: str | Path) -> bytes:
+    """The bytes of ``path``, checked against the sha256 record :func:`write_recorded` left beside it.
+
+    A file without a record (written by hand, or before records existed) is returned as is.
+
+    Raises:
+        ChecksumMismatch: the bytes differ from the record, or the record is unreadable; names both files.
+        OSError: ``path`` cannot be read (``FileNotFoundError`` when it is missing).
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    record = checksum_record_path(path)
+    try:
+        expected = json.loads(record.read_bytes())["sha256"]
+    except FileNotFoundError:
+        return data
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ChecksumMismatch(f"{record}: unreadable checksum record of {path.name} ({e}); restore it, or delete "
+                               f"it to accept {path} as it is") from e
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise ChecksumMismatch(f"{path}: sha256 {actual[:12]} differs from {str(expected)[:12]} recorded in "
+                               f"{record.name} when hsm wrote it (the file changed on disk); restore it, or delete "
+                               f"{record.name} to accept the file as it is")
+    return data
 
 
 def write_parquet_atomic(table: pa.Table | Iterable[pa.Table], path: str | Path, **options: Any) -> None:

@@ -1,7 +1,20 @@
-"""``hsm train`` as a function: config in, finished training run out."""
+"""``hsm train`` as a function: config in, finished training run out.
+
+Start-up checks first and writes last. Before the model loads, rank 0 takes the run's
+lock (held until training ends, so a second training on the folder is refused at
+once), refuses a fresh run into a folder that already holds an hsm run (naming what is
+there; ``training.overwrite_output_dir: true`` removes its ``hsm/`` first, and only
+``training.resume_from_checkpoint`` continues it), resolves the checkpoint to resume
+from (:func:`hsm.train.checkpoints.resolve_resume`) and checks every file of the run
+(:func:`hsm.mining.checks.check_run_files`). ``hsm/config.yaml`` and
+``hsm/dataset.json`` are written, atomically with their sha256 records, only when
+everything before the first step has succeeded.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -9,8 +22,14 @@ from typing import Any
 import yaml
 
 from hsm.config import ConfigError, HsmConfig, small_target_warning
+from hsm.config_load import OVERWRITE_KEY
 
-__all__ = ["check_training_values", "training_arguments", "train"]
+__all__ = ["OVERWRITE_KEY", "RunExists", "check_training_values", "training_arguments", "train"]
+
+
+class RunExists(ValueError):
+    """A fresh training into an output folder that already holds an hsm run."""
+
 
 _DEFAULTS = {"remove_unused_columns": False, "report_to": ["tensorboard"]}
 
@@ -35,6 +54,7 @@ def training_arguments(cfg: HsmConfig):
     from transformers import TrainingArguments
 
     values = check_training_values(cfg.training, cfg.source)
+    values.pop(OVERWRITE_KEY, None)  # hsm's, not the Trainer's
     kwargs: dict[str, Any] = {**_DEFAULTS, **values}
     if cfg.deepspeed is not None:
         kwargs["deepspeed"] = cfg.deepspeed
@@ -53,7 +73,81 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
 
     Returns:
         ``{"trainer", "global_step", "train_loss", "output_dir", "hsm_dir", "mining"}``.
+
+    Raises:
+        ConfigError, RunExists, RunLocked, RunFileError: at start-up, before anything is written
+            (see the module docstring).
     """
+    if cfg.custom.fusion_config is None:
+        raise ConfigError(cfg.source, ["custom.fusion_config: required by hsm train (the datasets to train on)"])
+    args = training_arguments(cfg)
+    output_dir = Path(args.output_dir)
+    hsm_dir = output_dir / "hsm"
+    with contextlib.ExitStack() as held:  # rank 0 holds the run's lock until training ends
+        _start_run(held, cfg, args, hsm_dir)
+        return _train(cfg, args, output_dir, hsm_dir, base_trainer)
+
+
+def _start_run(held: contextlib.ExitStack, cfg: HsmConfig, args, hsm_dir: Path) -> None:
+    """Everything checked before the model loads; rank 0's verdict is every rank's.
+
+    Rank 0: take the run's lock (a second training fails at once), refuse or replace an
+    hsm run already there, resolve the checkpoint to resume from, check every file.
+    Writes nothing but the lock (and, with ``overwrite_output_dir``, the removal of the old run).
+    """
+    from hsm.mining.checks import RunFileError, check_run_files, run_contents
+    from hsm.mining.plan import run_lock
+    from hsm.train import distributed
+    from hsm.train.checkpoints import resolve_resume
+
+    _ = args.device  # joins the launcher's process group, so the verdict below reaches every rank
+    verdict = b""
+    resume = failure = None
+    if args.process_index == 0:
+        created = not hsm_dir.exists()
+        try:
+            resume = resolve_resume(hsm_dir.parent, args.resume_from_checkpoint, cfg.source)
+            held.enter_context(run_lock(hsm_dir))
+            found = run_contents(hsm_dir)
+            if found and resume is None:
+                if not cfg.training.get(OVERWRITE_KEY, False):
+                    raise RunExists(
+                        f"{hsm_dir}: already holds an hsm run ({', '.join(found)}); a fresh run would mix two runs "
+                        f"in one log. Continue it with training.resume_from_checkpoint=last (or a checkpoint-N "
+                        f"folder), replace it with training.{OVERWRITE_KEY}=true (removes {hsm_dir} first), "
+                        "or choose another training.output_dir")
+                _remove_run(hsm_dir)
+            if cfg.mining is not None:
+                check_run_files(hsm_dir)  # before step 0: a bad part or state fails now, not after an epoch
+        except Exception as e:  # every rank must hear of it, or the others wait at the next collective
+            held.close()
+            if created:  # leave no hsm/ behind that holds only the lock file
+                shutil.rmtree(hsm_dir, ignore_errors=True)
+            failure, verdict = e, f"{type(e).__name__}\0{e}".encode()
+    verdict = distributed.broadcast_bytes(verdict)
+    if failure is not None:
+        raise failure
+    if verdict:
+        name, _, message = verdict.decode().partition("\0")
+        raise RunExists(message) if name == "RunExists" else RunFileError(f"rank 0 refused the start: {message}")
+    args.resume_from_checkpoint = distributed.broadcast_bytes((resume or "").encode()).decode() or None
+
+
+def _remove_run(hsm_dir: Path) -> None:
+    """Remove every entry of ``hsm_dir`` but its lock file (held by this process: removing it would unlock)."""
+    from hsm.mining.plan import LOCK_NAME
+
+    for entry in hsm_dir.iterdir():
+        if entry.name == LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    warnings.warn(f"hsm: removed the previous hsm run in {hsm_dir} (training.{OVERWRITE_KEY}=true)", stacklevel=3)
+
+
+def _train(cfg: HsmConfig, args, output_dir: Path, hsm_dir: Path, base_trainer) -> dict[str, Any]:
     from transformers import Trainer
 
     from hsm.data.fusion import DetectionCollator, EvalDataset, FusionDataset
@@ -63,11 +157,6 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
     from hsm.data.sampler import HsmSampler
     from hsm.train.trainer import make_trainer_class, write_dataset_info
 
-    if cfg.custom.fusion_config is None:
-        raise ConfigError(cfg.source, ["custom.fusion_config: required by hsm train (the datasets to train on)"])
-    args = training_arguments(cfg)
-    output_dir = Path(args.output_dir)
-    hsm_dir = output_dir / "hsm"
     mining = cfg.mining
     fusion = cfg.custom.fusion_config
     checkpointing = bool(getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False))
@@ -99,12 +188,8 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
         batch_size=args.per_device_train_batch_size, hsm_dir=hsm_dir if mining is not None else None,
         target_epoch_size=target_epoch_size,
     )
-    if trainer.is_world_process_zero():
-        if not args.dataloader_drop_last:
-            sampler.warn_if_ranks_repeat(args.world_size)
-        hsm_dir.mkdir(parents=True, exist_ok=True)
-        (hsm_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
-        write_dataset_info(hsm_dir, dataset)
+    if trainer.is_world_process_zero() and not args.dataloader_drop_last:
+        sampler.warn_if_ranks_repeat(args.world_size)
     if mining is not None:
         _attach_mining(trainer, cfg, sampler, hsm_dir, processor, args.num_train_epochs, output_dir.name)
     else:
@@ -113,6 +198,12 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
         from hsm.eval.callback import DetectionEvalCallback
 
         trainer.add_callback(DetectionEvalCallback(trainer, cfg.custom.detection_eval, fusion, processor, cfg.model.coord_format))
+    if trainer.is_world_process_zero():  # written last: every check and every load above succeeded
+        from hsm.io import write_recorded
+
+        write_recorded(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True).encode("utf-8"),
+                       hsm_dir / "config.yaml")
+        write_dataset_info(hsm_dir, dataset)
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     from hsm.train import distributed
 
@@ -122,12 +213,10 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
 
 
 def _attach_mining(trainer, cfg: HsmConfig, sampler, hsm_dir: Path, processor, num_train_epochs: float, run_name: str):
-    """Check the run's files, hand the trainer its mining state and, for ``det_f1``, the callback that logs it."""
-    from hsm.mining.checks import check_run_files
+    """Hand the trainer its mining state and, for ``det_f1``, the callback that logs it."""
     from hsm.train.trainer import resume_attempt
 
     mining, fusion = cfg.mining, cfg.custom.fusion_config
-    check_run_files(hsm_dir)  # before step 0: a bad part or state fails now, not after an epoch
     trainer.setup_hsm(mining=mining, fusion=fusion, hsm_dir=hsm_dir, sampler=sampler,
                       num_train_epochs=num_train_epochs, attempt=resume_attempt(hsm_dir),
                       run_id=_agreed_run_id(run_name))

@@ -94,11 +94,14 @@ def _planning_inputs(hsm_dir: Path, config_path: Path, num_epochs: float | None)
     """The run's config, its enabled mining section, its target's identity and the epochs it planned."""
     from hsm.config import ConfigError
     from hsm.config_load import load_config
+    from hsm.io import ChecksumMismatch, read_recorded
     from hsm.mining.plan import DatasetInfo
 
     try:
+        if config_path == hsm_dir / "config.yaml" and config_path.is_file():
+            read_recorded(config_path)  # the run's own config, as training wrote it
         cfg = load_config(config_path)
-    except ConfigError as e:
+    except (ConfigError, ChecksumMismatch) as e:
         raise fail("plan", str(e)) from e
     mining = cfg.custom.hard_sample_mining
     if mining is None or not mining.enabled:
@@ -108,14 +111,27 @@ def _planning_inputs(hsm_dir: Path, config_path: Path, num_epochs: float | None)
     dataset = None
     dataset_file = hsm_dir / "dataset.json"
     if dataset_file.is_file():
-        target = json.loads(dataset_file.read_text())["target"]
-        dataset = DatasetInfo(target["name"], int(target["size"]), target.get("fingerprint"))
+        dataset = _run_json(dataset_file, lambda d: DatasetInfo(str(d["target"]["name"]), int(d["target"]["size"]),
+                                                                  d["target"].get("fingerprint")))
     run_info = hsm_dir / "run.json"  # the epochs training really ran (max_steps may drive them)
     if num_epochs is None and run_info.is_file():
-        num_epochs = float(json.loads(run_info.read_text())["num_train_epochs"])
+        num_epochs = _run_json(run_info, lambda d: float(d["num_train_epochs"]))
     if num_epochs is None and "num_train_epochs" in cfg.training:
         num_epochs = float(cfg.training["num_train_epochs"])
     return cfg, mining, dataset, num_epochs
+
+
+def _run_json(path: Path, pick):
+    """``pick(content)`` of a JSON file training wrote, its sha256 record checked; any damage exits naming the file."""
+    from hsm.io import ChecksumMismatch, read_recorded
+
+    try:
+        return pick(json.loads(read_recorded(path)))
+    except ChecksumMismatch as e:
+        raise fail("plan", str(e)) from e
+    except (OSError, ValueError, KeyError, TypeError) as e:  # JSON, UTF-8, a missing key, a wrong type
+        raise fail("plan", f"{path}: not the file hsm train writes ({type(e).__name__}: {e}); restore it, or "
+                           "remove it to plan without it") from e
 
 
 def _without_delete_advice(message: str) -> str:

@@ -64,12 +64,13 @@ def train(
     from hsm.mining.plan import PlanError, RunLocked
     from hsm.mining.update import OutputError
     from hsm.data.records import RecordError
+    from hsm.run import RunExists
     from hsm.run import train as run_training
 
     try:
         summary = run_training(cfg)
     except (ConfigError, RecordError, PlanError, FileNotFoundError, RunFileError, CorruptEventFile, RunLocked,
-            OutputError, ChecksumMismatch) as e:
+            OutputError, ChecksumMismatch, RunExists) as e:
         raise fail("train", str(e)) from e
     except OSError as e:  # read-only directory, a file where a directory must go, disk full
         raise fail("train", f"{e.filename or cfg.training.get('output_dir')}: cannot write ({e.strerror or e}); "

@@ -1,11 +1,16 @@
 """Start-up checks of a run's files: what training would otherwise fail on an epoch later.
 
-``hsm train`` calls :func:`check_run_files` before step 0. It reads footers and
-checksums only (no event rows): every event part has the event schema, every state
-file matches its checksum record and carries its provenance, every plan matches its
-manifest. A truncated part, an empty state file, a foreign Parquet file in the
-events folder or a plan without its manifest is an error naming the file now, not
-after a whole epoch of training.
+``hsm train`` calls :func:`check_run_files` before the model loads. It reads footers,
+whole-file sha256s and the plans' ``is_hard`` column (no event rows): every event part has the event schema and the sha256
+its folder's ledger recorded (none recorded missing), every part a committed state
+folded is still the one it folded, every state file and id table matches its
+checksum record and every plan its manifest. A truncated or rewritten part, an
+empty state file, a relabelled id table, a foreign Parquet file in the events folder
+or a plan without its manifest is an error naming the file now, not after a whole
+epoch of training.
+
+:func:`run_contents` says whether an output folder already holds an hsm run (a fresh
+training into it is refused; see :mod:`hsm.run`).
 """
 
 from __future__ import annotations
@@ -19,10 +24,18 @@ from hsm.io import ChecksumMismatch, open_parquet
 from hsm.mining.events import CorruptEventFile, event_dir
 from hsm.mining.ledger import recorded_digests, verified_checksums
 from hsm.mining.plan import PlanError, plan_epochs, verify_plan
-from hsm.mining.state import find_states, is_committed, read_state_info, sample_ids_path, verify_state
+from hsm.mining.state import (
+    find_states,
+    is_committed,
+    read_state_info,
+    sample_ids_path,
+    verify_sample_ids_file,
+    verify_state,
+)
+from hsm.mining.update import HistoryChanged, check_folded_history
 from hsm.schemas import EVENT_SCHEMA, SchemaError, check_schema
 
-__all__ = ["RunFileError", "check_run_files", "check_event_part", "verify_event_log", "verify_sample_ids"]
+__all__ = ["RunFileError", "check_run_files", "check_event_part", "verify_event_log", "verify_sample_ids", "run_contents"]
 
 
 class RunFileError(ValueError):
@@ -67,16 +80,30 @@ def check_run_files(hsm_dir: str | Path) -> int:
                                        f"{event_dir(hsm_dir, 0).parent}")
             check_event_part(path)
             checked += 1
+        for epoch in _partition_epochs(hsm_dir / "events"):
+            verified_checksums(hsm_dir, epoch)  # every byte against the ledger; a recorded part gone
         for epoch in find_states(hsm_dir):
             read_state_info(hsm_dir, epoch)  # footer and provenance
             if is_committed(hsm_dir, epoch):
                 verify_state(hsm_dir, epoch)
             checked += 1
+        check_folded_history(hsm_dir)
+        verify_sample_ids(hsm_dir)
         for epoch in plan_epochs(hsm_dir):
             checked += verify_plan(hsm_dir, epoch) is not None
     except (CorruptEventFile, SchemaError, ChecksumMismatch, PlanError) as e:
         raise RunFileError(str(e)) from e
     return checked
+
+
+# What a run leaves in its hsm/ folder; the lock file (and hidden temporaries) are no run.
+_RUN_ENTRIES = ("config.yaml", "dataset.json", "run.json", "events", "state", "sample_ids", "plans")
+
+
+def run_contents(hsm_dir: str | Path) -> list[str]:
+    """What of an hsm run ``hsm_dir`` holds (``events/``, ``config.yaml``, ...); empty when none."""
+    hsm_dir = Path(hsm_dir)
+    return [f"{name}/" if (hsm_dir / name).is_dir() else name for name in _RUN_ENTRIES if (hsm_dir / name).exists()]
 
 
 def verify_event_log(hsm_dir: str | Path, *, skip_corrupt: bool = False) -> list[Path]:
@@ -92,6 +119,10 @@ def verify_event_log(hsm_dir: str | Path, *, skip_corrupt: bool = False) -> list
             unreadable one) and the fix.
     """
     hsm_dir = Path(hsm_dir)
+    try:
+        check_folded_history(hsm_dir)
+    except HistoryChanged as e:
+        raise CorruptEventFile(str(e)) from e
     recorded: dict[str, str] = {}
     for epoch in find_states(hsm_dir):
         if is_committed(hsm_dir, epoch):
@@ -133,10 +164,12 @@ def _check_unrecorded(path: Path, digest: str, ledger: dict[str, str], folded: s
 
 
 def verify_sample_ids(hsm_dir: str | Path) -> None:
-    """Read every id table with page checksums verified (``SchemaError`` naming a damaged one)."""
+    """Check every id table against the sha256 its state recorded, then read it with page checksums
+    verified (``SchemaError`` naming a damaged one)."""
     hsm_dir = Path(hsm_dir)
-    for epoch in sorted(_partition_epochs(hsm_dir / "sample_ids")):
+    for epoch in sorted(set(_partition_epochs(hsm_dir / "sample_ids")) | set(find_states(hsm_dir))):
         path = sample_ids_path(hsm_dir, epoch)
+        verify_sample_ids_file(hsm_dir, epoch)
         if path.is_file():
             try:
                 open_parquet(path).read()

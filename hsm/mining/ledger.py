@@ -22,6 +22,7 @@ from hsm.mining.events import PART_RE, CorruptEventFile, event_dir, list_event_f
 __all__ = [
     "LEDGER",
     "events_digest",
+    "folded_part_changes",
     "part_checksums",
     "record_digests",
     "record_unrecorded_parts",
@@ -129,6 +130,25 @@ def verified_checksums(hsm_dir: str | Path, epoch: int, *, skip_corrupt: bool = 
             warnings.warn(f"hsm: skipping event file {why}", stacklevel=2)
             skipped.append((path, why))
     return good, skipped
+
+
+def folded_part_changes(hsm_dir: str | Path, epoch: int, folded: dict[str, str]) -> list[str]:
+    """What changed among the parts a committed state folded: one line per part rewritten or gone.
+
+    ``folded`` is the state's ``{path relative to events/: sha256}``. Parts added since (a
+    resumed run re-logging the epoch's tail) are not changes: folding them in is the
+    normal incremental update. A changed or vanished part is recorded history that a
+    refold would silently replace.
+    """
+    root = Path(hsm_dir) / "events"
+    lines = []
+    for name, digest in sorted(folded.items()):
+        path = root / name
+        if not path.is_file():
+            lines.append(f"{path}: folded into the state of epoch {epoch}, now missing")
+        elif _sha256(path) != digest:
+            lines.append(f"{path}: sha256 differs from the one recorded when epoch {epoch} was folded")
+    return lines
 
 
 def events_digest(files: Sequence[Path], root: Path, checksums: dict[str, str] | None = None) -> str:

@@ -94,7 +94,8 @@ def run_lock(hsm_dir: str | Path, timeout: float = 0.0):
     """Hold the run's writer lock (``<hsm_dir>/.lock``) for the ``with`` block.
 
     Every writer of state, id tables and plans takes it, so two planners never
-    interleave their files. On entry, the hidden temporary files and staging
+    interleave their files; ``hsm train`` holds it from start-up to the end of training
+    (re-entrant within one process). On entry, the hidden temporary files and staging
     directories a killed writer left behind are removed (an interrupted
     :func:`hsm.io.publish_dir` is rolled back first).
 
@@ -109,7 +110,9 @@ def run_lock(hsm_dir: str | Path, timeout: float = 0.0):
 
     hsm_dir = Path(hsm_dir)
     hsm_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(hsm_dir / LOCK_NAME)
+    # One lock object per path in this process: a training that holds the lock for the whole run
+    # re-enters it when it plans at an epoch end (a second flock on the file would wait for itself).
+    lock = FileLock(hsm_dir / LOCK_NAME, is_singleton=True)
     try:
         lock.acquire(timeout=timeout)
     except Timeout as e:
@@ -317,7 +320,9 @@ def load_plan(
         weight = None if manifest["mode"] == "dynamic" else np.full(n_target, float(manifest["default_weight"]))
         is_hard = np.zeros(n_target, dtype=bool)
         low = high = None
+        n_rows = 0
         for batch in part.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False):
+            n_rows += batch.num_rows
             rows = conform(pa.Table.from_batches([batch]), pa.schema([PLAN_SCHEMA.field(c) for c in columns]), str(path),
                            keep_dictionary=True)
             names.update(dict.fromkeys(_dataset_names(rows.column("dataset"))))
@@ -337,6 +342,8 @@ def load_plan(
     except (pa.ArrowException, OSError, SchemaError) as e:
         raise PlanError(f"{path}: unreadable plan ({e}); {fix}") from e
     name = dataset.name if dataset is not None else manifest["target"].get("name")
+    if low is not None and low >= 0 and high < n_target:
+        _check_counts(path, manifest, n_rows, int(is_hard.sum()), fix)
     if dataset is not None and any(n != dataset.name for n in names):
         raise PlanError(f"{path}: rows for datasets {list(names)}, only '{dataset.name}' may be planned")
     if low is not None and (low < 0 or high >= n_target):
@@ -361,15 +368,15 @@ def plan_epochs(hsm_dir: str | Path) -> list[int]:
 
 
 def verify_plan(hsm_dir: str | Path, epoch: int) -> dict[str, Any] | None:
-    """The manifest of ``epoch``'s plan after checking the plan file's sha256 against it; None if no plan.
+    """The manifest of ``epoch``'s plan after checking the plan file's sha256 against it and its
+    row and hard counts against the plan's rows; None if no plan.
 
     Raises:
-        PlanError: a plan or manifest alone, or a checksum mismatch.
+        PlanError: a plan or manifest alone, a checksum or count mismatch, an unreadable plan.
     """
-    manifest = read_manifest(hsm_dir, epoch)
-    if manifest is not None:
-        _verified_checksum(plan_dir(hsm_dir, epoch) / "plan.parquet", manifest, f"re-run hsm plan --epoch {epoch}")
-    return manifest
+    if read_manifest(hsm_dir, epoch) is None:
+        return None
+    return read_plan_table(hsm_dir, epoch, columns=["is_hard"])[0]
 
 
 def read_plan_table(hsm_dir: str | Path, epoch: int, columns: list[str] | None = None) -> tuple[dict[str, Any], pa.Table]:
@@ -387,10 +394,24 @@ def read_plan_table(hsm_dir: str | Path, epoch: int, columns: list[str] | None =
         raise PlanError(f"{path.parent}: no plan for epoch {epoch}")
     _verified_checksum(path, manifest, fix)
     try:
-        table = open_parquet(path).read(columns=columns)
-    except (pa.ArrowException, OSError) as e:
+        file = open_parquet(path)
+        table = file.read(columns=columns)
+        hard = table.column("is_hard") if "is_hard" in table.column_names else file.read(columns=["is_hard"]).column(0)
+    except (pa.ArrowException, OSError, KeyError) as e:
         raise PlanError(f"{path}: unreadable plan ({e}); {fix}") from e
+    _check_counts(path, manifest, table.num_rows, int(pc.sum(hard).as_py() or 0), fix)
     return manifest, table
+
+
+def _check_counts(path: Path, manifest: dict[str, Any], n_rows: int, n_hard: int, fix: str) -> None:
+    """The manifest's row and hard counts against the plan's rows (the manifest is what summaries show)."""
+    counts = manifest.get("counts") if isinstance(manifest.get("counts"), dict) else {}
+    stated = {"rows": manifest.get("rows"), "counts.eligible": counts.get("eligible"), "counts.hard": counts.get("hard")}
+    actual = {"rows": n_rows, "counts.eligible": n_rows, "counts.hard": n_hard}
+    wrong = [f"{key} {stated[key]} but the plan has {actual[key]}" for key in stated
+             if stated[key] is not None and stated[key] != actual[key]]
+    if wrong:
+        raise PlanError(f"{path.with_name('manifest.json')}: {'; '.join(wrong)} (one of the two changed on disk); {fix}")
 
 
 def _dataset_names(column: pa.ChunkedArray) -> list[str]:

@@ -29,7 +29,7 @@ from hsm.mining.plan_table import build_plan_table, hard_set
 from hsm.mining.select import rank_order
 from hsm.mining.suspects import data_map, read_epoch_metrics
 from hsm.mining.trigger import should_apply
-from hsm.mining.update import Folded, fold_pending, id_lookup, writing
+from hsm.mining.update import Folded, check_folded_history, fold_pending, id_lookup, writing
 
 __all__ = ["PlanResult", "PlanConflict", "EmptyEpochs", "plan_epoch", "plan_differences", "empty_epochs", "epoch_ranges"]
 
@@ -222,6 +222,8 @@ def _plan_epoch(hsm_dir: Path, epoch: int, mining: MiningConfig, target: str, *,
                 f"{where}: refusing to plan epoch {epoch} with a different config:\n  - " + "\n  - ".join(problems)
                 + "\nuse the run's own config, or pass --force to overwrite"
             )
+    if not refold:
+        check_folded_history(hsm_dir, epoch - 1)  # before the advice below: --allow-empty cannot replace history
     missing = empty_epochs(hsm_dir, epoch - 1)
     if missing:
         message = (f"{hsm_dir / 'events'}: no events in epochs {epoch_ranges(missing)} "

@@ -33,7 +33,10 @@ the run's append-only list of dataset names (:attr:`StateInfo.datasets`). Files:
   differ from it is an error (:func:`verify_state`).
 - ``<hsm_dir>/sample_ids/epoch=E/sample_ids.parquet``: the append-only id table,
   ``(dataset, base_idx, sample_id)`` of the samples first observed in epoch E.
-  The ``hsm sql`` views join it back onto state and plans.
+  The ``hsm sql`` views join it back onto state and plans. Its sha256 is recorded in
+  the committed state of epoch E (:attr:`StateInfo.sample_ids_sha256`) and every reader
+  compares it (:func:`verify_sample_ids_file`): a relabelled sample is an error, not a
+  different name in a report.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ __all__ = [
     "write_state",
     "write_sample_ids",
     "read_sample_ids",
+    "verify_sample_ids_file",
     "dataset_codes",
     "encode_keys",
     "score_of",
@@ -119,6 +123,8 @@ class StateInfo:
     version: int = 1
     # sha256 of each event part of this epoch, relative to events/ (hsm sql checks the parts against it).
     event_sha256: dict[str, str] = field(default_factory=dict)
+    # sha256 of this epoch's id table (sample_ids/epoch=E/sample_ids.parquet); "" when not recorded.
+    sample_ids_sha256: str = ""
 
     def to_json(self) -> str:
         payload = self.__dict__ | {"epoch_stats": {str(k): v for k, v in self.epoch_stats.items()}}
@@ -280,12 +286,50 @@ def read_sample_ids(
                 raise SchemaError(f"{path}: missing, though the state of epoch {epoch} was folded with it; "
                                   "restore it, or rebuild both with hsm plan --refold")
             continue
+        verify_sample_ids_file(hsm_dir, epoch)
         try:
             part = _read_ids(path, dataset, wanted)
         except (pa.ArrowException, OSError) as e:
             raise SchemaError(f"{path}: not a readable id table ({e}); delete the state directory to refold") from e
         parts.append(conform(part, SAMPLE_ID_SCHEMA, str(path)))
     return pa.concat_tables(parts) if parts else SAMPLE_ID_SCHEMA.empty_table()
+
+
+# (path, inode, size, mtime, expected sha256) of id tables this process verified: one hash per file and change.
+_VERIFIED_IDS: set[tuple] = set()
+
+
+def verify_sample_ids_file(hsm_dir: str | Path, epoch: int) -> None:
+    """Compare the id table of ``epoch`` with the sha256 its committed state recorded.
+
+    Nothing to compare when the state is not committed (being rewritten, or killed before
+    its record) or was written without the field.
+
+    Raises:
+        SchemaError: the id table differs from the record, or is missing though recorded; names both.
+    """
+    if not is_committed(hsm_dir, epoch):
+        return
+    expected = read_state_info(hsm_dir, epoch).sample_ids_sha256
+    if not expected:
+        return
+    path = sample_ids_path(hsm_dir, epoch)
+    try:
+        st = path.stat()
+    except FileNotFoundError as e:
+        raise SchemaError(f"{path}: missing, though the state of epoch {epoch} recorded it; restore it, or rebuild "
+                          "both with hsm plan --refold") from e
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, expected)
+    if key in _VERIFIED_IDS:
+        return
+    actual = file_sha256(path)
+    if actual != expected:
+        raise SchemaError(f"{path}: sha256 {actual[:12]} differs from {expected[:12]} recorded in "
+                          f"{state_path(hsm_dir, epoch)} when epoch {epoch} was folded (the id table changed on disk); "
+                          "restore it, or rebuild both with hsm plan --refold")
+    if len(_VERIFIED_IDS) > 10_000:
+        _VERIFIED_IDS.clear()
+    _VERIFIED_IDS.add(key)
 
 
 def _read_ids(path: Path, dataset: str | None, wanted: np.ndarray | None) -> pa.Table:

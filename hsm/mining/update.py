@@ -18,10 +18,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hsm.config import MiningConfig
+from hsm.io import ChecksumMismatch, file_sha256
 from hsm.mining.engines import ENGINES
 from hsm.mining.event_reader import read_epoch_events
 from hsm.mining.events import list_event_files
-from hsm.mining.ledger import events_digest, part_checksums, verified_checksums
+from hsm.mining.ledger import events_digest, folded_part_changes, part_checksums, verified_checksums
 from hsm.mining.fold import (
     DEFAULT_MEMORY_LIMIT,
     EpochFold,
@@ -43,6 +44,7 @@ from hsm.mining.state import (
     read_state,
     read_state_info,
     sample_ids_path,
+    state_checksum_path,
     state_path,
     verify_state,
     write_sample_ids,
@@ -50,11 +52,15 @@ from hsm.mining.state import (
 )
 from hsm.schemas import SAMPLE_ID_SCHEMA, SchemaError
 
-__all__ = ["OutputError", "Folded", "fold_pending", "reusable_prefix", "id_lookup", "writing"]
+__all__ = ["OutputError", "HistoryChanged", "Folded", "fold_pending", "check_folded_history", "reusable_prefix", "id_lookup", "writing"]
 
 
 class OutputError(RuntimeError):
     """A state, plan or dump file could not be written (read-only directory, a file in the way, disk full)."""
+
+
+class HistoryChanged(ChecksumMismatch):
+    """Event parts that a committed state folded were rewritten or removed since."""
 
 
 _BACKGROUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hsm-state-writer")
@@ -121,11 +127,17 @@ def fold_pending(
     the same event parts (names, sizes, sha256); the reused file's bytes must match
     its record (:func:`verify_state` raises ``ChecksumMismatch`` otherwise). ``refold``
     ignores every stored state and folds from the event log.
+
+    Raises:
+        HistoryChanged: without ``refold``, a committed state whose folded parts were
+            rewritten or removed since (:func:`check_folded_history`).
     """
     hsm_dir = Path(hsm_dir)
     engine = engine or mining.engine
     fold = ENGINES[engine]
     per_epoch = mining.aggregate in PER_EPOCH_AGGREGATES
+    if not refold:
+        check_folded_history(hsm_dir, up_to_epoch)
     valid = -1 if refold else reusable_prefix(hsm_dir, up_to_epoch, mining)
     state, info, names = _carried_state(hsm_dir, valid, mining) if valid >= 0 else (None, None, [])
     result = Folded(state=None, info=None)
@@ -156,16 +168,21 @@ def fold_pending(
             stats[epoch] = {"mean_loss": epoch_fold.mean_loss, "n_events": epoch_fold.n_events,
                             "n_nonfinite": epoch_fold.n_nonfinite}
         checksums = part_checksums(files, _events_root(hsm_dir))
-        info = StateInfo(
-            epoch=epoch, metric=mining.metric, ema_decay=mining.ema_decay, aggregate=mining.aggregate,
-            events_digest=events_digest(files, _events_root(hsm_dir), checksums), epoch_stats=stats, datasets=names,
-            version=STATE_VERSION, event_sha256=checksums,
-        )
+        ids_sha256 = ""
         del epoch_fold
         if not write:
             result.new_ids.append(ids)
         else:
-            writing(sample_ids_path(hsm_dir, epoch), write_sample_ids, hsm_dir, epoch, ids)
+            # The old state of this epoch no longer describes the id table written next: uncommit it first.
+            state_checksum_path(hsm_dir, epoch).unlink(missing_ok=True)
+            ids_file = writing(sample_ids_path(hsm_dir, epoch), write_sample_ids, hsm_dir, epoch, ids)
+            ids_sha256 = file_sha256(ids_file)
+        info = StateInfo(
+            epoch=epoch, metric=mining.metric, ema_decay=mining.ema_decay, aggregate=mining.aggregate,
+            events_digest=events_digest(files, _events_root(hsm_dir), checksums), epoch_stats=stats, datasets=names,
+            version=STATE_VERSION, event_sha256=checksums, sample_ids_sha256=ids_sha256,
+        )
+        if write:
             if epoch == up_to_epoch:
                 # The last state is written while the caller selects and writes the plan (2 cores).
                 result.pending = _BACKGROUND.submit(_write_state, hsm_dir, state, names, mining, info)
@@ -184,6 +201,29 @@ def _carried_state(hsm_dir: Path, epoch: int, mining: MiningConfig):
     state = fold_table(disk, names, mining.aggregate)
     del disk  # base_idx, dataset and score are not carried: free them before folding
     return state, info, names
+
+
+def check_folded_history(hsm_dir: str | Path, up_to_epoch: int | None = None) -> None:
+    """Every committed state (of epochs ``<= up_to_epoch``) against the event parts it folded.
+
+    A part rewritten or removed after its epoch was folded is not a reason to refold
+    quietly: the state is the record of what was trained on, so replacing it takes an
+    explicit ``hsm plan --refold``.
+
+    Raises:
+        HistoryChanged: naming each changed part and the fix.
+    """
+    hsm_dir = Path(hsm_dir)
+    lines = []
+    for epoch in find_states(hsm_dir):
+        if (up_to_epoch is not None and epoch > up_to_epoch) or not is_committed(hsm_dir, epoch):
+            continue
+        lines += folded_part_changes(hsm_dir, epoch, read_state_info(hsm_dir, epoch).event_sha256)
+    if lines:
+        raise HistoryChanged(
+            f"{hsm_dir / 'state'}: event parts already folded changed on disk:\n  - " + "\n  - ".join(lines)
+            + "\nrestore them; or, to replace the recorded history with what the event log holds now, "
+              "run hsm plan --refold")
 
 
 def reusable_prefix(hsm_dir: Path, up_to_epoch: int, mining: MiningConfig) -> int:

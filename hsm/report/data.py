@@ -61,11 +61,42 @@ def _config(hsm_dir: Path) -> tuple[str, dict[str, Any]]:
     path = hsm_dir / "config.yaml"
     if not path.is_file():
         raise ReportError(f"{path}: not found; is {hsm_dir.parent} the output_dir of an hsm train run?")
-    text = path.read_text(encoding="utf-8")
+    text = _recorded_text(path)
     try:
-        return text, yaml.safe_load(text) or {}
+        config = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ReportError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(config, dict):
+        raise ReportError(f"{path}: not a config (a YAML mapping), got {type(config).__name__}")
+    return text, config
+
+
+def _recorded_text(path: Path) -> str:
+    """A file training wrote, as UTF-8 text, checked against its sha256 record (:func:`hsm.io.read_recorded`)."""
+    from hsm.io import ChecksumMismatch, read_recorded
+
+    try:
+        return read_recorded(path).decode("utf-8")
+    except ChecksumMismatch as e:
+        raise ReportError(str(e)) from e
+    except OSError as e:
+        raise ReportError(f"{path}: unreadable ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise ReportError(f"{path}: not UTF-8 text ({e}); the file is damaged") from e
+
+
+def _dataset_info(hsm_dir: Path) -> dict[str, Any] | None:
+    """``hsm/dataset.json`` (the target's name, size, fingerprint), checked; None when the run has none."""
+    path = hsm_dir / "dataset.json"
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(_recorded_text(path))
+    except ValueError as e:
+        raise ReportError(f"{path}: not valid JSON ({e}); the file is damaged") from e
+    if not isinstance(info, dict) or not isinstance(info.get("target"), dict):
+        raise ReportError(f"{path}: not the dataset record hsm train writes (no 'target' object)")
+    return info
 
 
 def _plans(hsm_dir: Path) -> tuple[dict[int, dict[str, Any]], dict[int, pa.Table]]:
@@ -120,7 +151,14 @@ def load_run(run_dir: str | Path, *, epoch: int | None = None, skip_corrupt: boo
         epoch = max(manifests)
     elif epoch not in manifests:
         raise ReportError(f"--epoch {epoch}: no plan for it; plans exist for epochs {epoch_ranges(manifests)}")
-    plans = {e: _with_sample_ids(hsm_dir, e, plan_tables[e]) for e in manifests}
+    from hsm.io import ChecksumMismatch
+    from hsm.schemas import SchemaError
+
+    dataset_info = _dataset_info(hsm_dir)
+    try:
+        plans = {e: _with_sample_ids(hsm_dir, e, plan_tables[e]) for e in manifests}
+    except (SchemaError, ChecksumMismatch) as e:
+        raise ReportError(str(e)) from e
     latest = manifests[max(manifests)]
     target = latest["target"]["name"]
     metric = latest.get("metric") or "loss"
@@ -151,8 +189,6 @@ def load_run(run_dir: str | Path, *, epoch: int | None = None, skip_corrupt: boo
     stats = SampleStats(loss_by_epoch, {i: acc_sum[i] / drawn[i] for i in drawn}, drawn)
     epochs = sorted(draws)
     dm = data_map(read_epoch_metrics(hsm_dir, epochs, target, metric, skip_corrupt=True))
-    info_path = hsm_dir / "dataset.json"
-    dataset_info = json.loads(info_path.read_text()) if info_path.is_file() else None
     return RunData(run_dir=run_dir, config_text=config_text, config=config, target=target, metric=metric,
                    manifests=manifests, plans=plans, epoch=epoch, dataset_loss=dataset_loss, draws=draws,
                    stats=stats, data_map=dm, dataset_info=dataset_info,

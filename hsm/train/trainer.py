@@ -22,7 +22,7 @@ from hsm.train import distributed
 from hsm.config import FusionConfig, MiningConfig
 from hsm.mining.event_writer import EventWriter
 from hsm.data.fusion import FusionDataset
-from hsm.io import file_sha256, write_json_atomic
+from hsm.io import file_sha256, write_recorded
 from hsm.mining.plan import plan_dir, publish_plan, stage_plan_bytes
 from hsm.mining.planner import plan_epoch
 from hsm.data.sampler import HsmSampler
@@ -232,8 +232,8 @@ class MiningCallback(TrainerCallback):
         # hsm/run.json keeps it, so that hsm plan offline triggers as training did.
         self.trainer.hsm_num_epochs = float(state.num_train_epochs)
         if distributed.on_main(self.trainer.hsm_world):
-            write_json_atomic({"num_train_epochs": float(state.num_train_epochs), "max_steps": int(state.max_steps)},
-                              self.trainer.hsm_dir / "run.json")
+            write_recorded(_json_bytes({"num_train_epochs": float(state.num_train_epochs),
+                                        "max_steps": int(state.max_steps)}), self.trainer.hsm_dir / "run.json")
 
     def on_step_end(self, args, state, control, **kwargs):
         # Events up to a checkpoint must be on disk before the checkpoint is: a run
@@ -395,5 +395,10 @@ def write_dataset_info(hsm_dir: Path, dataset: FusionDataset) -> None:
             :class:`hsm.integrations.common.SlotDataset`.
     """
     datasets = [{"name": n, "size": s} for n, s in zip(dataset.names, dataset.sizes)]  # target first, fusion order
-    write_json_atomic({"target": dataset.target_info.to_dict(), "datasets": datasets}, hsm_dir / "dataset.json")
+    write_recorded(_json_bytes({"target": dataset.target_info.to_dict(), "datasets": datasets}), hsm_dir / "dataset.json")
+
+
+def _json_bytes(payload: dict) -> bytes:
+    """Indented, key-sorted JSON, as :func:`hsm.io.write_json_atomic` writes it."""
+    return (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8")
 

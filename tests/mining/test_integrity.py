@@ -21,7 +21,7 @@ from hsm.io import ChecksumMismatch, file_sha256
 from hsm.mining.events import CorruptEventFile, list_event_files
 from hsm.mining.plan import PlanError, RunLocked, load_plan, plan_dir, read_plan_table
 from hsm.mining.planner import plan_epoch
-from hsm.mining.update import OutputError
+from hsm.mining.update import HistoryChanged, OutputError
 from hsm.mining.state import read_sample_ids, sample_ids_path, state_path
 from hsm.schemas import SchemaError
 
@@ -76,10 +76,15 @@ def test_flipped_bytes_in_an_event_page_are_an_error_naming_the_part(hsm_dir):
     size = part.stat().st_size
     _flip_in_column(part, "loss")
     assert part.stat().st_size == size
-    # The stored state of epoch 1 is not reused (the part's sha256 changed); the refold verifies pages.
-    with pytest.raises(CorruptEventFile, match=f"{part.name}.*--skip-corrupt"):
+    # The part was folded into the state of epoch 1: its change is an error, not a quiet refold.
+    with pytest.raises(HistoryChanged, match=f"{part.name}: sha256 differs .* epoch 1 was folded(.|\n)*--refold"):
         plan_epoch(hsm_dir, 3, MINING, TARGET)
-    skipped = plan_epoch(hsm_dir, 3, MINING, TARGET, skip_corrupt=True)
+    with pytest.raises(HistoryChanged):
+        plan_epoch(hsm_dir, 3, MINING, TARGET, skip_corrupt=True)  # skipping it would replace history too
+    # Replacing the history is explicit; the refold verifies pages.
+    with pytest.raises(CorruptEventFile, match=f"{part.name}.*--skip-corrupt"):
+        plan_epoch(hsm_dir, 3, MINING, TARGET, refold=True)
+    skipped = plan_epoch(hsm_dir, 3, MINING, TARGET, skip_corrupt=True, refold=True)
     assert str(part) in " ".join(map(str, skipped.skipped_files))
 
 
@@ -261,20 +266,6 @@ def test_startup_check_names_a_foreign_file_a_truncated_part_and_an_empty_state(
         check_run_files(hsm_dir)
 
 
-def test_train_refuses_a_foreign_event_file_before_step_0(tmp_path, make_corpus, demo_overrides):
-    out = tmp_path / "out"
-    foreign = out / "hsm" / "events" / "epoch=0" / "rank=0" / "part-00000.parquet"
-    foreign.parent.mkdir(parents=True)
-    pq.write_table(pa.table({"x": [1, 2]}), foreign)
-    result = runner.invoke(app, [
-        "train", "configs/demo.yaml", *demo_overrides(make_corpus(8, 4, 0)), f"training.output_dir={out}",
-        "training.report_to=[]",
-    ])
-    assert result.exit_code == 2, result.output
-    assert "part-00000.parquet" in result.output and "not an hsm event part" in result.output
-    assert not (out / "hsm" / "events" / "epoch=0" / "rank=0" / "part-00001.parquet").exists()
-
-
 def test_an_event_writer_removes_its_ranks_dead_temp_files_only(tmp_path):
     from hsm.io import temp_name
     from hsm.mining.event_writer import EventWriter
@@ -292,3 +283,204 @@ def test_an_event_writer_removes_its_ranks_dead_temp_files_only(tmp_path):
     other_rank.write_bytes(b"rank 1's")
     EventWriter(tmp_path, run_id="r", rank=0).close()
     assert not stale.exists() and mine.exists() and other_rank.exists()
+
+
+# --- every file checked: id table, folded history, manifest counts, run records ---------------------------------
+
+
+def _planned_run(run_dir, epoch: int = 3):
+    """The run planned through the CLI, with its config and dataset records written as training writes them."""
+    from hsm.io import write_recorded
+
+    hsm = run_dir / "hsm"
+    write_recorded((hsm / "config.yaml").read_bytes(), hsm / "config.yaml")
+    dataset = {"target": {"name": TARGET, "size": 16, "fingerprint": "f" * 64}, "datasets": [{"name": TARGET, "size": 16}]}
+    write_recorded(json.dumps(dataset).encode(), hsm / "dataset.json")
+    write_recorded(json.dumps({"num_train_epochs": 4.0, "max_steps": 40}).encode(), hsm / "run.json")
+    result = runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", str(epoch)])
+    assert result.exit_code == 0, result.output
+    return hsm
+
+
+def _clear_error(result, *names: str) -> str:
+    """Exit 2 with a message naming every one of ``names`` and no traceback."""
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    for name in names:
+        assert name in text, (name, text)
+    return text
+
+
+def _swap_two_sample_ids(path) -> None:
+    """Rewrite the id table as a valid Parquet file with the first two ids exchanged (a relabelling)."""
+    table = pq.read_table(path)
+    ids = table.column("sample_id").to_pylist()
+    ids[0], ids[1] = ids[1], ids[0]
+    pq.write_table(table.set_column(table.schema.get_field_index("sample_id"), "sample_id", pa.array(ids)), path)
+
+
+def test_a_relabelled_id_table_is_an_error_in_plan_sql_report_and_startup(run_dir):
+    from hsm.mining.checks import RunFileError, check_run_files
+
+    hsm = _planned_run(run_dir)
+    path = sample_ids_path(hsm, 0)
+    _swap_two_sample_ids(path)
+    pq.read_table(path)  # a readable, well-formed table: only the record can tell
+    with pytest.raises(SchemaError, match=r"sample_ids/epoch=0/sample_ids\.parquet: sha256 .*--refold"):
+        read_sample_ids(hsm, 2)
+    with pytest.raises(RunFileError, match=r"sample_ids/epoch=0/sample_ids\.parquet"):
+        check_run_files(hsm)
+    _clear_error(runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", "3", "--force"]),
+                 "sample_ids/epoch=0/sample_ids.parquet", "--refold")
+    _clear_error(runner.invoke(app, ["sql", "--run-dir", str(run_dir), "-e", "SELECT * FROM plans"]),
+                 "sample_ids/epoch=0/sample_ids.parquet")
+    _clear_error(runner.invoke(app, ["report", "--run-dir", str(run_dir)]), "sample_ids/epoch=0/sample_ids.parquet")
+    assert runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", "3", "--refold"]).exit_code == 0
+    assert pq.read_table(path).column("sample_id").to_pylist()[:2] != pq.read_table(path).column("sample_id").to_pylist()[1::-1]
+
+
+def test_a_flipped_id_table_byte_is_an_error_never_a_decode_traceback(run_dir):
+    hsm = _planned_run(run_dir)
+    path = sample_ids_path(hsm, 1)
+    data = bytearray(path.read_bytes())
+    for at in range(4, len(data) - 8, max(1, (len(data) - 12) // 40)):  # 40 single-byte flips across the file
+        damaged = bytearray(data)
+        damaged[at] ^= 0xFF
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(SchemaError, match=r"sample_ids/epoch=1/sample_ids\.parquet"):
+            read_sample_ids(hsm, 2)
+    path.write_bytes(bytes(data))
+    assert read_sample_ids(hsm, 2).num_rows > 0
+
+
+def test_a_folded_part_rewritten_with_its_ledger_is_refused_by_plan_until_refold(run_dir):
+    """The ledger updated too: only the state's record of what it folded still knows the old bytes."""
+    from hsm.mining.ledger import LEDGER
+
+    hsm = _planned_run(run_dir)
+    part = list_event_files(hsm, 1)[0]
+    table = pq.read_table(part)
+    pq.write_table(table.set_column(table.schema.get_field_index("loss"), "loss",
+                                    pa.array(np.full(table.num_rows, 99.0, np.float32))), part)
+    ledger = part.parent / LEDGER
+    ledger.write_text(json.dumps({**json.loads(ledger.read_text()), part.name: file_sha256(part)}))
+    states = {e: state_path(hsm, e).read_bytes() for e in (1, 2)}
+    plan = (plan_dir(hsm, 3) / "plan.parquet").read_bytes()
+    for flags in ([], ["--force"], ["--allow-empty", "--force"], ["--skip-corrupt"]):
+        text = _clear_error(runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", "3", *flags]),
+                            f"epoch=1/rank=0/{part.name}", "--refold")
+        assert "epoch 1 was folded" in text
+    _clear_error(runner.invoke(app, ["sql", "--run-dir", str(run_dir), "-e", "SELECT count(*) FROM events"]), part.name)
+    assert {e: state_path(hsm, e).read_bytes() for e in (1, 2)} == states  # the recorded history is untouched
+    assert (plan_dir(hsm, 3) / "plan.parquet").read_bytes() == plan
+    result = runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", "3", "--refold", "--force"])
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(app, ["sql", "--run-dir", str(run_dir), "-e", "SELECT count(*) FROM events"]).exit_code == 0
+
+
+def test_a_removed_folded_epoch_is_not_replaced_by_allow_empty(run_dir):
+    import shutil
+
+    hsm = _planned_run(run_dir)
+    states = {e: state_path(hsm, e).read_bytes() for e in (1, 2)}
+    shutil.rmtree(hsm / "events" / "epoch=1")
+    result = runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", "3"])
+    text = _clear_error(result, "epoch=1/rank=", "now missing", "--refold")
+    assert "--allow-empty" not in text  # the advice is the explicit refold, not a flag that would replace history
+    _clear_error(runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", "3", "--allow-empty", "--force"]),
+                 "now missing", "--refold")
+    assert {e: state_path(hsm, e).read_bytes() for e in (1, 2)} == states
+
+
+def test_an_event_part_added_after_its_epoch_was_folded_is_folded_in(hsm_dir):
+    """A resumed attempt re-logging an epoch's tail adds parts: the normal incremental update, no error."""
+    plan_epoch(hsm_dir, 3, MINING, TARGET)
+    before = {p.name for p in list_event_files(hsm_dir, 1)}
+    rows = [r for r in random_rows(np.random.default_rng(9), n_target=16, n_epochs=2, n_ranks=1, max_obs=1)
+            if r["epoch"] == 1][:5]
+    write_rows(hsm_dir, [{**r, "attempt": 1} for r in rows])
+    assert {p.name for p in list_event_files(hsm_dir, 1)} > before
+    result = plan_epoch(hsm_dir, 3, MINING, TARGET)
+    assert result.folded_epochs == [1, 2]
+
+
+def _rewrite_manifest(path, change) -> None:
+    """Edit a manifest and recompute its own manifest_sha256, as a careful tamperer would."""
+    from hsm.mining.plan import manifest_digest
+
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_manifest_counts_are_checked_against_the_plan_rows(run_dir):
+    hsm = _planned_run(run_dir)
+    manifest = plan_dir(hsm, 3) / "manifest.json"
+    _rewrite_manifest(manifest, lambda m: m["counts"].update(hard=m["counts"]["hard"] + 1))
+    with pytest.raises(PlanError, match=r"manifest\.json: counts\.hard 4 but the plan has 3"):
+        read_plan_table(hsm, 3)
+    with pytest.raises(PlanError, match="counts.hard"):
+        load_plan(hsm, 3)
+    _clear_error(runner.invoke(app, ["report", "--run-dir", str(run_dir)]), "manifest.json", "counts.hard")
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "dataset.json", "run.json"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "edit"])
+def test_damaged_run_records_are_clear_errors_in_plan_and_report(run_dir, name, damage):
+    hsm = _planned_run(run_dir, epoch=2)
+    path = hsm / name
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x80  # also an invalid UTF-8 byte
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    else:  # a well-formed edit: a tampered fingerprint, a doubled epoch count, another selector
+        data = bytearray(bytes(data).replace(b"f" * 64, b"e" * 64).replace(b"4.0", b"8.0").replace(b"k: 3", b"k: 5"))
+    assert bytes(data) != path.read_bytes()
+    path.write_bytes(bytes(data))
+    _clear_error(runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", "3"]), str(path))
+    assert not plan_dir(hsm, 3).exists()  # nothing planned from it, no tampered fingerprint copied
+    if name != "run.json":  # the report reads the config and the dataset record
+        _clear_error(runner.invoke(app, ["report", "--run-dir", str(run_dir)]), str(path))
+
+
+def test_a_record_written_by_hand_or_by_an_older_hsm_is_read_as_it_is(run_dir):
+    from hsm.io import checksum_record_path
+
+    hsm = _planned_run(run_dir, epoch=2)
+    for name in ("config.yaml", "dataset.json", "run.json"):
+        checksum_record_path(hsm / name).unlink()
+    assert runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", "3"]).exit_code == 0
+
+
+def test_startup_check_reads_every_part_against_its_ledger_and_state(hsm_dir):
+    """Damage that leaves a part a readable event file: each fails the start-up check, naming the part."""
+    from hsm.mining.checks import RunFileError, check_run_files
+    from hsm.mining.ledger import LEDGER
+
+    plan_epoch(hsm_dir, 3, MINING, TARGET)
+    part = list_event_files(hsm_dir, 1)[0]
+    intact = part.read_bytes()
+    ledger = part.parent / LEDGER
+    entries = ledger.read_text()
+    table = pq.read_table(part)
+    other = table.set_column(table.schema.get_field_index("loss"), "loss",
+                             pa.array(np.full(table.num_rows, 7.0, np.float32)))
+    damages = {
+        "rewritten": lambda: pq.write_table(other, part),
+        "footer byte": lambda: _flip_in_footer(part),
+        "removed": part.unlink,
+        "rewritten with its ledger": lambda: (pq.write_table(other, part), ledger.write_text(
+            json.dumps({**json.loads(entries), part.name: file_sha256(part)}))),
+        "rewritten, ledger removed": lambda: (pq.write_table(other, part), ledger.unlink()),
+    }
+    for what, damage in damages.items():
+        damage()
+        with pytest.raises(RunFileError, match=part.name):
+            check_run_files(hsm_dir)
+        part.write_bytes(intact)
+        ledger.write_text(entries)
+        assert check_run_files(hsm_dir) > 0, what

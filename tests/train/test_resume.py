@@ -49,9 +49,14 @@ def test_sigkill_and_resume_gives_the_uninterrupted_plans(tmp_path, make_corpus,
     assert not (crashed / "hsm" / "plans" / "epoch=2").exists(), "killed too late: epoch 1 had finished"
     checkpoints = sorted(crashed.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
     last = checkpoints[-1].parent
-    done = subprocess.run(command(corpus, crashed, f"training.resume_from_checkpoint={last}"), cwd=ROOT, env=env,
+    # A save killed midway (no trainer_state.json yet): `last` passes over it to the newest complete one.
+    half = crashed / f"checkpoint-{int(last.name.split('-')[1]) + 1}"
+    half.mkdir(exist_ok=True)
+    (half / "model.safetensors").write_bytes(b"")
+    done = subprocess.run(command(corpus, crashed, "training.resume_from_checkpoint=last"), cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming from {last}" in " ".join(done.stderr.split()) and half.name in done.stderr
 
     attempts = {a for p in (crashed / "hsm" / "events").rglob("part-*.parquet") for a in pq.read_table(p, columns=["attempt"]).column("attempt").to_pylist()}
     assert attempts == {0, 1}
