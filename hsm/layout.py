@@ -7,6 +7,7 @@ layout (a public contract: users query these files) can be read in one screen::
     <output_dir>/hsm/dataset.json                              the target's size and fingerprint
     <output_dir>/hsm/run.json                                  run id, attempts, epochs trained
     <output_dir>/hsm/.lock                                     the writers' lock
+    <output_dir>/hsm/samples.parquet                           TRL / ms-swift: what each base_idx names
     <output_dir>/hsm/events/epoch=E/rank=R/part-NNNNN.parquet  event parts (+ _sha256.json ledger)
     <output_dir>/hsm/sample_ids/epoch=E/sample_ids.parquet     append-only id table
     <output_dir>/hsm/state/epoch=E/state.parquet               per-sample state after epoch E
@@ -61,6 +62,11 @@ class RunPaths:
     @property
     def run_info(self) -> Path:
         return self.root / "run.json"
+
+    @property
+    def samples(self) -> Path:
+        """``samples.parquet``: TRL / ms-swift runs' ``base_idx`` -> sample id, image and answer."""
+        return self.root / "samples.parquet"
 
     @property
     def lock(self) -> Path:

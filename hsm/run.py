@@ -23,6 +23,7 @@ import yaml
 
 from hsm.config import ConfigError, HsmConfig, small_target_warning
 from hsm.config_load import OVERWRITE_KEY
+from hsm.layout import RunPaths
 
 __all__ = ["OVERWRITE_KEY", "RunExists", "check_training_values", "training_arguments", "train"]
 
@@ -82,7 +83,7 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
         raise ConfigError(cfg.source, ["custom.fusion_config: required by hsm train (the datasets to train on)"])
     args = training_arguments(cfg)
     output_dir = Path(args.output_dir)
-    hsm_dir = output_dir / "hsm"
+    hsm_dir = RunPaths.of(output_dir).root
     with contextlib.ExitStack() as held:  # rank 0 holds the run's lock until training ends
         _start_run(held, cfg, args, hsm_dir)
         return _train(cfg, args, output_dir, hsm_dir, base_trainer)
@@ -202,7 +203,7 @@ def _train(cfg: HsmConfig, args, output_dir: Path, hsm_dir: Path, base_trainer) 
         from hsm.io import write_recorded
 
         write_recorded(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True).encode("utf-8"),
-                       hsm_dir / "config.yaml")
+                       RunPaths.at(hsm_dir).config)
         write_dataset_info(hsm_dir, dataset)
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     from hsm.train import distributed

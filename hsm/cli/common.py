@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import typer
+from hsm.layout import RunPaths
 from rich.console import Console
 
 __all__ = ["console", "fail", "hsm_dir_of", "print_table", "print_warning", "printed_warnings"]
@@ -44,7 +45,7 @@ def printed_warnings(*, stderr: bool = False) -> Iterator[None]:
 
 def hsm_dir_of(run_dir: Path) -> Path:
     """``<run_dir>/hsm``: where events, state and plans live."""
-    return Path(run_dir) / "hsm"
+    return RunPaths.of(run_dir).root
 
 
 def print_table(columns: list[str], rows: list[list[str]], right: set[str] = frozenset()) -> None:

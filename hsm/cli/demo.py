@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from hsm.cli.common import console
+from hsm.layout import RunPaths
 
 __all__ = ["demo", "packaged_demo_config"]
 
@@ -34,7 +35,7 @@ def demo(
     config = config if config is not None else packaged_demo_config()
     run = out / "run"
     if run.exists():
-        if not (run / "hsm" / "run.json").is_file():
+        if not RunPaths.of(run).run_info.is_file():
             raise typer.BadParameter(f"{run} exists and is not an hsm run; choose another --out", param_hint="--out")
         # A demo starts fresh: an earlier demo's log (maybe of another hsm or demo config) is not resumed.
         shutil.rmtree(run)

@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from hsm.cli.common import console, fail, hsm_dir_of, print_table, printed_warnings
+from hsm.layout import RunPaths
 
 __all__ = ["plan"]
 
@@ -73,7 +74,7 @@ def plan(
             raise fail("plan", f"--memory-limit must be a size such as 4GB or 512MB, got {memory_limit!r}")
     if engine is not None and engine not in ENGINES:
         raise fail("plan", f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    cfg, mining, dataset, num_epochs = _planning_inputs(hsm_dir, config or hsm_dir / "config.yaml", num_epochs)
+    cfg, mining, dataset, num_epochs = _planning_inputs(hsm_dir, config or RunPaths.at(hsm_dir).config, num_epochs)
     with printed_warnings():
         try:
             result = plan_epoch(
@@ -98,7 +99,7 @@ def _planning_inputs(hsm_dir: Path, config_path: Path, num_epochs: float | None)
     from hsm.mining.plan import DatasetInfo
 
     try:
-        if config_path == hsm_dir / "config.yaml" and config_path.is_file():
+        if config_path == RunPaths.at(hsm_dir).config and config_path.is_file():
             read_recorded(config_path)  # the run's own config, as training wrote it
         cfg = load_config(config_path)
     except (ConfigError, ChecksumMismatch) as e:
@@ -109,11 +110,11 @@ def _planning_inputs(hsm_dir: Path, config_path: Path, num_epochs: float | None)
     if cfg.target_name is None:
         raise fail("plan", f"{config_path}: custom.fusion_config.target.name is required (the dataset to mine)")
     dataset = None
-    dataset_file = hsm_dir / "dataset.json"
+    dataset_file = RunPaths.at(hsm_dir).dataset_info
     if dataset_file.is_file():
         dataset = _run_json(dataset_file, lambda d: DatasetInfo(str(d["target"]["name"]), int(d["target"]["size"]),
                                                                   d["target"].get("fingerprint")))
-    run_info = hsm_dir / "run.json"  # the epochs training really ran (max_steps may drive them)
+    run_info = RunPaths.at(hsm_dir).run_info  # the epochs training really ran (max_steps may drive them)
     if num_epochs is None and run_info.is_file():
         num_epochs = _run_json(run_info, lambda d: float(d["num_train_epochs"]))
     if num_epochs is None and "num_train_epochs" in cfg.training:

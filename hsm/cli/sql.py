@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from hsm.cli.common import console, fail, print_table, printed_warnings
+from hsm.layout import RunPaths
 
 __all__ = ["sql", "DEFAULT_TIMEOUT_S", "DEFAULT_MEMORY_LIMIT"]
 
@@ -52,7 +53,7 @@ def sql(
         raise fail("sql", "give exactly one of a query NAME or -e SQL (hsm sql --list shows the names)")
     if run_dir is None:
         raise fail("sql", "--run-dir is required")
-    if not (run_dir / "hsm").is_dir():
+    if not RunPaths.of(run_dir).root.is_dir():
         raise fail("sql", f"{run_dir}: no hsm/ directory; is this a run's output_dir?")
     try:
         text = execute if execute is not None else query_text(name)

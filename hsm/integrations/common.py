@@ -41,12 +41,12 @@ from hsm.data.sampler import HsmSampler
 from hsm.mining.plan import DatasetInfo
 from hsm.train.stats import packed_sample_stats, per_sample_stats, sequence_index, token_samples
 from hsm.train.trainer import resume_attempt
+from hsm.layout import RunPaths
 
 __all__ = ["attach", "Part", "SlotDataset", "MetaCollator", "fingerprint_ids", "fingerprint_contents",
            "supervised_runs", "packed_layout", "sample_stats", "assistant_texts", "row_contents", "answer_mask", "supervised_answer_mask",
-           "refuse_unsupported", "write_run_files", "SAMPLES_FILE"]
+           "refuse_unsupported", "write_run_files"]
 
-SAMPLES_FILE = "samples.parquet"
 
 _TELEMETRY_DEFAULTS = {"augmented": False, "object_capped": False, "oversize": False, "aug_dropped": 0}
 
@@ -477,7 +477,7 @@ def write_run_files(hsm_dir: Path, slots: SlotDataset, contents: Sequence[dict],
                "custom": custom.model_dump(mode="json")}
     hsm_dir.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(yaml.safe_dump(payload, sort_keys=False, allow_unicode=True).encode("utf-8"),
-                       hsm_dir / "config.yaml")
+                       RunPaths.at(hsm_dir).config)
     write_dataset_info(hsm_dir, slots)
     target = slots.parts[0]
     table = pa.table({
@@ -487,7 +487,7 @@ def write_run_files(hsm_dir: Path, slots: SlotDataset, contents: Sequence[dict],
         "answer": pa.array([c["answer"] for c in contents], pa.string()),
         "objects": pa.array([c["objects"] for c in contents], pa.string()),
     })
-    write_parquet_atomic(table, hsm_dir / SAMPLES_FILE)
+    write_parquet_atomic(table, RunPaths.at(hsm_dir).samples)
 
 
 def attach(trainer, rows, name: str, *, mining: MiningConfig | None, seed: int, sample_ids: Sequence[str] | None = None,
@@ -527,7 +527,7 @@ def attach(trainer, rows, name: str, *, mining: MiningConfig | None, seed: int, 
         The :class:`SlotDataset` now training.
     """
     refuse_unsupported(mining, stack, config.source if config is not None else "<config>")
-    hsm_dir = Path(hsm_dir) if hsm_dir is not None else Path(trainer.args.output_dir) / "hsm"
+    hsm_dir = Path(hsm_dir) if hsm_dir is not None else RunPaths.of(trainer.args.output_dir).root
     ids = [str(i) for i in sample_ids] if sample_ids is not None else []
     n_target = len(target_rows) if target_rows is not None else len(rows)
     if sample_ids is None:

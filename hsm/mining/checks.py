@@ -34,6 +34,7 @@ from hsm.mining.state import (
 )
 from hsm.mining.update import HistoryChanged, check_folded_history
 from hsm.schemas import EVENT_SCHEMA, SchemaError, check_schema
+from hsm.layout import RunPaths
 
 __all__ = ["RunFileError", "check_run_files", "check_event_part", "verify_event_log", "verify_sample_ids", "run_contents"]
 
@@ -44,7 +45,7 @@ class RunFileError(ValueError):
 
 def _event_parts(hsm_dir: Path) -> list[Path]:
     """Every ``*.parquet`` under ``events/epoch=*/rank=*`` (a foreign name too: the reader ignores it, say so)."""
-    return sorted(p for p in (hsm_dir / "events").glob("epoch=*/rank=*/*.parquet") if not p.name.startswith("."))
+    return sorted(p for p in RunPaths.at(hsm_dir).events_root.glob("epoch=*/rank=*/*.parquet") if not p.name.startswith("."))
 
 
 def check_event_part(path: Path) -> None:
@@ -80,7 +81,7 @@ def check_run_files(hsm_dir: str | Path) -> int:
                                        f"{event_dir(hsm_dir, 0).parent}")
             check_event_part(path)
             checked += 1
-        for epoch in _partition_epochs(hsm_dir / "events"):
+        for epoch in _partition_epochs(RunPaths.at(hsm_dir).events_root):
             verified_checksums(hsm_dir, epoch)  # every byte against the ledger; a recorded part gone
         for epoch in find_states(hsm_dir):
             read_state_info(hsm_dir, epoch)  # footer and provenance
@@ -128,7 +129,7 @@ def verify_event_log(hsm_dir: str | Path, *, skip_corrupt: bool = False) -> list
         if is_committed(hsm_dir, epoch):
             verify_state(hsm_dir, epoch)
             recorded.update(read_state_info(hsm_dir, epoch).event_sha256)
-    root = hsm_dir / "events"
+    root = RunPaths.at(hsm_dir).events_root
     good = []
     for epoch in sorted(_partition_epochs(root)):
         verified, _ = verified_checksums(hsm_dir, epoch, skip_corrupt=skip_corrupt)
@@ -167,7 +168,7 @@ def verify_sample_ids(hsm_dir: str | Path) -> None:
     """Check every id table against the sha256 its state recorded, then read it with page checksums
     verified (``SchemaError`` naming a damaged one)."""
     hsm_dir = Path(hsm_dir)
-    for epoch in sorted(set(_partition_epochs(hsm_dir / "sample_ids")) | set(find_states(hsm_dir))):
+    for epoch in sorted(set(_partition_epochs(RunPaths.at(hsm_dir).sample_ids_root)) | set(find_states(hsm_dir))):
         path = sample_ids_path(hsm_dir, epoch)
         verify_sample_ids_file(hsm_dir, epoch)
         if path.is_file():

@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from hsm.io import temp_writer_pid
+from hsm.layout import RunPaths
 
 __all__ = [
     "PART_RE",
@@ -47,8 +48,7 @@ class CorruptEventFile(RuntimeError):
 
 def event_dir(hsm_dir: str | Path, epoch: int, rank: int | None = None) -> Path:
     """``<hsm_dir>/events/epoch=E[/rank=R]``."""
-    path = Path(hsm_dir) / "events" / f"epoch={epoch}"
-    return path if rank is None else path / f"rank={rank}"
+    return RunPaths.at(hsm_dir).events(epoch, rank)
 
 
 def keyed_write_options(schema: pa.Schema, *, sorted_column: str, dictionary: tuple[str, ...],

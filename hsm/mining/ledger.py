@@ -18,6 +18,7 @@ from typing import Sequence
 
 from hsm.io import file_sha256, write_json_atomic
 from hsm.mining.events import PART_RE, CorruptEventFile, event_dir, list_event_files
+from hsm.layout import RunPaths
 
 __all__ = [
     "LEDGER",
@@ -140,7 +141,7 @@ def folded_part_changes(hsm_dir: str | Path, epoch: int, folded: dict[str, str])
     normal incremental update. A changed or vanished part is recorded history that a
     refold would silently replace.
     """
-    root = Path(hsm_dir) / "events"
+    root = RunPaths.at(hsm_dir).events_root
     lines = []
     for name, digest in sorted(folded.items()):
         path = root / name

@@ -34,6 +34,7 @@ from hsm.io import (
 )
 from hsm.mining.events import keyed_write_options
 from hsm.schemas import PLAN_SCHEMA, SchemaError, check_schema, conform
+from hsm.layout import RunPaths
 
 __all__ = [
     "PLAN_VERSION",
@@ -79,14 +80,14 @@ class DatasetInfo:
 
 def plan_dir(hsm_dir: str | Path, epoch: int) -> Path:
     """``<hsm_dir>/plans/epoch=E``."""
-    return Path(hsm_dir) / "plans" / f"epoch={epoch}"
+    return RunPaths.at(hsm_dir).plan_dir(epoch)
 
 
 class RunLocked(RuntimeError):
     """Another process is writing this run (``hsm plan`` or a training's planning)."""
 
 
-LOCK_NAME = ".lock"
+LOCK_NAME = RunPaths.at(".").lock.name  # ".lock"
 
 
 @contextlib.contextmanager
@@ -112,7 +113,7 @@ def run_lock(hsm_dir: str | Path, timeout: float = 0.0):
     hsm_dir.mkdir(parents=True, exist_ok=True)
     # One lock object per path in this process: a training that holds the lock for the whole run
     # re-enters it when it plans at an epoch end (a second flock on the file would wait for itself).
-    lock = FileLock(hsm_dir / LOCK_NAME, is_singleton=True)
+    lock = FileLock(RunPaths.at(hsm_dir).lock, is_singleton=True)
     try:
         lock.acquire(timeout=timeout)
     except Timeout as e:
@@ -212,7 +213,7 @@ def read_manifest(hsm_dir: str | Path, epoch: int) -> dict[str, Any] | None:
     A plan file without its manifest is a :class:`PlanError` (plan and manifest are
     published together, so one alone means a file was removed), never "no plan".
     """
-    path = plan_dir(hsm_dir, epoch) / "manifest.json"
+    path = RunPaths.at(hsm_dir).manifest(epoch)
     if not path.is_file():
         plan_file = path.with_name("plan.parquet")
         if plan_file.exists():
@@ -299,7 +300,7 @@ def load_plan(
         if expected_checksum is not None:
             raise PlanError(f"{plan_dir(hsm_dir, epoch)}: no plan, but rank 0 announced {expected_checksum[:12]}")
         return None
-    path = plan_dir(hsm_dir, epoch) / "plan.parquet"
+    path = RunPaths.at(hsm_dir).plan(epoch)
     fix = f"re-run hsm plan --epoch {epoch}"
     actual = _verified_checksum(path, manifest, fix)
     if expected_checksum is not None and actual != expected_checksum:
@@ -364,7 +365,7 @@ def _verified_checksum(path: Path, manifest: dict[str, Any], fix: str) -> str:
 
 def plan_epochs(hsm_dir: str | Path) -> list[int]:
     """Epochs with a published plan directory ``plans/epoch=E``, ascending (staging directories are hidden)."""
-    return sorted(epoch_partitions(Path(hsm_dir) / "plans"))
+    return sorted(RunPaths.at(hsm_dir).epochs("plans"))
 
 
 def verify_plan(hsm_dir: str | Path, epoch: int) -> dict[str, Any] | None:
@@ -389,7 +390,7 @@ def read_plan_table(hsm_dir: str | Path, epoch: int, columns: list[str] | None =
     """
     fix = f"re-run hsm plan --epoch {epoch}"
     manifest = read_manifest(hsm_dir, epoch)
-    path = plan_dir(hsm_dir, epoch) / "plan.parquet"
+    path = RunPaths.at(hsm_dir).plan(epoch)
     if manifest is None:
         raise PlanError(f"{path.parent}: no plan for epoch {epoch}")
     _verified_checksum(path, manifest, fix)

@@ -30,6 +30,7 @@ from hsm.mining.select import rank_order
 from hsm.mining.suspects import data_map, read_epoch_metrics
 from hsm.mining.trigger import should_apply
 from hsm.mining.update import Folded, check_folded_history, fold_pending, id_lookup, writing
+from hsm.layout import RunPaths
 
 __all__ = ["PlanResult", "PlanConflict", "EmptyEpochs", "plan_epoch", "plan_differences", "empty_epochs", "epoch_ranges"]
 
@@ -217,7 +218,7 @@ def _plan_epoch(hsm_dir: Path, epoch: int, mining: MiningConfig, target: str, *,
         if existing is not None and write:
             problems += plan_differences(existing, mining, target)
         if problems:
-            where = plan_dir(hsm_dir, epoch) if existing is not None else hsm_dir / "dataset.json"
+            where = plan_dir(hsm_dir, epoch) if existing is not None else RunPaths.at(hsm_dir).dataset_info
             raise PlanConflict(
                 f"{where}: refusing to plan epoch {epoch} with a different config:\n  - " + "\n  - ".join(problems)
                 + "\nuse the run's own config, or pass --force to overwrite"
@@ -319,7 +320,7 @@ def _publish(hsm_dir: Path, epoch: int, table: pa.Table, manifest: dict[str, Any
     Any failure before the publish (disk full in the dump or the state) leaves the
     previous plan in place and the staged one removed.
     """
-    where = plan_dir(hsm_dir, epoch) / "plan.parquet"
+    where = RunPaths.at(hsm_dir).plan(epoch)
     staging, manifest = writing(where, stage_plan, hsm_dir, epoch, table, manifest)
     try:
         if dump is not None:

@@ -37,6 +37,7 @@ from hsm.mining.ledger import recorded_digests
 from hsm.mining.plan import plan_dir, plan_epochs, verify_plan
 from hsm.mining.state import find_states, is_committed, read_state_info, state_path, verify_state
 from hsm.schemas import EVENT_SCHEMA, PLAN_SCHEMA, SAMPLE_ID_SCHEMA, STATE_SCHEMA, SchemaError, check_schema
+from hsm.layout import RunPaths
 
 __all__ = [
     "VIEWS",
@@ -207,7 +208,7 @@ def _verified_plans(root: Path) -> tuple[list[Path], list[dict]]:
     for epoch in plan_epochs(root):
         manifest = verify_plan(root, epoch)
         if manifest is not None:
-            plans.append(plan_dir(root, epoch) / "plan.parquet")
+            plans.append(RunPaths.at(root).plan(epoch))
             manifests.append(manifest)
     return plans, manifests
 
@@ -227,7 +228,7 @@ def _check_links(run_dir: Path) -> None:
         RunConfinementError: naming the first link that leaves it, and its target.
     """
     run_root = run_dir.resolve()
-    hsm_dir = run_dir / "hsm"
+    hsm_dir = RunPaths.of(run_dir).root
     if hsm_dir.is_symlink() and not hsm_dir.resolve().is_relative_to(run_root):
         raise RunConfinementError(f"{hsm_dir}: a symlink to {hsm_dir.resolve()}, outside the run {run_root}; "
                                   "hsm sql reads only the run's own files: copy them in instead")
@@ -246,7 +247,7 @@ def _check_known_epochs(root: Path, parts: list[Path]) -> None:
     Raises:
         RunConfinementError: naming the folder and the fix.
     """
-    events = root / "events"
+    events = RunPaths.at(root).events_root
     folded: set[str] = set()
     for epoch in find_states(root):
         if is_committed(root, epoch):
@@ -351,7 +352,7 @@ def connect(run_dir: str | Path, *, skip_corrupt: bool = False, timeout_s: float
         memory_limit: DuckDB's ``memory_limit`` (e.g. ``4GB`` or ``50%`` of RAM).
     """
     run_dir = Path(run_dir)
-    root = run_dir / "hsm"
+    root = RunPaths.of(run_dir).root
     _check_links(run_dir)
     plan_files, manifests = _verified_plans(root)
     state_files = _state_files(root)
@@ -372,9 +373,9 @@ def connect(run_dir: str | Path, *, skip_corrupt: bool = False, timeout_s: float
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
     con.register("_event_files", _dataset(part_files, EVENT_SCHEMA))
-    con.register("_sample_id_files", _dataset(id_files, SAMPLE_ID_SCHEMA, epoch_from=root / "sample_ids"))
-    con.register("_state_files", _dataset(state_files, STATE_SCHEMA, epoch_from=root / "state"))
-    con.register("_plan_files", _dataset(plan_files, PLAN_SCHEMA, epoch_from=root / "plans"))
+    con.register("_sample_id_files", _dataset(id_files, SAMPLE_ID_SCHEMA, epoch_from=RunPaths.at(root).sample_ids_root))
+    con.register("_state_files", _dataset(state_files, STATE_SCHEMA, epoch_from=RunPaths.at(root).state_root))
+    con.register("_plan_files", _dataset(plan_files, PLAN_SCHEMA, epoch_from=RunPaths.at(root).plans_root))
     con.register("_manifests", _manifest_table(manifests, root))
     con.execute("CREATE VIEW events_raw AS SELECT * FROM _event_files")
     # Per (epoch, global_step, rank) the rows of the highest attempt. Written as a semi join (DuckDB's

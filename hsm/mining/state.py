@@ -63,6 +63,7 @@ from hsm.io import (
 )
 from hsm.mining.events import keyed_write_options
 from hsm.schemas import SAMPLE_ID_SCHEMA, STATE_SCHEMA, SchemaError, conform
+from hsm.layout import RunPaths
 
 __all__ = [
     "IDX_BITS",
@@ -149,7 +150,7 @@ class StateInfo:
 
 def state_path(hsm_dir: str | Path, epoch: int) -> Path:
     """``<hsm_dir>/state/epoch=E/state.parquet``."""
-    return Path(hsm_dir) / "state" / f"epoch={epoch}" / "state.parquet"
+    return RunPaths.at(hsm_dir).state(epoch)
 
 
 def state_checksum_path(hsm_dir: str | Path, epoch: int) -> Path:
@@ -185,12 +186,12 @@ def verify_state(hsm_dir: str | Path, epoch: int) -> None:
 
 def sample_ids_path(hsm_dir: str | Path, epoch: int) -> Path:
     """``<hsm_dir>/sample_ids/epoch=E/sample_ids.parquet``: samples first observed in epoch E."""
-    return Path(hsm_dir) / "sample_ids" / f"epoch={epoch}" / "sample_ids.parquet"
+    return RunPaths.at(hsm_dir).sample_ids(epoch)
 
 
 def find_states(hsm_dir: str | Path) -> list[int]:
     """Epochs that have a committed state file, ascending."""
-    return sorted(e for e, folder in epoch_partitions(Path(hsm_dir) / "state").items()
+    return sorted(e for e, folder in RunPaths.at(hsm_dir).epochs("state").items()
                   if (folder / "state.parquet").is_file())
 
 

@@ -51,6 +51,7 @@ from hsm.mining.state import (
     write_state,
 )
 from hsm.schemas import SAMPLE_ID_SCHEMA, SchemaError
+from hsm.layout import RunPaths
 
 __all__ = ["OutputError", "HistoryChanged", "Folded", "fold_pending", "check_folded_history", "reusable_prefix", "id_lookup", "writing"]
 
@@ -97,7 +98,7 @@ class Folded:
 
 
 def _events_root(hsm_dir: Path) -> Path:
-    return hsm_dir / "events"
+    return RunPaths.at(hsm_dir).events_root
 
 
 def fold_pending(

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from hsm.mining.suspects import DataMap, data_map, read_epoch_metrics
 from hsm.mining.planner import epoch_ranges
+from hsm.layout import RunPaths
 
 __all__ = ["ReportError", "SampleStats", "RunData", "load_run", "read_predictions", "order_by_score", "SampleRecords",
            "read_sample_records"]
@@ -58,7 +59,7 @@ class RunData:
 def _config(hsm_dir: Path) -> tuple[str, dict[str, Any]]:
     import yaml
 
-    path = hsm_dir / "config.yaml"
+    path = RunPaths.at(hsm_dir).config
     if not path.is_file():
         raise ReportError(f"{path}: not found; is {hsm_dir.parent} the output_dir of an hsm train run?")
     text = _recorded_text(path)
@@ -87,7 +88,7 @@ def _recorded_text(path: Path) -> str:
 
 def _dataset_info(hsm_dir: Path) -> dict[str, Any] | None:
     """``hsm/dataset.json`` (the target's name, size, fingerprint), checked; None when the run has none."""
-    path = hsm_dir / "dataset.json"
+    path = RunPaths.at(hsm_dir).dataset_info
     if not path.is_file():
         return None
     try:
@@ -134,7 +135,7 @@ def load_run(run_dir: str | Path, *, epoch: int | None = None, skip_corrupt: boo
     from hsm.mining.queries import connect
 
     run_dir = Path(run_dir)
-    hsm_dir = run_dir / "hsm"
+    hsm_dir = RunPaths.of(run_dir).root
     if not hsm_dir.is_dir():
         raise ReportError(f"{run_dir}: no hsm/ directory; is this a run's output_dir?")
     config_text, config = _config(hsm_dir)
@@ -281,7 +282,7 @@ class SampleRecords:
 def read_sample_records(hsm_dir: Path, coord_format: str = "rel1000") -> SampleRecords | None:
     """:class:`SampleRecords` of ``hsm_dir/samples.parquet``, or None when the run has none (``hsm train`` runs
     name their target ``train_jsonl`` in the config instead)."""
-    path = hsm_dir / "samples.parquet"
+    path = RunPaths.at(hsm_dir).samples
     if not path.is_file():
         return None
     try:

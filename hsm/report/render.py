@@ -18,6 +18,7 @@ from hsm.mining.suspects import metric_label
 from hsm.report.data import RunData, load_run, order_by_score, read_sample_records
 from hsm.report.gallery import Card, predicted_labels, record_thumbnails
 from hsm.report.plots import REGION_COLORS, data_map_figure, difficulty_figure, weights_figure
+from hsm.layout import RunPaths
 
 __all__ = ["ReportResult", "build_report", "render_html", "write_suspects_csv", "MAX_SUSPECT_THUMBS"]
 
@@ -43,7 +44,7 @@ def _records(run: RunData):
     from hsm.data.records import RecordError, read_jsonl
 
     coord_format = (run.config.get("model") or {}).get("coord_format", "rel1000")
-    by_base_idx = read_sample_records(run.run_dir / "hsm", coord_format)  # a TRL or ms-swift run
+    by_base_idx = read_sample_records(RunPaths.of(run.run_dir).root, coord_format)  # a TRL or ms-swift run
     if by_base_idx is not None:
         return by_base_idx, None
     target = ((run.config.get("custom") or {}).get("fusion_config") or {}).get("target") or {}

@@ -27,6 +27,7 @@ from hsm.mining.plan import plan_dir, publish_plan, stage_plan_bytes
 from hsm.mining.planner import plan_epoch
 from hsm.data.sampler import HsmSampler
 from hsm.train.stats import STAT_ROWS, per_sample_stats, token_losses
+from hsm.layout import RunPaths
 
 __all__ = [
     "HsmTrainerMixin",
@@ -233,7 +234,7 @@ class MiningCallback(TrainerCallback):
         self.trainer.hsm_num_epochs = float(state.num_train_epochs)
         if distributed.on_main(self.trainer.hsm_world):
             write_recorded(_json_bytes({"num_train_epochs": float(state.num_train_epochs),
-                                        "max_steps": int(state.max_steps)}), self.trainer.hsm_dir / "run.json")
+                                        "max_steps": int(state.max_steps)}), RunPaths.at(self.trainer.hsm_dir).run_info)
 
     def on_step_end(self, args, state, control, **kwargs):
         # Events up to a checkpoint must be on disk before the checkpoint is: a run
@@ -376,7 +377,7 @@ def resume_attempt(hsm_dir: Path) -> int:
     import pyarrow.parquet as pq
 
     best = -1
-    for part in (hsm_dir / "events").glob("epoch=*/rank=*/part-*.parquet"):
+    for part in RunPaths.at(hsm_dir).event_parts():
         try:
             column = pq.read_table(part, columns=["attempt"]).column("attempt")
             best = max(best, max(column.to_pylist(), default=-1))
@@ -395,7 +396,7 @@ def write_dataset_info(hsm_dir: Path, dataset: FusionDataset) -> None:
             :class:`hsm.integrations.common.SlotDataset`.
     """
     datasets = [{"name": n, "size": s} for n, s in zip(dataset.names, dataset.sizes)]  # target first, fusion order
-    write_recorded(_json_bytes({"target": dataset.target_info.to_dict(), "datasets": datasets}), hsm_dir / "dataset.json")
+    write_recorded(_json_bytes({"target": dataset.target_info.to_dict(), "datasets": datasets}), RunPaths.at(hsm_dir).dataset_info)
 
 
 def _json_bytes(payload: dict) -> bytes:
