@@ -1,7 +1,7 @@
 """The one validated configuration tree, loaded from YAML plus ``KEY=VALUE`` overrides.
 
 Everything lives under ``custom`` as in the seeds: ``custom.hard_sample_mining``
-(SPEC section 4) and ``custom.fusion_config`` (SPEC section 5). ``model`` and
+(docs/design.md §2) and ``custom.fusion_config`` (docs/design.md §3). ``model`` and
 ``training`` belong to ``hsm train``. Every model forbids unknown keys, and
 :func:`hsm.config_load.load_config` reports every problem at once with its dotted
 key path, the bad value and what is accepted.
@@ -66,7 +66,7 @@ class _Strict(BaseModel):
 
 
 class SelectorConfig(_Strict):
-    """How the hard set is chosen in ``reweight`` mode (SPEC section 8)."""
+    """How the hard set is chosen in ``reweight`` mode (docs/design.md §4)."""
 
     mode: Literal["top_k", "percentile", "threshold"] = Field(
         "top_k", description="top_k: the k hardest; percentile: the hardest ceil(value*N); "
@@ -113,7 +113,7 @@ class MiningConfig(_Strict):
 
     enabled: bool = Field(False, description="Master switch; false means no hsm object at all.")
     mode: Literal["reweight", "fixed_set", "dynamic"] = Field(
-        "reweight", description="reweight (seeds 001/002), fixed_set (seed 003), dynamic (seed 000)."
+        "reweight", description="reweight (loss-weighted epoch), fixed_set (a fixed hard + regular set), dynamic (per-batch hard share); docs/design.md §2."
     )
     metric: Literal[METRIC_NAMES] | None = Field(  # one row of hsm.metrics.METRICS per name
         None, description="Difficulty signal (hsm.metrics): " + "; ".join(f"{m.name}: {m.doc}" for m in METRICS.values())
@@ -225,7 +225,7 @@ class SourceConfig(_DatasetBase):
 
 
 class FusionConfig(_Strict):
-    """``custom.fusion_config``: the unified fusion loader (seed 004)."""
+    """``custom.fusion_config``: the unified fusion loader (docs/design.md §3)."""
 
     target: TargetConfig = Field(..., description="The target dataset.")
     sources: list[SourceConfig] = Field(default_factory=list, description="Auxiliary datasets.")

@@ -1,6 +1,6 @@
 """Arrow schemas of the three on-disk artefacts: events, state and plans.
 
-The column names and types are a public contract (SPEC section 9; state and plans
+The column names and types are a public contract (docs/design.md §7; state and plans
 carry no ``sample_id``: the ``hsm sql`` views join it from the id table): users query
 these files with DuckDB and Polars. Writers cast to these schemas; readers check
 against them with :func:`check_schema`, which names the file and the column.
@@ -38,10 +38,10 @@ EVENT_SCHEMA = pa.schema(
         pa.field("n_tokens", pa.int32(), nullable=False),
         pa.field("aug_seed", pa.int64(), nullable=False),
         pa.field("drawn_as_hard", pa.bool_(), nullable=False),
-        # Added by issue 8 (box-aware difficulty). Nullable columns are optional:
+        # Box-aware difficulty. Nullable columns are optional:
         # logs written before them still read, with nulls. Null also means the
         # sample had no such tokens (e.g. an empty answer has no coordinates).
-        # coord_loss, label_loss, loss_sum (issue 8), det_f1 (issue 17): hsm.metrics.
+        # coord_loss, label_loss, loss_sum, det_f1: hsm.metrics.
         *(pa.field(name, pa.float32(), nullable=True) for name in NULLABLE_EVENT_COLUMNS),
     ]
 )
@@ -58,7 +58,7 @@ STATE_SCHEMA = pa.schema(
         pa.field("last", pa.float64(), nullable=False),
         pa.field("last_epoch", pa.int32(), nullable=False),
         pa.field("score", pa.float64(), nullable=False),
-        # Per-epoch aggregates (issue 8); null unless aggregate is epoch_ema or last.
+        # Per-epoch aggregates; null unless aggregate is epoch_ema or last.
         pa.field("n_epochs", pa.int32(), nullable=True),
         pa.field("epoch_mean", pa.float64(), nullable=True),
         pa.field("epoch_ema", pa.float64(), nullable=True),

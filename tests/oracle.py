@@ -1,4 +1,4 @@
-"""Slow, obvious reimplementation of SPEC section 8, the oracle for both engines."""
+"""Slow, obvious reimplementation of docs/design.md §4, the oracle for every engine."""
 
 from __future__ import annotations
 

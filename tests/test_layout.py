@@ -1,4 +1,4 @@
-"""RunPaths spells the layout the README and the SPEC publish, and finds what hsm's writers write."""
+"""RunPaths spells the layout the README and docs/design.md §7 publish, and finds what hsm's writers write."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Image + prompt -> the model's chat format, with labels only on the answer.
 
-One :class:`Template` instance is shared by every dataset of a fusion (seed 004):
+One :class:`Template` instance is shared by every dataset of a fusion (docs/design.md §3):
 prompts resolve by priority default < domain < dataset-specific, and the
 template's system prompt is restored after every encode, so no sample's system
 prompt leaks into the next.

@@ -1,4 +1,4 @@
-"""The unified fusion loader (seed 004): one target, any number of sources, one shared template.
+"""The unified fusion loader (docs/design.md §3): one target, any number of sources, one shared template.
 
 Items are addressed by schedule slots ``(dataset_code, base_idx, is_hard, epoch,
 position)`` that the sampler yields, so DataLoader workers need no shared state:

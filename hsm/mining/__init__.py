@@ -6,7 +6,7 @@ The pipeline, module by module:
   ``event_writer`` writes it (one writer per rank), ``ledger`` records and checks each
   part's sha256, ``event_reader`` reads one epoch (verified, de-duplicated, latest attempt);
 - ``fold``: one epoch's events folded into the per-sample state by an engine
-  (``engines/``: Polars or DuckDB), in memory or out of core; ``state``: the state and
+  (``engines/``: Polars, numpy or DuckDB), in memory or out of core; ``state``: the state and
   id-table files; ``update``: brings the stored state up to date (reuses what is unchanged);
 - ``plan_table`` + ``select``: the plan's rows from the state (rank, choose the hard set,
   weights); ``plan``: the plan file, its manifest, the run lock, atomic publishing;

@@ -1,4 +1,4 @@
-"""Choosing the hard set and the plan weights from the per-sample state (SPEC section 8).
+"""Choosing the hard set and the plan weights from the per-sample state (docs/design.md §4).
 
 Pure functions over numpy/Arrow arrays; the planner calls them with the target
 rows of the state, sorted by ``base_idx``. Rank order everywhere: score

@@ -391,7 +391,7 @@ def fold_columns(aggregate: str) -> tuple[str, ...]:
 
 
 def score_of(state: pa.Table, aggregate: str, decay: float = 0.9) -> np.ndarray:
-    """The score of every state row (SPEC section 8; the per-epoch rules above).
+    """The score of every state row (docs/design.md §4; the per-epoch rules above).
 
     ``ema``: ``ema`` where ``n_obs >= 3``, else ``mean``; ``mean``: ``mean``;
     ``epoch_ema``: ``epoch_ema / (1 - decay ** n_epochs)``; ``last``: ``epoch_mean``.

@@ -1,4 +1,4 @@
-"""``hsm plan`` guards: a different target or config, empty epochs, unwritable output (issue 7, item 6)."""
+"""``hsm plan`` guards: a different target or config, empty epochs, unwritable output."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Both planner engines against the naive oracle of SPEC section 8, on real Parquet logs."""
+"""Every planner engine against the naive oracle of docs/design.md §4, on real Parquet logs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CLI polish (issue 10, section 3): one test per item, through typer's CliRunner."""
+"""CLI polish: one test per item, through typer's CliRunner."""
 
 from __future__ import annotations
 
