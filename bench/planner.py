@@ -224,9 +224,9 @@ def measure(kind: str, hsm_dir: Path, sample: int) -> dict:
 def _timed_plan(hsm_dir: Path, epoch: int, engine: str, start: float, cpu: float, **extra) -> dict:
     """``plan_epoch`` for ``epoch`` with ``engine``; seconds since ``start`` (wall) and ``cpu`` (CPU
     seconds of every thread: steadier than wall on a shared machine), peak RSS and the files' digest."""
-    from hsm.mining.planner import plan_epoch
+    from hsm.mining.planner import PlanRequest, plan_epoch
 
-    result = plan_epoch(hsm_dir, epoch, _mining(engine), TARGET)
+    result = plan_epoch(PlanRequest(hsm_dir, epoch, _mining(engine), TARGET))
     seconds = time.perf_counter() - start
     digest = _digest(hsm_dir / "plans" / f"epoch={epoch}" / "plan.parquet",
                      hsm_dir / "state" / f"epoch={epoch - 1}" / "state.parquet")

@@ -25,7 +25,7 @@ import yaml
 
 from hsm.config import MiningConfig
 from hsm.mining.event_writer import EventWriter
-from hsm.mining.planner import plan_epoch
+from hsm.mining.planner import PlanRequest, plan_epoch
 from hsm.data.synth import synthesize
 
 N_EPOCHS = 4
@@ -57,7 +57,7 @@ def build_run(root: Path, n_target: int) -> Path:
                               aug_seed=[0] * len(batch), drawn_as_hard=[False] * len(batch))
                 step += 1
             writer.flush()
-            plan_epoch(hsm_dir, epoch + 1, mining, "bbu")
+            plan_epoch(PlanRequest(hsm_dir, epoch + 1, mining, "bbu"))
     return run
 
 

@@ -2,7 +2,7 @@
 
 What users import comes from here, and only from here::
 
-    from hsm import MiningConfig, SelectorConfig, HsmSFTTrainer, plan_epoch, connect
+    from hsm import MiningConfig, PlanRequest, plan_epoch, connect
 
 Every name is resolved on first use (PEP 562 ``__getattr__``), so ``import hsm`` and the
 planning and SQL entry points never import torch; the training names import it when
@@ -29,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "parse_config": "hsm.config_load",
     # planning and SQL (no torch)
     "plan_epoch": "hsm.mining.planner",
+    "PlanRequest": "hsm.mining.planner",
     "PlanResult": "hsm.mining.planner",
     "connect": "hsm.mining.queries",
     "run_query": "hsm.mining.queries",
@@ -52,7 +53,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names resolve l
     from hsm.integrations.common import attach
     from hsm.integrations.swift import write_grounding_jsonl
     from hsm.integrations.trl import HsmSFTTrainer, detection_dataset
-    from hsm.mining.planner import PlanResult, plan_epoch
+    from hsm.mining.planner import PlanRequest, PlanResult, plan_epoch
     from hsm.mining.queries import QueryRefused, connect, run_query, shipped_queries
     from hsm.train.stats import chunked_token_stats, per_sample_stats
     from hsm.train.trainer import HsmTrainerMixin

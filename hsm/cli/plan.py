@@ -59,7 +59,7 @@ def plan(
     from hsm.mining.engines import ENGINES
     from hsm.mining.events import CorruptEventFile
     from hsm.mining.plan import PlanError, RunLocked
-    from hsm.mining.planner import EmptyEpochs, PlanConflict, plan_epoch
+    from hsm.mining.planner import PlanRequest, EmptyEpochs, PlanConflict, plan_epoch
     from hsm.mining.update import OutputError
     from hsm.schemas import SchemaError
     from hsm.mining.state import StateMismatch
@@ -77,11 +77,11 @@ def plan(
     cfg, mining, dataset, num_epochs = _planning_inputs(hsm_dir, config or RunPaths.at(hsm_dir).config, num_epochs)
     with printed_warnings():
         try:
-            result = plan_epoch(
+            result = plan_epoch(PlanRequest(
                 hsm_dir, epoch, mining, cfg.target_name, engine=engine, num_train_epochs=num_epochs,
                 dataset=dataset, skip_corrupt=skip_corrupt, write=not dry_run, dump_dir=run_dir,
                 force=force, allow_empty=allow_empty, memory_limit=limit_bytes, temp_directory=temp_dir, refold=refold,
-            )
+            ))
         except (CorruptEventFile, PlanError, SchemaError, StateMismatch, PlanConflict, EmptyEpochs, OutputError,
                 RunLocked, ChecksumMismatch, ValueError) as e:
             raise fail("plan", _without_delete_advice(str(e)) if dry_run else str(e)) from e

@@ -32,7 +32,7 @@ from hsm.mining.trigger import should_apply
 from hsm.mining.update import Folded, check_folded_history, fold_pending, id_lookup, writing
 from hsm.layout import RunPaths
 
-__all__ = ["PlanResult", "PlanConflict", "EmptyEpochs", "plan_epoch", "plan_differences", "empty_epochs", "epoch_ranges"]
+__all__ = ["PlanRequest", "PlanResult", "PlanConflict", "EmptyEpochs", "plan_epoch", "plan_differences", "empty_epochs", "epoch_ranges"]
 
 
 def epoch_ranges(epochs) -> str:
@@ -143,33 +143,16 @@ def _stats(values: np.ndarray) -> dict[str, float | None]:
     return {"mean": mean, "p50": float(p50), "p90": float(p90)}
 
 
-def plan_epoch(
-    hsm_dir: str | Path,
-    epoch: int,
-    mining: MiningConfig,
-    target: str,
-    *,
-    engine: str | None = None,
-    num_train_epochs: float | None = None,
-    dataset: DatasetInfo | None = None,
-    skip_corrupt: bool = False,
-    write: bool = True,
-    dump_dir: str | Path | None = None,
-    force: bool = True,
-    allow_empty: bool = True,
-    memory_limit: int | None = None,
-    temp_directory: str | Path | None = None,
-    refold: bool = False,
-    lock_timeout: float = 0.0,
-) -> PlanResult:
-    """Fold the events of epochs ``< epoch`` not yet folded and write the plan for ``epoch``.
+@dataclass(frozen=True)
+class PlanRequest:
+    """What :func:`plan_epoch` plans, and how.
 
-    Args:
+    Attributes:
         hsm_dir: the run's ``hsm`` directory.
         epoch: the epoch the plan is for (built from epochs ``0..epoch-1``).
         mining: the mining config.
         target: the fusion target's dataset name; only its samples are eligible.
-        engine: ``polars`` or ``duckdb`` (default: ``mining.engine``).
+        engine: ``polars``, ``numpy`` or ``duckdb`` (default: ``mining.engine``).
         num_train_epochs: planned epochs, for ``activate_after_pct``.
         dataset: the target's size and fingerprint, recorded in the manifest.
         skip_corrupt: skip unreadable event parts with a warning instead of failing.
@@ -181,8 +164,37 @@ def plan_epoch(
             refuses them (:class:`EmptyEpochs`).
         memory_limit: fold budget in bytes (default :data:`DEFAULT_MEMORY_LIMIT`); a larger
             epoch is folded out of core, spilling to ``temp_directory`` (default: the system's).
+        temp_directory: where an out-of-core fold spills.
         refold: ignore the stored states and fold every epoch from the event log.
         lock_timeout: seconds to wait for another writer of the run (``write`` only).
+    """
+
+    hsm_dir: Path
+    epoch: int
+    mining: MiningConfig
+    target: str
+    engine: str | None = None
+    num_train_epochs: float | None = None
+    dataset: DatasetInfo | None = None
+    skip_corrupt: bool = False
+    write: bool = True
+    dump_dir: Path | None = None
+    force: bool = True
+    allow_empty: bool = True
+    memory_limit: int | None = None
+    temp_directory: Path | None = None
+    refold: bool = False
+    lock_timeout: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "hsm_dir", Path(self.hsm_dir))
+        for name in ("dump_dir", "temp_directory"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+
+
+def plan_epoch(request: PlanRequest) -> PlanResult:
+    """Fold the events of epochs ``< request.epoch`` not yet folded and write the plan for that epoch.
 
     Writing holds the run's lock (:func:`hsm.mining.plan.run_lock`) throughout; the plan
     and its manifest are published together, last, after the state and dump were written.
@@ -192,30 +204,24 @@ def plan_epoch(
             ``allow_empty``; a file that cannot be written; another writer; a stored state
             whose bytes changed.
     """
-    if epoch < 1:
-        raise ValueError(f"a plan for epoch {epoch} needs events of earlier epochs; plan epoch 1 or later")
-    hsm_dir = Path(hsm_dir)
-    lock = run_lock(hsm_dir, timeout=lock_timeout) if write else contextlib.nullcontext()
+    if request.epoch < 1:
+        raise ValueError(f"a plan for epoch {request.epoch} needs events of earlier epochs; plan epoch 1 or later")
+    lock = run_lock(request.hsm_dir, timeout=request.lock_timeout) if request.write else contextlib.nullcontext()
     with lock:
-        return _plan_epoch(hsm_dir, epoch, mining, target, engine=engine, num_train_epochs=num_train_epochs,
-                           dataset=dataset, skip_corrupt=skip_corrupt, write=write, dump_dir=dump_dir, force=force,
-                           allow_empty=allow_empty, memory_limit=memory_limit, temp_directory=temp_directory,
-                           refold=refold)
+        return _plan_epoch(request)
 
 
-def _plan_epoch(hsm_dir: Path, epoch: int, mining: MiningConfig, target: str, *, engine: str | None,
-                num_train_epochs: float | None, dataset: DatasetInfo | None, skip_corrupt: bool, write: bool,
-                dump_dir: str | Path | None, force: bool, allow_empty: bool, memory_limit: int | None,
-                temp_directory: str | Path | None, refold: bool) -> PlanResult:
-    if not force:
+def _plan_epoch(r: PlanRequest) -> PlanResult:
+    hsm_dir, epoch, mining, target = r.hsm_dir, r.epoch, r.mining, r.target
+    if not r.force:
         problems = []
-        if dataset is not None and dataset.name != target:
-            problems.append(f"target: the run's hsm/dataset.json names '{dataset.name}', the config names '{target}'")
+        if r.dataset is not None and r.dataset.name != target:
+            problems.append(f"target: the run's hsm/dataset.json names '{r.dataset.name}', the config names '{target}'")
         try:
             existing = read_manifest(hsm_dir, epoch)
         except PlanError:
             existing = None  # a plan without its manifest: nothing to compare, it is replaced whole
-        if existing is not None and write:
+        if existing is not None and r.write:
             problems += plan_differences(existing, mining, target)
         if problems:
             where = plan_dir(hsm_dir, epoch) if existing is not None else RunPaths.at(hsm_dir).dataset_info
@@ -223,29 +229,28 @@ def _plan_epoch(hsm_dir: Path, epoch: int, mining: MiningConfig, target: str, *,
                 f"{where}: refusing to plan epoch {epoch} with a different config:\n  - " + "\n  - ".join(problems)
                 + "\nuse the run's own config, or pass --force to overwrite"
             )
-    if not refold:
+    if not r.refold:
         check_folded_history(hsm_dir, epoch - 1)  # before the advice below: --allow-empty cannot replace history
     missing = empty_epochs(hsm_dir, epoch - 1)
     if missing:
-        message = (f"{hsm_dir / 'events'}: no events in epochs {epoch_ranges(missing)} "
+        message = (f"{RunPaths.at(hsm_dir).events_root}: no events in epochs {epoch_ranges(missing)} "
                    f"(planning epoch {epoch} folds epochs 0..{epoch - 1})")
-        if not allow_empty:
+        if not r.allow_empty:
             raise EmptyEpochs(f"{message}; plan an epoch right after the last logged one, or pass --allow-empty")
         warnings.warn(f"hsm: {message}; folding them as empty", stacklevel=2)
-    engine = engine or mining.engine
+    engine = r.engine or mining.engine
     with _plain_pages():
-        folded = fold_pending(hsm_dir, epoch - 1, mining, engine=engine, skip_corrupt=skip_corrupt, write=write,
-                              memory_limit=memory_limit, temp_directory=temp_directory, refold=refold)
+        folded = fold_pending(hsm_dir, epoch - 1, mining, engine=engine, skip_corrupt=r.skip_corrupt, write=r.write,
+                              memory_limit=r.memory_limit, temp_directory=r.temp_directory, refold=r.refold)
         try:
-            return _plan_from(hsm_dir, epoch, mining, target, folded, engine=engine, num_train_epochs=num_train_epochs,
-                              dataset=dataset, write=write, dump_dir=dump_dir)
+            return _plan_from(r, folded, engine)
         finally:
             folded.wait()
 
 
-def _plan_from(hsm_dir: Path, epoch: int, mining: MiningConfig, target: str, folded: Folded, *, engine: str,
-               num_train_epochs: float | None, dataset: DatasetInfo | None, write: bool,
-               dump_dir: str | Path | None) -> PlanResult:
+def _plan_from(r: PlanRequest, folded: Folded, engine: str) -> PlanResult:
+    hsm_dir, epoch, mining, target = r.hsm_dir, r.epoch, r.mining, r.target
+    num_train_epochs, dataset, write, dump_dir = r.num_train_epochs, r.dataset, r.write, r.dump_dir
     state, info = folded.state, folded.info
     if state is None:
         raise ValueError(f"{hsm_dir / 'events'}: no events for epochs < {epoch}; nothing to plan from")

@@ -24,7 +24,7 @@ from hsm.mining.event_writer import EventWriter
 from hsm.data.fusion import FusionDataset
 from hsm.io import file_sha256, write_recorded
 from hsm.mining.plan import plan_dir, publish_plan, stage_plan_bytes
-from hsm.mining.planner import plan_epoch
+from hsm.mining.planner import PlanRequest, plan_epoch
 from hsm.data.sampler import HsmSampler
 from hsm.train.stats import STAT_ROWS, per_sample_stats, token_losses
 from hsm.layout import RunPaths
@@ -257,10 +257,10 @@ class MiningCallback(TrainerCallback):
         logs: dict[str, float] = {}
         manifest_bytes = plan_bytes = b""
         if distributed.on_main(world):
-            result = plan_epoch(
+            result = plan_epoch(PlanRequest(
                 t.hsm_dir, epoch + 1, t.hsm_mining, t.hsm_fusion.target.name, num_train_epochs=t.hsm_num_epochs,
                 dataset=t.hsm_sampler.target, dump_dir=Path(args.output_dir), lock_timeout=_LOCK_WAIT_SECONDS,
-            )
+            ))
             directory = plan_dir(t.hsm_dir, epoch + 1)
             manifest_bytes = (directory / "manifest.json").read_bytes()
             plan_bytes = (directory / "plan.parquet").read_bytes()

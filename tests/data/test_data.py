@@ -188,7 +188,7 @@ def test_sampler_drives_workers_without_dataset_set_epoch(processor, corpus, tmp
     from hsm.config import MiningConfig
     from hsm.data.fusion import DetectionCollator, EvalDataset
     from hsm.mining.plan import DatasetInfo
-    from hsm.mining.planner import plan_epoch
+    from hsm.mining.planner import PlanRequest, plan_epoch
     from hsm.data.sampler import HsmSampler
 
     cfg = parse_config({"custom": {"fusion_config": {
@@ -201,8 +201,8 @@ def test_sampler_drives_workers_without_dataset_set_epoch(processor, corpus, tmp
              "sample_id": f"bbu-train-{i:05d}", "loss": 9.0 if i == 0 else 1.0, "token_acc": 0.5, "n_tokens": 5,
              "aug_seed": 0, "drawn_as_hard": False} for i in range(12)]
     write_rows(tmp_path / "hsm", rows)
-    plan_epoch(tmp_path / "hsm", 1, MiningConfig(enabled=True, selector={"k": 1}), "bbu",
-               dataset=DatasetInfo("bbu", 12, dataset.target_info.fingerprint))
+    plan_epoch(PlanRequest(tmp_path / "hsm", 1, MiningConfig(enabled=True, selector={"k": 1}), "bbu",
+               dataset=DatasetInfo("bbu", 12, dataset.target_info.fingerprint)))
     sampler = HsmSampler(sizes=dataset.sizes, ratios=dataset.ratios, target=dataset.target_info, seed=0,
                          batch_size=3, hsm_dir=tmp_path / "hsm")
     loader = torch.utils.data.DataLoader(dataset, batch_size=3, sampler=sampler, num_workers=2,

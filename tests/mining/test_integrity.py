@@ -20,7 +20,7 @@ from hsm.config import MiningConfig
 from hsm.io import ChecksumMismatch, file_sha256
 from hsm.mining.events import CorruptEventFile, list_event_files
 from hsm.mining.plan import PlanError, RunLocked, load_plan, plan_dir, read_plan_table
-from hsm.mining.planner import plan_epoch
+from hsm.mining.planner import PlanRequest, plan_epoch
 from hsm.mining.update import HistoryChanged, OutputError
 from hsm.mining.state import read_sample_ids, sample_ids_path, state_path
 from hsm.schemas import SchemaError
@@ -59,32 +59,32 @@ def _rewrite_float(path, column: str, row: int, value: float) -> None:
 
 
 def test_a_state_rewritten_in_place_is_an_error_and_refold_restores_the_plan(hsm_dir):
-    clean = plan_epoch(hsm_dir, 3, MINING, TARGET).plan
+    clean = plan_epoch(PlanRequest(hsm_dir, 3, MINING, TARGET)).plan
     path = state_path(hsm_dir, 2)
     size = path.stat().st_size
     _rewrite_float(path, "mean", 0, -5.0)
     assert path.stat().st_size == size
     with pytest.raises(ChecksumMismatch, match=r"state/epoch=2/state\.parquet: sha256 .*--refold"):
-        plan_epoch(hsm_dir, 3, MINING, TARGET)
-    refolded = plan_epoch(hsm_dir, 3, MINING, TARGET, refold=True).plan
+        plan_epoch(PlanRequest(hsm_dir, 3, MINING, TARGET))
+    refolded = plan_epoch(PlanRequest(hsm_dir, 3, MINING, TARGET, refold=True)).plan
     assert refolded.equals(clean)
 
 
 def test_flipped_bytes_in_an_event_page_are_an_error_naming_the_part(hsm_dir):
-    plan_epoch(hsm_dir, 3, MINING, TARGET)
+    plan_epoch(PlanRequest(hsm_dir, 3, MINING, TARGET))
     part = list_event_files(hsm_dir, 1)[0]
     size = part.stat().st_size
     _flip_in_column(part, "loss")
     assert part.stat().st_size == size
     # The part was folded into the state of epoch 1: its change is an error, not a quiet refold.
     with pytest.raises(HistoryChanged, match=f"{part.name}: sha256 differs .* epoch 1 was folded(.|\n)*--refold"):
-        plan_epoch(hsm_dir, 3, MINING, TARGET)
+        plan_epoch(PlanRequest(hsm_dir, 3, MINING, TARGET))
     with pytest.raises(HistoryChanged):
-        plan_epoch(hsm_dir, 3, MINING, TARGET, skip_corrupt=True)  # skipping it would replace history too
+        plan_epoch(PlanRequest(hsm_dir, 3, MINING, TARGET, skip_corrupt=True))  # skipping it would replace history too
     # Replacing the history is explicit; the refold verifies pages.
     with pytest.raises(CorruptEventFile, match=f"{part.name}.*--skip-corrupt"):
-        plan_epoch(hsm_dir, 3, MINING, TARGET, refold=True)
-    skipped = plan_epoch(hsm_dir, 3, MINING, TARGET, skip_corrupt=True, refold=True)
+        plan_epoch(PlanRequest(hsm_dir, 3, MINING, TARGET, refold=True))
+    skipped = plan_epoch(PlanRequest(hsm_dir, 3, MINING, TARGET, skip_corrupt=True, refold=True))
     assert str(part) in " ".join(map(str, skipped.skipped_files))
 
 
@@ -107,11 +107,11 @@ def test_a_flipped_footer_byte_of_an_unfolded_part_is_an_error_in_plan_and_sql(h
     _flip_in_footer(part)
     pq.ParquetFile(part, page_checksum_verification=True).read()  # still readable: pages verify
     with pytest.raises(CorruptEventFile, match=f"{part.name}: sha256 differs from the one recorded when it was written"):
-        plan_epoch(hsm_dir, 3, MINING, TARGET)
+        plan_epoch(PlanRequest(hsm_dir, 3, MINING, TARGET))
     run_dir = hsm_dir.parent
     result = runner.invoke(app, ["sql", "--run-dir", str(run_dir), "-e", "SELECT count(*) FROM events"])
     assert result.exit_code == 2 and part.name in result.output and "_sha256.json" in result.output
-    skipped = plan_epoch(hsm_dir, 3, MINING, TARGET, skip_corrupt=True)
+    skipped = plan_epoch(PlanRequest(hsm_dir, 3, MINING, TARGET, skip_corrupt=True))
     assert str(part) in skipped.skipped_files
 
 
@@ -119,7 +119,7 @@ def test_a_deleted_event_part_is_an_error_not_a_smaller_log(hsm_dir):
     part = list_event_files(hsm_dir, 1)[-1]
     part.unlink()
     with pytest.raises(CorruptEventFile, match=f"{part.name}: recorded in .*_sha256.json but missing"):
-        plan_epoch(hsm_dir, 3, MINING, TARGET)
+        plan_epoch(PlanRequest(hsm_dir, 3, MINING, TARGET))
     result = runner.invoke(app, ["sql", "--run-dir", str(hsm_dir.parent), "-e", "SELECT count(*) FROM events"])
     assert result.exit_code == 2 and "but missing" in result.output
 
@@ -135,18 +135,18 @@ def test_a_part_committed_without_its_ledger_entry_is_page_checked_and_recorded_
     entries = json.loads(ledger.read_text())
     del entries[part.name]
     ledger.write_text(json.dumps(entries))
-    clean = plan_epoch(hsm_dir, 3, MINING, TARGET, refold=True).plan  # unrecorded: trusted after page checks
+    clean = plan_epoch(PlanRequest(hsm_dir, 3, MINING, TARGET, refold=True)).plan  # unrecorded: trusted after page checks
     rank = int(part.parent.name.split("=")[1])
     EventWriter(hsm_dir, run_id="test-run", rank=rank, attempt=1).close()
     assert recorded_digests(part.parent)[part.name] == file_sha256(part)
-    assert plan_epoch(hsm_dir, 3, MINING, TARGET, refold=True).plan.equals(clean)
+    assert plan_epoch(PlanRequest(hsm_dir, 3, MINING, TARGET, refold=True)).plan.equals(clean)
     _flip_in_footer(part)
     with pytest.raises(CorruptEventFile, match=part.name):
-        plan_epoch(hsm_dir, 3, MINING, TARGET, refold=True)
+        plan_epoch(PlanRequest(hsm_dir, 3, MINING, TARGET, refold=True))
 
 
 def test_flipped_bytes_in_the_id_table_are_an_error(hsm_dir):
-    plan_epoch(hsm_dir, 2, MINING, TARGET)
+    plan_epoch(PlanRequest(hsm_dir, 2, MINING, TARGET))
     path = sample_ids_path(hsm_dir, 0)
     _flip_in_column(path, "sample_id")
     with pytest.raises(SchemaError, match=r"sample_ids/epoch=0/sample_ids\.parquet"):
@@ -154,7 +154,7 @@ def test_flipped_bytes_in_the_id_table_are_an_error(hsm_dir):
 
 
 def test_a_plan_without_its_manifest_is_an_error_not_no_plan(hsm_dir):
-    plan_epoch(hsm_dir, 2, MINING, TARGET)
+    plan_epoch(PlanRequest(hsm_dir, 2, MINING, TARGET))
     (plan_dir(hsm_dir, 2) / "manifest.json").unlink()
     with pytest.raises(PlanError, match="plan without its manifest"):
         load_plan(hsm_dir, 2)
@@ -163,12 +163,12 @@ def test_a_plan_without_its_manifest_is_an_error_not_no_plan(hsm_dir):
 
 
 def test_a_failed_dump_publishes_nothing(hsm_dir, tmp_path):
-    old = plan_epoch(hsm_dir, 2, MINING, TARGET, dump_dir=tmp_path).manifest
+    old = plan_epoch(PlanRequest(hsm_dir, 2, MINING, TARGET, dump_dir=tmp_path)).manifest
     blocked = tmp_path / "not_a_dir"
     blocked.write_text("a file where the dump's directory must go")
     bigger = MiningConfig(enabled=True, selector={"k": 6}, dump=True)
     with pytest.raises(OutputError, match="not_a_dir"):
-        plan_epoch(hsm_dir, 2, bigger, TARGET, dump_dir=blocked)
+        plan_epoch(PlanRequest(hsm_dir, 2, bigger, TARGET, dump_dir=blocked))
     manifest = json.loads((plan_dir(hsm_dir, 2) / "manifest.json").read_text())
     assert manifest["checksum"] == old["checksum"] == file_sha256(plan_dir(hsm_dir, 2) / "plan.parquet")
     assert manifest["counts"]["hard"] == 3
@@ -185,17 +185,17 @@ def test_a_second_writer_fails_at_once(hsm_dir):
         assert holder.stdout.readline().strip() == "held"
         started = time.perf_counter()
         with pytest.raises(RunLocked, match="another hsm plan or training is writing this run"):
-            plan_epoch(hsm_dir, 2, MINING, TARGET)
+            plan_epoch(PlanRequest(hsm_dir, 2, MINING, TARGET))
         assert time.perf_counter() - started < 5
         assert not (hsm_dir / "plans").exists()
     finally:
         holder.kill()
         holder.wait()
-    plan_epoch(hsm_dir, 2, MINING, TARGET)  # released with its process
+    plan_epoch(PlanRequest(hsm_dir, 2, MINING, TARGET))  # released with its process
 
 
 def test_the_next_writer_cleans_up_after_a_killed_one(hsm_dir):
-    first = plan_epoch(hsm_dir, 2, MINING, TARGET).manifest
+    first = plan_epoch(PlanRequest(hsm_dir, 2, MINING, TARGET)).manifest
     plans = hsm_dir / "plans"
     # A publish killed between its two renames (file systems that cannot swap): the old plan is aside.
     (plans / "epoch=2").rename(plans / ".epoch=2.old-999")
@@ -204,7 +204,7 @@ def test_the_next_writer_cleans_up_after_a_killed_one(hsm_dir):
     stale_state.write_bytes(b"half")
     with pytest.raises(PlanError, match="no plan for epoch 2"):
         read_plan_table(hsm_dir, 2)
-    plan_epoch(hsm_dir, 3, MINING, TARGET)
+    plan_epoch(PlanRequest(hsm_dir, 3, MINING, TARGET))
     assert sorted(p.name for p in plans.iterdir()) == ["epoch=2", "epoch=3"]
     assert read_plan_table(hsm_dir, 2)[0]["checksum"] == first["checksum"]
     assert not stale_state.exists()
@@ -244,7 +244,7 @@ def test_memory_limit_is_read_as_a_byte_size(text, expected):
 def test_startup_check_names_a_foreign_file_a_truncated_part_and_an_empty_state(hsm_dir):
     from hsm.mining.checks import RunFileError, check_run_files
 
-    plan_epoch(hsm_dir, 3, MINING, TARGET)
+    plan_epoch(PlanRequest(hsm_dir, 3, MINING, TARGET))
     assert check_run_files(hsm_dir) > 0
     part = list_event_files(hsm_dir, 2)[-1]
     intact = part.read_bytes()
@@ -256,7 +256,7 @@ def test_startup_check_names_a_foreign_file_a_truncated_part_and_an_empty_state(
         check_run_files(hsm_dir)
     # The planner's reader names it too, also when told to skip corrupt parts.
     with pytest.raises(CorruptEventFile, match=part.name):
-        plan_epoch(hsm_dir, 3, MINING, TARGET, refold=True)
+        plan_epoch(PlanRequest(hsm_dir, 3, MINING, TARGET, refold=True))
     part.write_bytes(intact)
     (plan_dir(hsm_dir, 3) / "manifest.json").unlink()  # a resume would otherwise train epoch 3 without a plan
     with pytest.raises(RunFileError, match="plan without its manifest"):
@@ -396,13 +396,13 @@ def test_a_removed_folded_epoch_is_not_replaced_by_allow_empty(run_dir):
 
 def test_an_event_part_added_after_its_epoch_was_folded_is_folded_in(hsm_dir):
     """A resumed attempt re-logging an epoch's tail adds parts: the normal incremental update, no error."""
-    plan_epoch(hsm_dir, 3, MINING, TARGET)
+    plan_epoch(PlanRequest(hsm_dir, 3, MINING, TARGET))
     before = {p.name for p in list_event_files(hsm_dir, 1)}
     rows = [r for r in random_rows(np.random.default_rng(9), n_target=16, n_epochs=2, n_ranks=1, max_obs=1)
             if r["epoch"] == 1][:5]
     write_rows(hsm_dir, [{**r, "attempt": 1} for r in rows])
     assert {p.name for p in list_event_files(hsm_dir, 1)} > before
-    result = plan_epoch(hsm_dir, 3, MINING, TARGET)
+    result = plan_epoch(PlanRequest(hsm_dir, 3, MINING, TARGET))
     assert result.folded_epochs == [1, 2]
 
 
@@ -461,7 +461,7 @@ def test_startup_check_reads_every_part_against_its_ledger_and_state(hsm_dir):
     from hsm.mining.checks import RunFileError, check_run_files
     from hsm.mining.ledger import LEDGER
 
-    plan_epoch(hsm_dir, 3, MINING, TARGET)
+    plan_epoch(PlanRequest(hsm_dir, 3, MINING, TARGET))
     part = list_event_files(hsm_dir, 1)[0]
     intact = part.read_bytes()
     ledger = part.parent / LEDGER

@@ -16,7 +16,7 @@ from hsm.cli.app import app
 from hsm.config import MiningConfig
 from hsm.io import write_json_atomic
 from hsm.mining.engines import ENGINES
-from hsm.mining.planner import plan_epoch
+from hsm.mining.planner import PlanRequest, plan_epoch
 from hsm.mining.state import find_states, read_state_info
 from oracle import full_state
 from test_planner import assert_state_matches, state_rows
@@ -53,7 +53,7 @@ def test_nonfinite_values_are_not_observations(tmp_path_factory, seed, metric, o
     for engine in ENGINES:
         hsm_dir = tmp_path_factory.mktemp(engine) / "hsm"
         write_rows(hsm_dir, rows)
-        result = plan_epoch(hsm_dir, 3, mining, TARGET, engine=engine, memory_limit=1 if out_of_core else None)
+        result = plan_epoch(PlanRequest(hsm_dir, 3, mining, TARGET, engine=engine, memory_limit=1 if out_of_core else None))
         last = find_states(hsm_dir)[-1]
         assert_state_matches(state_rows(hsm_dir, last), expected, engine)
         assert result.manifest["counts"]["nonfinite"] == len(bad)
@@ -74,7 +74,7 @@ def test_one_nan_does_not_stick_and_inf_does_not_win(tmp_path):
         if r["base_idx"] == 5:
             r["loss"] = 3.0
     write_rows(tmp_path / "hsm", rows)
-    result = plan_epoch(tmp_path / "hsm", 3, MiningConfig(enabled=True, start_epoch=0, selector={"k": 1}), TARGET)
+    result = plan_epoch(PlanRequest(tmp_path / "hsm", 3, MiningConfig(enabled=True, start_epoch=0, selector={"k": 1}), TARGET))
     scores = dict(zip(result.plan.column("base_idx").to_pylist(), result.plan.column("score").to_pylist()))
     assert all(math.isfinite(v) for v in scores.values())
     hard = result.plan.filter(result.plan.column("is_hard")).column("base_idx").to_pylist()
@@ -111,7 +111,7 @@ def test_an_epoch_of_only_nonfinite_values_changes_nothing(tmp_path, engine):
     rows = [dict(r, loss=math.nan) if r["epoch"] == 1 else r for r in rows]
     write_rows(tmp_path / "hsm", rows)
     mining = MiningConfig(enabled=True, start_epoch=0, selector={"k": 2})
-    plan_epoch(tmp_path / "hsm", 2, mining, TARGET, engine=engine)
+    plan_epoch(PlanRequest(tmp_path / "hsm", 2, mining, TARGET, engine=engine))
     expected = full_state([r for r in rows if r["epoch"] == 0], metric="loss", decay=mining.ema_decay, aggregate="ema")
     got = state_rows(tmp_path / "hsm", 1)
     assert_state_matches({k: v for k, v in got.items()}, expected, engine)

@@ -16,7 +16,7 @@ from eventlog import TARGET, random_rows, sample_id, write_rows
 from oracle import plan_from_rows, tie_key
 from hsm.config import MiningConfig
 from hsm.mining.plan import DatasetInfo, PlanError, load_plan, plan_dir, write_plan
-from hsm.mining.planner import plan_epoch
+from hsm.mining.planner import PlanRequest, plan_epoch
 from hsm.mining.state import StateMismatch
 
 
@@ -26,7 +26,7 @@ def run(tmp_path):
     hsm_dir = tmp_path / "hsm"
     write_rows(hsm_dir, rows)
     mining = MiningConfig(enabled=True, selector={"k": 3}, dump=True)
-    result = plan_epoch(hsm_dir, 2, mining, TARGET, dataset=DatasetInfo(TARGET, 12, "fp-1"), dump_dir=tmp_path)
+    result = plan_epoch(PlanRequest(hsm_dir, 2, mining, TARGET, dataset=DatasetInfo(TARGET, 12, "fp-1"), dump_dir=tmp_path))
     return hsm_dir, mining, result
 
 
@@ -86,7 +86,7 @@ def test_plan_for_another_dataset_is_refused(run, dataset, message):
 def test_out_of_range_index_is_refused(tmp_path):
     rows = random_rows(np.random.default_rng(5), n_target=12, n_epochs=1, n_ranks=1, max_obs=2)
     write_rows(tmp_path / "hsm", rows)
-    plan_epoch(tmp_path / "hsm", 1, MiningConfig(enabled=True), TARGET)  # size unknown offline
+    plan_epoch(PlanRequest(tmp_path / "hsm", 1, MiningConfig(enabled=True), TARGET))  # size unknown offline
     with pytest.raises(PlanError, match=r"base_idx 1\d out of range for dataset 'tgt' \(n=10\)"):
         load_plan(tmp_path / "hsm", 1, dataset=DatasetInfo(TARGET, 10))
 
@@ -102,14 +102,14 @@ def test_missing_plan_is_none_and_manifest_without_plan_fails(run):
 def test_state_built_with_other_parameters_is_refused(run):
     hsm_dir, _, _ = run
     with pytest.raises(StateMismatch, match="metric"):
-        plan_epoch(hsm_dir, 2, MiningConfig(enabled=True, metric="token_acc"), TARGET)
+        plan_epoch(PlanRequest(hsm_dir, 2, MiningConfig(enabled=True, metric="token_acc"), TARGET))
 
 
 def test_dry_run_writes_nothing(tmp_path):
     rows = random_rows(np.random.default_rng(2), n_target=5, n_epochs=1, n_ranks=1, max_obs=1)
     write_rows(tmp_path / "hsm", rows)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    result = plan_epoch(tmp_path / "hsm", 1, MiningConfig(enabled=True), TARGET, write=False)
+    result = plan_epoch(PlanRequest(tmp_path / "hsm", 1, MiningConfig(enabled=True), TARGET, write=False))
     assert result.plan.num_rows > 0
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from eventlog import TARGET, random_rows, write_rows
 from hsm.config import MiningConfig
 from hsm.mining.engines import ENGINES
-from hsm.mining.planner import plan_epoch
+from hsm.mining.planner import PlanRequest, plan_epoch
 from hsm.mining.state import find_states, read_sample_ids, read_state
 from oracle import full_state, stale_adjusted
 from oracle import plan as oracle_plan
@@ -99,7 +99,7 @@ def test_engines_equal_oracle(tmp_path_factory, seed, n_target, n_epochs, n_rank
     for engine in ENGINE_NAMES:
         hsm_dir = tmp_path_factory.mktemp(engine) / "hsm"
         write_rows(hsm_dir, rows, flush_rows=int(rng.integers(1, 9)))
-        result = plan_epoch(hsm_dir, n_epochs, mining, TARGET, engine=engine)
+        result = plan_epoch(PlanRequest(hsm_dir, n_epochs, mining, TARGET, engine=engine))
         last = find_states(hsm_dir)[-1]
         assert_state_matches(state_rows(hsm_dir, last), expected_state, engine)
         assert_plan_matches(result.plan, expected_plan, scores)
@@ -120,11 +120,11 @@ def test_incremental_fold_equals_full_recomputation(tmp_path_factory, seed, n_ep
     incremental = tmp_path_factory.mktemp("inc") / "hsm"
     write_rows(incremental, rows)
     for epoch in range(1, n_epochs + 1):  # one fold per call, each reading only its own epoch
-        result = plan_epoch(incremental, epoch, mining, TARGET, engine=engine)
+        result = plan_epoch(PlanRequest(incremental, epoch, mining, TARGET, engine=engine))
         assert result.folded_epochs == [epoch - 1] or not any(r["epoch"] == epoch - 1 for r in rows)
     scratch = tmp_path_factory.mktemp("full") / "hsm"
     shutil.copytree(incremental / "events", scratch / "events")
-    plan_epoch(scratch, n_epochs, mining, TARGET, engine=engine)
+    plan_epoch(PlanRequest(scratch, n_epochs, mining, TARGET, engine=engine))
     a = state_rows(incremental, n_epochs - 1)
     b = state_rows(scratch, n_epochs - 1)
     assert_state_matches(a, b, "incremental")
@@ -138,11 +138,11 @@ def test_changed_events_are_refolded(tmp_path):
     mining = mining_config(MODES[0], "mean", "loss", decay=0.9)
     hsm_dir = tmp_path / "hsm"
     write_rows(hsm_dir, [r for r in rows if r["epoch"] == 0])
-    plan_epoch(hsm_dir, 1, mining, TARGET)
+    plan_epoch(PlanRequest(hsm_dir, 1, mining, TARGET))
     # Epoch 0 gains events after its state was written (a resumed attempt): it is refolded.
     extra = [dict(r, attempt=1, loss=2.875) for r in rows if r["epoch"] == 0]
     write_rows(hsm_dir, extra + [r for r in rows if r["epoch"] == 1])
-    result = plan_epoch(hsm_dir, 2, mining, TARGET)
+    result = plan_epoch(PlanRequest(hsm_dir, 2, mining, TARGET))
     assert result.folded_epochs == [0, 1]
     assert_state_matches(state_rows(hsm_dir, 1), full_state(rows + extra, metric="loss", decay=0.9, aggregate="mean"), "refold")
 
@@ -208,7 +208,7 @@ def test_box_metrics_epoch_aggregates_and_staleness_equal_oracle(
         write_parts(hsm_dir, rows)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # epochs without events
-            result = plan_epoch(hsm_dir, n_epochs, mining, TARGET, engine=engine)
+            result = plan_epoch(PlanRequest(hsm_dir, n_epochs, mining, TARGET, engine=engine))
         last = find_states(hsm_dir)[-1]
         assert_state_matches(state_rows(hsm_dir, last), expected_state, engine)
         assert_plan_matches(result.plan, expected_plan, scores)
@@ -233,7 +233,7 @@ def test_epoch_ema_is_not_dominated_by_the_first_epoch(tmp_path):
     for aggregate, value in want.items():
         hsm_dir = tmp_path / aggregate / "hsm"
         write_parts(hsm_dir, rows)
-        plan = plan_epoch(hsm_dir, 3, MiningConfig(enabled=True, aggregate=aggregate, start_epoch=0), TARGET).plan
+        plan = plan_epoch(PlanRequest(hsm_dir, 3, MiningConfig(enabled=True, aggregate=aggregate, start_epoch=0), TARGET)).plan
         assert plan.column("score").to_pylist() == [pytest.approx(value, rel=1e-12)], aggregate
     assert want["last"] < want["epoch_ema"] < 3.3 < 4.5 < want["ema"]
 
@@ -257,7 +257,7 @@ def test_out_of_core_fold_is_byte_identical(tmp_path, engine, aggregate):
 
         folded = fold_pending(hsm_dir, 2, mining, engine=engine, memory_limit=limit, temp_directory=tmp_path)
         folded.wait()
-        plan_epoch(hsm_dir, 3, mining, TARGET, engine=engine)
+        plan_epoch(PlanRequest(hsm_dir, 3, mining, TARGET, engine=engine))
         files[how] = [pq.read_table(hsm_dir / "plans" / "epoch=3" / "plan.parquet"),
                       *(pq.read_table(hsm_dir / "state" / f"epoch={e}" / "state.parquet") for e in range(3)),
                       *(pq.read_table(hsm_dir / "sample_ids" / f"epoch={e}" / "sample_ids.parquet") for e in range(3))]

@@ -13,7 +13,7 @@ from hsm.cli.app import app
 from hsm.config import MiningConfig
 from hsm.mining.engines import ENGINES
 from hsm.mining.plan import load_plan
-from hsm.mining.planner import plan_epoch
+from hsm.mining.planner import PlanRequest, plan_epoch
 from oracle import tie_key
 
 MINING = [
@@ -38,7 +38,7 @@ def test_all_equal_scores_plan_nothing_hard_in_every_engine(tmp_path, fields):
     for engine in ENGINES:
         hsm_dir = tmp_path / engine / "hsm"
         write_rows(hsm_dir, rows)
-        result = plan_epoch(hsm_dir, 2, mining, TARGET, engine=engine)
+        result = plan_epoch(PlanRequest(hsm_dir, 2, mining, TARGET, engine=engine))
         m = result.manifest
         assert m["no_signal"] is True and m["triggered"] is True
         assert m["counts"]["hard"] == 0 and m["counts"]["regular_drawn"] == 0
@@ -58,7 +58,7 @@ def test_one_different_score_is_a_signal(tmp_path):
             r["loss"] = 2.0
     mining = MiningConfig.model_validate({"enabled": True, "start_epoch": 0, "selector": {"k": 3}})
     write_rows(tmp_path / "hsm", rows)
-    result = plan_epoch(tmp_path / "hsm", 2, mining, TARGET)
+    result = plan_epoch(PlanRequest(tmp_path / "hsm", 2, mining, TARGET))
     assert result.manifest["no_signal"] is False
     hard = set(result.plan.filter(result.plan.column("is_hard")).column("base_idx").to_pylist())
     # Sample 4 by its score; the two others among the tied by the seeded hash of their ids.

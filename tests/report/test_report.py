@@ -18,7 +18,7 @@ from browser import find_chromium, load_page, page_url
 from hsm.cli.app import app
 from hsm.config import MiningConfig
 from hsm.mining.event_writer import EventWriter
-from hsm.mining.planner import plan_epoch
+from hsm.mining.planner import PlanRequest, plan_epoch
 from hsm.data.records import read_jsonl
 from hsm.report import build_report
 from hsm.mining.suspects import data_map, read_epoch_metrics
@@ -62,7 +62,7 @@ def write_run(root: Path, *, n_target: int = 40, wrong: int = 3) -> Path:
                 )
                 step += 1
             writer.flush()
-            plan_epoch(hsm_dir, epoch + 1, mining, "bbu")
+            plan_epoch(PlanRequest(hsm_dir, epoch + 1, mining, "bbu"))
     return run
 
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from eventlog import TARGET, random_rows, write_rows
 from hsm.cli.app import app
 from hsm.config import MiningConfig
-from hsm.mining.planner import plan_epoch
+from hsm.mining.planner import PlanRequest, plan_epoch
 from hsm.mining.suspects import data_map, epoch_metrics, read_epoch_metrics
 from oracle import _ceil_decimal
 
@@ -116,9 +116,9 @@ def test_sql_suspects_agree_with_python(run_dir):
 def test_exclude_suspects_keeps_them_out_of_the_hard_set(run_dir):
     run_dir, planted = run_dir
     hsm_dir = run_dir / "hsm"
-    plain = plan_epoch(hsm_dir, 4, MiningConfig(enabled=True, selector={"k": 5}), TARGET, write=False)
-    excluded = plan_epoch(hsm_dir, 4, MiningConfig(enabled=True, selector={"k": 5}, exclude_suspects=True),
-                          TARGET, write=False)
+    plain = plan_epoch(PlanRequest(hsm_dir, 4, MiningConfig(enabled=True, selector={"k": 5}), TARGET, write=False))
+    excluded = plan_epoch(PlanRequest(hsm_dir, 4, MiningConfig(enabled=True, selector={"k": 5}, exclude_suspects=True),
+                          TARGET, write=False))
     hard_before = set(plain.plan.filter(plain.plan.column("is_hard")).column("base_idx").to_pylist())
     assert planted in hard_before  # the highest score: hard without the option
     suspects = excluded.manifest["suspects"]["base_idx"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hsm.config_load import load_config
-from hsm.mining.planner import plan_epoch
+from hsm.mining.planner import PlanRequest, plan_epoch
 from hsm.run import train
 from hsm.mining.suspects import data_map, read_epoch_metrics
 from hsm.data.synth import DOMAINS, render_image
@@ -67,5 +67,5 @@ def test_wrong_label_becomes_a_suspect_and_is_kept_out(tmp_path):
     assert not plan["is_hard"][row] and plan["weight"][row] == 1.0
     # Without the option the same state would put it in the hard set.
     cfg = load_config(hsm_dir / "config.yaml", ["custom.hard_sample_mining.exclude_suspects=false"])
-    plain = plan_epoch(hsm_dir, EPOCHS, cfg.mining, "bbu", write=False).plan.to_pydict()
+    plain = plan_epoch(PlanRequest(hsm_dir, EPOCHS, cfg.mining, "bbu", write=False)).plan.to_pydict()
     assert plain["is_hard"][plain["base_idx"].index(WRONG)]

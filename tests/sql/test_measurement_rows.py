@@ -9,7 +9,7 @@ import yaml
 from hsm.config import MiningConfig
 from hsm.eval.train_quality import POSITION_BASE
 from hsm.mining.event_writer import EventWriter
-from hsm.mining.planner import plan_epoch
+from hsm.mining.planner import PlanRequest, plan_epoch
 from hsm.mining.queries import MEASUREMENT_POSITION, connect, query_text, run_query
 from hsm.report.data import load_run
 
@@ -34,7 +34,7 @@ def write_run(tmp_path) -> tuple[dict, list[float]]:
                   position_offset=POSITION_BASE, det_f1=np.linspace(0.0, 1.0, N, dtype=np.float32))
     writer.close()
     mining = MiningConfig(enabled=True, metric="det_f1", selector={"k": 2})
-    plan_epoch(hsm_dir, 1, mining, "t")
+    plan_epoch(PlanRequest(hsm_dir, 1, mining, "t"))
     (hsm_dir / "config.yaml").write_text(yaml.safe_dump({"custom": {
         "hard_sample_mining": mining.model_dump(mode="json"), "fusion_config": {"target": {"name": "t"}}}}))
     return {i: drawn.count(i) for i in range(N)}, losses

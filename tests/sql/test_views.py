@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 
 from eventlog import TARGET, random_rows, sample_id, write_rows
 from hsm.config import MiningConfig
-from hsm.mining.planner import plan_epoch
+from hsm.mining.planner import PlanRequest, plan_epoch
 from hsm.mining.queries import connect
 
 
@@ -16,10 +16,10 @@ def test_views_join_sample_id_onto_state_and_plans(tmp_path):
     hsm_dir = tmp_path / "hsm"
     write_rows(hsm_dir, [r for r in rows if r["epoch"] < 2])
     mining = MiningConfig(enabled=True, selector={"k": 4})
-    plan_epoch(hsm_dir, 2, mining, TARGET)
+    plan_epoch(PlanRequest(hsm_dir, 2, mining, TARGET))
     # A resumed attempt changes epoch 0 after the fact: it is refolded, the id table rewritten.
     write_rows(hsm_dir, [dict(r, attempt=1) for r in rows if r["epoch"] == 0] + [r for r in rows if r["epoch"] == 2])
-    plan_epoch(hsm_dir, 3, mining, TARGET)
+    plan_epoch(PlanRequest(hsm_dir, 3, mining, TARGET))
     assert "sample_id" not in pq.read_schema(hsm_dir / "state" / "epoch=2" / "state.parquet").names
     assert "sample_id" not in pq.read_schema(hsm_dir / "plans" / "epoch=3" / "plan.parquet").names
     con = connect(tmp_path)
@@ -42,7 +42,7 @@ def test_event_values_are_the_latest_plans_metric_as_difficulty(tmp_path):
     con = connect(tmp_path)  # before any plan: loss
     got = con.sql("SELECT DISTINCT metric FROM event_values").fetchall()
     assert got == [("loss",)]
-    plan_epoch(hsm_dir, 2, MiningConfig(enabled=True, selector={"k": 3}, metric="token_acc"), TARGET)
+    plan_epoch(PlanRequest(hsm_dir, 2, MiningConfig(enabled=True, selector={"k": 3}, metric="token_acc"), TARGET))
     con = connect(tmp_path)
     got = con.sql("SELECT epoch, global_step, rank, position, metric, value FROM event_values").fetchall()
     # Every attempt kept by the events view, with 1 - token_acc (as float32 was logged) as its value.

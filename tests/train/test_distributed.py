@@ -25,7 +25,7 @@ import pytest
 
 from hsm.config_load import load_config
 from hsm.mining.plan import DatasetInfo, load_plan
-from hsm.mining.planner import plan_epoch
+from hsm.mining.planner import PlanRequest, plan_epoch
 from hsm.data.schedule import build_schedule
 
 pytestmark = pytest.mark.slow
@@ -161,7 +161,7 @@ def test_ranks_without_a_shared_file_system_plan_from_every_rank(tmp_path, corpu
         shutil.copytree(rank_dir, union / "events" / rank_dir.parent.name / "rank=1")
     cfg = load_config(node0 / "hsm" / "config.yaml")
     for epoch in (1, 2):
-        offline = plan_epoch(union, epoch, cfg.mining, "bbu", num_train_epochs=2)
+        offline = plan_epoch(PlanRequest(union, epoch, cfg.mining, "bbu", num_train_epochs=2))
         assert offline.plan.to_pylist() == pq.read_table(node0 / "hsm" / "plans" / f"epoch={epoch}" / "plan.parquet").to_pylist()
     logged = {(e["global_step"], e["rank"], e["position"]) for e in events(node0)}
     assert {r for _, r, _ in logged} == {0, 1} and len(logged) == 2 * 24

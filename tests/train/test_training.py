@@ -15,7 +15,7 @@ from transformers import Trainer, TrainingArguments
 
 from hsm.data.fusion import DetectionCollator, FusionDataset
 from hsm.train.model import build_model, build_processor
-from hsm.mining.planner import plan_epoch
+from hsm.mining.planner import PlanRequest, plan_epoch
 from hsm.run import train
 from hsm.schemas import EVENT_SCHEMA
 from hsm.train.trainer import HsmTrainerMixin, make_trainer_class
@@ -122,7 +122,7 @@ def test_end_to_end_mining(tmp_path, corpus, run_config):
     offline = tmp_path / "offline" / "hsm"
     shutil.copytree(hsm_dir / "events", offline / "events")
     cfg = run_config(corpus, out, mining=True)
-    result = plan_epoch(offline, 2, cfg.mining, "bbu")
+    result = plan_epoch(PlanRequest(offline, 2, cfg.mining, "bbu"))
     assert result.plan.to_pylist() == pq.read_table(hsm_dir / "plans" / "epoch=2" / "plan.parquet").to_pylist()
     assert set(result.plan.column("dataset").to_pylist()) == {"bbu"}
     # The sampler used the plan: in epoch 2 each hard sample was drawn ~hard_weight times.
