@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from hsm.data.encoding import IGNORE_INDEX, ROLE_COORD, ROLE_LABEL
 
-__all__ = ["STAT_ROWS", "token_losses", "per_sample_stats", "CHUNK_TOKENS", "chunked_token_stats", "hidden_token_stats",
+__all__ = ["STAT_ROWS", "causal_lm_loss", "token_losses", "per_sample_stats", "CHUNK_TOKENS", "chunked_token_stats", "hidden_token_stats",
            "sequence_index", "token_samples", "packed_sample_stats"]
 
 # The rows of per_sample_stats, in order.
@@ -37,6 +37,67 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     with torch.no_grad():
         correct = (logits.argmax(dim=-1)[:, :-1] == shift_labels) & mask
     return losses, mask, correct
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None,
+                   supervised: torch.Tensor | None = None, chunk_tokens: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training loss of a causal LM, bit-identical to transformers' own (``ForCausalLMLoss``), and the
+    per-token statistics from the same ``log_softmax``.
+
+    ``F.cross_entropy`` is ``F.nll_loss(F.log_softmax(x))``; this runs those two steps itself, so the loss, its
+    gradient and the memory it keeps are the plain model's, and the per-token losses are a gather from the
+    log-probabilities the loss already built (``[tokens]``, no second pass over the vocabulary). The argmax for the
+    correctness flags runs over the ``supervised`` positions only, ``chunk_tokens`` rows at a time.
+
+    Naive equivalent of ``loss``: ``transformers.loss.loss_utils.ForCausalLMLoss(logits, labels, vocab,
+    num_items_in_batch)``: ``cross_entropy(..., reduction="mean")``, or ``reduction="sum"`` divided by
+    ``num_items_in_batch`` when given.
+
+    Args:
+        logits: ``[batch, seq, vocab]``, any float dtype (upcast to float32 as transformers does).
+        labels: ``[batch, seq]`` unshifted labels, -100 where not supervised.
+        num_items_in_batch: the supervised-token count to divide the summed loss by (gradient accumulation,
+            tokens averaged across devices), or None for the micro-batch's own token mean.
+        supervised: :func:`hsm.data.encoding.supervised_positions` of ``labels`` (any device), or None: the argmax then runs over
+            every position.
+        chunk_tokens: rows per argmax chunk; default :data:`CHUNK_TOKENS`.
+
+    Returns:
+        ``(loss, losses, mask, correct)``: the scalar loss (with grad) and, like :func:`token_losses`,
+        ``[batch, seq - 1]`` per-token losses (float32, no grad, 0 where masked), supervised positions and
+        argmax == label.
+    """
+    batch, seq, vocab = logits.shape
+    shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].contiguous().view(-1).to(logits.device)
+    log_probs = F.log_softmax(logits.float().view(-1, vocab), dim=1)
+    if num_items_in_batch is None:
+        loss = F.nll_loss(log_probs, shift_labels, ignore_index=IGNORE_INDEX, reduction="mean")
+    else:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(log_probs.device)
+        loss = F.nll_loss(log_probs, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum") / num_items_in_batch
+    with torch.no_grad():
+        mask = shift_labels != IGNORE_INDEX
+        target = torch.where(mask, shift_labels, 0)
+        picked = log_probs.detach().gather(1, target[:, None]).squeeze(1)
+        losses = torch.where(mask, -picked, 0.0)
+        flat_logits = logits.detach().view(-1, vocab)
+        if supervised is None:
+            correct = (flat_logits.argmax(dim=-1) == target) & mask
+        else:
+            correct = torch.zeros_like(mask)
+            rows = supervised.to(logits.device, non_blocking=True)
+            step = chunk_tokens or CHUNK_TOKENS
+            for start in range(0, rows.numel(), step):  # numel is host metadata: no sync
+                chunk = rows[start:start + step]
+                hit = flat_logits.index_select(0, chunk).argmax(dim=-1) == target.index_select(0, chunk)
+                correct.index_put_((chunk,), hit)
+
+    def unshift(values: torch.Tensor) -> torch.Tensor:
+        return values.view(batch, seq)[:, :-1]
+
+    return loss, unshift(losses), unshift(mask), unshift(correct)
 
 
 def per_sample_stats(losses: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor,

@@ -26,7 +26,7 @@ from hsm.io import file_sha256, write_json_atomic
 from hsm.mining.plan import plan_dir, publish_plan, stage_plan_bytes
 from hsm.mining.planner import plan_epoch
 from hsm.data.sampler import HsmSampler
-from hsm.train.stats import STAT_ROWS, per_sample_stats, token_losses
+from hsm.train.stats import STAT_ROWS, causal_lm_loss, per_sample_stats
 
 __all__ = [
     "HsmTrainerMixin",
@@ -173,17 +173,12 @@ class HsmTrainerMixin(FusionSamplerMixin):
 
     def _hsm_loss(self, outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        losses, mask, correct = token_losses(logits, labels)
-        total = losses.sum()
-        # Normalise exactly as the model's own loss would, and tell training_step
-        # whether that is already scaled for gradient accumulation (as it infers for the plain model).
-        if num_items_in_batch is not None:
-            loss = total / num_items_in_batch
-            self.loss_is_scaled_for_ga = True
-        else:
-            loss = total / mask.sum().clamp(min=1)  # a tensor: no host sync on the training path
-            self.loss_is_scaled_for_ga = False
         meta, self._hsm_loss_meta = self._hsm_loss_meta, None
+        supervised = meta.pop("supervised_index", None) if meta is not None else None
+        # The model's own loss, op for op (bit-identical loss and gradients), and the statistics from its pass.
+        loss, losses, mask, correct = causal_lm_loss(logits, labels, num_items_in_batch, supervised)
+        # Tell training_step whether that is already scaled for gradient accumulation (as it infers for the plain model).
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
         if self.model.training and meta is not None:
             stats = per_sample_stats(losses, mask, correct, meta.pop("token_roles", None))
             self.record_stats(meta, stats, self.state.global_step)
