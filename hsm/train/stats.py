@@ -40,7 +40,8 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None,
-                   supervised: torch.Tensor | None = None, chunk_tokens: int | None = None
+                   supervised: torch.Tensor | None = None, chunk_tokens: int | None = None,
+                   predictions: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The training loss of a causal LM, bit-identical to transformers' own (``ForCausalLMLoss``), and the
     per-token statistics from the same ``log_softmax``.
@@ -62,6 +63,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batc
         supervised: :func:`hsm.data.encoding.supervised_positions` of ``labels`` (any device), or None: the argmax then runs over
             every position.
         chunk_tokens: rows per argmax chunk; default :data:`CHUNK_TOKENS`.
+        predictions: ``[batch, seq]`` argmax of ``logits`` that the trainer takes anyway (ms-swift's token
+            accuracy), or None; when given, no argmax runs here.
 
     Returns:
         ``(loss, losses, mask, correct)``: the scalar loss (with grad) and, like :func:`token_losses`,
@@ -83,7 +86,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batc
         picked = log_probs.detach().gather(1, target[:, None]).squeeze(1)
         losses = torch.where(mask, -picked, 0.0)
         flat_logits = logits.detach().view(-1, vocab)
-        if supervised is None:
+        if predictions is not None:
+            correct = (predictions.reshape(-1) == target) & mask
+        elif supervised is None:
             correct = (flat_logits.argmax(dim=-1) == target) & mask
         else:
             correct = torch.zeros_like(mask)

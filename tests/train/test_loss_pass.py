@@ -44,6 +44,9 @@ def test_loss_and_gradient_are_bit_identical_to_transformers(seed, batch, seq, s
     torch.testing.assert_close(losses.flatten(), want, rtol=0, atol=0)
     assert torch.equal(correct, (logits[:, :-1].argmax(-1) == shift) & mask)
     assert not losses.requires_grad
+    # An argmax the trainer already took (ms-swift's token accuracy) gives the same flags without another one.
+    reused = causal_lm_loss(logits, labels, items, predictions=logits.argmax(-1))[3]
+    assert torch.equal(reused, correct)
 
 
 def test_supervised_positions_follow_the_naive_loop():
