@@ -350,3 +350,23 @@ def test_one_step_with_hsms_loss_hook_is_bit_identical_to_plain_swift(tmp_path, 
     assert not differ, f"{len(differ)} of {len(plain)} differ, e.g. {differ[:3]}"
     events = pa.concat_tables([pq.read_table(p) for p in (tmp_path / "run-True").glob("v*-*/hsm/events/*/*/*.parquet")])
     assert events.num_rows == BATCH * accumulation  # the statistics came from the same step
+
+
+def test_loss_plan_says_when_hsm_keeps_the_users_loss():
+    """hsm owns the loss only where it can mirror plain ms-swift; otherwise it keeps the user's and says why."""
+    from types import SimpleNamespace
+
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from hsm.integrations.swift import LOSS_TYPE, _loss_plan
+
+    causal = SimpleNamespace(loss_function=ForCausalLMLoss)
+    plain = SimpleNamespace(use_liger_kernel=False, loss_type=None)
+    assert _loss_plan(plain, causal) == (True, None)
+    assert _loss_plan(SimpleNamespace(use_liger_kernel=False, loss_type=LOSS_TYPE), causal) == (True, None)
+    owns, note = _loss_plan(SimpleNamespace(use_liger_kernel=True, loss_type=None), causal)
+    assert not owns and note.startswith("--use_liger_kernel")
+    owns, note = _loss_plan(SimpleNamespace(use_liger_kernel=False, loss_type="cross_entropy"), causal)
+    assert not owns and "--loss_type cross_entropy: hsm keeps that loss" in note
+    owns, note = _loss_plan(plain, SimpleNamespace(loss_function=lambda **kwargs: None))
+    assert not owns and "not transformers' ForCausalLMLoss" in note
