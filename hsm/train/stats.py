@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from hsm.data.encoding import IGNORE_INDEX, ROLE_COORD, ROLE_LABEL
 
-__all__ = ["STAT_ROWS", "causal_lm_loss", "token_losses", "per_sample_stats", "CHUNK_TOKENS", "chunked_token_stats", "hidden_token_stats",
+__all__ = ["STAT_ROWS", "causal_lm_loss", "token_losses", "fold_tokens", "stats_from_fold", "per_sample_stats", "CHUNK_TOKENS", "chunked_token_stats", "hidden_token_stats",
            "sequence_index", "token_samples", "packed_sample_stats"]
 
 # The rows of per_sample_stats, in order.
@@ -105,6 +105,52 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batc
     return loss, unshift(losses), unshift(mask), unshift(correct)
 
 
+def fold_tokens(losses: torch.Tensor, counted: torch.Tensor, correct: torch.Tensor, owner: torch.Tensor,
+                n_samples: int, roles: torch.Tensor | None = None) -> torch.Tensor:
+    """``[n_samples, 4, 3]`` float32: per sample, per token role (``ROLE_OTHER``, ``ROLE_COORD``, ``ROLE_LABEL``) and
+    over all its tokens (slot 3), the sums ``(loss, count, correct)`` of its counted tokens, in one ``index_add_``.
+
+    Every tensor is aligned token for token (any shape, flattened alike); nothing leaves the device and nothing is
+    read back, so the fold adds no host sync.
+
+    Naive equivalent of ``out[i, r]``: ``(losses[sel].sum(), sel.sum(), correct[sel].sum())`` with
+    ``sel = counted & (owner == i) & (roles == r)`` (slot 3: without the role condition).
+
+    Args:
+        losses: per-token losses (0 where not counted is not required).
+        counted: the tokens that count (supervised, and owned by a sample).
+        correct: argmax == label per token.
+        owner: the sample each token belongs to (``0 <= owner < n_samples`` where counted).
+        n_samples: the samples of the batch.
+        roles: per-token roles (``hsm.data.encoding.ROLE_*``, 0..2), or None: every token ``ROLE_OTHER``.
+    """
+    with torch.no_grad():
+        counted = counted.flatten()
+        owner = torch.where(counted, owner.flatten().to(counted.device), n_samples)  # row n_samples collects the rest
+        role = roles.flatten().to(counted.device).long() if roles is not None else torch.zeros_like(owner)
+        values = torch.stack([torch.where(counted, losses.detach().flatten().float(), 0.0), counted.float(),
+                              (correct.flatten() & counted).float()], dim=1)
+        slots = 4
+        # Each token is added twice, to its role's slot and to the all-tokens slot: one index_add_ for both.
+        index = torch.cat([owner * slots + role, owner * slots + 3])
+        table = torch.zeros(((n_samples + 1) * slots, 3), dtype=torch.float32, device=counted.device)
+        table.index_add_(0, index, values.repeat(2, 1))
+        return table.view(n_samples + 1, slots, 3)[:n_samples]
+
+
+def stats_from_fold(table: torch.Tensor, has_roles: bool) -> torch.Tensor:
+    """``[6, n_samples]`` rows :data:`STAT_ROWS` from :func:`fold_tokens`' sums (see :func:`per_sample_stats`)."""
+    total = table[:, 3]
+    n = total[:, 1]
+    safe = n.clamp(min=1.0)
+    nan = torch.full_like(n, float("nan"))
+    by_role = []
+    for role in (ROLE_COORD, ROLE_LABEL):
+        loss, count = table[:, role, 0], table[:, role, 1]
+        by_role.append(torch.where(count > 0, loss / count.clamp(min=1.0), nan) if has_roles else nan)
+    return torch.stack([total[:, 0] / safe, total[:, 2] / safe, n, by_role[0], by_role[1], total[:, 0]])
+
+
 def per_sample_stats(losses: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor,
                      token_roles: torch.Tensor | None = None) -> torch.Tensor:
     """``[6, batch]`` float32, rows :data:`STAT_ROWS`, from the one cross-entropy pass.
@@ -117,6 +163,7 @@ def per_sample_stats(losses: torch.Tensor, mask: torch.Tensor, correct: torch.Te
       sample has no such token or ``token_roles`` is None.
     - ``loss_sum``: the sum of the sample's token losses (crowded answers weigh more).
 
+    One scatter-add (:func:`fold_tokens`) into ``[batch, roles, (loss sum, count, correct)]``, no host sync.
     Naive equivalent of ``coord_loss[i]``: ``losses[i][mask[i] & (token_roles[i, 1:] == ROLE_COORD)].mean()``.
 
     Args:
@@ -125,23 +172,10 @@ def per_sample_stats(losses: torch.Tensor, mask: torch.Tensor, correct: torch.Te
         correct: ``[batch, seq - 1]`` argmax == label.
         token_roles: ``[batch, seq]`` token roles aligned with the unshifted labels, or None.
     """
-    with torch.no_grad():
-        losses = losses.detach()
-        n = mask.sum(dim=1).float()
-        safe = n.clamp(min=1.0)
-        total = losses.sum(dim=1)
-        nan = torch.full_like(total, float("nan"))
-        by_role = []
-        roles = token_roles[:, 1:].to(mask.device, non_blocking=True) if token_roles is not None else None
-        for role in (ROLE_COORD, ROLE_LABEL):
-            if roles is None:
-                by_role.append(nan)
-                continue
-            selected = (roles == role) & mask
-            count = selected.sum(dim=1).float()
-            mean = (losses * selected).sum(dim=1) / count.clamp(min=1.0)
-            by_role.append(torch.where(count > 0, mean, nan))
-        return torch.stack([total / safe, correct.sum(dim=1).float() / safe, n, by_role[0], by_role[1], total])
+    batch = mask.shape[0]
+    owner = torch.arange(batch, device=mask.device)[:, None].expand(mask.shape)
+    roles = token_roles[:, 1:].to(mask.device, non_blocking=True) if token_roles is not None else None
+    return stats_from_fold(fold_tokens(losses, mask, correct, owner, batch, roles), token_roles is not None)
 
 
 def sequence_index(position_ids: torch.Tensor) -> torch.Tensor:
@@ -183,7 +217,7 @@ def packed_sample_stats(losses: torch.Tensor, mask: torch.Tensor, correct: torch
 
     A label counts for sample ``i`` when ``owners`` (:func:`token_samples`) says it is ``i``'s: the label of each
     sample's first token, which only the previous sample's last position "predicts", counts for none. One
-    ``index_add_`` per row of :data:`STAT_ROWS`: no host sync, no loop over samples.
+    scatter-add (:func:`fold_tokens`): no host sync, no loop over samples.
 
     Naive equivalent of column ``i``: :func:`per_sample_stats` of a one-row batch holding only the positions ``t``
     with ``owners[:, 1:][t] == i`` (``tests/integrations/test_packing.py`` holds it to each sample computed alone).
@@ -196,32 +230,10 @@ def packed_sample_stats(losses: torch.Tensor, mask: torch.Tensor, correct: torch
         n_samples: the number of packed samples (columns of the result).
         token_roles: ``[rows, seq]`` token roles aligned with the unshifted labels, or None.
     """
-    with torch.no_grad():
-        owner = owners[:, 1:].to(mask.device, non_blocking=True)
-        belongs = owner >= 0
-        bins = torch.where(belongs, owner, n_samples).flatten()  # bin n_samples collects what belongs to none
-        counted = (mask & belongs).flatten()
-        losses = torch.where(counted, losses.detach().flatten().float(), 0.0)
-
-        def per_sample(values: torch.Tensor) -> torch.Tensor:
-            return torch.zeros(n_samples + 1, dtype=torch.float32, device=mask.device).index_add_(
-                0, bins, values.float())[:n_samples]
-
-        n = per_sample(counted)
-        safe = n.clamp(min=1.0)
-        total = per_sample(losses)
-        nan = torch.full_like(total, float("nan"))
-        by_role = []
-        roles = token_roles[:, 1:].to(mask.device, non_blocking=True).flatten() if token_roles is not None else None
-        for role in (ROLE_COORD, ROLE_LABEL):
-            if roles is None:
-                by_role.append(nan)
-                continue
-            selected = (roles == role) & counted
-            count = per_sample(selected)
-            by_role.append(torch.where(count > 0, per_sample(losses * selected) / count.clamp(min=1.0), nan))
-        accurate = per_sample(correct.flatten() & counted)
-        return torch.stack([total / safe, accurate / safe, n, by_role[0], by_role[1], total])
+    owner = owners[:, 1:].to(mask.device, non_blocking=True)
+    roles = token_roles[:, 1:].to(mask.device, non_blocking=True) if token_roles is not None else None
+    table = fold_tokens(losses, mask & (owner >= 0), correct, owner, n_samples, roles)
+    return stats_from_fold(table, token_roles is not None)
 
 
 # Positions per chunk of the statistics-only cross-entropy: at Qwen-VL's vocabulary (151,936) one float32 chunk is

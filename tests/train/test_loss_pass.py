@@ -3,6 +3,7 @@ statistics equal to a naive recomputation."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -64,3 +65,24 @@ def test_the_argmax_reads_only_the_supervised_positions():
     _, _, mask, correct = causal_lm_loss(logits, labels, supervised=supervised_positions(labels))
     clean = torch.where(unsupervised[..., None], 0.0, logits)
     assert torch.equal(correct, (clean[:, :-1].argmax(-1) == labels[:, 1:]) & mask)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), tokens=st.integers(1, 40), n_samples=st.integers(1, 4), roles=st.booleans())
+def test_one_scatter_add_folds_every_sample_role_and_total(seed, tokens, n_samples, roles):
+    from hsm.train.stats import fold_tokens
+
+    generator = torch.Generator().manual_seed(seed)
+    losses = torch.rand(tokens, generator=generator)
+    counted = torch.rand(tokens, generator=generator) < 0.7
+    correct = torch.rand(tokens, generator=generator) < 0.5
+    owner = torch.randint(-1, n_samples, (tokens,), generator=generator)
+    counted &= owner >= 0
+    role = torch.randint(0, 3, (tokens,), generator=generator, dtype=torch.int8)
+    table = fold_tokens(losses, counted, correct, owner, n_samples, role if roles else None)
+    for i in range(n_samples):
+        for slot in range(4):
+            picked = [t for t in range(tokens) if counted[t] and owner[t] == i
+                      and (slot == 3 or (role[t] if roles else 0) == slot)]
+            want = [sum(losses[t].item() for t in picked), len(picked), sum(bool(correct[t]) for t in picked)]
+            assert table[i, slot].tolist() == pytest.approx(want, rel=1e-6, abs=1e-6)
