@@ -144,6 +144,7 @@ class HsmTrainerMixin(FusionSamplerMixin):
         self.hsm_world = distributed.current_world()
         self.hsm_writer = EventWriter(hsm_dir, run_id=run_id, rank=self.hsm_world.rank, attempt=attempt)
         self._hsm_pending: list[tuple[dict, torch.Tensor, int, int]] = []
+        self._hsm_in_flight: list[tuple[list, torch.Tensor, torch.cuda.Event | None]] = []
         self._hsm_loss_meta: dict | None = None  # the batch whose loss compute_loss is computing
         self._hsm_micro = (-1, 0)
         self.add_callback(MiningCallback(self))
@@ -159,7 +160,7 @@ class HsmTrainerMixin(FusionSamplerMixin):
         """
         self._hsm_pending.append((meta, stats, step, self._position_offset(stats.shape[1], step)))
         if len(self._hsm_pending) >= _FLUSH_EVERY_STEPS:
-            self.hsm_drain()
+            self.hsm_drain(wait=False)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._hsm_loss_meta = self.take_hsm_meta(inputs)
@@ -193,12 +194,29 @@ class HsmTrainerMixin(FusionSamplerMixin):
         self._hsm_micro = (step, offset + batch_size)
         return offset
 
-    def hsm_drain(self) -> None:
-        """Move pending per-sample stats to the host in one transfer and hand them to the writer."""
-        if not self._hsm_pending:
-            return
-        pending, self._hsm_pending = self._hsm_pending, []
-        stats = torch.cat([s for _, s, _, _ in pending], dim=1).cpu().numpy()
+    def hsm_drain(self, *, wait: bool = True) -> None:
+        """Start one non-blocking device-to-host copy of the pending statistics and hand finished copies to the writer.
+
+        With ``wait=False`` (during training) the copy just started stays in flight and only the previous one, long
+        finished by then, is read: the training loop never waits on the device. ``wait=True`` (checkpoint, epoch
+        end) reads every copy.
+        """
+        if self._hsm_pending:
+            pending, self._hsm_pending = self._hsm_pending, []
+            stats = torch.cat([s for _, s, _, _ in pending], dim=1)
+            host = stats.to("cpu", non_blocking=True)  # from CUDA: into pinned memory, asynchronously
+            copied = None
+            if stats.is_cuda:
+                copied = torch.cuda.Event()
+                copied.record()
+            self._hsm_in_flight.append((pending, host, copied))
+        while self._hsm_in_flight and (wait or len(self._hsm_in_flight) > 1):
+            pending, host, copied = self._hsm_in_flight.pop(0)
+            if copied is not None:
+                copied.synchronize()
+            self._hsm_write(pending, host.numpy())
+
+    def _hsm_write(self, pending: list, stats: np.ndarray) -> None:
         start = 0
         for meta, s, step, offset in pending:
             n = s.shape[1]

@@ -86,3 +86,25 @@ def test_one_scatter_add_folds_every_sample_role_and_total(seed, tokens, n_sampl
                       and (slot == 3 or (role[t] if roles else 0) == slot)]
             want = [sum(losses[t].item() for t in picked), len(picked), sum(bool(correct[t]) for t in picked)]
             assert table[i, slot].tolist() == pytest.approx(want, rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (host syncs only exist there)")
+def test_loss_and_statistics_make_no_host_sync():
+    from hsm.train.stats import per_sample_stats
+
+    logits, labels = random_batch(0, 2, 512, 1000, 0.25)
+    roles = torch.randint(0, 3, labels.shape, dtype=torch.int8)
+    supervised = supervised_positions(labels).pin_memory()
+    logits = logits.cuda().to(torch.bfloat16).requires_grad_(True)
+    labels, roles = labels.cuda(), roles.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, losses, mask, correct = causal_lm_loss(logits, labels, None, supervised)
+        stats = per_sample_stats(losses, mask, correct, roles)
+        loss.backward()
+        host = stats.to("cpu", non_blocking=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert host.shape == (6, 2)
