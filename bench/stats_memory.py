@@ -244,8 +244,10 @@ def loss_table(args) -> None:
                           for v in VARIANTS}
                 for stack, (plain, hsm) in STACKS.items():
                     t0, t1, m0, m1 = median[plain], median[hsm], memory[plain], memory[hsm]
+                    memory_cells = (f"{m0:.0f} | {m1:.0f} | {100 * (m1 / m0 - 1):+.1f}%" if args.memory == "fresh"
+                                    else "- | - | -")
                     print(f"| {share:.0%} | {layout} | {accumulation} | {stack} | {t0:.3f} | {t1:.3f} | "
-                          f"{100 * (t1 / t0 - 1):+.1f}% | {m0:.0f} | {m1:.0f} | {100 * (m1 / m0 - 1):+.1f}% |", flush=True)
+                          f"{100 * (t1 / t0 - 1):+.1f}% | {memory_cells} |", flush=True)
 
 
 def whole_table(args) -> None:
