@@ -60,8 +60,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batc
         labels: ``[batch, seq]`` unshifted labels, -100 where not supervised.
         num_items_in_batch: the supervised-token count to divide the summed loss by (gradient accumulation,
             tokens averaged across devices), or None for the micro-batch's own token mean.
-        supervised: :func:`hsm.data.encoding.supervised_positions` of ``labels`` (any device), or None: the argmax then runs over
-            every position.
+        supervised: :func:`hsm.data.encoding.supervised_positions` of ``labels`` (any device), or None: the argmax
+            then runs over every position.
         chunk_tokens: rows per argmax chunk; default :data:`CHUNK_TOKENS`.
         predictions: ``[batch, seq]`` argmax of ``logits`` that the trainer takes anyway (ms-swift's token
             accuracy), or None; when given, no argmax runs here.
