@@ -55,7 +55,7 @@ def device():
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def build(hidden: int, layers: int, seq: int, batch: int, share: float, padding_free: bool):
+def build(hidden: int, layers: int, seq: int, batch: int, share: float, padding_free: bool, vocab: int = VOCAB):
     """``(model, micro_batch)``: the model and one micro-batch's tensors (input_ids, labels, positions, owners,
     supervised index, roles, n_samples)."""
     import torch
@@ -67,13 +67,13 @@ def build(hidden: int, layers: int, seq: int, batch: int, share: float, padding_
     torch.manual_seed(0)
     head_dim = min(128, hidden // 2)
     heads = max(1, hidden // head_dim)
-    config = Qwen3Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+    config = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=head_dim,
                          max_position_embeddings=batch * seq, tie_word_embeddings=True)
     on = device()
     dtype = torch.bfloat16 if on.type == "cuda" else torch.float32
     model = Qwen3ForCausalLM(config).to(on, dtype)
-    input_ids = torch.randint(0, VOCAB, (batch, seq))
+    input_ids = torch.randint(0, vocab, (batch, seq))
     labels = input_ids.clone()
     labels[:, : seq - max(1, int(round(share * seq)))] = -100
     positions = torch.arange(seq).expand(batch, seq)
@@ -208,9 +208,9 @@ def median_times(runs: dict, rounds: int) -> dict[str, float]:
 
 
 def fresh_peak(args, variant: str, share: float, layout: str, accumulation: int) -> float:
-    command = [sys.executable, __file__, "peak", "--hidden", str(args.hidden), "--seq", str(args.seq), "--batch",
-               str(args.batch), "--variant", variant, "--share", str(share), "--layout", layout,
-               "--accumulation", str(accumulation)]
+    command = [sys.executable, __file__, "peak", "--vocab", str(args.vocab), "--hidden", str(args.hidden),
+               "--seq", str(args.seq), "--batch", str(args.batch), "--variant", variant, "--share", str(share),
+               "--layout", layout, "--accumulation", str(accumulation)]
     done = subprocess.run(command, capture_output=True, text=True, env=os.environ, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"]
 
@@ -227,7 +227,7 @@ def loss_table(args) -> None:
     shares = [float(x) for x in args.shares.split(",")]
     accumulations = [int(x) for x in args.accumulation.split(",")]
     layouts = args.layouts.split(",")
-    print(f"\nloss step: vocabulary {VOCAB:,}, hidden {args.hidden}, 1 decoder layer, sequence {args.seq}, batch "
+    print(f"\nloss step: vocabulary {args.vocab:,}, hidden {args.hidden}, 1 decoder layer, sequence {args.seq}, batch "
           f"{args.batch}, {where()}; time = median of {args.rounds} steps; memory = peak per variant"
           f"{' in a fresh process' if args.memory == 'fresh' else ' (not measured)'}\n")
     print("| supervised | layout | grad acc | stack | plain s | hsm s | time vs plain | plain MB | hsm MB | memory vs plain |")
@@ -235,7 +235,7 @@ def loss_table(args) -> None:
     for share in shares:
         for layout in layouts:
             for accumulation in accumulations:
-                model, micro = build(args.hidden, 1, args.seq, args.batch, share, layout == "padding_free")
+                model, micro = build(args.hidden, 1, args.seq, args.batch, share, layout == "padding_free", args.vocab)
                 runs = {v: step_fn(v, model, micro, accumulation) for v in VARIANTS}
                 median = median_times(runs, args.rounds)
                 del model, micro, runs
@@ -252,12 +252,12 @@ def loss_table(args) -> None:
 
 def whole_table(args) -> None:
     share = 0.25
-    one, micro = build(args.hidden, 1, args.seq, args.batch, share, False)
+    one, micro = build(args.hidden, 1, args.seq, args.batch, share, False, args.vocab)
     runs = {v: step_fn(v, one, micro, 1) for v in VARIANTS}
     median = median_times(runs, args.rounds)
     del one, runs
     gc.collect()
-    two, micro = build(args.hidden, 2, args.seq, args.batch, share, False)
+    two, micro = build(args.hidden, 2, args.seq, args.batch, share, False, args.vocab)
     t2 = median_times({"plain": step_fn("train_plain", two, micro, 1)}, args.rounds)["plain"]
     t1 = median["train_plain"]
     layer = t2 - t1
@@ -284,12 +284,13 @@ def main() -> None:
     parser.add_argument("--layouts", default="padded,padding_free")
     parser.add_argument("--memory", choices=["fresh", "none"], default="fresh")
     parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--vocab", type=int, default=VOCAB, help="smaller only to smoke-test the script")
     parser.add_argument("--variant", choices=VARIANTS)
     parser.add_argument("--share", type=float)
     parser.add_argument("--layout", choices=["padded", "padding_free"])
     args = parser.parse_args()
     if args.mode == "peak":  # one variant's peak, in this fresh process
-        model, micro = build(args.hidden, 1, args.seq, args.batch, args.share, args.layout == "padding_free")
+        model, micro = build(args.hidden, 1, args.seq, args.batch, args.share, args.layout == "padding_free", args.vocab)
         print(json.dumps({"peak_mb": peak_mb(step_fn(args.variant, model, micro, int(args.accumulation)))}))
     elif args.mode == "loss":
         loss_table(args)
