@@ -31,6 +31,7 @@ __all__ = [
     "Template",
     "grounding_char_roles",
     "answer_roles_in_ids",
+    "supervised_positions",
 ]
 
 IGNORE_INDEX = -100
@@ -214,3 +215,22 @@ def answer_roles_in_ids(tokenizer, input_ids, answers) -> tuple[np.ndarray, int]
                                                            grounding_char_roles(answer))
         cursor = at + len(run)
     return roles, missing
+
+
+def supervised_positions(labels):
+    """``[n_supervised]`` int64: the flat positions ``row * seq + t`` of ``[batch, seq]`` logits that predict a
+    supervised label (``labels[row, t + 1] != -100``), in row-major order.
+
+    Built by the collator on the host, where the labels already are (torch tensors in and out), so that the loss
+    runs its token-accuracy argmax over these positions only with no device-to-host sync: the index's length is
+    known without reading the device.
+
+    Naive equivalent: ``[r * seq + t for r in range(batch) for t in range(seq - 1) if labels[r, t + 1] != -100]``.
+
+    Args:
+        labels: ``[batch, seq]`` unshifted labels, -100 where not supervised.
+    """
+    import torch
+
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return torch.nonzero((shifted != IGNORE_INDEX).flatten()).flatten()

@@ -15,7 +15,7 @@ import numpy as np
 from hsm.data.answer import needs_resized, resized_size
 from hsm.data.augment import augment, curriculum_strength, derive_aug_seed
 from hsm.config import AugmentationConfig, FusionConfig, MiningConfig, ModelConfig
-from hsm.data.encoding import Template, format_answer, resolve_prompts
+from hsm.data.encoding import Template, format_answer, resolve_prompts, supervised_positions
 from hsm.mining.plan import DatasetInfo
 from hsm.data.records import Record, RecordError, declared_size_problems, file_fingerprint, read_jsonl
 
@@ -181,7 +181,8 @@ class DetectionCollator:
     """Pads a list of encoded items into a batch; ``hsm_meta`` rides beside the tensors.
 
     ``hsm_meta`` holds each item's metadata as lists, plus ``token_roles``
-    (``int8 [batch, seq]``, padded with ``ROLE_OTHER``) when the items carry them.
+    (``int8 [batch, seq]``, padded with ``ROLE_OTHER``) when the items carry them, and
+    ``supervised_index`` (:func:`hsm.data.encoding.supervised_positions` of the labels).
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
@@ -222,4 +223,7 @@ class DetectionCollator:
                 for i, it in enumerate(items):
                     roles[i, :len(it["token_roles"])] = torch.as_tensor(it["token_roles"])
                 batch["hsm_meta"]["token_roles"] = roles
+            # Found here on the host, so that the loss runs its token-accuracy argmax over these positions only,
+            # with no device sync.
+            batch["hsm_meta"]["supervised_index"] = supervised_positions(labels)
         return batch

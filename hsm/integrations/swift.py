@@ -13,18 +13,23 @@ ms-swift's ``Seq2SeqTrainer`` that:
   (``template.data_collator``) so each row's ``(dataset, base_idx, sample_id)`` rides in the batch;
 - replaces ms-swift's ``BatchSamplerShard`` in ``get_train_dataloader`` with batches of hsm's
   plan-driven schedule (``DataLoaderShard`` is kept, so ms-swift's device placement and ``set_epoch`` work);
-- leaves ms-swift's loss untouched and computes per-sample loss, token accuracy, ``coord_loss``, ``label_loss``
-  and ``loss_sum`` from the logits of the same forward pass (the cross-entropy recomputed per token without
-  gradient, one chunk of float32 logits at a time; from the last hidden states under ``--use_liger_kernel``;
-  no second forward), token roles from the decoded assistant turns (JSON ``bbox_2d`` answers and the
-  ``<|object_ref_start|>``/``<|box_start|>`` tags ms-swift renders ``objects`` rows into);
+- computes the training loss through ms-swift's own loss hook (``--loss_type hsm``, registered in ``loss_map`` and
+  selected by the plugin when mining is on): the loss plain ms-swift computes, op for op (bit-identical loss and
+  gradients), with per-sample loss, token accuracy, ``coord_loss``, ``label_loss`` and ``loss_sum`` from the same
+  ``log_softmax`` and from the one argmax ms-swift's token accuracy takes (no second pass over the logits). Under
+  ``--use_liger_kernel`` (no logits), another ``--loss_type`` or a model whose loss is not transformers' causal-LM
+  loss, the loss is left alone and the statistics are recomputed without gradient (from the logits one chunk at a
+  time, or from the last hidden states under liger), as a start-up warning says; token roles come from the decoded
+  assistant turns (JSON ``bbox_2d`` answers and the ``<|object_ref_start|>``/``<|box_start|>`` tags ms-swift
+  renders ``objects`` rows into);
 - supports ``--padding_free true``: ms-swift's collator concatenates a batch's samples into one row (positions
   restarting at 0 for each, ``text_position_ids`` / ``cu_seq_lens_q``) while every sample stays one dataset row,
   so each sample's identity still rides in the batch in order, and the statistics are split by the sequence
   boundaries into one event per sample, equal to a padded run's;
 - refuses ``--packing true`` at start-up: ms-swift's ``PackingDataset`` bins rows into fixed packs before training,
   and a pack is what a loader draws, so hsm's schedule could no longer draw or re-weight one sample at a time
-  (use ``--padding_free true`` for the same padding-free batches);
+  (use ``--padding_free true`` for the same padding-free batches); ``--sequence_parallel_size`` above 1 is refused
+  too (hsm's schedule is not wired into ms-swift's sequence-parallel loader, which splits each row across ranks);
 - plans at epoch end with hsm's mining callback.
 
 - refuses ``--streaming true`` (an ``IterableDataset`` has no rows to draw) and ``metric: det_f1`` (it needs
@@ -49,9 +54,13 @@ from pathlib import Path
 import torch
 
 __all__ = ["register", "plugin_path", "provenance", "write_grounding_jsonl", "refuse_arguments", "HsmSwiftTrainer",
-           "ScheduleBatchSampler"]
+           "ScheduleBatchSampler", "LOSS_TYPE"]
 
 CONFIG_ENV = "HSM_CONFIG"
+# hsm's loss in ms-swift's loss registry (``--loss_type hsm``); the plugin selects it itself when mining is on.
+LOSS_TYPE = "hsm"
+# The ms-swift release whose Seq2SeqTrainer.compute_loss and _compute_acc the bit-identity tests ran on.
+_TESTED_SWIFT = "4.6"
 
 
 def plugin_path() -> Path:
@@ -60,7 +69,8 @@ def plugin_path() -> Path:
 
 
 def register() -> None:
-    """Make ``swift sft`` (task ``causal_lm``) build :class:`HsmSwiftTrainer`: ms-swift's own trainer registry.
+    """Make ``swift sft`` (task ``causal_lm``) build :class:`HsmSwiftTrainer` (ms-swift's own trainer registry) and
+    register hsm's loss as ``--loss_type hsm`` (ms-swift's ``loss_map``, its hook for third-party losses).
 
     ms-swift imports the plugin while it parses its arguments, before it loads the model and the data: the hsm
     config (``HSM_CONFIG``) is validated here, so a mistake in it fails in seconds, and the ``swift sft`` flags
@@ -68,6 +78,7 @@ def register() -> None:
     plugins load (before ms-swift's own flash-attention check for ``--packing``).
     """
     from swift.arguments.sft_args import SftArguments
+    from swift.loss import loss_map
     from swift.trainers import TrainerFactory
 
     from hsm.integrations.common import refuse_unsupported
@@ -75,6 +86,7 @@ def register() -> None:
     cfg = _load_hsm_config()
     refuse_unsupported(cfg.mining, "ms-swift", cfg.source)
     TrainerFactory.TRAINER_MAPPING["causal_lm"] = f"{__name__}.HsmSwiftTrainer"
+    loss_map[LOSS_TYPE] = _loss_class()
     check_padding_free = SftArguments._check_padding_free
     if getattr(check_padding_free, "hsm_checked", False):  # the plugin is imported again in dataloader workers
         return
@@ -103,6 +115,43 @@ def refuse_arguments(packing: bool, streaming: bool) -> None:
         raise ValueError("swift sft --streaming true: ms-swift then reads the dataset as an IterableDataset, with no "
                          "length and no row hsm's schedule could draw or re-weight; drop --streaming when training "
                          "with the hsm plugin")
+
+
+def _loss_class():
+    from swift.loss import BaseLoss
+
+    class HsmSwiftLoss(BaseLoss):
+        """``--loss_type hsm``: the loss plain ms-swift computes, op for op, with hsm's per-token statistics taken
+        from the same pass (:meth:`HsmSwiftTrainer.hsm_loss`)."""
+
+        def __call__(self, outputs, labels, *, num_items_in_batch=None, loss_scale=None, **kwargs):
+            return self.trainer.hsm_loss(outputs, labels, num_items_in_batch, loss_scale)
+
+    return HsmSwiftLoss
+
+
+def _loss_plan(args, model) -> tuple[bool, str | None]:
+    """``(hsm_owns_loss, note)``: whether hsm's loss hook computes the training loss (and the statistics from its
+    pass), and what to tell the user at start-up when it does not.
+
+    Args:
+        args: ms-swift's training arguments (``loss_type``, ``use_liger_kernel``).
+        model: the unwrapped model (its ``loss_function`` must be transformers' causal-LM loss to be mirrored).
+    """
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    if args.use_liger_kernel and args.loss_type != LOSS_TYPE:
+        return False, ("--use_liger_kernel: liger's fused linear cross-entropy never builds the logits, so hsm leaves "
+                       "the loss to it and computes the statistics without gradient from the last hidden states, one "
+                       "chunk of positions at a time (a second LM-head pass over the supervised tokens)")
+    if args.loss_type not in (None, LOSS_TYPE):
+        return False, (f"--loss_type {args.loss_type}: hsm keeps that loss and computes the statistics with a second, "
+                       f"no-grad cross-entropy over the logits; pass --loss_type {LOSS_TYPE} (or none) for statistics "
+                       "from the loss's own pass")
+    if getattr(model, "loss_function", None) is not ForCausalLMLoss:
+        return False, ("the model's loss is not transformers' ForCausalLMLoss, which hsm's loss mirrors op for op; hsm "
+                       "keeps the model's loss and computes the statistics with a second, no-grad cross-entropy")
+    return True, None
 
 
 class ScheduleBatchSampler:
@@ -282,6 +331,80 @@ def _trainer_class():
             attach(self, self.train_dataset, name, mining=cfg.mining, seed=seed, tokenizer=tokenizer,
                    world=distributed.current_world(), target_rows=target_rows, sources=sources,
                    raw=getattr(self.train_dataset, "dataset", None), config=cfg, stack="ms-swift")
+            self._hsm_preds = None
+            self.hsm_owns_loss = False
+            if self.hsm_is_mining:
+                self._plan_loss()
+
+        def _plan_loss(self) -> None:
+            import warnings
+
+            import swift
+            from packaging.version import Version
+            from swift.loss import loss_map
+
+            swift_version = Version(swift.__version__)
+            if f"{swift_version.major}.{swift_version.minor}" != _TESTED_SWIFT:
+                warnings.warn(f"hsm: ms-swift {swift.__version__} is not the release hsm's loss hook was tested on "
+                              f"({_TESTED_SWIFT}.x)", stacklevel=2)
+            self.hsm_owns_loss, note = _loss_plan(self.args, self.accelerator.unwrap_model(self.model))
+            if note is not None:
+                warnings.warn(f"hsm: {note}", stacklevel=2)
+            if self.hsm_owns_loss and self.compute_loss_func is None:
+                self.compute_loss_func = loss_map[LOSS_TYPE](self.args, self)  # as ms-swift builds --loss_type
+
+        def hsm_loss(self, outputs, labels, num_items_in_batch=None, loss_scale=None):
+            """The loss plain ``swift sft`` computes for this batch, op for op, and hsm's per-sample statistics from
+            the same pass.
+
+            Plain ms-swift leaves the loss to the model (transformers' ``ForCausalLMLoss``: the micro-batch's token
+            mean, times ``n_tokens / num_items_in_batch`` when counted) unless it built per-token losses itself
+            (``--loss_scale``, channel loss, DFT: ``outputs.loss``), which it sums over ``num_items_in_batch``.
+            Both are reproduced here; the per-token losses come from the same ``log_softmax`` (or are
+            ``outputs.loss`` itself) and the correctness flags from the one argmax ms-swift's token accuracy
+            takes (kept for :meth:`_compute_acc`).
+            """
+            from hsm.integrations.common import sample_stats
+            from hsm.train.stats import causal_lm_loss, chunked_token_stats
+
+            meta, self._hsm_loss_meta = getattr(self, "_hsm_loss_meta", None), None
+            logits = outputs.logits
+            with torch.no_grad():
+                self._hsm_preds = logits.argmax(dim=-1)  # the argmax ms-swift's _compute_acc takes, taken once
+            if outputs.loss is None:
+                loss, losses, mask, correct = causal_lm_loss(logits, labels, predictions=self._hsm_preds)
+                loss = loss.to(labels.device)
+                if num_items_in_batch is not None:
+                    loss = loss * ((labels[:, 1:] != -100).sum() / num_items_in_batch)
+            else:
+                if num_items_in_batch is None:
+                    num_items_in_batch = (labels != -100).sum()
+                loss = outputs.loss.sum() / num_items_in_batch
+                if loss_scale is None and not self.args.enable_dft_loss:  # outputs.loss is the plain per-token CE
+                    shifted = labels[:, 1:]
+                    mask = shifted != -100
+                    losses = torch.where(mask, outputs.loss.detach().view(labels.shape)[:, :-1], 0.0)
+                    correct = (self._hsm_preds[:, :-1] == shifted) & mask
+                else:  # weighted per-token losses: the statistics need the plain cross-entropy
+                    losses, mask, correct = chunked_token_stats(logits, labels)
+            # What training_step infers for plain ms-swift (no compute_loss_func): scaled when the model took the count.
+            self.loss_is_scaled_for_ga = bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+            if self.model.training and meta is not None:
+                self.record_stats(meta, sample_stats(losses, mask, correct, meta), self.state.global_step)
+            return loss
+
+        def _compute_acc(self, outputs, labels, cu_seqlens=None) -> None:
+            preds, self._hsm_preds = self._hsm_preds, None
+            if preds is None:
+                return super()._compute_acc(outputs, labels, cu_seqlens=cu_seqlens)
+            # ms-swift 4.6's causal_lm branch (sequence parallel is refused at start-up) on the argmax hsm's loss took.
+            from swift.metrics import compute_acc
+
+            metrics = compute_acc(preds, labels, acc_strategy=self.args.acc_strategy,
+                                  is_encoder_decoder=self.template.is_encoder_decoder, cu_seqlens=cu_seqlens)
+            mode = "train" if self.model.training else "eval"
+            for key, value in (metrics or {}).items():
+                self.custom_metrics[mode][key].update(value)
 
         def get_train_dataloader(self, skip_batches=0):
             from swift.dataloader import DataLoaderShard
@@ -308,6 +431,13 @@ def _trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             meta = self.take_hsm_meta(inputs)
+            if self.hsm_owns_loss:
+                # Plain ms-swift counts num_items_in_batch only for a model that accepts loss kwargs; the Trainer
+                # counts it for any compute_loss_func: hand the loss what plain ms-swift would have.
+                if not self.model_accepts_loss_kwargs:
+                    num_items_in_batch = None
+                self._hsm_loss_meta = meta if self.model.training else None
+                return Seq2SeqTrainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
             if not self.hsm_is_mining or meta is None or not self.model.training:
                 return Seq2SeqTrainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
             labels = inputs["labels"]  # already trimmed to the kept logits when ms-swift uses logits_to_keep

@@ -29,6 +29,7 @@ is supported, see :mod:`hsm.integrations.swift`.)
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,14 @@ __all__ = ["HsmSFTTrainer", "detection_dataset", "assistant_texts"]  # assistant
 
 # The per-sample statistics are read from SFTTrainer's fused LM-head outputs (log_probs, label_mask, is_top1).
 _MIN_TRL = "1.16"
+# The TRL releases whose SFTTrainer.compute_loss the bit-identity tests ran (tests/integrations/test_trl.py).
+_TESTED_TRL = ("1.16",)
 if Version(trl.__version__) < Version(_MIN_TRL):
     raise ImportError(f"hsm.integrations.trl needs trl>={_MIN_TRL} (SFTTrainer's fused LM head); found {trl.__version__}")
+if f"{Version(trl.__version__).major}.{Version(trl.__version__).minor}" not in _TESTED_TRL:
+    warnings.warn(f"hsm: TRL {trl.__version__} is not one of the releases hsm's statistics were tested on "
+                  f"({', '.join(_TESTED_TRL)}.x); hsm still checks at every step that SFTTrainer made exactly one fused "
+                  "LM-head pass and reads its per-token outputs from it", stacklevel=2)
 
 
 def _refuse_packing(args: SFTConfig | None) -> None:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from hsm.data.encoding import IGNORE_INDEX, ROLE_COORD, ROLE_LABEL
 
-__all__ = ["STAT_ROWS", "token_losses", "per_sample_stats", "CHUNK_TOKENS", "chunked_token_stats", "hidden_token_stats",
+__all__ = ["STAT_ROWS", "causal_lm_loss", "token_losses", "fold_tokens", "stats_from_fold", "per_sample_stats", "CHUNK_TOKENS", "chunked_token_stats", "hidden_token_stats",
            "sequence_index", "token_samples", "packed_sample_stats"]
 
 # The rows of per_sample_stats, in order.
@@ -39,6 +39,118 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return losses, mask, correct
 
 
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None,
+                   supervised: torch.Tensor | None = None, chunk_tokens: int | None = None,
+                   predictions: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training loss of a causal LM, bit-identical to transformers' own (``ForCausalLMLoss``), and the
+    per-token statistics from the same ``log_softmax``.
+
+    ``F.cross_entropy`` is ``F.nll_loss(F.log_softmax(x))``; this runs those two steps itself, so the loss, its
+    gradient and the memory it keeps are the plain model's, and the per-token losses are a gather from the
+    log-probabilities the loss already built (``[tokens]``, no second pass over the vocabulary). The argmax for the
+    correctness flags runs over the ``supervised`` positions only, ``chunk_tokens`` rows at a time.
+
+    Naive equivalent of ``loss``: ``transformers.loss.loss_utils.ForCausalLMLoss(logits, labels, vocab,
+    num_items_in_batch)``: ``cross_entropy(..., reduction="mean")``, or ``reduction="sum"`` divided by
+    ``num_items_in_batch`` when given.
+
+    Args:
+        logits: ``[batch, seq, vocab]``, any float dtype (upcast to float32 as transformers does).
+        labels: ``[batch, seq]`` unshifted labels, -100 where not supervised.
+        num_items_in_batch: the supervised-token count to divide the summed loss by (gradient accumulation,
+            tokens averaged across devices), or None for the micro-batch's own token mean.
+        supervised: :func:`hsm.data.encoding.supervised_positions` of ``labels`` (any device), or None: the argmax
+            then runs over every position.
+        chunk_tokens: rows per argmax chunk; default :data:`CHUNK_TOKENS`.
+        predictions: ``[batch, seq]`` argmax of ``logits`` that the trainer takes anyway (ms-swift's token
+            accuracy), or None; when given, no argmax runs here.
+
+    Returns:
+        ``(loss, losses, mask, correct)``: the scalar loss (with grad) and, like :func:`token_losses`,
+        ``[batch, seq - 1]`` per-token losses (float32, no grad, 0 where masked), supervised positions and
+        argmax == label.
+    """
+    batch, seq, vocab = logits.shape
+    shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].contiguous().view(-1).to(logits.device)
+    log_probs = F.log_softmax(logits.float().view(-1, vocab), dim=1)
+    if num_items_in_batch is None:
+        loss = F.nll_loss(log_probs, shift_labels, ignore_index=IGNORE_INDEX, reduction="mean")
+    else:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(log_probs.device)
+        loss = F.nll_loss(log_probs, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum") / num_items_in_batch
+    with torch.no_grad():
+        mask = shift_labels != IGNORE_INDEX
+        target = torch.where(mask, shift_labels, 0)
+        picked = log_probs.detach().gather(1, target[:, None]).squeeze(1)
+        losses = torch.where(mask, -picked, 0.0)
+        flat_logits = logits.detach().view(-1, vocab)
+        if predictions is not None:
+            correct = (predictions.reshape(-1) == target) & mask
+        elif supervised is None:
+            correct = (flat_logits.argmax(dim=-1) == target) & mask
+        else:
+            correct = torch.zeros_like(mask)
+            rows = supervised.to(logits.device, non_blocking=True)
+            step = chunk_tokens or CHUNK_TOKENS
+            for start in range(0, rows.numel(), step):  # numel is host metadata: no sync
+                chunk = rows[start:start + step]
+                hit = flat_logits.index_select(0, chunk).argmax(dim=-1) == target.index_select(0, chunk)
+                correct.index_put_((chunk,), hit)
+
+    def unshift(values: torch.Tensor) -> torch.Tensor:
+        return values.view(batch, seq)[:, :-1]
+
+    return loss, unshift(losses), unshift(mask), unshift(correct)
+
+
+def fold_tokens(losses: torch.Tensor, counted: torch.Tensor, correct: torch.Tensor, owner: torch.Tensor,
+                n_samples: int, roles: torch.Tensor | None = None) -> torch.Tensor:
+    """``[n_samples, 4, 3]`` float32: per sample, per token role (``ROLE_OTHER``, ``ROLE_COORD``, ``ROLE_LABEL``) and
+    over all its tokens (slot 3), the sums ``(loss, count, correct)`` of its counted tokens, in one ``index_add_``.
+
+    Every tensor is aligned token for token (any shape, flattened alike); nothing leaves the device and nothing is
+    read back, so the fold adds no host sync.
+
+    Naive equivalent of ``out[i, r]``: ``(losses[sel].sum(), sel.sum(), correct[sel].sum())`` with
+    ``sel = counted & (owner == i) & (roles == r)`` (slot 3: without the role condition).
+
+    Args:
+        losses: per-token losses (0 where not counted is not required).
+        counted: the tokens that count (supervised, and owned by a sample).
+        correct: argmax == label per token.
+        owner: the sample each token belongs to (``0 <= owner < n_samples`` where counted).
+        n_samples: the samples of the batch.
+        roles: per-token roles (``hsm.data.encoding.ROLE_*``, 0..2), or None: every token ``ROLE_OTHER``.
+    """
+    with torch.no_grad():
+        counted = counted.flatten()
+        owner = torch.where(counted, owner.flatten().to(counted.device), n_samples)  # row n_samples collects the rest
+        role = roles.flatten().to(counted.device).long() if roles is not None else torch.zeros_like(owner)
+        values = torch.stack([torch.where(counted, losses.detach().flatten().float(), 0.0), counted.float(),
+                              (correct.flatten() & counted).float()], dim=1)
+        slots = 4
+        # Each token is added twice, to its role's slot and to the all-tokens slot: one index_add_ for both.
+        index = torch.cat([owner * slots + role, owner * slots + 3])
+        table = torch.zeros(((n_samples + 1) * slots, 3), dtype=torch.float32, device=counted.device)
+        table.index_add_(0, index, values.repeat(2, 1))
+        return table.view(n_samples + 1, slots, 3)[:n_samples]
+
+
+def stats_from_fold(table: torch.Tensor, has_roles: bool) -> torch.Tensor:
+    """``[6, n_samples]`` rows :data:`STAT_ROWS` from :func:`fold_tokens`' sums (see :func:`per_sample_stats`)."""
+    total = table[:, 3]
+    n = total[:, 1]
+    safe = n.clamp(min=1.0)
+    nan = torch.full_like(n, float("nan"))
+    by_role = []
+    for role in (ROLE_COORD, ROLE_LABEL):
+        loss, count = table[:, role, 0], table[:, role, 1]
+        by_role.append(torch.where(count > 0, loss / count.clamp(min=1.0), nan) if has_roles else nan)
+    return torch.stack([total[:, 0] / safe, total[:, 2] / safe, n, by_role[0], by_role[1], total[:, 0]])
+
+
 def per_sample_stats(losses: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor,
                      token_roles: torch.Tensor | None = None) -> torch.Tensor:
     """``[6, batch]`` float32, rows :data:`STAT_ROWS`, from the one cross-entropy pass.
@@ -51,6 +163,7 @@ def per_sample_stats(losses: torch.Tensor, mask: torch.Tensor, correct: torch.Te
       sample has no such token or ``token_roles`` is None.
     - ``loss_sum``: the sum of the sample's token losses (crowded answers weigh more).
 
+    One scatter-add (:func:`fold_tokens`) into ``[batch, roles, (loss sum, count, correct)]``, no host sync.
     Naive equivalent of ``coord_loss[i]``: ``losses[i][mask[i] & (token_roles[i, 1:] == ROLE_COORD)].mean()``.
 
     Args:
@@ -59,23 +172,10 @@ def per_sample_stats(losses: torch.Tensor, mask: torch.Tensor, correct: torch.Te
         correct: ``[batch, seq - 1]`` argmax == label.
         token_roles: ``[batch, seq]`` token roles aligned with the unshifted labels, or None.
     """
-    with torch.no_grad():
-        losses = losses.detach()
-        n = mask.sum(dim=1).float()
-        safe = n.clamp(min=1.0)
-        total = losses.sum(dim=1)
-        nan = torch.full_like(total, float("nan"))
-        by_role = []
-        roles = token_roles[:, 1:].to(mask.device, non_blocking=True) if token_roles is not None else None
-        for role in (ROLE_COORD, ROLE_LABEL):
-            if roles is None:
-                by_role.append(nan)
-                continue
-            selected = (roles == role) & mask
-            count = selected.sum(dim=1).float()
-            mean = (losses * selected).sum(dim=1) / count.clamp(min=1.0)
-            by_role.append(torch.where(count > 0, mean, nan))
-        return torch.stack([total / safe, correct.sum(dim=1).float() / safe, n, by_role[0], by_role[1], total])
+    batch = mask.shape[0]
+    owner = torch.arange(batch, device=mask.device)[:, None].expand(mask.shape)
+    roles = token_roles[:, 1:].to(mask.device, non_blocking=True) if token_roles is not None else None
+    return stats_from_fold(fold_tokens(losses, mask, correct, owner, batch, roles), token_roles is not None)
 
 
 def sequence_index(position_ids: torch.Tensor) -> torch.Tensor:
@@ -117,7 +217,7 @@ def packed_sample_stats(losses: torch.Tensor, mask: torch.Tensor, correct: torch
 
     A label counts for sample ``i`` when ``owners`` (:func:`token_samples`) says it is ``i``'s: the label of each
     sample's first token, which only the previous sample's last position "predicts", counts for none. One
-    ``index_add_`` per row of :data:`STAT_ROWS`: no host sync, no loop over samples.
+    scatter-add (:func:`fold_tokens`): no host sync, no loop over samples.
 
     Naive equivalent of column ``i``: :func:`per_sample_stats` of a one-row batch holding only the positions ``t``
     with ``owners[:, 1:][t] == i`` (``tests/integrations/test_packing.py`` holds it to each sample computed alone).
@@ -130,32 +230,10 @@ def packed_sample_stats(losses: torch.Tensor, mask: torch.Tensor, correct: torch
         n_samples: the number of packed samples (columns of the result).
         token_roles: ``[rows, seq]`` token roles aligned with the unshifted labels, or None.
     """
-    with torch.no_grad():
-        owner = owners[:, 1:].to(mask.device, non_blocking=True)
-        belongs = owner >= 0
-        bins = torch.where(belongs, owner, n_samples).flatten()  # bin n_samples collects what belongs to none
-        counted = (mask & belongs).flatten()
-        losses = torch.where(counted, losses.detach().flatten().float(), 0.0)
-
-        def per_sample(values: torch.Tensor) -> torch.Tensor:
-            return torch.zeros(n_samples + 1, dtype=torch.float32, device=mask.device).index_add_(
-                0, bins, values.float())[:n_samples]
-
-        n = per_sample(counted)
-        safe = n.clamp(min=1.0)
-        total = per_sample(losses)
-        nan = torch.full_like(total, float("nan"))
-        by_role = []
-        roles = token_roles[:, 1:].to(mask.device, non_blocking=True).flatten() if token_roles is not None else None
-        for role in (ROLE_COORD, ROLE_LABEL):
-            if roles is None:
-                by_role.append(nan)
-                continue
-            selected = (roles == role) & counted
-            count = per_sample(selected)
-            by_role.append(torch.where(count > 0, per_sample(losses * selected) / count.clamp(min=1.0), nan))
-        accurate = per_sample(correct.flatten() & counted)
-        return torch.stack([total / safe, accurate / safe, n, by_role[0], by_role[1], total])
+    owner = owners[:, 1:].to(mask.device, non_blocking=True)
+    roles = token_roles[:, 1:].to(mask.device, non_blocking=True) if token_roles is not None else None
+    table = fold_tokens(losses, mask & (owner >= 0), correct, owner, n_samples, roles)
+    return stats_from_fold(table, token_roles is not None)
 
 
 # Positions per chunk of the statistics-only cross-entropy: at Qwen-VL's vocabulary (151,936) one float32 chunk is

@@ -26,7 +26,7 @@ from hsm.io import file_sha256, write_recorded
 from hsm.mining.plan import plan_dir, publish_plan, stage_plan_bytes
 from hsm.mining.planner import PlanRequest, plan_epoch
 from hsm.data.sampler import HsmSampler
-from hsm.train.stats import STAT_ROWS, per_sample_stats, token_losses
+from hsm.train.stats import STAT_ROWS, causal_lm_loss, per_sample_stats
 from hsm.layout import RunPaths
 
 __all__ = [
@@ -145,6 +145,7 @@ class HsmTrainerMixin(FusionSamplerMixin):
         self.hsm_world = distributed.current_world()
         self.hsm_writer = EventWriter(hsm_dir, run_id=run_id, rank=self.hsm_world.rank, attempt=attempt)
         self._hsm_pending: list[tuple[dict, torch.Tensor, int, int]] = []
+        self._hsm_in_flight: list[tuple[list, torch.Tensor, torch.cuda.Event | None]] = []
         self._hsm_loss_meta: dict | None = None  # the batch whose loss compute_loss is computing
         self._hsm_micro = (-1, 0)
         self.add_callback(MiningCallback(self))
@@ -160,7 +161,7 @@ class HsmTrainerMixin(FusionSamplerMixin):
         """
         self._hsm_pending.append((meta, stats, step, self._position_offset(stats.shape[1], step)))
         if len(self._hsm_pending) >= _FLUSH_EVERY_STEPS:
-            self.hsm_drain()
+            self.hsm_drain(wait=False)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._hsm_loss_meta = self.take_hsm_meta(inputs)
@@ -174,17 +175,12 @@ class HsmTrainerMixin(FusionSamplerMixin):
 
     def _hsm_loss(self, outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        losses, mask, correct = token_losses(logits, labels)
-        total = losses.sum()
-        # Normalise exactly as the model's own loss would, and tell training_step
-        # whether that is already scaled for gradient accumulation (as it infers for the plain model).
-        if num_items_in_batch is not None:
-            loss = total / num_items_in_batch
-            self.loss_is_scaled_for_ga = True
-        else:
-            loss = total / mask.sum().clamp(min=1)  # a tensor: no host sync on the training path
-            self.loss_is_scaled_for_ga = False
         meta, self._hsm_loss_meta = self._hsm_loss_meta, None
+        supervised = meta.pop("supervised_index", None) if meta is not None else None
+        # The model's own loss, op for op (bit-identical loss and gradients), and the statistics from its pass.
+        loss, losses, mask, correct = causal_lm_loss(logits, labels, num_items_in_batch, supervised)
+        # Tell training_step whether that is already scaled for gradient accumulation (as it infers for the plain model).
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
         if self.model.training and meta is not None:
             stats = per_sample_stats(losses, mask, correct, meta.pop("token_roles", None))
             self.record_stats(meta, stats, self.state.global_step)
@@ -199,12 +195,29 @@ class HsmTrainerMixin(FusionSamplerMixin):
         self._hsm_micro = (step, offset + batch_size)
         return offset
 
-    def hsm_drain(self) -> None:
-        """Move pending per-sample stats to the host in one transfer and hand them to the writer."""
-        if not self._hsm_pending:
-            return
-        pending, self._hsm_pending = self._hsm_pending, []
-        stats = torch.cat([s for _, s, _, _ in pending], dim=1).cpu().numpy()
+    def hsm_drain(self, *, wait: bool = True) -> None:
+        """Start one non-blocking device-to-host copy of the pending statistics and hand finished copies to the writer.
+
+        With ``wait=False`` (during training) the copy just started stays in flight and only the previous one, long
+        finished by then, is read: the training loop never waits on the device. ``wait=True`` (checkpoint, epoch
+        end) reads every copy.
+        """
+        if self._hsm_pending:
+            pending, self._hsm_pending = self._hsm_pending, []
+            stats = torch.cat([s for _, s, _, _ in pending], dim=1)
+            host = stats.to("cpu", non_blocking=True)  # from CUDA: into pinned memory, asynchronously
+            copied = None
+            if stats.is_cuda:
+                copied = torch.cuda.Event()
+                copied.record()
+            self._hsm_in_flight.append((pending, host, copied))
+        while self._hsm_in_flight and (wait or len(self._hsm_in_flight) > 1):
+            pending, host, copied = self._hsm_in_flight.pop(0)
+            if copied is not None:
+                copied.synchronize()
+            self._hsm_write(pending, host.numpy())
+
+    def _hsm_write(self, pending: list, stats: np.ndarray) -> None:
         start = 0
         for meta, s, step, offset in pending:
             n = s.shape[1]

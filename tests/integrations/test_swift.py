@@ -421,3 +421,57 @@ def test_swift_sft_on_two_ranks(tmp_path):
     steps = n_rows // (2 * BATCH)
     assert step_losses(plain) == pytest.approx(step_losses(mined)[:steps], rel=1e-6)
     assert len(step_losses(plain)) == steps
+
+
+STEP_TAP_PLUGIN = Path(__file__).parent / "swift_plugins" / "step_tap.py"
+
+
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding_free"])
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_one_step_with_hsms_loss_hook_is_bit_identical_to_plain_swift(tmp_path, mined_run, accumulation, padding_free):
+    """hsm's loss (``--loss_type hsm``, selected by the plugin) against plain ms-swift (mining off: the model's own
+    loss): after one optimizer step every micro-batch loss and every parameter's gradient ``torch.equal``."""
+    from safetensors.torch import load_file
+
+    checkpoint, data, _ = mined_run
+    flags = ("--max_steps", "1", "--max_grad_norm", "0", "--gradient_accumulation_steps", str(accumulation))
+    plugins: tuple[Path, ...] = (STEP_TAP_PLUGIN,)
+    if padding_free:
+        flags, plugins = (*flags, "--padding_free", "true"), (*plugins, CPU_PADDING_FREE_PLUGIN)
+    taps = {}
+    for mining in (False, True):
+        taps[mining] = tmp_path / f"step-{mining}.safetensors"
+        swift_sft(tmp_path, f"run-{mining}", checkpoint, [str(data)], mining=mining, epochs=1, flags=flags,
+                  plugins=plugins, env={"HSM_TEST_STEP_TAP": str(taps[mining])})
+    from safetensors import safe_open
+
+    hooks = {mining: safe_open(str(path), "pt").metadata()["compute_loss_func"] for mining, path in taps.items()}
+    assert hooks == {False: "NoneType", True: "HsmSwiftLoss"}  # plain: the model's own loss; hsm: its loss hook
+    plain, hsm = load_file(taps[False]), load_file(taps[True])
+    assert plain.keys() == hsm.keys()
+    assert sum(key.startswith("loss.") for key in plain) == accumulation
+    assert sum(key.startswith("grad.") for key in plain) > 10
+    differ = [key for key in plain if not torch.equal(plain[key], hsm[key])]
+    assert not differ, f"{len(differ)} of {len(plain)} differ, e.g. {differ[:3]}"
+    events = pa.concat_tables([pq.read_table(p) for p in (tmp_path / "run-True").glob("v*-*/hsm/events/*/*/*.parquet")])
+    assert events.num_rows == BATCH * accumulation  # the statistics came from the same step
+
+
+def test_loss_plan_says_when_hsm_keeps_the_users_loss():
+    """hsm owns the loss only where it can mirror plain ms-swift; otherwise it keeps the user's and says why."""
+    from types import SimpleNamespace
+
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from hsm.integrations.swift import LOSS_TYPE, _loss_plan
+
+    causal = SimpleNamespace(loss_function=ForCausalLMLoss)
+    plain = SimpleNamespace(use_liger_kernel=False, loss_type=None)
+    assert _loss_plan(plain, causal) == (True, None)
+    assert _loss_plan(SimpleNamespace(use_liger_kernel=False, loss_type=LOSS_TYPE), causal) == (True, None)
+    owns, note = _loss_plan(SimpleNamespace(use_liger_kernel=True, loss_type=None), causal)
+    assert not owns and note.startswith("--use_liger_kernel")
+    owns, note = _loss_plan(SimpleNamespace(use_liger_kernel=False, loss_type="cross_entropy"), causal)
+    assert not owns and "--loss_type cross_entropy: hsm keeps that loss" in note
+    owns, note = _loss_plan(plain, SimpleNamespace(loss_function=lambda **kwargs: None))
+    assert not owns and "not transformers' ForCausalLMLoss" in note
