@@ -17,13 +17,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torchvision==0.28.0
 	# PyPI's torchvision is a CUDA build: let its Python transforms import on CPU torch (tools/torchvision_cpu.py).
 	$(MAKE) --no-print-directory torchvision-shim SHIM_VENV=$(VENV)
-	# dev brings pytest, import-linter (lint-imports) and playwright (it drives Debian's chromium: no `playwright install`).
+	# dev brings pytest, import-linter (tools/lint_layers.py runs it) and playwright (it drives Debian's chromium: no `playwright install`).
 	$(BIN)/pip install -q -e '.[train,dev,trl]'
 	$(BIN)/pip install -q --no-build-isolation 'deepspeed>=0.16'
 	touch $(STAMP)
 
 test: install test-deps
-	$(BIN)/lint-imports
+	$(BIN)/python tools/lint_layers.py
 	$(BIN)/python -m pytest -n 2 -q
 
 # The report's browser test drives Debian's chromium headless; apt-get runs only when it is missing.

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from eventlog import TARGET, random_rows, write_rows
 
 REPO = Path(__file__).resolve().parents[1]
 # What the wheel is built from; everything else of the checkout (tests, .venv, build/) stays behind.
-WHEEL_SOURCES = ("pyproject.toml", "README.md", "LICENSE", "hsm")
+WHEEL_SOURCES = ("pyproject.toml", "README.md", "LICENSE", "hsm", "cli", "sql")
 
 pytestmark = pytest.mark.slow
 
@@ -142,18 +143,37 @@ def test_no_requirement_can_replace_the_users_torch():
     torch = [r for r, name in zip(requirements, names) if name == "torch"]
     assert torch and all(re.fullmatch(r"torch>=[\d.]+", r.replace(" ", "")) for r in torch), torch  # a floor, no ceiling
     # hsm's own code never imports them (transformers' video processor may, when the user installs it).
-    for path in (REPO / "hsm").rglob("*.py"):
+    for path in [p for folder in ("hsm", "cli", "sql") for p in (REPO / folder).rglob("*.py")]:
         tree = ast.parse(path.read_text())
         imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         assert not imported & set(TORCH_PINNED), path
 
 
+def test_wheel_holds_the_card_top_level(installed):
+    # cli/ and sql/ install inside the hsm namespace: no top-level `cli` or `sql` in site-packages.
+    site = next(installed.parent.glob("lib/python*/site-packages"))
+    assert not (site / "cli").exists() and not (site / "sql").exists()
+    assert (site / "hsm" / "cli" / "app.py").is_file() and (site / "hsm" / "sql" / "planner" / "fold_epoch.sql").is_file()
+
+
+def test_every_package_folder_is_installed():
+    # pyproject lists the packages by hand (package-dir maps cli/ and sql/ into hsm); a new subpackage must be listed.
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {package: Path(folder) for package, folder in setuptools["package-dir"].items()}
+    on_disk = set()
+    for package, folder in folders.items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            parts = init.parent.relative_to(REPO / folder).parts
+            on_disk.add(".".join((package, *parts)))
+    assert on_disk == set(setuptools["packages"])
+
+
 def test_only_distributed_imports_torch_distributed():
     # The layers contract (pyproject.toml, lint-imports) sees torch only as one external package, so
     # this one rule about a torch submodule is checked here, on every import statement of the package.
     importers = set()
-    for path in (REPO / "hsm").rglob("*.py"):
+    for path in [p for folder in ("hsm", "cli", "sql") for p in (REPO / folder).rglob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             names = []
             if isinstance(node, ast.Import):
