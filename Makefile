@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 
 test: install test-deps
 	$(BIN)/python tools/lint_layers.py
-	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/python -m pytest -n 2 -q --durations=15
 
 # The report's browser test drives Debian's chromium headless; apt-get runs only when it is missing.
 test-deps:
