@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -67,14 +68,16 @@ PRESETS = {
 BASE_OF = {"finetune": "tiny", "gpu": "gpu"}
 BASE_ROOT = Path(__file__).resolve().parent / "base"
 # Pretraining of each base on synthesize_generic (clean images of the common classes), through hsm.run.train.
-# tiny: the cpu preset's model; 3,500 steps (7 epochs of 8,000 images) on one thread.
+# Clean val is scored at every epoch end; training stops at the first epoch end where clean val mAP50
+# reaches stop_at (the schedule is the full run's: cosine over `epochs`).
+# tiny: the cpu preset's model; at most 3,500 steps (14 epochs of 4,000 images) on one thread.
 PRETRAIN = {
-    "tiny": {"size": 64, "patch": 8, "n_train": 8000, "n_val": 192, "hidden": 128, "layers": 4, "vision_depth": 2,
-             "vision_hidden": 64, "batch": 16, "lr": 3e-3, "warmup": 100, "epochs": 7, "eval_batch": 96,
-             "max_new_tokens": 120, "curve_from": 1, "seed": 0},
+    "tiny": {"size": 64, "patch": 8, "n_train": 4000, "n_val": 192, "hidden": 128, "layers": 4, "vision_depth": 2,
+             "vision_hidden": 64, "batch": 16, "lr": 3e-3, "warmup": 100, "epochs": 14, "eval_batch": 96,
+             "max_new_tokens": 120, "curve_from": 1, "seed": 0, "stop_at": 0.8},
     "gpu": {"size": 128, "patch": 8, "n_train": 60000, "n_val": 256, "hidden": 384, "layers": 8, "vision_depth": 4,
             "vision_hidden": 128, "batch": 64, "lr": 1e-3, "warmup": 500, "epochs": 6, "eval_batch": 256,
-            "max_new_tokens": 200, "curve_from": 1, "seed": 0},
+            "max_new_tokens": 200, "curve_from": 1, "seed": 0, "stop_at": 0.9},
 }
 SELECT = {"selector": {"mode": "percentile", "value": 0.2}, "hard_weight": 3.0}
 BASE = {"enabled": True, "start_epoch": 1}
@@ -228,6 +231,8 @@ def counting_trainer(curve: dict | None = None, init_from: Path | None = None):
                                        per_slice.get("clean", per_slice["overall"])["AP50"],
                                        self.trainer.supervised_tokens))
             self.trainer.last_images = images
+            if per_slice.get("clean", {}).get("AP50", 0.0) >= curve.get("stop_at", math.inf):
+                control.should_training_stop = True
             print(f"epoch {round(state.epoch)} step {state.global_step}: "
                   + ", ".join(f"{k} {v['AP50']:.3f}" for k, v in per_slice.items()), flush=True)
 
@@ -397,7 +402,7 @@ def pretrain(name: str, out: Path, spec: dict | None = None, root: Path | None =
 
     The corpus goes to ``out/data``, the run to ``out/run`` (a restart removes it and starts
     over: the run is deterministic given the spec's seed). Clean val is scored at every epoch
-    end. Writes to ``root`` (default ``bench/base/NAME``) ``model.safetensors`` and ``config.json`` (``save_pretrained``) and
+    end; training stops at the first epoch end where it reaches ``stop_at``. Writes to ``root`` (default ``bench/base/NAME``) ``model.safetensors`` and ``config.json`` (``save_pretrained``) and
     ``base.json`` (the ``model:`` section that rebuilds the architecture, the spec, the val
     curve, the sha256 of the weights, commit and command). Returns ``base.json``'s content.
     """
@@ -411,7 +416,12 @@ def pretrain(name: str, out: Path, spec: dict | None = None, root: Path | None =
 
     spec = PRETRAIN[name] if spec is None else spec
     data = out / "data" / "generic"
-    if not (data / "val.jsonl").is_file():
+
+    def lines(path: Path) -> int:
+        return len(path.read_text().splitlines()) if path.is_file() else -1
+
+    if (lines(data / "train.jsonl"), lines(data / "val.jsonl")) != (spec["n_train"], spec["n_val"]):
+        shutil.rmtree(data, ignore_errors=True)
         synthesize_generic(out / "data", n_train=spec["n_train"], n_val=spec["n_val"], size=spec["size"],
                            seed=spec["seed"])
     val = data / "val.jsonl"
@@ -426,7 +436,7 @@ def pretrain(name: str, out: Path, spec: dict | None = None, root: Path | None =
     cfg = parse_config({"model": model_section(spec), "training": training_section(run_dir, spec, spec["seed"], cuda),
                         "custom": {"fusion_config": fusion}}, f"pretrain {name}")
     curve = {"val": val, "target": "generic", "slices": slices, "shares": {"clean": 1.0}, "preset": spec,
-             "from_epoch": int(spec["curve_from"])}
+             "from_epoch": int(spec["curve_from"]), "stop_at": spec["stop_at"]}
     started = time.perf_counter()
     summary = train(cfg, base_trainer=counting_trainer(curve))
     trainer = summary["trainer"]
