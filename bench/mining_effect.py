@@ -233,6 +233,8 @@ def counting_trainer(curve: dict | None = None, init_from: Path | None = None):
             self.trainer.last_images = images
             if per_slice.get("clean", {}).get("AP50", 0.0) >= curve.get("stop_at", math.inf):
                 control.should_training_stop = True
+            if "on_point" in curve:
+                curve["on_point"](self.trainer)
             print(f"epoch {round(state.epoch)} step {state.global_step}: "
                   + ", ".join(f"{k} {v['AP50']:.3f}" for k, v in per_slice.items()), flush=True)
 
@@ -367,6 +369,7 @@ def train_one(seed: int, arm: str, preset: dict, out: Path, preset_name: str = "
     cuda = torch.cuda.is_available()
     base = BASE_OF.get(preset_name)
     init_from = base_weights(base) if base else None
+    base_meta = json.loads((init_from.parent / "base.json").read_text()) if base else None
     started = time.perf_counter()
     order_seed = seed + ORDER_SEED_OFFSET.get(arm, 0)
     cfg = parse_config(run_config(corpus, out / f"run-{seed}-{arm}", ARMS[arm], preset, seed, cuda, order_seed),
@@ -394,7 +397,8 @@ def train_one(seed: int, arm: str, preset: dict, out: Path, preset_name: str = "
             "suspects": suspects_found(Path(summary["hsm_dir"]), preset["epochs"], set(info["noise"])),
             "threads": torch.get_num_threads(), "curve": trainer.curve, "curves": trainer.curves,
             "logged_losses": losses, "images": images, "base": base,
-            "base_sha256": file_sha256(init_from) if init_from else None, **provenance()}
+            "base_meta": {k: base_meta[k] for k in ("complete", "global_step", "clean_val", "sha256")} if base else None,
+            **provenance()}
 
 
 def pretrain(name: str, out: Path, spec: dict | None = None, root: Path | None = None) -> dict:
@@ -402,9 +406,11 @@ def pretrain(name: str, out: Path, spec: dict | None = None, root: Path | None =
 
     The corpus goes to ``out/data``, the run to ``out/run`` (a restart removes it and starts
     over: the run is deterministic given the spec's seed). Clean val is scored at every epoch
-    end; training stops at the first epoch end where it reaches ``stop_at``. Writes to ``root`` (default ``bench/base/NAME``) ``model.safetensors`` and ``config.json`` (``save_pretrained``) and
-    ``base.json`` (the ``model:`` section that rebuilds the architecture, the spec, the val
-    curve, the sha256 of the weights, commit and command). Returns ``base.json``'s content.
+    end; training stops at the first epoch end where it reaches ``stop_at``. Writes to ``root``
+    (default ``bench/base/NAME``) ``model.safetensors`` and ``config.json`` (``save_pretrained``)
+    and ``base.json`` (``complete``, the ``model:`` section that rebuilds the architecture, the
+    spec, the val curve, the sha256 of the weights, commit and command), at every epoch end
+    (``complete: false``) and at the end. Returns ``base.json``'s content.
     """
     import shutil
 
@@ -438,18 +444,28 @@ def pretrain(name: str, out: Path, spec: dict | None = None, root: Path | None =
     curve = {"val": val, "target": "generic", "slices": slices, "shares": {"clean": 1.0}, "preset": spec,
              "from_epoch": int(spec["curve_from"]), "stop_at": spec["stop_at"]}
     started = time.perf_counter()
-    summary = train(cfg, base_trainer=counting_trainer(curve))
-    trainer = summary["trainer"]
     root = BASE_ROOT / name if root is None else root
-    root.mkdir(parents=True, exist_ok=True)
-    trainer.model.save_pretrained(root, safe_serialization=True)
-    meta = {"name": name, "model": model_section(spec), "pretrain": spec, "global_step": summary["global_step"],
-            "train_loss": summary["train_loss"], "seconds": time.perf_counter() - started,
-            "threads": torch.get_num_threads(), "clean_val": trainer.curves[-1]["val"]["clean"],
-            "curve": [{"step": c["step"], "epoch": c["epoch"], "clean": c["val"]["clean"]} for c in trainer.curves],
-            "sha256": file_sha256(root / "model.safetensors"), **provenance()}
-    (root / "base.json").write_text(json.dumps(meta, indent=1) + "\n")
-    return meta
+
+    def write(trainer, complete: bool, train_loss: float | None = None) -> dict:
+        """The base as it stands (every epoch end, so a stopped run leaves its last scored model), whole or not at all."""
+        staging = root.with_name(root.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        trainer.model.save_pretrained(staging, safe_serialization=True)
+        point = trainer.curves[-1]
+        meta = {"name": name, "complete": complete, "model": model_section(spec), "pretrain": spec,
+                "global_step": point["step"], "epoch": point["epoch"], "train_loss": train_loss,
+                "seconds": time.perf_counter() - started, "threads": torch.get_num_threads(),
+                "clean_val": point["val"]["clean"],
+                "curve": [{"step": c["step"], "epoch": c["epoch"], "clean": c["val"]["clean"]} for c in trainer.curves],
+                "sha256": file_sha256(staging / "model.safetensors"), **provenance()}
+        (staging / "base.json").write_text(json.dumps(meta, indent=1) + "\n")
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(staging, root)
+        return meta
+
+    curve["on_point"] = lambda trainer: write(trainer, complete=False)
+    summary = train(cfg, base_trainer=counting_trainer(curve))
+    return write(summary["trainer"], complete=True, train_loss=summary["train_loss"])
 
 
 def run_parallel(args, preset: dict) -> None:
