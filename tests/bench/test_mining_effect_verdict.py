@@ -96,3 +96,25 @@ def test_seeds_for_power_is_the_smallest_count_reaching_the_power():
     z_alpha, z_power = stats.norm.ppf(1 - alpha / 2), stats.norm.ppf(0.8)
     guenther = ((z_alpha + z_power) * sd / delta) ** 2 + z_alpha ** 2 / 2  # normal approximation + t correction
     assert abs(n - guenther) <= 1
+
+
+def test_every_arm_shares_uniforms_epoch_0_and_the_replicate_only_changes_the_data_order(tmp_path):
+    """Epoch 0 has no plan; its schedule is a function of the fusion seed and target_epoch_size alone
+    (hsm.data.schedule.build_schedule), so an arm with uniform's fusion seed and no target_epoch_size
+    draws uniform's epoch 0. The replicate keeps the init (training seed) and moves the data order."""
+    from bench.mining_effect import ARMS, PRESETS, run_config
+
+    from hsm.config_load import parse_config
+
+    corpus = {"bbu": tmp_path / "train.jsonl", "generic": tmp_path / "generic.jsonl"}
+    preset = PRESETS["finetune"]
+    for arm, mining in ARMS.items():
+        order_seed = 7 + (1000 if arm == "uniform_replicate" else 0)
+        cfg = parse_config(run_config(corpus, tmp_path / arm, mining, preset, 7, False, order_seed), arm)
+        assert cfg.training["seed"] == 7 and cfg.training["data_seed"] == 7
+        assert cfg.custom.fusion_config.seed == (1007 if arm == "uniform_replicate" else 7)
+        assert [s.ratio for s in cfg.custom.fusion_config.sources] == [preset["source_ratio"]]
+        if cfg.mining is not None:
+            assert cfg.mining.target_epoch_size is None and cfg.mining.start_epoch == 1
+    fixed = parse_config(run_config(corpus, tmp_path / "f", ARMS["fixed_set"], preset, 7, False), "fixed_set").mining
+    assert (fixed.hard_sample_size, fixed.regular_sample_size) == (400, 800)  # 20% + 40% of 2,000
