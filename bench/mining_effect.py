@@ -97,7 +97,7 @@ ARMS: dict[str, dict | None] = {
     "loss_suspects": {**BASE, "mode": "reweight", "metric": "loss", "exclude_suspects": True, **SELECT},
 }
 # In order of priority (an experiment cut short keeps the first ones).
-DEFAULT_ARMS = ["uniform", "loss", "det_f1", "coord_loss", "label_loss", "loss_sum", "loss_suspects", "dynamic", "fixed_set"]
+DEFAULT_ARMS = ["uniform", "uniform_replicate", "loss", "det_f1", "coord_loss", "label_loss", "loss_sum", "loss_suspects", "dynamic", "fixed_set"]
 # Arms whose data order (the fusion seed: schedule and source draws) is offset from the run seed.
 ORDER_SEED_OFFSET = {"uniform_replicate": 1000}
 METRICS = ("AP50", "mAP", "recall50", "F1_50")
