@@ -316,15 +316,20 @@ def overall(per_slice: dict[str, dict[str, float]], shares: dict[str, float]) ->
 
 
 def provenance() -> dict:
-    """The code a run ran: the commit of this checkout, whether it had uncommitted changes, the command."""
+    """What a run ran: the commit of this checkout, whether it had uncommitted changes, the command, library versions."""
     root = Path(__file__).resolve().parents[1]
 
     def git(*args: str) -> str:
         result = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
         return result.stdout.strip() if result.returncode == 0 else ""
 
+    from importlib.metadata import version
+
+    # Library versions: the same commit under another torch or transformers is another trajectory.
+    versions = {name: version(name) for name in ("torch", "transformers", "numpy", "pillow", "tokenizers")}
     return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-            "command": os.environ.get("MINING_EFFECT_COMMAND") or " ".join(sys.argv)}
+            "command": os.environ.get("MINING_EFFECT_COMMAND") or " ".join(sys.argv), "versions": versions,
+            "python": sys.version.split()[0]}
 
 
 def last_hard_ids(hsm_dir: Path, epochs: int) -> set[str] | None:
