@@ -42,6 +42,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+__all__ = ["PRESETS", "PRETRAIN", "BASE_OF", "ARMS", "DEFAULT_ARMS", "METRICS", "corpus_paths", "model_section",
+           "training_section", "run_config", "file_sha256", "base_weights", "counting_trainer", "detection", "overall",
+           "provenance", "last_hard_ids", "suspects_found", "train_one", "pretrain", "run_parallel", "main"]
+
 PRESETS = {
     # 16 visual tokens (64 px, patch 8, merge 2: one token per grid cell), 0.98M parameters;
     # 10 epochs of 4,000 images = 2,500 steps (9 plans). 1,750 steps left two of three seeds short of
