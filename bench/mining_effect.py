@@ -53,8 +53,8 @@ PRESETS = {
     "cpu": {"size": 64, "patch": 8, "n_train": 4000, "n_val": 48, "hidden": 128, "layers": 4, "vision_depth": 2,
             "vision_hidden": 64, "batch": 16, "lr": 3e-3, "warmup": 100, "epochs": 10, "eval_batch": 96,
             "max_new_tokens": 200, "det_every": 3, "curve_from": 5},
-    # Not run yet (no GPU in the session that wrote it): 128 px (64 visual tokens), a wider model, more steps.
-    # Fine-tunes bench/base/gpu (build it with --pretrain --base gpu on the GPU first), like finetune.
+    # Not run yet (no GPU lent so far): 128 px (64 visual tokens), a wider model; like finetune, it fine-tunes
+    # a pretrained base, bench/base/gpu (build it with --pretrain --base gpu on the GPU first).
     "gpu": {"size": 128, "patch": 8, "n_train": 20000, "n_val": 256, "hidden": 384, "layers": 8, "vision_depth": 4,
             "vision_hidden": 128, "batch": 64, "lr": 3e-4, "warmup": 100, "epochs": 4, "eval_batch": 256,
             "max_new_tokens": 400, "det_every": 1, "curve_from": 1, "n_source": 20000, "source_ratio": 0.25},
@@ -126,6 +126,8 @@ def corpus_paths(out: Path, seed: int, preset: dict) -> dict[str, Path]:
     return corpus
 
 
+# Short prompts: the tiny tokenizer spells them letter by letter, and every prompt token is compute
+# (the long pair was 57 of a clean sample's ~174 tokens).
 PROMPTS = {"system": "Detector.", "user": "Detect."}
 
 
@@ -154,8 +156,6 @@ def run_config(corpus: dict, out: Path, mining: dict | None, preset: dict, seed:
     ``order_seed`` (default ``seed``) is the fusion seed: the schedule and the source draws; the
     model init and the training RNG stay on ``seed``.
     """
-    # Short prompts: the tiny tokenizer spells them letter by letter, and every prompt token is compute
-    # (the long pair was 57 of a clean sample's ~174 tokens).
     fusion = {"seed": seed if order_seed is None else order_seed,
               "target": {"name": "bbu", "train_jsonl": str(corpus["bbu"]), "domain": "target"},
               "domain_prompts": {"target": PROMPTS, "source": PROMPTS}, "max_image_side": preset["size"]}
