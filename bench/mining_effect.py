@@ -3,6 +3,8 @@
     python bench/mining_effect.py --preset cpu [--seeds 0 1 2] [--arms uniform loss ...] [--jobs 2]
         [--out DIR] [--doc docs/mining_effect.md]
     python bench/mining_effect.py --from-dir DIR --doc docs/mining_effect.md   # re-render what DIR holds
+    python bench/mining_effect.py --pretrain [--base tiny] --out DIR   # build bench/base/tiny (the finetune base)
+    python bench/mining_effect.py --preset finetune --seeds 0 1 2 --arms uniform uniform_replicate loss --out DIR
 
 For every seed the grid corpus (``hsm.data.synth.synthesize_grid``: hard slices known by
 construction, a label-noise slice) is written once; every (seed, arm) is one worker process
@@ -13,12 +15,22 @@ its finished runs and a re-run skips them. The summary gives, per arm and slice,
 and recall@0.5 (mean ± std over seeds) and the paired difference to uniform (same corpus,
 init and schedule seed), supervised tokens, seconds, the det_f1 pass's cost and the
 label-noise suspects' precision and recall.
+
+``--pretrain`` trains the tiny model once on a generic corpus (``synthesize_generic``: clean
+images of the common classes only) and writes its weights, config and sha256 to
+``bench/base/NAME``. The ``finetune`` (and ``gpu``) presets start every arm from such a base
+and fine-tune on the grid corpus mixed with a generic source (a ``sources:`` entry), scoring
+val per slice at every epoch end for every arm. Each run's JSON records the commit, preset
+and command, the per-epoch per-slice curves and the final per-image rows (TP/FP/FN, parse
+status, duplicates) for a paired image bootstrap.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,6 +42,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+__all__ = ["PRESETS", "PRETRAIN", "BASE_OF", "ARMS", "DEFAULT_ARMS", "METRICS", "corpus_paths", "model_section",
+           "training_section", "run_config", "file_sha256", "base_weights", "counting_trainer", "detection", "overall",
+           "provenance", "last_hard_ids", "suspects_found", "train_one", "pretrain", "run_parallel", "main"]
+
 PRESETS = {
     # 16 visual tokens (64 px, patch 8, merge 2: one token per grid cell), 0.98M parameters;
     # 10 epochs of 4,000 images = 2,500 steps (9 plans). 1,750 steps left two of three seeds short of
@@ -37,20 +53,42 @@ PRESETS = {
     "cpu": {"size": 64, "patch": 8, "n_train": 4000, "n_val": 48, "hidden": 128, "layers": 4, "vision_depth": 2,
             "vision_hidden": 64, "batch": 16, "lr": 3e-3, "warmup": 100, "epochs": 10, "eval_batch": 96,
             "max_new_tokens": 200, "det_every": 3, "curve_from": 5},
-    # Not run yet (no GPU in the session that wrote it): 128 px (64 visual tokens), a wider model, more steps.
-    "gpu": {"size": 128, "patch": 8, "n_train": 40000, "n_val": 200, "hidden": 384, "layers": 8, "vision_depth": 4,
-            "vision_hidden": 128, "batch": 64, "lr": 1e-3, "warmup": 500, "epochs": 8, "eval_batch": 256,
-            "max_new_tokens": 400, "det_every": 2, "curve_from": 4},
+    # Not run yet (no GPU lent so far): 128 px (64 visual tokens), a wider model; like finetune, it fine-tunes
+    # a pretrained base, bench/base/gpu (build it with --pretrain --base gpu on the GPU first).
+    "gpu": {"size": 128, "patch": 8, "n_train": 20000, "n_val": 256, "hidden": 384, "layers": 8, "vision_depth": 4,
+            "vision_hidden": 128, "batch": 64, "lr": 3e-4, "warmup": 100, "epochs": 4, "eval_batch": 256,
+            "max_new_tokens": 400, "det_every": 1, "curve_from": 1, "n_source": 20000, "source_ratio": 0.25},
+    # Fine-tunes bench/base/tiny (the cpu preset's model, pretrained on generic clean images) on the grid
+    # corpus plus a generic source at 25% of the target: 4 epochs of (2,000 + 500) draws = 628 steps.
+    "finetune": {"size": 64, "patch": 8, "n_train": 2000, "n_val": 192, "hidden": 128, "layers": 4, "vision_depth": 2,
+                 "vision_hidden": 64, "batch": 16, "lr": 1e-3, "warmup": 30, "epochs": 4, "eval_batch": 96,
+                 "max_new_tokens": 200, "det_every": 1, "curve_from": 1, "n_source": 4000, "source_ratio": 0.25},
     # A smoke test of the whole path in a minute (learns nothing).
     "smoke": {"size": 64, "patch": 8, "n_train": 64, "n_val": 4, "hidden": 32, "layers": 1, "vision_depth": 1,
               "vision_hidden": 16, "batch": 16, "lr": 3e-3, "warmup": 2, "epochs": 3, "eval_batch": 24,
               "max_new_tokens": 40, "det_every": 1, "curve_from": 2},
+}
+# The base a preset fine-tunes (bench/base/NAME); presets not named here train from scratch.
+BASE_OF = {"finetune": "tiny", "gpu": "gpu"}
+BASE_ROOT = Path(__file__).resolve().parent / "base"
+# Pretraining of each base on synthesize_generic (clean images of the common classes), through hsm.run.train.
+# Clean val is scored at every epoch end; training stops at the first epoch end where clean val mAP50
+# reaches stop_at (the schedule is the full run's: cosine over `epochs`).
+# tiny: the cpu preset's model; at most 3,500 steps (14 epochs of 4,000 images) on one thread.
+PRETRAIN = {
+    "tiny": {"size": 64, "patch": 8, "n_train": 4000, "n_val": 192, "hidden": 128, "layers": 4, "vision_depth": 2,
+             "vision_hidden": 64, "batch": 16, "lr": 3e-3, "warmup": 100, "epochs": 14, "eval_batch": 96,
+             "max_new_tokens": 120, "curve_from": 1, "seed": 0, "stop_at": 0.8},
+    "gpu": {"size": 128, "patch": 8, "n_train": 60000, "n_val": 256, "hidden": 384, "layers": 8, "vision_depth": 4,
+            "vision_hidden": 128, "batch": 64, "lr": 1e-3, "warmup": 500, "epochs": 6, "eval_batch": 256,
+            "max_new_tokens": 200, "curve_from": 1, "seed": 0, "stop_at": 0.9},
 }
 SELECT = {"selector": {"mode": "percentile", "value": 0.2}, "hard_weight": 3.0}
 BASE = {"enabled": True, "start_epoch": 1}
 # Arm -> custom.hard_sample_mining (None: no mining, the fusion sampler's uniform schedule).
 ARMS: dict[str, dict | None] = {
     "uniform": None,
+    "uniform_replicate": None,  # the replicate control: uniform with another data-order seed, same init
     "loss": {**BASE, "mode": "reweight", "metric": "loss", **SELECT},
     "loss_sum": {**BASE, "mode": "reweight", "metric": "loss_sum", **SELECT},
     "coord_loss": {**BASE, "mode": "reweight", "metric": "coord_loss", **SELECT},
@@ -63,55 +101,118 @@ ARMS: dict[str, dict | None] = {
     "loss_suspects": {**BASE, "mode": "reweight", "metric": "loss", "exclude_suspects": True, **SELECT},
 }
 # In order of priority (an experiment cut short keeps the first ones).
-DEFAULT_ARMS = ["uniform", "loss", "det_f1", "coord_loss", "label_loss", "loss_sum", "loss_suspects", "dynamic", "fixed_set"]
-METRICS = ("AP50", "mAP", "recall50")
+DEFAULT_ARMS = ["uniform", "uniform_replicate", "loss", "det_f1", "coord_loss", "label_loss", "loss_sum", "loss_suspects", "dynamic", "fixed_set"]
+# Arms whose data order (the fusion seed: schedule and source draws) is offset from the run seed.
+ORDER_SEED_OFFSET = {"uniform_replicate": 1000}
+METRICS = ("AP50", "mAP", "recall50", "F1_50")
 
 
 def corpus_paths(out: Path, seed: int, preset: dict) -> dict[str, Path]:
-    """The seed's corpus under ``out/data-S`` (written on first use)."""
-    from hsm.data.synth import synthesize_grid
+    """The seed's corpus under ``out/data-S`` (written on first use), with its generic source when the preset mixes one."""
+    from hsm.data.synth import synthesize_generic, synthesize_grid
 
     root = out / f"data-{seed}"
     if (root / "bbu" / "slices.json").is_file():
-        return {"bbu": root / "bbu/train.jsonl", "bbu_val": root / "bbu/val.jsonl", "slices": root / "bbu/slices.json"}
-    return synthesize_grid(root, n_train=preset["n_train"], n_val_per_slice=preset["n_val"], size=preset["size"],
-                           seed=seed)
+        corpus = {"bbu": root / "bbu/train.jsonl", "bbu_val": root / "bbu/val.jsonl", "slices": root / "bbu/slices.json"}
+    else:
+        corpus = synthesize_grid(root, n_train=preset["n_train"], n_val_per_slice=preset["n_val"], size=preset["size"],
+                                 seed=seed)
+    if preset.get("source_ratio", 0) > 0:
+        source = root / "generic" / "train.jsonl"
+        if not source.is_file():  # another seed stream than the pretraining corpus: new images of the same kind
+            source = synthesize_generic(root, n_train=int(preset["n_source"]), n_val=0, size=preset["size"],
+                                        seed=1000 + seed)["train"]
+        corpus["generic"] = source
+    return corpus
 
 
-def run_config(corpus: dict, out: Path, mining: dict | None, preset: dict, seed: int, cuda: bool) -> dict:
-    """The ``hsm train`` config of one arm (the tiny model sized by the preset)."""
-    # Short prompts: the tiny tokenizer spells them letter by letter, and every prompt token is compute
-    # (the long pair was 57 of a clean sample's ~174 tokens).
-    prompts = {"system": "Detector.", "user": "Detect."}
-    fusion = {"seed": seed, "target": {"name": "bbu", "train_jsonl": str(corpus["bbu"]), "domain": "target"},
-              "domain_prompts": {"target": prompts}, "max_image_side": preset["size"]}
-    training = {
+# Short prompts: the tiny tokenizer spells them letter by letter, and every prompt token is compute
+# (the long pair was 57 of a clean sample's ~174 tokens).
+PROMPTS = {"system": "Detector.", "user": "Detect."}
+
+
+def model_section(preset: dict) -> dict:
+    """``model:`` of the tiny Qwen3-VL sized by a preset (or a pretraining spec)."""
+    pixels = preset["size"] ** 2
+    return {"hidden_size": preset["hidden"], "num_layers": preset["layers"], "vision_depth": preset["vision_depth"],
+            "vision_hidden_size": preset["vision_hidden"], "patch_size": preset["patch"],
+            "image_min_pixels": pixels, "image_max_pixels": pixels}
+
+
+def training_section(out: Path, preset: dict, seed: int, cuda: bool) -> dict:
+    """``training:`` (TrainingArguments) of one run: cosine schedule, no checkpoints, one process."""
+    return {
         "output_dir": str(out), "num_train_epochs": preset["epochs"], "per_device_train_batch_size": preset["batch"],
         "learning_rate": preset["lr"], "lr_scheduler_type": "cosine", "warmup_steps": preset["warmup"],
-        "weight_decay": 0.0, "logging_steps": 100, "save_strategy": "no", "report_to": [], "seed": seed,
+        "weight_decay": 0.0, "logging_steps": 25, "save_strategy": "no", "report_to": [], "seed": seed,
         "data_seed": seed, "dataloader_num_workers": 0, "disable_tqdm": True, "use_cpu": not cuda, "bf16": cuda,
     }
+
+
+def run_config(corpus: dict, out: Path, mining: dict | None, preset: dict, seed: int, cuda: bool,
+               order_seed: int | None = None) -> dict:
+    """The ``hsm train`` config of one arm (the tiny model sized by the preset).
+
+    ``order_seed`` (default ``seed``) is the fusion seed: the schedule and the source draws; the
+    model init and the training RNG stay on ``seed``.
+    """
+    fusion = {"seed": seed if order_seed is None else order_seed,
+              "target": {"name": "bbu", "train_jsonl": str(corpus["bbu"]), "domain": "target"},
+              "domain_prompts": {"target": PROMPTS, "source": PROMPTS}, "max_image_side": preset["size"]}
+    if "generic" in corpus:
+        fusion["sources"] = [{"name": "generic", "train_jsonl": str(corpus["generic"]), "ratio": preset["source_ratio"],
+                              "domain": "source"}]
     custom: dict = {"fusion_config": fusion}
     if mining is not None:
+        mining = dict(mining)
+        if mining.get("mode") == "fixed_set":  # 20% hardest + 40% others of the target, whatever its size
+            mining["hard_sample_size"] = round(mining["hard_sample_size"] * preset["n_train"] / 4000)
+            mining["regular_sample_size"] = round(mining["regular_sample_size"] * preset["n_train"] / 4000)
         custom["hard_sample_mining"] = {**mining, "seed": seed}
         if mining.get("metric") == "det_f1":
             custom["det_f1"] = {"every": preset["det_every"], "batch_size": preset["eval_batch"],
                                 "max_new_tokens": preset["max_new_tokens"]}
-    pixels = preset["size"] ** 2
-    model = {"hidden_size": preset["hidden"], "num_layers": preset["layers"], "vision_depth": preset["vision_depth"],
-             "vision_hidden_size": preset["vision_hidden"], "patch_size": preset["patch"],
-             "image_min_pixels": pixels, "image_max_pixels": pixels}
-    return {"model": model, "training": training, "custom": custom}
+    return {"model": model_section(preset), "training": training_section(out, preset, seed, cuda), "custom": custom}
 
 
-def counting_trainer(curve: dict | None = None):
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def base_weights(name: str) -> Path:
+    """``bench/base/NAME/model.safetensors``, verified against the sha256 in its ``base.json``.
+
+    Raises:
+        FileNotFoundError: the base was never built (the message gives the command).
+        ValueError: the weights do not match their recorded sha256.
+    """
+    root = BASE_ROOT / name
+    weights, meta = root / "model.safetensors", root / "base.json"
+    if not weights.is_file() or not meta.is_file():
+        raise FileNotFoundError(f"{root}: no pretrained base; build it with "
+                                f"`python bench/mining_effect.py --pretrain --base {name} --out runs/pretrain-{name}`")
+    expected = json.loads(meta.read_text())["sha256"]
+    actual = file_sha256(weights)
+    if actual != expected:
+        raise ValueError(f"{weights}: sha256 {actual} does not match {expected} recorded in {meta}; rebuild the base")
+    return weights
+
+
+def counting_trainer(curve: dict | None = None, init_from: Path | None = None):
     """A ``transformers.Trainer`` that counts the supervised tokens it trains on.
 
-    With ``curve`` (``corpus``, ``slices``, ``shares``, ``preset``, ``from_epoch``), it also scores
-    val at the end of every epoch from ``from_epoch`` on (greedy answers, no training RNG drawn)
-    and keeps ``(global_step, overall, clean, supervised_tokens)`` in ``trainer.curve`` (mAP50s and the
-    tokens trained on so far): the steps an arm needs to reach uniform's final mAP50, and its mAP50 at
-    uniform's token count.
+    With ``curve`` (``val``, ``target``, ``slices``, ``shares``, ``preset``, ``from_epoch``), it also
+    scores val at the end of every epoch from ``from_epoch`` on (greedy answers, the RNG state
+    restored) and keeps, per point, the step, the epoch, the supervised tokens so far and the
+    per-slice metrics (``trainer.curves``), plus the legacy ``(global_step, overall, clean,
+    tokens)`` tuples (``trainer.curve``); ``trainer.last_images`` holds the last point's
+    per-image rows. With ``init_from`` (a safetensors file), the model's weights are loaded from
+    it before training (the pretrained base).
     """
     from transformers import Trainer, TrainerCallback
 
@@ -125,11 +226,21 @@ def counting_trainer(curve: dict | None = None):
             import torch
 
             rng = torch.get_rng_state()
-            per_slice = detection(self.trainer, curve["corpus"], curve["slices"], curve["preset"])
+            per_slice, images = detection(self.trainer, curve["val"], curve["target"], curve["slices"], curve["preset"])
             torch.set_rng_state(rng)
-            total = overall(per_slice, curve["shares"])
-            self.trainer.curve.append((state.global_step, total["AP50"], per_slice["clean"]["AP50"],
+            per_slice["overall"] = overall(per_slice, curve["shares"])
+            self.trainer.curves.append({"step": state.global_step, "epoch": round(state.epoch),
+                                        "tokens": self.trainer.supervised_tokens, "val": per_slice})
+            self.trainer.curve.append((state.global_step, per_slice["overall"]["AP50"],
+                                       per_slice.get("clean", per_slice["overall"])["AP50"],
                                        self.trainer.supervised_tokens))
+            self.trainer.last_images = images
+            if per_slice.get("clean", {}).get("AP50", 0.0) >= curve.get("stop_at", math.inf):
+                control.should_training_stop = True
+            if "on_point" in curve:
+                curve["on_point"](self.trainer)
+            print(f"epoch {round(state.epoch)} step {state.global_step}: "
+                  + ", ".join(f"{k} {v['AP50']:.3f}" for k, v in per_slice.items()), flush=True)
 
     class CountingTrainer(Trainer):
         supervised_tokens = 0
@@ -137,6 +248,12 @@ def counting_trainer(curve: dict | None = None):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.curve: list[tuple[int, float, float, int]] = []
+            self.curves: list[dict] = []
+            self.last_images: dict | None = None
+            if init_from is not None:
+                from safetensors.torch import load_model
+
+                load_model(self.model, str(init_from), strict=True)
             if curve is not None:
                 self.add_callback(CurveCallback(self))
 
@@ -149,19 +266,28 @@ def counting_trainer(curve: dict | None = None):
     return CountingTrainer
 
 
-def detection(trainer, corpus: dict, slices: dict[str, str], preset: dict) -> dict[str, dict[str, float]]:
-    """mAP50 / mAP / recall@0.5 of greedy answers on val, per slice (faster-coco-eval via ``hsm.eval``)."""
+IMAGE_COLUMNS = ("status", "n_pred", "tp", "fp", "fn", "duplicates")
+
+
+def detection(trainer, val: Path, target: str, slices: dict[str, str], preset: dict) -> tuple[dict, dict]:
+    """Greedy answers on val, scored per slice (faster-coco-eval via ``hsm.eval``).
+
+    Returns ``(per_slice, images)``: per slice mAP50, mAP, recall@0.5 and F1@0.5 (``2 TP / (2 TP +
+    FP + FN)`` at IoU 0.5, independent of the order of tied scores) with parse failures and
+    duplicate rate; ``images`` the per-image rows (id, slice, parse status, boxes predicted,
+    TP, FP, FN, duplicates), in val order.
+    """
     from hsm.data.encoding import resolve_prompts
     from hsm.data.records import read_jsonl
     from hsm.eval.generation import generate_answers
     from hsm.eval.metrics import score_dataset
     from hsm.eval.scoring import read_image_names
 
-    records, names = read_jsonl(corpus["bbu_val"]), read_image_names(corpus["bbu_val"])
+    records, names = read_jsonl(val), read_image_names(val)
     dataset = trainer.train_dataset
     order = sorted(range(len(records)), key=lambda k: len(records[k].objects))  # equal answer lengths per batch
     generated = generate_answers(trainer.model, dataset.template.processor, [records[k] for k in order],
-                                 resolve_prompts(dataset.fusion, "bbu"), max_new_tokens=preset["max_new_tokens"],
+                                 resolve_prompts(dataset.fusion, target), max_new_tokens=preset["max_new_tokens"],
                                  batch_size=preset["eval_batch"], max_image_side=dataset.fusion.max_image_side)
     answers: list[str] = [""] * len(records)
     for k, answer in zip(order, generated):
@@ -169,19 +295,45 @@ def detection(trainer, corpus: dict, slices: dict[str, str], preset: dict) -> di
     groups: dict[str, list[int]] = {}
     for i, record in enumerate(records):
         groups.setdefault(slices[record.id], []).append(i)
-    out = {}
+    out, rows = {}, {}
     for group, index in groups.items():
         score = score_dataset([records[i] for i in index], [names[i] for i in index], [answers[i] for i in index],
                               "rel1000")
-        out[group] = {k: float(score.metrics.get(k) or 0.0) for k in METRICS}
-    return out
+        m = score.metrics
+        tp, fp, fn = m["tp50"], m["fp50"], m["fn50"]
+        out[group] = {k: float(m.get(k) or 0.0) for k in ("AP50", "mAP", "recall50")}
+        out[group]["F1_50"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+        out[group]["parse_failures"] = int(m["parse_failures"])
+        out[group]["duplicate_rate"] = float(m["duplicate_rate"])
+        for j, i in enumerate(index):
+            rows[i] = {"id": records[i].id, "slice": group, **{c: score.per_sample[c][j] for c in IMAGE_COLUMNS}}
+    images = {c: [rows[i][c] for i in range(len(records))] for c in ("id", "slice", *IMAGE_COLUMNS)}
+    return out, images
 
 
 def overall(per_slice: dict[str, dict[str, float]], shares: dict[str, float]) -> dict[str, float]:
     """The target distribution: slice metrics weighted by train shares (noise images are clean ones on val)."""
-    weights = {name: shares.get(name, 0.0) + (shares.get("noise", 0.0) if name == "clean" else 0.0) for name in per_slice}
+    weights = {name: shares.get(name, 0.0) + (shares.get("noise", 0.0) if name == "clean" else 0.0)
+               for name in per_slice if name != "overall"}
     total = sum(weights.values())
-    return {k: sum(weights[s] * per_slice[s][k] for s in per_slice) / total for k in METRICS}
+    return {k: sum(weights[s] * per_slice[s][k] for s in weights) / total for k in METRICS}
+
+
+def provenance() -> dict:
+    """What a run ran: the commit of this checkout, whether it had uncommitted changes, the command, library versions."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    from importlib.metadata import version
+
+    # Library versions: the same commit under another torch or transformers is another trajectory.
+    versions = {name: version(name) for name in ("torch", "transformers", "numpy", "pillow", "tokenizers")}
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "command": os.environ.get("MINING_EFFECT_COMMAND") or " ".join(sys.argv), "versions": versions,
+            "python": sys.version.split()[0]}
 
 
 def last_hard_ids(hsm_dir: Path, epochs: int) -> set[str] | None:
@@ -214,8 +366,8 @@ def suspects_found(hsm_dir: Path, epochs: int, noise: set[str]) -> dict | None:
     return out
 
 
-def train_one(seed: int, arm: str, preset: dict, out: Path) -> dict:
-    """Train one arm on one seed, score it on val; the run's result row."""
+def train_one(seed: int, arm: str, preset: dict, out: Path, preset_name: str = "cpu") -> dict:
+    """Train one arm on one seed (from the preset's pretrained base, if it has one), score it on val; the run's row."""
     import torch
 
     from hsm.config_load import parse_config
@@ -224,24 +376,105 @@ def train_one(seed: int, arm: str, preset: dict, out: Path) -> dict:
     corpus = corpus_paths(out, seed, preset)
     info = json.loads(Path(corpus["slices"]).read_text())
     cuda = torch.cuda.is_available()
+    base = BASE_OF.get(preset_name)
+    init_from = base_weights(base) if base else None
+    base_meta = json.loads((init_from.parent / "base.json").read_text()) if base else None
     started = time.perf_counter()
-    cfg = parse_config(run_config(corpus, out / f"run-{seed}-{arm}", ARMS[arm], preset, seed, cuda), f"arm {arm}")
+    order_seed = seed + ORDER_SEED_OFFSET.get(arm, 0)
+    cfg = parse_config(run_config(corpus, out / f"run-{seed}-{arm}", ARMS[arm], preset, seed, cuda, order_seed),
+                       f"arm {arm}")
     curve = None
-    if preset.get("curve_from", 0) > 0 and ARMS[arm] is not None:  # mining arms only: uniform needs its final value
-        curve = {"corpus": corpus, "slices": info["val"], "shares": info["shares"], "preset": preset,
-                 "from_epoch": int(preset["curve_from"])}
-    summary = train(cfg, base_trainer=counting_trainer(curve))
+    # From-scratch presets curve mining arms only; fine-tuning presets curve every arm from epoch 1.
+    if preset.get("curve_from", 0) > 0 and (ARMS[arm] is not None or base):
+        curve = {"val": corpus["bbu_val"], "target": "bbu", "slices": info["val"], "shares": info["shares"],
+                 "preset": preset, "from_epoch": int(preset["curve_from"])}
+    summary = train(cfg, base_trainer=counting_trainer(curve, init_from))
     trainer = summary["trainer"]
     trained = time.perf_counter() - started
-    per_slice = detection(trainer, corpus, info["val"], preset)
-    per_slice["overall"] = overall(per_slice, info["shares"])
+    if trainer.curves and trainer.curves[-1]["step"] == summary["global_step"]:  # the last epoch end is the final model
+        per_slice, images = trainer.curves[-1]["val"], trainer.last_images
+    else:
+        per_slice, images = detection(trainer, corpus["bbu_val"], "bbu", info["val"], preset)
+        per_slice["overall"] = overall(per_slice, info["shares"])
     det_cost = [getattr(c, "seconds", None) for c in trainer.callback_handler.callbacks
                 if type(c).__name__ == "DetF1Callback"]
-    return {"seed": seed, "arm": arm, "global_step": summary["global_step"], "train_loss": summary["train_loss"],
-            "train_seconds": trained, "seconds": time.perf_counter() - started, "val": per_slice,
-            "supervised_tokens": trainer.supervised_tokens, "det_f1_seconds": det_cost[0] if det_cost else None,
+    losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e and "step" in e]
+    return {"seed": seed, "arm": arm, "order_seed": order_seed, "global_step": summary["global_step"],
+            "train_loss": summary["train_loss"], "train_seconds": trained, "seconds": time.perf_counter() - started,
+            "val": per_slice, "supervised_tokens": trainer.supervised_tokens,
+            "det_f1_seconds": det_cost[0] if det_cost else None,
             "suspects": suspects_found(Path(summary["hsm_dir"]), preset["epochs"], set(info["noise"])),
-            "threads": torch.get_num_threads(), "curve": trainer.curve}
+            "threads": torch.get_num_threads(), "curve": trainer.curve, "curves": trainer.curves,
+            "logged_losses": losses, "images": images, "base": base,
+            "base_meta": {k: base_meta[k] for k in ("complete", "global_step", "clean_val", "sha256")} if base else None,
+            **provenance()}
+
+
+def pretrain(name: str, out: Path, spec: dict | None = None, root: Path | None = None) -> dict:
+    """Pretrain base ``name`` (:data:`PRETRAIN`) on the generic corpus through ``hsm.run.train``; write ``bench/base/NAME``.
+
+    The corpus goes to ``out/data``, the run to ``out/run`` (a restart removes it and starts
+    over: the run is deterministic given the spec's seed). Clean val is scored at every epoch
+    end; training stops at the first epoch end where it reaches ``stop_at``. Writes to ``root``
+    (default ``bench/base/NAME``) ``model.safetensors`` and ``config.json`` (``save_pretrained``)
+    and ``base.json`` (``complete``, the ``model:`` section that rebuilds the architecture, the
+    spec, the val curve, the sha256 of the weights, commit and command), at every epoch end
+    (``complete: false``) and at the end. Returns ``base.json``'s content.
+    """
+    import shutil
+
+    import torch
+
+    from hsm.config_load import parse_config
+    from hsm.data.synth import synthesize_generic
+    from hsm.run import train
+
+    spec = PRETRAIN[name] if spec is None else spec
+    data = out / "data" / "generic"
+
+    def lines(path: Path) -> int:
+        return len(path.read_text().splitlines()) if path.is_file() else -1
+
+    if (lines(data / "train.jsonl"), lines(data / "val.jsonl")) != (spec["n_train"], spec["n_val"]):
+        shutil.rmtree(data, ignore_errors=True)
+        synthesize_generic(out / "data", n_train=spec["n_train"], n_val=spec["n_val"], size=spec["size"],
+                           seed=spec["seed"])
+    val = data / "val.jsonl"
+    slices = {json.loads(line)["id"]: "clean" for line in val.read_text().splitlines()}
+    run_dir = out / "run"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cuda = torch.cuda.is_available()
+    fusion = {"seed": spec["seed"], "target": {"name": "generic", "train_jsonl": str(data / "train.jsonl"),
+                                               "domain": "source"},
+              "domain_prompts": {"source": PROMPTS}, "max_image_side": spec["size"]}
+    cfg = parse_config({"model": model_section(spec), "training": training_section(run_dir, spec, spec["seed"], cuda),
+                        "custom": {"fusion_config": fusion}}, f"pretrain {name}")
+    curve = {"val": val, "target": "generic", "slices": slices, "shares": {"clean": 1.0}, "preset": spec,
+             "from_epoch": int(spec["curve_from"]), "stop_at": spec["stop_at"]}
+    started = time.perf_counter()
+    root = BASE_ROOT / name if root is None else root
+
+    def write(trainer, complete: bool, train_loss: float | None = None) -> dict:
+        """The base as it stands (every epoch end, so a stopped run leaves its last scored model), whole or not at all."""
+        staging = root.with_name(root.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        trainer.model.save_pretrained(staging, safe_serialization=True)
+        point = trainer.curves[-1]
+        meta = {"name": name, "complete": complete, "model": model_section(spec), "pretrain": spec,
+                "global_step": point["step"], "epoch": point["epoch"], "train_loss": train_loss,
+                "seconds": time.perf_counter() - started, "threads": torch.get_num_threads(),
+                "clean_val": point["val"]["clean"],
+                "curve": [{"step": c["step"], "epoch": c["epoch"], "clean": c["val"]["clean"]} for c in trainer.curves],
+                "sha256": file_sha256(staging / "model.safetensors"), **provenance()}
+        (staging / "base.json").write_text(json.dumps(meta, indent=1) + "\n")
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(staging, root)
+        return meta
+
+    curve["on_point"] = lambda trainer: write(trainer, complete=False)
+    summary = train(cfg, base_trainer=counting_trainer(curve))
+    return write(summary["trainer"], complete=True, train_loss=summary["train_loss"])
 
 
 def run_parallel(args, preset: dict) -> None:
@@ -255,11 +488,12 @@ def run_parallel(args, preset: dict) -> None:
 
     def one(task: tuple[int, str]) -> None:
         seed, arm = task
-        command = [sys.executable, __file__, "--worker", "--preset", args.preset, "--seeds", str(seed), "--arms", arm,
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--preset", args.preset, "--seeds", str(seed), "--arms", arm,
                    "--out", str(out), "--threads", str(args.threads), "--epochs", str(preset["epochs"]),
                    "--set", *[f"{k}={v}" for k, v in preset.items()]]
+        env = {**os.environ, "MINING_EFFECT_COMMAND": " ".join(["python", "bench/mining_effect.py", *sys.argv[1:]])}
         with open(out / "runs" / f"seed-{seed}-{arm}.log", "w") as log:
-            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
         print(f"{time.strftime('%H:%M:%S')} seed {seed} {arm}: {'done' if code == 0 else f'FAILED ({code})'}", flush=True)
 
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -279,8 +513,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/mining_effect"), help="work directory (resumable)")
     parser.add_argument("--doc", type=Path, default=None, help="write the markdown tables here (and the PNG beside it)")
     parser.add_argument("--from-dir", type=Path, default=None, help="only render the runs a work directory holds")
+    parser.add_argument("--pretrain", action="store_true", help="build the pretrained base --base into bench/base/NAME")
+    parser.add_argument("--base", choices=sorted(PRETRAIN), default="tiny", help="the base --pretrain builds")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.pretrain:
+        import torch
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        torch.set_num_threads(args.threads)
+        spec = dict(PRETRAIN[args.base])
+        for item in args.set:  # a trial: overrides write the base into the work directory, not bench/base
+            key, _, value = item.partition("=")
+            if key not in spec:
+                parser.error(f"--set {item}: no pretraining key {key!r} (keys: {', '.join(sorted(spec))})")
+            spec[key] = type(spec[key])(float(value)) if isinstance(spec[key], int) else float(value)
+        meta = pretrain(args.base, args.out, spec, args.out / "base" if args.set else None)
+        print(json.dumps({k: meta[k] for k in ("name", "global_step", "seconds", "clean_val", "sha256")}), flush=True)
+        return
     if args.from_dir is not None:
         from bench.mining_effect_report import render
 
@@ -300,7 +550,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        row = train_one(args.seeds[0], args.arms[0], preset, args.out)
+        row = train_one(args.seeds[0], args.arms[0], preset, args.out, args.preset)
         row["preset"] = {**preset, "name": args.preset}
         path = args.out / "runs" / f"seed-{row['seed']}-{row['arm']}.json"
         path.parent.mkdir(parents=True, exist_ok=True)

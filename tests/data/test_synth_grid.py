@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from hsm.data.records import read_jsonl
-from hsm.data.synth import GRID_CELL, GRID_CLASSES, GRID_SLICES, synthesize_grid
+from hsm.data.synth import GRID_CELL, GRID_CLASSES, GRID_RARE, GRID_SLICES, synthesize_generic, synthesize_grid
 
 
 def test_grid_slices_are_built_as_documented(tmp_path):
@@ -59,3 +59,25 @@ def test_noise_labels_differ_from_the_truth_and_low_contrast_is_faint(tmp_path):
             assert 0.25 < distance < 0.45
         elif name == "clean":
             assert distance > 0.9
+
+
+def test_generic_corpus_is_clean_common_classes_only_and_seeded(tmp_path):
+    paths = synthesize_generic(tmp_path / "a", n_train=60, n_val=10, seed=3)
+    again = synthesize_generic(tmp_path / "b", n_train=60, n_val=10, seed=3)
+    other = synthesize_generic(tmp_path / "c", n_train=60, n_val=10, seed=4)
+    assert paths["train"].read_text() == again["train"].read_text()
+    assert paths["train"].read_text() != other["train"].read_text()
+    for split, count in (("train", 60), ("val", 10)):
+        records = read_jsonl(paths[split])
+        assert len(records) == count
+        for record in records:
+            labels = [obj.label for obj in record.objects]
+            boxes = [obj.bbox for obj in record.objects]
+            assert 1 <= len(labels) <= 3 and GRID_RARE not in labels  # no crack, no crowd
+            assert {int(b[2] - b[0]) for b in boxes} <= {GRID_CELL, 2 * GRID_CELL}  # no small objects
+            pixels = np.asarray(Image.open(record.image), dtype=float)
+            x1, y1, x2, y2 = (int(v) for v in boxes[0])
+            inside = pixels[y1 + (y2 - y1) // 2, x1 + (x2 - x1) // 2]
+            colour = np.array(GRID_CLASSES[labels[0]][0], dtype=float)
+            assert np.abs(inside - colour).max() < 30  # full contrast
+    assert "val" not in synthesize_generic(tmp_path / "d", n_train=5, n_val=0, seed=3)

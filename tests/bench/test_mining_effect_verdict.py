@@ -1,0 +1,120 @@
+"""The mining-effect verdict test (bench/mining_effect_report.py) against hand computations.
+
+Oracles: for 2 degrees of freedom Student's t has a closed form, ``F(t) = 1/2 + t / (2 sqrt(2 + t^2))``
+and quantile ``t_q = (2q - 1) / sqrt(2 q (1 - q))``; Holm's adjusted p-values are worked by hand.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.mining_effect_report import holm, paired_test, seeds_for_power, verdict_test  # noqa: E402
+
+
+def test_paired_t_on_three_seeds_matches_the_closed_form():
+    result = paired_test([0.1, 0.2, 0.3])
+    t = 0.2 / (0.1 / math.sqrt(3))
+    assert result["t"] == pytest.approx(t)
+    assert result["p"] == pytest.approx(1 - t / math.sqrt(2 + t * t))  # 2 * (1 - F(t)), df 2
+    q = 0.975
+    half = (2 * q - 1) / math.sqrt(2 * q * (1 - q)) * 0.1 / math.sqrt(3)  # t_{2, 0.975} = 4.3027
+    assert result["ci"] == pytest.approx((0.2 - half, 0.2 + half))
+    assert paired_test([0.05, 0.05, 0.05])["p"] == 0.0 and paired_test([0.05, 0.05, 0.05])["ci"] == pytest.approx((0.05, 0.05)) and paired_test([0.0, 0.0])["p"] == 1.0
+    assert math.isnan(paired_test([0.3])["p"])
+
+
+def test_holm_adjusts_step_down_by_hand():
+    # sorted: 0.01 * 4 = 0.04; 0.03 * 3 = 0.09; 0.04 * 2 = 0.08 -> 0.09 (monotone); 0.5 * 1 = 0.5
+    assert holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    adjusted = holm([0.2, math.nan, 0.6])  # NaN is not counted: m = 2
+    assert adjusted[0] == pytest.approx(0.4) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.6)
+    assert holm([0.9, 0.8]) == [1.0, 1.0]  # 0.8 * 2 capped at 1; then max(1, 0.9 * 1)
+
+
+def _runs(effects: dict[str, dict[str, float]], n_seeds: int, noise: float, seed: int = 0) -> list[dict]:
+    """Synthetic runs: uniform at 0.5 on every endpoint plus seed noise; each arm adds its effect and its own noise."""
+    rng = np.random.default_rng(seed)
+    endpoints = ("small", "crowded", "rare", "low_contrast", "overall")
+    runs = []
+    for s in range(n_seeds):
+        base = {e: 0.5 + rng.normal(0, 0.05) for e in endpoints}
+        runs.append({"seed": s, "arm": "uniform", "val": {e: {"AP50": base[e]} for e in endpoints}})
+        for arm, effect in effects.items():
+            runs.append({"seed": s, "arm": arm, "val": {e: {"AP50": base[e] + effect.get(e, 0.0) + rng.normal(0, noise)}
+                                                      for e in endpoints}})
+    return runs
+
+
+def test_verdicts_follow_the_rule_fixed_in_advance():
+    runs = _runs({"uniform_replicate": {}, "good": {"small": 0.1}, "costly": {"small": 0.1, "overall": -0.1},
+                  "fixed_set_60": {"small": 0.001}}, n_seeds=8, noise=0.005)
+    test = verdict_test(runs)
+    assert test["verdicts"]["uniform_replicate"] == "no effect"
+    assert test["verdicts"]["good"] == "helps small"
+    assert test["verdicts"]["costly"].startswith("gains on small but not non-inferior overall")
+    assert "hurts overall" in test["verdicts"]["costly"]
+    assert test["verdicts"]["fixed_set_60"] == "saves (non-inferior on every endpoint)"
+    # The Holm family: 3 arms x 5 endpoints (the saving arm is judged by its CIs alone).
+    cell = test["cells"][("good", "small")]
+    others = sorted(c["p"] for k, c in test["cells"].items() if k[0] != "fixed_set_60")
+    assert cell["p"] == others[0] and cell["p_holm"] == pytest.approx(min(1.0, 15 * cell["p"]))
+    assert math.isnan(test["cells"][("fixed_set_60", "small")]["p_holm"])
+    # Independent check of one cell: scipy's paired t-test on the same numbers.
+    from scipy import stats
+
+    uniform = [r["val"]["small"]["AP50"] for r in runs if r["arm"] == "uniform"]
+    good = [r["val"]["small"]["AP50"] for r in runs if r["arm"] == "good"]
+    assert cell["p"] == pytest.approx(stats.ttest_rel(good, uniform).pvalue)
+
+
+def test_a_saving_arm_short_on_one_endpoint_does_not_save_and_few_seeds_are_undecided():
+    runs = _runs({"fixed_set_60": {"crowded": -0.1}}, n_seeds=6, noise=0.005)
+    assert verdict_test(runs)["verdicts"]["fixed_set_60"] == "does not save (not non-inferior on crowded)"
+    assert verdict_test(_runs({"loss": {"small": 0.1}}, n_seeds=1, noise=0.0))["verdicts"]["loss"].startswith("undecided")
+
+
+def test_seeds_for_power_is_the_smallest_count_reaching_the_power():
+    from scipy import stats
+
+    sd, delta, alpha = 0.06, 0.05, 0.05 / 35
+    n = seeds_for_power(sd, delta, alpha, 0.8)
+
+    def power(k: int) -> float:  # by simulation: the share of paired t-tests that reject
+        rng = np.random.default_rng(k)
+        diffs = rng.normal(delta, sd, (20000, k))
+        t = diffs.mean(1) / (diffs.std(1, ddof=1) / math.sqrt(k))
+        return float((np.abs(t) > stats.t.ppf(1 - alpha / 2, k - 1)).mean())
+
+    assert power(n) >= 0.79 and power(n - 1) < 0.8
+    z_alpha, z_power = stats.norm.ppf(1 - alpha / 2), stats.norm.ppf(0.8)
+    guenther = ((z_alpha + z_power) * sd / delta) ** 2 + z_alpha ** 2 / 2  # normal approximation + t correction
+    assert abs(n - guenther) <= 1
+
+
+def test_every_arm_shares_uniforms_epoch_0_and_the_replicate_only_changes_the_data_order(tmp_path):
+    """Epoch 0 has no plan; its schedule is a function of the fusion seed and target_epoch_size alone
+    (hsm.data.schedule.build_schedule), so an arm with uniform's fusion seed and no target_epoch_size
+    draws uniform's epoch 0. The replicate keeps the init (training seed) and moves the data order."""
+    from bench.mining_effect import ARMS, PRESETS, run_config
+
+    from hsm.config_load import parse_config
+
+    corpus = {"bbu": tmp_path / "train.jsonl", "generic": tmp_path / "generic.jsonl"}
+    preset = PRESETS["finetune"]
+    for arm, mining in ARMS.items():
+        order_seed = 7 + (1000 if arm == "uniform_replicate" else 0)
+        cfg = parse_config(run_config(corpus, tmp_path / arm, mining, preset, 7, False, order_seed), arm)
+        assert cfg.training["seed"] == 7 and cfg.training["data_seed"] == 7
+        assert cfg.custom.fusion_config.seed == (1007 if arm == "uniform_replicate" else 7)
+        assert [s.ratio for s in cfg.custom.fusion_config.sources] == [preset["source_ratio"]]
+        if cfg.mining is not None:
+            assert cfg.mining.target_epoch_size is None and cfg.mining.start_epoch == 1
+    fixed = parse_config(run_config(corpus, tmp_path / "f", ARMS["fixed_set"], preset, 7, False), "fixed_set").mining
+    assert (fixed.hard_sample_size, fixed.regular_sample_size) == (400, 800)  # 20% + 40% of 2,000
