@@ -673,6 +673,47 @@ def _summary(outcomes: Counter) -> str:
     return ", ".join(f"{name} {count}" for name, count in outcomes.most_common())
 
 
+def nonfinite_values(work: Path) -> list[tuple[str, str, str]]:
+    """NaN and +inf losses in the log: not observations. ``hsm plan`` must count them, keep the samples' scores
+    from their finite values (a NaN does not stick, +inf does not win) and write strict JSON."""
+    import math
+
+    run = work / "nonfinite"
+    rows = random_rows(np.random.default_rng(13), n_target=12, n_epochs=2, n_ranks=1, max_obs=3)
+    target = [r for r in rows if r["dataset"] == TARGET and r["epoch"] == 1]
+    poisoned = {target[0]["base_idx"]: math.nan, target[1]["base_idx"]: math.inf}
+    for r in target[:2]:
+        r["loss"] = poisoned[r["base_idx"]]
+    write_rows(run / "hsm", rows)
+    set_k(run, 3)
+    done = hsm(run, "plan", "--epoch", "2")
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"non-standard JSON {c}")))
+
+    problems = []
+    if done.returncode != 0:
+        problems.append(f"exit {done.returncode}")
+    else:
+        manifest_path = next((run / "hsm" / "plans").rglob("manifest.json"))
+        try:
+            manifest = strict(manifest_path.read_text())
+        except ValueError as e:
+            problems.append(str(e))
+            manifest = {}
+        if manifest.get("counts", {}).get("nonfinite") != 2:
+            problems.append(f"counts.nonfinite {manifest.get('counts', {}).get('nonfinite')}, expected 2")
+        import pyarrow.parquet as pq
+
+        plan = pq.read_table(next((run / "hsm" / "plans").rglob("plan.parquet"))).to_pylist()
+        if any(not math.isfinite(r["score"]) for r in plan):
+            problems.append("a non-finite score in the plan")
+    outcome = f"{OK} 1" if not problems else f"{SILENT} 1"
+    return [("NaN and +inf losses in the event log (`hsm plan`)", outcome,
+             "not observations: counted (`counts.nonfinite` 2), every score finite, the manifest strict JSON"
+             + (f"; {'; '.join(problems)}" if problems else ""))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20, help="Concurrent-planner trials.")
@@ -681,6 +722,7 @@ def main() -> None:
     parser.add_argument("--only-concurrent", action="store_true", help="Run the concurrent-planner cases only.")
     parser.add_argument("--only-sql", action="store_true", help="Run the hostile and confined hsm sql cases only.")
     parser.add_argument("--only-inputs", action="store_true", help="Run the bad-image and hostile-answer cases only.")
+    parser.add_argument("--only-nonfinite", action="store_true", help="Run the non-finite event values case only.")
     parser.add_argument("--only-tampered", action="store_true",
                         help="Run the well-formed tampering and hsm train start-up cases only.")
     args = parser.parse_args()
@@ -688,6 +730,9 @@ def main() -> None:
         work = Path(tmp)
         if args.only_inputs:
             _print(bad_inputs(work))
+            return
+        if args.only_nonfinite:
+            _print(nonfinite_values(work))
             return
         base = make_run(work / "base")
         rows = []
@@ -713,6 +758,7 @@ def main() -> None:
         rows += bad_inputs(work)
         rows += tampered_files(base, work)
         rows += startup_refusals(work)
+        rows += nonfinite_values(work)
     _print(rows)
 
 

@@ -5,11 +5,12 @@ Three depths of checking, each a superset of the one before:
 - :func:`header_problems` opens the file and reads its header only: a 0-byte or
   non-image file, a size that disagrees with the record, a side over
   ``max_image_side`` and a pixel count over the decoding bound (a decompression
-  bomb) are found here without decoding a pixel. Training runs it on every record
-  before step 0 (:func:`check_record_images`): it costs a header read per image.
-- :func:`image_problems` also decodes the pixels (``hsm data validate``): a
-  truncated or corrupt file is found here. Decoding starts only after the header
-  passed, so what a decode allocates is bounded (see below).
+  bomb) are found here without decoding a pixel.
+- :func:`image_problems` also decodes the pixels: a truncated or corrupt file is
+  found here. Decoding starts only after the header passed, so what a decode
+  allocates is bounded (see below). ``hsm data validate`` runs it, and so does
+  training, on every record before step 0 (:func:`check_record_images`, on a thread
+  pool: Pillow releases the GIL while it decodes).
 - :func:`load_rgb` decodes one image for training or evaluation and raises
   :class:`~hsm.data.records.RecordError` naming the record on any of the above, so
   an unreadable image is never mistaken for an output-folder problem.
@@ -137,21 +138,25 @@ def load_rgb(record: Record, max_side: int | None) -> np.ndarray:
     raise RecordError("; ".join(problems))
 
 
-def check_record_images(record_lists: Iterable[list[Record]], max_side: int | None, *, n_threads: int | None = None) -> None:
-    """Read every record's image header before training starts; raise once, listing every problem.
+def check_record_images(record_lists: Iterable[list[Record]], max_side: int | None, *, n_threads: int | None = None,
+                        decode: bool = True) -> None:
+    """Read every record's image before training starts (bounded, as above); raise once, listing every problem.
 
-    Naive equivalent: ``[p for records in record_lists for r in records for p in header_problems(r, max_side)]``,
-    raised as one :class:`RecordError` when not empty. Headers are read on a thread pool.
+    Naive equivalent: ``[p for records in record_lists for r in records for p in image_problems(r, max_side)]``
+    (``header_problems`` when ``decode`` is False), raised as one :class:`RecordError` when not empty. Images are
+    read on a thread pool, so a truncated file fails here, not an epoch into training.
 
     Args:
         record_lists: the records of each dataset (training and evaluation splits).
         max_side: ``fusion_config.max_image_side``.
         n_threads: reader threads (default: the CPU count, at most 8).
+        decode: decode the pixels (default); False reads the headers only.
     """
     records = [r for records in record_lists for r in records]
     workers = n_threads or min(8, os.cpu_count() or 1)
+    check = image_problems if decode else header_problems
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        problems = [p for found in pool.map(lambda r: header_problems(r, max_side), records, chunksize=64) for p in found]
+        problems = [p for found in pool.map(lambda r: check(r, max_side), records, chunksize=64) for p in found]
     if problems:
         listed = "\n".join(f"  {p}" for p in problems[:SHOWN])
         more = f"\n  ... and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""

@@ -95,15 +95,18 @@ def test_training_load_of_an_unreadable_image_names_the_record(bad_images):
         dataset[(0, 1, False, 0, 1)]
 
 
-def test_start_up_check_lists_every_bad_header(bad_images):
+@pytest.mark.parametrize("decode", [True, False])
+def test_start_up_check_lists_every_bad_image(bad_images, decode):
+    # Before step 0 the pixels are decoded (bounded), so a truncated file fails there, not mid-epoch.
     path, kinds = bad_images
     records = read_jsonl(path)
     with pytest.raises(RecordError) as caught:
-        check_record_images([records[:3], records[3:]], max_side=None, n_threads=2)
+        check_record_images([records[:3], records[3:]], max_side=None, n_threads=2, decode=decode)
     message = str(caught.value)
-    assert message.startswith("5 image problems before training")
+    bad = [k for k in kinds if k != "good" and (decode or k != "truncated")]
+    assert message.startswith(f"{len(bad)} image problems before training")
     for line, kind in enumerate(kinds, start=1):
-        assert (f"d.jsonl:{line}: " in message) == (kind not in ("good", "truncated"))
+        assert (f"d.jsonl:{line}: " in message) == (kind in bad)
 
 
 def test_training_refuses_a_bad_image_before_step_0(make_corpus, demo_config, tmp_path):
@@ -121,4 +124,5 @@ def test_training_refuses_a_bad_image_before_step_0(make_corpus, demo_config, tm
 
     with pytest.raises(RecordError, match=rf"{target.name}:3: image .* is empty \(0 bytes\)"):
         train(cfg)
-    assert not (out / "hsm").exists()
+    # Nothing written but the run's lock, taken before anything is checked.
+    assert not (out / "hsm").exists() or [p.name for p in (out / "hsm").iterdir()] == [".lock"]

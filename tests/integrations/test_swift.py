@@ -24,6 +24,7 @@ pytest.importorskip("swift")
 from hsm.integrations.swift import plugin_path, write_grounding_jsonl  # noqa: E402
 from hsm.train.model import build_checkpoint  # noqa: E402
 from hsm.data.synth import synthesize  # noqa: E402
+from wholerun import replan_and_report  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -252,16 +253,8 @@ def test_swift_run_is_a_whole_run_for_plan_report_and_sql(tmp_path, mined_run):
     shutil.copytree(mined, run)
     config = load_config(run / "hsm" / "config.yaml")
     assert config.mining.selector.k == 2 and config.mining.hard_weight == 3.0 and config.target_name == "bbu"
-    trained = pq.read_table(run / "hsm" / "plans" / "epoch=2" / "plan.parquet")
-    shutil.rmtree(run / "hsm" / "plans" / "epoch=2")
+    html = replan_and_report(run, 2)
     runner = CliRunner()
-    planned = runner.invoke(app, ["plan", "--run-dir", str(run), "--epoch", "2"])
-    assert planned.exit_code == 0, planned.output
-    assert pq.read_table(run / "hsm" / "plans" / "epoch=2" / "plan.parquet").equals(trained)
-    reported = runner.invoke(app, ["report", "--run-dir", str(run)])
-    assert reported.exit_code == 0, reported.output
-    html = (run / "report.html").read_text()
-    assert "no record for this sample" not in html and "image not found" not in html and "names no target" not in html
     assert html.count("data:image/jpeg") >= 2 * N_ROWS
     records = {r.image: r for r in read_jsonl(data.parent / "corpus" / "bbu" / "train.jsonl")}
     shown = read_sample_records(run / "hsm")

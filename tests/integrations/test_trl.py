@@ -24,6 +24,7 @@ from hsm.config import MiningConfig, SelectorConfig  # noqa: E402
 from hsm.integrations.trl import HsmSFTTrainer, detection_dataset  # noqa: E402
 from hsm.train.model import build_checkpoint  # noqa: E402
 from hsm.data.synth import DEFAULT_PROMPTS, synthesize  # noqa: E402
+from wholerun import replan_and_report
 
 pytestmark = pytest.mark.slow
 
@@ -194,16 +195,8 @@ def test_trl_run_is_a_whole_run_for_plan_report_and_sql(tmp_path, trl_run):
     shutil.copytree(trl_run["out"], run)
     config = load_config(run / "hsm" / "config.yaml")
     assert config.mining == MINING and config.target_name == "bbu"
-    trained = pq.read_table(run / "hsm" / "plans" / "epoch=2" / "plan.parquet")
-    shutil.rmtree(run / "hsm" / "plans" / "epoch=2")
+    html = replan_and_report(run, 2)
     runner = CliRunner()
-    planned = runner.invoke(app, ["plan", "--run-dir", str(run), "--epoch", "2"])
-    assert planned.exit_code == 0, planned.output
-    assert pq.read_table(run / "hsm" / "plans" / "epoch=2" / "plan.parquet").equals(trained)
-    reported = runner.invoke(app, ["report", "--run-dir", str(run)])
-    assert reported.exit_code == 0, reported.output
-    html = (run / "report.html").read_text()
-    assert "no record for this sample" not in html and "image not found" not in html and "names no target" not in html
     assert html.count("data:image/jpeg") >= 16  # 8 hardest and 8 easiest cards, each with its image
     records = read_jsonl(trl_run["corpus"]["bbu"])
     shown = read_sample_records(run / "hsm", yaml.safe_load((run / "hsm" / "config.yaml").read_text())["model"]["coord_format"])
