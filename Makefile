@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml
 	# dev brings pytest, import-linter (tools/lint_layers.py runs it) and playwright (it drives Debian's chromium: no `playwright install`).
 	$(BIN)/pip install -q -e '.[train,dev,trl]'
 	$(BIN)/pip install -q --no-build-isolation 'deepspeed>=0.16'
+	# DeepSpeed builds its shared-memory collective on first use on a CPU (about a minute): build it here, not in a test.
+	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as g; b = g().create_op_builder('ShareMemCommBuilder'); b is not None and b.is_compatible() and b.load()"
 	touch $(STAMP)
 
 test: install test-deps

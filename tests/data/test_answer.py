@@ -250,7 +250,9 @@ def _oracle_find_objects(text: str):
                     pos += 1
                 elif pos < len(text) and text[pos] not in "]{":
                     ending = "other"
-            if any(isinstance(i, dict) for i in items) or ending in ("end", "object") or (ending == "complete" and not items):
+            # An empty list answers "no objects" only on its own, not as an element of another list ("[[]]").
+            nested = text[:start].rstrip(" \t\r\n").endswith(("[", ","))
+            if any(isinstance(i, dict) for i in items) or ending in ("end", "object") or (ending == "complete" and not items and not nested):
                 return items, "ok" if ending == "complete" else "truncated"
         elif char == "{":
             items, pos = [], start
