@@ -221,7 +221,8 @@ def seeds_for_power(sd: float, delta: float, alpha: float, power: float = 0.8, m
     for n in range(2, max_seeds + 1):
         critical = stats.t.ppf(1 - alpha / 2, n - 1)
         nc = delta / (sd / math.sqrt(n))
-        achieved = stats.nct.sf(critical, n - 1, nc) + stats.nct.cdf(-critical, n - 1, nc)
+        # The far tail underflows to NaN in scipy's noncentral t at large noncentrality; it is 0 there.
+        achieved = stats.nct.sf(critical, n - 1, nc) + np.nan_to_num(stats.nct.cdf(-critical, n - 1, nc))
         if achieved >= power:
             return n
     return max_seeds + 1

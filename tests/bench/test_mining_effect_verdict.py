@@ -118,3 +118,9 @@ def test_every_arm_shares_uniforms_epoch_0_and_the_replicate_only_changes_the_da
             assert cfg.mining.target_epoch_size is None and cfg.mining.start_epoch == 1
     fixed = parse_config(run_config(corpus, tmp_path / "f", ARMS["fixed_set"], preset, 7, False), "fixed_set").mining
     assert (fixed.hard_sample_size, fixed.regular_sample_size) == (400, 800)  # 20% + 40% of 2,000
+
+
+def test_seeds_for_power_never_asks_fewer_seeds_for_more_noise():
+    counts = [seeds_for_power(sd, 0.05, 0.05 / 35) for sd in (0.01, 0.02, 0.03, 0.05, 0.07, 0.1)]
+    # sd 0.02 at 0.05 / 35: power 0.758 at 7 seeds, 0.900 at 8 (simulated: 0.758, 0.900); scipy's far tail is NaN there
+    assert counts == sorted(counts) and counts[1] == 8
