@@ -140,12 +140,17 @@ def model_section(preset: dict) -> dict:
 
 
 def training_section(out: Path, preset: dict, seed: int, cuda: bool) -> dict:
-    """``training:`` (TrainingArguments) of one run: cosine schedule, no checkpoints, one process."""
+    """``training:`` (TrainingArguments) of one run: cosine schedule, no checkpoints, one process.
+
+    A run without its ``runs/seed-S-ARM.json`` did not finish (no checkpoints are kept), so a
+    re-run replaces its folder (``overwrite_output_dir``) instead of being refused as a used one.
+    """
     return {
         "output_dir": str(out), "num_train_epochs": preset["epochs"], "per_device_train_batch_size": preset["batch"],
         "learning_rate": preset["lr"], "lr_scheduler_type": "cosine", "warmup_steps": preset["warmup"],
         "weight_decay": 0.0, "logging_steps": 25, "save_strategy": "no", "report_to": [], "seed": seed,
         "data_seed": seed, "dataloader_num_workers": 0, "disable_tqdm": True, "use_cpu": not cuda, "bf16": cuda,
+        "overwrite_output_dir": True,
     }
 
 
