@@ -42,6 +42,8 @@ __all__ = [
     "checksum_record_path",
     "write_recorded",
     "read_recorded",
+    "parquet_bytes",
+    "read_recorded_parquet",
 ]
 
 
@@ -170,10 +172,14 @@ def write_recorded(data: bytes, path: str | Path) -> None:
 def read_recorded(path: str | Path) -> bytes:
     """The bytes of ``path``, checked against the sha256 record :func:`write_recorded` left beside it.
 
-    A file without a record (written by hand, or before records existed) is returned as is.
+    A file without a record is returned as is only when no file beside it has one (written by
+    hand, or by an hsm that wrote no records). In a folder where hsm recorded other files, a
+    missing record means it was deleted (or its writer was killed in the instant between the
+    file and its record): that is an error, not a silent downgrade to unverified.
 
     Raises:
-        ChecksumMismatch: the bytes differ from the record, or the record is unreadable; names both files.
+        ChecksumMismatch: the bytes differ from the record, the record is unreadable, or it is
+            missing beside recorded files; names the files.
         OSError: ``path`` cannot be read (``FileNotFoundError`` when it is missing).
     """
     path = Path(path)
@@ -182,6 +188,12 @@ def read_recorded(path: str | Path) -> bytes:
     try:
         expected = json.loads(record.read_bytes())["sha256"]
     except FileNotFoundError:
+        others = sorted(p.name for p in path.parent.glob("*.sha256.json"))
+        if others:
+            raise ChecksumMismatch(
+                f"{path}: its checksum record {record.name} is missing while {', '.join(others)} beside it exist "
+                f"(hsm writes every run file with one; it was deleted, or its writer was killed); restore it, or "
+                f"delete every *.sha256.json in {path.parent} to read the run's files unverified") from None
         return data
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ChecksumMismatch(f"{record}: unreadable checksum record of {path.name} ({e}); restore it, or delete "
@@ -192,6 +204,24 @@ def read_recorded(path: str | Path) -> bytes:
                                f"{record.name} when hsm wrote it (the file changed on disk); restore it, or delete "
                                f"{record.name} to accept the file as it is")
     return data
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """``table`` as Parquet bytes with page checksums (a small file written whole by :func:`write_recorded`)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, write_page_checksum=True)
+    return sink.getvalue().to_pybytes()
+
+
+def read_recorded_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file :func:`write_recorded` wrote, checked against its sha256 record, then its pages.
+
+    Raises:
+        ChecksumMismatch: as :func:`read_recorded`.
+        OSError, pyarrow.ArrowException: the file is missing or not Parquet.
+    """
+    data = read_recorded(path)
+    return pq.read_table(pa.BufferReader(data), columns=columns, page_checksum_verification=True)
 
 
 def write_parquet_atomic(table: pa.Table | Iterable[pa.Table], path: str | Path, **options: Any) -> None:

@@ -26,4 +26,28 @@ def replan_and_report(run: Path, epoch: int) -> str:
     assert reported.exit_code == 0, reported.output
     html = (run / "report.html").read_text()
     assert "no record for this sample" not in html and "image not found" not in html and "names no target" not in html
+    _damaged_samples_table_is_named(run, runner, app)
     return html
+
+
+def _damaged_samples_table_is_named(run: Path, runner: CliRunner, app) -> None:
+    """``samples.parquet`` is a recorded run file: rot of the same size, a cut, a lost record each stop the report
+    with a message naming it (never a report built from other samples); the restored file reports again."""
+    from hsm.io import checksum_record_path
+
+    samples = run / "hsm" / "samples.parquet"
+    record = checksum_record_path(samples)
+    assert record.is_file() and checksum_record_path(run / "hsm" / "config.yaml").is_file()
+    good, good_record = samples.read_bytes(), record.read_bytes()
+    rot = bytearray(good)
+    rot[len(rot) // 2] ^= 0x01
+    for damaged, keep_record in ((bytes(rot), True), (good[: len(good) // 2], True), (good, False)):
+        samples.write_bytes(damaged)
+        if not keep_record:
+            record.unlink()
+        result = runner.invoke(app, ["report", "--run-dir", str(run)])
+        assert result.exit_code == 2 and "samples.parquet" in " ".join(result.output.split()), result.output
+        assert "Traceback" not in result.output
+        samples.write_bytes(good)
+        record.write_bytes(good_record)
+    assert runner.invoke(app, ["report", "--run-dir", str(run)]).exit_code == 0

@@ -454,6 +454,7 @@ def write_run_files(hsm_dir: Path, slots: SlotDataset, contents: Sequence[dict],
     disabled when ``mining`` is None) and ``fusion`` (the datasets actually trained on). ``dataset.json``: the
     datasets and the target's fingerprint. ``samples.parquet``: one row per target ``base_idx``: ``sample_id``,
     ``image`` (the first image's path or digest), ``answer`` and ``objects`` (:func:`row_contents`).
+    Each is written with its sha256 record (:func:`hsm.io.write_recorded`), as ``hsm train`` writes its run files.
 
     Args:
         hsm_dir: the run's hsm directory.
@@ -466,7 +467,7 @@ def write_run_files(hsm_dir: Path, slots: SlotDataset, contents: Sequence[dict],
     import pyarrow as pa
     import yaml
 
-    from hsm.io import write_bytes_atomic, write_parquet_atomic
+    from hsm.io import parquet_bytes, write_recorded
     from hsm.train.trainer import write_dataset_info
 
     base = config if config is not None else HsmConfig()
@@ -476,8 +477,8 @@ def write_run_files(hsm_dir: Path, slots: SlotDataset, contents: Sequence[dict],
     payload = {"model": {"coord_format": base.model.coord_format},
                "custom": custom.model_dump(mode="json")}
     hsm_dir.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(yaml.safe_dump(payload, sort_keys=False, allow_unicode=True).encode("utf-8"),
-                       RunPaths.at(hsm_dir).config)
+    write_recorded(yaml.safe_dump(payload, sort_keys=False, allow_unicode=True).encode("utf-8"),
+                   RunPaths.at(hsm_dir).config)
     write_dataset_info(hsm_dir, slots)
     target = slots.parts[0]
     table = pa.table({
@@ -487,7 +488,7 @@ def write_run_files(hsm_dir: Path, slots: SlotDataset, contents: Sequence[dict],
         "answer": pa.array([c["answer"] for c in contents], pa.string()),
         "objects": pa.array([c["objects"] for c in contents], pa.string()),
     })
-    write_parquet_atomic(table, RunPaths.at(hsm_dir).samples)
+    write_recorded(parquet_bytes(table), RunPaths.at(hsm_dir).samples)
 
 
 def attach(trainer, rows, name: str, *, mining: MiningConfig | None, seed: int, sample_ids: Sequence[str] | None = None,

@@ -285,8 +285,12 @@ def read_sample_records(hsm_dir: Path, coord_format: str = "rel1000") -> SampleR
     path = RunPaths.at(hsm_dir).samples
     if not path.is_file():
         return None
+    from hsm.io import ChecksumMismatch, read_recorded_parquet
+
     try:
-        table = pq.read_table(path, columns=["base_idx", "sample_id", "image", "answer", "objects"])
+        table = read_recorded_parquet(path, columns=["base_idx", "sample_id", "image", "answer", "objects"])
+    except ChecksumMismatch as e:
+        raise ReportError(str(e)) from e
     except (pa.ArrowException, OSError) as e:
         raise ReportError(f"{path}: not a readable hsm samples table ({e})") from e
     return SampleRecords(table, coord_format, str(path))

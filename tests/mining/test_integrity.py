@@ -456,6 +456,20 @@ def test_a_record_written_by_hand_or_by_an_older_hsm_is_read_as_it_is(run_dir):
     assert runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", "3"]).exit_code == 0
 
 
+@pytest.mark.parametrize("name", ["config.yaml", "dataset.json", "run.json"])
+def test_one_deleted_record_beside_the_others_is_an_error_not_an_unverified_file(run_dir, name):
+    from hsm.io import checksum_record_path
+
+    hsm = _planned_run(run_dir, epoch=2)
+    record = checksum_record_path(hsm / name)
+    record.unlink()
+    (hsm / name).write_bytes((hsm / name).read_bytes().replace(b"4.0", b"8.0"))  # then unnoticed without the rule
+    text = _clear_error(runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", "3"]), str(hsm / name),
+                        record.name)
+    assert "missing" in text
+    assert not plan_dir(hsm, 3).exists()
+
+
 def test_startup_check_reads_every_part_against_its_ledger_and_state(hsm_dir):
     """Damage that leaves a part a readable event file: each fails the start-up check, naming the part."""
     from hsm.mining.checks import RunFileError, check_run_files
