@@ -27,6 +27,18 @@ __all__ = ["HSM_DIR_NAME", "RunPaths"]
 HSM_DIR_NAME = "hsm"
 
 
+class _Under:
+    """A fixed name under the run's root, read like a property (``paths.config`` -> ``<root>/config.yaml``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, paths: RunPaths | None, owner: type | None = None) -> Path:
+        if paths is None:
+            raise AttributeError(f"RunPaths.{self.name} is a path of one run: ask RunPaths.of(output_dir)")
+        return paths.root / self.name
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """Paths of one run, from its ``hsm`` folder (``RunPaths.of(output_dir)`` from the Trainer's ``output_dir``).
@@ -51,30 +63,15 @@ class RunPaths:
     def output_dir(self) -> Path:
         return self.root.parent
 
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def dataset_info(self) -> Path:
-        return self.root / "dataset.json"
-
-    @property
-    def run_info(self) -> Path:
-        return self.root / "run.json"
-
-    @property
-    def samples(self) -> Path:
-        """``samples.parquet``: TRL / ms-swift runs' ``base_idx`` -> sample id, image and answer."""
-        return self.root / "samples.parquet"
-
-    @property
-    def lock(self) -> Path:
-        return self.root / ".lock"
-
-    @property
-    def events_root(self) -> Path:
-        return self.root / "events"
+    config = _Under("config.yaml")
+    dataset_info = _Under("dataset.json")
+    run_info = _Under("run.json")
+    samples = _Under("samples.parquet")  # TRL / ms-swift runs: base_idx -> sample id, image and answer
+    lock = _Under(".lock")
+    events_root = _Under("events")
+    sample_ids_root = _Under("sample_ids")
+    state_root = _Under("state")
+    plans_root = _Under("plans")
 
     def events(self, epoch: int, rank: int | None = None) -> Path:
         """``events/epoch=E`` or, with ``rank``, ``events/epoch=E/rank=R``."""
@@ -85,23 +82,11 @@ class RunPaths:
         """Every committed event part (``events/epoch=*/rank=R/part-*.parquet``; hidden temp files excluded), sorted."""
         return sorted(self.events_root.glob(f"epoch=*/rank={rank}/part-*.parquet"))
 
-    @property
-    def sample_ids_root(self) -> Path:
-        return self.root / "sample_ids"
-
     def sample_ids(self, epoch: int) -> Path:
         return self.sample_ids_root / f"epoch={epoch}" / "sample_ids.parquet"
 
-    @property
-    def state_root(self) -> Path:
-        return self.root / "state"
-
     def state(self, epoch: int) -> Path:
         return self.state_root / f"epoch={epoch}" / "state.parquet"
-
-    @property
-    def plans_root(self) -> Path:
-        return self.root / "plans"
 
     def plan_dir(self, epoch: int) -> Path:
         return self.plans_root / f"epoch={epoch}"

@@ -136,10 +136,9 @@ def _start_run(held: contextlib.ExitStack, cfg: HsmConfig, args, hsm_dir: Path) 
 
 def _remove_run(hsm_dir: Path) -> None:
     """Remove every entry of ``hsm_dir`` but its lock file (held by this process: removing it would unlock)."""
-    from hsm.mining.plan import LOCK_NAME
-
+    lock = RunPaths.at(hsm_dir).lock
     for entry in hsm_dir.iterdir():
-        if entry.name == LOCK_NAME:
+        if entry == lock:
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)

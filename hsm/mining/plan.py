@@ -21,7 +21,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hsm.io import (
-    epoch_partitions,
     file_sha256,
     is_temp_name,
     open_parquet,
@@ -87,9 +86,6 @@ class RunLocked(RuntimeError):
     """Another process is writing this run (``hsm plan`` or a training's planning)."""
 
 
-LOCK_NAME = RunPaths.at(".").lock.name  # ".lock"
-
-
 @contextlib.contextmanager
 def run_lock(hsm_dir: str | Path, timeout: float = 0.0):
     """Hold the run's writer lock (``<hsm_dir>/.lock``) for the ``with`` block.
@@ -118,7 +114,7 @@ def run_lock(hsm_dir: str | Path, timeout: float = 0.0):
         lock.acquire(timeout=timeout)
     except Timeout as e:
         raise RunLocked(
-            f"{hsm_dir}: another hsm plan or training is writing this run (lock {hsm_dir / LOCK_NAME} is held); "
+            f"{hsm_dir}: another hsm plan or training is writing this run (lock {RunPaths.at(hsm_dir).lock} is held); "
             "wait for it to finish, then run the command again"
         ) from e
     try:

@@ -34,7 +34,7 @@ from hsm.metrics import sql_difficulty
 from hsm.io import open_parquet
 from hsm.mining.checks import verify_event_log, verify_sample_ids
 from hsm.mining.ledger import recorded_digests
-from hsm.mining.plan import plan_dir, plan_epochs, verify_plan
+from hsm.mining.plan import plan_epochs, verify_plan
 from hsm.mining.state import find_states, is_committed, read_state_info, state_path, verify_state
 from hsm.schemas import EVENT_SCHEMA, PLAN_SCHEMA, SAMPLE_ID_SCHEMA, STATE_SCHEMA, SchemaError, check_schema
 from hsm.layout import RunPaths

@@ -54,7 +54,6 @@ import pyarrow.parquet as pq
 
 from hsm.io import (
     ChecksumMismatch,
-    epoch_partitions,
     file_sha256,
     open_parquet,
     strict_json,
