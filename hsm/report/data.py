@@ -264,8 +264,11 @@ class SampleRecords:
         image = Path(row["image"] or "")
         width = height = 1
         if row["image"] and image.is_file():
-            with Image.open(image) as img:  # the header only
-                width, height = img.size
+            try:
+                with Image.open(image) as img:  # the header only
+                    width, height = img.size
+            except (OSError, Image.DecompressionBombError):
+                pass  # the card says the image cannot be decoded
         objects = json.loads(row["objects"]) if row["objects"] else None
         if objects and objects.get("bbox"):
             boxes, labels = [tuple(map(float, b)) for b in objects["bbox"]], list(objects.get("ref") or [])

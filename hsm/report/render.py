@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from hsm.config import describe_selector
 from hsm.mining.suspects import metric_label
@@ -74,7 +75,10 @@ def _cards(run: RunData, records, order: np.ndarray, k: int) -> list[Card]:
             note = f"image not found: {record.image}"
         else:
             coord_format = (run.config.get("model") or {}).get("coord_format", "rel1000")
-            image, predicted = record_thumbnails(record, prediction, coord_format)
+            try:
+                image, predicted = record_thumbnails(record, prediction, coord_format)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:  # truncated, not an image, a bomb
+                note = f"image cannot be decoded: {record.image} ({type(e).__name__}: {e})"
         if prediction is not None:
             counts = {k: int(prediction[k]) for k in ("tp", "fp", "fn")}
         cards.append(Card(

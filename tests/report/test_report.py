@@ -110,6 +110,24 @@ def test_galleries_decode_only_the_images_they_show(run_dir, tmp_path):
             target.rename(original)
 
 
+def test_a_shown_image_that_cannot_be_decoded_is_a_card_note_not_a_traceback(run_dir, tmp_path):
+    first = build_report(run_dir, tmp_path / "a.html", top_k=TOP_K)
+    shown = _shown_ids(first.html.read_text(), "hardest")[0]
+    records = read_jsonl(Path(yaml.safe_load((run_dir / "hsm" / "config.yaml").read_text())
+                              ["custom"]["fusion_config"]["target"]["train_jsonl"]), check_images=False)
+    image = next(r.image for r in records if r.id == shown)
+    good = image.read_bytes()
+    try:
+        image.write_bytes(good[: len(good) // 3])  # truncated mid-file
+        result = runner.invoke(app, ["report", "--run-dir", str(run_dir), "--out", str(tmp_path / "b.html"),
+                                     "--top", str(TOP_K)])
+        assert result.exit_code == 0, result.output
+        html = (tmp_path / "b.html").read_text()
+        assert f"image cannot be decoded: {image}" in html
+    finally:
+        image.write_bytes(good)
+
+
 def test_report_errors_name_the_problem(tmp_path):
     result = runner.invoke(app, ["report", "--run-dir", str(tmp_path)])
     assert result.exit_code == 2 and "no hsm/ directory" in result.output
