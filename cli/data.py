@@ -30,7 +30,7 @@ def import_coco(
 
     Only boxes are imported (keypoints, segmentations and unused categories are ignored, and
     said so). A relative file_name is looked up under --images; an absolute one is used and written as it is.
-    A repeated image id is an error; annotations of unknown images are dropped and named.
+    A repeated or non-integer image id is an error; annotations of unknown images are dropped and named.
     """
     from hsm.data.coco import import_coco as convert
     from hsm.data.records import RecordError

@@ -1,4 +1,9 @@
-"""Loading the configuration: YAML, ``KEY=VALUE`` overrides, relative paths, every problem at once."""
+"""Loading the configuration: YAML, ``KEY=VALUE`` overrides, relative paths, every problem at once.
+
+OmegaConf reads the YAML and applies the overrides (its dotlist, ``${...}`` interpolations);
+transformers' ``HfArgumentParser`` judges the ``training`` section; hsm's pydantic models
+judge the rest. Every problem is reported with the file and the dotted key.
+"""
 
 from __future__ import annotations
 
@@ -130,27 +135,28 @@ _TRAINING_RANGES = (
 )
 
 
-def _accepts_bool(annotation: Any) -> bool:
-    import typing
-
-    return annotation is bool or bool in typing.get_args(annotation)
-
-
 def training_problems(training: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Type-check every ``training.*`` value against ``TrainingArguments``: ``(coerced values, problems)``.
+    """Check every ``training.*`` value with transformers' own parser: ``(converted values, problems)``.
 
-    One line per problem with its dotted key: unknown fields, a missing ``output_dir``, values
-    of the wrong type, and values ``TrainingArguments`` accepts but training cannot run with
-    (a batch size of 0). Imports transformers: called only for training.
+    A key must be a field ``HfArgumentParser(TrainingArguments).parse_dict`` accepts, and each
+    value goes through the conversion ``HfArgumentParser`` gives its field on the command line
+    (``--learning_rate fast``: "invalid float value"; ``--save_strategy sometimes``: "invalid
+    choice"), so the types are transformers' own. A list is checked item by item where the
+    field takes a list, a mapping is passed on where it takes one (``lr_scheduler_kwargs``).
+    hsm adds: a missing ``output_dir``, hsm's own ``overwrite_output_dir``, and values
+    ``TrainingArguments`` accepts but training cannot run with (a batch size of 0). One line per
+    problem with its dotted key. Imports transformers: called only for training.
     """
     import dataclasses
     import typing
 
-    from pydantic import TypeAdapter
-    from transformers import TrainingArguments
+    from transformers import HfArgumentParser, TrainingArguments
 
+    # exit_on_error=False: a bad value raises ArgumentError instead of ending the process;
+    # allow_abbrev=False: `--learning_rat` is not taken for `--learning_rate`.
+    parser = HfArgumentParser(TrainingArguments, exit_on_error=False, allow_abbrev=False)
+    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}  # what parse_dict accepts
     hints = typing.get_type_hints(TrainingArguments)
-    known = {f.name for f in dataclasses.fields(TrainingArguments)}
     training = dict(training)
     overwrite = training.pop(OVERWRITE_KEY, False)  # hsm's own key (TrainingArguments 5.x has none)
     problems = [f"training.{k}: unknown TrainingArguments field" for k in sorted(set(training) - known)]
@@ -161,14 +167,10 @@ def training_problems(training: dict[str, Any]) -> tuple[dict[str, Any], list[st
         problems.append("training.output_dir: required key is missing")
     values = dict(training)
     for key in sorted(set(training) & known):
-        value = training[key]
-        if isinstance(value, bool) and not _accepts_bool(hints[key]):
-            value = "no" if value is False else "yes"  # YAML 1.1 reads a bare `no` (save_strategy: no) as false
         try:
-            values[key] = TypeAdapter(hints[key]).validate_python(value)
-        except ValidationError as e:
-            accepted = getattr(hints[key], "__name__", None) or str(hints[key])
-            problems.append(f"training.{key}: {training[key]!r} is not a valid {accepted} ({e.errors()[0]['msg']})")
+            values[key] = _parsed(parser, key, training[key], hints[key])
+        except ValueError as e:
+            problems.append(f"training.{key}: {_as_written(training[key])} is not a valid value ({e})")
     for key, low, strict in _TRAINING_RANGES:
         value = values.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and (value <= low if strict else value < low):
@@ -176,62 +178,122 @@ def training_problems(training: dict[str, Any]) -> tuple[dict[str, Any], list[st
     return values, problems
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=VALUE`` overrides (VALUE parsed as YAML) to a nested mapping, in place.
+def _parsed(parser: Any, key: str, value: Any, hint: Any) -> Any:
+    """``value`` as ``parser`` converts ``--key=value``; ValueError with the parser's message."""
+    import types
+    import typing
 
-    A numeric path part indexes a list (``custom.fusion_config.sources.0.ratio=0.5``).
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    kinds = {typing.get_origin(m) or m for m in members}
+    if value is None:
+        if type(None) in kinds:
+            return None
+        raise ValueError("the field does not take null")
+    if isinstance(value, dict):
+        if dict in kinds:
+            return value  # TrainingArguments checks the mapping itself
+        raise ValueError("the field does not take a mapping")
+    if isinstance(value, list):
+        if list not in kinds:
+            raise ValueError("the field takes one value, not a list")
+        items = [_parsed_text(parser, key, item) for item in value]
+        return [item[0] if isinstance(item, list) else item for item in items]  # a list field parses as [item]
+    return _parsed_text(parser, key, value)
+
+
+def _parsed_text(parser: Any, key: str, value: Any) -> Any:
+    import argparse
+
+    # A bool as the command line spells it: YAML 1.1 reads a bare `no` (save_strategy: no) as false.
+    text = ("yes" if value else "no") if isinstance(value, bool) else str(value)
+    try:
+        namespace, _ = parser.parse_known_args([f"--{key}={text}"])
+    except argparse.ArgumentError as e:
+        raise ValueError(e.message) from e
+    return getattr(namespace, key)
+
+
+def _first_line(error: BaseException) -> str:
+    """An OmegaConf or YAML error's own first line (OmegaConf appends ``full_key:`` / ``object_type=`` lines)."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _to_mapping(tree: Any, source: str) -> dict[str, Any]:
+    """An OmegaConf tree as plain dicts and lists, ``${...}`` interpolations resolved.
+
+    Raises:
+        ConfigError: an interpolation that does not resolve, naming its key.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(tree, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(source, [f"{e.full_key or '<root>'}: {_first_line(e)}"]) from e
+
+
+def _keys_set_by(overrides: list[str]) -> frozenset[str]:
+    """The dotted keys whose values the overrides wrote: each KEY, or every key inside a mapping or list VALUE.
+
+    ``sources[0].ratio`` counts as ``sources.0.ratio``; a mapping VALUE merges, so the keys it
+    does not name keep the file's values (and the file's folder for a relative path).
+    """
+    def leaves(key: str, value: Any) -> list[str]:
+        children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        return [leaf for k, v in children for leaf in leaves(f"{key}.{k}", v)] or [key]
+
+    keys: list[str] = []
+    for item in overrides:
+        key, _, text = item.partition("=")
+        keys += leaves(re.sub(r"\[(\d+)\]", r".\1", key), yaml.safe_load(text))
+    return frozenset(keys)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``raw`` with ``a.b.c=VALUE`` overrides applied (OmegaConf's dotlist, VALUE read as YAML); a new mapping.
+
+    A key the mapping lacks is created with its parents; a numeric part indexes a list
+    (``custom.fusion_config.sources.0.ratio=0.5`` or ``sources[0].ratio``); a mapping VALUE
+    merges into the mapping already there, any other VALUE replaces what was there;
+    ``a.b\\.c=1`` sets the key ``b.c`` of ``a``; ``${training.output_dir}`` in a VALUE is an
+    OmegaConf interpolation.
 
     Args:
-        raw: the mapping to change.
+        raw: the mapping to start from (left unchanged).
         overrides: ``KEY=VALUE`` strings with dotted keys.
 
     Raises:
-        ConfigError: an override without ``=``, or a path through a non-mapping.
+        ConfigError: an override without ``=``, a VALUE that is not YAML, a list index out of
+            range, an interpolation that does not resolve; each names its key.
     """
+    from omegaconf import OmegaConf
+
+    tree = OmegaConf.create(raw)
+    _merge_overrides(tree, overrides)
+    return _to_mapping(tree, "<overrides>")
+
+
+def _merge_overrides(tree: Any, overrides: list[str]) -> None:
+    """Apply ``KEY=VALUE`` overrides to an OmegaConf tree in place, one at a time so an error names its key."""
+    from omegaconf.errors import OmegaConfBaseException
+
     for item in overrides:
         key, sep, text = item.partition("=")
-        if not sep or not key:
+        if not sep or not key:  # OmegaConf reads a bare KEY as KEY=null: a typo would pass unseen
             raise ConfigError("<overrides>", [f"{item!r}: expected KEY=VALUE with a dotted KEY"])
         try:
-            value = yaml.safe_load(text)
+            tree.merge_with_dotlist([item])
         except yaml.YAMLError as e:
             raise ConfigError("<overrides>", [f"{key}: value {text!r} is not valid YAML ({e})"]) from e
-        parts = key.split(".")
-        node: Any = raw
-        for depth, part in enumerate(parts[:-1]):
-            if isinstance(node, list):
-                node = node[_list_index(node, part, parts[: depth + 1])]
-                continue
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, (dict, list)):
-                where = ".".join(parts[: depth + 1])
-                raise ConfigError("<overrides>", [f"{key}: {where} is a value ({child!r}), not a mapping"])
-            node = child
-        if isinstance(node, list):
-            node[_list_index(node, parts[-1], parts)] = value
-        else:
-            node[parts[-1]] = value
-    return raw
-
-
-def _list_index(node: list, part: str, parts: list[str]) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError("<overrides>", [f"{'.'.join(parts)}: no list element {part!r} (length {len(node)})"])
-    return int(part)
+        except (OmegaConfBaseException, IndexError, KeyError, TypeError, ValueError) as e:  # a list index out of range
+            raise ConfigError("<overrides>", [f"{key}: {_first_line(e)}"]) from e
 
 
 _TRAINING_PATH_KEYS = ("output_dir", "logging_dir", "resume_from_checkpoint")
 
 
-def _absolute(value: Any, base: Path) -> Any:
-    if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-        return str((base / value).resolve())
-    return value
-
-
-def resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+def resolve_paths(raw: dict[str, Any], base: Path, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Make every relative path in a raw config absolute against ``base``, in place.
 
     The paths: ``training.output_dir``, ``training.logging_dir``,
@@ -239,35 +301,75 @@ def resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     ``model.name_or_path`` (only when ``base / value`` exists: it may be a hub id),
     and every dataset's ``train_jsonl`` and ``val_jsonl``. Other values are left
     for validation to judge.
+
+    Args:
+        raw: the mapping.
+        base: the folder relative paths are relative to.
+        skip: dotted keys to leave as they are (those an override wrote: :func:`_keys_set_by`).
     """
+    def fix(node: dict, key: str, dotted: str) -> None:
+        value = node.get(key)
+        if not (isinstance(value, str) and value) or dotted in skip:
+            return
+        if Path(value).expanduser().is_absolute():
+            return
+        if dotted == "model.name_or_path" and not (base / value).exists():
+            return  # a hub id, not a path
+        node[key] = str((base / value).resolve())
+
     training = raw.get("training")
     if isinstance(training, dict):
         for key in _TRAINING_PATH_KEYS:
-            if key in training and not (key == "resume_from_checkpoint" and training[key] == "last"):
-                training[key] = _absolute(training[key], base)  # `last`: the newest complete checkpoint, not a path
-    if isinstance(raw.get("deepspeed"), str):
-        raw["deepspeed"] = _absolute(raw["deepspeed"], base)
-    model = raw.get("model")
-    if isinstance(model, dict) and isinstance(model.get("name_or_path"), str):
-        name = model["name_or_path"]
-        if name and not Path(name).is_absolute() and (base / name).exists():
-            model["name_or_path"] = str((base / name).resolve())
+            if not (key == "resume_from_checkpoint" and training.get(key) == "last"):  # the newest complete checkpoint
+                fix(training, key, f"training.{key}")
+    fix(raw, "deepspeed", "deepspeed")
+    if isinstance(raw.get("model"), dict):
+        fix(raw["model"], "name_or_path", "model.name_or_path")
     custom = raw.get("custom")
     fusion = custom.get("fusion_config") if isinstance(custom, dict) else None
     if isinstance(fusion, dict):
         sources = fusion.get("sources")
-        for dataset in [fusion.get("target"), *(sources if isinstance(sources, list) else [])]:
+        datasets = [("target", fusion.get("target"))]
+        datasets += [(f"sources.{k}", source) for k, source in enumerate(sources if isinstance(sources, list) else [])]
+        for where, dataset in datasets:
             if isinstance(dataset, dict):
                 for key in ("train_jsonl", "val_jsonl"):
-                    if key in dataset:
-                        dataset[key] = _absolute(dataset[key], base)
+                    fix(dataset, key, f"custom.fusion_config.{where}.{key}")
     return raw
+
+
+def _read_tree(path: Path) -> Any:
+    """The YAML file as an OmegaConf tree (interpolations not yet resolved); problems name the file."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        text = read_utf8(path)
+    except FileNotFoundError as e:
+        raise ConfigError(str(path), ["file not found"]) from e
+    except NotUtf8Error as e:
+        raise ConfigError(str(path), [str(e)]) from e
+    try:
+        # OmegaConf reads a scalar document as a one-key mapping, or fails an assert on a number: see the root first.
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if isinstance(root, yaml.ScalarNode) and root.tag == "tag:yaml.org,2002:null":
+            root = None
+        if root is not None and root.tag != "tag:yaml.org,2002:map":
+            kind = {"seq": "list", "map": "mapping"}.get(root.tag.rsplit(":", 1)[-1], root.tag.rsplit(":", 1)[-1])
+            raise ConfigError(str(path), [f"<root>: expected a mapping, got {kind}"])
+        return OmegaConf.create(text)
+    except yaml.YAMLError as e:  # duplicate keys included: OmegaConf's loader refuses them
+        raise ConfigError(str(path), [f"not valid YAML: {e}"]) from e
+    except OmegaConfBaseException as e:  # a value OmegaConf cannot hold (a !!set)
+        raise ConfigError(str(path), [f"{e.full_key or '<root>'}: {_first_line(e)}"]) from e
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, *, for_training: bool = False) -> HsmConfig:
     """Read a YAML file, apply overrides, validate.
 
-    Relative paths written in the file resolve against the file's directory;
+    OmegaConf reads the file (a repeated key is an error; ``${a.b}`` refers to another value)
+    and applies the overrides (:func:`apply_overrides`); interpolations resolve after the
+    overrides, so an override also changes the values that refer to it. Relative paths written in the file resolve against the file's directory;
     relative paths given as ``KEY=VALUE`` overrides resolve against the working
     directory (where the command was typed). See :func:`resolve_paths` for the keys.
 
@@ -280,20 +382,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, for_tra
         ConfigError: every problem at once, each with its dotted key.
     """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(read_utf8(path))
-    except FileNotFoundError as e:
-        raise ConfigError(str(path), ["file not found"]) from e
-    except NotUtf8Error as e:
-        raise ConfigError(str(path), [str(e)]) from e
-    except yaml.YAMLError as e:
-        raise ConfigError(str(path), [f"not valid YAML: {e}"]) from e
-    raw = raw if isinstance(raw, dict) else ({} if raw is None else raw)
-    if isinstance(raw, dict):
-        resolve_paths(raw, path.resolve().parent)
-    raw = apply_overrides(raw, overrides or [])
-    if isinstance(raw, dict):
-        resolve_paths(raw, Path.cwd())
+    tree = _read_tree(path)
+    _merge_overrides(tree, overrides or [])
+    raw = _to_mapping(tree, str(path))
+    resolve_paths(raw, path.resolve().parent, skip=_keys_set_by(overrides or []))
+    resolve_paths(raw, Path.cwd())  # what is still relative came from an override
     config = parse_config(raw, str(path), for_training=for_training)
     config._source = str(path)
     return config

@@ -126,3 +126,114 @@ def test_keys_of_another_mode_are_warned_about_once_by_name():
         warnings.simplefilter("error")
         resolved = parse_config({"custom": {"hard_sample_mining": {"enabled": True, "mode": "dynamic"}}})
         parse_config(resolved.model_dump(mode="json"))  # a resolved config holds every key at its default: no warning
+
+
+# --- OmegaConf reads the file and applies the overrides: where it differs from a plain YAML load ---
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_override_values_are_yaml_lists_numbers_bools_and_nulls():
+    raw = apply_overrides({"a": {"keep": 1}}, ["a.list=[1, two]", "a.sci=1e-5", "a.off=no", "a.none=null", "a.empty=",
+                                               "a.quoted='3'", "a.eq=x=y", "new.deep.key=4"])
+    assert raw == {"a": {"keep": 1, "list": [1, "two"], "sci": 0.00001, "off": False, "none": None, "empty": None,
+                         "quoted": "3", "eq": "x=y"}, "new": {"deep": {"key": 4}}}
+
+
+def test_a_key_with_a_dot_inside_a_mapping_is_set_with_an_escaped_dot():
+    raw = {"a": {"b.c": 0}}
+    assert apply_overrides(raw, [r"a.b\.c=1"]) == {"a": {"b.c": 1}}
+    assert apply_overrides(raw, ["a.b.c=2"]) == {"a": {"b.c": 0, "b": {"c": 2}}}  # a plain dot goes one level down
+    assert raw == {"a": {"b.c": 0}}  # the input is left as it was
+
+
+def test_override_errors_name_the_key():
+    with pytest.raises(ConfigError) as info:
+        apply_overrides({"s": [{"r": 0}]}, ["s.x.r=1"])
+    assert info.value.source == "<overrides>" and info.value.problems[0].startswith("s.x.r: ")
+    with pytest.raises(ConfigError, match=r"a: value '\[1,' is not valid YAML"):
+        apply_overrides({}, ["a=[1,"])
+    with pytest.raises(ConfigError, match="'a.b': expected KEY=VALUE"):  # OmegaConf alone would set a.b to null
+        apply_overrides({}, ["a.b"])
+
+
+def test_an_unknown_or_misplaced_override_key_names_the_file_and_the_key(tmp_path):
+    path = _write(tmp_path, "custom:\n  fusion_config:\n    target: {name: t}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["custom.hard_sample_mining.hard_weigth=2", "custom.hard_sample_mining.enabled.x=1"])
+    text = str(info.value)
+    assert text.startswith(str(path))
+    assert "custom.hard_sample_mining.hard_weigth: unknown key" in text
+    assert "custom.hard_sample_mining.enabled: Input should be a valid boolean (got {x: 1})" in text
+
+
+def test_a_mapping_override_merges_into_the_mapping_the_file_has(tmp_path):
+    path = _write(tmp_path, "custom:\n  fusion_config: {target: {name: t}}\n  hard_sample_mining:\n    enabled: true\n"
+                            "    selector: {mode: percentile, value: 0.2}\n")
+    selector = load_config(path, ["custom.hard_sample_mining.selector={value: 0.3}"]).mining.selector
+    assert (selector.mode, selector.value) == ("percentile", 0.3)
+    selector = load_config(path, ["custom.hard_sample_mining.selector.k=7"]).mining.selector
+    assert (selector.mode, selector.value, selector.k) == ("percentile", 0.2, 7)
+
+
+def test_file_paths_resolve_against_the_file_and_override_paths_against_the_working_directory(tmp_path, monkeypatch):
+    path = _write(tmp_path, "custom:\n  fusion_config:\n    target: {name: t, train_jsonl: a.jsonl, val_jsonl: v.jsonl}\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    target = load_config(path, ["custom.fusion_config.target={train_jsonl: b.jsonl}"]).custom.fusion_config.target
+    assert target.train_jsonl == work / "b.jsonl"  # written by the override
+    assert target.val_jsonl == tmp_path / "v.jsonl"  # kept from the file by the merge
+
+
+def test_the_file_is_read_by_omegaconf_scientific_floats_dates_and_repeated_keys(tmp_path):
+    path = _write(tmp_path, "custom:\n  fusion_config: {target: {name: 2024-01-02}}\n  hard_sample_mining:\n"
+                            "    enabled: true\n    mode: dynamic\n    ema_decay: 5e-1\n")
+    config = load_config(path)
+    assert config.mining.ema_decay == 0.5 and config.target_name == "2024-01-02"
+    repeated = _write(tmp_path, "custom:\n  hard_sample_mining: {enabled: true}\n  hard_sample_mining: {enabled: false}\n")
+    with pytest.raises(ConfigError, match="(?s)not valid YAML.*found duplicate key hard_sample_mining") as info:
+        load_config(repeated)
+    assert str(info.value).startswith(str(repeated))
+
+
+def test_interpolations_resolve_after_the_overrides_and_a_broken_one_names_its_key(tmp_path):
+    path = _write(tmp_path, "training:\n  output_dir: out/${custom.fusion_config.target.name}\n"
+                            "custom:\n  fusion_config: {target: {name: r1}}\n")
+    assert load_config(path).training["output_dir"] == str(tmp_path / "out" / "r1")
+    config = load_config(path, ["custom.fusion_config.target.name=r2"])
+    assert config.training["output_dir"] == str(tmp_path / "out" / "r2") and config.target_name == "r2"
+    broken = _write(tmp_path, "training:\n  output_dir: ${nowhere}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(broken)
+    assert str(info.value).startswith(str(broken)) and "training.output_dir: Interpolation key 'nowhere' not found" in str(info.value)
+
+
+@pytest.mark.parametrize("text, kind", [("- a\n- b\n", "list"), ("5\n", "int"), ("hello\n", "str")])
+def test_a_file_that_is_not_a_mapping_is_refused(tmp_path, text, kind):
+    with pytest.raises(ConfigError, match=f"<root>: expected a mapping, got {kind}"):
+        load_config(_write(tmp_path, text))
+    assert load_config(_write(tmp_path, "# nothing here\n")).mining is None  # empty is an empty mapping
+
+
+def test_training_values_go_through_transformers_own_parser():
+    raw = {"training": {"output_dir": "o", "save_strategy": "sometimes", "learning_rat": 0.1, "max_steps": [1, 2],
+                        "report_to": ["tensorboard"], "lr_scheduler_kwargs": {"power": 2}, "save_total_limit": None,
+                        "logging_steps": "5", "eval_strategy": False}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, for_training=True)
+    problems = info.value.problems
+    assert [p.split(":")[0] for p in problems] == ["training.learning_rat", "training.max_steps", "training.save_strategy"]
+    assert "learning_rat: unknown TrainingArguments field" in problems[0]  # no abbreviation of learning_rate
+    assert "takes one value, not a list" in problems[1]
+    assert "invalid choice: 'sometimes'" in problems[2]
+    from hsm.config_load import training_problems
+
+    values, problems = training_problems({"output_dir": "o", "logging_steps": "5", "eval_strategy": False,
+                                          "report_to": ["tensorboard"], "lr_scheduler_kwargs": {"power": 2}})
+    assert problems == []
+    assert values == {"output_dir": "o", "logging_steps": 5.0, "eval_strategy": "no", "report_to": ["tensorboard"],
+                      "lr_scheduler_kwargs": {"power": 2}}

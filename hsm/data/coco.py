@@ -5,8 +5,9 @@ ignored, and the result says so with counts. Every dropped annotation and missin
 is named (the first :data:`SHOWN`, and the count). Image paths: a relative ``file_name``
 is looked up under ``images_dir`` and written relative to the JSONL; an absolute one is
 used and written as it is (``images_dir`` does not apply to it) and the result counts those.
-A repeated image id is an error; annotations of an unknown image id are dropped and named. Nothing is written when no image is
-found, unless ``allow_missing``.
+A repeated or non-integer image id is an error; annotations of an unknown image id are dropped and named. Nothing is
+written when no image is found, unless ``allow_missing``. The index (images and categories by id, the boxes of each
+image) is faster-coco-eval's ``COCO``; the checks it does not make run before it.
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ class CocoImport:
         return out
 
 
-def _load(coco_json: Path) -> dict:
+def _read(coco_json: Path) -> dict:
+    """The annotation file as JSON, read here rather than by ``COCO(path)``: that opens the file in the
+    locale's encoding and its JSON errors do not name the file; :func:`read_utf8` names the line."""
     try:
         data = json.loads(read_utf8(coco_json))
     except (OSError, NotUtf8Error, json.JSONDecodeError) as e:
@@ -112,13 +115,19 @@ def _load(coco_json: Path) -> dict:
     return data
 
 
-def _image_ids(coco_json: Path, images: list) -> set:
-    """The images' ids; a repeated id is an error (its boxes could not be told apart), naming the ids."""
+def _check_image_ids(coco_json: Path, images: list) -> set:
+    """The images' ids, each an integer of its own; a repeated id is an error naming the ids.
+
+    Checked before the COCO index is built: ``COCO`` keeps the last image of a repeated id
+    without a word (its boxes could not be told apart) and turns an id ``"7"`` into ``7``.
+    """
     seen: dict = {}
     repeated: dict = {}
     for k, image in enumerate(images):
         if not isinstance(image, dict) or "id" not in image:
             raise RecordError(f"{coco_json}: images[{k}] has no 'id'; not a COCO detection file")
+        if not isinstance(image["id"], int) or isinstance(image["id"], bool):
+            raise RecordError(f"{coco_json}: images[{k}] has id {image['id']!r}; COCO image ids are integers")
         if image["id"] in seen:
             repeated.setdefault(image["id"], [seen[image["id"]]]).append(k)
         else:
@@ -131,25 +140,60 @@ def _image_ids(coco_json: Path, images: list) -> set:
     return set(seen)
 
 
-def _objects(anns: list, width: int, height: int, names: dict, result: CocoImport) -> list[dict]:
+def _index(coco_json: Path, data: dict, result: CocoImport):
+    """The ``faster_coco_eval.COCO`` index of the images, categories and the annotations kept.
+
+    Crowd annotations and those of unknown images are dropped (and counted in ``result``)
+    here, in file order, before ``COCO`` sees them: it would join an ``image_id`` of ``"1"``
+    to image 1. Each kept annotation carries its name as ``id`` (``annotations[k]`` when it
+    has none), so the index's annotations name themselves in warnings.
+    """
+    import warnings
+
+    from faster_coco_eval import COCO
+
+    image_ids = _check_image_ids(coco_json, data["images"])
+    category_ids = {c["id"] for c in data["categories"]}
+    kept = []
+    for k, ann in enumerate(data["annotations"]):
+        name = ann.get("id", f"annotations[{k}]")
+        result.keypoints_ignored += bool(ann.get("keypoints"))
+        result.segmentations_ignored += bool(ann.get("segmentation"))
+        if ann.get("iscrowd"):
+            result.crowd_dropped.append(name)
+            continue
+        if ann.get("category_id") not in category_ids:
+            raise RecordError(f"{coco_json}: annotations[{k}] has unknown category_id {ann.get('category_id')}")
+        image_id = ann.get("image_id")
+        if not isinstance(image_id, int) or isinstance(image_id, bool) or image_id not in image_ids:
+            result.unknown_image_dropped.append(name)
+            continue
+        kept.append({**ann, "id": name})
+    with warnings.catch_warnings():
+        # Its warning about annotation id 0 concerns evaluation (0 marks "unmatched"), not an import.
+        warnings.filterwarnings("ignore", message="Found annotation id 0")
+        return COCO({"images": data["images"], "annotations": kept, "categories": data["categories"]})
+
+
+def _objects(anns: list, width: int, height: int, categories: dict, result: CocoImport) -> list[dict]:
     """The kept boxes of one image, clipped to it; drops counted in ``result``."""
     objects = []
     for ann in anns:
         x, y, w, h = (float(v) for v in ann["bbox"])
         if w < 0 or h < 0:
-            result.negative_size_dropped.append(ann["_id"])
+            result.negative_size_dropped.append(ann["id"])
             continue
         if w == 0 or h == 0:
-            result.zero_area_dropped.append(ann["_id"])
+            result.zero_area_dropped.append(ann["id"])
             continue
         x1, y1 = max(0.0, x), max(0.0, y)
         x2, y2 = min(float(width), x + w), min(float(height), y + h)
         if not (x2 > x1 and y2 > y1):
-            result.outside_dropped.append(ann["_id"])
+            result.outside_dropped.append(ann["id"])
             continue
         if (x1, y1, x2, y2) != (x, y, x + w, y + h):
-            result.clipped.append(ann["_id"])
-        objects.append({"label": names[ann["category_id"]], "bbox": [round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2)]})
+            result.clipped.append(ann["id"])
+        objects.append({"label": categories[ann["category_id"]]["name"], "bbox": [round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2)]})
     return objects
 
 
@@ -191,25 +235,11 @@ def import_coco(coco_json: str | Path, images_dir: str | Path, out: str | Path, 
     if val_fraction > 0:
         val_path = Path(val_out) if val_out is not None else out.with_name(f"{out.stem}_val{out.suffix or '.jsonl'}")
     result = CocoImport(out, val_path)
-    data = _load(coco_json)
-    names = {c["id"]: c["name"] for c in data["categories"]}
-    image_ids = _image_ids(coco_json, data["images"])
-    by_image: dict[int, list] = {}
-    for k, ann in enumerate(data["annotations"]):
-        ann = {**ann, "_id": ann.get("id", f"annotations[{k}]")}
-        result.keypoints_ignored += bool(ann.get("keypoints"))
-        result.segmentations_ignored += bool(ann.get("segmentation"))
-        if ann.get("iscrowd"):
-            result.crowd_dropped.append(ann["_id"])
-            continue
-        if ann.get("category_id") not in names:
-            raise RecordError(f"{coco_json}: annotations[{k}] has unknown category_id {ann.get('category_id')}")
-        if ann.get("image_id") not in image_ids:
-            result.unknown_image_dropped.append(ann["_id"])
-            continue
-        by_image.setdefault(ann["image_id"], []).append(ann)
+    data = _read(coco_json)
+    coco = _index(coco_json, data, result)
     lines = []
-    for image in sorted(data["images"], key=lambda i: i["id"]):
+    for image_id in sorted(coco.getImgIds()):
+        image = coco.imgs[image_id]
         is_absolute = Path(image["file_name"]).is_absolute()
         result.absolute_file_names += is_absolute
         path = Path(image["file_name"]) if is_absolute else images_dir / image["file_name"]
@@ -217,11 +247,11 @@ def import_coco(coco_json: str | Path, images_dir: str | Path, out: str | Path, 
             result.missing_images.append(str(path))
             continue
         width, height = int(image["width"]), int(image["height"])
-        objects = _objects(by_image.get(image["id"], []), width, height, names, result)
-        lines.append((path, {"id": f"{prefix}-{image['id']}", "width": width, "height": height, "objects": objects,
+        objects = _objects(coco.imgToAnns.get(image_id, []), width, height, coco.cats, result)
+        lines.append((path, {"id": f"{prefix}-{image_id}", "width": width, "height": height, "objects": objects,
                                "is_absolute": is_absolute}))
     used = {o["label"] for _, line in lines for o in line["objects"]}
-    result.unused_categories = sorted(set(names.values()) - used)
+    result.unused_categories = sorted({c["name"] for c in coco.cats.values()} - used)
     if not lines and not allow_missing:
         where = f"under --images {images_dir}" if not result.absolute_file_names else "at their file_name"
         raise RecordError(f"{coco_json}: none of its {len(data['images'])} image(s) found {where} "

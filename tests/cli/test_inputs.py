@@ -181,3 +181,39 @@ def test_import_coco_names_annotations_of_unknown_images(tmp_path):
             in text)
     boxes = sum(len(json.loads(line)["objects"]) for line in out.read_text().splitlines())
     assert boxes == 3  # one kept box per image; the two strays went nowhere
+
+
+def test_import_coco_refuses_an_image_id_that_is_not_an_integer(tmp_path):
+    """COCO's index would read the id "2" as 2 (and fail on "b"): refused, naming the image, nothing written."""
+    coco = _coco_set(tmp_path, n_images=3)
+    data = json.loads(coco.read_text())
+    data["images"][1]["id"] = "2"
+    coco.write_text(json.dumps(data))
+    out = tmp_path / "x.jsonl"
+    text = _error(runner.invoke(app, ["data", "import-coco", str(coco), "--images", str(tmp_path / "img"),
+                                      "--out", str(out)]))
+    assert f"{coco}: images[1] has id '2'; COCO image ids are integers" in text
+    assert not out.exists()
+
+
+def test_import_coco_keeps_every_box_whatever_its_annotation_id(tmp_path):
+    """Annotation ids 0, repeated or absent: every box lands on its image, in file order, and no warning about id 0."""
+    import warnings
+
+    from hsm.data.coco import import_coco
+
+    coco = _coco_set(tmp_path, n_images=2)
+    data = json.loads(coco.read_text())
+    data["annotations"] = [{"id": 0, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2]},
+                           {"id": 0, "image_id": 1, "category_id": 2, "bbox": [2, 2, 2, 2]},
+                           {"image_id": 2, "category_id": 3, "bbox": [3, 3, 2, 2]},
+                           {"image_id": 2, "category_id": 1, "bbox": [4, 4, 2, 2]}]
+    coco.write_text(json.dumps(data))
+    out = tmp_path / "x.jsonl"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = import_coco(coco, tmp_path / "img", out)
+    assert result.records == 2 and result.warnings() == []
+    objects = [json.loads(line)["objects"] for line in out.read_text().splitlines()]
+    assert objects == [[{"label": "cat", "bbox": [1.0, 1.0, 3.0, 3.0]}, {"label": "dog", "bbox": [2.0, 2.0, 4.0, 4.0]}],
+                       [{"label": "emu", "bbox": [3.0, 3.0, 5.0, 5.0]}, {"label": "cat", "bbox": [4.0, 4.0, 6.0, 6.0]}]]
