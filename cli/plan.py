@@ -99,9 +99,10 @@ def _planning_inputs(hsm_dir: Path, config_path: Path, num_epochs: float | None)
     from hsm.mining.plan import DatasetInfo
 
     try:
-        if config_path == RunPaths.at(hsm_dir).config and config_path.is_file():
+        recorded = config_path == RunPaths.at(hsm_dir).config
+        if recorded and config_path.is_file():
             read_recorded(config_path)  # the run's own config, as training wrote it
-        cfg = load_config(config_path)
+        cfg = load_config(config_path, interpolate=not recorded)
     except (ConfigError, ChecksumMismatch) as e:
         raise fail("plan", str(e)) from e
     mining = cfg.custom.hard_sample_mining

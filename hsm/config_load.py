@@ -218,8 +218,9 @@ def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def _to_mapping(tree: Any, source: str) -> dict[str, Any]:
-    """An OmegaConf tree as plain dicts and lists, ``${...}`` interpolations resolved.
+def _to_mapping(tree: Any, source: str, resolve: bool = True) -> dict[str, Any]:
+    """An OmegaConf tree as plain dicts and lists, ``${...}`` interpolations resolved (or, without ``resolve``,
+    kept as the literal text).
 
     Raises:
         ConfigError: an interpolation that does not resolve, naming its key.
@@ -228,7 +229,7 @@ def _to_mapping(tree: Any, source: str) -> dict[str, Any]:
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        return OmegaConf.to_container(tree, resolve=True)
+        return OmegaConf.to_container(tree, resolve=resolve)
     except OmegaConfBaseException as e:
         raise ConfigError(source, [f"{e.full_key or '<root>'}: {_first_line(e)}"]) from e
 
@@ -364,7 +365,8 @@ def _read_tree(path: Path) -> Any:
         raise ConfigError(str(path), [f"{e.full_key or '<root>'}: {_first_line(e)}"]) from e
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None, *, for_training: bool = False) -> HsmConfig:
+def load_config(path: str | Path, overrides: list[str] | None = None, *, for_training: bool = False,
+                interpolate: bool = True) -> HsmConfig:
     """Read a YAML file, apply overrides, validate.
 
     OmegaConf reads the file (a repeated key is an error; ``${a.b}`` refers to another value)
@@ -377,6 +379,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, for_tra
         path: the YAML file.
         overrides: ``KEY=VALUE`` strings with dotted keys (``training.num_train_epochs=3``).
         for_training: also check the ``training`` section (:func:`parse_config`).
+        interpolate: resolve ``${...}``; False for a run's recorded ``config.yaml``, whose values were
+            resolved when training wrote it (a ``${`` left in one is the user's literal text).
 
     Raises:
         ConfigError: every problem at once, each with its dotted key.
@@ -384,7 +388,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, for_tra
     path = Path(path)
     tree = _read_tree(path)
     _merge_overrides(tree, overrides or [])
-    raw = _to_mapping(tree, str(path))
+    raw = _to_mapping(tree, str(path), resolve=interpolate)
     resolve_paths(raw, path.resolve().parent, skip=_keys_set_by(overrides or []))
     resolve_paths(raw, Path.cwd())  # what is still relative came from an override
     config = parse_config(raw, str(path), for_training=for_training)

@@ -212,6 +212,19 @@ def test_interpolations_resolve_after_the_overrides_and_a_broken_one_names_its_k
     assert str(info.value).startswith(str(broken)) and "training.output_dir: Interpolation key 'nowhere' not found" in str(info.value)
 
 
+def test_a_recorded_config_keeps_a_literal_interpolation_as_text(tmp_path):
+    # A user prompt written with an escaped \${ reaches the run's config.yaml as the literal ${...}; reading
+    # that recorded file back (hsm plan) must take it as text, not as a reference to resolve.
+    source = _write(tmp_path, "custom:\n  fusion_config:\n    target: {name: r1}\n"
+                              "    domain_prompts: {target: {user: 'box every \\${label}'}}\n")
+    prompt = load_config(source).custom.fusion_config.domain_prompts["target"].user
+    assert prompt == "box every ${label}"
+    recorded = _write(tmp_path, yaml.safe_dump(load_config(source).model_dump(mode="json")))
+    with pytest.raises(ConfigError, match="Interpolation key 'label' not found"):
+        load_config(recorded)
+    assert load_config(recorded, interpolate=False).custom.fusion_config.domain_prompts["target"].user == prompt
+
+
 @pytest.mark.parametrize("text, kind", [("- a\n- b\n", "list"), ("5\n", "int"), ("hello\n", "str")])
 def test_a_file_that_is_not_a_mapping_is_refused(tmp_path, text, kind):
     with pytest.raises(ConfigError, match=f"<root>: expected a mapping, got {kind}"):
