@@ -318,7 +318,7 @@ def test_fingerprint_under_ms_swift_follows_its_shuffle(tmp_path):
     the fingerprint changes; the same load gives the same fingerprint."""
     from swift.dataset import load_dataset
 
-    from hsm.integrations.common import SlotDataset, row_contents
+    from hsm.integrations.slots import SlotDataset, row_contents
 
     corpus = synthesize(tmp_path / "corpus", n_target=12, n_source=1, n_val=1)
     data = swift_dataset(corpus["bbu"], tmp_path / "train.jsonl")

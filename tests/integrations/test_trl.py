@@ -239,7 +239,7 @@ def test_hsm_sft_trainer_refuses_det_f1_at_start_up(tmp_path):
 def test_fingerprint_changes_when_what_an_id_names_changes(tmp_path):
     """Positional ids (`bbu:<row>`) over the same file in another order name other images: another fingerprint;
     the same rows give the same one, and an edited answer another."""
-    from hsm.integrations.common import SlotDataset, row_contents
+    from hsm.integrations.slots import SlotDataset, row_contents
 
     corpus = synthesize(tmp_path / "corpus", n_target=6, n_source=1, n_val=1)
     lines = corpus["bbu"].read_text().splitlines(keepends=True)
