@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -116,12 +117,15 @@ class MiningSession:
         if self.start_request is not None:
             asked = LAST if resume is True else (str(resume) if resume else None)
             self.world = distributed.current_world()
+            created = not self.paths.root.exists()
             resume = claim_run(self._claim, dataclasses.replace(self.start_request, resume=asked))
             try:
                 if self.prepare is not None:
                     self.prepare()
             except BaseException:
                 self.finish()
+                if created and distributed.on_main(self.world):  # leave no hsm/ behind that holds only the lock file
+                    shutil.rmtree(self.paths.root, ignore_errors=True)
                 raise
         if self.is_mining:
             self.attempt = resume_attempt(self.paths.root)
