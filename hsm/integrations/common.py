@@ -115,7 +115,7 @@ def write_run_files(paths: RunPaths, slots: SlotDataset, contents: Sequence[dict
     write_recorded(buffer.getvalue(), paths.samples)
 
 
-def attach(trainer, rows, name: str, *, mining: MiningConfig | None, seed: int, start: StartRequest,
+def attach(trainer, rows, name: str, *, mining: MiningConfig | None, seed: int, start: StartRequest | None = None,
            sample_ids: Sequence[str] | None = None, tokenizer=None, answers: Callable[[dict], list[str]] | None = None,
            world=None, run_id: str | None = None, target_rows: Sequence[int] | None = None,
            sources: Sequence[Part] = (), raw=None, config: HsmConfig | None = None, stack: str = "this trainer",
@@ -134,7 +134,8 @@ def attach(trainer, rows, name: str, *, mining: MiningConfig | None, seed: int, 
         name: the target's name in events and plans.
         mining: the mining configuration, or None to train on hsm's schedule without mining.
         seed: the schedule seed (keep it when switching mining on, so epoch 0 is unchanged).
-        start: the run's layout and the start-up options (overwrite, the stack's hints).
+        start: the run's layout and the start-up options (overwrite, the stack's hints); default
+            ``<output_dir>/hsm``, a fresh run or a resume, the run's files checked when mining.
         sample_ids: one stable id per row; default ``<name>:<row>``.
         tokenizer: a fast tokenizer for answer-token roles (``coord_loss`` / ``label_loss``); None: no roles.
         answers: ``item -> assistant texts`` for the roles; None: the decoded supervised runs.
@@ -165,6 +166,10 @@ def attach(trainer, rows, name: str, *, mining: MiningConfig | None, seed: int, 
     trainer.train_dataset = slots
     trainer.data_collator = MetaCollator(trainer.data_collator, tokenizer=tokenizer, answers=answers)
     ratios = [len(part.rows) / n_target for part in sources]  # source_quota gives back each source's row count
+    if start is None:
+        start = StartRequest(RunPaths.of(trainer.args.output_dir), check_files=mining is not None, source=stack,
+                             how_to_resume="trainer.train(resume_from_checkpoint=True)",
+                             how_to_overwrite="attach(..., start=StartRequest(paths, overwrite=True))")
     paths = start.paths
     sampler = HsmSampler(sizes=slots.sizes, ratios=ratios, target=slots.info, seed=seed,
                          batch_size=trainer.args.per_device_train_batch_size,
