@@ -55,17 +55,23 @@ def refuse_unsupported(mining: MiningConfig | None, stack: str, source: str = "<
 
 
 def check_row_images(contents: Sequence[dict], where: Sequence[str]) -> None:
-    """Decode every image a row names (bounded, :func:`hsm.data.images.check_image_files`) before step 0.
+    """Decode every image file a row names (bounded, :func:`hsm.data.images.check_image_files`) before step 0, so a
+    truncated or corrupt image fails now, named, not at the step that draws it.
+
+    Only files that exist are read: a name that is no file here is an image the dataset library holds as bytes
+    (a hub dataset keeps the original file name beside them, ``sha256:...`` when it has none), which it decodes
+    itself.
 
     Args:
-        contents: :func:`~hsm.integrations.slots.row_contents` of the rows (images embedded as bytes, named
-            ``sha256:...``, were decoded by the dataset library and are skipped).
+        contents: :func:`~hsm.integrations.slots.row_contents` of the rows.
         where: what names each row in a message (its record's ``file:line`` when known).
     """
+    import os
+
     from hsm.data.images import check_image_files
 
     check_image_files((w, image) for w, c in zip(where, contents) for image in c["images"]
-                      if image and not image.startswith("sha256:"))
+                      if image and os.path.isfile(image))
 
 
 def write_run_files(paths: RunPaths, slots: SlotDataset, contents: Sequence[dict], mining: MiningConfig | None,
