@@ -109,7 +109,7 @@ def loader_throughput(items: int) -> list[tuple[str, float]]:
         loader = torch.utils.data.DataLoader(dataset, batch_size=8, sampler=sampler, num_workers=2,
                                              collate_fn=DetectionCollator(processor.tokenizer.pad_token_id))
         start = time.perf_counter()
-        seen = sum(len(batch["hsm_meta"]["sample_id"]) for batch in loader)
+        seen = sum(len(batch["hsm_meta"].sample_id) for batch in loader)
         rows.append((f"2 workers + collate, augmentation {'on' if aug else 'off'}", seen / (time.perf_counter() - start)))
     return rows
 

@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stage import stage_impl  # bench/ is on sys.path when a bench runs as a script
-from hsm.mining.event_writer import EventWriter
+from hsm.mining.event_writer import EventBatch, EventWriter
 from hsm.mining.events import PART_WRITE_OPTIONS, list_event_files
 from hsm.schemas import EVENT_SCHEMA
 
@@ -212,8 +212,9 @@ def measure(kind: str, hsm_dir: Path, sample: int) -> dict:
         calls = sample // batch
         start = time.perf_counter()
         for step in range(calls):
-            writer.append(epoch=0, global_step=step, dataset=names, base_idx=arrays[0], sample_id=ids, loss=arrays[1],
-                          token_acc=arrays[2], n_tokens=arrays[3], aug_seed=arrays[4], drawn_as_hard=arrays[5])
+            writer.append(EventBatch(epoch=0, global_step=step, dataset=names, base_idx=arrays[0], sample_id=ids,
+                                     loss=arrays[1], token_acc=arrays[2], n_tokens=arrays[3], aug_seed=arrays[4],
+                                     drawn_as_hard=arrays[5]))
         seconds = time.perf_counter() - start
         writer.close()
         shutil.rmtree(tmp)

@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 
 from hsm.config import MiningConfig
-from hsm.mining.event_writer import EventWriter
+from hsm.mining.event_writer import EventBatch, EventWriter
 from hsm.mining.planner import PlanRequest, plan_epoch
 from hsm.data.synth import synthesize
 
@@ -51,10 +51,10 @@ def build_run(root: Path, n_target: int) -> Path:
             for start in range(0, n_target, BATCH):
                 batch = order[start:start + BATCH]
                 loss = (base[batch] * 0.8 ** epoch + rng.normal(0, 0.1, len(batch))).tolist()
-                writer.append(epoch=epoch, global_step=step, dataset=["bbu"] * len(batch), base_idx=batch.tolist(),
-                              sample_id=[ids[i] for i in batch], loss=loss,
-                              token_acc=rng.uniform(0, 1, len(batch)).tolist(), n_tokens=[30] * len(batch),
-                              aug_seed=[0] * len(batch), drawn_as_hard=[False] * len(batch))
+                writer.append(EventBatch(
+                    epoch=epoch, global_step=step, dataset=["bbu"] * len(batch), base_idx=batch.tolist(),
+                    sample_id=[ids[i] for i in batch], loss=loss, token_acc=rng.uniform(0, 1, len(batch)).tolist(),
+                    n_tokens=[30] * len(batch), aug_seed=[0] * len(batch), drawn_as_hard=[False] * len(batch)))
                 step += 1
             writer.flush()
             plan_epoch(PlanRequest(hsm_dir, epoch + 1, mining, "bbu"))

@@ -97,7 +97,8 @@ def step_fn(variant: str, model, micro: dict, accumulation: int):
     """One optimizer step's forward, loss and backward of ``variant`` over ``accumulation`` micro-batches."""
     import torch
 
-    from hsm.integrations.common import sample_stats
+    from hsm.data.meta import HsmMeta, SampleMeta
+    from hsm.train.stats import batch_stats as sample_stats
     from hsm.train.stats import causal_lm_loss
 
     if variant.startswith("trl") and not getattr(model, "_fused_lm_head_added", False):
@@ -111,10 +112,8 @@ def step_fn(variant: str, model, micro: dict, accumulation: int):
     inputs = {"input_ids": micro["input_ids"], "position_ids": micro["position_ids"]}
 
     def meta():
-        m = {"sample_id": [str(i) for i in range(micro["n_samples"])], "token_roles": micro["roles"]}
-        if "owners" in micro:
-            m["token_sample"] = micro["owners"]
-        return m
+        samples = [SampleMeta(sample_id=str(i), dataset="d", base_idx=i, epoch=0) for i in range(micro["n_samples"])]
+        return HsmMeta.stack(samples, token_roles=micro["roles"], token_sample=micro.get("owners"))
 
     def run():
         model.zero_grad(set_to_none=True)

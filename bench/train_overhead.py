@@ -27,6 +27,8 @@ from hsm.data.fusion import DetectionCollator, FusionDataset
 from hsm.train.model import build_model, build_processor
 from hsm.data.sampler import HsmSampler
 from hsm.data.synth import synthesize
+from hsm.layout import RunPaths
+from hsm.train.session import MiningSession
 from hsm.train.trainer import make_trainer_class
 
 
@@ -60,8 +62,10 @@ def main() -> None:
     variants = {"plain": Trainer(model=model, args=targs)}
     for name in ("hsm",):
         trainer = make_trainer_class(Trainer, mining=True)(model=model, args=targs)
-        trainer.setup_hsm(mining=mining, fusion=cfg.custom.fusion_config, hsm_dir=work / name / "hsm", sampler=sampler,
-                          num_train_epochs=1, attempt=0, run_id=name)
+        session = MiningSession(sampler=sampler, fusion=cfg.custom.fusion_config, mining=mining,
+                                paths=RunPaths.at(work / name / "hsm"), run_id=name)
+        trainer.use_session(session)
+        session.start(None)  # no claim (start=None): opens the event writer
         variants[name] = trainer
     model = variants["plain"].model  # moved to the device by the Trainer
     for trainer in variants.values():
@@ -75,8 +79,6 @@ def main() -> None:
         for k in range(len(names)):
             name = names[(round_ + k) % len(names)]
             inputs = dict(batch) if name != "plain" else {k2: v for k2, v in batch.items() if k2 != "hsm_meta"}
-            if name != "plain":
-                inputs["hsm_meta"] = {key: list(v) for key, v in batch["hsm_meta"].items()}
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -91,8 +93,7 @@ def main() -> None:
                 if cuda:
                     peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated())
     for name in names[1:]:
-        variants[name].hsm_drain()
-        variants[name].hsm_writer.close()
+        variants[name].mining.close()
     device = torch.cuda.get_device_name() if cuda else "CPU"
     base = statistics.median(times["plain"])
     print(f"\ndevice: {device}; hidden {args.hidden}, {args.layers} layers, batch {args.batch}, "

@@ -36,6 +36,10 @@ _EXPORTS: dict[str, str] = {
     "shipped_queries": "hsm.mining.queries",
     "QueryRefused": "hsm.mining.queries",
     # training (imports torch and transformers on first use); `hsm train CONFIG` is the command-line trainer
+    "MiningSession": "hsm.train.session",
+    "HsmMeta": "hsm.data.meta",
+    "StartRequest": "hsm.train.startup",
+    "RunPaths": "hsm.layout",
     "HsmTrainerMixin": "hsm.train.trainer",
     "per_sample_stats": "hsm.train.stats",
     "chunked_token_stats": "hsm.train.stats",
@@ -56,6 +60,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names resolve l
     from hsm.mining.planner import PlanRequest, PlanResult, plan_epoch
     from hsm.mining.queries import QueryRefused, connect, run_query, shipped_queries
     from hsm.train.stats import chunked_token_stats, per_sample_stats
+    from hsm.data.meta import HsmMeta
+    from hsm.layout import RunPaths
+    from hsm.train.startup import StartRequest
+    from hsm.train.session import MiningSession
     from hsm.train.trainer import HsmTrainerMixin
 
 

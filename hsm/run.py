@@ -14,7 +14,6 @@ everything before the first step has succeeded.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,9 @@ import yaml
 from hsm.config import ConfigError, HsmConfig, small_target_warning
 from hsm.config_load import OVERWRITE_KEY
 from hsm.layout import RunPaths
+from hsm.train.startup import RunExists
 
 __all__ = ["OVERWRITE_KEY", "RunExists", "check_training_values", "training_arguments", "train"]
-
-
-class RunExists(ValueError):
-    """A fresh training into an output folder that already holds an hsm run."""
 
 
 _DEFAULTS = {"remove_unused_columns": False, "report_to": ["tensorboard"]}
@@ -90,61 +86,14 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
 
 
 def _start_run(held: contextlib.ExitStack, cfg: HsmConfig, args, hsm_dir: Path) -> None:
-    """Everything checked before the model loads; rank 0's verdict is every rank's.
+    """Everything checked before the model loads (:func:`hsm.train.startup.claim_run`); rank 0's verdict is every
+    rank's. Writes nothing but the lock (and, with ``overwrite_output_dir``, the removal of the old run)."""
+    from hsm.train.startup import StartRequest, claim_run
 
-    Rank 0: take the run's lock (a second training fails at once), refuse or replace an
-    hsm run already there, resolve the checkpoint to resume from, check every file.
-    Writes nothing but the lock (and, with ``overwrite_output_dir``, the removal of the old run).
-    """
-    from hsm.mining.checks import RunFileError, check_run_files, run_contents
-    from hsm.mining.plan import run_lock
-    from hsm.train import distributed
-    from hsm.train.checkpoints import resolve_resume
-
-    _ = args.device  # joins the launcher's process group, so the verdict below reaches every rank
-    verdict = b""
-    resume = failure = None
-    if args.process_index == 0:
-        created = not hsm_dir.exists()
-        try:
-            resume = resolve_resume(hsm_dir.parent, args.resume_from_checkpoint, cfg.source)
-            held.enter_context(run_lock(hsm_dir))
-            found = run_contents(hsm_dir)
-            if found and resume is None:
-                if not cfg.training.get(OVERWRITE_KEY, False):
-                    raise RunExists(
-                        f"{hsm_dir}: already holds an hsm run ({', '.join(found)}); a fresh run would mix two runs "
-                        f"in one log. Continue it with training.resume_from_checkpoint=last (or a checkpoint-N "
-                        f"folder), replace it with training.{OVERWRITE_KEY}=true (removes {hsm_dir} first), "
-                        "or choose another training.output_dir")
-                _remove_run(hsm_dir)
-            if cfg.mining is not None:
-                check_run_files(hsm_dir)  # before step 0: a bad part or state fails now, not after an epoch
-        except Exception as e:  # every rank must hear of it, or the others wait at the next collective
-            held.close()
-            if created:  # leave no hsm/ behind that holds only the lock file
-                shutil.rmtree(hsm_dir, ignore_errors=True)
-            failure, verdict = e, f"{type(e).__name__}\0{e}".encode()
-    verdict = distributed.broadcast_bytes(verdict)
-    if failure is not None:
-        raise failure
-    if verdict:
-        name, _, message = verdict.decode().partition("\0")
-        raise RunExists(message) if name == "RunExists" else RunFileError(f"rank 0 refused the start: {message}")
-    args.resume_from_checkpoint = distributed.broadcast_bytes((resume or "").encode()).decode() or None
-
-
-def _remove_run(hsm_dir: Path) -> None:
-    """Remove every entry of ``hsm_dir`` but its lock file (held by this process: removing it would unlock)."""
-    lock = RunPaths.at(hsm_dir).lock
-    for entry in hsm_dir.iterdir():
-        if entry == lock:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-    warnings.warn(f"hsm: removed the previous hsm run in {hsm_dir} (training.{OVERWRITE_KEY}=true)", stacklevel=3)
+    _ = args.device  # joins the launcher's process group, so the verdict reaches every rank
+    args.resume_from_checkpoint = claim_run(held, StartRequest(
+        RunPaths.at(hsm_dir), resume=args.resume_from_checkpoint, overwrite=bool(cfg.training.get(OVERWRITE_KEY, False)),
+        check_files=cfg.mining is not None, source=cfg.source))
 
 
 def _train(cfg: HsmConfig, args, output_dir: Path, hsm_dir: Path, base_trainer) -> dict[str, Any]:
@@ -155,7 +104,9 @@ def _train(cfg: HsmConfig, args, output_dir: Path, hsm_dir: Path, base_trainer) 
     from hsm.data.lengths import check_record_lengths, model_max_length
     from hsm.train.model import load_model_and_processor, model_callbacks
     from hsm.data.sampler import HsmSampler
-    from hsm.train.trainer import make_trainer_class, write_dataset_info
+    from hsm.train.run_files import write_dataset_info
+    from hsm.train.session import MiningSession
+    from hsm.train.trainer import make_trainer_class
 
     mining = cfg.mining
     fusion = cfg.custom.fusion_config
@@ -190,10 +141,11 @@ def _train(cfg: HsmConfig, args, output_dir: Path, hsm_dir: Path, base_trainer) 
     )
     if trainer.is_world_process_zero() and not args.dataloader_drop_last:
         sampler.warn_if_ranks_repeat(args.world_size)
-    if mining is not None:
-        _attach_mining(trainer, cfg, sampler, hsm_dir, processor, args.num_train_epochs, output_dir.name)
-    else:
-        trainer.use_sampler(sampler, fusion)
+    # The run is claimed (train() above): the session only opens its log when training starts.
+    trainer.use_session(MiningSession(sampler=sampler, fusion=fusion, mining=mining, paths=RunPaths.at(hsm_dir),
+                                      run_id=_agreed_run_id(output_dir.name)))
+    if mining is not None and mining.metric == "det_f1":
+        _add_det_f1(trainer, cfg, processor)
     if cfg.custom.detection_eval is not None and cfg.custom.detection_eval.enabled:
         from hsm.eval.callback import DetectionEvalCallback
 
@@ -212,21 +164,14 @@ def _train(cfg: HsmConfig, args, output_dir: Path, hsm_dir: Path, base_trainer) 
             "global_step": result.global_step, "mining": mining is not None, "trainer": trainer}
 
 
-def _attach_mining(trainer, cfg: HsmConfig, sampler, hsm_dir: Path, processor, num_train_epochs: float, run_name: str):
-    """Hand the trainer its mining state and, for ``det_f1``, the callback that logs it."""
-    from hsm.train.trainer import resume_attempt
+def _add_det_f1(trainer, cfg: HsmConfig, processor) -> None:
+    """The callback that logs ``det_f1``: before the session's, whose epoch end plans from its events."""
+    from hsm.eval.train_quality import DetF1Callback
+    from hsm.train.session import SessionCallback
 
-    mining, fusion = cfg.mining, cfg.custom.fusion_config
-    trainer.setup_hsm(mining=mining, fusion=fusion, hsm_dir=hsm_dir, sampler=sampler,
-                      num_train_epochs=num_train_epochs, attempt=resume_attempt(hsm_dir),
-                      run_id=_agreed_run_id(run_name))
-    if mining.metric == "det_f1":  # its events must be logged before the mining callback plans the epoch
-        from hsm.eval.train_quality import DetF1Callback
-        from hsm.train.trainer import MiningCallback
-
-        callbacks = trainer.callback_handler.callbacks
-        at = next(i for i, c in enumerate(callbacks) if isinstance(c, MiningCallback))
-        callbacks.insert(at, DetF1Callback(trainer, cfg.custom.det_f1, processor, cfg.model.coord_format))
+    callbacks = trainer.callback_handler.callbacks
+    at = next(i for i, c in enumerate(callbacks) if isinstance(c, SessionCallback))
+    callbacks.insert(at, DetF1Callback(trainer, cfg.custom.det_f1, processor, cfg.model.coord_format))
 
 
 def _agreed_run_id(local: str) -> str:

@@ -24,7 +24,7 @@ cfg = load_config("configs/demo.yaml", [
 ])
 summary = train(cfg)
 trainer = summary["trainer"]
-sampler = trainer.hsm_sampler
+sampler = trainer.mining.sampler
 engine = getattr(trainer, "model_wrapped", None)
 zero_stage = engine.zero_optimization_stage() if trainer.is_deepspeed_enabled else None
 with open(Path(out) / f"rank{trainer.args.process_index}.json", "w") as f:

@@ -30,7 +30,7 @@ trainer = HsmSFTTrainer(model=AutoModelForImageTextToText.from_pretrained(checkp
                         mining=config if mining == "on" else None, dataset_name="bbu")
 trainer.train()
 with open(out / f"rank{trainer.args.process_index}.json", "w") as f:
-    json.dump({"expected": {str(k): v for k, v in trainer.hsm_sampler._expected.items()},
+    json.dump({"expected": {str(k): v for k, v in trainer.mining.sampler._expected.items()},
                "backend": dist.get_backend(), "world_size": dist.get_world_size(),
                "log_history": trainer.state.log_history}, f)
 distributed.destroy_process_group()

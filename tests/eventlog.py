@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hsm.mining.event_writer import EventWriter
+from hsm.mining.event_writer import EventBatch, EventWriter
 
 TARGET = "tgt"
 SOURCES = ("src_a", "src_b")
@@ -65,10 +65,10 @@ def write_rows(hsm_dir: Path, rows: list[dict], *, flush_rows: int = 7) -> None:
                 batches.setdefault((r["epoch"], r["global_step"]), []).append(r)
             for (epoch, step), batch in sorted(batches.items()):
                 batch.sort(key=lambda r: r["position"])
-                writer.append(
+                writer.append(EventBatch(
                     epoch=epoch, global_step=step,
                     dataset=[r["dataset"] for r in batch], base_idx=[r["base_idx"] for r in batch],
                     sample_id=[r["sample_id"] for r in batch], loss=[r["loss"] for r in batch],
                     token_acc=[r["token_acc"] for r in batch], n_tokens=[r["n_tokens"] for r in batch],
                     aug_seed=[r["aug_seed"] for r in batch], drawn_as_hard=[r["drawn_as_hard"] for r in batch],
-                )
+                ))

@@ -16,6 +16,7 @@ from hsm.data.answer import needs_resized, resized_size
 from hsm.data.augment import augment, curriculum_strength, derive_aug_seed
 from hsm.config import AugmentationConfig, FusionConfig, MiningConfig, ModelConfig
 from hsm.data.encoding import Template, format_answer, resolve_prompts, supervised_positions
+from hsm.data.meta import META_KEY, HsmMeta, SampleMeta
 from hsm.mining.plan import DatasetInfo
 from hsm.data.records import Record, RecordError, declared_size_problems, file_fingerprint, read_jsonl
 
@@ -137,20 +138,20 @@ class FusionDataset:
         answer = format_answer(boxes, labels, width, height, self.model_cfg.coord_format, resized)
         prompts = self.prompts[code]
         encoded = self.template.encode(Image.fromarray(image), prompts.user, answer, system=prompts.system)
-        encoded["meta"] = {
-            "sample_id": sample_id_of(record, self.names[code], slot.base_idx),
-            "dataset": self.names[code],
-            "base_idx": slot.base_idx,
-            "epoch": slot.epoch,
-            "aug_seed": aug_seed,
-            "drawn_as_hard": bool(slot.is_hard),
-            "augmented": use_aug,
-            "object_capped": capped,
+        encoded["meta"] = SampleMeta(
+            sample_id=sample_id_of(record, self.names[code], slot.base_idx),
+            dataset=self.names[code],
+            base_idx=slot.base_idx,
+            epoch=slot.epoch,
+            aug_seed=aug_seed,
+            drawn_as_hard=bool(slot.is_hard),
+            augmented=use_aug,
+            object_capped=capped,
             # Larger than the processor's pixel budget, so the processor shrinks it (over max_image_side raises).
-            "oversize": record.width * record.height > self.model_cfg.image_max_pixels,
-            "aug_dropped": dropped,
-            "input_len": int(len(encoded["input_ids"])),
-        }
+            oversize=record.width * record.height > self.model_cfg.image_max_pixels,
+            aug_dropped=dropped,
+            input_len=int(len(encoded["input_ids"])),
+        )
         return encoded
 
 
@@ -178,11 +179,12 @@ class EvalDataset:
 
 
 class DetectionCollator:
-    """Pads a list of encoded items into a batch; ``hsm_meta`` rides beside the tensors.
+    """Pads a list of encoded items into a batch; their metadata rides beside the tensors.
 
-    ``hsm_meta`` holds each item's metadata as lists, plus ``token_roles``
-    (``int8 [batch, seq]``, padded with ``ROLE_OTHER``) when the items carry them, and
-    ``supervised_index`` (:func:`hsm.data.encoding.supervised_positions` of the labels).
+    ``batch["hsm_meta"]`` is the items' :class:`~hsm.data.meta.SampleMeta` stacked into one
+    :class:`~hsm.data.meta.HsmMeta`, with ``token_roles`` (``int8 [batch, seq]``, padded with
+    ``ROLE_OTHER``) when the items carry them, and ``supervised_index``
+    (:func:`hsm.data.encoding.supervised_positions` of the labels).
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
@@ -215,15 +217,15 @@ class DetectionCollator:
             "image_grid_thw": torch.as_tensor(np.concatenate([it["image_grid_thw"] for it in items])),
         }
         if "meta" in items[0]:
-            batch["hsm_meta"] = {key: [it["meta"][key] for it in items] for key in items[0]["meta"]}
+            roles = None
             if all("token_roles" in it for it in items):
                 # Answer-token roles (hsm.data.encoding.ROLE_*) for coord_loss/label_loss; they ride
-                # in hsm_meta, which the trainer removes before model(**inputs).
+                # in the metadata, which the trainer removes before model(**inputs).
                 roles = torch.zeros((n, length), dtype=torch.int8)
                 for i, it in enumerate(items):
                     roles[i, :len(it["token_roles"])] = torch.as_tensor(it["token_roles"])
-                batch["hsm_meta"]["token_roles"] = roles
             # Found here on the host, so that the loss runs its token-accuracy argmax over these positions only,
             # with no device sync.
-            batch["hsm_meta"]["supervised_index"] = supervised_positions(labels)
+            batch[META_KEY] = HsmMeta.stack([it["meta"] for it in items], token_roles=roles,
+                                            supervised_index=supervised_positions(labels))
         return batch

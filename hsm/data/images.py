@@ -32,7 +32,8 @@ import numpy as np
 
 from hsm.data.records import Record, RecordError, image_size_problems
 
-__all__ = ["decode_bound", "header_problems", "image_problems", "load_rgb", "check_record_images", "SHOWN"]
+__all__ = ["decode_bound", "header_problems", "image_problems", "file_problems", "load_rgb", "check_record_images",
+           "check_image_files", "SHOWN"]
 
 SHOWN = 50  # problems listed in a start-up error; the count covers the rest
 
@@ -62,13 +63,17 @@ def _open(record: Record):
 
 def _unreadable(record: Record, error: BaseException) -> str:
     """Why the record's image cannot be read, from Pillow's error."""
+    return _unreadable_file(record.where, record.image, error)
+
+
+def _unreadable_file(where: str, image, error: BaseException) -> str:
     from PIL import Image
 
     if isinstance(error, Image.DecompressionBombError):  # Pillow's guard fires at open, past 2x its own bound
-        return (f"{record.where}: image {record.image} is over Pillow's decoding bound ({error}): a decompression "
+        return (f"{where}: image {image} is over Pillow's decoding bound ({error}): a decompression "
                 "bomb or an image too large to train on; nothing decoded")
-    what = "is empty (0 bytes)" if _is_empty(record) else f"cannot be decoded ({type(error).__name__}: {error})"
-    return f"{record.where}: image {record.image} {what}"
+    what = "is empty (0 bytes)" if _is_empty(image) else f"cannot be decoded ({type(error).__name__}: {error})"
+    return f"{where}: image {image} {what}"
 
 
 def _header(img, record: Record, max_side: int | None) -> list[str]:
@@ -96,9 +101,9 @@ def _read(record: Record, max_side: int | None, decode: bool) -> list[str]:
     return problems
 
 
-def _is_empty(record: Record) -> bool:
+def _is_empty(image) -> bool:
     try:
-        return os.path.getsize(record.image) == 0
+        return os.path.getsize(image) == 0
     except OSError:
         return False
 
@@ -116,6 +121,45 @@ def header_problems(record: Record, max_side: int | None = None) -> list[str]:
 def image_problems(record: Record, max_side: int | None = None) -> list[str]:
     """:func:`header_problems`, then a full decode of the pixels (only when the header has no problem)."""
     return _read(record, max_side, decode=True)
+
+
+def file_problems(where: str, image: str) -> list[str]:
+    """:func:`image_problems` of an image file no record describes (a foreign trainer's row): missing, empty,
+    over the decoding bound, or not decodable; each problem starts with ``where``.
+
+    Args:
+        where: what names the image in a message (the record's ``file:line``, or the dataset row).
+        image: the image's path.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(image) as img:
+            width, height = img.size
+            if width * height > decode_bound():
+                return [f"{where}: image {image} declares {width}x{height} = {width * height} pixels, over the "
+                        f"decoding bound of {decode_bound()}: a decompression bomb or an image too large to train "
+                        "on; not decoded"]
+            img.load()
+    except FileNotFoundError:
+        return [f"{where}: image {image} not found"]
+    except _decode_errors() as e:
+        return [_unreadable_file(where, image, e)]
+    return []
+
+
+def check_image_files(named: Iterable[tuple[str, str]], *, n_threads: int | None = None) -> None:
+    """:func:`check_record_images` for ``(where, image path)`` pairs (:func:`file_problems` of each, on a thread
+    pool); raise once, listing every problem.
+
+    Naive equivalent: ``[p for where, image in named for p in file_problems(where, image)]``, raised as one
+    :class:`RecordError` when not empty.
+    """
+    named = list(named)
+    workers = n_threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        problems = [p for found in pool.map(lambda pair: file_problems(*pair), named, chunksize=64) for p in found]
+    _raise_problems(problems)
 
 
 def load_rgb(record: Record, max_side: int | None) -> np.ndarray:
@@ -157,6 +201,10 @@ def check_record_images(record_lists: Iterable[list[Record]], max_side: int | No
     check = image_problems if decode else header_problems
     with ThreadPoolExecutor(max_workers=workers) as pool:
         problems = [p for found in pool.map(lambda r: check(r, max_side), records, chunksize=64) for p in found]
+    _raise_problems(problems)
+
+
+def _raise_problems(problems: list[str]) -> None:
     if problems:
         listed = "\n".join(f"  {p}" for p in problems[:SHOWN])
         more = f"\n  ... and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""

@@ -25,6 +25,7 @@ from hsm.data.fusion import sample_id_of
 from hsm.data.records import Record
 from hsm.eval.generation import generate_answers
 from hsm.eval.metrics import match_boxes, predict_sample
+from hsm.mining.event_writer import EventBatch
 from hsm.train import distributed
 
 __all__ = ["POSITION_BASE", "sample_f1", "DetF1Callback", "should_measure"]
@@ -72,20 +73,20 @@ class DetF1Callback(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         t = self.trainer
-        epoch = t.hsm_sampler.epoch
-        if not should_measure(epoch, self.config.every, t.hsm_num_epochs):
+        epoch = t.mining.sampler.epoch
+        if not should_measure(epoch, self.config.every, t.mining.num_train_epochs):
             return
         started = time.perf_counter()
         self.measure(epoch, state.global_step)
         self.seconds += time.perf_counter() - started
         self.passes += 1
-        if distributed.on_main(t.hsm_world):
-            t.log({f"{t.hsm_mining.log_prefix}det_f1_seconds": time.perf_counter() - started})
+        if distributed.on_main(t.mining.world):
+            t.log({f"{t.mining.log_prefix}det_f1_seconds": time.perf_counter() - started})
 
     def measure(self, epoch: int, global_step: int) -> np.ndarray:
         """Generate on this rank's shard of the target, append its events; returns the shard's F1."""
         t = self.trainer
-        dataset, world = t.train_dataset, t.hsm_world
+        dataset, world = t.train_dataset, t.mining.world
         records = dataset.records[0]
         index = np.arange(world.rank, len(records), world.world_size, dtype=np.int64)
         mine = [records[i] for i in index]
@@ -105,9 +106,10 @@ class DetF1Callback(TrainerCallback):
                       dtype=np.float32)
         n = len(mine)
         nan = np.full(n, np.nan, dtype=np.float32)
-        t.hsm_writer.append(
+        t.mining.writer.append(EventBatch(
             epoch=epoch, global_step=global_step, dataset=[dataset.names[0]] * n, base_idx=index,
-            sample_id=[sample_id_of(r, dataset.names[0], int(i)) for r, i in zip(mine, index)], loss=nan, token_acc=nan, n_tokens=np.zeros(n, np.int32),
-            aug_seed=np.zeros(n, np.int64), drawn_as_hard=np.zeros(n, bool), position_offset=POSITION_BASE, det_f1=f1,
-        )
+            sample_id=[sample_id_of(r, dataset.names[0], int(i)) for r, i in zip(mine, index)], loss=nan,
+            token_acc=nan, n_tokens=np.zeros(n, np.int32), aug_seed=np.zeros(n, np.int64),
+            drawn_as_hard=np.zeros(n, bool), position_offset=POSITION_BASE, metrics={"det_f1": f1},
+        ))
         return f1

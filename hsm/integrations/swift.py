@@ -122,16 +122,16 @@ def _loss_class():
 
     class HsmSwiftLoss(BaseLoss):
         """``--loss_type hsm``: the loss plain ms-swift computes, op for op, with hsm's per-token statistics taken
-        from the same pass (:meth:`HsmSwiftTrainer.hsm_loss`)."""
+        from the same pass (:meth:`HsmSwiftTrainer.mining_loss`)."""
 
         def __call__(self, outputs, labels, *, num_items_in_batch=None, loss_scale=None, **kwargs):
-            return self.trainer.hsm_loss(outputs, labels, num_items_in_batch, loss_scale)
+            return self.trainer.mining_loss(outputs, labels, num_items_in_batch, loss_scale)
 
     return HsmSwiftLoss
 
 
 def _loss_plan(args, model) -> tuple[bool, str | None]:
-    """``(hsm_owns_loss, note)``: whether hsm's loss hook computes the training loss (and the statistics from its
+    """``(owns_loss, note)``: whether hsm's loss hook computes the training loss (and the statistics from its
     pass), and what to tell the user at start-up when it does not.
 
     Args:
@@ -275,7 +275,7 @@ def provenance(raw, target: str):
     with (its ``--dataset`` entry, before sampling, splitting and shuffling), or None without that column.
 
     The entry whose tag, file name or file stem is ``target`` is the target; every other entry is a source
-    (:class:`hsm.integrations.common.Part` named by its file stem or hub id). ``base_idx`` is a row's position
+    (:class:`hsm.integrations.slots.Part` named by its file stem or hub id). ``base_idx`` is a row's position
     among its entry's rows in ms-swift's train set (stable while the flags, ``--data_seed`` and files are).
 
     Args:
@@ -283,7 +283,7 @@ def provenance(raw, target: str):
         target: ``fusion_config.target.name`` of ``hsm.yaml``.
     """
     from hsm.config import ConfigError
-    from hsm.integrations.common import Part
+    from hsm.integrations.slots import Part
 
     if "dataset" not in getattr(raw, "column_names", ()):
         return None
@@ -306,8 +306,11 @@ def _trainer_class():
     from swift.trainers import Seq2SeqTrainer
 
     from hsm.config import MiningConfig
-    from hsm.integrations.common import attach, sample_stats
+    from hsm.config_load import OVERWRITE_KEY
+    from hsm.integrations.common import attach
+    from hsm.layout import RunPaths
     from hsm.train import distributed
+    from hsm.train.startup import StartRequest
     from hsm.train.trainer import HsmTrainerMixin
 
     class HsmSwiftTrainer(HsmTrainerMixin, Seq2SeqTrainer):
@@ -318,22 +321,26 @@ def _trainer_class():
             _refuse_packing(self)
             cfg = _load_hsm_config()
             name = cfg.target_name or "train"
-            self.hsm_is_mining = cfg.mining is not None
+            is_mining = cfg.mining is not None
             # The same schedule seed with mining on or off, so switching it on does not reshuffle epoch 0.
             seed = (cfg.custom.hard_sample_mining or MiningConfig()).seed
             # ms-swift's loader is not accelerate-prepared (its BatchSamplerShard shards by rank itself), so the
             # sampler deals this rank's batches of the global schedule itself. No answers getter: ms-swift labels
             # only the assistant turns, so the roles come from the decoded supervised runs (as its template
             # rendered them, ``objects`` rows included).
-            tokenizer = self.template.tokenizer if self.hsm_is_mining else None
+            tokenizer = self.template.tokenizer if is_mining else None
             found = provenance(getattr(self.train_dataset, "dataset", None), name)
             target_rows, sources = found if found is not None else (None, [])
-            attach(self, self.train_dataset, name, mining=cfg.mining, seed=seed, tokenizer=tokenizer,
+            start = StartRequest(RunPaths.of(self.args.output_dir), overwrite=bool(cfg.training.get(OVERWRITE_KEY, False)),
+                                 check_files=is_mining, source=cfg.source,
+                                 how_to_resume="swift sft --resume_from_checkpoint CHECKPOINT",
+                                 how_to_overwrite=f"training.{OVERWRITE_KEY}: true in {CONFIG_ENV}")
+            attach(self, self.train_dataset, name, mining=cfg.mining, seed=seed, start=start, tokenizer=tokenizer,
                    world=distributed.current_world(), target_rows=target_rows, sources=sources,
                    raw=getattr(self.train_dataset, "dataset", None), config=cfg, stack="ms-swift")
-            self._hsm_preds = None
-            self.hsm_owns_loss = False
-            if self.hsm_is_mining:
+            self._predictions = None  # the argmax the loss took, for _compute_acc
+            self._owns_loss = False
+            if is_mining:
                 self._plan_loss()
 
         def _plan_loss(self) -> None:
@@ -347,13 +354,13 @@ def _trainer_class():
             if f"{swift_version.major}.{swift_version.minor}" != _TESTED_SWIFT:
                 warnings.warn(f"hsm: ms-swift {swift.__version__} is not the release hsm's loss hook was tested on "
                               f"({_TESTED_SWIFT}.x)", stacklevel=2)
-            self.hsm_owns_loss, note = _loss_plan(self.args, self.accelerator.unwrap_model(self.model))
+            self._owns_loss, note = _loss_plan(self.args, self.accelerator.unwrap_model(self.model))
             if note is not None:
                 warnings.warn(f"hsm: {note}", stacklevel=2)
-            if self.hsm_owns_loss and self.compute_loss_func is None:
+            if self._owns_loss and self.compute_loss_func is None:
                 self.compute_loss_func = loss_map[LOSS_TYPE](self.args, self)  # as ms-swift builds --loss_type
 
-        def hsm_loss(self, outputs, labels, num_items_in_batch=None, loss_scale=None):
+        def mining_loss(self, outputs, labels, num_items_in_batch=None, loss_scale=None):
             """The loss plain ``swift sft`` computes for this batch, op for op, and hsm's per-sample statistics from
             the same pass.
 
@@ -364,15 +371,14 @@ def _trainer_class():
             ``outputs.loss`` itself) and the correctness flags from the one argmax ms-swift's token accuracy
             takes (kept for :meth:`_compute_acc`).
             """
-            from hsm.integrations.common import sample_stats
             from hsm.train.stats import causal_lm_loss, chunked_token_stats
 
-            meta, self._hsm_loss_meta = getattr(self, "_hsm_loss_meta", None), None
+            meta = self.mining.take_loss_meta()
             logits = outputs.logits
             with torch.no_grad():
-                self._hsm_preds = logits.argmax(dim=-1)  # the argmax ms-swift's _compute_acc takes, taken once
+                self._predictions = logits.argmax(dim=-1)  # the argmax ms-swift's _compute_acc takes, taken once
             if outputs.loss is None:
-                loss, losses, mask, correct = causal_lm_loss(logits, labels, predictions=self._hsm_preds)
+                loss, losses, mask, correct = causal_lm_loss(logits, labels, predictions=self._predictions)
                 loss = loss.to(labels.device)
                 if num_items_in_batch is not None:
                     loss = loss * ((labels[:, 1:] != -100).sum() / num_items_in_batch)
@@ -384,17 +390,17 @@ def _trainer_class():
                     shifted = labels[:, 1:]
                     mask = shifted != -100
                     losses = torch.where(mask, outputs.loss.detach().view(labels.shape)[:, :-1], 0.0)
-                    correct = (self._hsm_preds[:, :-1] == shifted) & mask
+                    correct = (self._predictions[:, :-1] == shifted) & mask
                 else:  # weighted per-token losses: the statistics need the plain cross-entropy
                     losses, mask, correct = chunked_token_stats(logits, labels)
             # What training_step infers for plain ms-swift (no compute_loss_func): scaled when the model took the count.
             self.loss_is_scaled_for_ga = bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None)
             if self.model.training and meta is not None:
-                self.record_stats(meta, sample_stats(losses, mask, correct, meta), self.state.global_step)
+                self.mining.record(meta, losses, mask, correct)
             return loss
 
         def _compute_acc(self, outputs, labels, cu_seqlens=None) -> None:
-            preds, self._hsm_preds = self._hsm_preds, None
+            preds, self._predictions = self._predictions, None
             if preds is None:
                 return super()._compute_acc(outputs, labels, cu_seqlens=cu_seqlens)
             # ms-swift 4.6's causal_lm branch (sequence parallel is refused at start-up) on the argmax hsm's loss took.
@@ -410,7 +416,7 @@ def _trainer_class():
             from swift.dataloader import DataLoaderShard
 
             args = self.args
-            batch_sampler = ScheduleBatchSampler(self.hsm_sampler, self._train_batch_size)
+            batch_sampler = ScheduleBatchSampler(self.mining.sampler, self._train_batch_size)
             if skip_batches > 0:
                 from accelerate.data_loader import SkipBatchSampler
 
@@ -422,23 +428,24 @@ def _trainer_class():
         def _prepare_inputs(self, inputs):
             full_labels = inputs.get("labels") if isinstance(inputs, dict) else None
             inputs = super()._prepare_inputs(inputs)
-            meta = self._hsm_meta
+            meta = self.mining.held
             if meta is not None and full_labels is not None:
-                for key, fill in (("token_roles", 0), ("token_sample", -1), ("answer_mask", 0)):
-                    if meta.get(key) is not None:
-                        meta[key] = _like_labels(meta[key], full_labels, inputs, fill)
+                self.mining.held = meta.with_tokens(**{
+                    key: _like_labels(getattr(meta, key), full_labels, inputs, fill)
+                    for key, fill in (("token_roles", 0), ("token_sample", -1), ("answer_mask", 0))
+                    if getattr(meta, key) is not None})
             return inputs
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            meta = self.take_hsm_meta(inputs)
-            if self.hsm_owns_loss:
+            meta = self.mining.take(inputs)
+            if self._owns_loss:
                 # Plain ms-swift counts num_items_in_batch only for a model that accepts loss kwargs; the Trainer
                 # counts it for any compute_loss_func: hand the loss what plain ms-swift would have.
                 if not self.model_accepts_loss_kwargs:
                     num_items_in_batch = None
-                self._hsm_loss_meta = meta if self.model.training else None
+                self.mining.loss_meta = meta if self.model.training else None
                 return Seq2SeqTrainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
-            if not self.hsm_is_mining or meta is None or not self.model.training:
+            if not self.mining.is_mining or meta is None or not self.model.training:
                 return Seq2SeqTrainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
             labels = inputs["labels"]  # already trimmed to the kept logits when ms-swift uses logits_to_keep
             hidden = []
@@ -452,8 +459,7 @@ def _trainer_class():
             finally:
                 if handle is not None:
                     handle.remove()
-            stats = sample_stats(*_token_stats(self, model, inputs, labels, outputs, hidden), meta)
-            self.record_stats(meta, stats, self.state.global_step)
+            self.mining.record(meta, *_token_stats(self, model, inputs, labels, outputs, hidden))
             return (loss, outputs) if return_outputs else loss
 
     return HsmSwiftTrainer

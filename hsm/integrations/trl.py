@@ -38,10 +38,17 @@ from packaging.version import Version
 from trl import SFTConfig, SFTTrainer
 
 from hsm.config import MiningConfig
-from hsm.integrations.common import assistant_texts, attach, refuse_unsupported, sample_stats
+from hsm.data.meta import META_KEY
+from hsm.integrations.common import attach, refuse_unsupported
+from hsm.integrations.slots import assistant_texts
+from hsm.layout import RunPaths
+from hsm.train.startup import StartRequest
 from hsm.train.trainer import HsmTrainerMixin
 
-__all__ = ["HsmSFTTrainer", "detection_dataset", "assistant_texts"]  # assistant_texts: hsm.integrations.common
+__all__ = ["HsmSFTTrainer", "detection_dataset", "WHERE_COLUMN"]
+
+# detection_dataset's column naming each row's record (file:line), for start-up image errors.
+WHERE_COLUMN = "where"
 
 # The per-sample statistics are read from SFTTrainer's fused LM-head outputs (log_probs, label_mask, is_top1).
 _MIN_TRL = "1.16"
@@ -70,30 +77,44 @@ def _refuse_packing(args: SFTConfig | None) -> None:
 
 
 class HsmSFTTrainer(HsmTrainerMixin, SFTTrainer):
-    """``SFTTrainer`` that logs per-sample events and trains on hsm's plan-driven schedule."""
+    """``SFTTrainer`` that logs per-sample events and trains on hsm's plan-driven schedule.
+
+    Args (besides SFTTrainer's):
+        mining: the mining configuration, or None: hsm's schedule only.
+        dataset_name: the target's name in events and plans.
+        id_column: the column of stable sample ids (else ``<dataset_name>:<row>``).
+        hsm_dir: the run's hsm folder; default ``<output_dir>/hsm``.
+        overwrite_output_dir: replace an hsm run already in ``hsm_dir`` (removed when ``train()`` starts); without
+            it a fresh run there is refused, and only ``train(resume_from_checkpoint=...)`` continues one.
+    """
 
     def __init__(self, *args, mining: MiningConfig | None, dataset_name: str = "train", id_column: str = "id",
-                 hsm_dir: str | Path | None = None, **kwargs):
+                 hsm_dir: str | Path | None = None, overwrite_output_dir: bool = False, **kwargs):
         _refuse_packing(kwargs.get("args", args[1] if len(args) > 1 else None))
         refuse_unsupported(mining, "TRL")  # before TRL builds anything
         super().__init__(*args, **kwargs)
         rows = self.train_dataset
         ids = list(rows[id_column]) if id_column in rows.column_names else None
+        where = list(rows[WHERE_COLUMN]) if WHERE_COLUMN in rows.column_names else None
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        paths = RunPaths.at(hsm_dir) if hsm_dir is not None else RunPaths.of(self.args.output_dir)
+        start = StartRequest(paths, overwrite=overwrite_output_dir, check_files=mining is not None,
+                             source="HsmSFTTrainer", how_to_resume="trainer.train(resume_from_checkpoint=True)",
+                             how_to_overwrite="HsmSFTTrainer(..., overwrite_output_dir=True)")
         # The same schedule seed with mining on or off, so switching it on does not reshuffle epoch 0.
         seed = (mining or MiningConfig()).seed
-        attach(self, rows, dataset_name, mining=mining, seed=seed, sample_ids=ids, hsm_dir=hsm_dir,
+        attach(self, rows, dataset_name, mining=mining, seed=seed, start=start, sample_ids=ids, where=where,
                tokenizer=tokenizer if mining is not None else None, answers=assistant_texts, stack="TRL")
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if "hsm_meta" not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, "hsm_meta"]
+        if META_KEY not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, META_KEY]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # hsm's _prepare_inputs has already taken the batch's metadata out of the model inputs.
-        meta = self.take_hsm_meta(inputs)
-        if meta is None or not self.model.training or not hasattr(self, "hsm_writer"):
+        meta = self.mining.take(inputs)
+        if meta is None or not self.model.training or not self.mining.is_mining:
             return SFTTrainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
         fused = []
 
@@ -111,14 +132,14 @@ class HsmSFTTrainer(HsmTrainerMixin, SFTTrainer):
         out = fused[0]
         # TRL's fused head scores labels[:, 1:] without building the logits: the statistics cost no extra memory.
         mask = out.label_mask.bool()
-        stats = sample_stats(-out.log_probs, mask, out.is_top1.bool() & mask, meta)
-        self.record_stats(meta, stats, self.state.global_step)
+        self.mining.record(meta, -out.log_probs, mask, out.is_top1.bool() & mask)
         return result
 
 
 def detection_dataset(jsonl: str | Path, *, system: str, user: str, coord_format: str = "rel1000"):
-    """hsm detection JSONL -> a TRL VLM dataset: ``id``, ``images`` (one image) and ``messages``
-    (system, user with the image, assistant answer in hsm's answer format).
+    """hsm detection JSONL -> a TRL VLM dataset: ``id``, ``where`` (the record's ``file:line``, named when its
+    image fails the start-up check), ``images`` (one image) and ``messages`` (system, user with the image,
+    assistant answer in hsm's answer format).
 
     Args:
         jsonl: hsm detection records (``hsm data validate`` checks them).
@@ -131,11 +152,12 @@ def detection_dataset(jsonl: str | Path, *, system: str, user: str, coord_format
     from hsm.data.encoding import format_answer
     from hsm.data.records import read_jsonl
 
-    rows: dict[str, list[Any]] = {"id": [], "images": [], "messages": []}
+    rows: dict[str, list[Any]] = {"id": [], WHERE_COLUMN: [], "images": [], "messages": []}
     for i, record in enumerate(read_jsonl(jsonl)):
         answer = format_answer([o.bbox for o in record.objects], [o.label for o in record.objects],
                                record.width, record.height, coord_format)
         rows["id"].append(record.id if record.id is not None else f"{Path(jsonl).stem}:{i}")
+        rows[WHERE_COLUMN].append(record.where)
         rows["images"].append([str(record.image)])
         rows["messages"].append([
             {"role": "system", "content": [{"type": "text", "text": system}]},

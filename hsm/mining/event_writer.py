@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,16 +23,55 @@ from hsm.mining.events import (
 from hsm.mining.ledger import record_digests, record_unrecorded_parts
 from hsm.schemas import EVENT_SCHEMA
 
-__all__ = ["EventWriter"]
+__all__ = ["EventBatch", "EventWriter"]
 
 _METRIC_COLUMNS = frozenset(NULLABLE_EVENT_COLUMNS)
+
+
+@dataclass(frozen=True)
+class EventBatch:
+    """One micro-batch's events: one entry per sample in each column, in batch order.
+
+    Array fields may be numpy arrays or lists; strings stay as given until the writer's
+    background thread encodes them. Row ``i``'s ``position`` is ``position_offset + i``.
+
+    Attributes:
+        epoch: the epoch the rows belong to (their partition).
+        global_step: the Trainer's ``state.global_step``.
+        dataset, base_idx, sample_id, loss, token_acc, n_tokens, aug_seed, drawn_as_hard: the event columns.
+        position_offset: the first row's position (micro-batches of one step continue the count).
+        metrics: the nullable event columns of :data:`hsm.metrics.METRICS` (``coord_loss``, ``label_loss``,
+            ``loss_sum``, ``det_f1``, ...), written as null where absent, None or NaN.
+
+    Raises:
+        TypeError: ``metrics`` names a column the event schema does not have.
+    """
+
+    epoch: int
+    global_step: int
+    dataset: Sequence[str]
+    base_idx: Any
+    sample_id: Sequence[str]
+    loss: Any
+    token_acc: Any
+    n_tokens: Any
+    aug_seed: Any
+    drawn_as_hard: Any
+    position_offset: int = 0
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(self.metrics.keys() - _METRIC_COLUMNS)
+        if unknown:
+            raise TypeError(f"EventBatch.metrics: no event column {unknown} (nullable metric columns: "
+                            f"{', '.join(NULLABLE_EVENT_COLUMNS)})")
 
 
 class EventWriter:
     """Per-rank, background-flushed writer of the event log.
 
-    ``append`` runs on the training thread and only keeps references to the
-    step's columns; every ``flush_rows`` rows the buffer is handed to one
+    ``append`` runs on the training thread and only keeps a reference to the
+    step's :class:`EventBatch`; every ``flush_rows`` rows the buffer is handed to one
     background thread that builds the Arrow table and writes a part. Errors of
     the background thread are raised by the next ``append``, ``flush`` or
     ``close``.
@@ -52,7 +93,7 @@ class EventWriter:
         self.attempt = attempt
         self.flush_rows = flush_rows
         self.compression_level = compression_level
-        self._buffers: dict[int, list[dict[str, Any]]] = {}
+        self._buffers: dict[int, list[EventBatch]] = {}
         self._buffered_rows: dict[int, int] = {}
         self._next_part: dict[int, int] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hsm-events-r{rank}")
@@ -62,57 +103,17 @@ class EventWriter:
         remove_stale_event_temps(self.hsm_dir, rank)
         record_unrecorded_parts(self.hsm_dir, rank)
 
-    def append(
-        self,
-        *,
-        epoch: int,
-        global_step: int,
-        dataset: Sequence[str],
-        base_idx: Any,
-        sample_id: Sequence[str],
-        loss: Any,
-        token_acc: Any,
-        n_tokens: Any,
-        aug_seed: Any,
-        drawn_as_hard: Any,
-        position_offset: int = 0,
-        **metrics: Any,
-    ) -> None:
-        """Buffer one micro-batch; ``position`` is ``position_offset`` + the index in the batch.
-
-        Array arguments may be numpy arrays or lists; strings stay as given
-        until the background thread encodes them. ``metrics`` are the nullable event
-        columns of :data:`hsm.metrics.METRICS` (``coord_loss``, ``label_loss``, ``loss_sum``,
-        ``det_f1``, ...), written as null where absent, None or NaN.
-        """
-        unknown = sorted(metrics.keys() - _METRIC_COLUMNS)
-        if unknown:
-            raise TypeError(f"EventWriter.append: no event column {unknown} (nullable metric columns: "
-                            f"{', '.join(NULLABLE_EVENT_COLUMNS)})")
+    def append(self, batch: EventBatch) -> None:
+        """Buffer one micro-batch's events (written with the epoch's next part)."""
         self._raise_background_error()
-        n = len(sample_id)
+        n = len(batch.sample_id)
         if n == 0:
             return
-        self._buffers.setdefault(epoch, []).append(
-            {
-                "global_step": global_step,
-                "dataset": dataset,
-                "base_idx": base_idx,
-                "sample_id": sample_id,
-                "loss": loss,
-                "token_acc": token_acc,
-                "n_tokens": n_tokens,
-                "aug_seed": aug_seed,
-                "drawn_as_hard": drawn_as_hard,
-                **metrics,
-                "position_offset": position_offset,
-                "n": n,
-            }
-        )
-        rows = self._buffered_rows.get(epoch, 0) + n
-        self._buffered_rows[epoch] = rows
+        self._buffers.setdefault(batch.epoch, []).append(batch)
+        rows = self._buffered_rows.get(batch.epoch, 0) + n
+        self._buffered_rows[batch.epoch] = rows
         if rows >= self.flush_rows:
-            self._submit(epoch)
+            self._submit(batch.epoch)
 
     def _submit(self, epoch: int) -> None:
         batches = self._buffers.pop(epoch, [])
@@ -131,7 +132,7 @@ class EventWriter:
         self._next_part[epoch] = part + 1
         return part
 
-    def _write_part(self, epoch: int, part: int, batches: list[dict[str, Any]]) -> None:
+    def _write_part(self, epoch: int, part: int, batches: list[EventBatch]) -> None:
         table = self._to_table(epoch, batches)
         path = event_dir(self.hsm_dir, epoch, self.rank) / f"part-{part:05d}.parquet"
         write_parquet_atomic(table, path, compression_level=self.compression_level, **PART_WRITE_OPTIONS)
@@ -139,18 +140,19 @@ class EventWriter:
         self.rows_written += table.num_rows
         self.parts_written += 1
 
-    def _to_table(self, epoch: int, batches: list[dict[str, Any]]) -> pa.Table:
-        n_total = sum(b["n"] for b in batches)
-        steps = np.concatenate([np.full(b["n"], b["global_step"], dtype=np.int64) for b in batches])
-        positions = np.concatenate([np.arange(b["n"], dtype=np.int32) + b["position_offset"] for b in batches])
+    def _to_table(self, epoch: int, batches: list[EventBatch]) -> pa.Table:
+        sizes = [len(b.sample_id) for b in batches]
+        n_total = sum(sizes)
+        steps = np.concatenate([np.full(n, b.global_step, dtype=np.int64) for n, b in zip(sizes, batches)])
+        positions = np.concatenate([np.arange(n, dtype=np.int32) + b.position_offset for n, b in zip(sizes, batches)])
 
         def column(name: str, dtype: Any) -> np.ndarray:
-            return np.concatenate([np.asarray(b[name], dtype=dtype).reshape(-1) for b in batches])
+            return np.concatenate([np.asarray(getattr(b, name), dtype=dtype).reshape(-1) for b in batches])
 
         def strings(name: str) -> pa.Array:
             values: list[str] = []
             for b in batches:
-                values.extend(b[name])
+                values.extend(getattr(b, name))
             return pa.array(values, type=pa.string())
 
         arrays = {
@@ -172,8 +174,9 @@ class EventWriter:
             "drawn_as_hard": pa.array(column("drawn_as_hard", np.bool_)),
         }
         for name in NULLABLE_EVENT_COLUMNS:
-            values = np.concatenate([np.full(b["n"], np.nan, np.float32) if b.get(name) is None
-                                     else np.asarray(b[name], dtype=np.float32).reshape(-1) for b in batches])
+            values = np.concatenate([np.full(n, np.nan, np.float32) if b.metrics.get(name) is None
+                                     else np.asarray(b.metrics[name], dtype=np.float32).reshape(-1)
+                                     for n, b in zip(sizes, batches)])
             arrays[name] = pa.array(values, type=pa.float32(), from_pandas=True)  # NaN -> null
         return pa.Table.from_arrays([arrays[f.name] for f in EVENT_SCHEMA], schema=EVENT_SCHEMA)
 

@@ -1,7 +1,8 @@
 """Training: the Trainer side of mining.
 
 distributed (the one torch.distributed importer) -> stats (per-sample statistics from
-the logits) -> event writing and ``event_sync`` (ship parts to rank 0) -> ``model``
-(tiny demo model, real checkpoints, LoRA) -> ``trainer`` (the mixin and callbacks that
-plan between epochs).
+the logits) -> ``event_sync`` (ship parts to rank 0) -> ``model`` (tiny demo model, real
+checkpoints, LoRA) -> ``startup`` (the run's lock and used-folder refusal) -> ``session``
+(the one object a trainer holds: sampler, event writer, epoch-end planning; with
+``telemetry`` and ``run_files``) -> ``trainer`` (the mixins that hand it each step).
 """

@@ -2,16 +2,48 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from hsm.data.encoding import IGNORE_INDEX, ROLE_COORD, ROLE_LABEL
+from hsm.data.meta import HsmMeta
 
-__all__ = ["STAT_ROWS", "causal_lm_loss", "token_losses", "fold_tokens", "stats_from_fold", "per_sample_stats", "CHUNK_TOKENS", "chunked_token_stats", "hidden_token_stats",
+__all__ = ["STAT_ROWS", "StatRows", "batch_stats", "causal_lm_loss", "token_losses", "fold_tokens", "stats_from_fold", "per_sample_stats", "CHUNK_TOKENS", "chunked_token_stats", "hidden_token_stats",
            "sequence_index", "token_samples", "packed_sample_stats"]
 
-# The rows of per_sample_stats, in order.
+# The rows of per_sample_stats, in order (the fields of StatRows).
 STAT_ROWS = ("loss", "token_acc", "n_tokens", "coord_loss", "label_loss", "loss_sum")
+
+
+@dataclass(frozen=True)
+class StatRows:
+    """One micro-batch's per-sample statistics on the host, by name (one array entry per sample).
+
+    On the device they stay one stacked ``[len(STAT_ROWS), batch]`` tensor (:func:`per_sample_stats`), so a
+    step's statistics reach the host in a single copy; this names its rows once they are there.
+    """
+
+    loss: np.ndarray
+    token_acc: np.ndarray
+    n_tokens: np.ndarray
+    coord_loss: np.ndarray
+    label_loss: np.ndarray
+    loss_sum: np.ndarray
+
+    @classmethod
+    def from_stacked(cls, values: np.ndarray) -> StatRows:
+        """Name the rows of a host copy of :func:`per_sample_stats` (``n_tokens`` as int32)."""
+        rows = dict(zip(STAT_ROWS, values))
+        rows["n_tokens"] = rows["n_tokens"].astype(np.int32)
+        return cls(**rows)
+
+    @property
+    def metrics(self) -> dict[str, np.ndarray]:
+        """The rows that are nullable event columns (``coord_loss``, ``label_loss``, ``loss_sum``)."""
+        return {"coord_loss": self.coord_loss, "label_loss": self.label_loss, "loss_sum": self.loss_sum}
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -298,3 +330,25 @@ def hidden_token_stats(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: t
     Naive equivalent: ``token_losses(lm_head(hidden), labels)`` for a model without logit scaling or softcapping.
     """
     return _chunked(lambda row, positions: lm_head(hidden[row, positions]), labels, chunk_tokens)
+
+
+def batch_stats(losses: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor, meta: HsmMeta) -> torch.Tensor:
+    """``[len(STAT_ROWS), len(meta)]`` statistics of one batch, one column per sample of ``meta``.
+
+    :func:`per_sample_stats` of a padded batch, or split by the sequence boundaries with
+    :func:`packed_sample_stats` when the batch was padding-free (``meta.token_sample``). With
+    ``meta.answer_mask`` (``[rows, seq]``, aligned with the unshifted labels) only the supervised tokens inside
+    it count: the answers, not a prompt the trainer also trains on.
+
+    Args:
+        losses: ``[rows, seq - 1]`` token losses of the shifted labels.
+        mask: ``[rows, seq - 1]`` supervised tokens.
+        correct: ``[rows, seq - 1]`` argmax == label.
+        meta: the batch's metadata (its token layouts).
+    """
+    if meta.answer_mask is not None:
+        mask = mask & meta.answer_mask[:, 1:].to(mask.device, non_blocking=True).bool()
+        losses, correct = torch.where(mask, losses.detach(), 0.0), correct & mask
+    if meta.token_sample is None:
+        return per_sample_stats(losses, mask, correct, meta.token_roles)
+    return packed_sample_stats(losses, mask, correct, meta.token_sample, len(meta), meta.token_roles)

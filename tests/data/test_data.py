@@ -174,8 +174,8 @@ def test_object_cap_is_deterministic_and_sources_stay_clean(processor, corpus):
     dataset = FusionDataset(cfg.custom.fusion_config, processor, cfg.model)
     many = next(i for i, r in enumerate(dataset.records[0]) if len(r.objects) > 1)
     a, b = dataset[Slot(0, many, False, 0, 0)], dataset[Slot(0, many, False, 1, 5)]
-    assert a["meta"]["object_capped"] and a["meta"]["augmented"]
-    assert not dataset[Slot(1, 0, False, 0, 1)]["meta"]["augmented"]  # sources clean unless enabled
+    assert a["meta"].object_capped and a["meta"].augmented
+    assert not dataset[Slot(1, 0, False, 0, 1)]["meta"].augmented  # sources clean unless enabled
     decode = processor.tokenizer.decode
     labels = [json.loads(decode(x["input_ids"][x["labels"] != -100]).removesuffix("<|im_end|>"))[0]["label"] for x in (a, b)]
     assert labels[0] == labels[1]  # the same object kept in every epoch
@@ -208,8 +208,8 @@ def test_sampler_drives_workers_without_dataset_set_epoch(processor, corpus, tmp
     loader = torch.utils.data.DataLoader(dataset, batch_size=3, sampler=sampler, num_workers=2,
                                          collate_fn=DetectionCollator(processor.tokenizer.pad_token_id))
     sampler.set_epoch(1)  # only the sampler hears about the epoch, as under accelerate
-    seen = [(d, i, h, e) for batch in loader for d, i, h, e in zip(batch["hsm_meta"]["dataset"], batch["hsm_meta"]["base_idx"],
-                                                                    batch["hsm_meta"]["drawn_as_hard"], batch["hsm_meta"]["epoch"])]
+    seen = [(d, i, h, e) for batch in loader for d, i, h, e in zip(batch["hsm_meta"].dataset, batch["hsm_meta"].base_idx,
+                                                                    batch["hsm_meta"].drawn_as_hard, batch["hsm_meta"].epoch)]
     schedule = sampler.schedule
     names = dataset.names
     assert seen == [(names[c], int(i), bool(h), 1) for c, i, h in zip(schedule.dataset, schedule.base_idx, schedule.is_hard)]
@@ -219,7 +219,7 @@ def test_sampler_drives_workers_without_dataset_set_epoch(processor, corpus, tmp
     # Evaluation: target only by default, in file order, never augmented.
     evaluation = EvalDataset(dataset)
     assert [s.dataset_code for s in evaluation.slots] == [0, 0, 0]
-    assert [evaluation[i]["meta"]["base_idx"] for i in range(3)] == [0, 1, 2]
-    assert not any(evaluation[i]["meta"]["augmented"] for i in range(3))
+    assert [evaluation[i]["meta"].base_idx for i in range(3)] == [0, 1, 2]
+    assert not any(evaluation[i]["meta"].augmented for i in range(3))
     with_sources = EvalDataset(FusionDataset(cfg.custom.fusion_config.model_copy(update={"eval_sources": True}), processor, cfg.model))
     assert [s.dataset_code for s in with_sources.slots] == [0, 0, 0, 1, 1, 1]

@@ -18,7 +18,7 @@ from hsm.config import ModelConfig
 from hsm.data.answer import ROLE_COORD, ROLE_LABEL, ROLE_OTHER, answer_char_roles, format_answer
 from hsm.data.encoding import IGNORE_INDEX, Template, token_roles_from_offsets
 from hsm.mining.event_reader import read_epoch_events
-from hsm.mining.event_writer import EventWriter
+from hsm.mining.event_writer import EventBatch, EventWriter
 from hsm.schemas import EVENT_SCHEMA
 from hsm.train.stats import STAT_ROWS, per_sample_stats, token_losses
 
@@ -184,9 +184,9 @@ def test_new_event_columns_written_null_for_nan_and_old_logs_still_read(tmp_path
     base = dict(epoch=0, global_step=0, dataset=["t", "t"], base_idx=[0, 1], sample_id=["a", "b"],
                 loss=[1.0, 2.0], token_acc=[0.5, 0.5], n_tokens=[3, 4], aug_seed=[0, 0], drawn_as_hard=[False, False])
     with EventWriter(tmp_path, run_id="r", rank=0) as writer:
-        writer.append(**base, coord_loss=np.array([0.25, np.nan], np.float32), label_loss=[1.5, 2.5],
-                      loss_sum=[3.0, 8.0])
-        writer.append(**{**base, "global_step": 1})  # no box statistics at all
+        writer.append(EventBatch(**base, metrics={"coord_loss": np.array([0.25, np.nan], np.float32),
+                                                  "label_loss": [1.5, 2.5], "loss_sum": [3.0, 8.0]}))
+        writer.append(EventBatch(**{**base, "global_step": 1}))  # no box statistics at all
     table = read_epoch_events(tmp_path, 0).table.sort_by([("global_step", "ascending"), ("position", "ascending")])
     assert table.column("coord_loss").to_pylist() == [0.25, None, None, None]
     assert table.column("label_loss").to_pylist() == [1.5, 2.5, None, None]

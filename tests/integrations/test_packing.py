@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hsm.data.encoding import ROLE_COORD, ROLE_LABEL, ROLE_OTHER
-from hsm.integrations.common import MetaCollator, packed_layout
+from hsm.data.meta import SampleMeta
+from hsm.integrations.collator import MetaCollator, packed_layout
 from hsm.train.stats import packed_sample_stats, per_sample_stats, token_losses, token_samples
 
 VOCAB = 9
@@ -60,15 +61,15 @@ def test_meta_collator_splits_trls_padding_free_batches_like_padded_ones():
 
     def collate(padding_free: bool) -> dict:
         inner = trl.DataCollatorForLanguageModeling(pad_token_id=0, padding_free=padding_free, pad_to_multiple_of=8)
-        metas = [{"sample_id": f"s{i}", "dataset": "d"} for i in range(len(items))]
+        metas = [SampleMeta(sample_id=f"s{i}", dataset="d", base_idx=i, epoch=0) for i in range(len(items))]
         return MetaCollator(inner)([{**item, "hsm_meta": meta} for item, meta in zip(items, metas)])
 
     padded, packed = collate(False), collate(True)
     assert packed["input_ids"].shape[0] == 1 and packed["input_ids"].shape[1] % 8 == 0  # padding past the samples
-    assert packed["hsm_meta"]["input_len"] == [5, 3, 7] == padded["hsm_meta"]["input_len"]
+    assert packed["hsm_meta"].input_len == (5, 3, 7) == padded["hsm_meta"].input_len
     want = per_sample_stats(*token_losses(table[padded["input_ids"]], padded["labels"]))
     meta = packed["hsm_meta"]
-    got = packed_sample_stats(*token_losses(table[packed["input_ids"]], packed["labels"]), meta["token_sample"], 3)
+    got = packed_sample_stats(*token_losses(table[packed["input_ids"]], packed["labels"]), meta.token_sample, 3)
     torch.testing.assert_close(got, want, equal_nan=True)
     assert got[2].tolist() == [2, 0, 4]  # n_tokens: the middle sample has no supervised token
 

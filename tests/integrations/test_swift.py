@@ -313,12 +313,30 @@ def test_swift_sft_reports_a_bad_hsm_config_before_loading_the_model(tmp_path):
     assert done.returncode != 0 and "custom.hard_sample_mining.selector.k" in output, output[-3000:]
 
 
+def test_swift_sft_refuses_a_folder_that_holds_an_hsm_run(tmp_path, mined_run):
+    """A fresh `swift sft` into a folder holding an hsm run (`--add_version false` reuses it) is refused before
+    step 0, naming the folder and the opt-in; the old run stays as it was."""
+    import shutil
+
+    checkpoint, data, mined = mined_run
+    used = tmp_path / "used"
+    shutil.copytree(mined / "hsm", used / "hsm")
+    before = {p: p.read_bytes() for p in sorted((used / "hsm").rglob("*")) if p.is_file() and p.name != ".lock"}
+    done = run_swift_sft(tmp_path, "used", checkpoint, [str(data)], mining=True, epochs=1,
+                         flags=("--add_version", "false"))
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-3000:]
+    assert f"{used / 'hsm'}: already holds an hsm run" in output and "overwrite_output_dir: true in HSM_CONFIG" in output
+    assert {p: p.read_bytes() for p in sorted((used / "hsm").rglob("*")) if p.is_file() and p.name != ".lock"} == before
+    assert not (used / "logging.jsonl").exists() or not step_losses(used)  # no step ran
+
+
 def test_fingerprint_under_ms_swift_follows_its_shuffle(tmp_path):
     """Positional ids over ms-swift's train set: `--dataset_shuffle true` puts other rows at the same positions, so
     the fingerprint changes; the same load gives the same fingerprint."""
     from swift.dataset import load_dataset
 
-    from hsm.integrations.common import SlotDataset, row_contents
+    from hsm.integrations.slots import SlotDataset, row_contents
 
     corpus = synthesize(tmp_path / "corpus", n_target=12, n_source=1, n_val=1)
     data = swift_dataset(corpus["bbu"], tmp_path / "train.jsonl")

@@ -239,7 +239,7 @@ def test_hsm_sft_trainer_refuses_det_f1_at_start_up(tmp_path):
 def test_fingerprint_changes_when_what_an_id_names_changes(tmp_path):
     """Positional ids (`bbu:<row>`) over the same file in another order name other images: another fingerprint;
     the same rows give the same one, and an edited answer another."""
-    from hsm.integrations.common import SlotDataset, row_contents
+    from hsm.integrations.slots import SlotDataset, row_contents
 
     corpus = synthesize(tmp_path / "corpus", n_target=6, n_source=1, n_val=1)
     lines = corpus["bbu"].read_text().splitlines(keepends=True)
@@ -269,6 +269,80 @@ def test_hsm_sft_trainer_refuses_packing_and_padding_free_at_start_up(tmp_path, 
     setattr(args, flag, True)
     with pytest.raises(ValueError, match=rf"^SFTConfig\.{flag}=True: .*set {flag}=False"):
         HsmSFTTrainer(model=None, args=args, train_dataset=None, mining=None)
+
+
+def start_trainer(trl_run, out, **kwargs) -> HsmSFTTrainer:
+    """An HsmSFTTrainer of one optimizer step on the shared run's rows, writing into ``out``."""
+    args = sft_config(out, 1)
+    args.max_steps = 1
+    return HsmSFTTrainer(model=AutoModelForImageTextToText.from_pretrained(trl_run["checkpoint"]), args=args,
+                         train_dataset=kwargs.pop("dataset", trl_run["dataset"]), processing_class=trl_run["processor"],
+                         mining=MINING, dataset_name="bbu", **kwargs)
+
+
+def test_hsm_sft_trainer_refuses_a_folder_another_training_holds(tmp_path, trl_run):
+    """A second training on a run whose lock another process holds is refused when train() starts, before step 0."""
+    from hsm.mining.plan import RunLocked
+
+    lock = tmp_path / "out" / "hsm" / ".lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from filelock import FileLock; l = FileLock(sys.argv[1]); "
+                               "l.acquire(); print('held', flush=True); time.sleep(60)", str(lock)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        trainer = start_trainer(trl_run, tmp_path / "out")
+        with pytest.raises(RunLocked, match="another hsm plan or training is writing this run"):
+            trainer.train()
+        assert trainer.state.global_step == 0
+        assert [p.name for p in lock.parent.iterdir()] == [".lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_hsm_sft_trainer_refuses_a_used_folder_and_overwrite_replaces_it(tmp_path, trl_run):
+    """A fresh run into a folder holding an hsm run is refused, naming it, with the old run untouched;
+    ``overwrite_output_dir=True`` removes the old run first, so the log holds the new run only."""
+    import shutil
+
+    from hsm.train.startup import RunExists
+
+    used = tmp_path / "used"
+    shutil.copytree(trl_run["out"] / "hsm", used / "hsm")
+    before = {p: p.read_bytes() for p in sorted((used / "hsm").rglob("*")) if p.is_file() and p.name != ".lock"}
+    with pytest.raises(RunExists, match=rf"{used / 'hsm'}: already holds an hsm run .*overwrite_output_dir=True"):
+        start_trainer(trl_run, used).train()
+    assert {p: p.read_bytes() for p in sorted((used / "hsm").rglob("*")) if p.is_file() and p.name != ".lock"} == before
+
+    with pytest.warns(UserWarning, match="removed the previous hsm run"):
+        start_trainer(trl_run, used, overwrite_output_dir=True).train()
+    assert sorted(p.name for p in (used / "hsm" / "plans").iterdir()) == ["epoch=1"]  # the old run had epoch=2 too
+    assert not (used / "hsm" / "events" / "epoch=1").exists()
+    steps = pa.concat_tables([pq.read_table(p) for p in (used / "hsm").glob("events/epoch=*/rank=0/*.parquet")])
+    assert set(steps.column("global_step").to_pylist()) == {0}  # one step of the new run, nothing of the old
+    assert (used / "hsm" / "config.sha256.json").is_file() and (used / "hsm" / "samples.sha256.json").is_file()
+
+
+def test_hsm_sft_trainer_names_a_truncated_image_before_step_0(tmp_path, trl_run):
+    """An image truncated after the dataset was built fails when train() starts, naming its record's file:line."""
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(trl_run["corpus"]["bbu"].parent.parent, corpus)
+    jsonl = corpus / trl_run["corpus"]["bbu"].relative_to(trl_run["corpus"]["bbu"].parent.parent)
+    system, user = trl_run["prompts"]
+    dataset = detection_dataset(jsonl, system=system, user=user)
+    third = json.loads(jsonl.read_text().splitlines()[2])
+    image = jsonl.parent / third["image"]
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    trainer = start_trainer(trl_run, tmp_path / "out", dataset=dataset)
+    from hsm.data.records import RecordError
+
+    with pytest.raises(RecordError, match=rf"{jsonl.name}:3: image .* cannot be decoded"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and not (tmp_path / "out" / "hsm").exists()
 
 
 def torchrun_trl(checkpoint: Path, jsonl: Path, out: Path, epochs: int, mining: str) -> list[dict]:

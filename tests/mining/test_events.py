@@ -14,18 +14,18 @@ from hypothesis import strategies as st
 
 from eventlog import random_rows, write_rows
 from hsm.mining.event_reader import read_epoch_events, supersede_attempts
-from hsm.mining.event_writer import EventWriter
+from hsm.mining.event_writer import EventBatch, EventWriter
 from hsm.mining.events import CorruptEventFile, list_event_files
 from hsm.schemas import EVENT_SCHEMA
 from oracle import effective_events
 
 
 def _append(writer, epoch, step, n, offset=0):
-    writer.append(
+    writer.append(EventBatch(
         epoch=epoch, global_step=step, dataset=["tgt"] * n, base_idx=np.arange(offset, offset + n),
         sample_id=[f"tgt:{i}" for i in range(offset, offset + n)], loss=np.linspace(0, 1, n),
         token_acc=np.full(n, 0.5), n_tokens=np.full(n, 12), aug_seed=np.arange(n), drawn_as_hard=np.zeros(n, bool),
-    )
+    ))
 
 
 def test_parts_have_the_exact_schema_and_values(tmp_path):
@@ -147,9 +147,10 @@ def test_parts_sharing_a_step_at_a_flush_boundary_are_not_duplicates(tmp_path):
     # Gradient accumulation: one optimizer step spans micro-batches, and a flush may split it.
     with EventWriter(tmp_path, run_id="r", rank=0, flush_rows=2) as writer:
         for micro in range(2):
-            writer.append(epoch=0, global_step=0, dataset=["tgt"] * 2, base_idx=np.arange(2), sample_id=["a", "b"],
-                          loss=np.ones(2), token_acc=np.ones(2), n_tokens=np.ones(2), aug_seed=np.zeros(2),
-                          drawn_as_hard=np.zeros(2, bool), position_offset=2 * micro)
+            writer.append(EventBatch(
+                epoch=0, global_step=0, dataset=["tgt"] * 2, base_idx=np.arange(2), sample_id=["a", "b"],
+                loss=np.ones(2), token_acc=np.ones(2), n_tokens=np.ones(2), aug_seed=np.zeros(2),
+                drawn_as_hard=np.zeros(2, bool), position_offset=2 * micro))
     assert len(list_event_files(tmp_path, 0)) == 2
     assert read_epoch_events(tmp_path, 0).table.num_rows == 4
 
@@ -162,8 +163,8 @@ def test_append_takes_every_registered_metric_column_and_refuses_others(tmp_path
                 drawn_as_hard=np.zeros(2, bool))
     with EventWriter(tmp_path, run_id="r", rank=0) as writer:
         with pytest.raises(TypeError, match="coord_los"):
-            writer.append(**base, coord_los=np.ones(2))  # a typo is not silently dropped
-        writer.append(**base, **{name: [float(i), np.nan] for i, name in enumerate(NULLABLE_EVENT_COLUMNS)})
+            writer.append(EventBatch(**base, metrics={"coord_los": np.ones(2)}))  # a typo is not silently dropped
+        writer.append(EventBatch(**base, metrics={name: [float(i), np.nan] for i, name in enumerate(NULLABLE_EVENT_COLUMNS)}))
     table = read_epoch_events(tmp_path, 0).table
     assert table.num_rows == 2  # the refused call wrote nothing
     for i, name in enumerate(NULLABLE_EVENT_COLUMNS):

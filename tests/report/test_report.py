@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from browser import find_chromium, load_page, page_url
 from hsm.cli.app import app
 from hsm.config import MiningConfig
-from hsm.mining.event_writer import EventWriter
+from hsm.mining.event_writer import EventBatch, EventWriter
 from hsm.mining.planner import PlanRequest, plan_epoch
 from hsm.data.records import read_jsonl
 from hsm.report import build_report
@@ -54,12 +54,12 @@ def write_run(root: Path, *, n_target: int = 40, wrong: int = 3) -> Path:
                 batch = order[start:start + 8]
                 loss = [float(base_loss[i] * (0.7 ** epoch) + rng.normal(0, 0.05)) if i != wrong
                         else float(4.0 + rng.normal(0, 0.02)) for i in batch]
-                writer.append(
+                writer.append(EventBatch(
                     epoch=epoch, global_step=step, dataset=["bbu"] * len(batch), base_idx=batch.tolist(),
                     sample_id=[records[i].id for i in batch], loss=loss,
                     token_acc=[float(np.clip(1 - x / 5, 0, 1)) for x in loss], n_tokens=[20] * len(batch),
                     aug_seed=[0] * len(batch), drawn_as_hard=[False] * len(batch),
-                )
+                ))
                 step += 1
             writer.flush()
             plan_epoch(PlanRequest(hsm_dir, epoch + 1, mining, "bbu"))

@@ -144,7 +144,7 @@ def test_epoch_metrics_token_acc_is_one_minus():
 
 def _write_metric_run(root, metric: str):
     """4 epochs of target events with every metric column; sample 0 stays hardest by ``metric`` and flat."""
-    from hsm.mining.event_writer import EventWriter
+    from hsm.mining.event_writer import EventBatch, EventWriter
 
     rng = np.random.default_rng({"loss": 1, "token_acc": 2, "loss_sum": 3, "det_f1": 4}[metric])
     hsm_dir = root / "hsm"
@@ -162,10 +162,11 @@ def _write_metric_run(root, metric: str):
                 for k, i in enumerate(idx):
                     if i == 0:  # the planted suspect, by whichever metric the plan uses
                         loss[k], acc[k], loss_sum[k], n_tokens[k], det_f1[k] = 5.0, 0.05, 500.0, 100, 0.02
-                writer.append(epoch=epoch, global_step=epoch * 1000 + step, dataset=[TARGET] * len(idx), base_idx=idx,
-                              sample_id=[f"t{i}" for i in idx], loss=loss.tolist(), token_acc=acc.tolist(),
-                              n_tokens=n_tokens.tolist(), aug_seed=[0] * len(idx), drawn_as_hard=[False] * len(idx),
-                              loss_sum=loss_sum, det_f1=det_f1)
+                writer.append(EventBatch(
+                    epoch=epoch, global_step=epoch * 1000 + step, dataset=[TARGET] * len(idx), base_idx=idx,
+                    sample_id=[f"t{i}" for i in idx], loss=loss.tolist(), token_acc=acc.tolist(),
+                    n_tokens=n_tokens.tolist(), aug_seed=[0] * len(idx), drawn_as_hard=[False] * len(idx),
+                    metrics={"loss_sum": loss_sum, "det_f1": det_f1}))
     config = {"custom": {"hard_sample_mining": {"enabled": True, "selector": {"k": 5}, "metric": metric},
                          "fusion_config": {"target": {"name": TARGET}}}}
     (hsm_dir / "config.yaml").write_text(yaml.safe_dump(config))

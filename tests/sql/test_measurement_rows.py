@@ -8,7 +8,7 @@ import yaml
 
 from hsm.config import MiningConfig
 from hsm.eval.train_quality import POSITION_BASE
-from hsm.mining.event_writer import EventWriter
+from hsm.mining.event_writer import EventBatch, EventWriter
 from hsm.mining.planner import PlanRequest, plan_epoch
 from hsm.mining.queries import MEASUREMENT_POSITION, connect, query_text, run_query
 from hsm.report.data import load_run
@@ -25,13 +25,15 @@ def write_run(tmp_path) -> tuple[dict, list[float]]:
     losses = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 0.5, 1.5]
     for step in range(2):
         idx = drawn[4 * step:4 * step + 4]
-        writer.append(epoch=0, global_step=step, dataset=["t"] * 4, base_idx=idx, sample_id=[f"s{i}" for i in idx],
-                      loss=np.array(losses[4 * step:4 * step + 4], np.float32), token_acc=np.full(4, 0.5, np.float32),
-                      n_tokens=np.full(4, 10, np.int32), aug_seed=np.zeros(4, np.int64), drawn_as_hard=np.zeros(4, bool))
-    writer.append(epoch=0, global_step=2, dataset=["t"] * N, base_idx=list(range(N)), sample_id=[f"s{i}" for i in range(N)],
-                  loss=np.full(N, np.nan, np.float32), token_acc=np.full(N, np.nan, np.float32),
-                  n_tokens=np.zeros(N, np.int32), aug_seed=np.zeros(N, np.int64), drawn_as_hard=np.zeros(N, bool),
-                  position_offset=POSITION_BASE, det_f1=np.linspace(0.0, 1.0, N, dtype=np.float32))
+        writer.append(EventBatch(
+            epoch=0, global_step=step, dataset=["t"] * 4, base_idx=idx, sample_id=[f"s{i}" for i in idx],
+            loss=np.array(losses[4 * step:4 * step + 4], np.float32), token_acc=np.full(4, 0.5, np.float32),
+            n_tokens=np.full(4, 10, np.int32), aug_seed=np.zeros(4, np.int64), drawn_as_hard=np.zeros(4, bool)))
+    writer.append(EventBatch(
+        epoch=0, global_step=2, dataset=["t"] * N, base_idx=list(range(N)), sample_id=[f"s{i}" for i in range(N)],
+        loss=np.full(N, np.nan, np.float32), token_acc=np.full(N, np.nan, np.float32),
+        n_tokens=np.zeros(N, np.int32), aug_seed=np.zeros(N, np.int64), drawn_as_hard=np.zeros(N, bool),
+        position_offset=POSITION_BASE, metrics={"det_f1": np.linspace(0.0, 1.0, N, dtype=np.float32)}))
     writer.close()
     mining = MiningConfig(enabled=True, metric="det_f1", selector={"k": 2})
     plan_epoch(PlanRequest(hsm_dir, 1, mining, "t"))

@@ -18,6 +18,8 @@ from hsm.train.model import build_model, build_processor
 from hsm.mining.planner import PlanRequest, plan_epoch
 from hsm.run import train
 from hsm.schemas import EVENT_SCHEMA
+from hsm.layout import RunPaths
+from hsm.train.session import MiningSession
 from hsm.train.trainer import HsmTrainerMixin, make_trainer_class
 
 pytestmark = pytest.mark.slow
@@ -47,12 +49,14 @@ def batch_and_model(cfg):
 
 @pytest.mark.parametrize("num_items", [None, 37])
 def test_mixin_loss_equals_plain_trainer_and_recombines(tmp_path, corpus, num_items, demo_config):
-    batch, model = batch_and_model(demo_config(corpus, tmp_path))
+    cfg = demo_config(corpus, tmp_path)
+    batch, model = batch_and_model(cfg)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], gradient_accumulation_steps=2)
     plain = Trainer(model=model, args=args)
     hsm_trainer = make_trainer_class(Trainer, mining=True)(model=model, args=args)
-    hsm_trainer.compute_loss_func = hsm_trainer._hsm_loss
-    hsm_trainer._hsm_meta = hsm_trainer._hsm_loss_meta = None
+    hsm_trainer.use_session(MiningSession(sampler=None, fusion=cfg.custom.fusion_config, mining=None,
+                                          paths=RunPaths.of(tmp_path), run_id="t"))
+    hsm_trainer.compute_loss_func = hsm_trainer._mining_loss  # the loss alone: no events without a run
     inputs = {k: v for k, v in batch.items() if k != "hsm_meta"}
     model.train()
     with torch.no_grad():
