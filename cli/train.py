@@ -92,10 +92,31 @@ def train(
     distributed.destroy_process_group()
 
 
+def _resumed_step(args) -> int | None:
+    """The ``global_step`` of the checkpoint this attempt resumed from (None for a fresh run)."""
+    import json
+
+    folder = getattr(args, "resume_from_checkpoint", None)
+    if not folder:
+        return None
+    try:
+        return int(json.loads((Path(folder) / "trainer_state.json").read_bytes())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _print_summary(summary: dict) -> None:
     run_dir = Path(summary["output_dir"]).resolve()
     summary = dict(summary, hsm_dir=str(Path(summary["hsm_dir"]).resolve()))
-    console.print(f"\n[bold]hsm train done[/]: {summary['global_step']} steps, train loss {summary['train_loss']:.4f}", soft_wrap=True)
+    resumed = _resumed_step(summary["trainer"].args)
+    if resumed is not None and resumed >= summary["global_step"]:
+        # The Trainer reports a train loss of 0 when it ran no step: say what happened instead.
+        console.print(f"\n[bold]hsm train done[/]: resumed at step {resumed}, the run's last ({summary['global_step']} "
+                      "steps); nothing left to train (raise training.num_train_epochs or training.max_steps to "
+                      "train further)", soft_wrap=True)
+    else:
+        console.print(f"\n[bold]hsm train done[/]: {summary['global_step']} steps, train loss "
+                      f"{summary['train_loss']:.4f}", soft_wrap=True)
     console.print(f"  output:      {run_dir}", soft_wrap=True)
     if summary["mining"]:
         console.print(f"  events:      {summary['hsm_dir']}/events/epoch=E/rank=R/part-*.parquet", soft_wrap=True)

@@ -33,6 +33,13 @@ def _figure(ncols: int, width: float = 5.0, height: float = 3.4):
     return fig, axes[0]
 
 
+def _legend(ax, **options) -> None:
+    """``ax.legend(**options)`` when something on ``ax`` carries a label: an empty legend is a
+    matplotlib warning that ``hsm report`` would print (a data map before 3 epochs has no point)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**options)
+
+
 def difficulty_figure(run: RunData) -> bytes:
     """Hard vs regular score distributions per plan epoch, mean train loss per dataset, hard-set churn."""
     fig, (ax_scores, ax_loss, ax_churn) = _figure(3)
@@ -57,7 +64,7 @@ def difficulty_figure(run: RunData) -> bytes:
     ax_scores.set_xlabel("plan epoch")
     ax_scores.set_ylabel(f"score ({run.metric})")
     ax_scores.set_title("hard vs regular scores")
-    ax_scores.legend(fontsize=8)
+    _legend(ax_scores, fontsize=8)
     for dataset, by_epoch in sorted(run.dataset_loss.items()):
         xs = sorted(by_epoch)
         ax_loss.plot(xs, [by_epoch[x] for x in xs], marker="o", label=dataset,
@@ -65,7 +72,7 @@ def difficulty_figure(run: RunData) -> bytes:
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("mean train loss")
     ax_loss.set_title("train loss per dataset")
-    ax_loss.legend(fontsize=8)
+    _legend(ax_loss, fontsize=8)
     jaccard, kept, added, removed = [], [], [], []
     for previous, e in zip(epochs, epochs[1:]):
         before = _hard_ids(run, previous)
@@ -175,5 +182,5 @@ def data_map_figure(run: RunData) -> bytes:
     ax.set_xlabel(f"variability (std of per-epoch {metric})")
     ax.set_ylabel(f"mean per-epoch {metric}")
     ax.set_title("data map (hard = top, ambiguous = right)")
-    ax.legend(fontsize=8, loc="best")
+    _legend(ax, fontsize=8, loc="best")
     return _png(fig)

@@ -9,7 +9,12 @@ loaded or written, and ``resume_from_checkpoint: last`` picks the newest complet
 
 hsm's own files need nothing from the checkpoint: the events logged after its step are
 superseded by the resumed attempt's (:func:`hsm.mining.event_reader.supersede_attempts`)
-and the plans are rebuilt at the epoch ends that follow.
+and the plans are rebuilt at the epoch ends that follow. They do need the checkpoint to be
+the run's own: events are flushed before every checkpoint, so a checkpoint at step ``N``
+of this run finds the run's event log reaching ``global_step >= N - 1`` (steps count from
+0 there). A checkpoint past the log is another run's (the ``checkpoint-N`` folders a run
+replaced with ``training.overwrite_output_dir`` leaves behind): resuming from it would
+continue one run's weights in another run's log, so it is refused.
 """
 
 from __future__ import annotations
@@ -19,9 +24,15 @@ import re
 import warnings
 from pathlib import Path
 
-from hsm.config import ConfigError
+import pyarrow as pa
+import pyarrow.compute as pc
 
-__all__ = ["LAST", "checkpoint_problem", "complete_checkpoints", "resolve_resume"]
+from hsm.config import ConfigError
+from hsm.io import open_parquet
+from hsm.layout import RunPaths
+
+__all__ = ["LAST", "checkpoint_problem", "complete_checkpoints", "foreign_checkpoint_problem", "last_logged_step",
+           "resolve_resume"]
 
 LAST = "last"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -87,6 +98,9 @@ def resolve_resume(output_dir: str | Path, value: str | None, source: str = "<co
         if not complete:
             raise ConfigError(source, [f"training.resume_from_checkpoint: {LAST}: {output_dir} holds no complete "
                                        "checkpoint-N folder; start a fresh run (without resume_from_checkpoint)"])
+        foreign = foreign_checkpoint_problem(complete[-1], output_dir)
+        if foreign is not None:
+            raise ConfigError(source, [f"training.resume_from_checkpoint: {LAST}: {foreign}"])
         skipped = [p.name for p in _newer_folders(output_dir, complete[-1])]
         if skipped:
             warnings.warn(f"hsm: resuming from {complete[-1]}; newer {', '.join(skipped)} incomplete (a save killed "
@@ -96,7 +110,53 @@ def resolve_resume(output_dir: str | Path, value: str | None, source: str = "<co
     if problem is not None:
         raise ConfigError(source, [f"training.resume_from_checkpoint: {value}: not a complete checkpoint "
                                    f"({problem}); {newest}"])
+    foreign = foreign_checkpoint_problem(Path(value), output_dir)
+    if foreign is not None:
+        raise ConfigError(source, [f"training.resume_from_checkpoint: {foreign}"])
     return str(value)
+
+
+def last_logged_step(hsm_dir: str | Path) -> int | None:
+    """The highest ``global_step`` in the run's event log; None when it has no readable event part.
+
+    Naive equivalent: ``max(e.global_step for e in every event of the run)``; only the
+    highest epoch's parts are read (epochs follow the steps). A part that cannot be read is
+    passed over here: the start-up file checks name it.
+    """
+    root = RunPaths.at(hsm_dir).events_root
+    epochs = sorted((int(p.name[len("epoch="):]) for p in root.glob("epoch=*") if p.name[len("epoch="):].isdigit()),
+                    reverse=True) if root.is_dir() else []
+    for epoch in epochs:
+        steps = []
+        for part in sorted(root.glob(f"epoch={epoch}/rank=*/part-*.parquet")):
+            try:
+                column = open_parquet(part).read(columns=["global_step"]).column("global_step")
+            except (pa.ArrowException, OSError, KeyError):
+                continue
+            if len(column):
+                steps.append(pc.max(column).as_py())
+        if steps:
+            return int(max(steps))
+    return None
+
+
+def foreign_checkpoint_problem(checkpoint: Path, output_dir: str | Path) -> str | None:
+    """Why the complete ``checkpoint`` cannot be this run's (None when it can be, or when ``output_dir`` has no log).
+
+    This run flushed its events before writing any of its checkpoints, so a checkpoint
+    of it at ``global_step`` ``N`` finds the log reaching step ``N - 1``.
+    """
+    logged = last_logged_step(RunPaths.of(output_dir).root)
+    if logged is None:
+        return None
+    step = json.loads((Path(checkpoint) / "trainer_state.json").read_bytes())["global_step"]
+    if logged >= step - 1:
+        return None
+    hsm_dir = RunPaths.of(output_dir).root
+    return (f"{checkpoint} is at step {step}, but the event log of {hsm_dir} ends at step {logged + 1}: the checkpoint "
+            f"was not written by this run (a run replaced with training.overwrite_output_dir=true leaves its "
+            f"checkpoint-N folders behind). Move the other run's checkpoint-N folders out of {Path(output_dir)} and "
+            "resume from this run's own, or start a fresh run")
 
 
 def _newer_folders(output_dir: Path, newest: Path) -> list[Path]:

@@ -244,3 +244,33 @@ def test_train_summary_suggests_tensorboard_only_when_it_logged_there(tmp_path, 
     with console.capture() as captured:
         _print_summary(summary)
     assert ("tensorboard --logdir" in captured.get()) == shown
+
+
+@pytest.mark.parametrize("resumed_at, trained", [(None, True), (2, True), (3, False)])
+def test_train_summary_says_when_a_resumed_run_had_nothing_left_to_train(tmp_path, resumed_at, trained):
+    """Resumed from the run's last checkpoint, the Trainer runs no step and reports a train loss of 0:
+    the summary says nothing was left to train instead of printing that loss."""
+    import json
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    from hsm.cli.common import console
+    from hsm.cli.train import _print_summary
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    if resumed_at is not None:
+        checkpoint = tmp_path / f"checkpoint-{resumed_at}"
+        checkpoint.mkdir()
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": resumed_at}))
+        args.resume_from_checkpoint = str(checkpoint)
+    summary = {"output_dir": str(tmp_path), "hsm_dir": str(tmp_path / "hsm"), "global_step": 3,
+               "train_loss": 0.25 if trained else 0.0, "mining": True, "trainer": SimpleNamespace(args=args)}
+    with console.capture() as captured:
+        _print_summary(summary)
+    text = " ".join(captured.get().split())
+    if trained:
+        assert "hsm train done: 3 steps, train loss 0.2500" in text
+    else:
+        assert "resumed at step 3, the run's last (3 steps); nothing left to train" in text
+        assert "train loss" not in text
