@@ -99,7 +99,9 @@ def claim_run(held: contextlib.ExitStack, request: StartRequest) -> str | None:
 
 
 def _remove_run(hsm_dir: Path, how: str) -> None:
-    """Remove every entry of ``hsm_dir`` but its lock file (held by this process: removing it would unlock)."""
+    """Remove the replaced run: every entry of ``hsm_dir`` but its lock file (held by this process: removing it
+    would unlock) and the ``checkpoint-N`` folders beside it (its weights: ``resume_from_checkpoint=last`` would
+    otherwise resume them into the new run's log)."""
     lock = RunPaths.at(hsm_dir).lock
     for entry in hsm_dir.iterdir():
         if entry == lock:
@@ -108,4 +110,8 @@ def _remove_run(hsm_dir: Path, how: str) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
-    warnings.warn(f"hsm: removed the previous hsm run in {hsm_dir} ({how})", stacklevel=4)
+    checkpoints = sorted(p for p in hsm_dir.parent.glob("checkpoint-*") if p.is_dir() and not p.is_symlink())
+    for path in checkpoints:
+        shutil.rmtree(path)
+    also = f" and its {len(checkpoints)} checkpoint folder(s)" if checkpoints else ""
+    warnings.warn(f"hsm: removed the previous hsm run in {hsm_dir}{also} ({how})", stacklevel=4)

@@ -150,6 +150,7 @@ def test_overwrite_replaces_the_run_and_training_holds_the_lock_until_it_ends(ol
     from hsm.run import train
 
     old_part = next((old_run / "hsm" / "events").rglob("part-*.parquet"))
+    old_checkpoint = _complete_checkpoint(old_run, 40)  # the replaced run's weights go with it
     seen = []
 
     class LockProbe(TrainerCallback):
@@ -165,10 +166,11 @@ def test_overwrite_replaces_the_run_and_training_holds_the_lock_until_it_ends(ol
             super().__init__(*args, **kwargs)
             self.add_callback(LockProbe())
 
-    with pytest.warns(UserWarning, match="removed the previous hsm run"):
+    with pytest.warns(UserWarning, match="removed the previous hsm run in .* and its 1 checkpoint folder"):
         summary = train(demo_config(make_corpus(8, 4, 0), old_run, "training.num_train_epochs=1",
                                     "training.overwrite_output_dir=true"), base_trainer=ProbedTrainer)
     assert seen and set(seen) == {"held"} and summary["global_step"] == len(seen)
+    assert not old_checkpoint.exists()
     assert (old_run / "hsm" / "plans" / "epoch=1" / "manifest.json").is_file()  # planned under its own lock
     FileLock(old_run / "hsm" / ".lock").acquire(timeout=0)  # released at the end
     runs = {pq.read_table(p, columns=["run_id"]).column(0)[0].as_py() for p in (old_run / "hsm" / "events").rglob("part-*.parquet")}
