@@ -140,7 +140,7 @@ def _train(cfg: HsmConfig, args, output_dir: Path, hsm_dir: Path, base_trainer) 
         target_epoch_size=target_epoch_size,
     )
     if trainer.is_world_process_zero() and not args.dataloader_drop_last:
-        sampler.warn_if_ranks_repeat(args.world_size)
+        sampler.warn_uneven_ranks(args.world_size)
     # The run is claimed (train() above): the session only opens its log when training starts.
     trainer.use_session(MiningSession(sampler=sampler, fusion=fusion, mining=mining, paths=RunPaths.at(hsm_dir),
                                       run_id=_agreed_run_id(output_dir.name)))

@@ -109,12 +109,30 @@ class HsmSampler(torch.utils.data.Sampler):
             return self.epoch_length
         return len(shard_positions(self.epoch_length, self.batch_size, self.world))
 
-    def warn_if_ranks_repeat(self, world_size: int) -> int:
-        """Under an accelerate-prepared loader on ``world_size`` ranks: warn when accelerate will even the ranks
-        out by repeating slots (``even_batches``: the epoch's first slots trained, and logged, twice). Returns
-        the number of repeated slots per epoch (0: none, no warning)."""
+    def warn_uneven_ranks(self, world_size: int) -> int:
+        """Warn when an epoch does not split evenly over ``world_size`` ranks, and say what happens to the rest.
+
+        Under an accelerate-prepared loader (no ``world``), accelerate evens the ranks out by repeating the
+        epoch's first slots (``even_batches``: trained and logged twice). When this sampler deals the ranks
+        itself (``world`` set, as under ms-swift), the fewer than ``world_size`` slots left after the last
+        even split are not trained that epoch (:func:`shard_positions`). Returns the slots repeated (positive)
+        or left out (negative) per epoch; 0: even, no warning.
+        """
+        if world_size <= 1:
+            return 0
+        if self.world is not None:
+            dealt = sum(len(shard_positions(self.epoch_length, self.batch_size, World(r, world_size)))
+                        for r in range(world_size))
+            left = self.epoch_length - dealt
+            if left:
+                warnings.warn(
+                    f"hsm: an epoch of {self.epoch_length} slots on {world_size} ranks x batch {self.batch_size}: the "
+                    f"last {left} slot(s) of each epoch are not trained (the ranks take equal shares, as ms-swift's "
+                    f"BatchSamplerShard deals them; nothing is trained twice). An epoch length that is a multiple of "
+                    f"{world_size} leaves none out", stacklevel=2)
+            return -left
         per_round = world_size * self.batch_size
-        repeats = -self.epoch_length % per_round if world_size > 1 and self.world is None else 0
+        repeats = -self.epoch_length % per_round
         if repeats:
             warnings.warn(
                 f"hsm: an epoch of {self.epoch_length} slots on {world_size} ranks x batch {self.batch_size}: accelerate "

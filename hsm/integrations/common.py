@@ -184,7 +184,7 @@ def attach(trainer, rows, name: str, *, mining: MiningConfig | None, seed: int, 
         check_row_images(every_row, where)
         if trainer.is_world_process_zero():
             if not trainer.args.dataloader_drop_last:
-                sampler.warn_if_ranks_repeat(trainer.args.world_size)  # world=None only: accelerate deals the ranks
+                sampler.warn_uneven_ranks(trainer.args.world_size)
             write_run_files(paths, slots, contents, mining, fusion, config)
 
     session = MiningSession(sampler=sampler, fusion=fusion, mining=mining, paths=paths,

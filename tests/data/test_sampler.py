@@ -27,7 +27,7 @@ def sampler(n_target: int, n_source: int, batch: int, world: World | None = None
 @given(n_target=st.integers(1, 40), n_source=st.integers(0, 20), batch=st.integers(1, 5), ranks=st.integers(2, 4))
 def test_the_repeat_warning_counts_what_accelerate_repeats(n_target, n_source, batch, ranks):
     one = sampler(n_target, n_source, batch)
-    assert one.warn_if_ranks_repeat(1) == 0  # one process: accelerate does not shard
+    assert one.warn_uneven_ranks(1) == 0  # one process: accelerate does not shard
     dealt = Counter()
     for rank in range(ranks):  # accelerate's own sharding, as the Trainer prepares the loader (even_batches)
         shard = BatchSamplerShard(BatchSampler(one, batch, drop_last=False), num_processes=ranks, process_index=rank)
@@ -35,7 +35,7 @@ def test_the_repeat_warning_counts_what_accelerate_repeats(n_target, n_source, b
     assert set(dealt) == set(range(one.epoch_length))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        repeats = one.warn_if_ranks_repeat(ranks)
+        repeats = one.warn_uneven_ranks(ranks)
     assert repeats == sum(dealt.values()) - one.epoch_length
     assert (len(caught) == 1) == (repeats > 0)
     if repeats:
@@ -53,4 +53,9 @@ def test_a_sampler_that_deals_its_ranks_repeats_nothing_and_keeps_source_shares(
     whole = Counter(slot[0] for slot in sampler(146, 50, 4))
     assert whole == {0: 146, 1: 50}
     assert sum(whole[c] - counts[c] for c in whole) == 196 % ranks  # only the < ranks last slots go untrained
-    assert sampler(146, 50, 4, World(0, ranks)).warn_if_ranks_repeat(ranks) == 0  # it deals itself: never repeats
+    left = 196 % ranks  # the slots no rank trains: said once at start-up, never repeated
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert sampler(146, 50, 4, World(0, ranks)).warn_uneven_ranks(ranks) == -left
+    assert [str(w.message).count(f"the last {left} slot(s) of each epoch are not trained") for w in caught] == (
+        [1] if left else [])
