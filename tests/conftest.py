@@ -13,6 +13,27 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+# Module- or session-scoped fixtures that train a model or build a wheel. Under pytest-xdist each worker builds its
+# own copy of a fixture, so the tests that read one share an ``xdist_group`` (``--dist loadgroup``, pyproject.toml):
+# one worker runs them all and builds it once. A session fixture's group spans files.
+SHARED_FIXTURES = {"mining_run": "session", "trl_run": "module", "runs": "module", "trained": "module",
+                   "installed": "module"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Group the tests that share an expensive fixture (``SHARED_FIXTURES``), and start the ``slow`` ones first.
+
+    xdist hands out work in collection order (``--no-loadscope-reorder``), so the multi-process and multi-epoch
+    runs start at once on both workers and the short tests fill in behind them: both workers finish together
+    instead of one running a long test alone at the end. The order within each class is the collection order.
+    """
+    for item in items:
+        for name, scope in SHARED_FIXTURES.items():
+            if name in item.fixturenames:
+                item.add_marker(pytest.mark.xdist_group(name if scope == "session" else f"{item.path.name}::{name}"))
+                break
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +81,17 @@ def demo_config():
 def demo_overrides():
     """``demo_overrides(corpus, val=False)``: the ``hsm train configs/demo.yaml`` arguments that train on ``corpus``."""
     return corpus_overrides
+
+
+@pytest.fixture(scope="session")
+def mining_run(tmp_path_factory, make_corpus, demo_config):
+    """One uninterrupted 3-epoch mining run of ``configs/demo.yaml`` on ``make_corpus(24, 8, 4)``, trained in this
+    process (TensorBoard on, every step logged, no checkpoints): ``{"corpus", "out", "summary"}`` (``train``'s
+    summary). Tests that need exactly this run read it instead of training their own; never write into ``out``."""
+    from hsm.run import train
+
+    corpus = make_corpus(24, 8, 4)
+    out = tmp_path_factory.mktemp("mining_run") / "run"
+    cfg = demo_config(corpus, out, "training.num_train_epochs=3", "training.report_to=[tensorboard]",
+                      "training.logging_steps=1", "custom.hard_sample_mining.enabled=true")
+    return {"corpus": corpus, "out": out, "summary": train(cfg)}
