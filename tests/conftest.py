@@ -13,26 +13,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
-# Module- or session-scoped fixtures that train a model or build a wheel. Under pytest-xdist each worker builds its
-# own copy of a fixture, so the tests that read one share an ``xdist_group`` (``--dist loadgroup``, pyproject.toml):
-# one worker runs them all and builds it once. A session fixture's group spans files.
-SHARED_FIXTURES = {"mining_run": "session", "trl_run": "module", "runs": "module", "trained": "module",
-                   "installed": "module"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Group the tests that share an expensive fixture (``SHARED_FIXTURES``), and start the ``slow`` ones first.
+    """Start the ``slow`` tests first (the order within each class is the collection order).
 
-    xdist hands out work in collection order (``--no-loadscope-reorder``), so the multi-process and multi-epoch
-    runs start at once on both workers and the short tests fill in behind them: both workers finish together
-    instead of one running a long test alone at the end. The order within each class is the collection order.
+    pytest-xdist hands out whole files in collection order (``--dist loadfile --no-loadscope-reorder``,
+    pyproject.toml), so the multi-process and multi-epoch runs start at once on both workers and the short tests
+    fill in behind them: both workers finish together instead of one running a long test alone at the end. Whole
+    files, because a file's module-scoped fixture (a trained run, a built wheel) is then built by one worker only.
     """
-    for item in items:
-        for name, scope in SHARED_FIXTURES.items():
-            if name in item.fixturenames:
-                item.add_marker(pytest.mark.xdist_group(name if scope == "session" else f"{item.path.name}::{name}"))
-                break
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
