@@ -15,6 +15,17 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Start the ``slow`` tests first (the order within each class is the collection order).
+
+    pytest-xdist hands out whole files in collection order (``--dist loadfile --no-loadscope-reorder``,
+    pyproject.toml), so the multi-process and multi-epoch runs start at once on both workers and the short tests
+    fill in behind them: both workers finish together instead of one running a long test alone at the end. Whole
+    files, because a file's module-scoped fixture (a trained run, a built wheel) is then built by one worker only.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def make_corpus(tmp_path_factory):
     """``make_corpus(n_target, n_source, n_val)``: :func:`hsm.data.synth.synthesize`'s paths, built once per
@@ -60,3 +71,17 @@ def demo_config():
 def demo_overrides():
     """``demo_overrides(corpus, val=False)``: the ``hsm train configs/demo.yaml`` arguments that train on ``corpus``."""
     return corpus_overrides
+
+
+@pytest.fixture(scope="session")
+def mining_run(tmp_path_factory, make_corpus, demo_config):
+    """One uninterrupted 3-epoch mining run of ``configs/demo.yaml`` on ``make_corpus(24, 8, 4)``, trained in this
+    process (TensorBoard on, every step logged, no checkpoints): ``{"corpus", "out", "summary"}`` (``train``'s
+    summary). Tests that need exactly this run read it instead of training their own; never write into ``out``."""
+    from hsm.run import train
+
+    corpus = make_corpus(24, 8, 4)
+    out = tmp_path_factory.mktemp("mining_run") / "run"
+    cfg = demo_config(corpus, out, "training.num_train_epochs=3", "training.report_to=[tensorboard]",
+                      "training.logging_steps=1", "custom.hard_sample_mining.enabled=true")
+    return {"corpus": corpus, "out": out, "summary": train(cfg)}

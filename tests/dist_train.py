@@ -34,4 +34,5 @@ with open(Path(out) / f"rank{trainer.args.process_index}.json", "w") as f:
                "log_history": trainer.state.log_history}, f)
 from hsm.train import distributed  # noqa: E402
 
-distributed.destroy_process_group()
+if __name__ == "__main__":  # tests/dist_runs.py runs several in one launch and tears down once, after the last
+    distributed.destroy_process_group()

@@ -33,4 +33,5 @@ with open(out / f"rank{trainer.args.process_index}.json", "w") as f:
     json.dump({"expected": {str(k): v for k, v in trainer.mining.sampler._expected.items()},
                "backend": dist.get_backend(), "world_size": dist.get_world_size(),
                "log_history": trainer.state.log_history}, f)
-distributed.destroy_process_group()
+if __name__ == "__main__":  # tests/dist_runs.py runs several in one launch and tears down once, after the last
+    distributed.destroy_process_group()

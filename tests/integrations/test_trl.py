@@ -345,21 +345,23 @@ def test_hsm_sft_trainer_names_a_truncated_image_before_step_0(tmp_path, trl_run
     assert trainer.state.global_step == 0 and not (tmp_path / "out" / "hsm").exists()
 
 
-def torchrun_trl(checkpoint: Path, jsonl: Path, out: Path, epochs: int, mining: str) -> list[dict]:
+def torchrun_trl(checkpoint: Path, jsonl: Path, *runs: tuple[Path, int, str]) -> list[list[dict]]:
+    """``tests/dist_trl.py`` once per ``(out, epochs, mining)`` of ``runs``, in one launch; each run's rank reports."""
     torchrun = Path(sys.executable).parent / "torchrun"
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "tests/dist_trl.py", str(checkpoint), str(jsonl),
-                           str(out), str(epochs), mining], cwd=root, capture_output=True, text=True, timeout=600, env=env)
+    argv = [arg for i, (out, epochs, mining) in enumerate(runs)
+            for arg in (*(["--"] if i else []), str(checkpoint), str(jsonl), str(out), str(epochs), mining)]
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "tests/dist_runs.py", "tests/dist_trl.py", *argv],
+                          cwd=root, capture_output=True, text=True, timeout=600 * len(runs), env=env)
     assert done.returncode == 0, done.stderr[-4000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [[json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)] for out, _, _ in runs]
 
 
 def test_hsm_sft_trainer_on_two_ranks(tmp_path):
     checkpoint = build_checkpoint(tmp_path / "ckpt", "qwen3_vl")
     corpus = synthesize(tmp_path / "corpus", n_target=8, n_source=1, n_val=1)
-    on = torchrun_trl(checkpoint, corpus["bbu"], tmp_path / "on", 2, "on")
-    off = torchrun_trl(checkpoint, corpus["bbu"], tmp_path / "off", 1, "off")
+    on, off = torchrun_trl(checkpoint, corpus["bbu"], (tmp_path / "on", 2, "on"), (tmp_path / "off", 1, "off"))
     assert [r["backend"] for r in on] == ["gloo", "gloo"] and on[0]["expected"] == on[1]["expected"]
 
     parts = sorted((tmp_path / "on" / "hsm" / "events").glob("epoch=*/rank=*/*.parquet"))

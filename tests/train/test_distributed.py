@@ -6,6 +6,10 @@ One uninterrupted mining run per launcher is the reference for three questions:
 - every slot of the global schedule is logged once and both ranks hold the same plans;
 - a run resumed from a mid-epoch checkpoint trains on the same batches and writes
   the same plans as the uninterrupted run, and no earlier plan changes.
+
+Every run of this file but the README's command shares two launches (``tests/dist_runs.py``): the
+uninterrupted, mining-off and per-node runs, DDP before ZeRO-2, then both resumed runs. A launch's
+imports and rendezvous cost more than one of these tiny runs.
 """
 
 from __future__ import annotations
@@ -39,12 +43,14 @@ LAUNCHES = {
 }
 
 
-def launch(corpus: Path, out: Path | str, *extra: str) -> None:
+def launch(corpus: Path, *runs: tuple[Path | str, list[str]]) -> None:
+    """``tests/dist_train.py CORPUS OUT EXTRA...`` for each ``(OUT, EXTRA)`` of ``runs``, in order, in one launch."""
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))  # DeepSpeed's JIT op, built once
-    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "tests/dist_train.py", str(corpus), str(out), *extra],
-                          cwd=ROOT, capture_output=True, text=True, timeout=480, env=env)
+    argv = [arg for i, (out, extra) in enumerate(runs) for arg in (*(["--"] if i else []), str(corpus), str(out), *extra)]
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "tests/dist_runs.py", "tests/dist_train.py", *argv],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300 * len(runs), env=env)
     assert done.returncode == 0, done.stderr[-4000:]
 
 
@@ -71,15 +77,61 @@ def corpus(make_corpus):
     return make_corpus(N_TARGET, N_SOURCE, 2)["bbu"].parents[1]  # the corpus root dist_train.py reads
 
 
+def common_overrides(launcher: str) -> list[str]:
+    extra, accumulation, _, _ = LAUNCHES[launcher]
+    return [*extra, f"training.gradient_accumulation_steps={accumulation}"]
+
+
+def prepare_resume(straight: Path, resumed: Path, launcher: str) -> dict[int, bytes]:
+    """Copy ``straight`` to ``resumed`` as if the run had died right after saving its mid-epoch checkpoint: what it
+    wrote after the checkpoint removed. Returns the plans the copy keeps."""
+    _, _, steps_per_epoch, checkpoint = LAUNCHES[launcher]
+    shutil.copytree(straight, resumed)
+    epoch_of_checkpoint = checkpoint // steps_per_epoch
+    assert checkpoint % steps_per_epoch, "the checkpoint must be mid-epoch"
+    for part in (resumed / "hsm" / "events").rglob("part-*.parquet"):
+        steps = pq.read_table(part, columns=["global_step"]).column("global_step").to_pylist()
+        assert min(steps) >= checkpoint or max(steps) < checkpoint, "events are flushed at every checkpoint"
+        if min(steps) >= checkpoint:  # never written: neither the part nor its ledger entry
+            part.unlink()
+            ledger = part.with_name("_sha256.json")
+            ledger.write_text(json.dumps({k: v for k, v in json.loads(ledger.read_text()).items() if k != part.name}))
+    for epoch in range(epoch_of_checkpoint + 1, 4):
+        shutil.rmtree(resumed / "hsm" / "plans" / f"epoch={epoch}")
+    for epoch in range(epoch_of_checkpoint, 3):
+        shutil.rmtree(resumed / "hsm" / "state" / f"epoch={epoch}", ignore_errors=True)
+    return plan_files(resumed)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, corpus) -> dict:
+    """Every run the tests below read, in two launches: per launcher an uninterrupted 3-epoch run with a mid-epoch
+    checkpoint, a 1-epoch run with mining off, and (second launch) the run resumed from that checkpoint; and a
+    2-epoch run whose ranks write to their own directories (``node{rank}``)."""
+    root = tmp_path_factory.mktemp("distributed")
+    first, second, found = [], [], {"nodes": root / "nodes" / "node{rank}"}
+    for launcher in LAUNCHES:  # DDP first: DeepSpeed's state stays in the process after its first run
+        checkpoint, folder = LAUNCHES[launcher][3], root / launcher
+        first += [(folder / "straight", [*common_overrides(launcher), "training.save_strategy=steps",
+                                         f"training.save_steps={checkpoint}", "training.save_total_limit=null"]),
+                  (folder / "off", [*common_overrides(launcher), "training.num_train_epochs=1",
+                                    "custom.hard_sample_mining.enabled=false"])]
+        if launcher == "ddp":
+            first.append((found["nodes"], ["training.num_train_epochs=2"]))
+        second.append((folder / "resumed", [*common_overrides(launcher), "training.save_strategy=no",
+                                            f"training.resume_from_checkpoint={folder / 'resumed' / f'checkpoint-{checkpoint}'}"]))
+        found[launcher] = {"straight": folder / "straight", "off": folder / "off", "resumed": folder / "resumed"}
+    launch(corpus, *first)
+    for launcher in LAUNCHES:
+        found[launcher]["before"] = prepare_resume(found[launcher]["straight"], found[launcher]["resumed"], launcher)
+    launch(corpus, *second)
+    return found
+
+
 @pytest.mark.parametrize("launcher", list(LAUNCHES))
-def test_two_ranks_loss_logging_plans_and_mid_epoch_resume(tmp_path, corpus, launcher):
-    extra, accumulation, steps_per_epoch, checkpoint = LAUNCHES[launcher]
-    common = [*extra, f"training.gradient_accumulation_steps={accumulation}"]
-    straight = tmp_path / "straight"
-    launch(corpus, straight, *common, "training.save_strategy=steps", f"training.save_steps={checkpoint}",
-           "training.save_total_limit=null")
-    off = tmp_path / "off"
-    launch(corpus, off, *common, "training.num_train_epochs=1", "custom.hard_sample_mining.enabled=false")
+def test_two_ranks_loss_logging_plans_and_mid_epoch_resume(runs, launcher):
+    _, _, steps_per_epoch, checkpoint = LAUNCHES[launcher]
+    straight, off = runs[launcher]["straight"], runs[launcher]["off"]
 
     # 1. Mining on equals mining off step for step while both see the same batches (epoch 0).
     on_logs, off_logs = step_logs(rank_reports(straight)[0]), step_logs(rank_reports(off)[0])
@@ -107,25 +159,9 @@ def test_two_ranks_loss_logging_plans_and_mid_epoch_resume(tmp_path, corpus, lau
         assert Counter((names[c], int(i)) for c, i in zip(schedule.dataset, schedule.base_idx)) == \
             Counter((e["dataset"], e["base_idx"]) for e in logged_rows)
 
-    # 3. Resume from a mid-epoch checkpoint, as if the run had died right after saving it.
-    resumed = tmp_path / "resumed"
-    shutil.copytree(straight, resumed)
-    epoch_of_checkpoint = checkpoint // steps_per_epoch
-    assert checkpoint % steps_per_epoch, "the checkpoint must be mid-epoch"
-    for part in (resumed / "hsm" / "events").rglob("part-*.parquet"):
-        steps = pq.read_table(part, columns=["global_step"]).column("global_step").to_pylist()
-        assert min(steps) >= checkpoint or max(steps) < checkpoint, "events are flushed at every checkpoint"
-        if min(steps) >= checkpoint:  # never written: neither the part nor its ledger entry
-            part.unlink()
-            ledger = part.with_name("_sha256.json")
-            ledger.write_text(json.dumps({k: v for k, v in json.loads(ledger.read_text()).items() if k != part.name}))
-    for epoch in range(epoch_of_checkpoint + 1, 4):
-        shutil.rmtree(resumed / "hsm" / "plans" / f"epoch={epoch}")
-    for epoch in range(epoch_of_checkpoint, 3):
-        shutil.rmtree(resumed / "hsm" / "state" / f"epoch={epoch}", ignore_errors=True)
-    before = plan_files(resumed)
-    launch(corpus, resumed, *common, "training.save_strategy=no",
-           f"training.resume_from_checkpoint={resumed / f'checkpoint-{checkpoint}'}")
+    # 3. Resumed from a mid-epoch checkpoint, as if the run had died right after saving it (the fixture's
+    # prepare_resume).
+    resumed, before, epoch_of_checkpoint = runs[launcher]["resumed"], runs[launcher]["before"], checkpoint // steps_per_epoch
     after, reference = plan_files(resumed), plan_files(straight)
     assert all(after[e] == content for e, content in before.items())  # no earlier plan rewritten
     assert sorted(after) == sorted(reference) == [1, 2, 3]
@@ -140,10 +176,10 @@ def test_two_ranks_loss_logging_plans_and_mid_epoch_resume(tmp_path, corpus, lau
     assert again == first and again[0][0] == epoch_of_checkpoint
 
 
-def test_ranks_without_a_shared_file_system_plan_from_every_rank(tmp_path, corpus):
+def test_ranks_without_a_shared_file_system_plan_from_every_rank(tmp_path, runs):
     # Each rank has its own output directory, as nodes without a shared disk do.
-    launch(corpus, tmp_path / "node{rank}", "training.num_train_epochs=2")
-    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    nodes = runs["nodes"].parent
+    node0, node1 = nodes / "node0", nodes / "node1"
     shipped = sorted(p.relative_to(node0) for p in (node0 / "hsm" / "events").glob("epoch=*/rank=1/part-*.parquet"))
     own = sorted(p.relative_to(node1) for p in (node1 / "hsm" / "events").glob("epoch=*/rank=1/part-*.parquet"))
     assert shipped == own and shipped  # rank 1's parts reached rank 0's disk

@@ -31,11 +31,12 @@ def plans(run: Path) -> dict[int, list[dict]]:
     return {e: pq.read_table(run / "hsm" / "plans" / f"epoch={e}" / "plan.parquet").to_pylist() for e in (1, 2, 3)}
 
 
-def test_sigkill_and_resume_gives_the_uninterrupted_plans(tmp_path, make_corpus, demo_overrides):
-    corpus = demo_overrides(make_corpus(24, 8, 2))
+def test_sigkill_and_resume_gives_the_uninterrupted_plans(tmp_path, mining_run, demo_overrides):
+    # The uninterrupted run: the same corpus, config and epochs, trained once in the test process for this test and
+    # tests/train/test_training.py (it saves no checkpoints and logs every step: neither changes a plan).
+    corpus = demo_overrides(mining_run["corpus"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    straight = tmp_path / "straight"
-    subprocess.run(command(corpus, straight), cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    straight = mining_run["out"]
 
     crashed = tmp_path / "crashed"
     process = subprocess.Popen(command(corpus, crashed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -113,9 +113,10 @@ def test_disabled_mining_leaves_training_unchanged(tmp_path, corpus, run_config)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_end_to_end_mining(tmp_path, corpus, run_config):
-    out = tmp_path / "run"
-    summary = train(run_config(corpus, out, mining=True, epochs=3))
+def test_end_to_end_mining(tmp_path, corpus, run_config, mining_run):
+    # mining_run is run_config(corpus, out, mining=True, epochs=3), trained once for this test and test_resume.py.
+    out, summary = mining_run["out"], mining_run["summary"]
+    assert mining_run["corpus"] == corpus
     hsm_dir = out / "hsm"
     parts = sorted(hsm_dir.glob("events/epoch=*/rank=0/part-*.parquet"))
     assert parts and pq.read_schema(parts[0]).equals(EVENT_SCHEMA, check_metadata=False)
