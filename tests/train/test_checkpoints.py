@@ -8,7 +8,6 @@ and the checkpoints are folders as the Trainer leaves them.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +17,9 @@ from typer.testing import CliRunner
 from hsm.cli.app import app
 from hsm.config import ConfigError
 from hsm.train.checkpoints import resolve_resume
+from fake_checkpoint import complete_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _checkpoint(output_dir: Path, step: int) -> Path:
-    """A complete checkpoint folder (its weights' bytes are not read here)."""
-    path = output_dir / f"checkpoint-{step}"
-    path.mkdir(parents=True)
-    (path / "model.safetensors").write_bytes(b"weights")
-    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    return path
 
 
 def _logged_run(output_dir: Path, seed: int) -> int:
@@ -52,15 +43,15 @@ def test_last_logged_step_is_the_highest_step_of_the_log(tmp_path, seed):
 def test_a_checkpoint_the_log_reaches_is_resumed(tmp_path):
     """Steps count from 0 in the log: the run's checkpoint-N follows step N - 1, the last it logged."""
     highest = _logged_run(tmp_path, 0)
-    own = _checkpoint(tmp_path, highest + 1)
+    own = complete_checkpoint(tmp_path, highest + 1)
     assert resolve_resume(tmp_path, "last") == str(own)
     assert resolve_resume(tmp_path, str(own)) == str(own)
 
 
 def test_a_checkpoint_past_the_log_is_refused_naming_it(tmp_path):
     highest = _logged_run(tmp_path, 0)
-    _checkpoint(tmp_path, highest + 1)
-    foreign = _checkpoint(tmp_path, highest + 50)  # the replaced run's, newer than any of this run's
+    complete_checkpoint(tmp_path, highest + 1)
+    foreign = complete_checkpoint(tmp_path, highest + 50)  # the replaced run's, newer than any of this run's
     for value in ("last", str(foreign)):
         with pytest.raises(ConfigError) as caught:
             resolve_resume(tmp_path, value)
@@ -71,7 +62,7 @@ def test_a_checkpoint_past_the_log_is_refused_naming_it(tmp_path):
 
 def test_a_checkpoint_without_a_log_is_resumed(tmp_path):
     """No event log (mining off, or a log not started yet): nothing to compare, the checkpoint is taken."""
-    own = _checkpoint(tmp_path, 54)
+    own = complete_checkpoint(tmp_path, 54)
     assert resolve_resume(tmp_path, "last") == str(own)
 
 
@@ -80,7 +71,7 @@ def test_hsm_train_refuses_to_resume_a_replaced_runs_checkpoint(tmp_path, make_c
     checkpoint-54; ``hsm train ... resume_from_checkpoint=last`` exits 2 naming it and writes nothing."""
     out = tmp_path / "out"
     highest = _logged_run(out, 0)
-    foreign = _checkpoint(out, 54 + highest)
+    foreign = complete_checkpoint(out, 54 + highest)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     result = CliRunner().invoke(app, ["train", str(ROOT / "configs" / "demo.yaml"), *demo_overrides(make_corpus(8, 4, 0)),
                                       f"training.output_dir={out}", "training.report_to=[]",

@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hsm.cli.app import app
+from fake_checkpoint import complete_checkpoint
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,15 +53,6 @@ def old_run(tmp_path):
     return out
 
 
-def _complete_checkpoint(folder: Path, step: int) -> Path:
-    """A checkpoint folder as the Trainer leaves it after a whole save (its files' content is not read here)."""
-    path = folder / f"checkpoint-{step}"
-    path.mkdir(parents=True)
-    (path / "model.safetensors").write_bytes(b"weights")
-    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    return path
-
-
 def test_a_fresh_run_into_a_folder_holding_a_run_is_refused_naming_it(old_run, make_corpus, demo_overrides):
     before = _snapshot(old_run)
     text = _text(_train(old_run, demo_overrides(make_corpus(8, 4, 0))))
@@ -80,7 +72,7 @@ def test_a_bad_resume_path_is_refused_before_anything_is_written(old_run, make_c
 
 def test_a_half_written_checkpoint_names_the_newest_complete_one(tmp_path, make_corpus, demo_overrides):
     out = tmp_path / "out"
-    complete = _complete_checkpoint(out, 6)
+    complete = complete_checkpoint(out, 6)
     half = out / "checkpoint-9"
     half.mkdir()
     (half / "model.safetensors").write_bytes(b"weights")  # killed before trainer_state.json
@@ -97,12 +89,12 @@ def test_resume_last_picks_the_newest_complete_checkpoint(tmp_path):
     assert resolve_resume(tmp_path, None) is None
     with pytest.raises(ConfigError, match="holds no complete checkpoint-N"):
         resolve_resume(tmp_path, "last")
-    _complete_checkpoint(tmp_path, 3)
-    newest = _complete_checkpoint(tmp_path, 12)
+    complete_checkpoint(tmp_path, 3)
+    newest = complete_checkpoint(tmp_path, 12)
     (tmp_path / "checkpoint-15").mkdir()  # empty: killed right after mkdir
-    torn = _complete_checkpoint(tmp_path, 18)
+    torn = complete_checkpoint(tmp_path, 18)
     (torn / "trainer_state.json").write_text('{"global_st')  # killed while writing it
-    wrong = _complete_checkpoint(tmp_path, 21)
+    wrong = complete_checkpoint(tmp_path, 21)
     (wrong / "trainer_state.json").write_text(json.dumps({"global_step": 20}))
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-12"]
     with pytest.warns(UserWarning, match="checkpoint-15, checkpoint-18, checkpoint-21 incomplete"):
@@ -113,7 +105,7 @@ def test_resume_last_picks_the_newest_complete_checkpoint(tmp_path):
 
 def test_resume_checks_every_file_before_the_model_loads(old_run, make_corpus, demo_overrides):
     """A resumed run continues the run in the folder: its files are checked first (here a foreign part)."""
-    _complete_checkpoint(old_run, 2)
+    complete_checkpoint(old_run, 2)
     foreign = old_run / "hsm" / "events" / "epoch=0" / "rank=0" / "part-00099.parquet"
     pq.write_table(pa.table({"x": [1, 2]}), foreign)
     text = _text(_train(old_run, demo_overrides(make_corpus(8, 4, 0)), "training.resume_from_checkpoint=last"))
@@ -122,7 +114,7 @@ def test_resume_checks_every_file_before_the_model_loads(old_run, make_corpus, d
 
 def test_a_second_training_on_one_folder_is_refused_at_once(old_run, make_corpus, demo_overrides):
     """The first training holds the run's lock from start-up to its end; a second one fails before loading anything."""
-    _complete_checkpoint(old_run, 2)
+    complete_checkpoint(old_run, 2)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from filelock import FileLock; l = FileLock(sys.argv[1]); "
                                "l.acquire(); print('held', flush=True); time.sleep(600)", str(old_run / "hsm" / ".lock")],
@@ -150,7 +142,7 @@ def test_overwrite_replaces_the_run_and_training_holds_the_lock_until_it_ends(ol
     from hsm.run import train
 
     old_part = next((old_run / "hsm" / "events").rglob("part-*.parquet"))
-    old_checkpoint = _complete_checkpoint(old_run, 40)  # the replaced run's weights go with it
+    old_checkpoint = complete_checkpoint(old_run, 40)  # the replaced run's weights go with it
     seen = []
 
     class LockProbe(TrainerCallback):
