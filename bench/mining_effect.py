@@ -341,8 +341,12 @@ def provenance() -> dict:
             "python": sys.version.split()[0]}
 
 
-def last_hard_ids(hsm_dir: Path, epochs: int) -> set[str] | None:
-    """Sample ids of the hard set of the last plan training used (``None`` without one), read through hsm's verified readers."""
+def last_hard_ids(hsm_dir: Path, epochs: int, target: str = "bbu") -> set[str] | None:
+    """Sample ids of the hard set of the last plan training used (``None`` without one), read through hsm's verified readers.
+
+    ``base_idx`` counts within a dataset, so the id table is read for the plan's ``target`` only: a mixed
+    source (the finetune preset's generic images) has base_idx values of its own.
+    """
     from hsm.mining.plan import read_plan_table
     from hsm.mining.plan_table import hard_set
     from hsm.mining.state import read_sample_ids
@@ -350,7 +354,7 @@ def last_hard_ids(hsm_dir: Path, epochs: int) -> set[str] | None:
     if not (hsm_dir / "plans" / f"epoch={epochs - 1}").is_dir():
         return None
     _, plan = read_plan_table(hsm_dir, epochs - 1, columns=["base_idx", "is_hard"])
-    ids = read_sample_ids(hsm_dir, epochs - 1).to_pydict()
+    ids = read_sample_ids(hsm_dir, epochs - 1, dataset=target).to_pydict()
     sample_id = dict(zip(ids["base_idx"], ids["sample_id"]))
     return {sample_id[i] for i in hard_set(plan)}
 
