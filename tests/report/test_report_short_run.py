@@ -17,7 +17,7 @@ from hsm.cli.app import app
 from hsm.config import MiningConfig
 from hsm.data.records import read_jsonl
 from hsm.data.synth import synthesize
-from hsm.mining.event_writer import EventWriter
+from hsm.mining.event_writer import EventBatch, EventWriter
 from hsm.mining.planner import PlanRequest, plan_epoch
 
 
@@ -35,10 +35,10 @@ def _short_run(root: Path, n_epochs: int) -> Path:
     with EventWriter(hsm_dir, run_id="run", rank=0, attempt=0) as writer:
         for epoch in range(n_epochs):
             loss = rng.uniform(1.0, 3.0, len(records)).tolist()
-            writer.append(epoch=epoch, global_step=epoch, dataset=["bbu"] * len(records),
+            writer.append(EventBatch(epoch=epoch, global_step=epoch, dataset=["bbu"] * len(records),
                           base_idx=list(range(len(records))), sample_id=[r.id for r in records], loss=loss,
                           token_acc=[0.5] * len(records), n_tokens=[20] * len(records),
-                          aug_seed=[0] * len(records), drawn_as_hard=[False] * len(records))
+                          aug_seed=[0] * len(records), drawn_as_hard=[False] * len(records)))
             writer.flush()
             plan_epoch(PlanRequest(hsm_dir, epoch + 1, mining, "bbu"))
     return root / "run"
