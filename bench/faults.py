@@ -567,6 +567,16 @@ def _tamper_cases(run: Path) -> dict[str, tuple[str, object]]:
     cases["config.yaml edited (k 3 -> 5)"] = (hsm_dir / "config.yaml", edit("config.yaml", b"k: 3", b"k: 5"))
     cases["dataset.json fingerprint edited"] = (hsm_dir / "dataset.json", edit("dataset.json", b"f" * 64, b"e" * 64))
     cases["run.json epochs edited"] = (hsm_dir / "run.json", edit("run.json", b"4.0", b"8.0"))
+
+    def unrecorded(name: str, old: bytes, new: bytes):
+        def damage():  # the record deleted (the others kept), then the file edited: no checksum left to tell
+            (hsm_dir / name).with_name(f"{Path(name).stem}.sha256.json").unlink()
+            edit(name, old, new)()
+        return damage
+
+    cases["config.yaml record deleted, k 3 -> 5"] = (hsm_dir / "config.yaml", unrecorded("config.yaml", b"k: 3", b"k: 5"))
+    cases["dataset.json record deleted, fingerprint edited"] = (
+        hsm_dir / "dataset.json", unrecorded("dataset.json", b"f" * 64, b"e" * 64))
     return cases
 
 
