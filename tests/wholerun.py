@@ -31,8 +31,9 @@ def replan_and_report(run: Path, epoch: int) -> str:
 
 
 def _damaged_samples_table_is_named(run: Path, runner: CliRunner, app) -> None:
-    """``samples.parquet`` is a recorded run file: rot of the same size, a cut, a lost record each stop the report
-    with a message naming it (never a report built from other samples); the restored file reports again."""
+    """``samples.parquet`` is a recorded run file: rot of the same size, a cut, a lost record, the file deleted, and
+    the file deleted with its record each stop the report with a message naming it (never a report built from other
+    samples, nor one whose cards all say "no record"); the restored file reports again."""
     from hsm.io import checksum_record_path
 
     samples = run / "hsm" / "samples.parquet"
@@ -41,8 +42,12 @@ def _damaged_samples_table_is_named(run: Path, runner: CliRunner, app) -> None:
     good, good_record = samples.read_bytes(), record.read_bytes()
     rot = bytearray(good)
     rot[len(rot) // 2] ^= 0x01
-    for damaged, keep_record in ((bytes(rot), True), (good[: len(good) // 2], True), (good, False)):
-        samples.write_bytes(damaged)
+    cases = ((bytes(rot), True), (good[: len(good) // 2], True), (good, False), (None, True), (None, False))
+    for damaged, keep_record in cases:
+        if damaged is None:
+            samples.unlink()
+        else:
+            samples.write_bytes(damaged)
         if not keep_record:
             record.unlink()
         result = runner.invoke(app, ["report", "--run-dir", str(run)])

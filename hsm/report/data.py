@@ -282,13 +282,27 @@ class SampleRecords:
                       where=f"{self.where} base_idx {base_idx}")
 
 
-def read_sample_records(hsm_dir: Path, coord_format: str = "rel1000") -> SampleRecords | None:
+def read_sample_records(hsm_dir: Path, coord_format: str = "rel1000", *, required: bool = False) -> SampleRecords | None:
     """:class:`SampleRecords` of ``hsm_dir/samples.parquet``, or None when the run has none (``hsm train`` runs
-    name their target ``train_jsonl`` in the config instead)."""
-    path = RunPaths.at(hsm_dir).samples
+    name their target ``train_jsonl`` in the config instead).
+
+    A missing table is an error when its sha256 record is still there (deleted after it was written), or when
+    ``required`` (the config names no target ``train_jsonl``) and hsm wrote the run (its ``config.yaml`` has a
+    record): the table is then the only record of what each ``base_idx`` names, and a report would otherwise
+    show every card as "no record". A log written by another tool, with a config by hand, reports without images.
+    """
+    from hsm.io import ChecksumMismatch, checksum_record_path, read_recorded_parquet
+
+    paths = RunPaths.at(hsm_dir)
+    path = paths.samples
     if not path.is_file():
+        required = required and checksum_record_path(paths.config).is_file()
+        if required or checksum_record_path(path).is_file():
+            raise ReportError(
+                f"{path}: not found; it records the image and answer of every target base_idx of a run made "
+                f"by the TRL or ms-swift integration{' (its sha256 record is still there)' if not required else ''}. "
+                "Restore it from a copy of the run; without it the report cannot show the samples")
         return None
-    from hsm.io import ChecksumMismatch, read_recorded_parquet
 
     try:
         table = read_recorded_parquet(path, columns=["base_idx", "sample_id", "image", "answer", "objects"])

@@ -45,11 +45,12 @@ def _records(run: RunData):
     from hsm.data.records import RecordError, read_jsonl
 
     coord_format = (run.config.get("model") or {}).get("coord_format", "rel1000")
-    by_base_idx = read_sample_records(RunPaths.of(run.run_dir).root, coord_format)  # a TRL or ms-swift run
-    if by_base_idx is not None:
-        return by_base_idx, None
     target = ((run.config.get("custom") or {}).get("fusion_config") or {}).get("target") or {}
     path = target.get("train_jsonl")
+    # a TRL or ms-swift run names no train_jsonl: its samples table is then the only record of the images
+    by_base_idx = read_sample_records(RunPaths.of(run.run_dir).root, coord_format, required=not path)
+    if by_base_idx is not None:
+        return by_base_idx, None
     if not path:
         return None, "the run's config names no target train_jsonl"
     try:
