@@ -120,8 +120,7 @@ class MiningSession:
             created = not self.paths.root.exists()
             resume = claim_run(self._claim, dataclasses.replace(self.start_request, resume=asked))
             try:
-                if self.prepare is not None:
-                    self.prepare()
+                self._prepare_on_every_rank()
             except BaseException:
                 self.finish()
                 if created and distributed.on_main(self.world):  # leave no hsm/ behind that holds only the lock file
@@ -131,6 +130,25 @@ class MiningSession:
             self.attempt = resume_attempt(self.paths.root)
             self.writer = EventWriter(self.paths.root, run_id=self.run_id, rank=self.world.rank, attempt=self.attempt)
         return resume
+
+    def _prepare_on_every_rank(self) -> None:
+        """Run ``prepare`` and agree on its outcome: a failure on one rank (rank 0 alone writes the run's files)
+        fails every rank here, naming it, instead of leaving the others to wait at the first gradient all-reduce
+        under a launcher that does not tear the job down."""
+        failure = None
+        try:
+            if self.prepare is not None:
+                self.prepare()
+        except Exception as e:
+            failure = e
+        verdict = b"" if failure is None else f"{type(failure).__name__}: {failure}".encode()
+        verdicts = distributed.all_gather_bytes(verdict)
+        if failure is not None:
+            raise failure
+        for rank, verdict in enumerate(verdicts):
+            if verdict:
+                raise RuntimeError(f"hsm: rank {rank} failed before step 0, so this rank stops too: "
+                                   f"{verdict.decode(errors='replace')}")
 
     def finish(self) -> None:
         """Release the run's lock (held from :meth:`start` on rank 0)."""
