@@ -331,6 +331,44 @@ def test_swift_sft_refuses_a_folder_that_holds_an_hsm_run(tmp_path, mined_run):
     assert not (used / "logging.jsonl").exists() or not step_losses(used)  # no step ran
 
 
+def test_swift_sft_refuses_a_folder_another_training_holds_and_names_a_truncated_image(tmp_path, mined_run):
+    """Two start-up refusals of `swift sft`, each before step 0 with nothing written: a run whose lock another
+    process holds (a training or `hsm plan` on it), and a training row whose image is cut in half (named with
+    its path, before any step spends compute on the rows that decode)."""
+    checkpoint, data, _ = mined_run
+    held = tmp_path / "held"
+    lock = held / "hsm" / ".lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from filelock import FileLock; l = FileLock(sys.argv[1]); "
+                               "l.acquire(); print('held', flush=True); time.sleep(600)", str(lock)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        done = run_swift_sft(tmp_path, "held", checkpoint, [str(data)], mining=True, epochs=1,
+                             flags=("--add_version", "false"))
+    finally:
+        holder.kill()
+        holder.wait()
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode != 0 and "another hsm plan or training is writing this run" in output, output[-3000:]
+    assert [p.name for p in lock.parent.iterdir()] == [".lock"]
+    assert not (held / "logging.jsonl").exists() or not step_losses(held)
+
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    image = Path(rows[2]["images"][0])
+    cut = tmp_path / f"cut{image.suffix}"
+    cut.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    rows[2]["images"] = [str(cut)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    done = run_swift_sft(tmp_path, "cut", checkpoint, [str(bad)], mining=True, epochs=1)
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode != 0 and f"image {cut} cannot be decoded" in output, output[-3000:]
+    assert not list((tmp_path / "cut").glob("v*-*/hsm"))
+    assert not any(step_losses(run) for run in (tmp_path / "cut").glob("v*-*") if (run / "logging.jsonl").exists())
+
+
 def test_fingerprint_under_ms_swift_follows_its_shuffle(tmp_path):
     """Positional ids over ms-swift's train set: `--dataset_shuffle true` puts other rows at the same positions, so
     the fingerprint changes; the same load gives the same fingerprint."""
