@@ -121,9 +121,7 @@ class HsmSampler(torch.utils.data.Sampler):
         if world_size <= 1:
             return 0
         if self.world is not None:
-            dealt = sum(len(shard_positions(self.epoch_length, self.batch_size, World(r, world_size)))
-                        for r in range(world_size))
-            left = self.epoch_length - dealt
+            left = self.epoch_length % world_size  # what shard_positions leaves out: whole rounds and equal shares
             if left:
                 warnings.warn(
                     f"hsm: an epoch of {self.epoch_length} slots on {world_size} ranks x batch {self.batch_size}: the "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 
+import numpy as np
 import pytest
 from accelerate.data_loader import BatchSamplerShard
 from hypothesis import given, settings
@@ -59,3 +60,14 @@ def test_a_sampler_that_deals_its_ranks_repeats_nothing_and_keeps_source_shares(
         assert sampler(146, 50, 4, World(0, ranks)).warn_uneven_ranks(ranks) == -left
     assert [str(w.message).count(f"the last {left} slot(s) of each epoch are not trained") for w in caught] == (
         [1] if left else [])
+
+
+@settings(max_examples=200, deadline=None)
+@given(n_slots=st.integers(0, 500), batch_size=st.integers(1, 9), ranks=st.integers(2, 8))
+def test_the_slots_no_rank_trains_are_the_epoch_length_modulo_the_ranks(n_slots, batch_size, ranks):
+    """What warn_uneven_ranks reports as left out, against the ranks' shards themselves."""
+    from hsm.data.schedule import shard_positions
+
+    dealt = [shard_positions(n_slots, batch_size, World(r, ranks)) for r in range(ranks)]
+    assert n_slots - sum(len(d) for d in dealt) == n_slots % ranks
+    assert len(np.unique(np.concatenate(dealt))) == sum(len(d) for d in dealt)
