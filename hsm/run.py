@@ -141,21 +141,24 @@ def _train(cfg: HsmConfig, args, output_dir: Path, hsm_dir: Path, base_trainer) 
     )
     if trainer.is_world_process_zero() and not args.dataloader_drop_last:
         sampler.warn_uneven_ranks(args.world_size)
-    # The run is claimed (train() above): the session only opens its log when training starts.
+
+    def prepare() -> None:  # written last, when training starts: every check and every load above succeeded
+        if trainer.is_world_process_zero():
+            from hsm.io import write_recorded
+
+            write_recorded(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False,
+                                          allow_unicode=True).encode("utf-8"), RunPaths.at(hsm_dir).config)
+            write_dataset_info(hsm_dir, dataset)
+
+    # The run is claimed (train() above); the session writes the run's files and opens its log when training starts.
     trainer.use_session(MiningSession(sampler=sampler, fusion=fusion, mining=mining, paths=RunPaths.at(hsm_dir),
-                                      run_id=_agreed_run_id(output_dir.name)))
+                                      run_id=_agreed_run_id(output_dir.name), prepare=prepare))
     if mining is not None and mining.metric == "det_f1":
         _add_det_f1(trainer, cfg, processor)
     if cfg.custom.detection_eval is not None and cfg.custom.detection_eval.enabled:
         from hsm.eval.callback import DetectionEvalCallback
 
         trainer.add_callback(DetectionEvalCallback(trainer, cfg.custom.detection_eval, fusion, processor, cfg.model.coord_format))
-    if trainer.is_world_process_zero():  # written last: every check and every load above succeeded
-        from hsm.io import write_recorded
-
-        write_recorded(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True).encode("utf-8"),
-                       RunPaths.at(hsm_dir).config)
-        write_dataset_info(hsm_dir, dataset)
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     from hsm.train import distributed
 

@@ -64,9 +64,10 @@ class MiningSession:
         paths: the run's layout (``RunPaths.of(output_dir)``).
         run_id: the run's name in the events.
         start: what :meth:`start` asks of :func:`hsm.train.startup.claim_run` (its ``resume`` is the one
-            ``train()`` is given); None when the caller has claimed the run itself (``hsm train``).
+            ``train()`` is given); None when the caller has claimed the run itself (``hsm train``, before the
+            model loads).
         prepare: what the stack checks and writes once the run is claimed, before step 0 (image checks, the
-            run's config and dataset files), or None.
+            run's config and dataset files), or None; its outcome is agreed over the ranks.
 
     Attributes:
         held: the metadata of the batch :meth:`hold` took last, until :meth:`take` hands it out.
@@ -114,18 +115,20 @@ class MiningSession:
         """
         from hsm.train.checkpoints import LAST
 
-        if self.start_request is not None:
+        claims = self.start_request is not None
+        created = False
+        self.world = distributed.current_world()
+        if claims:
             asked = LAST if resume is True else (str(resume) if resume else None)
-            self.world = distributed.current_world()
             created = not self.paths.root.exists()
             resume = claim_run(self._claim, dataclasses.replace(self.start_request, resume=asked))
-            try:
-                self._prepare_on_every_rank()
-            except BaseException:
-                self.finish()
-                if created and distributed.on_main(self.world):  # leave no hsm/ behind that holds only the lock file
-                    shutil.rmtree(self.paths.root, ignore_errors=True)
-                raise
+        try:
+            self._prepare_on_every_rank()
+        except BaseException:
+            self.finish()
+            if created and distributed.on_main(self.world):  # leave no hsm/ behind that holds only the lock file
+                shutil.rmtree(self.paths.root, ignore_errors=True)
+            raise
         if self.is_mining:
             self.attempt = resume_attempt(self.paths.root)
             self.writer = EventWriter(self.paths.root, run_id=self.run_id, rank=self.world.rank, attempt=self.attempt)
