@@ -118,14 +118,37 @@ def runs(tmp_path_factory, corpus) -> dict:
                                     "custom.hard_sample_mining.enabled=false"])]
         if launcher == "ddp":
             first.append((found["nodes"], ["training.num_train_epochs=2"]))
+            for mining in ("false", "true"):  # one tapped optimizer step of 2 micro-batches per rank
+                first.append((root / f"tap-{mining}", ["--tap", "training.max_steps=1", "training.max_grad_norm=0",
+                                                      "training.gradient_accumulation_steps=2",
+                                                      f"custom.hard_sample_mining.enabled={mining}"]))
         second.append((folder / "resumed", [*common_overrides(launcher), "training.save_strategy=no",
                                             f"training.resume_from_checkpoint={folder / 'resumed' / f'checkpoint-{checkpoint}'}"]))
         found[launcher] = {"straight": folder / "straight", "off": folder / "off", "resumed": folder / "resumed"}
     launch(corpus, *first)
+    found["tap"] = {mining: root / f"tap-{mining}" for mining in ("false", "true")}
     for launcher in LAUNCHES:
         found[launcher]["before"] = prepare_resume(found[launcher]["straight"], found[launcher]["resumed"], launcher)
     launch(corpus, *second)
     return found
+
+
+def test_one_step_on_two_ranks_is_bit_identical_to_the_plain_run(runs):
+    """One optimizer step of 2 micro-batches per rank under DDP: with mining on, every micro-batch's loss and every
+    gradient after DDP's all-reduce ``torch.equal`` the plain run's (mining off), on each rank; and the two ranks
+    hold the same gradients (the all-reduce ran over both ranks' different rows)."""
+    import torch
+    from safetensors.torch import load_file
+
+    for rank in (0, 1):
+        plain, mined = (load_file(str(runs["tap"][m] / f"rank{rank}.safetensors")) for m in ("false", "true"))
+        assert plain.keys() == mined.keys() and sum(k.startswith("loss.") for k in plain) == 2
+        assert sum(k.startswith("grad.") for k in plain) > 10
+        differ = [k for k in plain if not torch.equal(plain[k], mined[k])]
+        assert not differ, f"rank {rank}: {len(differ)} of {len(plain)} tensors differ, e.g. {differ[:3]}"
+    ranks = [load_file(str(runs["tap"]["true"] / f"rank{r}.safetensors")) for r in (0, 1)]
+    assert not all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0] if k.startswith("loss."))  # other rows
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0] if k.startswith("grad."))
 
 
 @pytest.mark.parametrize("launcher", list(LAUNCHES))
