@@ -45,6 +45,37 @@ def _write_failure(error: BaseException) -> str | None:
     return None
 
 
+def _refuse_early(config: Path, overrides: list[str]) -> None:
+    """A locked run or a used folder, refused by rank 0 before torch and transformers load
+    (:func:`hsm.train.startup.probe_run`): a second of work instead of the imports and the launcher's rendezvous.
+    A config with mistakes is left to the full load below, which reports all of them at once."""
+    import os
+    import warnings
+
+    from hsm.config import ConfigError
+    from hsm.config_load import OVERWRITE_KEY, load_config
+    from hsm.layout import RunPaths
+    from hsm.mining.plan import RunLocked
+    from hsm.train.startup import RunExists, StartRequest, probe_run
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the full load below prints them
+            cfg = load_config(config, overrides)
+    except ConfigError:
+        return
+    output_dir, overwrite = cfg.training.get("output_dir"), cfg.training.get(OVERWRITE_KEY, False)
+    if not output_dir or not isinstance(overwrite, bool):
+        return
+    try:
+        probe_run(StartRequest(RunPaths.of(output_dir), resume=cfg.training.get("resume_from_checkpoint"),
+                               overwrite=overwrite, source=cfg.source))
+    except (RunLocked, RunExists) as e:
+        raise fail("train", str(e)) from e
+
+
 def train(
     config: Path = typer.Argument(..., help="Training config YAML."),
     overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VALUE overrides with dotted keys."),
@@ -53,6 +84,7 @@ def train(
     from hsm.config import ConfigError
     from hsm.config_load import load_config
 
+    _refuse_early(config, overrides or [])
     with printed_warnings():
         try:
             cfg = load_config(config, overrides or [], for_training=True)

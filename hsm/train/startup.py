@@ -19,7 +19,7 @@ from pathlib import Path
 
 from hsm.layout import RunPaths
 
-__all__ = ["RunExists", "StartRequest", "claim_run"]
+__all__ = ["RunExists", "StartRequest", "claim_run", "probe_run"]
 
 
 class RunExists(ValueError):
@@ -77,10 +77,7 @@ def claim_run(held: contextlib.ExitStack, request: StartRequest) -> str | None:
             found = run_contents(hsm_dir)
             if found and resume is None:
                 if not request.overwrite:
-                    raise RunExists(
-                        f"{hsm_dir}: already holds an hsm run ({', '.join(found)}); a fresh run would mix two runs "
-                        f"in one log. Continue it with {request.how_to_resume}, replace it with "
-                        f"{request.how_to_overwrite} (removes {hsm_dir} first), or choose another output_dir")
+                    raise _run_exists(request, found)
                 _remove_run(hsm_dir, request.how_to_overwrite)
             if request.check_files:
                 check_run_files(hsm_dir)  # before step 0: a bad part or state fails now, not after an epoch
@@ -96,6 +93,45 @@ def claim_run(held: contextlib.ExitStack, request: StartRequest) -> str | None:
         name, _, message = verdict.decode().partition("\0")
         raise RunExists(message) if name == "RunExists" else RunFileError(f"rank 0 refused the start: {message}")
     return distributed.broadcast_bytes((resume or "").encode()).decode() or None
+
+
+def probe_run(request: StartRequest) -> None:
+    """The refusals :func:`claim_run` would give that need no library and no process group: another process holds
+    the run's lock, or a fresh run (no ``resume``) into a folder holding an hsm run without ``overwrite``.
+
+    For the command line, on rank 0, before torch and transformers load, so a refused start takes a second
+    instead of the imports and the rendezvous. Writes nothing (the lock is tried and released only when its file
+    exists); :func:`claim_run` still decides, under the lock.
+
+    Raises:
+        RunLocked: another training or ``hsm plan`` holds the run's lock.
+        RunExists: a fresh run into a folder with an hsm run in it, without ``overwrite``.
+    """
+    from filelock import FileLock, Timeout
+
+    from hsm.mining.checks import run_contents
+    from hsm.mining.plan import RunLocked
+
+    paths = request.paths
+    if paths.lock.is_file():
+        lock = FileLock(paths.lock, is_singleton=True)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise RunLocked(f"{paths.root}: another hsm plan or training is writing this run (lock {paths.lock} is "
+                            "held); wait for it to finish, then run the command again") from None
+        lock.release()
+    found = run_contents(paths.root) if paths.root.is_dir() else []
+    if found and request.resume is None and not request.overwrite:
+        raise _run_exists(request, found)
+
+
+def _run_exists(request: StartRequest, found: list[str]) -> RunExists:
+    hsm_dir = request.paths.root
+    return RunExists(
+        f"{hsm_dir}: already holds an hsm run ({', '.join(found)}); a fresh run would mix two runs in one log. "
+        f"Continue it with {request.how_to_resume}, replace it with {request.how_to_overwrite} (removes {hsm_dir} "
+        f"and the checkpoint-N folders beside it first), or choose another output_dir")
 
 
 def _remove_run(hsm_dir: Path, how: str) -> None:

@@ -132,6 +132,36 @@ def test_a_second_training_on_one_folder_is_refused_at_once(old_run, make_corpus
         holder.wait()
 
 
+def test_a_refused_start_comes_before_torch_and_transformers_load(old_run, make_corpus, demo_overrides):
+    """`hsm train` refuses a used folder, and a run whose lock another process holds, before it imports torch or
+    transformers (what made a refused start under a launcher take a minute on a loaded machine); nothing written."""
+    corpus = demo_overrides(make_corpus(8, 4, 0))
+
+    def refused(*extra: str) -> str:
+        done = subprocess.run([sys.executable, "-X", "importtime", "-m", "hsm.cli.app", "train", "configs/demo.yaml",
+                               *corpus, f"training.output_dir={old_run}", "training.report_to=[]", *extra],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr[-3000:]
+        imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+        assert "hsm.config_load" in imported and not imported & {"torch", "transformers"}
+        return " ".join(line for line in done.stderr.splitlines() if not line.startswith("import time:"))
+
+    before = _snapshot(old_run)
+    assert f"{old_run / 'hsm'}: already holds an hsm run" in refused()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from filelock import FileLock; l = FileLock(sys.argv[1]); "
+                               "l.acquire(); print('held', flush=True); time.sleep(600)", str(old_run / "hsm" / ".lock")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert "another hsm plan or training is writing this run" in refused("training.overwrite_output_dir=true")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _snapshot(old_run) == before
+
+
 def test_overwrite_replaces_the_run_and_training_holds_the_lock_until_it_ends(old_run, make_corpus, demo_config):
     """The opt-in removes the old hsm/ first; while the new run trains, another writer is shut out (its own
     epoch-end planning is not); the lock is released at the end. One epoch of 8 target samples."""
