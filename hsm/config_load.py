@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from hsm.config import ConfigError, HsmConfig
+from hsm.config import ConfigError, HsmConfig, ModelConfig
 from hsm.utf8 import NotUtf8Error, read_utf8
 
 __all__ = ["OVERWRITE_KEY", "LEGACY_LOADER_NAMES", "load_config", "parse_config", "apply_overrides", "resolve_paths", "training_problems"]
@@ -292,6 +292,7 @@ def _merge_overrides(tree: Any, overrides: list[str]) -> None:
 
 
 _TRAINING_PATH_KEYS = ("output_dir", "logging_dir", "resume_from_checkpoint")
+_BUILT_IN_MODEL = ModelConfig.model_fields["name_or_path"].default  # "tiny-qwen3-vl", built in code
 
 
 def resolve_paths(raw: dict[str, Any], base: Path, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -299,7 +300,9 @@ def resolve_paths(raw: dict[str, Any], base: Path, skip: frozenset[str] = frozen
 
     The paths: ``training.output_dir``, ``training.logging_dir``,
     ``training.resume_from_checkpoint`` (when a string other than ``last``), ``deepspeed`` (when a string),
-    ``model.name_or_path`` (only when ``base / value`` exists: it may be a hub id),
+    ``model.name_or_path`` (only when ``base / value`` exists: it may be a hub id; the built-in
+    ``tiny-qwen3-vl`` is never a path, so a folder of that name beside the config cannot replace it
+    unseen: write ``./tiny-qwen3-vl`` for the folder),
     and every dataset's ``train_jsonl`` and ``val_jsonl``. Other values are left
     for validation to judge.
 
@@ -314,8 +317,8 @@ def resolve_paths(raw: dict[str, Any], base: Path, skip: frozenset[str] = frozen
             return
         if Path(value).expanduser().is_absolute():
             return
-        if dotted == "model.name_or_path" and not (base / value).exists():
-            return  # a hub id, not a path
+        if dotted == "model.name_or_path" and (value == _BUILT_IN_MODEL or not (base / value).exists()):
+            return  # the built-in model's name, or a hub id: not a path
         node[key] = str((base / value).resolve())
 
     training = raw.get("training")

@@ -250,3 +250,15 @@ def test_training_values_go_through_transformers_own_parser():
     assert problems == []
     assert values == {"output_dir": "o", "logging_steps": 5.0, "eval_strategy": "no", "report_to": ["tensorboard"],
                       "lr_scheduler_kwargs": {"power": 2}}
+
+
+def test_the_built_in_model_name_is_not_taken_for_a_folder_of_that_name(tmp_path, monkeypatch):
+    # A checkpoint folder named like the built-in model, beside the config or in the working directory, must not
+    # replace the built-in one unseen; `./tiny-qwen3-vl` names the folder.
+    (tmp_path / "tiny-qwen3-vl").mkdir()
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path, "model: {name_or_path: tiny-qwen3-vl}\n")
+    assert load_config(path).model.name_or_path == "tiny-qwen3-vl"
+    assert load_config(path, ["model.name_or_path=tiny-qwen3-vl"]).model.name_or_path == "tiny-qwen3-vl"
+    folder = _write(tmp_path, "model: {name_or_path: ./tiny-qwen3-vl}\n")
+    assert load_config(folder).model.name_or_path == str((tmp_path / "tiny-qwen3-vl").resolve())

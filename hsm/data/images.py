@@ -159,7 +159,7 @@ def check_image_files(named: Iterable[tuple[str, str]], *, n_threads: int | None
     workers = n_threads or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         problems = [p for found in pool.map(lambda pair: file_problems(*pair), named, chunksize=64) for p in found]
-    _raise_problems(problems)
+    _raise_problems(problems, decoded=True)
 
 
 def load_rgb(record: Record, max_side: int | None) -> np.ndarray:
@@ -201,13 +201,15 @@ def check_record_images(record_lists: Iterable[list[Record]], max_side: int | No
     check = image_problems if decode else header_problems
     with ThreadPoolExecutor(max_workers=workers) as pool:
         problems = [p for found in pool.map(lambda r: check(r, max_side), records, chunksize=64) for p in found]
-    _raise_problems(problems)
+    _raise_problems(problems, decoded=decode)
 
 
-def _raise_problems(problems: list[str]) -> None:
+def _raise_problems(problems: list[str], *, decoded: bool) -> None:
+    """One :class:`RecordError` listing ``problems`` (the first :data:`SHOWN`). Only a header-only check sends the
+    user to ``hsm data validate`` for the pixels: a decoding check has already read them."""
     if problems:
         listed = "\n".join(f"  {p}" for p in problems[:SHOWN])
         more = f"\n  ... and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
         what = "1 image problem" if len(problems) == 1 else f"{len(problems)} image problems"
-        raise RecordError(f"{what} before training (run hsm data validate on the JSONL "
-                          f"for a full decode):\n{listed}{more}")
+        how = "" if decoded else " (headers only: hsm data validate on the JSONL decodes the pixels too)"
+        raise RecordError(f"{what} before training{how}:\n{listed}{more}")

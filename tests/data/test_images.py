@@ -105,6 +105,8 @@ def test_start_up_check_lists_every_bad_image(bad_images, decode):
     message = str(caught.value)
     bad = [k for k in kinds if k != "good" and (decode or k != "truncated")]
     assert message.startswith(f"{len(bad)} image problems before training")
+    # Only a header-only check sends the user to decode again: a decoding one has read the pixels.
+    assert ("hsm data validate" in message) == (not decode)
     for line, kind in enumerate(kinds, start=1):
         assert (f"d.jsonl:{line}: " in message) == (kind in bad)
 
