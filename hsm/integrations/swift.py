@@ -302,6 +302,21 @@ def provenance(raw, target: str):
     return rows_of[matches[0]], sources
 
 
+def _row_names(raw) -> list[str] | None:
+    """What names each train row in an error: its ``--dataset`` entry and its position among that entry's rows as
+    ms-swift loaded them (the file's line order unless ms-swift shuffled or sampled it), or None without the
+    ``dataset`` column ms-swift tags rows with."""
+    if "dataset" not in getattr(raw, "column_names", ()):
+        return None
+    seen: dict[str, int] = {}
+    names = []
+    for tag in raw["dataset"]:
+        k = seen.get(tag, 0)
+        seen[tag] = k + 1
+        names.append(f"ms-swift --dataset {tag} row {k}")
+    return names
+
+
 def _trainer_class():
     from swift.trainers import Seq2SeqTrainer
 
@@ -335,9 +350,10 @@ def _trainer_class():
                                  check_files=is_mining, source=cfg.source,
                                  how_to_resume="swift sft --resume_from_checkpoint CHECKPOINT",
                                  how_to_overwrite=f"training.{OVERWRITE_KEY}: true in {CONFIG_ENV}")
+            raw = getattr(self.train_dataset, "dataset", None)
             attach(self, self.train_dataset, name, mining=cfg.mining, seed=seed, start=start, tokenizer=tokenizer,
-                   world=distributed.current_world(), target_rows=target_rows, sources=sources,
-                   raw=getattr(self.train_dataset, "dataset", None), config=cfg, stack="ms-swift")
+                   world=distributed.current_world(), target_rows=target_rows, sources=sources, raw=raw, config=cfg,
+                   stack="ms-swift", where=_row_names(raw))
             self._predictions = None  # the argmax the loss took, for _compute_acc
             self._owns_loss = False
             if is_mining:

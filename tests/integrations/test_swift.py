@@ -365,6 +365,7 @@ def test_swift_sft_refuses_a_folder_another_training_holds_and_names_a_truncated
     done = run_swift_sft(tmp_path, "cut", checkpoint, [str(bad)], mining=True, epochs=1)
     output = " ".join((done.stdout + done.stderr).split())
     assert done.returncode != 0 and f"image {cut} cannot be decoded" in output, output[-3000:]
+    assert f"--dataset {bad} row 2: image {cut}" in output  # the entry and the row (the file's line order here)
     assert not list((tmp_path / "cut").glob("v*-*/hsm"))
     assert not any(step_losses(run) for run in (tmp_path / "cut").glob("v*-*") if (run / "logging.jsonl").exists())
 
