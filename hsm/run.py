@@ -80,9 +80,27 @@ def train(cfg: HsmConfig, *, base_trainer=None) -> dict[str, Any]:
     args = training_arguments(cfg)
     output_dir = Path(args.output_dir)
     hsm_dir = RunPaths.of(output_dir).root
+    created = not hsm_dir.exists()
     with contextlib.ExitStack() as held:  # rank 0 holds the run's lock until training ends
         _start_run(held, cfg, args, hsm_dir)
-        return _train(cfg, args, output_dir, hsm_dir, base_trainer)
+        try:
+            return _train(cfg, args, output_dir, hsm_dir, base_trainer)
+        except BaseException:
+            _remove_if_only_locked(hsm_dir, created)
+            raise
+
+
+def _remove_if_only_locked(hsm_dir: Path, created: bool) -> None:
+    """A start that failed before anything was written (a bad image, a record too long) leaves no ``hsm/`` behind
+    that holds only the lock file this start created."""
+    import shutil
+
+    from hsm.train import distributed
+
+    lock = RunPaths.at(hsm_dir).lock
+    if created and distributed.on_main(distributed.current_world()) and hsm_dir.is_dir():
+        if [p for p in hsm_dir.iterdir() if p != lock] == []:
+            shutil.rmtree(hsm_dir, ignore_errors=True)
 
 
 def _start_run(held: contextlib.ExitStack, cfg: HsmConfig, args, hsm_dir: Path) -> None:
