@@ -24,6 +24,7 @@ from hsm.config import MiningConfig, SelectorConfig  # noqa: E402
 from hsm.integrations.trl import HsmSFTTrainer, detection_dataset  # noqa: E402
 from hsm.train.model import build_checkpoint  # noqa: E402
 from hsm.data.synth import DEFAULT_PROMPTS, synthesize  # noqa: E402
+from step_tap import in_order  # noqa: E402
 from wholerun import replan_and_report
 
 pytestmark = pytest.mark.slow
@@ -99,11 +100,7 @@ def recomputed_box_losses(checkpoint, processor, rows: list[dict]) -> list[dict]
     return out
 
 
-class InOrderSFTTrainer(SFTTrainer):
-    """The plain SFTTrainer, reading its dataset in file order (the test feeds it hsm's epoch-0 order)."""
-
-    def _get_train_sampler(self, train_dataset=None):
-        return torch.utils.data.SequentialSampler(self.train_dataset)
+InOrderSFTTrainer = in_order(SFTTrainer)  # the plain SFTTrainer, fed hsm's epoch-0 order by the tests
 
 
 MINING = MiningConfig(enabled=True, mode="reweight", metric="loss", start_epoch=1,
@@ -355,13 +352,15 @@ def torchrun_trl(checkpoint: Path, jsonl: Path, *runs: tuple[Path, int, str]) ->
     done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "tests/dist_runs.py", "tests/dist_trl.py", *argv],
                           cwd=root, capture_output=True, text=True, timeout=600 * len(runs), env=env)
     assert done.returncode == 0, done.stderr[-4000:]
-    return [[json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)] for out, _, _ in runs]
+    return [[json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)] if mining != "identity" else None
+            for out, _, mining in runs]
 
 
 def test_hsm_sft_trainer_on_two_ranks(tmp_path):
     checkpoint = build_checkpoint(tmp_path / "ckpt", "qwen3_vl")
     corpus = synthesize(tmp_path / "corpus", n_target=8, n_source=1, n_val=1)
-    on, off = torchrun_trl(checkpoint, corpus["bbu"], (tmp_path / "on", 2, "on"), (tmp_path / "off", 1, "off"))
+    on, off, _ = torchrun_trl(checkpoint, corpus["bbu"], (tmp_path / "on", 2, "on"), (tmp_path / "off", 1, "off"),
+                              (tmp_path / "identity", 1, "identity"))
     assert [r["backend"] for r in on] == ["gloo", "gloo"] and on[0]["expected"] == on[1]["expected"]
 
     parts = sorted((tmp_path / "on" / "hsm" / "events").glob("epoch=*/rank=*/*.parquet"))
@@ -381,6 +380,16 @@ def test_hsm_sft_trainer_on_two_ranks(tmp_path):
     losses_on = [h["loss"] for h in on[0]["log_history"] if "loss" in h]
     losses_off = [h["loss"] for h in off[0]["log_history"] if "loss" in h]
     assert len(losses_off) == 2 and losses_on[:2] == pytest.approx(losses_off, rel=1e-6)
+
+    # One optimizer step (2 micro-batches per rank) with mining on is bit-identical to plain TRL on the same rows, on
+    # each rank: every micro-batch's loss and every gradient after DDP's all-reduce (torch.equal).
+    from safetensors.torch import load_file
+
+    for rank in (0, 1):
+        hsm, plain = (load_file(str(tmp_path / "identity" / f"{v}-rank{rank}.safetensors")) for v in ("hsm", "plain"))
+        assert hsm.keys() == plain.keys() and sum(k.startswith("loss.") for k in hsm) == 2
+        differ = [k for k in hsm if not torch.equal(hsm[k], plain[k])]
+        assert not differ, f"rank {rank}: {len(differ)} of {len(hsm)} tensors differ, e.g. {differ[:3]}"
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
