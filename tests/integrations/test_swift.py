@@ -444,12 +444,19 @@ def test_hsm_eval_run_reads_swift_checkpoints(tmp_path, tuner):
 
 def test_swift_sft_on_two_ranks(tmp_path):
     """`swift sft` with NPROC_PER_NODE=2 (gloo on CPU): events from both ranks, one plan, epoch-1 draws follow it,
-    and the loss with mining on equals mining off step for step in epoch 0."""
+    and the loss with mining on equals mining off step for step in epoch 0; the first optimizer step is
+    bit-identical on each rank (every loss and every all-reduced gradient ``torch.equal``; hsm's loss hook against
+    the model's own loss)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
     n_rows = 16
     checkpoint = build_checkpoint(tmp_path / "ckpt", "qwen3_vl")
     corpus = synthesize(tmp_path / "corpus", n_target=n_rows, n_source=1, n_val=1)
     data = swift_dataset(corpus["bbu"], tmp_path / "train.jsonl")
-    mined = swift_sft(tmp_path, "mined", checkpoint, [str(data)], mining=True, epochs=2, ranks=2)
+    tap = str(tmp_path / "step-{mining}-{rank}.safetensors")
+    mined = swift_sft(tmp_path, "mined", checkpoint, [str(data)], mining=True, epochs=2, ranks=2,
+                      plugins=(STEP_TAP_PLUGIN,), env={"HSM_TEST_STEP_TAP": tap.replace("{mining}", "on")})
     events = pa.concat_tables([pq.read_table(p) for p in sorted((mined / "hsm").glob("events/epoch=*/rank=*/*.parquet"))])
     assert set(events.column("rank").to_pylist()) == {0, 1}
     epoch0 = events.filter(pc.equal(events.column("epoch"), 0)).to_pylist()
@@ -467,10 +474,18 @@ def test_swift_sft_on_two_ranks(tmp_path):
     epoch1 = events.filter(pc.equal(events.column("epoch"), 1)).to_pylist()
     assert epoch1 and all(e["drawn_as_hard"] == (e["base_idx"] in hard) for e in epoch1)
     assert {e["rank"] for e in epoch1} == {0, 1}
-    plain = swift_sft(tmp_path, "plain", checkpoint, [str(data)], mining=False, epochs=1, ranks=2)
+    plain = swift_sft(tmp_path, "plain", checkpoint, [str(data)], mining=False, epochs=1, ranks=2,
+                      plugins=(STEP_TAP_PLUGIN,), env={"HSM_TEST_STEP_TAP": tap.replace("{mining}", "off")})
     steps = n_rows // (2 * BATCH)
     assert step_losses(plain) == pytest.approx(step_losses(mined)[:steps], rel=1e-6)
     assert len(step_losses(plain)) == steps
+    for rank in (0, 1):
+        on, off = (tap.replace("{mining}", m).replace("{rank}", str(rank)) for m in ("on", "off"))
+        assert safe_open(on, "pt").metadata()["compute_loss_func"] == "HsmSwiftLoss"
+        step_on, step_off = load_file(on), load_file(off)
+        assert step_on.keys() == step_off.keys() and sum(k.startswith("grad.") for k in step_on) > 10
+        differ = [k for k in step_on if not torch.equal(step_on[k], step_off[k])]
+        assert not differ, f"rank {rank}: {len(differ)} of {len(step_on)} differ, e.g. {differ[:3]}"
 
 
 STEP_TAP_PLUGIN = Path(__file__).parent / "swift_plugins" / "step_tap.py"
