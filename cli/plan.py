@@ -75,6 +75,7 @@ def plan(
     if engine is not None and engine not in ENGINES:
         raise fail("plan", f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     cfg, mining, dataset, num_epochs = _planning_inputs(hsm_dir, config or RunPaths.at(hsm_dir).config, num_epochs)
+    stored = _stored_checksum(hsm_dir, epoch)
     with printed_warnings():
         try:
             result = plan_epoch(PlanRequest(
@@ -88,7 +89,19 @@ def plan(
         except OSError as e:  # the run's lock file or a directory could not be created (disk full, read-only)
             raise fail("plan", f"{e.filename or hsm_dir}: cannot write ({e.strerror or e}); free space or fix "
                                "the permissions, then re-run") from e
-    _print_summary(result, hsm_dir)
+    _print_summary(result, hsm_dir, stored)
+
+
+def _stored_checksum(hsm_dir: Path, epoch: int) -> str | None:
+    """The checksum in the manifest of the plan already stored for ``epoch`` (None: none, or unreadable), so the
+    summary can say when a re-plan wrote the same plan again."""
+    import json
+
+    manifest = hsm_dir / "plans" / f"epoch={epoch}" / "manifest.json"
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("checksum")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _planning_inputs(hsm_dir: Path, config_path: Path, num_epochs: float | None):
@@ -142,9 +155,11 @@ def _without_delete_advice(message: str) -> str:
     return f"{kept} (--dry-run: nothing was changed; a dry run plans from the stored state as it is)"
 
 
-def _print_summary(result, hsm_dir: Path) -> None:
+def _print_summary(result, hsm_dir: Path, stored: str | None = None) -> None:
     m = result.manifest
     head = "[bold]dry run[/] (nothing written)" if not result.written else f"wrote {hsm_dir / 'plans' / f'epoch={result.epoch}'}"
+    if result.written and stored is not None:
+        head += " (the same plan as the one stored before)" if stored == m["checksum"] else " (it replaced another plan)"
     console.print(f"hsm plan epoch {result.epoch}: {head}")
     folded = ", ".join(map(str, result.folded_epochs)) or "none (state up to date)"
     console.print(f"  folded epochs: {folded}; state after epoch {m['state_epoch']}; engine {m['engine']}")

@@ -62,6 +62,24 @@ def test_churn_query_agrees_with_the_planner(run_dir):
     assert f"kept {last['kept']}, added {last['added']}, removed {last['removed']}" in out
 
 
+def test_planning_an_epoch_again_says_whether_the_stored_plan_changed(run_dir):
+    """A re-plan of a planned epoch says it wrote the same plan (its bytes are the stored ones), and with --force
+    over another plan, that it replaced it."""
+    def plan(*extra: str) -> str:
+        result = runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", "2", *extra])
+        assert result.exit_code == 0, result.output
+        return " ".join(result.output.split())
+
+    first = plan()
+    assert "wrote" in first and "the same plan" not in first and "replaced" not in first
+    stored = (run_dir / "hsm" / "plans" / "epoch=2" / "plan.parquet").read_bytes()
+    assert "(the same plan as the one stored before)" in plan()
+    assert (run_dir / "hsm" / "plans" / "epoch=2" / "plan.parquet").read_bytes() == stored
+    config = run_dir / "hsm" / "config.yaml"
+    config.write_text(config.read_text().replace("k: 5", "k: 7"))
+    assert "(it replaced another plan)" in plan("--force")
+
+
 def test_dry_run_does_not_write(run_dir):
     result = runner.invoke(app, ["plan", "--run-dir", str(run_dir), "--epoch", "2", "--dry-run"])
     assert result.exit_code == 0 and "dry run" in result.output
