@@ -72,21 +72,31 @@ def merge_sorted_keys(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndar
     Returns ``(merged, a_at, b_at)``; ``a_at`` is None when every key of ``b`` is in ``a``
     (``merged`` is ``a``, rows do not move). Naive equivalent: ``merged = sorted(set(a) | set(b));
     row = {k: i for i, k in enumerate(merged)}; a_at = [row[k] for k in a]; b_at = [row[k] for k in b]``.
-    A stable sort of the two concatenated runs is a linear merge (numpy's timsort finds the runs).
+
+    One binary search of ``b`` in ``a`` finds the keys of ``b`` that ``a`` lacks; each key of
+    ``a`` moves down by the number of those below it, and the ``j``-th missing key lands at its
+    insertion point plus ``j``. The temporaries are about half those of a merge sort of both.
     """
-    both = np.concatenate([a, b])
-    order = np.argsort(both, kind="stable")
-    ordered = both[order]
-    is_new = np.ones(len(both), dtype=bool)
-    is_new[1:] = ordered[1:] != ordered[:-1]
-    row = np.cumsum(is_new, dtype=np.intp)
-    row -= 1
-    at = np.empty(len(both), dtype=np.intp)
-    at[order] = row
-    merged = ordered[is_new]
-    if len(merged) == len(a):
-        return a, None, at[len(a):]
-    return merged, at[: len(a)], at[len(a):]
+    if len(b) == 0:
+        return a, None, np.zeros(0, dtype=np.intp)
+    if len(a) == 0:
+        return b, np.zeros(0, dtype=np.intp), np.arange(len(b), dtype=np.intp)
+    pos = np.searchsorted(a, b)
+    missing = np.flatnonzero(np.take(a, pos, mode="clip") != b)
+    if not len(missing):
+        return a, None, pos
+    inserted = pos[missing]
+    a_at = np.bincount(inserted, minlength=len(a) + 1)[: len(a)]  # missing keys inserted before each key of a
+    np.cumsum(a_at, out=a_at)
+    a_at += np.arange(len(a), dtype=a_at.dtype)
+    b_at = np.take(a_at, pos, mode="clip")
+    del pos
+    inserted += np.arange(len(missing), dtype=inserted.dtype)
+    b_at[missing] = inserted
+    merged = np.empty(len(a) + len(missing), dtype=a.dtype)
+    merged[a_at] = a
+    merged[inserted] = b[missing]
+    return merged, a_at, b_at
 
 
 def finish_fold(prev: pa.Table | None, prev_at: np.ndarray | None, keys: np.ndarray, k: np.ndarray, starts: np.ndarray,
@@ -109,7 +119,7 @@ def finish_fold(prev: pa.Table | None, prev_at: np.ndarray | None, keys: np.ndar
         prev_at: the result row of each ``prev`` row, or None (same rows).
         keys: the result's keys, sorted.
         k: observations of each result row this epoch.
-        starts: where each observed row's observations start in ``x``.
+        starts: where each observed row's observations start in ``x`` (any value where ``k == 0``).
         x: the observations, each row's contiguous and in observation order.
         first_row: passed through (the event row of each row's first observation, -1 if none).
         epoch: the epoch folded, written to ``last_epoch``.
@@ -136,11 +146,12 @@ def finish_fold(prev: pa.Table | None, prev_at: np.ndarray | None, keys: np.ndar
                               carried("last", np.float64))
     last_epoch = carried("last_epoch", np.int32)
     seen = k > 0
-    at = np.where(seen, starts, 0)
-    x_first = x[at] if len(x) else np.zeros(total_rows)
+    # Rows not observed read some observation (any index, clipped) and are masked out below.
+    x_first = np.take(x, starts, mode="clip") if len(x) else np.zeros(total_rows)
     # The first observation of the epoch, for every row (the whole fold where k == 1).
-    ema_first = ema * d
-    ema_first += x_first * (1.0 - d)
+    scratch = np.multiply(x_first, 1.0 - d)
+    ema_first = np.multiply(ema, d)
+    ema_first += scratch
     np.copyto(ema_first, x_first, where=n_obs == 0)
     total = x_first
     multi = np.flatnonzero(k > 1)
@@ -150,14 +161,17 @@ def finish_fold(prev: pa.Table | None, prev_at: np.ndarray | None, keys: np.ndar
         ema_first[multi], total[multi] = g_ema, g_total
     np.copyto(ema, ema_first, where=seen)
     del ema_first
-    updated = mean * n_obs
+    updated = np.multiply(mean, n_obs, out=scratch)
     updated += total
     n_new = n_obs + k
-    updated /= np.maximum(n_new, 1)
+    np.divide(updated, n_new, out=updated, where=seen)  # n_new >= 1 where seen; the rest is not used
     np.copyto(mean, updated, where=seen)
-    del updated
+    del updated, scratch
     if len(x):
-        np.copyto(last, x[at + np.maximum(k - 1, 0)], where=seen)
+        last_at = k - 1
+        last_at += starts
+        np.copyto(last, np.take(x, last_at, mode="clip"), where=seen)
+        del last_at
     n_obs = n_new
     last_epoch[seen] = epoch
     out = {"key": keys, "n_obs": n_obs, "mean": mean, "ema": ema, "last": last, "last_epoch": last_epoch,

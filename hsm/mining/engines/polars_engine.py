@@ -6,6 +6,10 @@ equal keys are the samples; their keys are merged with the carried state's (both
 sorted, :func:`merge_sorted_keys`), and :func:`finish_fold`, the kernel the numpy engine
 uses too, applies every rule of :mod:`hsm.mining.state`.
 
+The sorts run on the calling thread: the planner writes the previous state on a second
+thread meanwhile, and on the two cores it is sized for, Polars' thread pool spent more
+CPU time on a 1M-event sort than it saved in wall time (docs/benchmarks.md).
+
 Why the EMA is not ``ewm_mean(alpha=1 - decay, adjust=False)``: Polars updates the average as
 ``m + (v - m) * (alpha / ((1 - alpha) + alpha))``, the state's rule is
 ``decay * m + (1 - decay) * v``. Same value in exact arithmetic, not in floating
@@ -28,27 +32,30 @@ __all__ = ["fold_epoch"]
 def _observation_order(events: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Event rows in observation order: by ``key``, then ``global_step, rank, position``.
 
-    Returns ``(order, keys, starts, counts)``: the rows, their keys in that order, and where
-    each run of one key (one sample) starts and how long it is.
+    Returns ``(order, group_keys, starts, counts)``: the rows, and for each run of one key
+    (one sample) in that order its key, where it starts and how long it is.
 
     Polars sorts by ``key`` alone (any order within a key); only the samples observed
     more than once this epoch need the full order, so only their events (5-15% of an
     epoch) are sorted again on all four columns and put back into their key's block.
-    At 1M events this took 0.32 CPU seconds against 0.45 for a stable key sort with a
-    repair of the out-of-order samples.
     """
     frame = pl.from_arrow(events.select(list(ORDER)))
-    order = frame.get_column("key").arg_sort().to_numpy().astype(np.int64)
+    n = frame.height
+    order = frame.select(pl.arg_sort_by("key", multithreaded=False)).to_series().to_numpy().astype(np.intp)
     keys = events.column("key").to_numpy()[order]
-    is_start = np.ones(len(keys), dtype=bool)
-    is_start[1:] = keys[1:] != keys[:-1]
+    is_start = np.empty(n, dtype=bool)
+    is_start[:1] = True
+    np.not_equal(keys[1:], keys[:-1], out=is_start[1:])
     starts = np.flatnonzero(is_start)
-    counts = np.diff(np.r_[starts, len(keys)])
-    repeated = np.flatnonzero(np.repeat(counts > 1, counts))
-    if len(repeated):
+    group_keys = keys[starts]
+    del keys
+    counts = np.diff(starts, append=n)
+    if len(starts) < n:  # some sample was observed more than once: order its events fully
+        repeated = np.flatnonzero(np.repeat(counts > 1, counts))
         rows = pl.Series("row", order[repeated])
-        order[repeated] = frame[rows].with_columns(rows).sort(list(ORDER)).get_column("row").to_numpy()
-    return order, keys, starts, counts
+        order[repeated] = (frame[rows].with_columns(rows).sort(list(ORDER), multithreaded=False)
+                           .get_column("row").to_numpy())
+    return order, group_keys, starts, counts
 
 
 def fold_epoch(
@@ -67,14 +74,17 @@ def fold_epoch(
     Returns:
         :func:`output_columns`, sorted by ``key``: every previous and every new sample.
     """
-    order, keys_in_order, group_starts, group_counts = _observation_order(events)
+    order, group_keys, group_starts, group_counts = _observation_order(events)
     prev_keys = state.column("key").to_numpy() if state is not None else np.zeros(0, dtype=np.int64)
-    keys, prev_at, group_at = merge_sorted_keys(prev_keys, keys_in_order[group_starts])
+    keys, prev_at, group_at = merge_sorted_keys(prev_keys, group_keys)
+    del group_keys
     k = np.zeros(len(keys), dtype=np.int64)
     k[group_at] = group_counts
     starts = np.zeros(len(keys), dtype=np.int64)
     starts[group_at] = group_starts
     first_row = np.full(len(keys), -1, dtype=np.int64)
     first_row[group_at] = order[group_starts]
+    del group_at, group_starts, group_counts
     x = events.column("x").to_numpy()[order]
+    del order
     return finish_fold(state, prev_at, keys, k, starts, x, first_row, epoch=epoch, decay=ema_decay, per_epoch=per_epoch)
