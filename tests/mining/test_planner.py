@@ -324,3 +324,40 @@ def test_sample_id_lookup_prunes_row_groups_and_equals_a_filter(tmp_path_factory
     expected = [(str(d), int(i), f"s{i}") for d, i in zip(names, base) if i in wanted and dataset in (None, d)]
     rows = list(zip(got.column("dataset").to_pylist(), got.column("base_idx").to_pylist(), got.column("sample_id").to_pylist()))
     assert sorted(rows) == sorted(expected)
+
+
+@pytest.mark.parametrize("n_events, top", [(5_000, 90), (300_000, 1 << 39)])  # packed values; argsort fallback
+def test_polars_key_order_groups_every_event_by_key(n_events, top):
+    """The Polars engine's key sort, on keys small enough to pack with the row number and on
+    keys too wide for that: a permutation of the rows whose keys are ascending."""
+    import polars as pl
+
+    from hsm.mining.engines.polars_engine import _key_order
+    from hsm.mining.state import IDX_BITS
+
+    rng = np.random.default_rng(n_events)
+    keys = (rng.integers(0, 3, n_events) << IDX_BITS) | rng.integers(0, top, n_events)
+    events = pa.table({"key": keys, "global_step": np.zeros(n_events, np.int64),
+                       "rank": np.zeros(n_events, np.int32), "position": np.zeros(n_events, np.int32)})
+    order, sorted_keys = _key_order(events, pl.from_arrow(events))
+    assert np.array_equal(np.sort(order), np.arange(n_events))
+    assert np.array_equal(sorted_keys, keys[order])
+    assert np.array_equal(sorted_keys, np.sort(keys))
+
+
+@settings(max_examples=80, deadline=None)
+@given(a=st.sets(st.integers(0, 60)), b=st.sets(st.integers(0, 60)))
+def test_merge_sorted_keys_equals_the_naive_union(a, b):
+    """The merge of the carried state's keys with the epoch's: its naive definition."""
+    from hsm.mining.engines.kernels import merge_sorted_keys
+
+    a_keys, b_keys = np.array(sorted(a), dtype=np.int64), np.array(sorted(b), dtype=np.int64)
+    merged, a_at, b_at = merge_sorted_keys(a_keys, b_keys)
+    union = sorted(a | b)
+    row = {k: i for i, k in enumerate(union)}
+    assert merged.tolist() == union
+    assert b_at.tolist() == [row[k] for k in sorted(b)]
+    if a_at is None:
+        assert b <= a
+    else:
+        assert a_at.tolist() == [row[k] for k in sorted(a)]

@@ -25,8 +25,41 @@ import polars as pl
 import pyarrow as pa
 
 from hsm.mining.engines.kernels import ORDER, finish_fold, merge_sorted_keys
+from hsm.mining.state import IDX_BITS, IDX_MASK
 
 __all__ = ["fold_epoch"]
+
+
+def _key_order(events: pa.Table, frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Event rows sorted by ``key`` (any order within a key), and the keys in that order.
+
+    Where the keys and the row numbers fit one int64 together, Polars sorts the values
+    ``compact key << row bits | row`` (the compact key is the dataset code above the bits the
+    largest ``base_idx`` needs, so it orders as ``key`` does): a sort of plain integers, about
+    2.5x cheaper than an argsort of the keys at 1M events. Otherwise it argsorts the keys.
+    """
+    keys = events.column("key").to_numpy()
+    n = len(keys)
+    row_bits = max(n - 1, 1).bit_length()
+    idx_bits = int(np.max(keys & IDX_MASK, initial=0)).bit_length()
+    code_bits = (int(keys.max(initial=0)) >> IDX_BITS).bit_length()
+    if code_bits + idx_bits + row_bits > 63:
+        order = frame.select(pl.arg_sort_by("key", multithreaded=False)).to_series().to_numpy().astype(np.intp)
+        return order, keys[order]
+    packed = keys >> IDX_BITS
+    packed <<= idx_bits
+    packed |= keys & IDX_MASK
+    packed <<= row_bits
+    packed |= np.arange(n, dtype=np.int64)
+    packed = pl.Series(packed).sort(multithreaded=False).to_numpy()
+    order = packed & ((1 << row_bits) - 1)
+    compact = packed >> row_bits
+    del packed
+    sorted_keys = compact >> idx_bits
+    sorted_keys <<= IDX_BITS
+    compact &= (1 << idx_bits) - 1
+    sorted_keys |= compact
+    return order, sorted_keys
 
 
 def _observation_order(events: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -35,14 +68,13 @@ def _observation_order(events: pa.Table) -> tuple[np.ndarray, np.ndarray, np.nda
     Returns ``(order, group_keys, starts, counts)``: the rows, and for each run of one key
     (one sample) in that order its key, where it starts and how long it is.
 
-    Polars sorts by ``key`` alone (any order within a key); only the samples observed
-    more than once this epoch need the full order, so only their events (5-15% of an
-    epoch) are sorted again on all four columns and put back into their key's block.
+    Polars sorts by ``key`` alone (:func:`_key_order`); only the samples observed more than
+    once this epoch need the full order, so only their events (5-15% of an epoch) are
+    sorted again on all four columns and put back into their key's block.
     """
     frame = pl.from_arrow(events.select(list(ORDER)))
     n = frame.height
-    order = frame.select(pl.arg_sort_by("key", multithreaded=False)).to_series().to_numpy().astype(np.intp)
-    keys = events.column("key").to_numpy()[order]
+    order, keys = _key_order(events, frame)
     is_start = np.empty(n, dtype=bool)
     is_start[:1] = True
     np.not_equal(keys[1:], keys[:-1], out=is_start[1:])
