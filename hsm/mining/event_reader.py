@@ -40,7 +40,7 @@ def _read_part(path: Path, epoch: int, columns: Sequence[str] | None, dictionari
         check_schema(part.schema_arrow, EVENT_SCHEMA, str(path))  # the whole contract, from the footer
         # Columns added to the contract later (nullable) may be absent from older parts; conform fills them.
         present = None if columns is None else [c for c in columns if c in part.schema_arrow.names]
-        table = part.read(columns=present, use_threads=True)
+        table = part.read(columns=present, use_threads=False)
     except SchemaError as e:
         raise CorruptEventFile(str(e)) from e
     except (pa.ArrowException, OSError) as e:

@@ -52,20 +52,24 @@ def event_dir(hsm_dir: str | Path, epoch: int, rank: int | None = None) -> Path:
 
 
 def keyed_write_options(schema: pa.Schema, *, sorted_column: str, dictionary: tuple[str, ...],
-                        statistics: tuple[str, ...]) -> dict[str, Any]:
+                        statistics: tuple[str, ...], small_ints: tuple[str, ...] = ()) -> dict[str, Any]:
     """Parquet options for a large table of per-sample numbers (the state, a plan).
 
     Floats (scores, means) are left uncompressed: they do not compress, and compressing
     them was half of a 10M-row state's write time. ``sorted_column`` is delta-encoded
-    (ascending indices take a few bits each); the ``dictionary`` columns (few distinct
-    values: dataset, counts, epochs, weights) are dictionary-encoded and lz4-compressed.
+    (ascending indices take a few bits each), and so are ``small_ints`` (counts, epochs: a
+    few bits each, as small as a dictionary, without a hash lookup per value); the
+    ``dictionary`` columns (few distinct values: dataset, weights) are dictionary-encoded.
+    Everything but the floats is lz4-compressed. Footer statistics only for ``statistics``:
+    those of a dictionary-encoded string column cost more than writing the column.
     """
     names = set(schema.names)
+    delta = [c for c in (sorted_column, *small_ints) if c in names and c not in dictionary]
     return {
         "compression": {f.name: "none" if pa.types.is_floating(f.type) and f.name not in dictionary else "lz4"
                         for f in schema},
         "use_dictionary": [c for c in dictionary if c in names],
-        "column_encoding": {sorted_column: "DELTA_BINARY_PACKED"} if sorted_column in names else None,
+        "column_encoding": {c: "DELTA_BINARY_PACKED" for c in delta} or None,
         "write_statistics": [c for c in statistics if c in names],
     }
 

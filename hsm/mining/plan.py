@@ -160,7 +160,7 @@ def stage_plan(hsm_dir: str | Path, epoch: int, table: pa.Table, manifest: dict[
         path = staging / "plan.parquet"
         table = conform(table, PLAN_SCHEMA, str(final / "plan.parquet"), keep_dictionary=True)
         write_parquet_atomic(table, path, **keyed_write_options(table.schema, sorted_column="base_idx",
-                                                                 dictionary=("dataset", "n_obs", "weight"),
+                                                                 dictionary=("dataset", "weight"), small_ints=("n_obs",),
                                                                  statistics=("base_idx",)))
         # Strict JSON before the digest, so the digest covers what the file holds.
         manifest = strict_json(dict(manifest, plan_version=PLAN_VERSION, epoch=epoch, checksum=file_sha256(path),

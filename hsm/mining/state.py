@@ -221,7 +221,7 @@ def read_state(hsm_dir: str | Path, epoch: int, columns: tuple[str, ...] | None 
     try:
         # ParquetFile, not read_table: read_table builds a dataset (importing pyarrow.dataset and pandas).
         table = open_parquet(path, read_dictionary=["dataset"], memory_map=True).read(
-            columns=list(columns) if columns else None, use_threads=True)
+            columns=list(columns) if columns else None, use_threads=False)
     except (pa.ArrowException, OSError) as e:
         raise SchemaError(f"{path}: not a readable state file ({e}); delete it to refold") from e
     info = _info_from(table.schema.metadata, path)
@@ -249,8 +249,8 @@ def write_state(hsm_dir: str | Path, state: pa.Table | Iterable[pa.Table], info:
 
     tables = conformed()
     first = next(tables)
-    options = keyed_write_options(first.schema, sorted_column="base_idx", dictionary=("dataset", "n_obs", "last_epoch", "n_epochs"),
-                                  statistics=("dataset", "base_idx"))
+    options = keyed_write_options(first.schema, sorted_column="base_idx", dictionary=("dataset",),
+                                  small_ints=("n_obs", "last_epoch", "n_epochs"), statistics=("base_idx",))
     # An older record goes first, so a writer killed below leaves an uncommitted state (refolded), not a mismatch.
     state_checksum_path(hsm_dir, info.epoch).unlink(missing_ok=True)
     write_parquet_atomic(itertools.chain([first], tables), path, **options)
