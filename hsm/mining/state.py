@@ -381,7 +381,9 @@ def encode_keys(codes: np.ndarray, base_idx: np.ndarray) -> np.ndarray:
     """``code << 40 | base_idx``; refuses indices outside ``[0, 2^40)``."""
     if len(base_idx) and (base_idx.min() < 0 or base_idx.max() > IDX_MASK):
         raise ValueError(f"base_idx must be in [0, 2^{IDX_BITS}); got {base_idx.min()}..{base_idx.max()}")
-    return (codes.astype(np.int64) << IDX_BITS) | base_idx
+    keys = np.left_shift(codes, IDX_BITS, dtype=np.int64)  # one new array, then in place
+    keys |= base_idx
+    return keys
 
 
 def fold_columns(aggregate: str) -> tuple[str, ...]:

@@ -41,14 +41,16 @@ def _key_order(events: pa.Table, frame: pl.DataFrame) -> tuple[np.ndarray, np.nd
     keys = events.column("key").to_numpy()
     n = len(keys)
     row_bits = max(n - 1, 1).bit_length()
-    idx_bits = int(np.max(keys & IDX_MASK, initial=0)).bit_length()
+    idx = keys & IDX_MASK
+    idx_bits = int(idx.max(initial=0)).bit_length()
     code_bits = (int(keys.max(initial=0)) >> IDX_BITS).bit_length()
     if code_bits + idx_bits + row_bits > 63:
         order = frame.select(pl.arg_sort_by("key", multithreaded=False)).to_series().to_numpy().astype(np.intp)
         return order, keys[order]
     packed = keys >> IDX_BITS
     packed <<= idx_bits
-    packed |= keys & IDX_MASK
+    packed |= idx
+    del idx
     packed <<= row_bits
     packed |= np.arange(n, dtype=np.int64)
     packed = pl.Series(packed).sort(multithreaded=False).to_numpy()
