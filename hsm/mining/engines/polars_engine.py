@@ -6,8 +6,8 @@ equal keys are the samples; their keys are merged with the carried state's (both
 sorted, :func:`merge_sorted_keys`), and :func:`finish_fold`, the kernel the numpy engine
 uses too, applies every rule of :mod:`hsm.mining.state`.
 
-The sorts run on the calling thread: the planner writes the previous state on a second
-thread meanwhile, and on the two cores it is sized for, Polars' thread pool spent more
+The sorts run on the calling thread: the planner decodes and writes state files on other
+threads meanwhile, and on the two cores it is sized for, Polars' thread pool spent more
 CPU time on a 1M-event sort than it saved in wall time (docs/benchmarks.md).
 
 Why the EMA is not ``ewm_mean(alpha=1 - decay, adjust=False)``: Polars updates the average as
@@ -35,8 +35,9 @@ def _key_order(events: pa.Table, frame: pl.DataFrame) -> tuple[np.ndarray, np.nd
 
     Where the keys and the row numbers fit one int64 together, Polars sorts the values
     ``compact key << row bits | row`` (the compact key is the dataset code above the bits the
-    largest ``base_idx`` needs, so it orders as ``key`` does): a sort of plain integers, about
-    2.5x cheaper than an argsort of the keys at 1M events. Otherwise it argsorts the keys.
+    largest ``base_idx`` needs, so it orders as ``key`` does): a sort of plain integers, cheaper
+    than an argsort of the keys (docs/benchmarks.md). Otherwise it argsorts the keys. Naive
+    equivalent: ``order = sorted(range(n), key=lambda i: keys[i]); (order, [keys[i] for i in order])``.
     """
     keys = events.column("key").to_numpy()
     n = len(keys)
