@@ -1,4 +1,5 @@
-"""Entry point of the start-up agreement test: ``torchrun --nproc_per_node 2 tests/dist_session.py OUT``.
+"""Entry point of the start-up agreement test: ``torchrun --nproc_per_node 2 tests/dist_session.py [CORPUS] OUT``
+(a run of ``tests/dist_runs.py``'s shared launch; the corpus is not read).
 
 A :class:`MiningSession` whose ``prepare`` (the stack's own checks and writes once the run is claimed) fails on
 rank 0 only, as a write of the run's files would; every rank writes ``OUT/rank{R}.json`` with the error its
@@ -15,7 +16,7 @@ from hsm.train import distributed
 from hsm.train.session import MiningSession
 from hsm.train.startup import StartRequest
 
-out = Path(sys.argv[1])
+out = Path(sys.argv[-1])
 distributed.init_from_launcher()
 world = distributed.current_world()
 paths = RunPaths.of(out / "run")
@@ -34,4 +35,5 @@ try:
 except Exception as e:  # what this rank's trainer.train() would raise
     error = f"{type(e).__name__}: {e}"
 (out / f"rank{world.rank}.json").write_text(json.dumps({"error": error}))
-distributed.destroy_process_group()
+if __name__ == "__main__":  # tests/dist_runs.py runs several in one launch and tears down once, after the last
+    distributed.destroy_process_group()

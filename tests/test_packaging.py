@@ -110,21 +110,22 @@ def test_cli_from_the_wheel(installed, run_dir, tmp_path):
     assert "<html" in out.read_text().lower()
 
 
-def test_demo_config_ships_with_the_wheel(installed, tmp_path):
-    """``hsm demo`` outside the repository: its default config is the wheel's own file, and it loads."""
+def test_demo_config_and_integrations_ship_with_the_wheel(installed, tmp_path):
+    """From the wheel alone (one fresh interpreter: each start imports torch and transformers): ``hsm demo``'s
+    default config is the wheel's own file and loads for training, the ms-swift plugin file is the wheel's, and the
+    TRL integration imports from it."""
     code = ("from hsm.cli.demo import packaged_demo_config; from hsm.config_load import load_config; "
-            "p = packaged_demo_config(); load_config(p, for_training=True); print(p)")
-    path = Path(_run([installed / "python", "-c", code], cwd=tmp_path).stdout.strip())
-    assert path.is_file() and path.resolve().is_relative_to(installed.parent.resolve())
-    assert path.read_bytes() == (REPO / "configs" / "demo.yaml").read_bytes()
-
-
-def test_integrations_from_the_wheel(installed, tmp_path):
-    python = installed / "python"
-    plugin = Path(_run([python, "-m", "hsm.integrations.swift"], cwd=tmp_path).stdout.strip())
-    assert plugin.is_file() and plugin.resolve().is_relative_to(installed.parent.resolve())
-    trl = _run([python, "-c", "import hsm.integrations.trl as m; print(m.__file__)"], cwd=tmp_path).stdout.strip()
-    assert Path(trl).resolve().is_relative_to(installed.parent.resolve())
+            "p = packaged_demo_config(); load_config(p, for_training=True); print(p); "
+            "from hsm.integrations.swift import plugin_path; print(plugin_path()); "
+            "import hsm.integrations.trl as m; print(m.__file__)")
+    demo, plugin, trl = map(Path, _run([installed / "python", "-c", code], cwd=tmp_path).stdout.split())
+    venv = installed.parent.resolve()
+    assert demo.is_file() and demo.resolve().is_relative_to(venv)
+    assert demo.read_bytes() == (REPO / "configs" / "demo.yaml").read_bytes()
+    assert plugin.is_file() and plugin.resolve().is_relative_to(venv)
+    assert trl.resolve().is_relative_to(venv)
+    # The README's plugin line: `python -m hsm.integrations.swift` prints the same file.
+    assert Path(_run([installed / "python", "-m", "hsm.integrations.swift"], cwd=tmp_path).stdout.strip()) == plugin
 
 
 # Packages whose every release requires one exact torch version: naming one makes pip replace the user's torch.

@@ -43,12 +43,14 @@ LAUNCHES = {
 }
 
 
-def launch(corpus: Path, *runs: tuple[Path | str, list[str]]) -> None:
-    """``tests/dist_train.py CORPUS OUT EXTRA...`` for each ``(OUT, EXTRA)`` of ``runs``, in order, in one launch."""
+def launch(corpus: Path, *runs: tuple) -> None:
+    """``tests/dist_train.py CORPUS OUT EXTRA...`` for each ``(OUT, EXTRA)`` of ``runs``, in order, in one launch
+    (``(OUT, EXTRA, SCRIPT)`` runs ``SCRIPT`` instead)."""
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))  # DeepSpeed's JIT op, built once
-    argv = [arg for i, (out, extra) in enumerate(runs) for arg in (*(["--"] if i else []), str(corpus), str(out), *extra)]
+    argv = [arg for i, (out, extra, *script) in enumerate(runs)
+            for arg in (*(["--"] if i else []), *script, str(corpus), str(out), *extra)]
     done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "tests/dist_runs.py", "tests/dist_train.py", *argv],
                           cwd=ROOT, capture_output=True, text=True, timeout=300 * len(runs), env=env)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -118,6 +120,7 @@ def runs(tmp_path_factory, corpus) -> dict:
                                     "custom.hard_sample_mining.enabled=false"])]
         if launcher == "ddp":
             first.append((found["nodes"], ["training.num_train_epochs=2"]))
+            first.append((root / "session", [], "tests/dist_session.py"))  # a start-up failure on rank 0 alone
             for mining in ("false", "true"):  # one tapped optimizer step of 2 micro-batches per rank
                 first.append((root / f"tap-{mining}", ["--tap", "training.max_steps=1", "training.max_grad_norm=0",
                                                       "training.gradient_accumulation_steps=2",
@@ -127,10 +130,22 @@ def runs(tmp_path_factory, corpus) -> dict:
         found[launcher] = {"straight": folder / "straight", "off": folder / "off", "resumed": folder / "resumed"}
     launch(corpus, *first)
     found["tap"] = {mining: root / f"tap-{mining}" for mining in ("false", "true")}
+    found["session"] = root / "session"
     for launcher in LAUNCHES:
         found[launcher]["before"] = prepare_resume(found[launcher]["straight"], found[launcher]["resumed"], launcher)
     launch(corpus, *second)
     return found
+
+
+def test_a_start_up_failure_on_rank_0_alone_stops_every_rank_naming_it(runs):
+    """Rank 0 alone writes the run's files before step 0; when that fails, the other rank's start fails too, naming
+    rank 0's error (``tests/dist_session.py``), rather than going on to wait at a gradient all-reduce under a
+    launcher that does not tear the job down; the half-made run folder is removed."""
+    rank0, rank1 = (json.loads((runs["session"] / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["error"].startswith("OSError: ") and "No space left on device" in rank0["error"]
+    assert rank1["error"].startswith("RuntimeError: hsm: rank 0 failed before step 0")
+    assert rank0["error"] in rank1["error"]
+    assert not (runs["session"] / "run" / "hsm").exists()
 
 
 def test_one_step_on_two_ranks_is_bit_identical_to_the_plain_run(runs):
