@@ -24,6 +24,7 @@ pytest.importorskip("swift")
 from hsm.integrations.swift import plugin_path, write_grounding_jsonl  # noqa: E402
 from hsm.train.model import build_checkpoint  # noqa: E402
 from hsm.data.synth import synthesize  # noqa: E402
+from lock_holder import lock_held  # noqa: E402
 from wholerun import replan_and_report  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -339,17 +340,9 @@ def test_swift_sft_refuses_a_folder_another_training_holds_and_names_a_truncated
     held = tmp_path / "held"
     lock = held / "hsm" / ".lock"
     lock.parent.mkdir(parents=True)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from filelock import FileLock; l = FileLock(sys.argv[1]); "
-                               "l.acquire(); print('held', flush=True); time.sleep(600)", str(lock)],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held(lock):
         done = run_swift_sft(tmp_path, "held", checkpoint, [str(data)], mining=True, epochs=1,
                              flags=("--add_version", "false"))
-    finally:
-        holder.kill()
-        holder.wait()
     output = " ".join((done.stdout + done.stderr).split())
     assert done.returncode != 0 and "another hsm plan or training is writing this run" in output, output[-3000:]
     assert [p.name for p in lock.parent.iterdir()] == [".lock"]

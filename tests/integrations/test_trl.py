@@ -25,6 +25,7 @@ from hsm.integrations.trl import HsmSFTTrainer, detection_dataset  # noqa: E402
 from hsm.train.model import build_checkpoint  # noqa: E402
 from hsm.data.synth import DEFAULT_PROMPTS, synthesize  # noqa: E402
 from step_tap import in_order  # noqa: E402
+from lock_holder import lock_held  # noqa: E402
 from wholerun import replan_and_report
 
 pytestmark = pytest.mark.slow
@@ -283,20 +284,12 @@ def test_hsm_sft_trainer_refuses_a_folder_another_training_holds(tmp_path, trl_r
 
     lock = tmp_path / "out" / "hsm" / ".lock"
     lock.parent.mkdir(parents=True)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from filelock import FileLock; l = FileLock(sys.argv[1]); "
-                               "l.acquire(); print('held', flush=True); time.sleep(60)", str(lock)],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held(lock):
         trainer = start_trainer(trl_run, tmp_path / "out")
         with pytest.raises(RunLocked, match="another hsm plan or training is writing this run"):
             trainer.train()
         assert trainer.state.global_step == 0
         assert [p.name for p in lock.parent.iterdir()] == [".lock"]  # nothing written
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_hsm_sft_trainer_refuses_a_used_folder_and_overwrite_replaces_it(tmp_path, trl_run):

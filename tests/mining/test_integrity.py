@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -15,6 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from eventlog import TARGET, random_rows, write_rows
+from lock_holder import lock_held
 from hsm.cli.app import app
 from hsm.config import MiningConfig
 from hsm.io import ChecksumMismatch, file_sha256
@@ -176,21 +175,12 @@ def test_a_failed_dump_publishes_nothing(hsm_dir, tmp_path):
 
 
 def test_a_second_writer_fails_at_once(hsm_dir):
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from filelock import FileLock; l = FileLock(sys.argv[1]); "
-                               "l.acquire(); print('held', flush=True); time.sleep(60)", str(hsm_dir / ".lock")],
-        stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held(hsm_dir / ".lock"):
         started = time.perf_counter()
         with pytest.raises(RunLocked, match="another hsm plan or training is writing this run"):
             plan_epoch(PlanRequest(hsm_dir, 2, MINING, TARGET))
         assert time.perf_counter() - started < 5
         assert not (hsm_dir / "plans").exists()
-    finally:
-        holder.kill()
-        holder.wait()
     plan_epoch(PlanRequest(hsm_dir, 2, MINING, TARGET))  # released with its process
 
 

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from hsm.cli.app import app
 from fake_checkpoint import complete_checkpoint
+from lock_holder import lock_held
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,21 +116,12 @@ def test_resume_checks_every_file_before_the_model_loads(old_run, make_corpus, d
 def test_a_second_training_on_one_folder_is_refused_at_once(old_run, make_corpus, demo_overrides):
     """The first training holds the run's lock from start-up to its end; a second one fails before loading anything."""
     complete_checkpoint(old_run, 2)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from filelock import FileLock; l = FileLock(sys.argv[1]); "
-                               "l.acquire(); print('held', flush=True); time.sleep(600)", str(old_run / "hsm" / ".lock")],
-        stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held(old_run / "hsm" / ".lock") as holder:
         before = _snapshot(old_run)
         text = _text(_train(old_run, demo_overrides(make_corpus(8, 4, 0)), "training.resume_from_checkpoint=last"))
         assert holder.poll() is None  # refused while the lock is still held: it did not wait for the holder to end
         assert "another hsm plan or training is writing this run" in text
         assert _snapshot(old_run) == before
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_a_refused_start_comes_before_torch_and_transformers_load(old_run, make_corpus, demo_overrides):
@@ -148,17 +140,8 @@ def test_a_refused_start_comes_before_torch_and_transformers_load(old_run, make_
 
     before = _snapshot(old_run)
     assert f"{old_run / 'hsm'}: already holds an hsm run" in refused()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from filelock import FileLock; l = FileLock(sys.argv[1]); "
-                               "l.acquire(); print('held', flush=True); time.sleep(600)", str(old_run / "hsm" / ".lock")],
-        stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held(old_run / "hsm" / ".lock"):
         assert "another hsm plan or training is writing this run" in refused("training.overwrite_output_dir=true")
-    finally:
-        holder.kill()
-        holder.wait()
     assert _snapshot(old_run) == before
 
 
