@@ -93,6 +93,7 @@ def register() -> None:
 
     def refuse_then_check(args) -> None:
         refuse_arguments(args.packing, args.streaming)
+        _probe_output_dir(args)
         check_padding_free(args)
 
     refuse_then_check.hsm_checked = True
@@ -115,6 +116,30 @@ def refuse_arguments(packing: bool, streaming: bool) -> None:
         raise ValueError("swift sft --streaming true: ms-swift then reads the dataset as an IterableDataset, with no "
                          "length and no row hsm's schedule could draw or re-weight; drop --streaming when training "
                          "with the hsm plugin")
+
+
+def _start_request(output_dir: str, cfg, resume: str | None = None):
+    """The start-up request of a ``swift sft`` run into ``output_dir`` (its ``hsm/`` folder), with ms-swift's hints."""
+    from hsm.config_load import OVERWRITE_KEY
+    from hsm.layout import RunPaths
+    from hsm.train.startup import StartRequest
+
+    return StartRequest(RunPaths.of(output_dir), resume=resume, overwrite=bool(cfg.training.get(OVERWRITE_KEY, False)),
+                        check_files=cfg.mining is not None, source=cfg.source,
+                        how_to_resume="swift sft --resume_from_checkpoint CHECKPOINT",
+                        how_to_overwrite=f"training.{OVERWRITE_KEY}: true in {CONFIG_ENV}")
+
+
+def _probe_output_dir(args) -> None:
+    """With ``--add_version false`` the output folder is final when ms-swift checks its arguments: rank 0 refuses a
+    run another process holds, or a fresh run into a folder holding an hsm run
+    (:func:`hsm.train.startup.probe_run`), before the model and the data load and before ms-swift writes its own
+    files there. (With versions on, every run gets a new ``vN-<timestamp>`` folder.)"""
+    from hsm.train.startup import probe_run
+
+    if getattr(args, "add_version", True) or os.environ.get("RANK", "0") != "0":
+        return
+    probe_run(_start_request(args.output_dir, _load_hsm_config(), resume=args.resume_from_checkpoint))
 
 
 def _loss_class():
@@ -321,11 +346,8 @@ def _trainer_class():
     from swift.trainers import Seq2SeqTrainer
 
     from hsm.config import MiningConfig
-    from hsm.config_load import OVERWRITE_KEY
     from hsm.integrations.common import attach
-    from hsm.layout import RunPaths
     from hsm.train import distributed
-    from hsm.train.startup import StartRequest
     from hsm.train.trainer import HsmTrainerMixin
 
     class HsmSwiftTrainer(HsmTrainerMixin, Seq2SeqTrainer):
@@ -346,10 +368,7 @@ def _trainer_class():
             tokenizer = self.template.tokenizer if is_mining else None
             found = provenance(getattr(self.train_dataset, "dataset", None), name)
             target_rows, sources = found if found is not None else (None, [])
-            start = StartRequest(RunPaths.of(self.args.output_dir), overwrite=bool(cfg.training.get(OVERWRITE_KEY, False)),
-                                 check_files=is_mining, source=cfg.source,
-                                 how_to_resume="swift sft --resume_from_checkpoint CHECKPOINT",
-                                 how_to_overwrite=f"training.{OVERWRITE_KEY}: true in {CONFIG_ENV}")
+            start = _start_request(self.args.output_dir, cfg)
             raw = getattr(self.train_dataset, "dataset", None)
             attach(self, self.train_dataset, name, mining=cfg.mining, seed=seed, start=start, tokenizer=tokenizer,
                    world=distributed.current_world(), target_rows=target_rows, sources=sources, raw=raw, config=cfg,

@@ -315,8 +315,9 @@ def test_swift_sft_reports_a_bad_hsm_config_before_loading_the_model(tmp_path):
 
 
 def test_swift_sft_refuses_a_folder_that_holds_an_hsm_run(tmp_path, mined_run):
-    """A fresh `swift sft` into a folder holding an hsm run (`--add_version false` reuses it) is refused before
-    step 0, naming the folder and the opt-in; the old run stays as it was."""
+    """A fresh `swift sft` into a folder holding an hsm run (`--add_version false` reuses it) is refused while
+    ms-swift checks its arguments (before the model loads), naming the folder and the opt-in; the old run stays
+    as it was and ms-swift writes nothing there."""
     import shutil
 
     checkpoint, data, mined = mined_run
@@ -330,6 +331,7 @@ def test_swift_sft_refuses_a_folder_that_holds_an_hsm_run(tmp_path, mined_run):
     assert f"{used / 'hsm'}: already holds an hsm run" in output and "overwrite_output_dir: true in HSM_CONFIG" in output
     assert {p: p.read_bytes() for p in sorted((used / "hsm").rglob("*")) if p.is_file() and p.name != ".lock"} == before
     assert not (used / "logging.jsonl").exists() or not step_losses(used)  # no step ran
+    assert not (used / "args.json").exists()  # refused while ms-swift checked its arguments: before it wrote any
 
 
 def test_swift_sft_refuses_a_folder_another_training_holds_and_names_a_truncated_image(tmp_path, mined_run):
@@ -346,7 +348,7 @@ def test_swift_sft_refuses_a_folder_another_training_holds_and_names_a_truncated
     output = " ".join((done.stdout + done.stderr).split())
     assert done.returncode != 0 and "another hsm plan or training is writing this run" in output, output[-3000:]
     assert [p.name for p in lock.parent.iterdir()] == [".lock"]
-    assert not (held / "logging.jsonl").exists() or not step_losses(held)
+    assert sorted(p.name for p in held.iterdir()) == ["hsm"]  # refused before the model loaded or args.json
 
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     image = Path(rows[2]["images"][0])
