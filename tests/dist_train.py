@@ -13,12 +13,11 @@ import os
 import sys
 from pathlib import Path
 
-from safetensors.torch import save_file
 from transformers import Trainer
 
 from hsm.config_load import load_config
 from hsm.run import train
-from step_tap import tapped
+from step_tap import save_step, tapped
 
 corpus, out, extra = sys.argv[1], sys.argv[2].replace("{rank}", os.environ.get("RANK", "0")), sys.argv[3:]
 tap = extra[:1] == ["--tap"]
@@ -33,10 +32,7 @@ cfg = load_config("configs/demo.yaml", [
 summary = train(cfg, base_trainer=tapped(Trainer) if tap else None)
 trainer = summary["trainer"]
 if tap:
-    tensors = {f"loss.{k}": loss.reshape(1) for k, loss in enumerate(trainer.step_losses)}
-    tensors.update({f"grad.{s}.{name}": grad.contiguous() for s, grads in enumerate(trainer.step_grads)
-                    for name, grad in grads.items()})
-    save_file(tensors, str(Path(out) / f"rank{trainer.args.process_index}.safetensors"))
+    save_step(trainer, Path(out) / f"rank{trainer.args.process_index}.safetensors")
 sampler = trainer.mining.sampler
 engine = getattr(trainer, "model_wrapped", None)
 zero_stage = engine.zero_optimization_stage() if trainer.is_deepspeed_enabled else None

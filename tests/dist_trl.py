@@ -17,7 +17,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch.distributed as dist
-from safetensors.torch import save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import SFTConfig, SFTTrainer
 
@@ -25,7 +24,7 @@ from hsm.config import MiningConfig, SelectorConfig
 from hsm.data.synth import DEFAULT_PROMPTS
 from hsm.integrations.trl import HsmSFTTrainer, detection_dataset
 from hsm.train import distributed
-from step_tap import in_order, tapped
+from step_tap import in_order, save_step, tapped
 
 checkpoint, jsonl, out, epochs, mining = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 system, user = DEFAULT_PROMPTS["target"]
@@ -41,13 +40,6 @@ def sft_args(folder: Path) -> SFTConfig:
     if mining == "identity":
         args.max_steps, args.max_grad_norm, args.gradient_accumulation_steps = 1, 0.0, 2
     return args
-
-
-def save_step(trainer, path: Path) -> None:
-    tensors = {f"loss.{k}": loss.reshape(1) for k, loss in enumerate(trainer.step_losses)}
-    tensors.update({f"grad.{s}.{name}": grad.contiguous() for s, grads in enumerate(trainer.step_grads)
-                    for name, grad in grads.items()})
-    save_file(tensors, str(path))
 
 
 def drawn_order(hsm_dir: Path, world_size: int, batch: int) -> list[int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import TrainerCallback
 
-__all__ = ["tapped", "in_order", "assert_same_step"]
+__all__ = ["tapped", "in_order", "save_step", "assert_same_step"]
 
 
 class _GradTap(TrainerCallback):
@@ -53,6 +53,17 @@ def in_order(base: type) -> type:
 
     InOrder.__name__ = InOrder.__qualname__ = f"InOrder{base.__name__}"
     return InOrder
+
+
+def save_step(trainer, path) -> None:
+    """A tapped trainer's step as safetensors (``loss.K`` per micro-batch, ``grad.S.NAME`` per optimizer step), for
+    a test in another process to compare with ``torch.equal``."""
+    from safetensors.torch import save_file
+
+    tensors = {f"loss.{k}": loss.reshape(1) for k, loss in enumerate(trainer.step_losses)}
+    tensors.update({f"grad.{s}.{name}": grad.contiguous() for s, grads in enumerate(trainer.step_grads)
+                    for name, grad in grads.items()})
+    save_file(tensors, str(path))
 
 
 def assert_same_step(plain, hsm) -> None:

@@ -36,6 +36,7 @@ from hsm.schemas import PLAN_SCHEMA, SchemaError, check_schema, conform
 from hsm.layout import RunPaths
 
 __all__ = [
+    "check_unlocked",
     "PLAN_VERSION",
     "PlanError",
     "DatasetInfo",
@@ -86,6 +87,31 @@ class RunLocked(RuntimeError):
     """Another process is writing this run (``hsm plan`` or a training's planning)."""
 
 
+def _locked(hsm_dir: Path) -> RunLocked:
+    return RunLocked(f"{hsm_dir}: another hsm plan or training is writing this run (lock {RunPaths.at(hsm_dir).lock} is "
+                     "held); wait for it to finish, then run the command again")
+
+
+def check_unlocked(hsm_dir: str | Path) -> None:
+    """Raise :class:`RunLocked` when another process holds the run's lock; creates nothing and keeps nothing (a
+    probe before a start that takes the lock with :func:`run_lock` later).
+
+    Raises:
+        RunLocked: another process holds the lock.
+    """
+    from filelock import FileLock, Timeout
+
+    path = RunPaths.at(hsm_dir).lock
+    if not path.is_file():
+        return
+    lock = FileLock(path, is_singleton=True)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise _locked(Path(hsm_dir)) from None
+    lock.release()
+
+
 @contextlib.contextmanager
 def run_lock(hsm_dir: str | Path, timeout: float = 0.0):
     """Hold the run's writer lock (``<hsm_dir>/.lock``) for the ``with`` block.
@@ -113,10 +139,7 @@ def run_lock(hsm_dir: str | Path, timeout: float = 0.0):
     try:
         lock.acquire(timeout=timeout)
     except Timeout as e:
-        raise RunLocked(
-            f"{hsm_dir}: another hsm plan or training is writing this run (lock {RunPaths.at(hsm_dir).lock} is held); "
-            "wait for it to finish, then run the command again"
-        ) from e
+        raise _locked(hsm_dir) from e
     try:
         remove_stale_temps(hsm_dir)
         yield

@@ -107,20 +107,11 @@ def probe_run(request: StartRequest) -> None:
         RunLocked: another training or ``hsm plan`` holds the run's lock.
         RunExists: a fresh run into a folder with an hsm run in it, without ``overwrite``.
     """
-    from filelock import FileLock, Timeout
-
     from hsm.mining.checks import run_contents
-    from hsm.mining.plan import RunLocked
+    from hsm.mining.plan import check_unlocked
 
     paths = request.paths
-    if paths.lock.is_file():
-        lock = FileLock(paths.lock, is_singleton=True)
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            raise RunLocked(f"{paths.root}: another hsm plan or training is writing this run (lock {paths.lock} is "
-                            "held); wait for it to finish, then run the command again") from None
-        lock.release()
+    check_unlocked(paths.root)
     found = run_contents(paths.root) if paths.root.is_dir() else []
     if found and request.resume is None and not request.overwrite:
         raise _run_exists(request, found)
