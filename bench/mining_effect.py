@@ -66,7 +66,7 @@ PRESETS = {
     # A smoke test of the whole path in a minute (learns nothing).
     "smoke": {"size": 64, "patch": 8, "n_train": 64, "n_val": 4, "hidden": 32, "layers": 1, "vision_depth": 1,
               "vision_hidden": 16, "batch": 16, "lr": 3e-3, "warmup": 2, "epochs": 3, "eval_batch": 24,
-              "max_new_tokens": 40, "det_every": 1, "curve_from": 2},
+              "max_new_tokens": 40, "det_every": 1, "curve_from": 2, "logging_steps": 1},
 }
 # The base a preset fine-tunes (bench/base/NAME); presets not named here train from scratch.
 BASE_OF = {"finetune": "tiny", "gpu": "gpu"}
@@ -99,9 +99,25 @@ ARMS: dict[str, dict | None] = {
     "dynamic_k400": {**BASE, "mode": "dynamic", "hard_pool_frac": 0.2, "hard_pool_k": 400},
     "fixed_set": {**BASE, "mode": "fixed_set", "metric": "loss", "hard_sample_size": 800, "regular_sample_size": 1600},
     "loss_suspects": {**BASE, "mode": "reweight", "metric": "loss", "exclude_suspects": True, **SELECT},
+    # The ceiling any signal can reach: `loss`'s selector and hard_weight, but the score each sample logs is 1 for
+    # the slices hard by construction (ORACLE_SLICES) and 0 for the rest (the training loss is untouched; only the
+    # statistic handed to the event log is replaced), so the 20% hard set is drawn from those slices.
+    "oracle": {**BASE, "mode": "reweight", "metric": "loss", **SELECT},
+    # The compute-saving arm (InfoBatch's question): 20% hardest + 40% others of the target, each drawn once an
+    # epoch, so an epoch is 60% of the target's draws. Its reference: the same 60% epochs drawn uniformly (a
+    # fixed_set config whose plans never apply; epoch 0 of both is the same draw).
+    "fixed_set_60": {**BASE, "mode": "fixed_set", "metric": "loss", "hard_sample_size": 800,
+                     "regular_sample_size": 1600, "target_epoch_size": 2400},
+    "uniform_60": {"enabled": True, "start_epoch": 10_000, "mode": "fixed_set", "metric": "loss",
+                   "hard_sample_size": 800, "regular_sample_size": 1600, "target_epoch_size": 2400},
 }
-# In order of priority (an experiment cut short keeps the first ones).
-DEFAULT_ARMS = ["uniform", "uniform_replicate", "loss", "det_f1", "coord_loss", "label_loss", "loss_sum", "loss_suspects", "dynamic", "fixed_set"]
+# The oracle's hard slices: the endpoints' slices (not `noise`: a wrong label is not a hard image).
+ORACLE_SLICES = ("small", "crowded", "rare", "low_contrast")
+# Part 2's experiment, in order of priority (an experiment cut short keeps the first ones): uniform, the planned
+# Holm family (bench/mining_effect_report.py PLANNED_ARMS), the compute-saving arm and its reference. The
+# other arms (loss_sum, loss_suspects, fixed_set, dynamic_k400) run when named.
+DEFAULT_ARMS = ["uniform", "uniform_replicate", "oracle", "loss", "dynamic", "label_loss", "coord_loss", "det_f1",
+                "fixed_set_60", "uniform_60"]
 # Arms whose data order (the fusion seed: schedule and source draws) is offset from the run seed.
 ORDER_SEED_OFFSET = {"uniform_replicate": 1000}
 METRICS = ("AP50", "mAP", "recall50", "F1_50")
@@ -148,7 +164,7 @@ def training_section(out: Path, preset: dict, seed: int, cuda: bool) -> dict:
     return {
         "output_dir": str(out), "num_train_epochs": preset["epochs"], "per_device_train_batch_size": preset["batch"],
         "learning_rate": preset["lr"], "lr_scheduler_type": "cosine", "warmup_steps": preset["warmup"],
-        "weight_decay": 0.0, "logging_steps": 25, "save_strategy": "no", "report_to": [], "seed": seed,
+        "weight_decay": 0.0, "logging_steps": preset.get("logging_steps", 25), "save_strategy": "no", "report_to": [], "seed": seed,
         "data_seed": seed, "dataloader_num_workers": 0, "disable_tqdm": True, "use_cpu": not cuda, "bf16": cuda,
         "overwrite_output_dir": True,
     }
@@ -170,9 +186,13 @@ def run_config(corpus: dict, out: Path, mining: dict | None, preset: dict, seed:
     custom: dict = {"fusion_config": fusion}
     if mining is not None:
         mining = dict(mining)
-        if mining.get("mode") == "fixed_set":  # 20% hardest + 40% others of the target, whatever its size
-            mining["hard_sample_size"] = round(mining["hard_sample_size"] * preset["n_train"] / 4000)
-            mining["regular_sample_size"] = round(mining["regular_sample_size"] * preset["n_train"] / 4000)
+        if mining.get("mode") == "fixed_set":  # 20% hardest + 40% others (+ 60% epochs) of the target, whatever its size
+            whole = mining.get("target_epoch_size") == mining["hard_sample_size"] + mining["regular_sample_size"]
+            for key in ("hard_sample_size", "regular_sample_size", "target_epoch_size"):
+                if key in mining:
+                    mining[key] = round(mining[key] * preset["n_train"] / 4000)
+            if whole:  # an epoch of the two sets drawn once each stays that after rounding
+                mining["target_epoch_size"] = mining["hard_sample_size"] + mining["regular_sample_size"]
         custom["hard_sample_mining"] = {**mining, "seed": seed}
         if mining.get("metric") == "det_f1":
             custom["det_f1"] = {"every": preset["det_every"], "batch_size": preset["eval_batch"],
@@ -208,7 +228,13 @@ def base_weights(name: str) -> Path:
     return weights
 
 
-def counting_trainer(curve: dict | None = None, init_from: Path | None = None):
+def oracle_scores(train_jsonl: Path, slices: dict[str, str]) -> list[float]:
+    """Per target row (``base_idx`` order): 1.0 for an image of an :data:`ORACLE_SLICES` slice, else 0.0."""
+    ids = [json.loads(line)["id"] for line in Path(train_jsonl).read_text().splitlines() if line.strip()]
+    return [1.0 if slices[i] in ORACLE_SLICES else 0.0 for i in ids]
+
+
+def counting_trainer(curve: dict | None = None, init_from: Path | None = None, oracle: dict | None = None):
     """A ``transformers.Trainer`` that counts the supervised tokens it trains on.
 
     With ``curve`` (``val``, ``target``, ``slices``, ``shares``, ``preset``, ``from_epoch``), it also
@@ -217,9 +243,28 @@ def counting_trainer(curve: dict | None = None, init_from: Path | None = None):
     per-slice metrics (``trainer.curves``), plus the legacy ``(global_step, overall, clean,
     tokens)`` tuples (``trainer.curve``); ``trainer.last_images`` holds the last point's
     per-image rows. With ``init_from`` (a safetensors file), the model's weights are loaded from
-    it before training (the pretrained base).
+    it before training (the pretrained base). With ``oracle`` (``{"dataset": name, "scores": [per base_idx]}``),
+    the per-token losses handed to the mining session's ``record`` are replaced by the sample's oracle score (the
+    training loss and its gradients are untouched): the planner's ``loss`` metric then ranks by the oracle.
     """
     from transformers import Trainer, TrainerCallback
+
+    class OracleCallback(TrainerCallback):
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            import torch
+
+            session = self.trainer.mining
+            record, table = session.record, torch.tensor(oracle["scores"])
+
+            def record_oracle(meta, losses, mask, correct):
+                rows = torch.tensor([table[i] if d == oracle["dataset"] else 0.0
+                                     for d, i in zip(meta.dataset, meta.base_idx)], dtype=losses.dtype)
+                record(meta, rows.to(losses.device)[:, None].expand_as(losses), mask, correct)
+
+            session.record = record_oracle
 
     class CurveCallback(TrainerCallback):
         def __init__(self, trainer):
@@ -261,6 +306,8 @@ def counting_trainer(curve: dict | None = None, init_from: Path | None = None):
                 load_model(self.model, str(init_from), strict=True)
             if curve is not None:
                 self.add_callback(CurveCallback(self))
+            if oracle is not None:
+                self.add_callback(OracleCallback(self))
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:
@@ -397,7 +444,8 @@ def train_one(seed: int, arm: str, preset: dict, out: Path, preset_name: str = "
     if preset.get("curve_from", 0) > 0 and (ARMS[arm] is not None or base):
         curve = {"val": corpus["bbu_val"], "target": "bbu", "slices": info["val"], "shares": info["shares"],
                  "preset": preset, "from_epoch": int(preset["curve_from"])}
-    summary = train(cfg, base_trainer=counting_trainer(curve, init_from))
+    oracle = {"dataset": "bbu", "scores": oracle_scores(corpus["bbu"], info["train"])} if arm == "oracle" else None
+    summary = train(cfg, base_trainer=counting_trainer(curve, init_from, oracle))
     trainer = summary["trainer"]
     trained = time.perf_counter() - started
     if trainer.curves and trainer.curves[-1]["step"] == summary["global_step"]:  # the last epoch end is the final model

@@ -27,7 +27,6 @@ NON_INFERIORITY = -0.02
 # Compute-saving arms: judged by non-inferiority to full-length uniform on every endpoint, not by a gain.
 SAVING_ARMS = ("fixed_set_60",)
 
-
 def load_runs(out: Path) -> list[dict]:
     """Every finished run of ``out/runs``, ordered by seed then arm file name.
 
@@ -141,7 +140,8 @@ def holm(pvalues: list[float]) -> list[float]:
 
 
 def verdict_test(runs: list[dict], key: str = "AP50", control: str = "uniform", endpoints=ENDPOINTS,
-                 alpha: float = ALPHA, margin: float = NON_INFERIORITY, saving_arms=SAVING_ARMS) -> dict:
+                 alpha: float = ALPHA, margin: float = NON_INFERIORITY, saving_arms=SAVING_ARMS,
+                 family: tuple[str, ...] | None = None) -> dict:
     """The verdict fixed in advance, per arm x endpoint, on the paired differences to ``control``.
 
     Per cell: the paired t-test and 95% CI over the seeds both arms finished (:func:`paired_test`);
@@ -150,6 +150,9 @@ def verdict_test(runs: list[dict], key: str = "AP50", control: str = "uniform", 
     Δ overall is above ``margin`` (non-inferior overall); it **hurts** one when adjusted p <
     ``alpha`` with a negative Δ. A compute-saving arm **saves** when the lower CI bound is above
     ``margin`` on every endpoint. Otherwise "no effect" (the replicate control must read so).
+    With ``family`` (the planned arms), an arm in neither ``family`` nor ``saving_arms`` (a reference such
+    as ``uniform_60``, an arm run beside the plan) stays out of the Holm family and is not judged: its
+    cells keep their unadjusted p, so it cannot change a planned arm's adjusted p.
 
     Returns ``{"cells": {(arm, endpoint): test + "p_holm"}, "verdicts": {arm: text}, "arms": [...]}``.
     """
@@ -164,7 +167,7 @@ def verdict_test(runs: list[dict], key: str = "AP50", control: str = "uniform", 
                      if endpoint in mine[s]["val"] and endpoint in control_runs[s]["val"]]
             cells[(arm, endpoint)] = paired_test(diffs, alpha)
     # Compute-saving arms are judged by their CIs alone: they stay out of the Holm family.
-    order = [c for c in cells if c[0] not in saving_arms]
+    order = [c for c in cells if c[0] not in saving_arms and (family is None or c[0] in family)]
     for cell, adjusted in zip(order, holm([cells[c]["p"] for c in order])):
         cells[cell]["p_holm"] = adjusted
     for cell in cells:
@@ -174,6 +177,9 @@ def verdict_test(runs: list[dict], key: str = "AP50", control: str = "uniform", 
         mine = {e: cells[(arm, e)] for e in endpoints}
         if any(c["n"] < 2 for c in mine.values()):
             verdicts[arm] = f"undecided ({min(c['n'] for c in mine.values())} paired seed(s))"
+            continue
+        if family is not None and arm not in family and arm not in saving_arms:
+            verdicts[arm] = "not judged (outside the planned family)"
             continue
         if arm in saving_arms:
             short = [e for e, c in mine.items() if not c["ci"][0] > margin]
@@ -238,7 +244,7 @@ def _cell(c: dict, paired: bool) -> str:
 def markdown(runs: list[dict], summary: dict) -> str:
     """The metric tables, verdicts, compute and suspects as markdown."""
     table, slices = summary["table"], summary["slices"]
-    lines = verdict_markdown(verdict_test(runs)) if any(r["arm"] == "uniform" for r in runs) else []
+    lines = verdict_markdown(verdict_test(runs, family=PLANNED_ARMS)) if any(r["arm"] == "uniform" for r in runs) else []
     for key, title in summary["metrics"]:
         lines += [f"**val {title}** per slice: mean ± std over seeds; Δ = paired difference to uniform (mean ± std)", "",
                   "| arm | seeds | " + " | ".join(slices) + " |", "|---" * (len(slices) + 2) + "|"]
@@ -382,9 +388,6 @@ def render(out: Path, doc: Path | None) -> None:
              "paired Δ mAP50 to uniform, mean ± std over seeds")
 
 
-# The arms of the full experiment whose cells form the Holm family (the compute-saving arm is judged by its CIs).
-PLANNED_ARMS = ("uniform_replicate", "dynamic", "oracle", "loss", "label_loss", "coord_loss", "det_f1")
-
 
 def pilot_lines(runs: list[dict], delta: float = 0.05, power: float = 0.8, key: str = "AP50") -> list[str]:
     """Each run's per-slice values, the paired sd per slice of each arm against uniform, and the seeds
@@ -429,7 +432,7 @@ def main() -> None:
     runs = [json.loads(p.read_text()) for p in sorted((args.out / "runs").glob("seed-*.json"))]
     if not runs:
         raise SystemExit(f"{args.out / 'runs'}: no finished runs (seed-*.json)")
-    print("\n".join(pilot_lines(runs) if args.pilot else verdict_markdown(verdict_test(runs))))
+    print("\n".join(pilot_lines(runs) if args.pilot else verdict_markdown(verdict_test(runs, family=PLANNED_ARMS))))
 
 
 if __name__ == "__main__":

@@ -74,6 +74,23 @@ def test_verdicts_follow_the_rule_fixed_in_advance():
     assert cell["p"] == pytest.approx(stats.ttest_rel(good, uniform).pvalue)
 
 
+def test_an_arm_outside_the_planned_family_changes_no_adjusted_p_and_is_not_judged():
+    effects = {"loss": {"small": 0.03}, "uniform_replicate": {}}
+    runs = _runs(effects, n_seeds=8, noise=0.01)
+    planned = verdict_test(runs, family=("loss", "uniform_replicate"))
+    reference = [{**r, "arm": "uniform_60"} for r in _runs({"x": {"small": 0.2}}, n_seeds=8, noise=0.01, seed=1)
+                 if r["arm"] == "x"]
+    extra = runs + reference
+    with_reference = verdict_test(extra, family=("loss", "uniform_replicate"))
+    assert with_reference["verdicts"]["uniform_60"] == "not judged (outside the planned family)"
+    assert math.isnan(with_reference["cells"][("uniform_60", "small")]["p_holm"])
+    for cell, c in planned["cells"].items():
+        assert with_reference["cells"][cell]["p_holm"] == c["p_holm"]
+    # Without a family the reference joins the Holm family: ten more cells, larger adjusted p.
+    pooled = verdict_test(extra)
+    assert pooled["cells"][("loss", "small")]["p_holm"] > planned["cells"][("loss", "small")]["p_holm"]
+
+
 def test_a_saving_arm_short_on_one_endpoint_does_not_save_and_few_seeds_are_undecided():
     runs = _runs({"fixed_set_60": {"crowded": -0.1}}, n_seeds=6, noise=0.005)
     assert verdict_test(runs)["verdicts"]["fixed_set_60"] == "does not save (not non-inferior on crowded)"
@@ -114,7 +131,9 @@ def test_every_arm_shares_uniforms_epoch_0_and_the_replicate_only_changes_the_da
         assert cfg.training["seed"] == 7 and cfg.training["data_seed"] == 7
         assert cfg.custom.fusion_config.seed == (1007 if arm == "uniform_replicate" else 7)
         assert [s.ratio for s in cfg.custom.fusion_config.sources] == [preset["source_ratio"]]
-        if cfg.mining is not None:
+        if arm in ("fixed_set_60", "uniform_60"):  # the compute-saving pair: 60% epochs, epoch 0 shared by the two
+            assert cfg.mining.target_epoch_size == 1200 and cfg.mining.start_epoch == (1 if arm == "fixed_set_60" else 10_000)
+        elif cfg.mining is not None:
             assert cfg.mining.target_epoch_size is None and cfg.mining.start_epoch == 1
     fixed = parse_config(run_config(corpus, tmp_path / "f", ARMS["fixed_set"], preset, 7, False), "fixed_set").mining
     assert (fixed.hard_sample_size, fixed.regular_sample_size) == (400, 800)  # 20% + 40% of 2,000
