@@ -26,6 +26,8 @@ ALPHA = 0.05
 NON_INFERIORITY = -0.02
 # Compute-saving arms: judged by non-inferiority to full-length uniform on every endpoint, not by a gain.
 SAVING_ARMS = ("fixed_set_60",)
+# The arms of the full experiment whose cells form the Holm family (the compute-saving arm is judged by its CIs).
+PLANNED_ARMS = ("uniform_replicate", "dynamic", "oracle", "loss", "label_loss", "coord_loss", "det_f1")
 
 def load_runs(out: Path) -> list[dict]:
     """Every finished run of ``out/runs``, ordered by seed then arm file name.
