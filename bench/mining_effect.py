@@ -118,6 +118,12 @@ ORACLE_SLICES = ("small", "crowded", "rare", "low_contrast")
 # other arms (loss_sum, loss_suspects, fixed_set, dynamic_k400) run when named.
 DEFAULT_ARMS = ["uniform", "uniform_replicate", "oracle", "loss", "dynamic", "label_loss", "coord_loss", "det_f1",
                 "fixed_set_60", "uniform_60"]
+# CPU kernels choose their vector instructions per host (ATen's kernels, MKL's GEMM, oneDNN), and the rounding
+# follows them: a 38-step fine-tune logged loss 0.25405517578 with this host's AVX-512 and 0.25405488968 with
+# AVX2, and over 628 steps the drift reaches the second decimal of mAP50 (seed 1's uniform read clean 0.843 on
+# one session's host and 0.832 on the next one's, same commit path and libraries). Pinned to AVX2 (MKL's
+# conditional numerical reproducibility mode included), a run repeats on any x86-64 host with AVX2.
+PINNED_ISA = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 # Arms whose data order (the fusion seed: schedule and source draws) is offset from the run seed.
 ORDER_SEED_OFFSET = {"uniform_replicate": 1000}
 METRICS = ("AP50", "mAP", "recall50", "F1_50")
@@ -381,11 +387,18 @@ def provenance() -> dict:
 
     from importlib.metadata import version
 
-    # Library versions: the same commit under another torch or transformers is another trajectory.
+    import torch
+
+    # Library versions: the same commit under another torch or transformers is another trajectory; so is another
+    # vector ISA (PINNED_ISA), recorded as the kernels torch actually dispatched to.
     versions = {name: version(name) for name in ("torch", "transformers", "numpy", "pillow", "tokenizers")}
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "") if Path("/proc/cpuinfo").is_file() else ""
+    isa = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": cpu,
+           **{k: os.environ.get(k) for k in PINNED_ISA}}
     return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
             "command": os.environ.get("MINING_EFFECT_COMMAND") or " ".join(sys.argv), "versions": versions,
-            "python": sys.version.split()[0]}
+            "isa": isa, "python": sys.version.split()[0]}
 
 
 def last_hard_ids(hsm_dir: Path, epochs: int, target: str = "bbu") -> set[str] | None:
@@ -546,7 +559,7 @@ def run_parallel(args, preset: dict) -> None:
     def one(task: tuple[int, str]) -> None:
         seed, arm = task
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--preset", args.preset, "--seeds", str(seed), "--arms", arm,
-                   "--out", str(out), "--threads", str(args.threads), "--epochs", str(preset["epochs"]),
+                   "--out", str(out), "--threads", str(args.threads), "--epochs", str(preset["epochs"]), "--isa", args.isa,
                    "--set", *[f"{k}={v}" for k, v in preset.items()]]
         env = {**os.environ, "MINING_EFFECT_COMMAND": " ".join(["python", "bench/mining_effect.py", *sys.argv[1:]])}
         with open(out / "runs" / f"seed-{seed}-{arm}.log", "w") as log:
@@ -572,8 +585,13 @@ def main() -> None:
     parser.add_argument("--from-dir", type=Path, default=None, help="only render the runs a work directory holds")
     parser.add_argument("--pretrain", action="store_true", help="build the pretrained base --base into bench/base/NAME")
     parser.add_argument("--base", choices=sorted(PRETRAIN), default="tiny", help="the base --pretrain builds")
+    parser.add_argument("--isa", choices=["avx2", "native"], default="avx2",
+                        help="CPU vector instructions: avx2 (default: runs repeat across hosts) or native (faster)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.isa == "avx2" and any(os.environ.get(k) != v for k, v in PINNED_ISA.items()):
+        # Before torch loads its kernels: the whole process (workers, pretraining) runs pinned.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **PINNED_ISA})
     if args.pretrain:
         import torch
 

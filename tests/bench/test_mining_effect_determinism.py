@@ -54,6 +54,10 @@ def test_smoke_preset_twice_gives_the_same_numbers(tmp_path):
                 assert round(value, 3) == round(second["val"][slice_name][key], 3), (arm, slice_name, key)
         assert first["images"] == second["images"]
         assert first["commit"] == second["commit"] and first["command"].startswith("python bench/mining_effect.py")
+        # The vector ISA is pinned (bench/mining_effect.py PINNED_ISA): torch dispatched to its AVX2 kernels.
+        assert first["isa"]["ATEN_CPU_CAPABILITY"] == "avx2" and first["isa"]["MKL_CBWR"] == "AVX2"
+        if " avx2 " in Path("/proc/cpuinfo").read_text():
+            assert first["isa"]["cpu_capability"] == second["isa"]["cpu_capability"] == "AVX2"
     # Per-sample training losses of the mining arm (uniform runs keep no event log).
     a, b = (_losses(tmp_path / name / "run-0-loss", 2) for name in "ab")
     assert len(a) == 2 * 64 and np.array_equal(a, b)
