@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["load_runs", "summarize", "paired_test", "holm", "verdict_test", "verdict_markdown",
-           "seeds_for_power", "markdown", "plot", "render", "main"]
+           "seeds_for_power", "crossing", "match_share", "markdown", "plot", "render", "main"]
 
 METRICS = (("AP50", "mAP50"), ("mAP", "mAP@[.5:.95]"), ("recall50", "recall@0.5"), ("F1_50", "F1@0.5"))
 HARD = ("rare", "small", "crowded", "low_contrast")
@@ -261,23 +261,76 @@ def markdown(runs: list[dict], summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def steps_to_match(runs: list[dict], arms: list[str]) -> list[str]:
-    """Per mining arm and seed: the first epoch-end step whose overall mAP50 reaches uniform's final one."""
-    final = {r["seed"]: r["val"]["overall"]["AP50"] for r in runs if r["arm"] == "uniform"}
+def crossing(steps: list[int], values: np.ndarray, target: float) -> float:
+    """The step at which a curve first reaches ``target``, linear between its points; ``inf`` if it never does.
+
+    A curve already at ``target`` at its first point reads that point's step (nothing earlier was scored).
+    """
+    above = np.flatnonzero(np.asarray(values) >= target)
+    if not len(above):
+        return math.inf
+    i = int(above[0])
+    if i == 0:
+        return float(steps[0])
+    (s0, s1), (v0, v1) = steps[i - 1: i + 1], values[i - 1: i + 1]
+    return s1 - (s1 - s0) * (v1 - target) / (v1 - v0)  # exactly s1 when the curve meets the target there
+
+
+def _curves(runs: list[dict], arm: str, endpoint: str, key: str) -> tuple[list[int], dict[int, np.ndarray]]:
+    """An arm's epoch-end curve per seed (``curves``), on the step grid every seed of it shares."""
+    mine = {r["seed"]: r for r in runs if r["arm"] == arm and r.get("curves")}
+    grids = {tuple(c["step"] for c in r["curves"]) for r in mine.values()}
+    if len(grids) != 1:
+        return [], {}
+    return list(next(iter(grids))), {s: np.array([c["val"][endpoint][key] for c in r["curves"]]) for s, r in mine.items()}
+
+
+def match_share(runs: list[dict], arm: str, endpoint: str = "overall", key: str = "AP50", n_boot: int = 2000,
+                seed: int = 0) -> dict | None:
+    """Where ``arm``'s seed-mean curve reaches uniform's seed-mean final value, as a share of uniform's steps.
+
+    Both arms are smoothed alike (the mean over the seeds both finished, at every epoch end), so an arm identical to
+    uniform reads 100%, not an early noisy crossing. The 95% interval resamples seeds (paired: the same seeds for
+    both arms) ``n_boot`` times; a resample whose curve never reaches the target counts as ``inf`` (not reached).
+    Returns ``{"share", "low", "high", "seeds", "target", "grid", "mean"}``, or None without paired curves.
+    """
+    grid_u, uniform = _curves(runs, "uniform", endpoint, key)
+    grid, mine = _curves(runs, arm, endpoint, key)
+    seeds = sorted(set(mine) & set(uniform))
+    if not seeds:
+        return None
+    U, A = np.stack([uniform[s] for s in seeds]), np.stack([mine[s] for s in seeds])
+    share = crossing(grid, A.mean(0), U.mean(0)[-1]) / grid_u[-1]  # one reduction for both curves
+    low = high = math.nan
+    if len(seeds) > 1:
+        draws = np.random.default_rng(seed).integers(0, len(seeds), (n_boot, len(seeds)))
+        boot = np.array([crossing(grid, A[d].mean(0), U[d].mean(0)[-1]) / grid_u[-1] for d in draws])
+        low, high = np.percentile(boot, [2.5, 97.5], method="inverted_cdf")
+    return {"share": share, "low": float(low), "high": float(high), "seeds": len(seeds), "target": U.mean(0)[-1],
+            "grid": grid, "mean": A.mean(0)}
+
+
+def steps_to_match(runs: list[dict], arms: list[str], endpoint: str = "overall", key: str = "AP50") -> list[str]:
+    """The :func:`match_share` table of every arm but uniform."""
+
+    def pct(x: float) -> str:
+        return "not reached" if math.isinf(x) else "-" if math.isnan(x) else f"{x:.0%}"
+
     rows = []
     for arm in arms:
-        for r in sorted((r for r in runs if r["arm"] == arm and r.get("curve") and r["seed"] in final),
-                        key=lambda r: r["seed"]):
-            target = final[r["seed"]]
-            reached = next((point[0] for point in r["curve"] if point[1] >= target), None)
-            points = ", ".join(f"{point[0]}: {point[1]:.3f}" for point in r["curve"])
-            when = f"{reached} ({reached / r['global_step']:.0%} of the steps)" if reached else "not reached"
-            rows.append(f"| {arm} | {r['seed']} | {target:.3f} | {when} | {points} |")
+        m = match_share(runs, arm, endpoint, key) if arm != "uniform" else None
+        if m is None:
+            continue
+        points = ", ".join(f"{st}: {v:.3f}" for st, v in zip(m["grid"], m["mean"]))
+        rows.append(f"| {arm} | {m['seeds']} | {m['target']:.3f} | {pct(m['share'])} | "
+                    f"[{pct(m['low'])}, {pct(m['high'])}] | {points} |")
     if not rows:
         return []
-    return ["**Steps to reach uniform's final overall mAP50** (val scored at epoch ends; the compute an arm saves)", "",
-            "| arm | seed | uniform's final overall mAP50 | first step at or above it | overall mAP50 by step |",
-            "|---|---|---|---|---|", *rows, ""]
+    return [f"**Steps to reach uniform's final {endpoint} mAP50** (the mean curve over seeds of each arm, uniform's "
+            "included, linear between epoch ends; as a share of uniform's steps, with a 95% paired bootstrap interval "
+            "over seeds)", "",
+            "| arm | seeds | uniform's final (mean) | reached at | 95% interval | the arm's mean curve by step |",
+            "|---|---|---|---|---|---|", *rows, ""]
 
 
 def mix_table(runs: list[dict], arms: list[str]) -> list[str]:

@@ -143,3 +143,57 @@ def test_seeds_for_power_never_asks_fewer_seeds_for_more_noise():
     counts = [seeds_for_power(sd, 0.05, 0.05 / 35) for sd in (0.01, 0.02, 0.03, 0.05, 0.07, 0.1)]
     # sd 0.02 at 0.05 / 35: power 0.758 at 7 seeds, 0.900 at 8 (simulated: 0.758, 0.900); scipy's far tail is NaN there
     assert counts == sorted(counts) and counts[1] == 8
+
+
+def _curve_runs(curves: dict[str, list[list[float]]], steps: dict[str, list[int]]) -> list[dict]:
+    """Runs whose overall mAP50 curve per seed is given (``curves[arm][seed]``), on ``steps[arm]``."""
+    return [{"seed": s, "arm": arm, "val": {"overall": {"AP50": values[-1]}},
+             "curves": [{"step": st, "val": {"overall": {"AP50": v}}} for st, v in zip(steps[arm], values)]}
+            for arm, per_seed in curves.items() for s, values in enumerate(per_seed)]
+
+
+def test_crossing_is_linear_between_epoch_ends():
+    from bench.mining_effect_report import crossing
+
+    steps, values = [100, 200, 300, 400], np.array([0.1, 0.3, 0.5, 0.7])
+    assert crossing(steps, values, 0.4) == pytest.approx(250.0)  # halfway from 0.3 (step 200) to 0.5 (step 300)
+    assert crossing(steps, values, 0.05) == 100.0 and crossing(steps, values, 0.7) == 400.0
+    assert math.isinf(crossing(steps, values, 0.71))
+
+
+def test_steps_to_match_reads_100_percent_for_uniform_itself_and_the_shift_it_was_given():
+    from bench.mining_effect_report import match_share
+
+    rng = np.random.default_rng(3)
+    base = np.array([0.2, 0.4, 0.6, 0.8])
+    noise = rng.normal(0, 0.03, (8, 1))
+    uniform = (base + noise).tolist()
+    early = (np.array([0.4, 0.6, 0.8, 0.8]) + noise).tolist()  # uniform's curve one epoch early, per seed
+    grid = [157, 314, 471, 628]
+    runs = _curve_runs({"uniform": uniform, "same": uniform, "early": early}, {a: grid for a in ("uniform", "same", "early")})
+    same = match_share(runs, "same")
+    assert same["share"] == 1.0 and same["low"] == same["high"] == 1.0 and same["seeds"] == 8
+    # The early arm's mean curve meets uniform's mean final value exactly at its third epoch end: 471 / 628.
+    assert match_share(runs, "early")["share"] == pytest.approx(471 / 628)
+    # A shorter arm (the compute-saving pair) is measured on its own steps against uniform's.
+    short = _curve_runs({"uniform": uniform, "short": (base[[1, 3]] + noise).tolist()},
+                        {"uniform": grid, "short": [188, 376]})
+    assert match_share(short, "short")["share"] == pytest.approx(376 / 628)
+
+
+def test_a_placebo_does_not_save_steps_by_a_noisy_first_crossing():
+    """The old measure (each seed's first crossing of uniform's single endpoint) let an arm equal to uniform but for
+    eval noise "save" steps on many seeds; the smoothed, paired one keeps 100% inside its interval."""
+    from bench.mining_effect_report import match_share
+
+    rng = np.random.default_rng(11)
+    base = np.array([0.55, 0.62, 0.66, 0.68])
+    seed_level = rng.normal(0, 0.03, (16, 1))
+    uniform = base + seed_level + rng.normal(0, 0.02, (16, 4))
+    placebo = base + seed_level + rng.normal(0, 0.02, (16, 4))
+    grid = [157, 314, 471, 628]
+    runs = _curve_runs({"uniform": uniform.tolist(), "placebo": placebo.tolist()}, {"uniform": grid, "placebo": grid})
+    old_saves = sum(any(v >= u[-1] for v in p[:-1]) for u, p in zip(uniform, placebo))
+    assert old_saves >= 3  # the defect the issue describes: early "crossings" of noise
+    m = match_share(runs, "placebo")
+    assert m["low"] <= 1.0 <= m["high"]
