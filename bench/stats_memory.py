@@ -3,6 +3,7 @@
     python bench/stats_memory.py loss  [--hidden 2048] [--seq 2048] [--batch 2] [--rounds 10] [--shares 1,0.25,0.05]
                                        [--accumulation 1,2] [--layouts padded,padding_free] [--memory fresh|none]
     python bench/stats_memory.py whole [--hidden 2048] [--seq 2048] [--batch 2] [--rounds 10] [--layers 28]
+    python bench/stats_memory.py ops   [--hidden 2048] [--seq 2048] [--batch 2] [--rounds 10] [--shares 0.25]
 
 A Qwen3 language model shaped like Qwen3-VL-2B's text stack (vocabulary 151,936; ``--hidden`` 2048, MLP 3x hidden,
 head dim 128, KV heads half the heads, tied embeddings), random tokens, the last ``share`` of each sample
@@ -271,9 +272,52 @@ def whole_table(args) -> None:
         print(f"| {stack} | {median[plain]:.3f} | {median[hsm]:.3f} | {delta:+.3f} | {100 * delta / step:+.2f}% |")
 
 
+def ops_table(args) -> None:
+    """What hsm adds to the loss alone: from the logits, the plain loss and its backward (transformers'
+    ``ForCausalLMLoss``, what the model runs for ``labels=``) against hsm's ``causal_lm_loss`` + backward + the
+    per-sample statistics, the model's forward kept off the clock; median of ``--rounds``, alternating."""
+    import torch
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from hsm.data.meta import HsmMeta, SampleMeta
+    from hsm.train.stats import batch_stats, causal_lm_loss
+
+    share = float(args.shares.split(",")[0])
+    print(f"\nloss alone: vocabulary {args.vocab:,}, hidden {args.hidden}, sequence {args.seq}, batch {args.batch}, "
+          f"{share:.0%} supervised, {where()}; median of {args.rounds}\n")
+    print("| layout | plain loss + backward s | hsm loss + backward + statistics s | hsm adds s |")
+    print("| --- | ---: | ---: | ---: |")
+    for layout in args.layouts.split(","):
+        model, micro = build(args.hidden, 1, args.seq, args.batch, share, layout == "padding_free", args.vocab)
+        with torch.no_grad():
+            logits = model(input_ids=micro["input_ids"], position_ids=micro["position_ids"]).logits
+        del model
+        logits.requires_grad_()
+        labels = micro["labels"]
+        meta = HsmMeta.stack([SampleMeta(sample_id=str(i), dataset="d", base_idx=i, epoch=0)
+                              for i in range(micro["n_samples"])], token_roles=micro["roles"],
+                             token_sample=micro.get("owners"))
+
+        def plain():
+            logits.grad = None
+            ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1]).backward()
+
+        def hsm():
+            logits.grad = None
+            loss, losses, mask, correct = causal_lm_loss(logits, labels, None, micro["supervised"])
+            loss.backward()
+            batch_stats(losses, mask, correct, meta).to("cpu", non_blocking=True)
+
+        median = median_times({"plain": plain, "hsm": hsm}, args.rounds)
+        print(f"| {layout} | {median['plain']:.3f} | {median['hsm']:.3f} | {median['hsm'] - median['plain']:+.3f} |",
+              flush=True)
+        del logits
+        gc.collect()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["loss", "whole", "peak"])
+    parser.add_argument("mode", choices=["loss", "whole", "peak", "ops"])
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=2)
@@ -293,6 +337,8 @@ def main() -> None:
         print(json.dumps({"peak_mb": peak_mb(step_fn(args.variant, model, micro, int(args.accumulation)))}))
     elif args.mode == "loss":
         loss_table(args)
+    elif args.mode == "ops":
+        ops_table(args)
     else:
         whole_table(args)
 
