@@ -44,7 +44,41 @@ def load_runs(out: Path) -> list[dict]:
                             for point in run["curve"]]
         if "hard_set_mix" not in run:
             run["hard_set_mix"] = hard_set_mix(Path(out), run)
+    check_comparable(runs, Path(out) / "runs")
     return runs
+
+
+# What makes two runs' numbers comparable: the same libraries, kernels and preset (not the commit, whose
+# training path the determinism tests hold, nor the host, which the pinned ISA takes out).
+def _conditions(run: dict) -> str:
+    isa = run.get("isa") or {}
+    return json.dumps({"versions": run.get("versions"), "preset": run.get("preset"),
+                       "isa": {k: isa.get(k) for k in ("cpu_capability", "ATEN_CPU_CAPABILITY", "MKL_CBWR",
+                                                       "ONEDNN_MAX_CPU_ISA")}}, sort_keys=True)
+
+
+def check_comparable(runs: list[dict], where: Path) -> None:
+    """Refuse runs made under different libraries, CPU kernels or presets: their differences are not the arms'.
+
+    Raises ValueError naming, per group of conditions, the runs that hold it.
+    """
+    groups: dict[str, list[str]] = {}
+    for run in runs:
+        groups.setdefault(_conditions(run), []).append(f"seed-{run['seed']}-{run['arm']}")
+    if len(groups) > 1:
+        lines = [f"  {json.loads(c)}: {', '.join(names)}" for c, names in groups.items()]
+        raise ValueError(f"{where}: runs made under different libraries, CPU kernels or presets cannot be "
+                         "compared; move one group out:\n" + "\n".join(lines))
+
+
+def status_lines(runs: list[dict], seeds: int = 16) -> list[str]:
+    """How far the experiment is, blinded: per arm, the seeds finished and the thread time; no metric."""
+    lines = ["| arm | seeds done | of | which | run time (thread-hours) |", "|---|---|---|---|---|"]
+    for arm in dict.fromkeys(r["arm"] for r in sorted(runs, key=lambda r: r["arm"])):
+        mine = sorted(r["seed"] for r in runs if r["arm"] == arm)
+        hours = sum(r["seconds"] for r in runs if r["arm"] == arm) / 3600
+        lines.append(f"| {arm} | {len(mine)} | {seeds} | {', '.join(map(str, mine))} | {hours:.2f} |")
+    return lines
 
 
 def hard_set_mix(out: Path, run: dict) -> dict[str, dict[str, float]] | None:
@@ -477,16 +511,26 @@ def pilot_lines(runs: list[dict], delta: float = 0.05, power: float = 0.8, key: 
 
 
 def main() -> None:
-    """``python bench/mining_effect_report.py DIR [--pilot]``: the verdict test (or the pilot tables) of DIR's runs."""
+    """``python bench/mining_effect_report.py DIR [--pilot | --status]``: the verdict test of DIR's runs, or the pilot
+    tables, or (blinded: no metric) how many seeds each arm has finished."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("out", type=Path, help="a work directory of bench/mining_effect.py (its runs/*.json)")
-    parser.add_argument("--pilot", action="store_true", help="per-run values, paired sd per slice and the power calculation")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--pilot", action="store_true", help="per-run values, paired sd per slice and the power calculation")
+    mode.add_argument("--status", action="store_true", help="seeds finished per arm and thread time, no metric")
     args = parser.parse_args()
     runs = [json.loads(p.read_text()) for p in sorted((args.out / "runs").glob("seed-*.json"))]
     if not runs:
         raise SystemExit(f"{args.out / 'runs'}: no finished runs (seed-*.json)")
+    try:
+        check_comparable(runs, args.out / "runs")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if args.status:
+        print("\n".join(status_lines(runs)))
+        return
     print("\n".join(pilot_lines(runs) if args.pilot else verdict_markdown(verdict_test(runs, family=PLANNED_ARMS))))
 
 

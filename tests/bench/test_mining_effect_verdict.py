@@ -197,3 +197,23 @@ def test_a_placebo_does_not_save_steps_by_a_noisy_first_crossing():
     assert old_saves >= 3  # the defect the issue describes: early "crossings" of noise
     m = match_share(runs, "placebo")
     assert m["low"] <= 1.0 <= m["high"]
+
+
+def test_runs_under_other_kernels_or_libraries_are_refused_by_name(tmp_path):
+    """A run on the host's own ISA beside pinned ones (or under another torch) differs for a reason that is not the
+    arm; the report refuses the mix and names the runs of each group."""
+    import json as json_
+
+    from bench.mining_effect_report import load_runs
+
+    pinned = {"cpu_capability": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    (tmp_path / "runs").mkdir()
+    for seed, arm, isa in ((0, "uniform", pinned), (0, "loss", pinned), (1, "uniform", {"cpu_capability": "AVX512"})):
+        run = {"seed": seed, "arm": arm, "val": {"overall": {"AP50": 0.5}}, "versions": {"torch": "2.13.0+cpu"},
+               "preset": {"name": "finetune"}, "isa": isa, "hard_set_mix": None}
+        (tmp_path / "runs" / f"seed-{seed}-{arm}.json").write_text(json_.dumps(run))
+    with pytest.raises(ValueError, match="different libraries, CPU kernels or presets") as refused:
+        load_runs(tmp_path)
+    assert "seed-0-loss, seed-0-uniform" in str(refused.value) and "seed-1-uniform" in str(refused.value)
+    (tmp_path / "runs" / "seed-1-uniform.json").unlink()
+    assert [r["arm"] for r in load_runs(tmp_path)] == ["loss", "uniform"]
