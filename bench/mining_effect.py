@@ -585,6 +585,8 @@ def main() -> None:
     parser.add_argument("--from-dir", type=Path, default=None, help="only render the runs a work directory holds")
     parser.add_argument("--pretrain", action="store_true", help="build the pretrained base --base into bench/base/NAME")
     parser.add_argument("--base", choices=sorted(PRETRAIN), default="tiny", help="the base --pretrain builds")
+    parser.add_argument("--no-report", action="store_true",
+                        help="train only; print no tables (a long experiment is not read before its seeds are in)")
     parser.add_argument("--isa", choices=["avx2", "native"], default="avx2",
                         help="CPU vector instructions: avx2 (default: runs repeat across hosts) or native (faster)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -638,6 +640,8 @@ def main() -> None:
     started = time.perf_counter()
     run_parallel(args, preset)
     print(f"total {time.perf_counter() - started:.0f} s", flush=True)
+    if args.no_report:
+        return
     from bench.mining_effect_report import render
 
     render(args.out, args.doc)

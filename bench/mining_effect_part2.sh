@@ -23,7 +23,7 @@ run() {
   # One worker per run (a run another worker holds is skipped). Two workers meet on a seed only after its
   # data directory is written, by the first run of that seed, so start the second at the other end of the seeds.
   flock -n "$WORK/runs/seed-$1-$2.lock" env OMP_NUM_THREADS=1 "$PY" bench/mining_effect.py --preset finetune \
-    --seeds "$1" --arms "$2" --jobs 1 --threads 1 --out "$WORK" || return 0
+    --seeds "$1" --arms "$2" --jobs 1 --threads 1 --no-report --out "$WORK" || return 0
   if [ -e "$done" ]; then
     "$PY" -c 'import json, sys; json.dump(json.load(open(sys.argv[1])), open(sys.argv[2], "w"), separators=(",", ":"))' \
       "$done" "$KEEP/seed-$1-$2.json"
