@@ -29,6 +29,17 @@ SAVING_ARMS = ("fixed_set_60",)
 # The arms of the full experiment whose cells form the Holm family (the compute-saving arm is judged by its CIs).
 PLANNED_ARMS = ("uniform_replicate", "dynamic", "oracle", "loss", "label_loss", "coord_loss", "det_f1")
 
+def read_run(path: Path) -> dict:
+    """One run file; a cut or garbled one is an error naming it (rerun that run: remove the file)."""
+    try:
+        run = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a whole run file ({e}); remove it and rerun that seed and arm") from None
+    if not isinstance(run, dict) or not {"seed", "arm", "val"} <= set(run):
+        raise ValueError(f"{path}: not a run file (no seed, arm and val); remove it and rerun that seed and arm")
+    return run
+
+
 def load_runs(out: Path) -> list[dict]:
     """Every finished run of ``out/runs``, ordered by seed then arm file name.
 
@@ -36,7 +47,7 @@ def load_runs(out: Path) -> list[dict]:
     ``n_tokens`` of the training events before each point's step (their total equals the
     trainer's supervised-token count).
     """
-    runs = [json.loads(p.read_text()) for p in sorted((Path(out) / "runs").glob("seed-*.json"))]
+    runs = [read_run(p) for p in sorted((Path(out) / "runs").glob("seed-*.json"))]
     for run in runs:
         hsm_dir = Path(out) / f"run-{run['seed']}-{run['arm']}" / "hsm"
         if any(len(point) == 3 for point in run.get("curve") or []) and (hsm_dir / "events").is_dir():
@@ -521,10 +532,10 @@ def main() -> None:
     mode.add_argument("--pilot", action="store_true", help="per-run values, paired sd per slice and the power calculation")
     mode.add_argument("--status", action="store_true", help="seeds finished per arm and thread time, no metric")
     args = parser.parse_args()
-    runs = [json.loads(p.read_text()) for p in sorted((args.out / "runs").glob("seed-*.json"))]
-    if not runs:
-        raise SystemExit(f"{args.out / 'runs'}: no finished runs (seed-*.json)")
     try:
+        runs = [read_run(p) for p in sorted((args.out / "runs").glob("seed-*.json"))]
+        if not runs:
+            raise SystemExit(f"{args.out / 'runs'}: no finished runs (seed-*.json)")
         check_comparable(runs, args.out / "runs")
     except ValueError as e:
         raise SystemExit(str(e)) from None

@@ -217,3 +217,14 @@ def test_runs_under_other_kernels_or_libraries_are_refused_by_name(tmp_path):
     assert "seed-0-loss, seed-0-uniform" in str(refused.value) and "seed-1-uniform" in str(refused.value)
     (tmp_path / "runs" / "seed-1-uniform.json").unlink()
     assert [r["arm"] for r in load_runs(tmp_path)] == ["loss", "uniform"]
+
+
+def test_a_cut_run_file_is_an_error_naming_it(tmp_path):
+    from bench.mining_effect_report import load_runs
+
+    (tmp_path / "runs").mkdir()
+    whole = '{"seed": 0, "arm": "uniform", "val": {"overall": {"AP50": 0.5}}, "hard_set_mix": null}'
+    (tmp_path / "runs" / "seed-0-uniform.json").write_text(whole)
+    (tmp_path / "runs" / "seed-0-loss.json").write_text(whole.replace("uniform", "loss")[:40])
+    with pytest.raises(ValueError, match="seed-0-loss.json: not a whole run file"):
+        load_runs(tmp_path)
