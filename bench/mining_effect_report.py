@@ -28,6 +28,9 @@ NON_INFERIORITY = -0.02
 SAVING_ARMS = ("fixed_set_60",)
 # The arms of the full experiment whose cells form the Holm family (the compute-saving arm is judged by its CIs).
 PLANNED_ARMS = ("uniform_replicate", "dynamic", "oracle", "loss", "label_loss", "coord_loss", "det_f1")
+# Seeds per arm, from the pilot's power calculation (docs/mining_effect.md, "How many seeds"): no arm is read before
+# all of them, its own and uniform's, are in.
+PLANNED_SEEDS = 16
 
 def read_run(path: Path) -> dict:
     """One run file; a cut or garbled one is an error naming it (rerun that run: remove the file)."""
@@ -82,7 +85,7 @@ def check_comparable(runs: list[dict], where: Path) -> None:
                          "compared; move one group out:\n" + "\n".join(lines))
 
 
-def status_lines(runs: list[dict], seeds: int = 16) -> list[str]:
+def status_lines(runs: list[dict], seeds: int = PLANNED_SEEDS) -> list[str]:
     """How far the experiment is, blinded: per arm, the seeds finished and the thread time; no metric."""
     lines = ["| arm | seeds done | of | which | run time (thread-hours) |", "|---|---|---|---|---|"]
     for arm in dict.fromkeys(r["arm"] for r in sorted(runs, key=lambda r: r["arm"])):
@@ -188,7 +191,7 @@ def holm(pvalues: list[float]) -> list[float]:
 
 def verdict_test(runs: list[dict], key: str = "AP50", control: str = "uniform", endpoints=ENDPOINTS,
                  alpha: float = ALPHA, margin: float = NON_INFERIORITY, saving_arms=SAVING_ARMS,
-                 family: tuple[str, ...] | None = None) -> dict:
+                 family: tuple[str, ...] | None = None, planned_seeds: int | None = None) -> dict:
     """The verdict fixed in advance, per arm x endpoint, on the paired differences to ``control``.
 
     Per cell: the paired t-test and 95% CI over the seeds both arms finished (:func:`paired_test`);
@@ -200,6 +203,14 @@ def verdict_test(runs: list[dict], key: str = "AP50", control: str = "uniform", 
     With ``family`` (the planned arms), an arm in neither ``family`` nor ``saving_arms`` (a reference such
     as ``uniform_60``, an arm run beside the plan) stays out of the Holm family and is not judged: its
     cells keep their unadjusted p, so it cannot change a planned arm's adjusted p.
+
+    With ``planned_seeds`` (and ``family``) the experiment is read as it comes in: an arm with fewer paired seeds
+    than planned is **not read** (its cells are withheld, ``"withheld": True``). While some arm of the family is
+    not complete, Holm's adjusted p of a complete arm's cell is not known yet, but it is bounded whatever the
+    missing cells hold: ``p <= p_holm <= m * p``, ``m`` the full family's cell count (Holm's adjusted p is at
+    least the raw one, and at most Bonferroni's). A cell is decided when the bound settles it (``m * p <
+    alpha``: rejected; ``p >= alpha``: not), else it is **pending** the rest of the family; ``"p_bounds"`` holds
+    the interval and ``"interim"`` is True. A verdict read this way never changes when the family completes.
 
     Returns ``{"cells": {(arm, endpoint): test + "p_holm"}, "verdicts": {arm: text}, "arms": [...]}``.
     """
@@ -213,15 +224,29 @@ def verdict_test(runs: list[dict], key: str = "AP50", control: str = "uniform", 
             diffs = [mine[s]["val"][endpoint][key] - control_runs[s]["val"][endpoint][key] for s in seeds
                      if endpoint in mine[s]["val"] and endpoint in control_runs[s]["val"]]
             cells[(arm, endpoint)] = paired_test(diffs, alpha)
+    complete = {a for a in arms if planned_seeds is None
+                or min(cells[(a, e)]["n"] for e in endpoints) >= planned_seeds}
+    interim = planned_seeds is not None and family is not None and not set(family) <= complete
     # Compute-saving arms are judged by their CIs alone: they stay out of the Holm family.
     order = [c for c in cells if c[0] not in saving_arms and (family is None or c[0] in family)]
-    for cell, adjusted in zip(order, holm([cells[c]["p"] for c in order])):
-        cells[cell]["p_holm"] = adjusted
+    if interim:
+        m = len(family) * len(endpoints)
+        for cell in order:
+            if cell[0] in complete:
+                p = cells[cell]["p"]
+                cells[cell]["p_bounds"] = (p, min(1.0, m * p))
+    else:
+        for cell, adjusted in zip(order, holm([cells[c]["p"] for c in order])):
+            cells[cell]["p_holm"] = adjusted
     for cell in cells:
         cells[cell].setdefault("p_holm", math.nan)
+        cells[cell]["withheld"] = cell[0] not in complete
     verdicts = {}
     for arm in arms:
         mine = {e: cells[(arm, e)] for e in endpoints}
+        if arm not in complete:
+            verdicts[arm] = f"not read ({min(c['n'] for c in mine.values())} of {planned_seeds} seeds)"
+            continue
         if any(c["n"] < 2 for c in mine.values()):
             verdicts[arm] = f"undecided ({min(c['n'] for c in mine.values())} paired seed(s))"
             continue
@@ -234,8 +259,13 @@ def verdict_test(runs: list[dict], key: str = "AP50", control: str = "uniform", 
                 "does not save (not non-inferior on " + ", ".join(short) + ")"
             continue
         overall_ok = "overall" in mine and mine["overall"]["ci"][0] > margin
-        up = [e for e, c in mine.items() if c["p_holm"] < alpha and c["mean"] > 0]
-        down = [e for e, c in mine.items() if c["p_holm"] < alpha and c["mean"] < 0]
+        if interim:  # decided by the bounds alone; the rest waits for the family
+            rejected = {e for e, c in mine.items() if c["p_bounds"][1] < alpha}
+            pending = [e for e, c in mine.items() if c["p_bounds"][0] < alpha and e not in rejected]
+        else:
+            rejected, pending = {e for e, c in mine.items() if c["p_holm"] < alpha}, []
+        up = [e for e, c in mine.items() if e in rejected and c["mean"] > 0]
+        down = [e for e, c in mine.items() if e in rejected and c["mean"] < 0]
         parts = []
         if up and overall_ok:
             parts.append("helps " + ", ".join(up))
@@ -243,20 +273,39 @@ def verdict_test(runs: list[dict], key: str = "AP50", control: str = "uniform", 
             parts.append("gains on " + ", ".join(up) + " but not non-inferior overall")
         if down:
             parts.append("hurts " + ", ".join(down))
+        if pending:
+            parts.append("pending the family on " + ", ".join(f"{e} ({'+' if mine[e]['mean'] > 0 else '-'})"
+                                                              for e in pending))
         verdicts[arm] = "; ".join(parts) or "no effect"
-    return {"cells": cells, "verdicts": verdicts, "arms": arms, "endpoints": list(endpoints)}
+    return {"cells": cells, "verdicts": verdicts, "arms": arms, "endpoints": list(endpoints), "interim": interim,
+            "family_cells": len(family) * len(endpoints) if family is not None else len(order)}
 
 
 def verdict_markdown(test: dict, title: str = "mAP50") -> list[str]:
     """The verdict table: per arm x endpoint, Δ [95% CI] and Holm-adjusted p; then each arm's verdict."""
     endpoints = test["endpoints"]
-    lines = [f"**Verdict** ({title}; paired Δ to uniform, [95% CI], Holm-adjusted p over every arm x endpoint; "
-             f"helps = adjusted p < {ALPHA} with Δ > 0 and the lower CI bound of Δ overall > {NON_INFERIORITY})", "",
-             "| arm | seeds | " + " | ".join(endpoints) + " | verdict |", "|---" * (len(endpoints) + 3) + "|"]
+    if test.get("interim"):
+        head = (f"**Interim verdict** ({title}; paired Δ to uniform, [95% CI]; the family of {test['family_cells']} "
+                f"cells is not complete, so each cell shows the interval its Holm-adjusted p will fall in, [p, "
+                f"{test['family_cells']} p], and is decided only where that interval settles it; arms short of their "
+                f"seeds are not read)")
+    else:
+        head = (f"**Verdict** ({title}; paired Δ to uniform, [95% CI], Holm-adjusted p over every arm x endpoint; "
+                f"helps = adjusted p < {ALPHA} with Δ > 0 and the lower CI bound of Δ overall > {NON_INFERIORITY})")
+    lines = [head, "", "| arm | seeds | " + " | ".join(endpoints) + " | verdict |", "|---" * (len(endpoints) + 3) + "|"]
     for arm in test["arms"]:
         cells = [test["cells"][(arm, e)] for e in endpoints]
-        text = [f"{c['mean']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"
-                + (f"<br>p {c['p_holm']:.3f}" if not math.isnan(c["p_holm"]) else "")
+        if cells[0]["withheld"]:
+            lines.append(f"| {arm} | {cells[0]['n']} | " + " | ".join("not read" for _ in cells)
+                         + f" | {test['verdicts'][arm]} |")
+            continue
+
+        def p_text(c: dict) -> str:
+            if "p_bounds" in c:
+                return f"<br>p_Holm in [{c['p_bounds'][0]:.3f}, {c['p_bounds'][1]:.3f}]"
+            return f"<br>p {c['p_holm']:.3f}" if not math.isnan(c["p_holm"]) else ""
+
+        text = [f"{c['mean']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]" + p_text(c)
                 if not math.isnan(c["p"]) else (f"{c['mean']:+.3f}" if c["n"] else "-") for c in cells]
         lines.append(f"| {arm} | {cells[0]['n']} | " + " | ".join(text) + f" | {test['verdicts'][arm]} |")
     return lines + [""]
@@ -542,7 +591,8 @@ def main() -> None:
     if args.status:
         print("\n".join(status_lines(runs)))
         return
-    print("\n".join(pilot_lines(runs) if args.pilot else verdict_markdown(verdict_test(runs, family=PLANNED_ARMS))))
+    print("\n".join(pilot_lines(runs) if args.pilot else
+                    verdict_markdown(verdict_test(runs, family=PLANNED_ARMS, planned_seeds=PLANNED_SEEDS))))
 
 
 if __name__ == "__main__":

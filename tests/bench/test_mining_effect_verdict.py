@@ -12,10 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.mining_effect_report import holm, paired_test, seeds_for_power, verdict_test  # noqa: E402
+from bench.mining_effect_report import (  # noqa: E402
+    ENDPOINTS, holm, paired_test, seeds_for_power, verdict_markdown, verdict_test)
 
 
 def test_paired_t_on_three_seeds_matches_the_closed_form():
@@ -228,3 +231,44 @@ def test_a_cut_run_file_is_an_error_naming_it(tmp_path):
     (tmp_path / "runs" / "seed-0-loss.json").write_text(whole.replace("uniform", "loss")[:40])
     with pytest.raises(ValueError, match="seed-0-loss.json: not a whole run file"):
         load_runs(tmp_path)
+
+
+FAMILY = ("uniform_replicate", "oracle", "loss", "det_f1")
+
+
+def test_an_arm_short_of_its_planned_seeds_is_not_read_and_shows_no_number():
+    runs = _runs({"uniform_replicate": {}, "loss": {"rare": 0.3}}, n_seeds=6, noise=0.01)
+    runs = [r for r in runs if not (r["arm"] == "uniform_replicate" and r["seed"] >= 4)]
+    test = verdict_test(runs, family=FAMILY, planned_seeds=6)
+    assert test["interim"] and test["verdicts"]["uniform_replicate"] == "not read (4 of 6 seeds)"
+    assert test["cells"][("uniform_replicate", "rare")]["withheld"]
+    row = next(line for line in verdict_markdown(test) if line.startswith("| uniform_replicate "))
+    assert row.count("not read") == len(ENDPOINTS) + 1 and "[" not in row and "+0." not in row and "-0." not in row
+    # loss is complete: its huge effect is decided already, at Bonferroni over the whole family of 4 x 5 cells.
+    cell = test["cells"][("loss", "rare")]
+    assert cell["p_bounds"] == pytest.approx((cell["p"], min(1.0, 20 * cell["p"])))
+    assert test["verdicts"]["loss"] == "helps rare"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(effects=st.lists(st.sampled_from([0.0, 0.004, 0.008, 0.015, 0.03, -0.015]), min_size=4 * 5, max_size=4 * 5),
+       noise=st.sampled_from([0.005, 0.01, 0.02]), read=st.integers(1, 3), data_seed=st.integers(0, 10_000))
+def test_a_verdict_read_before_the_family_is_complete_never_changes_when_it_completes(effects, noise, read, data_seed):
+    """Oracle: the final Holm verdict on the whole family. Every interim cell decided must agree with it, and every
+    interim verdict with nothing pending must be the final verdict word for word, whatever the unread arms hold."""
+    arm_effects = {arm: dict(zip(ENDPOINTS, effects[5 * i:5 * i + 5])) for i, arm in enumerate(FAMILY)}
+    runs = _runs(arm_effects, n_seeds=8, noise=noise, seed=data_seed)
+    unread = FAMILY[read:]
+    early = [r for r in runs if not (r["arm"] in unread and r["seed"] >= 5)]  # the unread arms: 5 of 8 seeds so far
+    interim = verdict_test(early, family=FAMILY, planned_seeds=8)
+    final = verdict_test(runs, family=FAMILY, planned_seeds=8)
+    assert interim["interim"] and not final["interim"]
+    for arm in FAMILY[:read]:
+        for endpoint in ENDPOINTS:
+            low, high = interim["cells"][(arm, endpoint)]["p_bounds"]
+            p_holm = final["cells"][(arm, endpoint)]["p_holm"]
+            assert low <= p_holm + 1e-12 and p_holm <= high + 1e-12
+        if "pending" not in interim["verdicts"][arm]:
+            assert interim["verdicts"][arm] == final["verdicts"][arm]
+    for arm in unread:
+        assert interim["verdicts"][arm] == "not read (5 of 8 seeds)"
