@@ -570,9 +570,41 @@ def pilot_lines(runs: list[dict], delta: float = 0.05, power: float = 0.8, key: 
     return lines + [""]
 
 
+DOC_BEGIN = "<!-- verdict: written by `python bench/mining_effect_report.py docs/mining_effect_part2 --doc " \
+    "docs/mining_effect.md`; do not edit by hand -->"
+DOC_END = "<!-- verdict: end -->"
+
+
+def doc_block(runs: list[dict]) -> str:
+    """What the doc leads with: the verdict of ``runs`` (interim while the family is short) and, blinded, the seeds in."""
+    commits = sorted({r.get("commit", "?")[:7] for r in runs})
+    test = verdict_test(runs, family=PLANNED_ARMS, planned_seeds=PLANNED_SEEDS)
+    return "\n".join([*verdict_markdown(test), f"Runs in: {len(runs)} (commits {', '.join(commits)}); seeds per arm:",
+                      "", *status_lines(runs)]) + "\n"
+
+
+def write_doc_block(doc: Path, block: str) -> None:
+    """Replace the text between :data:`DOC_BEGIN` and :data:`DOC_END` in ``doc`` (written whole, then renamed)."""
+    text = doc.read_text()
+    if text.count(DOC_BEGIN) != 1 or text.count(DOC_END) != 1 or text.index(DOC_BEGIN) > text.index(DOC_END):
+        raise ValueError(f"{doc}: needs one line {DOC_BEGIN!r} followed by one line {DOC_END!r}")
+    head, rest = text.split(DOC_BEGIN)
+    tail = rest.split(DOC_END)[1]
+    staging = doc.with_name(f".{doc.name}.tmp")
+    staging.write_text(f"{head}{DOC_BEGIN}\n\n{block}\n{DOC_END}{tail}")
+    staging.replace(doc)
+
+
+def read_doc_block(doc: Path) -> str:
+    """The text :func:`write_doc_block` wrote into ``doc``."""
+    text = doc.read_text()
+    return text.split(DOC_BEGIN)[1].split(DOC_END)[0].strip("\n") + "\n"
+
+
 def main() -> None:
-    """``python bench/mining_effect_report.py DIR [--pilot | --status]``: the verdict test of DIR's runs, or the pilot
-    tables, or (blinded: no metric) how many seeds each arm has finished."""
+    """``python bench/mining_effect_report.py DIR [--pilot | --status | --doc DOC]``: the verdict test of DIR's runs,
+    or the pilot tables, or (blinded: no metric) how many seeds each arm has finished; ``--doc`` writes the
+    verdict and the seeds in at the head of DOC (between its verdict markers)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -580,6 +612,7 @@ def main() -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--pilot", action="store_true", help="per-run values, paired sd per slice and the power calculation")
     mode.add_argument("--status", action="store_true", help="seeds finished per arm and thread time, no metric")
+    mode.add_argument("--doc", type=Path, default=None, help="write the verdict block into this markdown file")
     args = parser.parse_args()
     try:
         runs = [read_run(p) for p in sorted((args.out / "runs").glob("seed-*.json"))]
@@ -590,6 +623,13 @@ def main() -> None:
         raise SystemExit(str(e)) from None
     if args.status:
         print("\n".join(status_lines(runs)))
+        return
+    if args.doc is not None:
+        try:
+            write_doc_block(args.doc, doc_block(runs))
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        print(f"{args.doc}: verdict block written from {len(runs)} runs")
         return
     print("\n".join(pilot_lines(runs) if args.pilot else
                     verdict_markdown(verdict_test(runs, family=PLANNED_ARMS, planned_seeds=PLANNED_SEEDS))))
