@@ -28,7 +28,6 @@ status, duplicates) for a paired image bootstrap.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -42,8 +41,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hsm.io import file_sha256  # noqa: E402  (hashing only: no torch before the ISA pin)
+
 __all__ = ["PRESETS", "PRETRAIN", "BASE_OF", "ARMS", "DEFAULT_ARMS", "METRICS", "corpus_paths", "model_section",
-           "training_section", "run_config", "file_sha256", "base_weights", "counting_trainer", "detection", "overall",
+           "training_section", "run_config", "base_weights", "counting_trainer", "detection", "overall",
            "provenance", "last_hard_ids", "suspects_found", "train_one", "pretrain", "run_parallel", "main"]
 
 PRESETS = {
@@ -204,15 +205,6 @@ def run_config(corpus: dict, out: Path, mining: dict | None, preset: dict, seed:
             custom["det_f1"] = {"every": preset["det_every"], "batch_size": preset["eval_batch"],
                                 "max_new_tokens": preset["max_new_tokens"]}
     return {"model": model_section(preset), "training": training_section(out, preset, seed, cuda), "custom": custom}
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def base_weights(name: str) -> Path:
