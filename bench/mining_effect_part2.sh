@@ -24,11 +24,9 @@ run() {
   # data directory is written, by the first run of that seed, so start the second at the other end of the seeds.
   flock -n "$WORK/runs/seed-$1-$2.lock" env OMP_NUM_THREADS=1 "$PY" bench/mining_effect.py --preset finetune \
     --seeds "$1" --arms "$2" --jobs 1 --threads 1 --no-report --out "$WORK" || return 0
-  if [ -e "$done" ]; then
-    # Written whole, then renamed: a killed copy leaves no cut file in the kept runs.
-    "$PY" -c 'import json, sys; json.dump(json.load(open(sys.argv[1])), open(sys.argv[2], "w"), separators=(",", ":"))' \
-      "$done" "$KEEP/.seed-$1-$2.json.tmp" && mv "$KEEP/.seed-$1-$2.json.tmp" "$KEEP/seed-$1-$2.json"
-  fi
+  # Compact, with the slice mix of the run's last hard set (read from its plans while the work directory has
+  # them); written whole, then renamed: a killed copy leaves no cut file in the kept runs.
+  [ -e "$done" ] && "$PY" bench/mining_effect_report.py "$WORK" --keep "$KEEP"
 }
 for s in $SEEDS; do for a in uniform uniform_replicate oracle loss; do run "$s" "$a"; done; done
 for s in $SEEDS; do for a in dynamic label_loss coord_loss det_f1 fixed_set_60 uniform_60; do run "$s" "$a"; done; done

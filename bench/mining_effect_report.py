@@ -110,6 +110,31 @@ def hard_set_mix(out: Path, run: dict) -> dict[str, dict[str, float]] | None:
     return {"hard": {n: hard.count(n) / len(hard) for n in names}, "train": {n: train.count(n) / len(train) for n in names}}
 
 
+def keep_runs(work: Path, keep: Path) -> list[str]:
+    """Copy ``work``'s finished runs into ``keep`` compact, with the slice mix of their last hard set.
+
+    The mix is read from the run's plans (:func:`hard_set_mix`) while its work directory has them, so the
+    committed run keeps what its signal found after the work directory is gone. A kept run is rewritten only
+    to add a mix it lacked. Each file is written whole, then renamed. Returns the names written.
+    """
+    keep.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in sorted((Path(work) / "runs").glob("seed-*.json")):
+        kept = keep / path.name
+        run = read_run(kept if kept.is_file() else path)
+        if kept.is_file() and run.get("hard_set_mix") is not None:
+            continue
+        mix = hard_set_mix(Path(work), run)
+        if kept.is_file() and mix is None:
+            continue
+        run["hard_set_mix"] = mix
+        staging = keep / f".{path.name}.tmp"
+        staging.write_text(json.dumps(run, separators=(",", ":")))
+        staging.replace(kept)
+        written.append(path.name)
+    return written
+
+
 def tokens_before(hsm_dir: Path, epochs: int, step: int) -> int:
     """Supervised tokens of the training events logged before optimizer step ``step`` (hsm's verified event reader)."""
     from hsm.mining.event_reader import read_epoch_events
@@ -613,7 +638,16 @@ def main() -> None:
     mode.add_argument("--pilot", action="store_true", help="per-run values, paired sd per slice and the power calculation")
     mode.add_argument("--status", action="store_true", help="seeds finished per arm and thread time, no metric")
     mode.add_argument("--doc", type=Path, default=None, help="write the verdict block into this markdown file")
+    mode.add_argument("--keep", type=Path, default=None,
+                      help="copy DIR's finished runs into this folder, compact, with their hard sets' slice mix")
     args = parser.parse_args()
+    if args.keep is not None:
+        try:
+            names = keep_runs(args.out, args.keep)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        print(f"{args.keep}: {len(names)} run(s) written" + (f" ({', '.join(names)})" if names else ""))
+        return
     try:
         runs = [read_run(p) for p in sorted((args.out / "runs").glob("seed-*.json"))]
         if not runs:

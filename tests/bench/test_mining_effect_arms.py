@@ -84,3 +84,34 @@ def test_the_oracle_and_compute_saving_arms_share_their_references_epoch_0(work)
     assert saving["global_step"] == reference["global_step"] == EPOCHS * short < uniform["global_step"]
     assert saving["logged_losses"][:short] == reference["logged_losses"][:short]
     assert saving["logged_losses"] != reference["logged_losses"]
+
+
+@pytest.mark.slow
+def test_kept_runs_carry_their_hard_sets_slice_mix_once_the_work_directory_is_gone(work, tmp_path):
+    """bench/mining_effect_part2.sh keeps each run compact with the slice mix of its last hard set
+    (``mining_effect_report --keep``); oracle: the plan's hard rows and slices.json, read here directly."""
+    import shutil
+
+    from bench.mining_effect_report import keep_runs, read_run
+    from hsm.mining.plan import read_plan_table
+
+    keep = tmp_path / "keep"
+    assert set(keep_runs(work, keep)) == {p.name for p in (work / "runs").glob("seed-*.json")}
+    slices = json.loads((work / "data-0" / "bbu" / "slices.json").read_text())["train"]
+    ids = _train_ids(work)
+    _, plan = read_plan_table(work / "run-0-oracle" / "hsm", EPOCHS - 1)
+    chosen = [ids[i] for i, h in zip(plan.column("base_idx").to_pylist(), plan.column("is_hard").to_pylist()) if h]
+    kept = read_run(keep / "seed-0-oracle.json")
+    assert kept["hard_set_mix"]["hard"] == pytest.approx(
+        {name: sum(slices[i] == name for i in chosen) / len(chosen) for name in set(slices.values())})
+    assert {k: v for k, v in kept.items() if k != "hard_set_mix"} == _run(work, "oracle")  # the run, compact
+    assert read_run(keep / "seed-0-uniform.json")["hard_set_mix"] is None  # no plan, no mix
+    assert keep_runs(work, keep) == []  # nothing new to keep
+    # The work directory gone (only its run files left): a kept mix stays; a run kept only now has none.
+    bare = tmp_path / "bare"
+    shutil.copytree(work / "runs", bare / "runs")
+    assert keep_runs(bare, keep) == [] and read_run(keep / "seed-0-oracle.json") == kept
+    assert read_run(keep / "seed-0-oracle.json")["hard_set_mix"] is not None
+    fresh = tmp_path / "fresh"
+    keep_runs(bare, fresh)
+    assert read_run(fresh / "seed-0-oracle.json")["hard_set_mix"] is None
