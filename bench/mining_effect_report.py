@@ -600,12 +600,40 @@ DOC_BEGIN = "<!-- verdict: written by `python bench/mining_effect_report.py docs
 DOC_END = "<!-- verdict: end -->"
 
 
+def delta_markdown(test: dict, title: str, control: str = "uniform") -> list[str]:
+    """Δ [95% CI] per arm x endpoint of a :func:`verdict_test`, reported and not judged (no p, no verdict)."""
+    endpoints = test["endpoints"]
+    lines = [f"**{title}** (reported, not judged: paired Δ to {control}, [95% CI])", "",
+             "| arm | seeds | " + " | ".join(endpoints) + " |", "|---" * (len(endpoints) + 2) + "|"]
+    for arm in test["arms"]:
+        cells = [test["cells"][(arm, e)] for e in endpoints]
+        if not cells[0]["withheld"]:
+            lines.append(f"| {arm} | {cells[0]['n']} | " + " | ".join(
+                f"{c['mean']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]" for c in cells) + " |")
+    return lines + [""]
+
+
 def doc_block(runs: list[dict]) -> str:
-    """What the doc leads with: the verdict of ``runs`` (interim while the family is short) and, blinded, the seeds in."""
+    """What the doc leads with: the verdict of ``runs`` (interim while the family is short), then, for the arms read
+    (all their seeds in), recall@0.5 and F1@0.5, steps to match, what each signal's hard set holds, the
+    compute-saving arm against uniform at its own step count; last, blinded, the seeds in per arm."""
     commits = sorted({r.get("commit", "?")[:7] for r in runs})
     test = verdict_test(runs, family=PLANNED_ARMS, planned_seeds=PLANNED_SEEDS)
-    return "\n".join([*verdict_markdown(test), f"Runs in: {len(runs)} (commits {', '.join(commits)}); seeds per arm:",
-                      "", *status_lines(runs)]) + "\n"
+    read = [a for a in test["arms"] if not test["cells"][(a, test["endpoints"][0])]["withheld"]]
+    lines = verdict_markdown(test)
+    if read:
+        for key, title in (("recall50", "recall@0.5"), ("F1_50", "F1@0.5")):
+            lines += delta_markdown(verdict_test(runs, key=key, family=PLANNED_ARMS, planned_seeds=PLANNED_SEEDS),
+                                    f"val {title}")
+        shown = [r for r in runs if r["arm"] in read or r["arm"] == "uniform"]
+        lines += steps_to_match(shown, read)
+        lines += mix_table(shown, [a for a in read if a in PLANNED_ARMS or a in SAVING_ARMS])
+        if {"fixed_set_60", "uniform_60"} <= set(read):
+            same = verdict_test([{**r, "arm": "uniform"} if r["arm"] == "uniform_60" else r for r in runs
+                                 if r["arm"] in ("fixed_set_60", "uniform_60")])
+            lines += delta_markdown(same, "fixed_set_60 at uniform's reduced step count, val mAP50", "uniform_60")
+    lines += [f"Runs in: {len(runs)} (commits {', '.join(commits)}); seeds per arm:", "", *status_lines(runs)]
+    return "\n".join(lines) + "\n"
 
 
 def write_doc_block(doc: Path, block: str) -> None:

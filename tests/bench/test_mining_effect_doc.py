@@ -10,13 +10,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.mining_effect_report import (  # noqa: E402
-    DOC_BEGIN, DOC_END, doc_block, load_runs, read_doc_block, write_doc_block)
+    DOC_BEGIN, DOC_END, ENDPOINTS, doc_block, load_runs, read_doc_block, write_doc_block)
 
 
 def test_the_docs_verdict_block_is_what_the_committed_runs_give():
@@ -40,3 +41,32 @@ def test_a_doc_without_its_markers_is_refused_by_name_and_left_as_it_was(tmp_pat
     doc.write_text(f"# notes\n\n{DOC_BEGIN}\nold\n{DOC_END}\n\nrest\n")
     write_doc_block(doc, "new\n")
     assert read_doc_block(doc) == "new\n" and doc.read_text().endswith(f"{DOC_END}\n\nrest\n")
+
+
+def _synthetic(n_seeds: dict[str, int], shift: float = 0.0) -> list[dict]:
+    """Runs with every metric the block reads; ``shift`` moves every value of the arms short of 16 seeds."""
+    rng = np.random.default_rng(0)
+    runs = []
+    for arm, n in n_seeds.items():
+        for seed in range(n):
+            move = shift if n < 16 else 0.0
+            val = {e: {k: float(rng.uniform(0.1, 0.9)) + move for k in ("AP50", "recall50", "F1_50")}
+                   for e in ENDPOINTS}
+            runs.append({"seed": seed, "arm": arm, "val": val, "seconds": 300.0, "commit": "c0ffee0" * 6})
+    return runs
+
+
+def test_an_unread_arm_cannot_move_a_single_character_of_the_block():
+    """Blinding as a property: the block is the same whatever the values of the arms short of their seeds."""
+    seeds = {"uniform": 16, "uniform_replicate": 16, "oracle": 16, "loss": 9, "fixed_set_60": 16, "uniform_60": 12}
+    block = doc_block(_synthetic(seeds))
+    assert block == doc_block(_synthetic(seeds, shift=0.05)) == doc_block(_synthetic(seeds, shift=-0.3))
+    assert "Interim verdict" in block and "val recall@0.5" in block and "val F1@0.5" in block
+    assert "| loss | 9 | not read" in block and "not read (12 of 16 seeds)" in block
+    # A read arm is shown, and moving it moves the block.
+    moved = [{**r, "val": {**r["val"], "rare": {k: v + 0.1 for k, v in r["val"]["rare"].items()}}}
+             if r["arm"] == "oracle" else r for r in _synthetic(seeds)]
+    assert doc_block(moved) != block
+    # Both compute-saving arms read: fixed_set_60 against uniform_60 as well.
+    seeds["uniform_60"] = 16
+    assert "fixed_set_60 at uniform's reduced step count" in doc_block(_synthetic(seeds))
