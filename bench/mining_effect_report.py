@@ -613,6 +613,35 @@ def delta_markdown(test: dict, title: str, control: str = "uniform") -> list[str
     return lines + [""]
 
 
+# Whose epoch 0 an arm's must equal: uniform's (no plan before epoch 1), the 60% pair each other's (their
+# epochs draw target_epoch_size); the replicate's differs by design (another data order).
+EPOCH0_REFERENCE = {"fixed_set_60": "uniform_60", "uniform_60": "fixed_set_60", "uniform_replicate": None}
+
+
+def epoch0_lines(runs: list[dict]) -> list[str]:
+    """Per arm, on how many seeds the training losses logged in epoch 0 equal its reference's, bit for bit."""
+    by = {(r["arm"], r["seed"]): r for r in runs}
+
+    def first_epoch(run: dict) -> list:
+        per_epoch = run["global_step"] / run["preset"]["epochs"]
+        return [point for point in run.get("logged_losses") or [] if point[0] <= per_epoch]
+
+    rows = []
+    for arm in sorted({r["arm"] for r in runs} - {"uniform"}):
+        reference = EPOCH0_REFERENCE.get(arm, "uniform")
+        pairs = [(by[(arm, s)], by[(reference, s)]) for a, s in by if a == arm and (reference, s) in by]
+        if reference is None or not pairs:
+            continue
+        same = sum(bool(first_epoch(a)) and first_epoch(a) == first_epoch(b) for a, b in pairs)
+        points = {len(first_epoch(a)) for a, _ in pairs}
+        rows.append(f"| {arm} | {reference} | {same} of {len(pairs)} | {', '.join(map(str, sorted(points)))} |")
+    if not rows:
+        return []
+    return ["**Epoch 0 is the reference's**: seeds on which every training loss logged in epoch 0 equals the "
+            "reference arm's, bit for bit (the replicate's differs by design)", "",
+            "| arm | reference | seeds equal | losses logged in epoch 0 |", "|---|---|---|---|", *rows, ""]
+
+
 def doc_block(runs: list[dict]) -> str:
     """What the doc leads with: the verdict of ``runs`` (interim while the family is short), then, for the arms read
     (all their seeds in), recall@0.5 and F1@0.5, steps to match, what each signal's hard set holds, the
@@ -632,6 +661,7 @@ def doc_block(runs: list[dict]) -> str:
             same = verdict_test([{**r, "arm": "uniform"} if r["arm"] == "uniform_60" else r for r in runs
                                  if r["arm"] in ("fixed_set_60", "uniform_60")])
             lines += delta_markdown(same, "fixed_set_60 at uniform's reduced step count, val mAP50", "uniform_60")
+    lines += epoch0_lines(runs)
     lines += [f"Runs in: {len(runs)} (commits {', '.join(commits)}); seeds per arm:", "", *status_lines(runs)]
     return "\n".join(lines) + "\n"
 

@@ -52,7 +52,10 @@ def _synthetic(n_seeds: dict[str, int], shift: float = 0.0) -> list[dict]:
             move = shift if n < 16 else 0.0
             val = {e: {k: float(rng.uniform(0.1, 0.9)) + move for k in ("AP50", "recall50", "F1_50")}
                    for e in ENDPOINTS}
-            runs.append({"seed": seed, "arm": arm, "val": val, "seconds": 300.0, "commit": "c0ffee0" * 6})
+            # Logged every 25 of 628 steps over 4 epochs; epoch 0 (steps <= 157) the same in every arm of a seed.
+            losses = [[step, 1.0 / (step + seed) if step <= 157 else float(rng.uniform())] for step in range(25, 629, 25)]
+            runs.append({"seed": seed, "arm": arm, "val": val, "seconds": 300.0, "commit": "c0ffee0" * 6,
+                         "global_step": 628, "preset": {"epochs": 4}, "logged_losses": losses})
     return runs
 
 
@@ -70,3 +73,15 @@ def test_an_unread_arm_cannot_move_a_single_character_of_the_block():
     # Both compute-saving arms read: fixed_set_60 against uniform_60 as well.
     seeds["uniform_60"] = 16
     assert "fixed_set_60 at uniform's reduced step count" in doc_block(_synthetic(seeds))
+
+
+def test_the_epoch_0_check_counts_the_seeds_whose_first_epoch_losses_equal_the_reference():
+    runs = _synthetic({"uniform": 4, "oracle": 4, "uniform_replicate": 4, "fixed_set_60": 3, "uniform_60": 3})
+    oracle_1 = next(r for r in runs if r["arm"] == "oracle" and r["seed"] == 1)
+    oracle_1["logged_losses"][5][1] += 1e-9  # step 150, still epoch 0
+    later = next(r for r in runs if r["arm"] == "oracle" and r["seed"] == 2)
+    later["logged_losses"][6][1] += 1.0  # step 175: epoch 1, where the arms part
+    block = doc_block(runs)
+    assert "| oracle | uniform | 3 of 4 | 6 |" in block
+    assert "| fixed_set_60 | uniform_60 | 3 of 3 | 6 |" in block and "| uniform_60 | fixed_set_60 | 3 of 3 | 6 |" in block
+    assert "| uniform_replicate | uniform" not in block  # another data order by design
