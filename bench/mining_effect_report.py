@@ -563,6 +563,40 @@ def render(out: Path, doc: Path | None) -> None:
 
 
 
+def eval_sd(run: dict, shares: dict[str, float], n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, float]]:
+    """How much of a run's val score is the draw of its val images: a bootstrap of its per-image rows.
+
+    Images are resampled within each slice (the slices keep their sizes); per slice recall@0.5 = TP / (TP + FN)
+    and F1@0.5 = 2 TP / (2 TP + FP + FN) over the resampled rows, overall weighted by the train ``shares`` as the
+    bench weights it (noise images are clean ones on val). mAP50 needs the scored boxes, which the rows do not
+    keep; F1@0.5 and recall@0.5 stand in for it. The point values are checked against the run's own val (they
+    must agree: the rows and the weights are the ones the eval used). Returns ``{key: {"value", "sd"}}``.
+    """
+    rows = run["images"]
+    tp, fp, fn = (np.asarray(rows[k], dtype=np.float64) for k in ("tp", "fp", "fn"))
+    slice_of = np.asarray(rows["slice"])
+    names = [s for s in dict.fromkeys(rows["slice"])]
+    weights = np.array([shares.get(s, 0.0) + (shares.get("noise", 0.0) if s == "clean" else 0.0) for s in names])
+    weights = weights / weights.sum()
+    members = [np.flatnonzero(slice_of == s) for s in names]
+
+    def scores(picks: list[np.ndarray]) -> dict[str, float]:
+        t = np.array([tp[i].sum() for i in picks])
+        f_p, f_n = np.array([fp[i].sum() for i in picks]), np.array([fn[i].sum() for i in picks])
+        recall = np.divide(t, t + f_n, out=np.zeros_like(t), where=t + f_n > 0)
+        f1 = np.divide(2 * t, 2 * t + f_p + f_n, out=np.zeros_like(t), where=2 * t + f_p + f_n > 0)
+        return {"recall50": float(weights @ recall), "F1_50": float(weights @ f1)}
+
+    point = scores(members)
+    for key, value in point.items():
+        if not math.isclose(value, run["val"]["overall"][key], rel_tol=1e-9, abs_tol=1e-12):
+            raise ValueError(f"seed-{run['seed']}-{run['arm']}: overall {key} from the image rows is {value}, the "
+                             f"run's val says {run['val']['overall'][key]}: the rows or the shares are not the eval's")
+    rng = np.random.default_rng(seed)
+    boot = [scores([m[rng.integers(0, len(m), len(m))] for m in members]) for _ in range(n_boot)]
+    return {key: {"value": point[key], "sd": float(np.std([b[key] for b in boot], ddof=1))} for key in point}
+
+
 def pilot_lines(runs: list[dict], delta: float = 0.05, power: float = 0.8, key: str = "AP50") -> list[str]:
     """Each run's per-slice values, the paired sd per slice of each arm against uniform, and the seeds
     needed for ``power`` on a ``delta`` effect at the Bonferroni level of the planned Holm family
@@ -696,6 +730,8 @@ def main() -> None:
     mode.add_argument("--pilot", action="store_true", help="per-run values, paired sd per slice and the power calculation")
     mode.add_argument("--status", action="store_true", help="seeds finished per arm and thread time, no metric")
     mode.add_argument("--doc", type=Path, default=None, help="write the verdict block into this markdown file")
+    mode.add_argument("--eval-sd", action="store_true",
+                      help="per uniform run, the sd of overall recall@0.5 and F1@0.5 over a bootstrap of val images")
     mode.add_argument("--keep", type=Path, default=None,
                       help="copy DIR's finished runs into this folder, compact, with their hard sets' slice mix")
     args = parser.parse_args()
@@ -715,6 +751,16 @@ def main() -> None:
         raise SystemExit(str(e)) from None
     if args.status:
         print("\n".join(status_lines(runs)))
+        return
+    if args.eval_sd:
+        from hsm.data.synth import GRID_SHARES
+
+        shares = {**GRID_SHARES, "clean": 1.0 - sum(GRID_SHARES.values())}
+        print("| seed | overall recall@0.5 | sd (images) | overall F1@0.5 | sd (images) |\n|---|---|---|---|---|")
+        for run in (r for r in runs if r["arm"] == "uniform"):
+            sd = eval_sd(run, shares)
+            print(f"| {run['seed']} | {sd['recall50']['value']:.3f} | {sd['recall50']['sd']:.4f} | "
+                  f"{sd['F1_50']['value']:.3f} | {sd['F1_50']['sd']:.4f} |")
         return
     if args.doc is not None:
         try:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CLASS_NAMES", "DOMAINS", "DEFAULT_PROMPTS", "SLICES", "GRID_CLASSES", "GRID_SLICES", "render_image",
-           "render_grid_image", "synthesize", "synthesize_slices", "synthesize_grid", "synthesize_generic"]
+__all__ = ["CLASS_NAMES", "DOMAINS", "DEFAULT_PROMPTS", "SLICES", "GRID_CLASSES", "GRID_SLICES", "GRID_SHARES",
+           "render_image", "render_grid_image", "synthesize", "synthesize_slices", "synthesize_grid", "synthesize_generic"]
 
 # name -> (classes, background tint)
 DOMAINS = {
@@ -206,7 +206,7 @@ GRID_CLASSES = {  # label -> (colour, shape); shape 0 square, 1 circle
 }
 GRID_RARE = "crack"
 GRID_SLICES = ("clean", "rare", "small", "crowded", "low_contrast", "noise")
-_GRID_SHARES = {"rare": 0.04, "small": 0.06, "crowded": 0.06, "low_contrast": 0.06, "noise": 0.04}
+GRID_SHARES = {"rare": 0.04, "small": 0.06, "crowded": 0.06, "low_contrast": 0.06, "noise": 0.04}
 _GREY = 128
 _LOW_CONTRAST = 0.35  # low_contrast objects: this fraction of their colour's distance from the grey
 # slice -> (object count range, side range in units, unit in px); ranges are half-open
@@ -290,7 +290,7 @@ def synthesize_grid(out_dir: str | Path, *, n_train: int = 4000, n_val_per_slice
     if size % GRID_CELL:
         raise ValueError(f"size: {size} is not a multiple of the grid cell {GRID_CELL}")
     out_dir = Path(out_dir)
-    shares = dict(_GRID_SHARES if shares is None else shares)
+    shares = dict(GRID_SHARES if shares is None else shares)
     shares["clean"] = 1.0 - sum(v for k, v in shares.items() if k != "clean")
     rng = np.random.default_rng([seed, 17])
     counts = {name: int(round(shares.get(name, 0.0) * n_train)) for name in GRID_SLICES if name != "clean"}

@@ -272,3 +272,37 @@ def test_a_verdict_read_before_the_family_is_complete_never_changes_when_it_comp
             assert interim["verdicts"][arm] == final["verdicts"][arm]
     for arm in unread:
         assert interim["verdicts"][arm] == "not read (5 of 8 seeds)"
+
+
+def _rows_run(per_slice: dict[str, list[tuple[int, int, int]]], shares: dict[str, float]) -> dict:
+    """A run whose val is scored from its image rows by hand, overall by the bench's own weighting."""
+    from bench.mining_effect import overall
+
+    rows = {"slice": [], "tp": [], "fp": [], "fn": []}
+    val = {}
+    for name, images in per_slice.items():
+        for tp, fp, fn in images:
+            rows["slice"].append(name), rows["tp"].append(tp), rows["fp"].append(fp), rows["fn"].append(fn)
+        t, f_p, f_n = (sum(x[i] for x in images) for i in range(3))
+        val[name] = {"recall50": t / (t + f_n), "F1_50": 2 * t / (2 * t + f_p + f_n), "AP50": 0.0, "mAP": 0.0}
+    val["overall"] = overall(val, shares)
+    return {"seed": 0, "arm": "uniform", "images": rows, "val": val}
+
+
+def test_the_eval_sd_is_a_bootstrap_of_the_val_images_checked_against_the_runs_own_scores():
+    from bench.mining_effect_report import eval_sd
+
+    rng = np.random.default_rng(3)
+    hits = rng.random(400) < 0.3
+    shares = {"clean": 0.9, "noise": 0.1}  # one val slice: noise images are clean ones on val
+    run = _rows_run({"clean": [(int(h), 0, 1 - int(h)) for h in hits]}, shares)
+    sd = eval_sd(run, shares, n_boot=4000)
+    p = hits.mean()
+    assert sd["recall50"]["value"] == pytest.approx(p)
+    assert sd["recall50"]["sd"] == pytest.approx(math.sqrt(p * (1 - p) / 400), rel=0.06)  # binomial sd of a mean
+    # Two slices, weighted as the bench weights them; weights that are not the eval's are refused by name.
+    two = {"clean": 0.7, "small": 0.2, "noise": 0.1}
+    run = _rows_run({"clean": [(2, 1, 0), (1, 0, 1)] * 20, "small": [(0, 1, 2), (1, 0, 0)] * 20}, two)
+    assert eval_sd(run, two)["F1_50"]["value"] == pytest.approx(run["val"]["overall"]["F1_50"])
+    with pytest.raises(ValueError, match="seed-0-uniform"):
+        eval_sd(run, {"clean": 0.5, "small": 0.5})
