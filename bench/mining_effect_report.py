@@ -9,6 +9,7 @@ the arm and uniform finished (same corpus, init and schedule seed).
 from __future__ import annotations
 
 import json
+import re
 import math
 import statistics
 from pathlib import Path
@@ -32,6 +33,40 @@ PLANNED_ARMS = ("uniform_replicate", "dynamic", "oracle", "loss", "label_loss", 
 # all of them, its own and uniform's, are in.
 PLANNED_SEEDS = 16
 
+
+def host_tag(cpu: str) -> str:
+    """A CPU model's folder name ("AMD EPYC" -> ``amd-epyc``): a run is paired with uniform's run on the same model.
+
+    The pinned vector ISA makes a run repeat on one CPU model, not across vendors: seed 3's runs on an Intel Xeon and
+    an AMD EPYC, both pinned to AVX2, log the same training loss at step 50 and part in the 7th digit by step 75.
+    """
+    text = re.sub(r"\((r|tm)\)", "", cpu.lower())
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-") or "unknown-cpu"
+
+
+def this_host() -> str:
+    """:func:`host_tag` of the machine this runs on (``/proc/cpuinfo``'s model name, as runs record it)."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.is_file() else []
+    return host_tag(next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), ""))
+
+
+def unit(run: dict) -> tuple[int, str]:
+    """What a run is paired on: its seed and the CPU model it ran on (uniform may have a run on several)."""
+    return run["seed"], host_tag((run.get("isa") or {}).get("cpu") or "")
+
+
+def check_pairing(runs: list[dict], where: Path) -> None:
+    """One run per (arm, seed) across CPU models, uniform aside (one per seed and model); else an error naming them."""
+    seen: dict[tuple, list[str]] = {}
+    for run in runs:
+        key = (run["arm"], *unit(run)) if run["arm"] == "uniform" else (run["arm"], run["seed"])
+        seen.setdefault(key, []).append(f"seed-{run['seed']}-{run['arm']} on {unit(run)[1]}")
+    twice = [names for names in seen.values() if len(names) > 1]
+    if twice:
+        raise ValueError(f"{where}: an arm has two runs of one seed (only uniform, the control, may have one per CPU "
+                         "model); move one out: " + "; ".join(", ".join(n) for n in twice))
+
 def read_run(path: Path) -> dict:
     """One run file; a cut or garbled one is an error naming it (rerun that run: remove the file)."""
     try:
@@ -50,7 +85,7 @@ def load_runs(out: Path) -> list[dict]:
     ``n_tokens`` of the training events before each point's step (their total equals the
     trainer's supervised-token count).
     """
-    runs = [read_run(p) for p in sorted((Path(out) / "runs").glob("seed-*.json"))]
+    runs = [read_run(p) for p in run_files(Path(out))]
     for run in runs:
         hsm_dir = Path(out) / f"run-{run['seed']}-{run['arm']}" / "hsm"
         if any(len(point) == 3 for point in run.get("curve") or []) and (hsm_dir / "events").is_dir():
@@ -59,7 +94,13 @@ def load_runs(out: Path) -> list[dict]:
         if "hard_set_mix" not in run:
             run["hard_set_mix"] = hard_set_mix(Path(out), run)
     check_comparable(runs, Path(out) / "runs")
+    check_pairing(runs, Path(out) / "runs")
     return runs
+
+
+def run_files(out: Path) -> list[Path]:
+    """``out/runs/seed-*.json`` and ``out/runs/<cpu model>/seed-*.json`` (the kept runs, one folder per CPU model)."""
+    return sorted((Path(out) / "runs").rglob("seed-*.json"), key=lambda p: (p.name, str(p)))
 
 
 # What makes two runs' numbers comparable: the same libraries, kernels and preset (not the commit, whose
@@ -87,11 +128,14 @@ def check_comparable(runs: list[dict], where: Path) -> None:
 
 def status_lines(runs: list[dict], seeds: int = PLANNED_SEEDS) -> list[str]:
     """How far the experiment is, blinded: per arm, the seeds finished and the thread time; no metric."""
-    lines = ["| arm | seeds done | of | which | run time (thread-hours) |", "|---|---|---|---|---|"]
+    lines = ["| arm | seeds done | of | which | runs per CPU model | run time (thread-hours) |",
+             "|---|---|---|---|---|---|"]
     for arm in dict.fromkeys(r["arm"] for r in sorted(runs, key=lambda r: r["arm"])):
-        mine = sorted(r["seed"] for r in runs if r["arm"] == arm)
+        mine = sorted({r["seed"] for r in runs if r["arm"] == arm})
+        hosts = sorted(unit(r)[1] for r in runs if r["arm"] == arm)
+        per_host = ", ".join(f"{h} {hosts.count(h)}" for h in dict.fromkeys(hosts))
         hours = sum(r["seconds"] for r in runs if r["arm"] == arm) / 3600
-        lines.append(f"| {arm} | {len(mine)} | {seeds} | {', '.join(map(str, mine))} | {hours:.2f} |")
+        lines.append(f"| {arm} | {len(mine)} | {seeds} | {', '.join(map(str, mine))} | {per_host} | {hours:.2f} |")
     return lines
 
 
@@ -160,10 +204,10 @@ def summarize(runs: list[dict], arm_order: list[str] | None = None) -> dict:
     slices = list(runs[0]["val"]) if runs else []
     # Metrics every run has (F1@0.5 is newer than the from-scratch runs).
     metrics = [(k, t) for k, t in METRICS if all(k in v for r in runs for v in r["val"].values())]
-    base = {r["seed"]: r for r in runs if r["arm"] == "uniform"}
+    base = {unit(r): r for r in runs if r["arm"] == "uniform"}
     table = {}
     for arm in arms:
-        mine = {r["seed"]: r for r in runs if r["arm"] == arm}
+        mine = {unit(r): r for r in runs if r["arm"] == arm}
         for name in slices:
             for key, _ in metrics:
                 mean, std = _mean_std([r["val"][name][key] for r in mine.values()])
@@ -239,11 +283,11 @@ def verdict_test(runs: list[dict], key: str = "AP50", control: str = "uniform", 
 
     Returns ``{"cells": {(arm, endpoint): test + "p_holm"}, "verdicts": {arm: text}, "arms": [...]}``.
     """
-    control_runs = {r["seed"]: r for r in runs if r["arm"] == control}
+    control_runs = {unit(r): r for r in runs if r["arm"] == control}
     arms = [a for a in dict.fromkeys(r["arm"] for r in runs) if a != control]
     cells: dict = {}
     for arm in arms:
-        mine = {r["seed"]: r for r in runs if r["arm"] == arm}
+        mine = {unit(r): r for r in runs if r["arm"] == arm}
         seeds = sorted(s for s in mine if s in control_runs)
         for endpoint in endpoints:
             diffs = [mine[s]["val"][endpoint][key] - control_runs[s]["val"][endpoint][key] for s in seeds
@@ -397,7 +441,7 @@ def crossing(steps: list[int], values: np.ndarray, target: float) -> float:
 
 def _curves(runs: list[dict], arm: str, endpoint: str, key: str) -> tuple[list[int], dict[int, np.ndarray]]:
     """An arm's epoch-end curve per seed (``curves``), on the step grid every seed of it shares."""
-    mine = {r["seed"]: r for r in runs if r["arm"] == arm and r.get("curves")}
+    mine = {unit(r): r for r in runs if r["arm"] == arm and r.get("curves")}
     grids = {tuple(c["step"] for c in r["curves"]) for r in mine.values()}
     if len(grids) != 1:
         return [], {}
@@ -475,11 +519,11 @@ def equal_tokens(runs: list[dict], arms: list[str], over: float = 1.02) -> list[
     The value is the last epoch-end curve point whose tokens do not exceed uniform's (curves record
     the tokens trained on so far); ``-`` where the curve starts later than that.
     """
-    uniform = {r["seed"]: r for r in runs if r["arm"] == "uniform"}
+    uniform = {unit(r): r for r in runs if r["arm"] == "uniform"}
     rows = []
     for arm in arms:
-        for r in sorted((r for r in runs if r["arm"] == arm and r["seed"] in uniform), key=lambda r: r["seed"]):
-            base = uniform[r["seed"]]
+        for r in sorted((r for r in runs if r["arm"] == arm and unit(r) in uniform), key=unit):
+            base = uniform[unit(r)]
             if r["supervised_tokens"] <= over * base["supervised_tokens"]:
                 continue
             points = [p for p in r.get("curve") or [] if len(p) > 3 and p[3] <= base["supervised_tokens"]]
@@ -495,13 +539,13 @@ def equal_tokens(runs: list[dict], arms: list[str], over: float = 1.02) -> list[
 
 def compute_table(runs: list[dict], arms: list[str]) -> list[str]:
     """Steps, supervised tokens relative to uniform, seconds, det_f1 cost, suspects vs the injected noise."""
-    tokens_uniform = {r["seed"]: r["supervised_tokens"] for r in runs if r["arm"] == "uniform"}
+    tokens_uniform = {unit(r): r["supervised_tokens"] for r in runs if r["arm"] == "uniform"}
     lines = ["| arm | optimizer steps | supervised tokens vs uniform | seconds per run | det_f1 pass seconds (total) "
              "| suspects: n / precision / recall vs injected noise | noise share of the last hard set |",
              "|---|---|---|---|---|---|---|"]
     for arm in arms:
         mine = [r for r in runs if r["arm"] == arm]
-        ratio = [r["supervised_tokens"] / tokens_uniform[r["seed"]] for r in mine if r["seed"] in tokens_uniform]
+        ratio = [r["supervised_tokens"] / tokens_uniform[unit(r)] for r in mine if unit(r) in tokens_uniform]
         det = [r["det_f1_seconds"] for r in mine if r.get("det_f1_seconds")]
         sus = [r["suspects"] for r in mine if r.get("suspects")]
         sus_text = (f"{statistics.fmean(s['n_suspects'] for s in sus):.0f} / {statistics.fmean(s['precision'] for s in sus):.2f}"
@@ -606,7 +650,7 @@ def pilot_lines(runs: list[dict], delta: float = 0.05, power: float = 0.8, key: 
     for r in sorted(runs, key=lambda r: (r["seed"], r["arm"])):
         lines.append(f"| {r['seed']} | {r['arm']} | {r['global_step']} | {r['seconds']:.0f} | "
                      + " | ".join(f"{r['val'][s][key]:.3f}" for s in slices) + " |")
-    uniform = {r["seed"]: r for r in runs if r["arm"] == "uniform"}
+    uniform = {unit(r): r for r in runs if r["arm"] == "uniform"}
     arms = [a for a in dict.fromkeys(r["arm"] for r in runs) if a != "uniform"]
     level = ALPHA / (len(PLANNED_ARMS) * len(ENDPOINTS))
     lines += ["", f"Paired sd of Δ {key} to uniform per slice (seeds both finished), pooled over the arms, and the "
@@ -617,8 +661,8 @@ def pilot_lines(runs: list[dict], delta: float = 0.05, power: float = 0.8, key: 
     for s in slices:
         variances, cells = [], []
         for a in arms:
-            diffs = [r["val"][s][key] - uniform[r["seed"]]["val"][s][key] for r in runs
-                     if r["arm"] == a and r["seed"] in uniform]
+            diffs = [r["val"][s][key] - uniform[unit(r)]["val"][s][key] for r in runs
+                     if r["arm"] == a and unit(r) in uniform]
             sd = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else math.nan
             cells.append(f"{sd:.3f} (n={len(diffs)})" if len(diffs) > 1 else "-")
             if len(diffs) > 1:
@@ -654,7 +698,7 @@ EPOCH0_REFERENCE = {"fixed_set_60": "uniform_60", "uniform_60": "fixed_set_60", 
 
 def epoch0_lines(runs: list[dict]) -> list[str]:
     """Per arm, on how many seeds the training losses logged in epoch 0 equal its reference's, bit for bit."""
-    by = {(r["arm"], r["seed"]): r for r in runs}
+    by = {(r["arm"], *unit(r)): r for r in runs}
 
     def first_epoch(run: dict) -> list:
         per_epoch = run["global_step"] / run["preset"]["epochs"]
@@ -663,7 +707,7 @@ def epoch0_lines(runs: list[dict]) -> list[str]:
     rows = []
     for arm in sorted({r["arm"] for r in runs} - {"uniform"}):
         reference = EPOCH0_REFERENCE.get(arm, "uniform")
-        pairs = [(by[(arm, s)], by[(reference, s)]) for a, s in by if a == arm and (reference, s) in by]
+        pairs = [(by[(arm, *u)], by[(reference, *u)]) for a, *u in by if a == arm and (reference, *u) in by]
         if reference is None or not pairs:
             continue
         same = sum(bool(first_epoch(a)) and first_epoch(a) == first_epoch(b) for a, b in pairs)
@@ -730,11 +774,15 @@ def main() -> None:
     mode.add_argument("--pilot", action="store_true", help="per-run values, paired sd per slice and the power calculation")
     mode.add_argument("--status", action="store_true", help="seeds finished per arm and thread time, no metric")
     mode.add_argument("--doc", type=Path, default=None, help="write the verdict block into this markdown file")
+    mode.add_argument("--host", action="store_true", help="print this machine's CPU model tag (its runs' folder)")
     mode.add_argument("--eval-sd", action="store_true",
                       help="per uniform run, the sd of overall recall@0.5 and F1@0.5 over a bootstrap of val images")
     mode.add_argument("--keep", type=Path, default=None,
                       help="copy DIR's finished runs into this folder, compact, with their hard sets' slice mix")
     args = parser.parse_args()
+    if args.host:
+        print(this_host())
+        return
     if args.keep is not None:
         try:
             names = keep_runs(args.out, args.keep)
@@ -743,10 +791,11 @@ def main() -> None:
         print(f"{args.keep}: {len(names)} run(s) written" + (f" ({', '.join(names)})" if names else ""))
         return
     try:
-        runs = [read_run(p) for p in sorted((args.out / "runs").glob("seed-*.json"))]
+        runs = [read_run(p) for p in run_files(args.out)]
         if not runs:
             raise SystemExit(f"{args.out / 'runs'}: no finished runs (seed-*.json)")
         check_comparable(runs, args.out / "runs")
+        check_pairing(runs, args.out / "runs")
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if args.status:

@@ -306,3 +306,35 @@ def test_the_eval_sd_is_a_bootstrap_of_the_val_images_checked_against_the_runs_o
     assert eval_sd(run, two)["F1_50"]["value"] == pytest.approx(run["val"]["overall"]["F1_50"])
     with pytest.raises(ValueError, match="seed-0-uniform"):
         eval_sd(run, {"clean": 0.5, "small": 0.5})
+
+
+def _on(run: dict, cpu: str) -> dict:
+    return {**run, "isa": {"cpu": cpu}}
+
+
+def test_an_arm_is_paired_with_uniforms_run_on_its_own_cpu_model():
+    """A pinned run repeats on one CPU model, not across vendors: each arm's Δ is taken against uniform on its model."""
+    from bench.mining_effect_report import check_pairing, host_tag, unit
+
+    assert host_tag("Intel(R) Xeon(R) Processor") == "intel-xeon-processor" and host_tag("AMD EPYC") == "amd-epyc"
+    assert host_tag("") == "unknown-cpu"
+    runs = _runs({"loss": {"rare": 0.05}}, n_seeds=6, noise=0.0)
+    intel = [_on(r, "Intel(R) Xeon(R) Processor") for r in runs]
+    # Seeds 4 and 5: loss ran on an AMD host, with uniform rerun there 0.1 higher on every endpoint.
+    moved = []
+    for r in intel:
+        if r["seed"] >= 4:
+            if r["arm"] == "uniform":
+                moved.append(_on({**r, "val": {e: {"AP50": v["AP50"] + 0.1} for e, v in r["val"].items()}}, "AMD EPYC"))
+            else:
+                r = _on({**r, "val": {e: {"AP50": v["AP50"] + 0.1} for e, v in r["val"].items()}}, "AMD EPYC")
+        moved.append(r)
+    check_pairing(moved, Path("runs"))
+    test = verdict_test(moved)
+    assert test["cells"][("loss", "rare")]["n"] == 6
+    assert test["cells"][("loss", "rare")]["mean"] == pytest.approx(0.05)  # not 0.05 + 0.1 on two seeds
+    assert test["cells"][("loss", "small")]["mean"] == pytest.approx(0.0)
+    assert {unit(r) for r in moved if r["arm"] == "uniform"} >= {(4, "amd-epyc"), (4, "intel-xeon-processor")}
+    # An arm run twice for one seed (on two models) is refused by name; uniform may have one run per model.
+    with pytest.raises(ValueError, match="seed-4-loss on amd-epyc, seed-4-loss on intel-xeon-processor"):
+        check_pairing(moved + [next(r for r in intel if r["arm"] == "loss" and r["seed"] == 4)], Path("runs"))
