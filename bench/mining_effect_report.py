@@ -720,6 +720,26 @@ def epoch0_lines(runs: list[dict]) -> list[str]:
             "| arm | reference | seeds equal | losses logged in epoch 0 |", "|---|---|---|---|", *rows, ""]
 
 
+def host_lines(runs: list[dict], key: str = "AP50") -> list[str]:
+    """Host noise: per seed with uniform run on two CPU models, the difference of their val (same code, data, seed)."""
+    by_seed: dict[int, list[dict]] = {}
+    for run in runs:
+        if run["arm"] == "uniform":
+            by_seed.setdefault(run["seed"], []).append(run)
+    rows = []
+    for seed, pair in sorted(by_seed.items()):
+        if len(pair) < 2:
+            continue
+        first, second = sorted(pair, key=lambda r: unit(r)[1])[:2]
+        rows.append(f"| {seed} | {unit(second)[1]} - {unit(first)[1]} | "
+                    + " | ".join(f"{second['val'][e][key] - first['val'][e][key]:+.3f}" for e in ENDPOINTS) + " |")
+    if not rows:
+        return []
+    return ["**Host noise**: uniform's val mAP50 on one seed run on two CPU models (the same code, data, seed and pin), "
+            "the difference", "", "| seed | models | " + " | ".join(ENDPOINTS) + " |", "|---" * (len(ENDPOINTS) + 2) + "|",
+            *rows, ""]
+
+
 def doc_block(runs: list[dict]) -> str:
     """What the doc leads with: the verdict of ``runs`` (interim while the family is short), then, for the arms read
     (all their seeds in), recall@0.5 and F1@0.5, steps to match, what each signal's hard set holds, the
@@ -740,6 +760,7 @@ def doc_block(runs: list[dict]) -> str:
                                  if r["arm"] in ("fixed_set_60", "uniform_60")])
             lines += delta_markdown(same, "fixed_set_60 at uniform's reduced step count, val mAP50", "uniform_60")
     lines += epoch0_lines(runs)
+    lines += host_lines(runs)
     lines += [f"Runs in: {len(runs)} (commits {', '.join(commits)}); seeds per arm:", "", *status_lines(runs)]
     return "\n".join(lines) + "\n"
 

@@ -338,3 +338,9 @@ def test_an_arm_is_paired_with_uniforms_run_on_its_own_cpu_model():
     # An arm run twice for one seed (on two models) is refused by name; uniform may have one run per model.
     with pytest.raises(ValueError, match="seed-4-loss on amd-epyc, seed-4-loss on intel-xeon-processor"):
         check_pairing(moved + [next(r for r in intel if r["arm"] == "loss" and r["seed"] == 4)], Path("runs"))
+    # The seeds with uniform on both models measure host noise: the block lists their difference per endpoint.
+    from bench.mining_effect_report import host_lines
+
+    lines = host_lines(moved)
+    assert [line.split(" | ")[0] for line in lines if line.startswith("| 4 ") or line.startswith("| 5 ")] == ["| 4", "| 5"]
+    assert "| 4 | intel-xeon-processor - amd-epyc | -0.100 | -0.100 | -0.100 | -0.100 | -0.100 |" in lines
