@@ -172,9 +172,10 @@ def keep_runs(work: Path, keep: Path) -> list[str]:
         if kept.is_file() and mix is None:
             continue
         run["hard_set_mix"] = mix
-        staging = keep / f".{path.name}.tmp"
-        staging.write_text(json.dumps(run, separators=(",", ":")))
-        staging.replace(kept)
+        from hsm.io import write_bytes_atomic
+
+        # A temp name of its own, fsync, rename: two workers keeping at once each leave a whole file.
+        write_bytes_atomic(json.dumps(run, separators=(",", ":")).encode(), kept)
         written.append(path.name)
     return written
 
@@ -772,9 +773,9 @@ def write_doc_block(doc: Path, block: str) -> None:
         raise ValueError(f"{doc}: needs one line {DOC_BEGIN!r} followed by one line {DOC_END!r}")
     head, rest = text.split(DOC_BEGIN)
     tail = rest.split(DOC_END)[1]
-    staging = doc.with_name(f".{doc.name}.tmp")
-    staging.write_text(f"{head}{DOC_BEGIN}\n\n{block}\n{DOC_END}{tail}")
-    staging.replace(doc)
+    from hsm.io import write_bytes_atomic
+
+    write_bytes_atomic(f"{head}{DOC_BEGIN}\n\n{block}\n{DOC_END}{tail}".encode(), doc)
 
 
 def read_doc_block(doc: Path) -> str:
