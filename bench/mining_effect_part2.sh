@@ -2,16 +2,17 @@
 # Part 2 of the mining-effect experiment (docs/mining_effect.md), resumable across sessions and hosts.
 #
 #   bash bench/mining_effect_part2.sh            # one run at a time, in ../runs/effect_arms/<cpu model>
-#   SEEDS="15 14 13 12" bash bench/mining_effect_part2.sh &   # a second worker (one per core): a run another
-#                                                             # worker holds (its lock) is skipped
+#   SEEDS="$(seq 15 -1 0)" bash bench/mining_effect_part2.sh &   # a second worker (one per core), from the other
+#                                                                # end: a run another worker holds (its lock) is skipped
 #
 # A run repeats on one CPU model (the vector ISA pinned), not across vendors, so every run is paired with uniform's
 # run of the same seed on the same CPU model. Finished runs are kept, compact, in
 # docs/mining_effect_part2/runs/<cpu model>/ (commit them); this model's are copied into the work directory first,
 # so the bench skips them. An (arm, seed) is run once, on whichever model gets to it first; uniform, the control,
 # runs once per seed on every model that runs another arm of that seed, before it. Order: seed-major over uniform,
-# its replicate, the oracle and `loss` for all 16 seeds, then the rest of the planned family and the
-# compute-saving pair. One worker, one torch thread, the CPU's vector ISA pinned (the bench's default).
+# its replicate, the oracle and `loss` for all 16 seeds, then arm-major over the rest of the planned family and the
+# compute-saving pair (ARMS= picks and orders them). One worker, one torch thread, the CPU's vector ISA pinned
+# (the bench's default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -53,4 +54,12 @@ for f in "$KEEP"/seed-*.json; do
   [ -e "$KEEP/seed-$s-uniform.json" ] || run "$s" uniform || true
 done
 for s in $SEEDS; do for a in uniform uniform_replicate oracle loss; do arm "$s" "$a"; done; done
-for s in $SEEDS; do for a in dynamic label_loss coord_loss det_f1 fixed_set_60 uniform_60; do arm "$s" "$a"; done; done
+# The rest arm by arm, so that each arm completes (and is read) as early as it can; within an arm, the seeds whose
+# uniform this model already ran come first (a seed new to this model costs one more uniform).
+ours=(); others=()
+for s in $SEEDS; do
+  if [ -e "$KEEP/seed-$s-uniform.json" ]; then ours+=("$s"); else others+=("$s"); fi
+done
+for a in ${ARMS:-label_loss det_f1 coord_loss dynamic fixed_set_60 uniform_60}; do
+  for s in "${ours[@]}" "${others[@]}"; do arm "$s" "$a"; done
+done
