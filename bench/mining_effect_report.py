@@ -514,6 +514,65 @@ def mix_table(runs: list[dict], arms: list[str]) -> list[str]:
     return lines + [""]
 
 
+# The signals, each read as a share of the oracle's gain: not the controls (the replicate, the placebo `dynamic`).
+SIGNAL_ARMS = ("loss", "label_loss", "coord_loss", "det_f1")
+
+
+def oracle_share(runs: list[dict], arm: str, endpoint: str, key: str = "AP50", n_boot: int = 4000,
+                 seed: int = 0) -> dict:
+    """An arm's gain on ``endpoint`` as a share of the oracle's: ``mean Δ_arm / mean Δ_oracle`` over the seeds both
+    ran, each Δ a run's value minus uniform's of the same seed on the same CPU model (:func:`unit`; the arm and the
+    oracle of one seed may have run on two models, each against its own model's uniform).
+
+    The 95% interval is a percentile bootstrap over those seeds, resampled together (a seed's uniform noise enters
+    both means); ``"unbounded"`` is True when more than 2.5% of the resamples have an oracle gain <= 0, where the
+    share has no meaning (then the interval is not given).
+    """
+    uniform = {unit(r): r["val"][endpoint][key] for r in runs if r["arm"] == "uniform" and endpoint in r["val"]}
+
+    def deltas(name: str) -> dict[int, float]:
+        return {r["seed"]: r["val"][endpoint][key] - uniform[unit(r)] for r in runs
+                if r["arm"] == name and endpoint in r["val"] and unit(r) in uniform}
+
+    arm_d, oracle_d = deltas(arm), deltas("oracle")
+    units = sorted(set(arm_d) & set(oracle_d))
+    mine = np.array([arm_d[s] for s in units])
+    oracle = np.array([oracle_d[s] for s in units])
+    if not units or oracle.mean() <= 0:
+        return {"n": len(units), "share": math.nan, "ci": (math.nan, math.nan), "unbounded": True}
+    pick = np.random.default_rng(seed).integers(0, len(units), size=(n_boot, len(units)))
+    num, den = mine[pick].mean(axis=1), oracle[pick].mean(axis=1)
+    shares = num[den > 0] / den[den > 0]
+    unbounded = (den <= 0).mean() > 0.025
+    ci = (math.nan, math.nan) if unbounded else tuple(float(q) for q in np.quantile(shares, [0.025, 0.975]))
+    return {"n": len(units), "share": float(mine.mean() / oracle.mean()), "ci": ci, "unbounded": bool(unbounded)}
+
+
+def oracle_share_lines(runs: list[dict], test: dict) -> list[str]:
+    """Each read signal's gain as a share of the oracle's, on the hard endpoints where the oracle's gain is decided
+    (its cell rejected with Δ > 0 in ``test``, a :func:`verdict_test`): elsewhere the oracle lifts nothing to share."""
+    def decided_gain(cell: dict) -> bool:
+        bound = cell["p_bounds"][1] if "p_bounds" in cell else cell["p_holm"]
+        return not cell["withheld"] and bound < ALPHA and cell["mean"] > 0
+
+    if ("oracle", "small") not in test["cells"] or test["cells"][("oracle", "small")]["withheld"]:
+        return []
+    lifted = [e for e in ENDPOINTS if e in HARD and decided_gain(test["cells"][("oracle", e)])]
+    arms = [a for a in SIGNAL_ARMS if (a, "small") in test["cells"] and not test["cells"][(a, "small")]["withheld"]]
+    if not lifted or not arms:
+        return []
+    lines = ["**Each signal's gain as a share of the oracle's** (mean Δ mAP50 of the arm / mean Δ of the oracle, both "
+             "to uniform on the same seeds; [95% paired bootstrap interval over seeds]; on the slices the oracle is "
+             "decided to lift: " + ", ".join(lifted) + ")", "",
+             "| arm | seeds | " + " | ".join(lifted) + " |", "|---" * (len(lifted) + 2) + "|"]
+    for arm in arms:
+        cells = [oracle_share(runs, arm, e) for e in lifted]
+        text = [f"{c['share']:.2f}" + (" [unbounded]" if c["unbounded"] else f" [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}]")
+                for c in cells]
+        lines.append(f"| {arm} | {cells[0]['n']} | " + " | ".join(text) + " |")
+    return lines + [""]
+
+
 def equal_tokens(runs: list[dict], arms: list[str], over: float = 1.02) -> list[str]:
     """Arms that train on more supervised tokens than uniform: their overall mAP50 at uniform's final token count.
 
@@ -743,7 +802,8 @@ def host_lines(runs: list[dict], key: str = "AP50") -> list[str]:
 
 def doc_block(runs: list[dict]) -> str:
     """What the doc leads with: the verdict of ``runs`` (interim while the family is short), then, for the arms read
-    (all their seeds in), recall@0.5 and F1@0.5, steps to match, what each signal's hard set holds, the
+    (all their seeds in), recall@0.5 and F1@0.5, each signal's gain as a share of the oracle's, steps to match,
+    what each signal's hard set holds, the
     compute-saving arm against uniform at its own step count; last, blinded, the seeds in per arm."""
     commits = sorted({r.get("commit", "?")[:7] for r in runs})
     test = verdict_test(runs, family=PLANNED_ARMS, planned_seeds=PLANNED_SEEDS)
@@ -754,6 +814,7 @@ def doc_block(runs: list[dict]) -> str:
             lines += delta_markdown(verdict_test(runs, key=key, family=PLANNED_ARMS, planned_seeds=PLANNED_SEEDS),
                                     f"val {title}")
         shown = [r for r in runs if r["arm"] in read or r["arm"] == "uniform"]
+        lines += oracle_share_lines(runs, test)
         lines += steps_to_match(shown, read)
         lines += mix_table(shown, [a for a in read if a in PLANNED_ARMS or a in SAVING_ARMS])
         if {"fixed_set_60", "uniform_60"} <= set(read):

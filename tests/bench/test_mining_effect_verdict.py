@@ -344,3 +344,56 @@ def test_an_arm_is_paired_with_uniforms_run_on_its_own_cpu_model():
     lines = host_lines(moved)
     assert [line.split(" | ")[0] for line in lines if line.startswith("| 4 ") or line.startswith("| 5 ")] == ["| 4", "| 5"]
     assert "| 4 | intel-xeon-processor - amd-epyc | -0.100 | -0.100 | -0.100 | -0.100 | -0.100 |" in lines
+
+
+def test_a_signals_share_of_the_oracles_gain_is_the_ratio_of_mean_gains_each_against_its_own_models_uniform():
+    from bench.mining_effect_report import oracle_share
+
+    runs = _runs({"oracle": {"rare": 0.08}, "loss": {"rare": 0.03}}, n_seeds=10, noise=0.01, seed=3)
+    # Seed 9's loss and its uniform ran on another model, 0.2 higher: that shift is the host's, not the arm's.
+    runs = [_on({**r, "val": {e: {"AP50": v["AP50"] + 0.2} for e, v in r["val"].items()}}, "AMD EPYC")
+            if r["seed"] == 9 and r["arm"] == "loss" else r for r in runs]
+    runs.append(_on({**next(r for r in runs if r["seed"] == 9 and r["arm"] == "uniform"),
+                     "val": {e: {"AP50": v["AP50"] + 0.2} for e, v in next(
+                         r for r in runs if r["seed"] == 9 and r["arm"] == "uniform")["val"].items()}}, "AMD EPYC"))
+    # The obvious computation, by hand: per seed, each arm minus uniform of its own host.
+    val = {(r["arm"], r["seed"], (r.get("isa") or {}).get("cpu")): r["val"]["rare"]["AP50"] for r in runs}
+    loss = [val[("loss", s, "AMD EPYC" if s == 9 else None)] - val[("uniform", s, "AMD EPYC" if s == 9 else None)]
+            for s in range(10)]
+    oracle = [val[("oracle", s, None)] - val[("uniform", s, None)] for s in range(10)]
+    got = oracle_share(runs, "loss", "rare")
+    assert got["n"] == 10 and got["share"] == pytest.approx(sum(loss) / sum(oracle))
+    assert got["ci"][0] < got["share"] < got["ci"][1] and not got["unbounded"]
+    # No oracle gain: no share, and an interval that is not given.
+    flat = oracle_share(_runs({"oracle": {}, "loss": {}}, n_seeds=10, noise=0.01), "loss", "rare")
+    assert flat["unbounded"]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(k=st.floats(-1.0, 2.0), gains=st.lists(st.floats(0.001, 0.2), min_size=3, max_size=12))
+def test_a_signal_gaining_k_times_the_oracle_on_every_seed_reads_k_with_a_point_interval(k, gains):
+    from bench.mining_effect_report import oracle_share
+
+    runs = []
+    for seed, gain in enumerate(gains):
+        base = 0.3 + 0.01 * seed
+        for arm, value in (("uniform", base), ("oracle", base + gain), ("loss", base + k * gain)):
+            runs.append({"seed": seed, "arm": arm, "val": {"rare": {"AP50": value}}})
+    got = oracle_share(runs, "loss", "rare", n_boot=200)
+    assert got["share"] == pytest.approx(k, abs=1e-6)
+    assert got["ci"] == pytest.approx((k, k), abs=1e-6)
+
+
+def test_the_block_shows_shares_only_on_slices_the_oracle_is_decided_to_lift():
+    from bench.mining_effect_report import doc_block
+
+    runs = _runs({"uniform_replicate": {}, "oracle": {"rare": 0.1}, "loss": {"rare": 0.05},
+                  "label_loss": {}}, n_seeds=16, noise=0.01)
+    for r in runs:  # the block's other tables read these too
+        r.update(commit="c0ffee0", seconds=1.0, global_step=4, preset={"epochs": 4})
+        for v in r["val"].values():
+            v.update(recall50=v["AP50"], F1_50=v["AP50"])
+    block = doc_block(runs)
+    assert "on the slices the oracle is decided to lift: rare)" in block
+    assert "| loss | 16 | 0." in block and "| label_loss | 16 | " in block
+    assert "| uniform_replicate | 16 | " not in block.split("share of the oracle's")[1].split("\n\n")[1]
