@@ -54,12 +54,13 @@ for f in "$KEEP"/seed-*.json; do
   [ -e "$KEEP/seed-$s-uniform.json" ] || run "$s" uniform || true
 done
 for s in $SEEDS; do for a in uniform uniform_replicate oracle loss; do arm "$s" "$a"; done; done
-# The rest arm by arm, so that each arm completes (and is read) as early as it can; within an arm, the seeds whose
-# uniform this model already ran come first (a seed new to this model costs one more uniform).
+# The rest arm by arm, so that each arm completes (and is read) as early as it can, the cheap ones first (det_f1
+# also generates on the train set at each epoch end); within an arm, the seeds whose uniform this model already ran
+# come first (a seed new to this model costs one more uniform).
 ours=(); others=()
 for s in $SEEDS; do
   if [ -e "$KEEP/seed-$s-uniform.json" ]; then ours+=("$s"); else others+=("$s"); fi
 done
-for a in ${ARMS:-label_loss det_f1 coord_loss dynamic fixed_set_60 uniform_60}; do
+for a in ${ARMS:-label_loss coord_loss det_f1 dynamic fixed_set_60 uniform_60}; do
   for s in "${ours[@]}" "${others[@]}"; do arm "$s" "$a"; done
 done
