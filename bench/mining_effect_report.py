@@ -259,6 +259,12 @@ def holm(pvalues: list[float]) -> list[float]:
     return out
 
 
+def rejected(cell: dict, alpha: float = ALPHA) -> bool:
+    """Whether a :func:`verdict_test` cell is rejected at ``alpha``: its Holm-adjusted p, or while the family is
+    short, the upper end of the interval that p will fall in (decided only where that bound settles it)."""
+    return (cell["p_bounds"][1] if "p_bounds" in cell else cell["p_holm"]) < alpha
+
+
 def verdict_test(runs: list[dict], key: str = "AP50", control: str = "uniform", endpoints=ENDPOINTS,
                  alpha: float = ALPHA, margin: float = NON_INFERIORITY, saving_arms=SAVING_ARMS,
                  family: tuple[str, ...] | None = None, planned_seeds: int | None = None) -> dict:
@@ -329,13 +335,10 @@ def verdict_test(runs: list[dict], key: str = "AP50", control: str = "uniform", 
                 "does not save (not non-inferior on " + ", ".join(short) + ")"
             continue
         overall_ok = "overall" in mine and mine["overall"]["ci"][0] > margin
-        if interim:  # decided by the bounds alone; the rest waits for the family
-            rejected = {e for e, c in mine.items() if c["p_bounds"][1] < alpha}
-            pending = [e for e, c in mine.items() if c["p_bounds"][0] < alpha and e not in rejected]
-        else:
-            rejected, pending = {e for e, c in mine.items() if c["p_holm"] < alpha}, []
-        up = [e for e, c in mine.items() if e in rejected and c["mean"] > 0]
-        down = [e for e, c in mine.items() if e in rejected and c["mean"] < 0]
+        decided = {e for e, c in mine.items() if rejected(c, alpha)}  # interim: by the bounds alone
+        pending = [e for e, c in mine.items() if interim and c["p_bounds"][0] < alpha and e not in decided]
+        up = [e for e, c in mine.items() if e in decided and c["mean"] > 0]
+        down = [e for e, c in mine.items() if e in decided and c["mean"] < 0]
         parts = []
         if up and overall_ok:
             parts.append("helps " + ", ".join(up))
@@ -535,25 +538,24 @@ def oracle_share(runs: list[dict], arm: str, endpoint: str, key: str = "AP50", n
                 if r["arm"] == name and endpoint in r["val"] and unit(r) in uniform}
 
     arm_d, oracle_d = deltas(arm), deltas("oracle")
-    units = sorted(set(arm_d) & set(oracle_d))
-    mine = np.array([arm_d[s] for s in units])
-    oracle = np.array([oracle_d[s] for s in units])
-    if not units or oracle.mean() <= 0:
-        return {"n": len(units), "share": math.nan, "ci": (math.nan, math.nan), "unbounded": True}
-    pick = np.random.default_rng(seed).integers(0, len(units), size=(n_boot, len(units)))
+    seeds = sorted(set(arm_d) & set(oracle_d))
+    mine = np.array([arm_d[s] for s in seeds])
+    oracle = np.array([oracle_d[s] for s in seeds])
+    if not seeds or oracle.mean() <= 0:
+        return {"n": len(seeds), "share": math.nan, "ci": (math.nan, math.nan), "unbounded": True}
+    pick = np.random.default_rng(seed).integers(0, len(seeds), size=(n_boot, len(seeds)))
     num, den = mine[pick].mean(axis=1), oracle[pick].mean(axis=1)
     shares = num[den > 0] / den[den > 0]
     unbounded = (den <= 0).mean() > 0.025
     ci = (math.nan, math.nan) if unbounded else tuple(float(q) for q in np.quantile(shares, [0.025, 0.975]))
-    return {"n": len(units), "share": float(mine.mean() / oracle.mean()), "ci": ci, "unbounded": bool(unbounded)}
+    return {"n": len(seeds), "share": float(mine.mean() / oracle.mean()), "ci": ci, "unbounded": bool(unbounded)}
 
 
 def oracle_share_lines(runs: list[dict], test: dict) -> list[str]:
     """Each read signal's gain as a share of the oracle's, on the hard endpoints where the oracle's gain is decided
     (its cell rejected with Δ > 0 in ``test``, a :func:`verdict_test`): elsewhere the oracle lifts nothing to share."""
     def decided_gain(cell: dict) -> bool:
-        bound = cell["p_bounds"][1] if "p_bounds" in cell else cell["p_holm"]
-        return not cell["withheld"] and bound < ALPHA and cell["mean"] > 0
+        return not cell["withheld"] and rejected(cell) and cell["mean"] > 0
 
     if ("oracle", "small") not in test["cells"] or test["cells"][("oracle", "small")]["withheld"]:
         return []
@@ -803,8 +805,8 @@ def host_lines(runs: list[dict], key: str = "AP50") -> list[str]:
 def doc_block(runs: list[dict]) -> str:
     """What the doc leads with: the verdict of ``runs`` (interim while the family is short), then, for the arms read
     (all their seeds in), recall@0.5 and F1@0.5, each signal's gain as a share of the oracle's, steps to match,
-    what each signal's hard set holds, the
-    compute-saving arm against uniform at its own step count; last, blinded, the seeds in per arm."""
+    what each signal's hard set holds, the compute-saving arm against uniform at its own step count; last,
+    blinded, the seeds in per arm."""
     commits = sorted({r.get("commit", "?")[:7] for r in runs})
     test = verdict_test(runs, family=PLANNED_ARMS, planned_seeds=PLANNED_SEEDS)
     read = [a for a in test["arms"] if not test["cells"][(a, test["endpoints"][0])]["withheld"]]
