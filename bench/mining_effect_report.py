@@ -8,6 +8,7 @@ the arm and uniform finished (same corpus, init and schedule seed).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import math
@@ -67,14 +68,44 @@ def check_pairing(runs: list[dict], where: Path) -> None:
         raise ValueError(f"{where}: an arm has two runs of one seed (only uniform, the control, may have one per CPU "
                          "model); move one out: " + "; ".join(", ".join(n) for n in twice))
 
-def read_run(path: Path) -> dict:
-    """One run file; a cut or garbled one is an error naming it (rerun that run: remove the file)."""
+# A kept run carries the sha256 of its content, so a file changed after it was kept is refused by name (a cut file
+# fails to parse; this catches a change that leaves valid JSON of the same size).
+DIGEST_KEY = "sha256"
+
+
+def run_digest(run: dict) -> str:
+    """The sha256 of ``run``'s canonical JSON (sorted keys, compact; floats round-trip exactly), its digest aside."""
+    body = {k: v for k, v in run.items() if k != DIGEST_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def sealed_bytes(run: dict) -> bytes:
+    """A kept run file's bytes: ``run`` with its :func:`run_digest` last."""
+    body = {k: v for k, v in run.items() if k != DIGEST_KEY}
+    return json.dumps({**body, DIGEST_KEY: run_digest(body)}, separators=(",", ":")).encode()
+
+
+def is_kept(path: Path) -> bool:
+    """Whether ``path`` is in a kept runs folder (``runs/<cpu model>/``), where every run must carry its digest."""
+    return Path(path).parent.name != "runs"
+
+
+def read_run(path: Path, sealed: bool = False) -> dict:
+    """One run file, its digest checked and taken off; a cut or garbled one is an error naming it (rerun that run:
+    remove the file), and so is one whose content no longer has its digest or, when ``sealed``, has none."""
     try:
         run = json.loads(Path(path).read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a whole run file ({e}); remove it and rerun that seed and arm") from None
     if not isinstance(run, dict) or not {"seed", "arm", "val"} <= set(run):
         raise ValueError(f"{path}: not a run file (no seed, arm and val); remove it and rerun that seed and arm")
+    digest = run.pop(DIGEST_KEY, None)
+    if digest is None and sealed:
+        raise ValueError(f"{path}: a kept run without its {DIGEST_KEY}; keep it again (--keep) from its work "
+                         "directory, or restore it from git")
+    if digest is not None and digest != run_digest(run):
+        raise ValueError(f"{path}: changed since it was kept (its content no longer has its {DIGEST_KEY}); restore "
+                         "it from git, or remove it and rerun that seed and arm")
     return run
 
 
@@ -85,7 +116,7 @@ def load_runs(out: Path) -> list[dict]:
     ``n_tokens`` of the training events before each point's step (their total equals the
     trainer's supervised-token count).
     """
-    runs = [read_run(p) for p in run_files(Path(out))]
+    runs = [read_run(p, sealed=is_kept(p)) for p in run_files(Path(out))]
     for run in runs:
         hsm_dir = Path(out) / f"run-{run['seed']}-{run['arm']}" / "hsm"
         if any(len(point) == 3 for point in run.get("curve") or []) and (hsm_dir / "events").is_dir():
@@ -155,27 +186,28 @@ def hard_set_mix(out: Path, run: dict) -> dict[str, dict[str, float]] | None:
 
 
 def keep_runs(work: Path, keep: Path) -> list[str]:
-    """Copy ``work``'s finished runs into ``keep`` compact, with the slice mix of their last hard set.
+    """Copy ``work``'s finished runs into ``keep`` compact, with the slice mix of their last hard set and their
+    digest (:func:`sealed_bytes`).
 
     The mix is read from the run's plans (:func:`hard_set_mix`) while its work directory has them, so the
     committed run keeps what its signal found after the work directory is gone. A kept run is rewritten only
-    to add a mix it lacked. Each file is written whole, then renamed. Returns the names written.
+    when that adds something (a mix it lacked, its digest); it is read, and its digest checked, first. Each file
+    is written whole, then renamed. Returns the names written.
     """
+    from hsm.io import write_bytes_atomic
+
     keep.mkdir(parents=True, exist_ok=True)
     written = []
     for path in sorted((Path(work) / "runs").glob("seed-*.json")):
         kept = keep / path.name
         run = read_run(kept if kept.is_file() else path)
-        if kept.is_file() and run.get("hard_set_mix") is not None:
+        if run.get("hard_set_mix") is None:
+            run["hard_set_mix"] = hard_set_mix(Path(work), run)
+        data = sealed_bytes(run)
+        if kept.is_file() and kept.read_bytes() == data:
             continue
-        mix = hard_set_mix(Path(work), run)
-        if kept.is_file() and mix is None:
-            continue
-        run["hard_set_mix"] = mix
-        from hsm.io import write_bytes_atomic
-
         # A temp name of its own, fsync, rename: two workers keeping at once each leave a whole file.
-        write_bytes_atomic(json.dumps(run, separators=(",", ":")).encode(), kept)
+        write_bytes_atomic(data, kept)
         written.append(path.name)
     return written
 
@@ -876,7 +908,7 @@ def main() -> None:
         print(f"{args.keep}: {len(names)} run(s) written" + (f" ({', '.join(names)})" if names else ""))
         return
     try:
-        runs = [read_run(p) for p in run_files(args.out)]
+        runs = [read_run(p, sealed=is_kept(p)) for p in run_files(args.out)]
         if not runs:
             raise SystemExit(f"{args.out / 'runs'}: no finished runs (seed-*.json)")
         check_comparable(runs, args.out / "runs")

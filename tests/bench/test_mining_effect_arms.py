@@ -105,6 +105,7 @@ def test_kept_runs_carry_their_hard_sets_slice_mix_once_the_work_directory_is_go
     assert kept["hard_set_mix"]["hard"] == pytest.approx(
         {name: sum(slices[i] == name for i in chosen) / len(chosen) for name in set(slices.values())})
     assert {k: v for k, v in kept.items() if k != "hard_set_mix"} == _run(work, "oracle")  # the run, compact
+    assert json.loads((keep / "seed-0-oracle.json").read_text())["sha256"]  # and sealed (read_run checked it)
     assert read_run(keep / "seed-0-uniform.json")["hard_set_mix"] is None  # no plan, no mix
     assert keep_runs(work, keep) == []  # nothing new to keep
     # The work directory gone (only its run files left): a kept mix stays; a run kept only now has none.

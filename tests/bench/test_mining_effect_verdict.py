@@ -6,6 +6,7 @@ and quantile ``t_q = (2q - 1) / sqrt(2 q (1 - q))``; Holm's adjusted p-values ar
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -231,6 +232,62 @@ def test_a_cut_run_file_is_an_error_naming_it(tmp_path):
     (tmp_path / "runs" / "seed-0-loss.json").write_text(whole.replace("uniform", "loss")[:40])
     with pytest.raises(ValueError, match="seed-0-loss.json: not a whole run file"):
         load_runs(tmp_path)
+
+
+def test_a_kept_run_changed_in_place_is_refused_by_name_whatever_digit_changed(tmp_path):
+    """Every one-digit change of a kept run file that changes what it holds (same size; valid JSON or not, in a
+    value, a key or the digest itself) is an error naming the file; the oracle is the file's own text, changed by
+    hand here. (The 17th significant digit of 0.30000000000000004 can change without changing the float.)"""
+    import re
+
+    from bench.mining_effect_report import load_runs, sealed_bytes
+
+    kept = tmp_path / "runs" / "amd-epyc"
+    kept.mkdir(parents=True)
+    run = {"seed": 3, "arm": "loss", "val": {"overall": {"AP50": 0.625, "recall50": 0.1 + 0.2}}, "seconds": 412.5,
+           "hard_set_mix": None}
+    path = kept / "seed-3-loss.json"
+    text = sealed_bytes(run).decode()
+    path.write_text(text)
+    assert load_runs(tmp_path) == [run]  # the digest checked and taken off; floats back bit for bit
+    digits = [i for i, c in enumerate(text) if c.isdigit()]
+    valid = 0
+    for i in digits:
+        changed = text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1:]
+        path.write_text(changed)
+        try:
+            if json.loads(changed) == json.loads(text):
+                continue  # the same values, written another way: nothing changed
+            valid += 1
+            expected = "(changed since it was kept|a kept run without its sha256)"  # the latter: in its key
+        except ValueError:
+            expected = "not a whole run file"
+        with pytest.raises(ValueError, match=re.escape(f"{path}: ") + expected):
+            load_runs(tmp_path)
+    assert valid > 64  # the digest's digits and the values' at least
+    path.write_text(text)
+    assert load_runs(tmp_path) == [run]
+
+
+def test_a_kept_run_without_its_digest_is_refused_and_keeping_it_again_seals_it(tmp_path):
+    """A run file in the work directory has no digest (it is not kept yet); in a kept folder one without it is
+    refused by name, and ``--keep`` from its work directory writes it sealed, once."""
+    from bench.mining_effect_report import DIGEST_KEY, keep_runs, load_runs
+
+    run = {"seed": 0, "arm": "uniform", "val": {"overall": {"AP50": 0.5}}, "preset": {"epochs": 4},
+           "hard_set_mix": None}
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "seed-0-uniform.json").write_text(json.dumps(run))
+    assert load_runs(tmp_path) == [run]
+    keep = tmp_path / "kept" / "runs" / "amd-epyc"
+    keep.mkdir(parents=True)
+    (keep / "seed-0-uniform.json").write_text(json.dumps(run))  # kept before runs carried a digest
+    with pytest.raises(ValueError, match=f"seed-0-uniform.json: a kept run without its {DIGEST_KEY}"):
+        load_runs(tmp_path / "kept")
+    assert keep_runs(tmp_path, keep) == ["seed-0-uniform.json"]
+    assert json.loads((keep / "seed-0-uniform.json").read_text())[DIGEST_KEY]
+    assert load_runs(tmp_path / "kept") == [run]
+    assert keep_runs(tmp_path, keep) == []  # sealed: nothing to add
 
 
 FAMILY = ("uniform_replicate", "oracle", "loss", "det_f1")
