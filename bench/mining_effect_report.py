@@ -583,16 +583,22 @@ def oracle_share(runs: list[dict], arm: str, endpoint: str, key: str = "AP50", n
     return {"n": len(seeds), "share": float(mine.mean() / oracle.mean()), "ci": ci, "unbounded": bool(unbounded)}
 
 
+def read_arms(test: dict) -> list[str]:
+    """The arms of a :func:`verdict_test` that are read (all their planned seeds in), in its order."""
+    return [a for a in test["arms"] if not test["cells"][(a, test["endpoints"][0])]["withheld"]]
+
+
 def oracle_share_lines(runs: list[dict], test: dict) -> list[str]:
     """Each read signal's gain as a share of the oracle's, on the hard endpoints where the oracle's gain is decided
     (its cell rejected with Δ > 0 in ``test``, a :func:`verdict_test`): elsewhere the oracle lifts nothing to share."""
     def decided_gain(cell: dict) -> bool:
         return not cell["withheld"] and rejected(cell) and cell["mean"] > 0
 
-    if ("oracle", "small") not in test["cells"] or test["cells"][("oracle", "small")]["withheld"]:
+    read = read_arms(test)
+    if "oracle" not in read:
         return []
     lifted = [e for e in ENDPOINTS if e in HARD and decided_gain(test["cells"][("oracle", e)])]
-    arms = [a for a in SIGNAL_ARMS if (a, "small") in test["cells"] and not test["cells"][(a, "small")]["withheld"]]
+    arms = [a for a in SIGNAL_ARMS if a in read]
     if not lifted or not arms:
         return []
     lines = ["**Each signal's gain as a share of the oracle's** (mean Δ mAP50 of the arm / mean Δ of the oracle, both "
@@ -841,7 +847,7 @@ def doc_block(runs: list[dict]) -> str:
     blinded, the seeds in per arm."""
     commits = sorted({r.get("commit", "?")[:7] for r in runs})
     test = verdict_test(runs, family=PLANNED_ARMS, planned_seeds=PLANNED_SEEDS)
-    read = [a for a in test["arms"] if not test["cells"][(a, test["endpoints"][0])]["withheld"]]
+    read = read_arms(test)
     lines = verdict_markdown(test)
     if read:
         for key, title in (("recall50", "recall@0.5"), ("F1_50", "F1@0.5")):
