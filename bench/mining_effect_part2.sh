@@ -61,6 +61,6 @@ ours=(); others=()
 for s in $SEEDS; do
   if [ -e "$KEEP/seed-$s-uniform.json" ]; then ours+=("$s"); else others+=("$s"); fi
 done
-for a in ${ARMS:-label_loss coord_loss det_f1 dynamic fixed_set_60 uniform_60}; do
+for a in ${ARMS:-label_loss coord_loss det_f1 dynamic fixed_set_60 uniform_60 fixed_set_60_cover}; do
   for s in "${ours[@]}" "${others[@]}"; do arm "$s" "$a"; done
 done

@@ -180,6 +180,11 @@ def _print_summary(result, hsm_dir: Path, stored: str | None = None) -> None:
     )
     extra = f", regular drawn {counts['regular_drawn']}" if m["mode"] == "fixed_set" else ""
     console.print(f"  weights {_fmt(m['weights']['min'])}..{_fmt(m['weights']['max'])}, default {m['default_weight']}{extra}")
+    if m["mode"] == "fixed_set" and m["triggered"] and counts.get("unobserved") and not m.get("no_signal"):
+        from hsm.config import unobserved_target_note
+
+        note = unobserved_target_note(result.epoch, counts["unobserved"], m["target"]["size"], m["target_epoch_size"])
+        console.print(f"  [yellow]{note}[/]", soft_wrap=True)
     if result.churn is not None:
         c = result.churn
         console.print(

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hsm.config import MiningConfig, describe_selector, mining_config_hash
+from hsm.config import MiningConfig, describe_selector, mining_config_hash, unobserved_target_note
 from hsm.io import write_json_atomic
 from hsm.mining.events import list_event_files
 from hsm.mining.plan import DatasetInfo, PlanError, plan_dir, publish_plan, read_manifest, read_plan_table, run_lock, stage_plan
@@ -266,14 +266,20 @@ def _plan_from(r: PlanRequest, folded: Folded, engine: str) -> PlanResult:
     hard_scores = scores[selection.is_hard]
     regular_scores = scores[~selection.is_hard]
     weights = selection.weight
+    target_info = (dataset.to_dict() if dataset is not None and dataset.name == target
+                   else {"name": target, "size": None, "fingerprint": None})
+    # Target samples no event has drawn yet: in no plan row, so at the default weight (0 under fixed_set).
+    unobserved = None if target_info["size"] is None else target_info["size"] - table.num_rows
+    if mining.mode == "fixed_set" and triggered and unobserved and not selection.no_signal:
+        warnings.warn("hsm: " + unobserved_target_note(epoch, unobserved, target_info["size"],
+                                                       mining.target_epoch_size), stacklevel=2)
     manifest = {
         "mode": mining.mode,
         "metric": mining.metric,
         "aggregate": mining.aggregate,
         "selector": mining.selector.model_dump(mode="json") if mining.mode == "reweight" else None,
         "config_hash": mining_config_hash(mining, target),
-        "target": (dataset.to_dict() if dataset is not None and dataset.name == target
-                   else {"name": target, "size": None, "fingerprint": None}),
+        "target": target_info,
         "triggered": triggered,
         "trigger_reason": reason,
         "no_signal": selection.no_signal,
@@ -286,6 +292,7 @@ def _plan_from(r: PlanRequest, folded: Folded, engine: str) -> PlanResult:
             "eligible": table.num_rows,
             "hard": int(selection.is_hard.sum()),
             "regular_drawn": selection.n_regular,
+            "unobserved": unobserved,
             "weight_sum": float(weights.sum()),
             # Events of epoch N-1 whose metric value was NaN or infinite: not observations.
             "nonfinite": int(info.epoch_stats.get(epoch - 1, {}).get("n_nonfinite", 0)),

@@ -70,9 +70,15 @@ def test_an_unread_arm_cannot_move_a_single_character_of_the_block():
     moved = [{**r, "val": {**r["val"], "rare": {k: v + 0.1 for k, v in r["val"]["rare"].items()}}}
              if r["arm"] == "oracle" else r for r in _synthetic(seeds)]
     assert doc_block(moved) != block
-    # Both compute-saving arms read: fixed_set_60 against uniform_60 as well.
+    # Both compute-saving arms read: fixed_set_60 against uniform_60 as well; the added arm once it has its seeds.
     seeds["uniform_60"] = 16
     assert "fixed_set_60 at uniform's reduced step count" in doc_block(_synthetic(seeds))
+    seeds["fixed_set_60_cover"] = 15
+    assert "fixed_set_60_cover at uniform's" not in doc_block(_synthetic(seeds))
+    seeds["fixed_set_60_cover"] = 16
+    block = doc_block(_synthetic(seeds))
+    assert "fixed_set_60_cover at uniform's reduced step count" in block
+    assert "not judged (outside the planned family)" in block.split("| fixed_set_60_cover |")[1].split("\n")[0]
 
 
 def test_the_epoch_0_check_counts_the_seeds_whose_first_epoch_losses_equal_the_reference():

@@ -135,8 +135,11 @@ def test_every_arm_shares_uniforms_epoch_0_and_the_replicate_only_changes_the_da
         assert cfg.training["seed"] == 7 and cfg.training["data_seed"] == 7
         assert cfg.custom.fusion_config.seed == (1007 if arm == "uniform_replicate" else 7)
         assert [s.ratio for s in cfg.custom.fusion_config.sources] == [preset["source_ratio"]]
-        if arm in ("fixed_set_60", "uniform_60"):  # the compute-saving pair: 60% epochs, epoch 0 shared by the two
-            assert cfg.mining.target_epoch_size == 1200 and cfg.mining.start_epoch == (1 if arm == "fixed_set_60" else 10_000)
+        if arm in ("fixed_set_60", "uniform_60", "fixed_set_60_cover"):  # 60% epochs, epoch 0 shared by the three
+            assert cfg.mining.target_epoch_size == 1200
+            assert cfg.mining.start_epoch == {"fixed_set_60": 1, "uniform_60": 10_000, "fixed_set_60_cover": 2}[arm]
+            # Epochs before the first plan draw 1,200 each, cycling: only from 2 on do they cover the 2,000.
+            assert (cfg.mining.start_epoch * 1200 >= 2000) == (arm != "fixed_set_60")
         elif cfg.mining is not None:
             assert cfg.mining.target_epoch_size is None and cfg.mining.start_epoch == 1
     fixed = parse_config(run_config(corpus, tmp_path / "f", ARMS["fixed_set"], preset, 7, False), "fixed_set").mining

@@ -203,7 +203,8 @@ def test_fixed_set_epochs_keep_the_length_the_trainer_counted(tmp_path, corpus, 
                  "custom.hard_sample_mining.start_epoch=2",
                  f"training.max_steps={3 * steps_per_epoch}", "training.num_train_epochs=1"]
         cfg = run_config(corpus, out, mining=True, epochs=1, extra=extra)
-        summary = train(cfg)
+        with pytest.warns(UserWarning, match="target samples were never drawn before it") as caught:
+            summary = train(cfg)
         assert summary["global_step"] == 3 * steps_per_epoch  # the run reaches max_steps
         by_epoch = epoch_events(out)
         assert sorted(by_epoch) == [0, 1, 2]
@@ -216,6 +217,26 @@ def test_fixed_set_epochs_keep_the_length_the_trainer_counted(tmp_path, corpus, 
         cycle = [e["base_idx"] for epoch in (0, 1) for e in sorted(by_epoch[epoch], key=lambda e: (e["global_step"], e["position"]))
                  if e["dataset"] == "bbu"]
         assert len(set(cycle)) == min(len(cycle), 24)
+        # Epochs 0-1 drew 20 of the 24 (2 x 10): the other 4 were never observed, so the plan cannot weigh them and
+        # epoch 2 draws none of them. That is said, not silent: warned at the plan, counted in its manifest, and in
+        # hsm plan's summary, with the start_epoch that covers the target (ceil(24 / 10) = 3).
+        never = set(range(24)) - set(cycle)
+        assert len(never) == 4 and not chosen & never
+        manifest = json.loads((out / "hsm" / "plans" / "epoch=2" / "manifest.json").read_text())
+        assert manifest["counts"]["unobserved"] == len(never) and manifest["triggered"]
+        warned = [str(w.message) for w in caught if "never drawn" in str(w.message)]
+        assert len(warned) == 2 and "for epoch 3: 4 of the 24" in warned[1]  # and for epoch 3, planned at the end
+        assert warned[:1] == ["hsm: fixed_set plan for epoch 2: 4 of the 24 target samples were never drawn before it, so "
+                          "they can be neither hard nor regular and get weight 0: they are not trained on while "
+                          "fixed_set plans apply; with target_epoch_size=10 the epochs before the first plan cover "
+                          "the target only from start_epoch >= 3 on"]
+        from typer.testing import CliRunner
+
+        from hsm.cli.app import app
+
+        offline = CliRunner().invoke(app, ["plan", "--run-dir", str(out), "--epoch", "2", "--dry-run"])
+        assert offline.exit_code == 0, offline.output
+        assert warned[0].removeprefix("hsm: ") in " ".join(offline.output.split())
 
 
 def test_activate_after_pct_counts_the_epochs_max_steps_runs(tmp_path, corpus, run_config):
