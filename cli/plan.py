@@ -156,6 +156,8 @@ def _without_delete_advice(message: str) -> str:
 
 
 def _print_summary(result, hsm_dir: Path, stored: str | None = None) -> None:
+    from hsm.mining.planner import unobserved_target_note
+
     m = result.manifest
     head = "[bold]dry run[/] (nothing written)" if not result.written else f"wrote {hsm_dir / 'plans' / f'epoch={result.epoch}'}"
     if result.written and stored is not None:
@@ -180,10 +182,8 @@ def _print_summary(result, hsm_dir: Path, stored: str | None = None) -> None:
     )
     extra = f", regular drawn {counts['regular_drawn']}" if m["mode"] == "fixed_set" else ""
     console.print(f"  weights {_fmt(m['weights']['min'])}..{_fmt(m['weights']['max'])}, default {m['default_weight']}{extra}")
-    if m["mode"] == "fixed_set" and m["triggered"] and counts.get("unobserved") and not m.get("no_signal"):
-        from hsm.config import unobserved_target_note
-
-        note = unobserved_target_note(result.epoch, counts["unobserved"], m["target"]["size"], m["target_epoch_size"])
+    note = unobserved_target_note(result.epoch, m)
+    if note:
         console.print(f"  [yellow]{note}[/]", soft_wrap=True)
     if result.churn is not None:
         c = result.churn

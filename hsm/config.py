@@ -377,23 +377,6 @@ def mining_config_hash(mining: MiningConfig, target_name: str | None) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def unobserved_target_note(epoch: int, n_unobserved: int, n_target: int, target_epoch_size: int | None) -> str:
-    """What a ``fixed_set`` plan does to the target samples no epoch before it drew.
-
-    Only observed samples are eligible (SPEC section 8), and a fixed_set plan gives every sample it does not
-    choose weight 0: so a sample never drawn before the plan is never drawn while fixed_set plans apply. With
-    ``target_epoch_size`` T below the target's N, the epochs before the first plan draw T samples each, cycling
-    through the target, so they cover it only from ``ceil(N / T)`` epochs on.
-    """
-    fix = ""
-    if target_epoch_size is not None and 0 < target_epoch_size < n_target:
-        fix = (f"; with target_epoch_size={target_epoch_size} the epochs before the first plan cover the target only "
-               f"from start_epoch >= {-(-n_target // target_epoch_size)} on")
-    return (f"fixed_set plan for epoch {epoch}: {n_unobserved} of the {n_target} target samples were never drawn "
-            f"before it, so they can be neither hard nor regular and get weight 0: they are not trained on while "
-            f"fixed_set plans apply{fix}")
-
-
 def small_target_warning(mode: str, n_hard: int, n_regular: int, n_target: int) -> str | None:
     """What fixed_set does when ``n_hard + n_regular`` cover a target of ``n_target`` samples, else None.
 

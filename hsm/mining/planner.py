@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hsm.config import MiningConfig, describe_selector, mining_config_hash, unobserved_target_note
+from hsm.config import MiningConfig, describe_selector, mining_config_hash
 from hsm.io import write_json_atomic
 from hsm.mining.events import list_event_files
 from hsm.mining.plan import DatasetInfo, PlanError, plan_dir, publish_plan, read_manifest, read_plan_table, run_lock, stage_plan
@@ -32,7 +32,8 @@ from hsm.mining.trigger import should_apply
 from hsm.mining.update import Folded, check_folded_history, fold_pending, id_lookup, writing
 from hsm.layout import RunPaths
 
-__all__ = ["PlanRequest", "PlanResult", "PlanConflict", "EmptyEpochs", "plan_epoch", "plan_differences", "empty_epochs", "epoch_ranges"]
+__all__ = ["PlanRequest", "PlanResult", "PlanConflict", "EmptyEpochs", "plan_epoch", "plan_differences", "empty_epochs", "epoch_ranges",
+           "unobserved_target_note"]
 
 
 def epoch_ranges(epochs) -> str:
@@ -248,6 +249,28 @@ def _plan_epoch(r: PlanRequest) -> PlanResult:
             folded.wait()
 
 
+def unobserved_target_note(epoch: int, manifest: dict[str, Any]) -> str | None:
+    """What the ``fixed_set`` plan for ``epoch`` (its ``manifest``) does to the target samples no epoch before it
+    drew, or None when it leaves none out (another mode, not applied, no signal, or every sample observed).
+
+    Only observed samples are eligible (SPEC section 8), and a fixed_set plan gives every sample it does not
+    choose weight 0: so a sample never drawn before the plan is never drawn while fixed_set plans apply. With
+    ``target_epoch_size`` T below the target's N, the epochs before the first plan draw T samples each, cycling
+    through the target, so they cover it only from ``ceil(N / T)`` epochs on.
+    """
+    n_unobserved = manifest["counts"].get("unobserved")
+    if manifest["mode"] != "fixed_set" or not manifest["triggered"] or not n_unobserved or manifest.get("no_signal"):
+        return None
+    n_target, target_epoch_size = manifest["target"]["size"], manifest["target_epoch_size"]
+    fix = ""
+    if target_epoch_size is not None and 0 < target_epoch_size < n_target:
+        fix = (f"; with target_epoch_size={target_epoch_size} the epochs before the first plan cover the target only "
+               f"from start_epoch >= {-(-n_target // target_epoch_size)} on")
+    return (f"fixed_set plan for epoch {epoch}: {n_unobserved} of the {n_target} target samples were never drawn "
+            f"before it, so they can be neither hard nor regular and get weight 0: they are not trained on while "
+            f"fixed_set plans apply{fix}")
+
+
 def _plan_from(r: PlanRequest, folded: Folded, engine: str) -> PlanResult:
     hsm_dir, epoch, mining, target = r.hsm_dir, r.epoch, r.mining, r.target
     num_train_epochs, dataset, write, dump_dir = r.num_train_epochs, r.dataset, r.write, r.dump_dir
@@ -270,9 +293,6 @@ def _plan_from(r: PlanRequest, folded: Folded, engine: str) -> PlanResult:
                    else {"name": target, "size": None, "fingerprint": None})
     # Target samples no event has drawn yet: in no plan row, so at the default weight (0 under fixed_set).
     unobserved = None if target_info["size"] is None else target_info["size"] - table.num_rows
-    if mining.mode == "fixed_set" and triggered and unobserved and not selection.no_signal:
-        warnings.warn("hsm: " + unobserved_target_note(epoch, unobserved, target_info["size"],
-                                                       mining.target_epoch_size), stacklevel=2)
     manifest = {
         "mode": mining.mode,
         "metric": mining.metric,
@@ -307,6 +327,9 @@ def _plan_from(r: PlanRequest, folded: Folded, engine: str) -> PlanResult:
         "engine": engine,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    note = unobserved_target_note(epoch, manifest)
+    if note:
+        warnings.warn(f"hsm: {note}", stacklevel=2)
     churn = None
     if read_manifest(hsm_dir, epoch - 1) is not None:
         previous_plan = read_plan_table(hsm_dir, epoch - 1, columns=["base_idx", "is_hard"])[1]
